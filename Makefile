@@ -1,0 +1,41 @@
+# The two commands of the README's quick start are `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: demo test install install-test peers lint bench clean
+
+# torch goes in first, pinned, so nothing pulls the multi-GB CUDA build.
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(BIN)/.installed-test: $(BIN)/.installed
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+install: $(BIN)/.installed
+install-test: $(BIN)/.installed-test
+
+# Debian peers used by the tests: DCMTK, dicom3tools, Orthanc (+gdcm, dicomweb), pixelmed.
+peers:
+	bash deploy/install-peers.sh
+
+demo: install
+	$(BIN)/anatomix-node demo
+
+test: install-test peers
+	$(BIN)/lint-imports
+	$(BIN)/pytest
+
+bench: install-test peers
+	$(BIN)/python benchmarks/writer.py
+	$(BIN)/python benchmarks/engine.py
+	$(BIN)/python benchmarks/ingest.py
+	$(BIN)/python benchmarks/e2e.py
+
+clean:
+	rm -rf $(VENV) var test-output
