@@ -1,0 +1,1 @@
+"""The AnatomiX engine: preprocessing, APM, retrieval, language model, tasks."""

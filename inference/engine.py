@@ -1,0 +1,373 @@
+"""The AnatomiX engine: prepared images -> APM -> retrieval -> LM tasks -> one AnalysisResult each.
+
+Loaded once per worker process (``Engine.load``), then ``analyze`` runs a batch of images through a
+configurable task list. Every stage is timed; problems that do not stop the analysis (malformed
+model text, a task with nothing to ask) become warnings in the result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from inference.apm.checkpoint import APMLoadReport, CheckpointError, load_apm
+from inference.apm.model import boxes_to_xyxy_model
+from inference.lm.config import LMConfigError
+from inference.lm.decoding import Generation, compile_decode_step, decode_one_token, decode_rows_one_by_one, generate_greedy
+from inference.lm.loader import LMCheckpointError, LMLoadReport, load_lm
+from inference.lm.model import AnatomixLM
+from inference.model_dir import ModelDir, ModelDirError, device_uid_from_digest
+from inference.parsing import parse_grounded_answer, postprocess_answer, split_report, strip_tags
+from inference.preprocess import Letterbox, PreparedImage, images_to_tensor, prepare_dataset
+from inference.prompt import TRAINING_SYSTEM_PROMPT, PromptError, build_prompt_text, encode_prompt
+from inference.result import CHEXPERT_LABELS, REGION_NAMES, AnalysisResult, Box, Finding, ModelIdentity, Region, Report, TaskAnswer
+from inference.retrieval import RetrievalDB, RetrievalDBError
+from inference.tasks import ANSWER_KINDS, DEFAULT_LM_REGION, NO_ABNORMALITY_ANSWER, TaskRequest, boxes_for, instruction_for, region_name
+from inference.tokens import TokenIds, TokenizerError, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(RuntimeError):
+    """The model directory cannot be loaded; the message says which file and what to do."""
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    backend: str = "torch"
+    device: str = "cpu"
+    max_new_tokens: int = 350
+    #: Stop at <end_of_turn>/<eos> (fast); False decodes max_new_tokens like the reference.
+    stop_at_end_of_turn: bool = True
+    system_prompt: str = TRAINING_SYSTEM_PROMPT
+    #: CUDA only: compile the decode step into CUDA graphs (torch.compile, reduce-overhead).
+    compile_decode: bool = False
+
+
+@dataclass
+class _ImageState:
+    """What the tasks have produced so far for one image."""
+
+    findings: list[Finding] = dataclasses.field(default_factory=list)
+    answers: list[TaskAnswer] = dataclasses.field(default_factory=list)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    report: Report | None = None
+    finding_boxes_model: list[tuple[float, ...]] = dataclasses.field(default_factory=list)
+
+
+class Engine:
+    """One loaded model. Not thread-safe: one engine per worker process."""
+
+    def __init__(
+        self,
+        model_dir: ModelDir,
+        apm_runner,
+        apm_report: APMLoadReport,
+        retrieval: RetrievalDB,
+        lm: AnatomixLM,
+        lm_report: LMLoadReport,
+        tokenizer,
+        token_ids: TokenIds,
+        identity: ModelIdentity,
+        options: EngineOptions,
+    ) -> None:
+        self.model_dir = model_dir
+        self.apm_runner = apm_runner
+        self.apm_report = apm_report
+        self.retrieval = retrieval
+        self.lm = lm
+        self.lm_report = lm_report
+        self.tokenizer = tokenizer
+        self.token_ids = token_ids
+        self._identity = identity
+        self.options = options
+        self.device = torch.device(options.device)
+        #: The last KV cache, reused on CUDA when the next batch has the same shape (keeps CUDA graphs).
+        self._cache = None
+        if self.device.type == "cuda":
+            self._decode_step = compile_decode_step() if options.compile_decode else decode_one_token
+        else:
+            self._decode_step = decode_rows_one_by_one  # results independent of batch composition
+
+    # ---- loading -------------------------------------------------------------------------------
+    @classmethod
+    def load(
+        cls,
+        model_dir: Path,
+        backend: str = "torch",
+        device: str = "cpu",
+        max_new_tokens: int = 350,
+        stop_at_end_of_turn: bool = True,
+        system_prompt: str = TRAINING_SYSTEM_PROMPT,
+        compile_decode: bool = False,
+        cache_dir: Path | None = None,
+    ) -> Engine:
+        """Load every part from ``model_dir``; raise :class:`ModelLoadError` saying what is wrong."""
+        from inference.backends import make_apm_runner
+
+        options = EngineOptions(backend, device, max_new_tokens, stop_at_end_of_turn, system_prompt, compile_decode)
+        torch_device = torch.device(device)
+        if torch_device.type == "cuda" and not torch.cuda.is_available():
+            raise ModelLoadError(f"device {device!r} requested but CUDA is not available here: use device cpu")
+        try:
+            directory = ModelDir.open(Path(model_dir))
+            tokenizer = load_tokenizer(directory.base)
+            token_ids = TokenIds.from_tokenizer(tokenizer)
+            apm, apm_report = load_apm(directory.apm, device=torch_device)
+            try:
+                runner = make_apm_runner(backend, apm, torch_device, cache_dir or directory.root / ".engine-cache")
+            except (ValueError, ImportError, RuntimeError) as exc:  # unknown backend, TensorRT not installed
+                raise ModelLoadError(f"APM backend {backend!r} cannot be used: {exc}") from exc
+            retrieval = RetrievalDB.load(directory.retrieval_db)
+            dtype = torch.bfloat16 if torch_device.type == "cuda" else torch.float32
+            lm, lm_report = load_lm(directory.base, directory.lm, token_ids, device=torch_device, dtype=dtype)
+        except (ModelDirError, TokenizerError, CheckpointError, LMCheckpointError, LMConfigError, RetrievalDBError) as exc:
+            raise ModelLoadError(f"cannot load the model from {model_dir}: {exc}") from exc
+        _check_dimensions(apm_report, retrieval, lm)
+        digest = directory.weights_digest()
+        identity = ModelIdentity(
+            name=directory.name,
+            version=directory.version,
+            weights_digest=digest,
+            device_uid=device_uid_from_digest(digest),
+            demo=directory.demo,
+            backend=backend,
+            device=str(torch_device),
+        )
+        log.info("AnatomiX loaded (%s, demo=%s): LM %s", directory.version, directory.demo, lm_report.summary())
+        return cls(directory, runner, apm_report, retrieval, lm, lm_report, tokenizer, token_ids, identity, options)
+
+    @property
+    def identity(self) -> ModelIdentity:
+        return self._identity
+
+    # ---- analysis ------------------------------------------------------------------------------
+    def analyze_dataset(self, ds, tasks: Sequence[str | TaskRequest]) -> AnalysisResult:
+        """Preprocess one pydicom dataset and analyse it (convenience for one image)."""
+        start = time.perf_counter()
+        image = prepare_dataset(ds)
+        prepared_s = time.perf_counter() - start
+        (result,) = self.analyze([image], tasks)
+        timings = dict(result.timings)
+        timings["preprocess"] = timings.get("preprocess", 0.0) + prepared_s
+        timings["total"] = timings.get("total", 0.0) + prepared_s
+        return dataclasses.replace(result, timings=timings)
+
+    @torch.inference_mode()
+    def analyze(self, images: Sequence[PreparedImage], tasks: Sequence[str | TaskRequest]) -> list[AnalysisResult]:
+        """Analyse a batch: APM and retrieval once per image, then each task batched over the images."""
+        requests = [TaskRequest.parse(task) for task in tasks]
+        if not images:
+            return []
+        timings: dict[str, float] = {"batch_size": float(len(images))}
+        clock = time.perf_counter()
+        pixels = images_to_tensor(images, device=self.device)
+        timings["preprocess"] = time.perf_counter() - clock
+
+        outputs = self._timed(timings, "apm", lambda: self._run_apm(pixels))
+        boxes = outputs["boxes"].float().cpu()
+        anatomy_tokens = outputs["anatomy_tokens"].float()
+        memory = outputs["memory"]
+        sentences = self._timed(timings, "retrieval", lambda: self.retrieval.lookup(anatomy_tokens.cpu()))
+        boxes_model = boxes_to_xyxy_model(boxes)  # [B, 36, 4] int, model frame
+        logits = outputs["image_logits"].float().cpu().tolist()
+
+        states = [_ImageState() for _ in images]
+        # sigmoid per value in Python doubles: a vectorised kernel rounds tail elements differently,
+        # which would make a label depend on how many images share the batch
+        labels = [dict(zip(CHEXPERT_LABELS, (_sigmoid(v) for v in row))) for row in logits]
+        for key in ("prompt", "prefill", "decode", "decode_tokens"):
+            timings[key] = 0.0
+        for request in requests:
+            if request.uses_lm:
+                self._run_task(request, images, boxes_model, sentences, memory, anatomy_tokens, labels, states, timings)
+        if timings["decode"] > 0:
+            timings["decode_tokens_per_s"] = timings["decode_tokens"] / timings["decode"]
+        timings["total"] = time.perf_counter() - clock
+
+        results = []
+        for index, image in enumerate(images):
+            state = states[index]
+            regions = tuple(
+                Region(
+                    index=r,
+                    name=REGION_NAMES[r],
+                    box=_source_box(image.letterbox, boxes_model[index][r]),
+                    retrieved_sentence=sentences[index][r],
+                )
+                for r in range(len(REGION_NAMES))
+            )
+            results.append(
+                AnalysisResult(
+                    sop_instance_uid=image.sop_instance_uid or "",
+                    rows=image.letterbox.source_rows,
+                    columns=image.letterbox.source_columns,
+                    regions=regions,
+                    findings=tuple(state.findings),
+                    report=state.report,
+                    model=self._identity,
+                    image_labels=labels[index],
+                    answers=tuple(state.answers),
+                    timings=dict(timings),
+                    warnings=tuple(state.warnings),
+                )
+            )
+        return results
+
+    # ---- one LM task over the batch ----------------------------------------------------------------
+    def _run_task(self, request, images, boxes_model, sentences, memory, anatomy_tokens, labels, states, timings) -> None:
+        rows, instructions, embeds = [], [], []
+        clock = time.perf_counter()
+        for index, state in enumerate(states):
+            instruction = instruction_for(request, labels[index], state.finding_boxes_model)
+            if instruction is None:
+                state.warnings.append(f"{request.task}: skipped, nothing to ask ({_why_skipped(request.task)})")
+                continue
+            text = build_prompt_text(instruction, boxes_model[index].tolist(), sentences[index], self.options.system_prompt)
+            try:
+                encoded = encode_prompt(self.tokenizer, text, self.token_ids)
+            except PromptError as exc:  # e.g. an argument that itself contains <obj_i>: this task, this image
+                state.warnings.append(f"{request.task}: skipped, {exc}")
+                continue
+            ids = torch.tensor([encoded.input_ids])
+            embeds.append(self.lm.embed_prompt(ids, memory[index : index + 1], anatomy_tokens[index : index + 1])[0])
+            rows.append(index)
+            instructions.append(instruction)
+        timings["prompt"] += time.perf_counter() - clock
+        if not rows:
+            return
+        stop_ids = self.token_ids.stop_ids if self.options.stop_at_end_of_turn else ()
+        on_gpu = self.device.type == "cuda"
+        generation: Generation = generate_greedy(
+            self.lm.decoder,
+            embeds,
+            self.options.max_new_tokens,
+            stop_ids=stop_ids,
+            decode_step=self._decode_step,
+            cache_multiple=512 if on_gpu else 256,
+            cache=self._cache if on_gpu else None,
+        )
+        if on_gpu:
+            self._cache = generation.cache
+        timings["prefill"] += generation.prefill_s
+        timings["decode"] += generation.decode_s
+        timings["decode_tokens"] += float(generation.new_tokens)
+        for index, instruction, tokens in zip(rows, instructions, generation.tokens):
+            text = postprocess_answer(self.tokenizer.decode(tokens, skip_special_tokens=True))
+            state = states[index]
+            state.answers.append(TaskAnswer(request.task, instruction, text, len(tokens)))
+            self._read_answer(request, text, images[index].letterbox, state)
+
+    def _read_answer(self, request: TaskRequest, text: str, letterbox: Letterbox, state: _ImageState) -> None:
+        kind = ANSWER_KINDS[request.task]
+        if kind == "report":
+            findings, impression = split_report(text)
+            state.report = Report(findings=findings, impression=impression, raw_text=text)
+            return
+        if kind == "boxes":
+            parsed = parse_grounded_answer(text, letterbox)
+            state.warnings += [f"{request.task}: {warning}" for warning in parsed.warnings]
+            if not parsed.boxes and text.strip() != NO_ABNORMALITY_ANSWER:
+                state.warnings.append(f"{request.task}: the answer holds no usable box")
+            region = region_name(request.argument or DEFAULT_LM_REGION) if request.task == "anatomy_grounding_lm" else None
+            groups: list[tuple[str, list]] = []
+            for box in parsed.boxes:
+                if groups and groups[-1][0] == box.label:
+                    groups[-1][1].append(box)
+                else:
+                    groups.append((box.label, [box]))
+            for label, group in groups:
+                name = region or label or request.argument or request.task
+                state.findings.append(
+                    Finding(
+                        index=len(state.findings),
+                        label=name,
+                        text=strip_tags(text) if region else (label or name),
+                        boxes=tuple(Box(*b.box_source) for b in group),
+                        task=request.task,
+                        region_indices=(REGION_NAMES.index(region),) if region else (),
+                    )
+                )
+                state.finding_boxes_model += [b.box_model for b in group]
+            return
+        if request.task in ("grounded_diagnosis", "grounded_captioning"):
+            asked = boxes_for(request, state.finding_boxes_model)
+            source = [_source_box(letterbox, box) for box in asked]
+            label = text.splitlines()[0].strip() if text else ""
+            if not label:
+                state.warnings.append(f"{request.task}: empty answer")
+                return
+            state.findings.append(
+                Finding(
+                    index=len(state.findings),
+                    label=label,
+                    text=strip_tags(text),
+                    boxes=tuple(box for box in source if box is not None),
+                    task=request.task,
+                )
+            )
+
+    def _run_apm(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The APM on a batch. On CPU image by image: BLAS kernels depend on the batch size, and one
+        image's result must not depend on which other images share its batch (batching buys little
+        on CPU). On a GPU the batch runs at once."""
+        if self.device.type == "cuda" or pixels.shape[0] == 1:
+            return self.apm_runner.run(pixels)
+        parts = [self.apm_runner.run(pixels[i : i + 1]) for i in range(pixels.shape[0])]
+        return {key: torch.cat([part[key] for part in parts], dim=0) for key in parts[0]}
+
+    @staticmethod
+    def _timed(timings: dict[str, float], stage: str, work):
+        start = time.perf_counter()
+        value = work()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
+        return value
+
+
+def _source_box(letterbox: Letterbox, box_model) -> Box | None:
+    """A model-frame box in source pixels, clipped; None when nothing of it lies inside the image."""
+    x1, y1, x2, y2 = letterbox.clip(letterbox.to_source([float(v) for v in box_model]))
+    box = Box(x1, y1, x2, y2)
+    return None if box.is_degenerate() else box
+
+
+def _sigmoid(value: float) -> float:
+    """Logistic function in doubles, without overflow for large negative logits."""
+    if value >= 0:
+        return 1.0 / (1.0 + math.exp(-value))
+    exp = math.exp(value)
+    return exp / (1.0 + exp)
+
+
+def _why_skipped(task: str) -> str:
+    return {
+        "phrase_grounding": "no phrase given and no CheXpert label above 0.5",
+        "grounded_diagnosis": "no boxes given and no earlier grounded finding",
+        "grounded_captioning": "no boxes given and no earlier grounded finding",
+        "vqa": "no question given; use vqa:QUESTION",
+    }.get(task, "no argument")
+
+
+def _check_dimensions(apm_report: APMLoadReport, retrieval: RetrievalDB, lm: AnatomixLM) -> None:
+    """The three files must belong together: APM widths = projector inputs = retrieval vector size."""
+    config = apm_report.config
+    image_in = lm.image_projectionhead.proj[0].in_features
+    token_in = lm.obj_projectionhead.proj[0].in_features
+    problems = []
+    if image_in != config.d_model:
+        problems.append(f"lm.pt image projector takes {image_in}-d features, the APM gives {config.d_model}-d")
+    if token_in != config.token_dim:
+        problems.append(f"lm.pt object projector takes {token_in}-d tokens, the APM gives {config.token_dim}-d")
+    if retrieval.token_dim != config.token_dim:
+        problems.append(f"retrieval DB vectors are {retrieval.token_dim}-d, the APM's anatomy tokens {config.token_dim}-d")
+    if problems:
+        raise ModelLoadError("model files do not belong together: " + "; ".join(problems))

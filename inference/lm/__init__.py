@@ -1,0 +1,1 @@
+"""Gemma-3 language model stage: loading, LoRA merge, injection, greedy decoding."""

@@ -1,0 +1,272 @@
+"""Greedy decoding with a static KV cache, gpt-fast style, over ``transformers``' Gemma-3 layers.
+
+The cache is allocated once per call (``[B, kv_heads, max_len, head_dim]`` per layer) and a token at
+position ``p`` lives in slot ``p`` of its row: no left padding, each row keeps its own positions, so a
+row computes exactly what it would compute alone. Prefill runs one image at a time (a 2.6k-token
+prompt already fills a GPU) and writes that row of the cache; every decode step then advances all rows
+together with static shapes (``decode_one_token``), which is what lets it be captured as a CUDA graph
+by ``torch.compile(mode="reduce-overhead")`` when enabled.
+
+We call the Gemma-3 modules (projections, q/k norms, RoPE, MLP, RMSNorms, head) from ``transformers``
+and do only the attention ourselves, on the static cache with an explicit causal + sliding-window
+mask (``q - k < sliding_window`` on local layers), the same rule as ``transformers``' masks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import Gemma3ForCausalLM
+from transformers.models.gemma3.modeling_gemma3 import apply_rotary_pos_emb
+
+
+#: Decode steps between checks whether every row has stopped.
+STOP_CHECK_INTERVAL = 8
+
+
+@dataclass
+class KVCache:
+    """Per-layer key/value tensors ``[B, kv_heads, max_len, head_dim]``, zero-initialised."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @classmethod
+    def allocate(cls, decoder: Gemma3ForCausalLM, batch: int, max_len: int) -> KVCache:
+        config = decoder.config
+        weight = decoder.lm_head.weight
+        shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
+        keys = [torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in range(config.num_hidden_layers)]
+        values = [torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in range(config.num_hidden_layers)]
+        return cls(keys, values)
+
+    @property
+    def max_len(self) -> int:
+        return self.keys[0].shape[2]
+
+    @property
+    def batch(self) -> int:
+        return self.keys[0].shape[0]
+
+    def zero_(self) -> None:
+        """Clear for reuse (stale NaNs would leak through masked slots: 0 * NaN is NaN)."""
+        for tensor in (*self.keys, *self.values):
+            tensor.zero_()
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        """A view on rows ``start:stop`` (writes go to this cache)."""
+        return KVCache([k[start:stop] for k in self.keys], [v[start:stop] for v in self.values])
+
+    def mark_static(self) -> None:
+        """Tell dynamo the cache tensors keep their addresses (no copies into CUDA graphs)."""
+        for tensor in (*self.keys, *self.values):
+            torch._dynamo.mark_static_address(tensor)
+
+
+def attention_mask(positions: torch.Tensor, max_len: int, window: int | None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Additive mask ``[B, 1, T, max_len]`` (0 visible, -inf hidden): slot ``s`` is visible from
+    position ``p`` iff ``s <= p`` and (local layers) ``p - s < window``. positions: ``[B, T]`` long.
+
+    Built once per layer type and step in the compute dtype, so SDPA does not convert a boolean mask
+    in every layer."""
+    slots = torch.arange(max_len, device=positions.device)
+    query = positions[:, None, :, None]
+    visible = slots <= query
+    if window is not None:
+        visible = visible & (query - slots < window)
+    return torch.zeros(visible.shape, dtype=dtype, device=positions.device).masked_fill_(~visible, float("-inf"))
+
+
+def forward_hidden(
+    decoder: Gemma3ForCausalLM, hidden: torch.Tensor, positions: torch.Tensor, cache: KVCache, kv_len: int | None = None
+) -> torch.Tensor:
+    """Run every decoder layer on ``hidden [B, T, H]`` at ``positions [B, T]``, writing K/V into the
+    cache slots given by the positions; returns the final-norm hidden states ``[B, T, H]``.
+
+    ``kv_len`` limits attention to the first slots (prefill knows nothing lies beyond the prompt);
+    decode steps attend over the whole static cache so their shapes never change."""
+    kv_len = kv_len or cache.max_len
+    config = decoder.config
+    model = decoder.model
+    batch, steps, _ = hidden.shape
+    rows = torch.arange(batch, device=hidden.device)[:, None].expand(batch, steps)
+    masks = {
+        layer_type: attention_mask(
+            positions, kv_len, config.sliding_window if layer_type == "sliding_attention" else None, hidden.dtype
+        )
+        for layer_type in set(config.layer_types)
+    }
+    rope = {layer_type: model.rotary_emb(hidden, positions, layer_type) for layer_type in set(config.layer_types)}
+    for index, layer in enumerate(model.layers[: config.num_hidden_layers]):
+        layer_type = config.layer_types[index]
+        residual = hidden
+        normed = layer.input_layernorm(hidden)
+        attn = layer.self_attn
+        shape = (batch, steps, -1, attn.head_dim)
+        query = attn.q_norm(attn.q_proj(normed).view(shape).transpose(1, 2))
+        key = attn.k_norm(attn.k_proj(normed).view(shape).transpose(1, 2))
+        value = attn.v_proj(normed).view(shape).transpose(1, 2)
+        cos, sin = rope[layer_type]
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        # slot = position; advanced indices [B, T] around a slice give a [B, T, kv, hd] target
+        cache.keys[index][rows, :, positions] = key.transpose(1, 2)
+        cache.values[index][rows, :, positions] = value.transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            query,
+            cache.keys[index][:, :, :kv_len],
+            cache.values[index][:, :, :kv_len],
+            attn_mask=masks[layer_type],
+            scale=attn.scaling,
+            enable_gqa=True,
+        )
+        out = attn.o_proj(out.transpose(1, 2).reshape(batch, steps, -1))
+        hidden = residual + layer.post_attention_layernorm(out)
+        residual = hidden
+        hidden = residual + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(hidden)))
+    return model.norm(hidden)
+
+
+def logits_from_hidden(decoder: Gemma3ForCausalLM, hidden: torch.Tensor) -> torch.Tensor:
+    """``lm_head`` (+ final soft-capping when the config has one); ``[..., H]`` -> ``[..., V]`` fp32."""
+    logits = decoder.lm_head(hidden)
+    cap = decoder.config.final_logit_softcapping
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return logits.float()
+
+
+def prefill(decoder: Gemma3ForCausalLM, embeds: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """One prompt ``[1, L, H]`` into a one-row cache view; returns the last position's logits ``[1, V]``."""
+    positions = torch.arange(embeds.shape[1], device=embeds.device)[None]
+    hidden = forward_hidden(decoder, embeds, positions, cache, kv_len=embeds.shape[1])
+    return logits_from_hidden(decoder, hidden[:, -1])
+
+
+def decode_one_token(decoder: Gemma3ForCausalLM, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """One step for every row: tokens ``[B]`` at positions ``[B]`` -> logits ``[B, V]`` (static shapes)."""
+    embeds = decoder.model.embed_tokens(tokens[:, None])
+    hidden = forward_hidden(decoder, embeds, positions[:, None], cache)
+    return logits_from_hidden(decoder, hidden[:, 0])
+
+
+def decode_rows_one_by_one(decoder: Gemma3ForCausalLM, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """:func:`decode_one_token` run as B single-row steps.
+
+    CPU BLAS picks different kernels (and summation orders) for 1, 2-3 and 4+ rows, so a batched step
+    is only equal to single calls up to rounding. On CPU, where batching buys little, this keeps each
+    image's result bit-identical whatever else is in the batch.
+    """
+    rows = [
+        decode_one_token(decoder, tokens[row : row + 1], positions[row : row + 1], cache.rows(row, row + 1))
+        for row in range(tokens.shape[0])
+    ]
+    return torch.cat(rows, dim=0)
+
+
+@dataclass
+class Generation:
+    """Greedy output per row (prompt excluded; stop token excluded) and where the time went."""
+
+    tokens: list[list[int]]
+    prefill_s: float
+    decode_s: float
+    #: Decode steps run for the whole batch (tokens per row <= steps + 1).
+    decode_steps: int
+    cache: KVCache | None = None
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(len(row) for row in self.tokens)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+@torch.inference_mode()
+def generate_greedy(
+    decoder: Gemma3ForCausalLM,
+    prompts: Sequence[torch.Tensor],
+    max_new_tokens: int,
+    stop_ids: Sequence[int] = (),
+    decode_step: Callable[..., torch.Tensor] | None = None,
+    cache_multiple: int = 256,
+    cache: KVCache | None = None,
+) -> Generation:
+    """Greedy decoding for a batch of prompt embeddings (each ``[L_b, H]``, lengths may differ).
+
+    Rows stop at the first id in ``stop_ids`` (empty: always ``max_new_tokens``, like the reference).
+    ``decode_step`` replaces :func:`decode_one_token` (a compiled version, or
+    :func:`decode_rows_one_by_one` for batch-independent results on CPU); the cache length is rounded
+    up to ``cache_multiple`` so compiled graphs are reused across calls. A ``cache`` of exactly that
+    shape is reused (zeroed) instead of allocating one: a compiled step keeps its CUDA graph only
+    while the cache tensors keep their addresses. ``Generation.cache`` returns the one used.
+    """
+    device = decoder.lm_head.weight.device
+    batch = len(prompts)
+    lengths = [int(p.shape[0]) for p in prompts]
+    max_len = round_up(max(lengths) + max_new_tokens, cache_multiple)
+    if cache is not None and cache.batch == batch and cache.max_len == max_len:
+        cache.zero_()
+    else:
+        cache = KVCache.allocate(decoder, batch, max_len)
+    step = decode_step or decode_one_token
+    if decode_step is not None and decode_step is not decode_rows_one_by_one:
+        cache.mark_static()
+
+    _sync(device)
+    start = time.perf_counter()
+    first = torch.empty(batch, dtype=torch.long, device=device)
+    for row, embeds in enumerate(prompts):
+        logits = prefill(decoder, embeds[None].to(device), cache.rows(row, row + 1))
+        first[row] = logits.argmax(dim=-1)[0]
+    _sync(device)
+    prefill_s = time.perf_counter() - start
+
+    stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+    out = [first]
+    finished = torch.isin(first, stops) if len(stops) else torch.zeros(batch, dtype=torch.bool, device=device)
+    tokens = first
+    positions = torch.tensor(lengths, dtype=torch.long, device=device)
+    steps = 0
+    start = time.perf_counter()
+    while steps < max_new_tokens - 1:
+        # checking for the end costs a device->host sync: do it every few steps (rows that finished
+        # meanwhile decode a few ignored tokens, which is cheaper than stalling the GPU every step)
+        if len(stops) and steps % STOP_CHECK_INTERVAL == 0 and bool(finished.all()):
+            break
+        logits = step(decoder, tokens.clone(), positions.clone(), cache)
+        tokens = logits.argmax(dim=-1)
+        out.append(tokens)
+        if len(stops):
+            finished = finished | torch.isin(tokens, stops)
+        positions = positions + 1
+        steps += 1
+    _sync(device)
+    decode_s = time.perf_counter() - start
+
+    matrix = torch.stack(out, dim=1).tolist()
+    stop_set = set(stop_ids)
+    rows = []
+    for values in matrix:
+        kept = []
+        for value in values:
+            if value in stop_set:
+                break
+            kept.append(value)
+        rows.append(kept)
+    return Generation(tokens=rows, prefill_s=prefill_s, decode_s=decode_s, decode_steps=steps, cache=cache)
+
+
+def compile_decode_step() -> Callable[..., torch.Tensor]:
+    """``decode_one_token`` compiled for CUDA graphs (static shapes, static cache addresses)."""
+    return torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=False, dynamic=False)
