@@ -1,0 +1,1 @@
+"""Pure builders of DICOM result objects from an AnalysisResult."""

@@ -1,0 +1,338 @@
+"""What every builder needs: the checked inputs, the annotations to draw, UIDs and series naming.
+
+:func:`make_context` validates the source/result pair once (raising ValueError naming the bad
+argument) and turns regions and findings into :class:`Annotation` objects: boxes clipped to the image,
+degenerate boxes dropped with a warning, tracking identifiers and UIDs fixed, codes chosen. Builders
+then only format; every object of a bundle agrees on the same boxes and tracking UIDs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import pydicom
+from pydicom.sr.coding import Code
+
+from inference.result import REGION_NAMES, AnalysisResult, Box
+from sr_writer import codes
+from sr_writer.text import character_set_for, truncate
+from sr_writer.uids import check_uid_root, derive_series_uid, derive_uid, is_valid_uid
+
+#: Manufacturer (0008,0070) of every object we create; selection uses it to skip our own output.
+MANUFACTURER = "AnatomiX Node"
+
+DEMO_MARK = "DEMO WEIGHTS - NOT FOR CLINICAL USE"
+#: Series numbers of our objects in the source study (fixed per kind, so viewers sort them stably).
+SERIES_NUMBERS = {"sr": 9901, "text_sr": 9902, "seg": 9903, "gsps": 9904, "sc": 9905, "kos": 9906}
+SERIES_TITLES = {
+    "sr": "AI findings (TID 1500 SR)",
+    "text_sr": "AI draft report",
+    "seg": "AI regions (SEG)",
+    "gsps": "AI overlay (GSPS)",
+    "sc": "AI overlay image",
+    "kos": "AI key objects",
+}
+
+
+@dataclass(frozen=True)
+class Annotation:
+    """One box (or, for a finding without a box, one whole-image statement) shared by all objects."""
+
+    kind: str  # "region" or "finding"
+    key: str  # stable within the result, e.g. "region-03" or "finding-02-box1"
+    tracking_id: str  # human readable, LO-safe (<= 64 chars)
+    tracking_uid: str
+    label: str  # short display text (GSPS, SC, SEG segment label), <= 64 chars
+    box: Box | None
+    finding_type: Code
+    sites: tuple[codes.AnatomicSite, ...]
+    probability: float | None = None
+    text: str = ""
+
+    @property
+    def is_region(self) -> bool:
+        return self.kind == "region"
+
+
+@dataclass(frozen=True)
+class BundleContext:
+    source: pydicom.Dataset
+    result: AnalysisResult
+    uid_root: str
+    analysis_version: int
+    institution_name: str
+    annotations: tuple[Annotation, ...]
+    character_set: str | list[str]
+    warnings: tuple[str, ...] = field(default=())
+
+    # ---- identity ------------------------------------------------------------------------------
+    @property
+    def rows(self) -> int:
+        return int(self.source.Rows)
+
+    @property
+    def columns(self) -> int:
+        return int(self.source.Columns)
+
+    @property
+    def demo(self) -> bool:
+        return self.result.model.demo
+
+    @property
+    def study_instance_uid(self) -> str:
+        return str(self.source.StudyInstanceUID)
+
+    def sop_instance_uid(self, kind: str) -> str:
+        model = self.result.model
+        return derive_uid(self.uid_root, str(self.source.SOPInstanceUID), model.device_uid, self.analysis_version, kind)
+
+    def series_instance_uid(self, kind: str) -> str:
+        model = self.result.model
+        return derive_series_uid(self.uid_root, self.study_instance_uid, model.device_uid, self.analysis_version, kind)
+
+    def series_number(self, kind: str) -> int:
+        return SERIES_NUMBERS[kind]
+
+    def new_instance_identity(self, kind: str) -> dict[str, object]:
+        """Keyword arguments every highdicom constructor gets: own series, deterministic UIDs, us."""
+        return {
+            "series_instance_uid": self.series_instance_uid(kind),
+            "series_number": self.series_number(kind),
+            "sop_instance_uid": self.sop_instance_uid(kind),
+            "instance_number": 1,
+            "manufacturer": MANUFACTURER,
+        }
+
+    def series_description(self, kind: str) -> str:
+        """LO (64): "AnatomiX: AI findings (TID 1500 SR) v2", or the demo warning first when demo."""
+        version = f" v{self.analysis_version}" if self.analysis_version > 1 else ""
+        if self.demo:
+            return truncate(f"{DEMO_MARK} {SERIES_TITLES[kind]}", "LO")
+        return truncate(f"AnatomiX: {SERIES_TITLES[kind]}{version}", "LO")
+
+    def content_description(self, what: str) -> str:
+        text = f"{DEMO_MARK}: {what}" if self.demo else f"AnatomiX {what}, AI generated, not verified"
+        return truncate(text, "LO")
+
+    @property
+    def algorithm_name(self) -> str:
+        return truncate(self.result.model.name, "LO")
+
+    @property
+    def algorithm_version(self) -> str:
+        return truncate(self.result.model.version, "LO")
+
+    @property
+    def boxed(self) -> tuple[Annotation, ...]:
+        return tuple(a for a in self.annotations if a.box is not None)
+
+    @property
+    def unboxed_findings(self) -> tuple[Annotation, ...]:
+        return tuple(a for a in self.annotations if a.box is None and not a.is_region)
+
+    def procedure_reported(self) -> list[Code]:
+        """IHE AIR: the imaging procedure (study's Procedure Code Sequence), else LOINC XR chest 1 view."""
+        procedures = [
+            Code(str(item.CodeValue), str(item.CodingSchemeDesignator), truncate(str(item.get("CodeMeaning", item.CodeValue)), "LO"))
+            for item in self.source.get("ProcedureCodeSequence", [])
+            if item.get("CodeValue") and item.get("CodingSchemeDesignator")
+        ]
+        return procedures or [codes.XR_CHEST_SINGLE_VIEW]
+
+
+def make_context(
+    source: pydicom.Dataset,
+    result: AnalysisResult,
+    *,
+    uid_root: str,
+    analysis_version: int,
+    institution_name: str = "",
+) -> BundleContext:
+    """Check the inputs and build the shared annotations; ValueError names what is wrong."""
+    check_source(source)
+    source = normalised_source(source)
+    check_uid_root(uid_root)
+    if not isinstance(result, AnalysisResult):
+        raise ValueError(f"result must be an inference.result.AnalysisResult, got {type(result).__name__}")
+    if result.sop_instance_uid != str(source.SOPInstanceUID):
+        raise ValueError(
+            f"result.sop_instance_uid {result.sop_instance_uid!r} does not match source SOPInstanceUID {str(source.SOPInstanceUID)!r}"
+        )
+    if (result.rows, result.columns) != (int(source.Rows), int(source.Columns)):
+        raise ValueError(f"result image size {result.rows}x{result.columns} (rows x columns) does not match source {source.Rows}x{source.Columns}")
+    if not is_valid_uid(result.model.device_uid):
+        raise ValueError(f"result.model.device_uid {result.model.device_uid!r} is not a valid DICOM UID")
+    if isinstance(analysis_version, bool) or not isinstance(analysis_version, int) or analysis_version < 1:
+        raise ValueError(f"analysis_version {analysis_version!r} must be an integer >= 1")
+    warnings: list[str] = []
+    annotations = build_annotations(result, uid_root, analysis_version, warnings)
+    texts = [a.label for a in annotations] + [a.text for a in annotations] + [institution_name]
+    if result.report is not None:
+        texts += [result.report.findings, result.report.impression]
+    return BundleContext(
+        source=source,
+        result=result,
+        uid_root=uid_root,
+        analysis_version=analysis_version,
+        institution_name=truncate(institution_name, "LO"),
+        annotations=tuple(annotations),
+        character_set=character_set_for(source, texts),
+        warnings=tuple(warnings),
+    )
+
+
+#: Patient/study attributes our objects must carry (type 2: present, possibly empty). Real sources
+#: sometimes omit some (pydicom's chrJapMulti.dcm has no StudyID); highdicom would then fail.
+TYPE2_PATIENT_STUDY = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+    "ReferringPhysicianName", "StudyID", "AccessionNumber",
+)  # fmt: skip
+
+
+def normalised_source(source: pydicom.Dataset) -> pydicom.Dataset:
+    """``source`` itself when usable as is, else a shallow copy (pixel data shared) with:
+
+    * missing type 2 patient/study attributes present and empty;
+    * an empty first Specific Character Set value (``\\ISO 2022 IR 87``, PS3.3 C.12.1.1.2: the default
+      repertoire with code extensions) written as its defined term ``ISO 2022 IR 6``, which highdicom
+      requires; the meaning is the same.
+    """
+    missing = [keyword for keyword in TYPE2_PATIENT_STUDY if keyword not in source]
+    charset = source.get("SpecificCharacterSet")
+    charset_fix = isinstance(charset, pydicom.multival.MultiValue) and len(charset) > 1 and not charset[0]
+    if not missing and not charset_fix:
+        return source
+    completed = pydicom.Dataset(dict(source.items()))  # new element dict; the caller's dataset is untouched
+    if hasattr(source, "file_meta"):
+        completed.file_meta = source.file_meta
+    for keyword in missing:
+        setattr(completed, keyword, None)
+    if charset_fix:
+        completed.SpecificCharacterSet = ["ISO 2022 IR 6", *charset[1:]]
+    return completed
+
+
+def check_source(source: pydicom.Dataset) -> None:
+    if not isinstance(source, pydicom.Dataset):
+        raise ValueError(f"source must be a pydicom Dataset, got {type(source).__name__}")
+    missing = [k for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Rows", "Columns") if k not in source]
+    if missing:
+        raise ValueError(f"source dataset lacks {', '.join(missing)}: it is not an image instance we can annotate")
+    if int(source.get("NumberOfFrames", 1) or 1) != 1:
+        raise ValueError(f"source has {source.NumberOfFrames} frames: only single-frame projection radiographs are supported")
+    if int(source.get("SamplesPerPixel", 1)) != 1:
+        raise ValueError("source is not a grayscale image (SamplesPerPixel != 1)")
+
+
+def build_annotations(result: AnalysisResult, uid_root: str, analysis_version: int, warnings: list[str]) -> list[Annotation]:
+    """Regions first (index order), then findings; one annotation per kept box."""
+
+    def track(key: str) -> str:
+        """Tracking UID of one annotation: the same in SR, SEG and GSPS, and on every rebuild."""
+        return derive_uid(uid_root, result.sop_instance_uid, result.model.device_uid, analysis_version, f"track/{key}")
+
+    annotations: list[Annotation] = []
+    for position, region in enumerate(result.regions):
+        if not 0 <= region.index < len(REGION_NAMES):
+            raise ValueError(f"result.regions[{position}].index {region.index} is outside 0-{len(REGION_NAMES) - 1}")
+        if region.box is None:
+            warnings.append(f"region {region.index} ({REGION_NAMES[region.index]}) was not located; left out")
+            continue
+        box = clip_box(region.box, result.columns, result.rows, f"result.regions[{position}].box")
+        if box is None:
+            warnings.append(f"region {region.index} ({REGION_NAMES[region.index]}): box {region.box.as_list()} is empty inside the image; dropped")
+            continue
+        name = REGION_NAMES[region.index]
+        annotations.append(
+            Annotation(
+                kind="region",
+                key=region.id,
+                tracking_id=truncate(f"{region.id} {name}", "LO"),
+                tracking_uid=track(region.id),
+                label=truncate(display_region_name(region.index), "LO"),
+                box=box,
+                finding_type=codes.region_site(region.index).structure,
+                sites=(codes.region_site(region.index),),
+                probability=None,
+                text=region.retrieved_sentence or "",
+            )
+        )
+    for position, finding in enumerate(result.findings):
+        for region_index in finding.region_indices:
+            codes.region_site(region_index)  # ValueError names a bad index
+        sites = tuple(dict.fromkeys(codes.region_site(i) for i in finding.region_indices))
+        finding_type = codes.finding_type_for_label(finding.label)
+        probability = check_probability(finding.probability, f"result.findings[{position}].probability")
+        label_text = finding.label.strip() or finding.text.strip() or "finding"
+        shown = f"{label_text} {probability:.2f}" if probability is not None else label_text
+        kept = 0
+        for box_number, raw in enumerate(finding.boxes, start=1):
+            box = clip_box(raw, result.columns, result.rows, f"result.findings[{position}].boxes[{box_number - 1}]")
+            if box is None:
+                warnings.append(f"finding {finding.index} ({label_text!r}): box {raw.as_list()} is empty inside the image; dropped")
+                continue
+            kept += 1
+            key = finding.id if len(finding.boxes) == 1 else f"{finding.id}-box{box_number}"
+            annotations.append(_finding_annotation(key, track(key), label_text, shown, box, finding_type, sites, probability, finding.text))
+        if kept == 0:
+            # No usable box: the finding is still reported, as a whole-image statement.
+            annotations.append(_finding_annotation(finding.id, track(finding.id), label_text, shown, None, finding_type, sites, probability, finding.text))
+    return annotations
+
+
+def _finding_annotation(
+    key: str,
+    tracking_uid: str,
+    label_text: str,
+    shown: str,
+    box: Box | None,
+    finding_type: Code,
+    sites: tuple[codes.AnatomicSite, ...],
+    probability: float | None,
+    text: str,
+) -> Annotation:
+    return Annotation(
+        kind="finding",
+        key=key,
+        tracking_id=truncate(f"{key} {label_text}", "LO"),
+        tracking_uid=tracking_uid,
+        label=truncate(shown, "LO"),
+        box=box,
+        finding_type=finding_type,
+        sites=sites,
+        probability=probability,
+        text=text,
+    )
+
+
+def display_region_name(index: int) -> str:
+    """A readable region name ("Cardiac shadow viewed radiologically or Heart" -> "Heart")."""
+    name = REGION_NAMES[index]
+    name = name.replace("Cardiac shadow viewed radiologically or Heart", "Heart").replace("Right atrial structure", "Right atrium")
+    name = name.replace("Structure of ", "").replace(" structure", "").replace(" viewed radiologically", "")
+    if name == "cavoatrial":
+        name = "Cavoatrial junction"
+    return name[:1].upper() + name[1:]
+
+
+def clip_box(box: Box, columns: int, rows: int, where: str) -> Box | None:
+    """The box clipped to [0, columns] x [0, rows]; None when nothing is left; ValueError when not finite."""
+    values = (box.x1, box.y1, box.x2, box.y2)
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+        raise ValueError(f"{where} has a coordinate that is not a finite number: {list(values)}")
+    x1, x2 = sorted((min(max(box.x1, 0.0), columns), min(max(box.x2, 0.0), columns)))
+    y1, y2 = sorted((min(max(box.y1, 0.0), rows), min(max(box.y2, 0.0), rows)))
+    if box.x2 <= box.x1 or box.y2 <= box.y1:
+        return None  # an inverted or zero box is degenerate, not something to "fix" by sorting
+    clipped = Box(float(x1), float(y1), float(x2), float(y2))
+    # Less than one pixel across cannot be drawn or segmented meaningfully.
+    return None if clipped.width < 1.0 or clipped.height < 1.0 else clipped
+
+
+def check_probability(value: float | None, where: str) -> float | None:
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{where} = {value!r}: a probability must be a number in [0, 1]")
+    return float(value)

@@ -1,0 +1,76 @@
+"""Secondary Capture with burned-in boxes and labels: the safety net for viewers that draw nothing else.
+
+Marked as what it is: "NOT FOR DIAGNOSIS" banner in the pixels, BurnedInAnnotation YES, ImageType
+DERIVED\\SECONDARY, SourceImageSequence pointing at the analysed image, DerivationDescription saying
+how it was made.
+"""
+
+from __future__ import annotations
+
+import highdicom as hd
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+
+from sr_writer.context import DEMO_MARK, BundleContext
+from sr_writer.equipment import apply_common_attributes
+from sr_writer.overlay import render_overlay
+from sr_writer.text import code_string, truncate
+
+NOT_FOR_DIAGNOSIS = "NOT FOR DIAGNOSIS - AI overlay, unverified"
+_BIPED = set("LRAPHF")
+
+
+def banner_text(ctx: BundleContext) -> str:
+    return f"{NOT_FOR_DIAGNOSIS} - {DEMO_MARK}" if ctx.demo else NOT_FOR_DIAGNOSIS
+
+
+def footer_lines(ctx: BundleContext) -> tuple[str, ...]:
+    """Findings the model did not localise, listed at the bottom of the image."""
+    return tuple(f"{a.label} (whole image)" for a in ctx.unboxed_findings)
+
+
+def build_sc(ctx: BundleContext, kind: str = "sc") -> Dataset:
+    """RGB Secondary Capture of the source with every box (regions and findings) drawn."""
+    if not ctx.boxed:
+        raise ValueError("result has no box inside the image: the overlay image would show nothing")
+    pixels, _ = render_overlay(ctx.source, ctx.boxed, banner_text(ctx), footer_lines(ctx))
+    source = ctx.source
+    orientation = [str(v) for v in source.get("PatientOrientation", [])]
+    # highdicom needs a biped orientation for PATIENT coordinates; copy the source's when it is one.
+    valid_orientation = len(orientation) == 2 and all(v and set(v) <= _BIPED for v in orientation)
+    sc = hd.sc.SCImage(
+        pixel_array=pixels,
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        study_instance_uid=ctx.study_instance_uid,
+        **ctx.new_instance_identity(kind),
+        patient_id=source.get("PatientID"),
+        patient_name=source.get("PatientName"),
+        patient_birth_date=source.get("PatientBirthDate"),
+        patient_sex=source.get("PatientSex") or None,
+        accession_number=source.get("AccessionNumber"),
+        study_id=source.get("StudyID"),
+        study_date=source.get("StudyDate"),
+        study_time=source.get("StudyTime"),
+        referring_physician_name=source.get("ReferringPhysicianName"),
+        patient_orientation=tuple(orientation) if valid_orientation else ("L", "F"),
+    )
+    if not valid_orientation:
+        # Type 2: empty rather than a guessed orientation.
+        sc.PatientOrientation = None
+    sc.ImageType = ["DERIVED", "SECONDARY"]
+    sc.BurnedInAnnotation = "YES"
+    sc.RecognizableVisualFeatures = "NO"
+    sc.SeriesDescription = ctx.series_description(kind)
+    sc.BodyPartExamined = code_string(str(source.get("BodyPartExamined", "") or "CHEST"))
+    sc.DerivationDescription = truncate(
+        f"{banner_text(ctx)}. Source image rendered through Modality LUT, VOI (window) and polarity to 8-bit RGB; "
+        f"{len(ctx.boxed)} boxes and labels from {ctx.algorithm_name} {ctx.algorithm_version} burned in.",
+        "ST",
+    )
+    reference = Dataset()
+    reference.ReferencedSOPClassUID = source.SOPClassUID
+    reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    sc.SourceImageSequence = Sequence([reference])
+    return apply_common_attributes(sc, ctx)

@@ -1,0 +1,82 @@
+"""Basic Text SR (TID 2000): the generated draft report, which most PACS display as text.
+
+highdicom has no Basic Text SR class, so the TID 2000 tree is built from content items, wrapped as
+Enhanced SR, and given the Basic Text SR SOP Class (the tree only uses value types Basic Text SR
+allows: CONTAINER, TEXT, CODE, UIDREF; no NUM, no SCOORD)::
+
+    CONTAINER Diagnostic Imaging Report (LN 18748-4), TID 2000
+      HAS CONCEPT MOD Language of Content Item and Descendants
+      HAS OBS CONTEXT Observer Type = Device, Device Observer UID / Name / Manufacturer / Model
+      CONTAINER Findings (LN 59776-5): TEXT Finding (DCM 121071)
+      CONTAINER Impressions (LN 19005-8): TEXT Impression (DCM 121073)
+"""
+
+from __future__ import annotations
+
+import highdicom as hd
+from highdicom.sr import (
+    ContainerContentItem,
+    ContentSequence,
+    DeviceObserverIdentifyingAttributes,
+    LanguageOfContentItemAndDescendants,
+    ObservationContext,
+    ObserverContext,
+    TextContentItem,
+)
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes as dcm_codes
+from pydicom.uid import UID
+
+from sr_writer import codes
+from sr_writer.context import DEMO_MARK, BundleContext
+from sr_writer.equipment import MANUFACTURER, apply_common_attributes
+
+BASIC_TEXT_SR = UID("1.2.840.10008.5.1.4.1.1.88.11")
+AI_NOTE = "AI-generated draft, not verified by a radiologist."
+
+
+def section(title: hd.sr.CodedConcept, item_name: hd.sr.CodedConcept, text: str) -> ContainerContentItem:
+    container = ContainerContentItem(name=title, relationship_type="CONTAINS")
+    container.ContentSequence = ContentSequence([TextContentItem(name=item_name, value=text, relationship_type="CONTAINS")])
+    return container
+
+
+def report_texts(ctx: BundleContext) -> tuple[str, str]:
+    """(findings, impression) with the AI note, and the demo warning first for demo weights."""
+    report = ctx.result.report
+    if report is None:
+        raise ValueError("result.report is None: the model produced no report, so there is no text SR to build")
+    findings = report.findings.strip() or "(no findings text produced)"
+    impression = report.impression.strip() or "(no impression produced)"
+    prefix = f"{DEMO_MARK}. " if ctx.demo else ""
+    return f"{prefix}{AI_NOTE} {findings}", f"{prefix}{impression}"
+
+
+def build_text_sr(ctx: BundleContext, kind: str = "text_sr") -> Dataset:
+    findings_text, impression_text = report_texts(ctx)
+    model = ctx.result.model
+    root = ContainerContentItem(name=codes.DIAGNOSTIC_IMAGING_REPORT, template_id="2000")
+    items: list = list(LanguageOfContentItemAndDescendants(hd.sr.CodedConcept("en-US", "RFC5646", "English (United States)")))
+    observer = ObserverContext(
+        observer_type=dcm_codes.cid270.Device,
+        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+            uid=model.device_uid, name=ctx.algorithm_name, manufacturer_name=MANUFACTURER, model_name=ctx.algorithm_version
+        ),
+    )
+    items.extend(ObservationContext(observer_device_context=observer))
+    items.append(section(codes.FINDINGS_SECTION, codes.FINDING, findings_text))
+    items.append(section(codes.IMPRESSIONS_SECTION, codes.IMPRESSION, impression_text))
+    root.ContentSequence = ContentSequence(items)
+    sr = hd.sr.EnhancedSR(
+        evidence=[ctx.source],
+        content=root,
+        **ctx.new_instance_identity(kind),
+        institution_name=ctx.institution_name or None,
+        is_complete=True,
+        is_final=False,  # PRELIMINARY
+        is_verified=False,  # UNVERIFIED
+    )
+    sr.SOPClassUID = BASIC_TEXT_SR
+    sr.file_meta.MediaStorageSOPClassUID = BASIC_TEXT_SR
+    sr.SeriesDescription = ctx.series_description(kind)
+    return apply_common_attributes(sr, ctx)
