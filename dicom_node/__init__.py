@@ -1,0 +1,1 @@
+"""AnatomiX Node: DICOM networking, state, queue and delivery."""

@@ -1,0 +1,463 @@
+"""Admin commands: ``init``, ``config show``, ``ae add|list|remove``, ``echo``, ``studies``.
+
+Every command takes ``--config FILE`` (default: ./anatomix-node.toml when present, else built-in
+defaults), loads :class:`~dicom_node.settings.Settings` and opens the state store named by
+``settings.database_url``. Mistakes a user can make raise :class:`~dicom_node.cli.CliError`, which
+the dispatcher prints as one line (exit status 2), never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import socket
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from dicom_node.cli import CliError
+from dicom_node.settings import CONFIG_FILE_NAME, Settings, SettingsError, load_settings, settings_as_dict, validate_ae_title
+from dicom_node.store import open_store
+from dicom_node.store.base import STUDY_STATES, RemoteNode, Store, StoreConflict, StudyRecord
+
+_NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    init = subparsers.add_parser("init", help="write a commented default anatomix-node.toml (embedded mode)")
+    init.add_argument("--dir", default=".", help="directory for the config file (created if missing; default: .)")
+    init.add_argument("--force", action="store_true", help="overwrite an existing config file")
+    init.set_defaults(func=run_init)
+
+    config_parser = subparsers.add_parser("config", help="inspect settings")
+    config_parser.set_defaults(func=_missing_action("config", "show"))
+    config = config_parser.add_subparsers(dest="config_command", metavar="ACTION")
+    show = config.add_parser("show", help="print the effective settings (file + ANATOMIX_* environment)")
+    _add_config_option(show)
+    show.add_argument("--json", action="store_true", help="JSON instead of TOML")
+    show.set_defaults(func=run_config_show)
+
+    ae = subparsers.add_parser("ae", help="remote DICOM nodes: sources that send to us, destinations for results")
+    ae.set_defaults(func=_missing_action("ae", "add, list or remove"))
+    ae_actions = ae.add_subparsers(dest="ae_command", metavar="ACTION")
+    add = ae_actions.add_parser("add", help="add a remote node")
+    _add_config_option(add)
+    add.add_argument("name", help="a short name for the node (letters, digits, . _ -)")
+    add.add_argument("--ae-title", required=True, help="its AE title (1-16 characters)")
+    add.add_argument("--host", required=True, help="its host name or IP address ('*' = any host, sources only)")
+    add.add_argument("--port", required=True, help="its DICOM port (1-65535)")
+    add.add_argument("--role", required=True, choices=("source", "destination", "both"))
+    add.add_argument("--profile", default=None, help="output profile for results sent to it (default: output.default_profile)")
+    add.add_argument("--quiet-period", type=float, default=None, metavar="S", help="seconds of silence that end a study from this source")
+    add.add_argument("--complete-on-release", action="store_true", help="a study is complete when this source releases its association")
+    add.add_argument("--default-destination", action="store_true", help="send results of every study here")
+    add.set_defaults(func=run_ae_add)
+    listing = ae_actions.add_parser("list", help="list remote nodes")
+    _add_config_option(listing)
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(func=run_ae_list)
+    remove = ae_actions.add_parser("remove", help="remove a remote node")
+    _add_config_option(remove)
+    remove.add_argument("name")
+    remove.set_defaults(func=run_ae_remove)
+
+    echo = subparsers.add_parser("echo", help="C-ECHO a configured remote node and print the round-trip time")
+    _add_config_option(echo)
+    echo.add_argument("name", help="the remote node's name (see `ae list`)")
+    echo.add_argument("--timeout", type=float, default=None, metavar="S", help="seconds to wait (default: delivery.timeout_s)")
+    echo.set_defaults(func=run_echo)
+
+    studies = subparsers.add_parser("studies", help="received studies: state, counts, skip reasons, stage times")
+    _add_config_option(studies)
+    studies.add_argument("--json", action="store_true")
+    studies.add_argument("--state", action="append", choices=STUDY_STATES, help="only studies in this state (repeatable)")
+    studies.add_argument("--limit", type=int, default=100, help="at most this many studies, newest first (default 100)")
+    studies.set_defaults(func=run_studies)
+
+
+def _missing_action(command: str, actions: str) -> Any:
+    def complain(args: argparse.Namespace) -> int:
+        raise CliError(f"`{command}` needs an action: {actions} (see anatomix-node {command} --help)")
+
+    return complain
+
+
+def _add_config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, metavar="FILE", help=f"settings file (default: ./{CONFIG_FILE_NAME} if present)")
+
+
+def parse_port(text: str) -> int:
+    """A TCP port from the command line; CliError (one line, not argparse's usage dump) if bad."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise CliError(f"--port {text!r}: not a number; give the DICOM port, 1-65535") from None
+    if not 1 <= port <= 65535:
+        raise CliError(f"--port {port}: out of range; give the DICOM port, 1-65535")
+    return port
+
+
+@contextmanager
+def opened_store(settings: Settings) -> Iterator[Store]:
+    store = open_store(settings.database_url)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+# ---- init and config ---------------------------------------------------------------------------------
+
+
+def run_init(args: argparse.Namespace) -> int:
+    directory = Path(args.dir)
+    target = directory / CONFIG_FILE_NAME
+    if target.exists() and not args.force:
+        raise CliError(f"{target} already exists; edit it, or pass --force to replace it with the defaults")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        target.write_text(DEFAULT_CONFIG_TOML, encoding="utf-8")
+    except OSError as exc:
+        raise CliError(f"cannot write {target}: {exc.strerror or exc}") from None
+    print(f"wrote {target}")
+    print(f"next: anatomix-node ae add NAME --ae-title T --host H --port P --role source --config {target}")
+    return 0
+
+
+def run_config_show(args: argparse.Namespace) -> int:
+    from dicom_node.store.postgres import redact_url  # psycopg loads only for this command
+
+    settings = load_settings(args.config)
+    values = settings_as_dict(settings)
+    values.pop("source", None)
+    values["database"]["url"] = redact_url(values["database"]["url"])
+    values["queue"]["broker_url"] = redact_url(values["queue"]["broker_url"])
+    if args.json:
+        print(json.dumps({"source": settings.source, "database_url": redact_url(settings.database_url), **values}, indent=2))
+    else:
+        print(f"# effective settings: {settings.source}, with ANATOMIX_* environment overrides")
+        print(f"# state store: {redact_url(settings.database_url)}")
+        print(render_toml(values))
+    return 0
+
+
+def render_toml(sections: dict[str, dict[str, Any]]) -> str:
+    """Settings sections as TOML (unset optional values appear as comments)."""
+    lines: list[str] = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        tables = {k: v for k, v in values.items() if isinstance(v, dict)}
+        for key, value in values.items():
+            if key in tables:
+                continue
+            lines.append(f"# {key} = (not set)" if value is None else f"{key} = {json.dumps(value)}")
+        for key, table in tables.items():
+            lines.append(f"[{section}.{key}]")
+            lines.extend(f"{json.dumps(k)} = {json.dumps(v)}" for k, v in table.items())
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# ---- remote nodes -------------------------------------------------------------------------------
+
+
+def run_ae_add(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    node = remote_node_from_args(args, settings)
+    with opened_store(settings) as store:
+        try:
+            store.add_remote_node(node)
+        except StoreConflict:
+            raise CliError(f"a remote node named {node.name!r} already exists; `ae remove {node.name}` first or pick another name") from None
+    print(f"added {node.name}: {node.ae_title}@{node.host}:{node.port} ({node.role}, profile {node.profile})")
+    return 0
+
+
+def remote_node_from_args(args: argparse.Namespace, settings: Settings) -> RemoteNode:
+    """Validate the ``ae add`` arguments; raise CliError naming the bad one."""
+    if not _NODE_NAME.match(args.name):
+        raise CliError(f"name {args.name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    try:
+        validate_ae_title("--ae-title", args.ae_title)
+        profile = args.profile or settings.output.default_profile
+        settings.output.profile(profile)
+    except SettingsError as exc:
+        raise CliError(str(exc)) from None
+    port = parse_port(args.port)
+    host = args.host.strip()
+    if not host or any(c.isspace() for c in host):
+        raise CliError(f"--host {args.host!r}: give a host name or IP address, or '*' for any host")
+    if host == "*" and args.role != "source":
+        raise CliError(f"--host '*' only suits a source: a {args.role} needs an address we can connect to")
+    if args.quiet_period is not None and args.quiet_period < 0:
+        raise CliError(f"--quiet-period {args.quiet_period}: must be >= 0 seconds")
+    return RemoteNode(
+        name=args.name, ae_title=args.ae_title, host=host, port=port, role=args.role, profile=profile,
+        quiet_period_s=args.quiet_period, complete_on_release=args.complete_on_release,
+        default_destination=args.default_destination,
+    )  # fmt: skip
+
+
+def run_ae_list(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    with opened_store(settings) as store:
+        nodes = store.list_remote_nodes()
+    if args.json:
+        print(json.dumps([asdict(node) for node in nodes], indent=2))
+        return 0
+    if not nodes:
+        print("no remote nodes; add one with `anatomix-node ae add`")
+        return 0
+    rows = [("NAME", "AE TITLE", "HOST", "PORT", "ROLE", "PROFILE", "OPTIONS")]
+    for n in nodes:
+        options = [f"quiet {n.quiet_period_s:g}s"] if n.quiet_period_s is not None else []
+        options += ["complete-on-release"] * n.complete_on_release + ["default-destination"] * n.default_destination
+        rows.append((n.name, n.ae_title, n.host, str(n.port), n.role, n.profile, ", ".join(options)))
+    print(format_table(rows))
+    return 0
+
+
+def run_ae_remove(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    with opened_store(settings) as store:
+        if not store.remove_remote_node(args.name):
+            raise CliError(f"no remote node named {args.name!r}; see `anatomix-node ae list`")
+    print(f"removed {args.name}")
+    return 0
+
+
+def format_table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
+
+
+# ---- echo ---------------------------------------------------------------------------------------
+
+
+def run_echo(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    with opened_store(settings) as store:
+        node = store.get_remote_node(args.name)
+    if node is None:
+        raise CliError(f"no remote node named {args.name!r}; see `anatomix-node ae list`")
+    timeout = args.timeout if args.timeout is not None else settings.delivery.timeout_s
+    elapsed_ms = echo_remote(settings.node.ae_title, node, timeout)
+    print(f"{node.name} ({node.ae_title}@{node.host}:{node.port}): C-ECHO success, {elapsed_ms:.1f} ms round trip")
+    return 0
+
+
+def echo_remote(calling_ae: str, node: RemoteNode, timeout: float) -> float:
+    """Associate, C-ECHO, release; return milliseconds from association request to response.
+
+    Raises CliError with one line saying what failed (connection, rejection with the peer's
+    reason, abort, or a non-success status).
+    """
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import Verification
+
+    where = f"{node.name} ({node.ae_title}@{node.host}:{node.port})"
+    ae = AE(ae_title=calling_ae)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
+    seen: dict[str, Any] = {}
+    handlers = [
+        (evt.EVT_CONN_OPEN, lambda event: seen.setdefault("connected", True)),
+        (evt.EVT_ACSE_RECV, lambda event: seen.setdefault("response", event.primitive)),
+    ]
+    started = time.perf_counter()
+    assoc = ae.associate(node.host, node.port, ae_title=node.ae_title, evt_handlers=handlers)
+    if not assoc.is_established:
+        if not seen.get("connected"):
+            raise CliError(f"echo {where}: {_connect_failure(node.host, node.port, timeout)}")
+        response = seen.get("response")
+        if assoc.is_rejected and response is not None:
+            raise CliError(f"echo {where}: association rejected ({response.result_str}): {response.reason_str}")
+        raise CliError(f"echo {where}: association aborted or timed out (no acceptable answer within {timeout:g} s)")
+    try:
+        status = assoc.send_c_echo()
+        elapsed_ms = (time.perf_counter() - started) * 1000
+    finally:
+        assoc.release()
+    if not status or "Status" not in status:
+        raise CliError(f"echo {where}: no C-ECHO response within {timeout:g} s")
+    if status.Status != 0x0000:
+        raise CliError(f"echo {where}: C-ECHO failed with status 0x{status.Status:04X}")
+    return elapsed_ms
+
+
+def _connect_failure(host: str, port: int, timeout: float) -> str:
+    """Why a TCP connection to host:port fails (probed again to get the operating system's reason)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return "the connection was closed before the association request was answered"
+    except socket.gaierror as exc:
+        return f"host name {host!r} does not resolve ({exc.strerror})"
+    except TimeoutError:
+        return f"no answer from {host}:{port} within {timeout:g} s (firewall or wrong address?)"
+    except OSError as exc:
+        return f"cannot connect to {host}:{port}: {exc.strerror or exc} (is the node running and the port right?)"
+
+
+# ---- studies ------------------------------------------------------------------------------------
+
+
+def run_studies(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    if args.limit < 1:
+        raise CliError(f"--limit {args.limit}: must be at least 1")
+    now = datetime.now(timezone.utc)
+    with opened_store(settings) as store:
+        studies = store.list_studies(tuple(args.state) if args.state else None, limit=args.limit)
+        summaries = [study_summary(study, store, now) for study in studies]
+    if args.json:
+        print(json.dumps(summaries, indent=2))
+        return 0
+    if not summaries:
+        print("no studies" + (f" in state {', '.join(args.state)}" if args.state else ""))
+        return 0
+    rows = [("STUDY INSTANCE UID", "STATE", "VER", "INSTANCES", "SELECTED", "SKIPPED", "LAST RECEIVED (UTC)", "STAGES")]
+    for s in summaries:
+        states = s["instance_states"]
+        stages = " > ".join(f"{st['state']} {_seconds(st['seconds'])}" for st in s["stages"])
+        rows.append((
+            s["study_instance_uid"], s["state"], str(s["version"]), str(s["instance_count"]),
+            str(states.get("selected", 0) + states.get("analyzed", 0)), str(states.get("skipped", 0)),
+            s["last_received_at"][:19].replace("T", " "), stages,
+        ))  # fmt: skip
+    print(format_table(rows))
+    for s in summaries:
+        if s["skip_reasons"] or s["error"]:
+            reasons = "; ".join(f"{count}x {reason}" for reason, count in s["skip_reasons"].items())
+            print(f"{s['study_instance_uid']}: " + "; ".join(filter(None, [s["error"] and f"error: {s['error']}", reasons and f"skipped: {reasons}"])))
+    return 0
+
+
+def study_summary(study: StudyRecord, store: Store, now: datetime) -> dict[str, Any]:
+    """A JSON-ready view of one study: counts of its current version, skip reasons, stage times."""
+    instances = store.list_instances(study.study_instance_uid, version=study.version)
+    return {
+        "study_instance_uid": study.study_instance_uid,
+        "state": study.state,
+        "version": study.version,
+        "source_ae": study.source_ae,
+        "instance_count": study.instance_count,
+        "version_instance_count": len(instances),
+        "instance_states": dict(Counter(i.state for i in instances)),
+        "skip_reasons": dict(Counter(i.reason or "(no reason recorded)" for i in instances if i.state == "skipped").most_common()),
+        "error": study.error,
+        "created_at": study.created_at.isoformat(),
+        "last_received_at": study.last_received_at.isoformat(),
+        "updated_at": study.updated_at.isoformat(),
+        "state_times": {state: at.isoformat() for state, at in study.state_times.items()},
+        "stages": stage_durations(study.state_times, study.state, now),
+    }
+
+
+def stage_durations(state_times: dict[str, datetime], current: str, now: datetime) -> list[dict[str, Any]]:
+    """Each state entered, in order, with how long it lasted (the current one: until now;
+    a final state, done or failed: None)."""
+    ordered = sorted(state_times.items(), key=lambda item: item[1])
+    stages = []
+    for index, (state, entered) in enumerate(ordered):
+        if index + 1 < len(ordered):
+            seconds: float | None = (ordered[index + 1][1] - entered).total_seconds()
+        elif state == current and state not in ("done", "failed"):
+            seconds = (now - entered).total_seconds()
+        else:
+            seconds = None
+        stages.append({"state": state, "entered_at": entered.isoformat(), "seconds": seconds})
+    return stages
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return ""
+    return f"{value:.1f}s" if value < 120 else f"{value / 60:.1f}min"
+
+
+# ---- the file `init` writes ---------------------------------------------------------------------
+
+#: Embedded mode: SQLite and the local task transport, everything under ./var next to this file.
+#: Every value equals the built-in default (a test checks it), so uncommenting changes nothing
+#: until the value is edited.
+DEFAULT_CONFIG_TOML = """\
+# AnatomiX node settings (embedded mode: no external services needed).
+# Every key may also be set from the environment: ANATOMIX_<SECTION>_<KEY>, e.g. ANATOMIX_NODE_PORT=11113.
+# Check the effective values with: anatomix-node config show --config THIS_FILE
+
+[node]
+# Our AE title (1-16 characters). Senders must call it; results are sent with it as calling AE.
+ae_title = "ANATOMIX"
+# DICOM port we listen on.
+port = 11112
+# bind_address = "0.0.0.0"
+# Largest PDU we accept (bytes); 0 = unlimited.
+# max_pdu = 131072
+# Demo only: accept associations from any calling AE (otherwise add sources with `anatomix-node ae add`).
+# accept_unknown_sources = false
+# SCP processes sharing the port (ingest speed scales with processes, not threads).
+# scp_processes = 1
+# network_timeout_s = 60.0
+
+[storage]
+# Everything the node writes: spool, SQLite database, results. Relative to this file.
+data_dir = "var"
+# Below this much free disk space, incoming instances are refused with 0xA700 (sender retries).
+# min_free_bytes = 536870912
+
+[database]
+# Empty: SQLite in <data_dir>/anatomix.db. Production: "postgresql://anatomix@db-host:5432/anatomix".
+url = ""
+
+[queue]
+# Empty: the embedded local transport (no server). Production: "redis://127.0.0.1:6379/0".
+broker_url = ""
+# visibility_timeout_s = 3600
+# analyze_time_limit_s = 1800
+# deliver_time_limit_s = 600
+
+[assembly]
+# A study is complete when no instance arrived for this many seconds (per source: `ae add --quiet-period`).
+# quiet_period_s = 10.0
+# A study still receiving after this many seconds is closed anyway.
+# hard_cap_s = 600.0
+# poll_interval_s = 1.0
+
+[model]
+# Directory with the AnatomiX weights (APM .pth, lm.pt, MedGemma base, retrieval DB).
+# dir = "/srv/anatomix/model"
+# Tiny generated weights for a first try; every result made with them says so.
+# demo_weights = false
+# backend = "torch"        # torch, onnxruntime or tensorrt
+# device = "cpu"           # cpu, cuda or cuda:N
+# tasks = ["report", "anatomy_grounding", "abnormality_detection"]
+# max_new_tokens = 350
+# stop_at_end_of_turn = true
+
+[output]
+# UID root for every object we create (digits and dots, ending in a dot).
+# uid_root = "1.2.826.0.1.3680043.10.1431."
+# Objects sent to a destination without its own profile: full, pacs-basic, ohif or sr-only.
+# default_profile = "full"
+# institution_name = ""
+
+# [output.profiles]
+# my-pacs = ["gsps", "text_sr"]
+
+[delivery]
+# max_attempts = 8
+# backoff_base_s = 2.0
+# backoff_max_s = 300.0
+# timeout_s = 30.0
+
+[logging]
+# level = "INFO"
+# Also append the audit trail as JSON lines to this file.
+# audit_file = ""
+"""

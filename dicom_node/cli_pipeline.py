@@ -1,0 +1,319 @@
+"""Commands of the analysis pipeline: ``worker``, ``analyze`` (offline), ``resend``, ``demo``.
+
+Also :func:`start_node_pipeline`, which ``serve`` calls: the dispatch loop, and in embedded mode
+(no broker configured) the node's own worker processes (``anatomix-node worker`` subprocesses).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dicom_node.cli import CliError
+from dicom_node.settings import Settings, load_settings
+
+LOG = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    worker = subparsers.add_parser("worker", help="run a Celery worker for the analyze and/or deliver queues")
+    worker.add_argument("--config", help="anatomix-node.toml (default: ./anatomix-node.toml, then defaults)")
+    worker.add_argument("--queues", default="analyze,deliver", help="comma separated: analyze, deliver (default both)")
+    worker.add_argument("--device", help="cpu, cuda or cuda:N (default: model.device)")
+    worker.add_argument("--demo-weights", action="store_true", help="generate (once, cached) and use tiny demo weights")
+    worker.add_argument("--concurrency", type=int, default=1, help="deliver-only workers: parallel deliveries (default 1)")
+    worker.add_argument("--name", help="worker name (default: a unique one from host and pid)")
+    worker.set_defaults(func=cmd_worker)
+
+    analyze = subparsers.add_parser("analyze", help="analyse DICOM files offline and write the result objects")
+    analyze.add_argument("inputs", nargs="+", metavar="FILE_OR_DIR")
+    analyze.add_argument("--out", required=True, help="output folder (created)")
+    analyze.add_argument("--config", help="anatomix-node.toml for output/model settings")
+    source = analyze.add_mutually_exclusive_group()
+    source.add_argument("--model", help="model directory (default: model.dir from settings)")
+    source.add_argument("--demo-weights", action="store_true", help="use tiny demo weights (generated once, cached)")
+    analyze.add_argument("--profile", help="output profile (default: output.default_profile)")
+    analyze.add_argument("--device", help="cpu, cuda or cuda:N")
+    analyze.add_argument("--max-new-tokens", type=int, help="cap on generated tokens per task")
+    analyze.set_defaults(func=cmd_analyze)
+
+    resend = subparsers.add_parser("resend", help="send a study's results again (same UIDs: the PACS keeps one copy)")
+    resend.add_argument("study_instance_uid", metavar="STUDY_UID")
+    resend.add_argument("--to", dest="destination", help="destination name (default: the study's usual destinations)")
+    resend.add_argument("--config", help="anatomix-node.toml")
+    resend.set_defaults(func=cmd_resend)
+
+    demo = subparsers.add_parser("demo", help="run the whole loop once on a real chest CR with demo weights")
+    demo.add_argument("--out", help="folder for the results and the preview (default: a new temporary folder)")
+    demo.add_argument("--max-new-tokens", type=int, default=48, help="cap on generated tokens (default 48, keeps it quick)")
+    demo.add_argument("--timeout", type=float, default=170.0, help="give up after this many seconds")
+    demo.set_defaults(func=cmd_demo)
+
+
+def _settings_with(args: argparse.Namespace, **model: object) -> Settings:
+    settings = load_settings(getattr(args, "config", None))
+    values = {k: v for k, v in model.items() if v not in (None, False)}
+    return settings.with_overrides(model=values) if values else settings
+
+
+# ---- worker -----------------------------------------------------------------------------------------
+
+
+def parse_queues(text: str) -> list[str]:
+    from dicom_node.queue import QUEUES
+
+    names = [q.strip() for q in text.split(",") if q.strip()]
+    unknown = [q for q in names if q not in QUEUES]
+    if not names or unknown:
+        raise CliError(f"--queues {text!r}: use analyze, deliver or analyze,deliver")
+    return names
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from dicom_node.dispatch import NO_MODEL_ERROR, model_configured
+    from dicom_node.queue import ANALYZE_QUEUE, create_app
+    from dicom_node.store import open_store
+    from dicom_node.tasks import WorkerContext, register_tasks
+
+    from dicom_node.logging_setup import configure_logging
+
+    settings = _settings_with(args, demo_weights=args.demo_weights, device=args.device)
+    configure_logging(args.log_level or settings.logging.level)
+    queues = parse_queues(args.queues)
+    if ANALYZE_QUEUE in queues and not model_configured(settings):
+        raise CliError(f"this worker would take analyze tasks but the model is missing: {NO_MODEL_ERROR}; "
+                       "or start it with --queues deliver")  # fmt: skip
+    open_store(settings.database_url).close()  # fail fast on a bad database, and migrate it once
+    app = create_app(settings)
+    register_tasks(app, WorkerContext(settings, args.device), warm_up=ANALYZE_QUEUE in queues)
+    # analyze: a prefork pool of one process per worker (one per GPU): the model loads in the child,
+    # after the fork, and time limits are enforced. deliver-only: a solo pool or threads for fan-out.
+    if ANALYZE_QUEUE in queues:
+        pool = ["--pool=prefork", "--concurrency=1"]
+    elif args.concurrency > 1:
+        pool = ["--pool=threads", f"--concurrency={args.concurrency}"]
+    else:
+        pool = ["--pool=solo"]
+    name = args.name or f"{'+'.join(queues)}-{os.getpid()}@%h"
+    argv = ["worker", f"--queues={','.join(queues)}", *pool, f"--hostname={name}",
+            f"--loglevel={settings.logging.level.upper()}", "--without-mingle", "--without-gossip", "--without-heartbeat"]  # fmt: skip
+    LOG.info("worker %s for %s on %s", name, ",".join(queues), settings.queue.broker_url or "the embedded broker")
+    app.worker_main(argv)
+    return 0
+
+
+# ---- the node's side: dispatch loop and embedded workers ---------------------------------------------
+
+
+@dataclass
+class NodePipeline:
+    """What ``serve`` starts besides the SCP; ``stop()`` ends it all."""
+
+    dispatcher: object
+    workers: list[subprocess.Popen] = field(default_factory=list)
+
+    def wake(self, *args: object, **kwargs: object) -> None:
+        """Run a dispatch pass now (pass as ``on_stable`` to the assembly loop)."""
+        self.dispatcher.wake()  # type: ignore[attr-defined]
+
+    def check_workers(self) -> list[str]:
+        """Problems with the embedded workers (exited ones), for serve's log."""
+        return [f"embedded worker pid {p.pid} exited with status {p.returncode}" for p in self.workers if p.poll() is not None]
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        self.dispatcher.stop()  # type: ignore[attr-defined]
+        for process in self.workers:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)  # warm shutdown: the running task finishes or is re-queued
+        for process in self.workers:
+            try:
+                process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def node_command(*args: str) -> list[str]:
+    """``anatomix-node ARGS`` with this interpreter (works in a venv that is not on PATH).
+
+    Not ``python -m dicom_node.cli``: that would load the CLI module twice (as ``__main__`` too), and
+    its error class would not catch the other copy's errors.
+    """
+    return [sys.executable, "-c", "import sys; from dicom_node.cli import main; sys.exit(main(sys.argv[1:]))", *args]
+
+
+def worker_command(settings: Settings, queues: str, config_path: str | None, demo_weights: bool) -> list[str]:
+    command = node_command("worker", "--queues", queues)
+    if config_path:
+        command += ["--config", config_path]
+    if demo_weights or settings.model.demo_weights:
+        command.append("--demo-weights")
+    return command
+
+
+def start_node_pipeline(settings: Settings, config_path: str | None = None, embedded_workers: bool | None = None) -> NodePipeline:
+    """Start the dispatch loop; with the embedded broker (or when asked) also the node's own workers.
+
+    Embedded: one analyze worker (only when a model is configured) and one deliver worker, as child
+    processes sharing ``data_dir``. Production (Redis): workers run separately (``anatomix-node worker``).
+    """
+    from dicom_node.dispatch import Dispatcher, model_configured
+    from dicom_node.store import open_store
+
+    dispatcher = Dispatcher(lambda: open_store(settings.database_url), settings).start()
+    pipeline = NodePipeline(dispatcher)
+    if embedded_workers if embedded_workers is not None else settings.embedded:
+        queues = ["deliver"] + (["analyze"] if model_configured(settings) else [])
+        if "analyze" not in queues:
+            LOG.warning("no model configured: the node receives and stores but does not analyse "
+                        "(set model.dir, or start with --demo-weights)")  # fmt: skip
+        env = {**os.environ}
+        for queue_name in queues:
+            command = worker_command(settings, queue_name, config_path, settings.model.demo_weights)
+            pipeline.workers.append(subprocess.Popen(command, env=env))
+    return pipeline
+
+
+def stable_study_handler(settings: Settings, store: object):
+    """Assembly's ``on_stable`` for ``serve``: queue the analysis (or refuse it: no model)."""
+    from dicom_node.dispatch import queue_study
+    from dicom_node.queue import create_app
+
+    app = create_app(settings)
+    return lambda study_instance_uid, version: queue_study(store, app, settings, study_instance_uid, version)  # type: ignore[arg-type]
+
+
+def run_node_pipeline(settings: Settings, stop_event: object) -> None:
+    """``serve``'s pipeline loop: dispatch + embedded workers until ``stop_event`` is set.
+
+    An embedded worker that exits is started again (its unfinished work comes back through the lease).
+    """
+    config_path = settings.source if settings.source != "defaults" else None
+    pipeline = start_node_pipeline(settings, config_path)
+    try:
+        while not stop_event.wait(2.0):  # type: ignore[attr-defined]
+            for index, process in enumerate(pipeline.workers):
+                if process.poll() is not None:
+                    LOG.error("embedded worker pid %d exited with status %s: starting it again", process.pid, process.returncode)
+                    pipeline.workers[index] = subprocess.Popen(process.args)
+    finally:
+        pipeline.stop()
+
+
+# ---- analyze (offline) ------------------------------------------------------------------------------
+
+
+def collect_inputs(inputs: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.is_file())
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise CliError(f"{item}: no such file or folder")
+    return files
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from dicom_node.analysis import ImageUnusable, NoModelConfigured, analyze_datasets, load_engine, read_source, write_result_objects
+    from dicom_node.selection import select_instance
+
+    settings = _settings_with(args, dir=args.model, demo_weights=args.demo_weights, device=args.device,
+                              max_new_tokens=args.max_new_tokens)  # fmt: skip
+    if args.demo_weights and settings.storage.data_dir == Path("var"):
+        settings = settings.with_overrides(storage={"data_dir": Path(args.out) / ".cache"})
+    kinds = settings.output.profile(args.profile or settings.output.default_profile)
+    files = collect_inputs(args.inputs)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    chosen = []
+    for path in files:
+        try:
+            ds = read_source(path)
+        except ImageUnusable as exc:
+            print(f"skipped {path}: {exc}")
+            continue
+        decision = select_instance(ds, settings.output.uid_root)
+        if not decision.selected:
+            print(f"skipped {path}: {decision.reason}")
+            continue
+        chosen.append((path, ds))
+    if not chosen:
+        print("nothing to analyse")
+        return 1
+    try:
+        engine = load_engine(settings, args.device)
+    except NoModelConfigured as exc:
+        raise CliError(f"{exc}; or pass --model DIR") from None
+    failures = 0
+    for path, ds in chosen:
+        [outcome] = analyze_datasets(engine, [ds], settings.model.tasks)
+        if outcome.result is None:
+            failures += 1
+            print(f"failed  {path}: {outcome.error}")
+            continue
+        folder = out / outcome.sop_instance_uid
+        written = write_result_objects(ds, outcome.result, kinds, settings, 1, folder)
+        (folder / "result.json").write_text(json.dumps(outcome.result.to_dict(), indent=2, ensure_ascii=False))
+        print(f"analysed {path}: {len(outcome.result.findings)} findings -> {folder} "
+              f"({', '.join(w.kind for w in written)}, result.json)")  # fmt: skip
+    return 1 if failures else 0
+
+
+# ---- resend -----------------------------------------------------------------------------------------
+
+
+def cmd_resend(args: argparse.Namespace) -> int:
+    from dicom_node.delivery import deliver_study_version, route_destinations
+    from dicom_node.queue import create_app, send_deliver
+    from dicom_node.store import open_store
+    from sr_writer.bundle import comprehensive_sr_fallback
+
+    settings = load_settings(args.config)
+    store = open_store(settings.database_url)
+    try:
+        study = store.get_study(args.study_instance_uid)
+        if study is None:
+            raise CliError(f"no study {args.study_instance_uid} in the state store (see `anatomix-node studies`)")
+        if not store.list_produced_objects(study.study_instance_uid, study.version):
+            raise CliError(f"study {study.study_instance_uid} v{study.version} has no results to send (state {study.state})")
+        if args.destination:
+            node = store.get_remote_node(args.destination)
+            if node is None or not node.is_destination:
+                raise CliError(f"{args.destination!r} is not a configured destination (see `anatomix-node ae list`)")
+            targets = [node]
+        else:
+            targets = route_destinations(store, study)
+            if not targets:
+                raise CliError("the study has no destinations: name one with --to NAME")
+        store.transition_study(study.study_instance_uid, study.version, ("done", "failed", "analyzed", "delivering"), "delivering")
+        summary = deliver_study_version(store, settings, study, fallback=comprehensive_sr_fallback, destinations=targets, resend=True)
+        for record in store.list_deliveries(study.study_instance_uid):
+            if record.study_version == study.version and record.destination in {t.name for t in targets}:
+                print(f"{record.destination:<16} {record.sop_instance_uid}  {record.status:<8} {record.error or ''}")
+        if not summary.finished:
+            send_deliver(create_app(settings), study.study_instance_uid, study.version, countdown=summary.next_attempt_in)
+            print(f"{summary.retrying} instance(s) will be retried by the deliver workers")
+            return 0
+        final = "failed" if summary.errors else "done"
+        store.transition_study(study.study_instance_uid, study.version, ("delivering",), final,
+                               error="; ".join(summary.errors[:3]) or None)  # fmt: skip
+        print(f"{summary.sent} sent, {summary.failed} failed, {summary.dead} dead-lettered")
+        return 1 if summary.errors else 0
+    finally:
+        store.close()
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from dicom_node.demo import run_demo
+
+    return run_demo(Path(args.out) if args.out else None, max_new_tokens=args.max_new_tokens, timeout_s=args.timeout)

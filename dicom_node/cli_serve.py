@@ -1,0 +1,166 @@
+"""``anatomix-node serve``: the SCP processes plus the node's background loops, until SIGTERM/SIGINT.
+
+Process layout::
+
+    serve (parent)      binds the port, supervises, runs background loops (threads):
+      |                   - assembly: receiving -> stable, selection, hand-off (on_stable)
+      |                   - (pipeline: dispatch, embedded worker; added by their module)
+      +-- scp-0..N-1    forked children: pynetdicom AE on the inherited socket, own store connection
+
+Adding a loop is one entry in :func:`background_loops`; the analysis hand-off is the callable
+returned by :func:`stable_study_handler`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from dicom_node.assembly import OnStable, close_studies_at_release, run_assembly
+from dicom_node.audit import AuditTrail, open_audit_trail
+from dicom_node.cli import CliError
+from dicom_node.cli_pipeline import run_node_pipeline
+from dicom_node.logging_setup import configure_logging
+from dicom_node.scp import StorageScp, build_ae
+from dicom_node.scp_server import InheritedSocketServer, PortInUse, ScpSupervisor, open_listening_socket, scp_address, serve_until_stopped
+from dicom_node.settings import Settings, load_settings
+from dicom_node.spool import prepare_spool
+from dicom_node.store import open_store
+from dicom_node.store.base import Store
+
+log = logging.getLogger("dicom_node.serve")
+
+#: Seconds an SCP process waits for running associations to finish after SIGTERM.
+DRAIN_S = 10.0
+
+
+@dataclass
+class BackgroundLoop:
+    """A thread in the serve process: ``run(stop_event)`` returns when the event is set."""
+
+    name: str
+    run: Callable[[threading.Event], None]
+    thread: threading.Thread | None = field(default=None, repr=False)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("serve", help="run the DICOM node (SCP, assembly) until stopped")
+    parser.add_argument("--config", default=None, help="settings file (default: ./anatomix-node.toml if present)")
+    parser.add_argument("--port", type=int, default=None, help="DICOM port (default: node.port, 11112)")
+    parser.add_argument("--ae-title", default=None, help="our AE title (default: node.ae_title, ANATOMIX)")
+    parser.set_defaults(func=run_serve)
+
+
+def load_serve_settings(args: argparse.Namespace) -> Settings:
+    settings = load_settings(args.config)
+    overrides: dict[str, object] = {}
+    if args.port is not None:
+        overrides["port"] = args.port
+    if args.ae_title is not None:
+        overrides["ae_title"] = args.ae_title
+    return settings.with_overrides(node=overrides) if overrides else settings
+
+
+def stable_study_handler(settings: Settings, store: Store) -> OnStable | None:
+    """What happens to a stable study: the pipeline queues its analysis (or records why it cannot)."""
+    from dicom_node.cli_pipeline import stable_study_handler as pipeline_handler
+
+    return pipeline_handler(settings, store)
+
+
+def background_loops(settings: Settings, store: Store, audit_trail: AuditTrail) -> list[BackgroundLoop]:
+    on_stable = stable_study_handler(settings, store)
+    return [
+        BackgroundLoop("assembly", lambda stop: run_assembly(store, settings, stop, on_stable=on_stable, audit_trail=audit_trail)),
+        BackgroundLoop("pipeline", lambda stop: run_node_pipeline(settings, stop)),
+    ]
+
+
+def describe_model(settings: Settings) -> str:
+    if settings.model.demo_weights:
+        return f"demo weights ({settings.model.backend}, {settings.model.device})"
+    if settings.model.dir is not None:
+        return f"{settings.model.dir} ({settings.model.backend}, {settings.model.device})"
+    return "none configured (receive only)"
+
+
+def make_scp_child(settings: Settings, listen_socket: socket.socket) -> Callable[[int], int]:
+    """The body of one forked SCP process."""
+
+    def scp_child(index: int) -> int:
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+        store = open_store(settings.database_url, migrate=False)
+        trail = open_audit_trail(store, settings.logging.audit_file)
+        scp = StorageScp(
+            settings, store, trail,
+            on_release=lambda source, uids: close_studies_at_release(store, settings, source, uids, trail),
+        )
+        server = build_ae(settings).make_server(
+            scp_address(settings), evt_handlers=scp.event_handlers(), server_class=InheritedSocketServer, listen_socket=listen_socket
+        )
+        log.debug("SCP process %d accepting", index)
+        try:
+            serve_until_stopped(server, stop, DRAIN_S)
+        finally:
+            store.close()
+        return 0
+
+    return scp_child
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    settings = load_serve_settings(args)
+    configure_logging(args.log_level or settings.logging.level)
+    settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
+    prepare_spool(settings.storage.spool_dir)
+    store = open_store(settings.database_url)  # migrates once, before any child starts
+    trail = open_audit_trail(store, settings.logging.audit_file)
+    try:
+        listen_socket = open_listening_socket(settings.node.bind_address, settings.node.port)
+    except PortInUse as exc:
+        store.close()
+        raise CliError(exc.strerror or str(exc)) from None
+
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: object) -> None:
+        log.info("received %s: shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+
+    # Fork the SCP processes before any thread starts, so they inherit no half-held lock.
+    supervisor = ScpSupervisor(settings.node.scp_processes, make_scp_child(settings, listen_socket))
+    supervisor.start()  # the parent keeps listen_socket open (never accepting) to restart children
+    loops = background_loops(settings, store, trail)
+    loop_stops = {loop.name: threading.Event() for loop in loops}
+    for loop in loops:
+        loop.thread = threading.Thread(target=loop.run, args=(loop_stops[loop.name],), name=loop.name, daemon=True)
+        loop.thread.start()
+    store_kind = "PostgreSQL" if settings.database_url.startswith("postgres") else "SQLite"
+    log.info(
+        "AnatomiX node listening: AE %s, port %d, %d SCP process(es), store %s, spool %s, model: %s, config: %s",
+        settings.node.ae_title, settings.node.port, settings.node.scp_processes, store_kind,
+        settings.storage.spool_dir, describe_model(settings), settings.source,
+    )
+    try:
+        while not stop.wait(0.5):
+            supervisor.poll()
+    finally:
+        for loop in loops:
+            loop_stops[loop.name].set()
+        supervisor.stop(timeout_s=DRAIN_S + 5)
+        for loop in loops:
+            if loop.thread is not None:
+                loop.thread.join(timeout=10)
+        listen_socket.close()
+        store.close()
+        log.info("AnatomiX node stopped")
+    return 0

@@ -1,0 +1,334 @@
+"""Deliver result instances to destinations: C-STORE SCU, status taxonomy, retry policy, fallback.
+
+One association per destination carries every pending object of a study version, SR and SEG before
+the objects that reference them. Each instance's outcome is one of:
+
+* ``sent``: DIMSE status 0x0000 or a warning (0xB000, 0xB006, 0xB007);
+* transient: no association (connection refused, timeout, A-ASSOCIATE-RJ *transient*), an abort,
+  no response, or 0xA7xx (out of resources): retried with exponential backoff and jitter until
+  ``delivery.max_attempts``, then dead-lettered (``dead``) with the last reason;
+* permanent: 0xA9xx (data set does not match SOP class), 0xCxxx (cannot understand), A-ASSOCIATE-RJ
+  *permanent* (our AE title refused), any other failure: recorded as ``failed`` and not retried blindly;
+  an admin re-sends by hand (``anatomix-node resend``).
+
+Comprehensive 3D SR (88.34) the destination does not support (no accepted presentation context, or
+status 0x0122) is sent again as Comprehensive SR (88.33) with the same content and UID.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, evt
+from pynetdicom.presentation import build_context
+
+from dicom_node.settings import DeliverySettings, Settings
+from dicom_node.store.base import DeliveryRecord, RemoteNode, Store, StudyRecord
+
+LOG = logging.getLogger(__name__)
+
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
+SOP_CLASS_NOT_SUPPORTED = 0x0122
+WARNING_STATUSES = (0xB000, 0xB006, 0xB007)
+
+#: Send order by object kind: SR and SEG before the GSPS/SC/KOS that reference them.
+KIND_ORDER = ("sr", "text_sr", "seg", "gsps", "sc", "kos")
+
+Outcome = Literal["sent", "transient", "permanent"]
+
+
+@dataclass(frozen=True)
+class OutgoingObject:
+    """One produced result instance waiting to go to a destination."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    kind: str
+    path: Path
+
+
+@dataclass(frozen=True)
+class StoreOutcome:
+    """What happened to one instance in one delivery attempt."""
+
+    sop_instance_uid: str
+    outcome: Outcome
+    #: DIMSE status of the C-STORE response, None when none came (no association, abort, timeout).
+    status: int | None
+    error: str | None = None
+    #: The SOP class actually sent (differs from the produced one after the 88.34 -> 88.33 fallback).
+    sent_sop_class_uid: str | None = None
+
+
+class AssociationFailure(Exception):
+    """No association with the destination; ``transient`` says whether trying later may help."""
+
+    def __init__(self, message: str, transient: bool) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+# ---- status taxonomy ---------------------------------------------------------------------------
+
+
+def classify_status(status: int) -> Outcome:
+    """Map a C-STORE response status to sent / transient / permanent (PS3.4 B.2.3, PS3.7 C)."""
+    if status == 0x0000 or status in WARNING_STATUSES:
+        return "sent"
+    if 0xA700 <= status <= 0xA7FF:  # out of resources: the peer may have room later
+        return "transient"
+    return "permanent"  # 0xA9xx, 0xCxxx, 0x0122, 0x0211 and anything unknown
+
+
+def backoff_delay(attempt: int, policy: DeliverySettings, rng: random.Random | None = None) -> float:
+    """Seconds to wait before attempt ``attempt + 1``: exponential, capped, with "equal jitter".
+
+    Half of the exponential delay is fixed and half random, so destinations coming back after an
+    outage are not hit by every node at the same instant, yet retries never come sooner than half the step.
+    """
+    rng = rng or random.Random()
+    step = min(policy.backoff_max_s, policy.backoff_base_s * (2 ** max(0, attempt - 1)))
+    return step / 2 + rng.uniform(0, step / 2)
+
+
+def sort_for_sending(objects: Sequence[OutgoingObject]) -> list[OutgoingObject]:
+    """SR/SEG first, then the objects that reference them (stable within a kind)."""
+    rank = {kind: i for i, kind in enumerate(KIND_ORDER)}
+    return sorted(objects, key=lambda o: rank.get(o.kind, len(rank)))
+
+
+# ---- C-STORE SCU -------------------------------------------------------------------------------
+
+
+def _contexts_for(datasets: Sequence[Dataset]) -> list:
+    """One presentation context per SOP class (plus 88.33 whenever 88.34 is sent, for the fallback)."""
+    syntaxes: dict[str, list[str]] = {}
+    for ds in datasets:
+        own = str(ds.file_meta.TransferSyntaxUID) if "TransferSyntaxUID" in getattr(ds, "file_meta", Dataset()) else None
+        wanted = syntaxes.setdefault(str(ds.SOPClassUID), [])
+        for uid in (own, ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+            if uid and uid not in wanted:
+                wanted.append(uid)
+    if COMPREHENSIVE_3D_SR in syntaxes:
+        syntaxes.setdefault(COMPREHENSIVE_SR, list(syntaxes[COMPREHENSIVE_3D_SR]))
+    return [build_context(sop_class, transfer_syntaxes) for sop_class, transfer_syntaxes in syntaxes.items()]
+
+
+def _associate(ae: AE, destination: RemoteNode, contexts: list, timeout_s: float):
+    """Open the association or raise AssociationFailure saying why and whether it is transient."""
+    rejection: dict[str, object] = {}
+
+    def remember_rejection(event: evt.Event) -> None:
+        primitive = event.primitive  # type: ignore[attr-defined]
+        if getattr(primitive, "result", None) in (0x01, 0x02):
+            rejection.update(result=primitive.result, reason=primitive.reason_str, source=primitive.source_str)
+
+    assoc = ae.associate(
+        destination.host,
+        destination.port,
+        contexts=contexts,
+        ae_title=destination.ae_title,
+        evt_handlers=[(evt.EVT_ACSE_RECV, remember_rejection)],
+    )
+    if assoc.is_established:
+        return assoc
+    where = f"{destination.name} ({destination.ae_title}@{destination.host}:{destination.port})"
+    if assoc.is_rejected:
+        transient = rejection.get("result") == 0x02
+        kind = "transient" if transient else "permanent"
+        raise AssociationFailure(
+            f"association rejected ({kind}) by {where}: {rejection.get('reason', 'no reason given')}", transient=transient
+        )
+    if assoc.is_aborted and not assoc.accepted_contexts and assoc.rejected_contexts:
+        raise AssociationFailure(f"{where} accepted none of the SOP classes we send", transient=False)
+    raise AssociationFailure(f"no association with {where}: connection refused, aborted or timed out", transient=True)
+
+
+def _send_one(assoc, ds: Dataset, fallback: Callable[[Dataset], Dataset]) -> StoreOutcome:
+    """C-STORE one dataset on an open association, falling back 88.34 -> 88.33 where needed."""
+    uid = str(ds.SOPInstanceUID)
+    accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+    sop_class = str(ds.SOPClassUID)
+    if sop_class == COMPREHENSIVE_3D_SR and sop_class not in accepted and COMPREHENSIVE_SR in accepted:
+        ds, sop_class = fallback(ds), COMPREHENSIVE_SR
+    if sop_class not in accepted:
+        return StoreOutcome(uid, "permanent", None, f"destination does not accept SOP class {sop_class}")
+    response = assoc.send_c_store(ds)
+    if not response or "Status" not in response:
+        return StoreOutcome(uid, "transient", None, "no C-STORE response (timeout or association aborted)")
+    status = int(response.Status)
+    if status == SOP_CLASS_NOT_SUPPORTED and sop_class == COMPREHENSIVE_3D_SR and COMPREHENSIVE_SR in accepted:
+        return _send_one(assoc, fallback(ds), fallback)
+    outcome = classify_status(status)
+    error = None if outcome == "sent" and status == 0 else f"C-STORE status 0x{status:04X}"
+    if outcome == "sent" and status:
+        LOG.info("destination stored %s with warning 0x%04X", uid, status)
+    return StoreOutcome(uid, outcome, status, error, sent_sop_class_uid=sop_class)
+
+
+def send_objects(
+    destination: RemoteNode,
+    objects: Sequence[OutgoingObject],
+    *,
+    calling_ae: str,
+    timeout_s: float,
+    fallback: Callable[[Dataset], Dataset],
+) -> list[StoreOutcome]:
+    """Send ``objects`` to ``destination`` on one association; one outcome per object, in send order.
+
+    ``fallback`` turns a Comprehensive 3D SR dataset into a Comprehensive SR one (sr_writer's
+    ``comprehensive_sr_fallback``); it is passed in so this module stays free of writer details.
+    """
+    ordered = sort_for_sending(objects)
+    if not ordered:
+        return []
+    datasets = [pydicom.dcmread(obj.path) for obj in ordered]
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    ae.connection_timeout = timeout_s
+    try:
+        assoc = _associate(ae, destination, _contexts_for(datasets), timeout_s)
+    except AssociationFailure as exc:
+        outcome: Outcome = "transient" if exc.transient else "permanent"
+        return [StoreOutcome(obj.sop_instance_uid, outcome, None, str(exc)) for obj in ordered]
+    outcomes: list[StoreOutcome] = []
+    try:
+        for obj, ds in zip(ordered, datasets):
+            if not assoc.is_established:  # the peer aborted mid-way: the rest is worth another try
+                outcomes.append(StoreOutcome(obj.sop_instance_uid, "transient", None, "association aborted by the destination"))
+                continue
+            outcomes.append(_send_one(assoc, ds, fallback))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return outcomes
+
+
+# ---- one study version to its destinations -------------------------------------------------------
+
+
+@dataclass
+class DeliveryRound:
+    """Summary of one delivery pass over every destination of a study version."""
+
+    sent: int = 0
+    retrying: int = 0
+    failed: int = 0
+    dead: int = 0
+    #: Seconds until the earliest retry is due; None when nothing is left to retry.
+    next_attempt_in: float | None = None
+    #: Human-readable reasons of permanent failures and dead letters, per destination.
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return self.next_attempt_in is None
+
+
+def route_destinations(store: Store, study: StudyRecord) -> list[RemoteNode]:
+    """The sending AE when it is also a destination, plus every default destination (by name, once)."""
+    chosen: dict[str, RemoteNode] = {}
+    nodes = store.list_remote_nodes()
+    for node in nodes:
+        if node.is_destination and node.ae_title == study.source_ae:
+            chosen.setdefault(node.name, node)
+    for node in nodes:
+        if node.is_destination and node.default_destination:
+            chosen.setdefault(node.name, node)
+    return list(chosen.values())
+
+
+def objects_for_destination(
+    store: Store, settings: Settings, study_instance_uid: str, version: int, destination: RemoteNode
+) -> list[OutgoingObject]:
+    """The produced objects this destination's output profile asks for."""
+    kinds = set(settings.output.profile(destination.profile))
+    return [
+        OutgoingObject(o.sop_instance_uid, o.sop_class_uid, o.kind, settings.storage.results_dir / o.path)
+        for o in store.list_produced_objects(study_instance_uid, version)
+        if o.kind in kinds
+    ]
+
+
+def deliver_study_version(
+    store: Store,
+    settings: Settings,
+    study: StudyRecord,
+    *,
+    fallback: Callable[[Dataset], Dataset],
+    destinations: Sequence[RemoteNode] | None = None,
+    resend: bool = False,
+    rng: random.Random | None = None,
+) -> DeliveryRound:
+    """Send what is still owed to each destination, record each instance's status, plan the next retry.
+
+    ``resend`` (the admin's ``resend`` command) sends everything again with a fresh retry budget;
+    otherwise instances already ``sent``, ``failed`` (permanent) or ``dead`` are left alone.
+    """
+    uid, version = study.study_instance_uid, study.version
+    policy = settings.delivery
+    targets = list(destinations) if destinations is not None else route_destinations(store, study)
+    previous = {(d.destination, d.sop_instance_uid): d for d in store.list_deliveries(uid) if d.study_version == version}
+    summary = DeliveryRound()
+    for destination in targets:
+        owed = []
+        for obj in objects_for_destination(store, settings, uid, version, destination):
+            record = previous.get((destination.name, obj.sop_instance_uid))
+            if resend or record is None or record.status in ("pending", "retrying"):
+                owed.append(obj)
+            elif record.status == "sent":
+                summary.sent += 1
+            else:
+                summary.failed += record.status == "failed"
+                summary.dead += record.status == "dead"
+                summary.errors.append(f"{destination.name}: {record.error}")
+        outcomes = send_objects(
+            destination, owed, calling_ae=settings.node.ae_title, timeout_s=policy.timeout_s, fallback=fallback
+        )
+        destination_attempts = 0
+        for outcome in outcomes:
+            record = previous.get((destination.name, outcome.sop_instance_uid))
+            attempts = 1 if resend or record is None else record.attempts + 1
+            status = _status_after(outcome, attempts, policy.max_attempts)
+            error = outcome.error
+            if status == "dead":
+                error = f"dead-lettered after {attempts} attempts: {outcome.error}"
+            store.upsert_delivery(
+                DeliveryRecord(uid, version, destination.name, outcome.sop_instance_uid, status, attempts, outcome.status, error, _now())
+            )
+            if status == "sent":
+                summary.sent += 1
+            elif status == "retrying":
+                summary.retrying += 1
+                destination_attempts = max(destination_attempts, attempts)
+            else:
+                summary.failed += status == "failed"
+                summary.dead += status == "dead"
+                summary.errors.append(f"{destination.name}: {error}")
+        if destination_attempts:
+            delay = backoff_delay(destination_attempts, policy, rng)
+            LOG.warning("delivery to %s: %s; retry %d in %.1f s", destination.name, outcomes[-1].error, destination_attempts + 1, delay)
+            summary.next_attempt_in = delay if summary.next_attempt_in is None else min(summary.next_attempt_in, delay)
+    return summary
+
+
+def _status_after(outcome: StoreOutcome, attempts: int, max_attempts: int) -> str:
+    if outcome.outcome == "sent":
+        return "sent"
+    if outcome.outcome == "permanent":
+        return "failed"
+    return "dead" if attempts >= max_attempts else "retrying"
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)

@@ -1,0 +1,28 @@
+"""One log format for every process of the node; level from settings (or --log-level).
+
+Log lines never carry pixel data or patient identifiers (names, IDs, birth dates): modules log
+UIDs, AE titles, hosts, sizes and reasons only. pynetdicom's own per-PDU/DIMSE chatter is kept at
+WARNING unless the node runs at DEBUG, because its "standard" handlers dump whole requests.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+LOG_FORMAT = "%(asctime)s %(levelname)-7s [%(process)d] %(name)s: %(message)s"
+
+
+def configure_logging(level: str, stream=None) -> None:
+    """Install the node's single handler on the root logger (idempotent, safe after fork)."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root.addHandler(handler)
+    numeric = logging.getLevelName(level.upper())
+    root.setLevel(numeric)
+    pynetdicom_level = logging.DEBUG if numeric <= logging.DEBUG and os.environ.get("ANATOMIX_PYNETDICOM_DEBUG") else logging.WARNING
+    logging.getLogger("pynetdicom").setLevel(pynetdicom_level)

@@ -1,0 +1,311 @@
+"""The DICOM SCP: C-ECHO and C-STORE, who may connect, and the durable store handler.
+
+One :class:`StorageScp` per process. Its handlers are bound to a pynetdicom AE built by
+:func:`build_ae`; each association runs in its own pynetdicom thread, and the state store hands
+every thread its own connection.
+
+Acceptance (EVT_REQUESTED, before any negotiation):
+
+- called AE title must be ours, else A-ASSOCIATE-RJ permanent / service-user / 0x07
+  "called AE title not recognised";
+- calling AE (and host, when the source has one) must be a configured source
+  (``store.find_source``), else permanent / service-user / 0x03 "calling AE title not
+  recognised", unless ``node.accept_unknown_sources``;
+- state store unreachable: transient / service-user / no reason given (the sender retries).
+
+C-STORE: parse the header only, write the bytes as received (File Meta + data set) durably into
+the spool, record the instance, and only then answer Success. See :meth:`StorageScp.handle_store`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.association import Association
+from pynetdicom.dsutils import encode_file_meta
+from pynetdicom.sop_class import Verification
+
+from dicom_node import audit
+from dicom_node.audit import AuditTrail, Peer
+from dicom_node.scp_dataset import (
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_PROCESSING_FAILURE,
+    STATUS_SUCCESS,
+    MalformedDataset,
+    parse_instance_header,
+)
+from dicom_node.settings import Settings
+from dicom_node.spool import SpoolFull, check_free_space, remove_instance, write_instance
+from dicom_node.store.base import InstanceRecord, RemoteNode, Store, StoreError, StoreUnavailable
+from dicom_node.transfer_syntaxes import accepted_transfer_syntaxes
+
+log = logging.getLogger(__name__)
+
+#: A-ASSOCIATE-RJ (result, source, diagnostic) triples (PS3.8 9.3.4).
+REJECT_CALLED_AE = (0x01, 0x01, 0x07)
+REJECT_CALLING_AE = (0x01, 0x01, 0x03)
+REJECT_TRANSIENT = (0x02, 0x01, 0x01)
+
+_PREAMBLE = b"\x00" * 128 + b"DICM"
+
+#: Called when a source with ``complete_on_release`` releases: (study UIDs received in the association).
+ReleaseCallback = Callable[[RemoteNode, set[str]], None]
+
+
+@dataclass
+class AssociationSession:
+    """What one association did, for its audit summary and for complete-on-release."""
+
+    peer: Peer
+    source: RemoteNode | None
+    started: float = field(default_factory=time.monotonic)
+    received: int = 0
+    duplicates: int = 0
+    new_versions: int = 0
+    rejected: int = 0
+    failed_resources: int = 0
+    bytes_received: int = 0
+    study_uids: set[str] = field(default_factory=set)
+
+
+def failure_status(status: int, comment: str) -> Dataset:
+    """A C-STORE response status with an Error Comment (LO, at most 64 characters)."""
+    response = Dataset()
+    response.Status = status
+    response.ErrorComment = comment[:64]
+    return response
+
+
+class StorageScp:
+    """Event handlers of the node's SCP (one instance per process)."""
+
+    def __init__(
+        self, settings: Settings, store: Store, audit_trail: AuditTrail, on_release: ReleaseCallback | None = None
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.audit = audit_trail
+        self.on_release = on_release
+        self.spool_dir: Path = settings.storage.spool_dir
+        self._sessions: dict[int, AssociationSession] = {}
+        self._sessions_lock = threading.Lock()
+
+    # ---- wiring -------------------------------------------------------------------------------
+    def event_handlers(self) -> list[tuple]:
+        return [
+            (evt.EVT_REQUESTED, self.handle_requested),
+            (evt.EVT_C_ECHO, self.handle_echo),
+            (evt.EVT_C_STORE, self.handle_store),
+            (evt.EVT_RELEASED, self.handle_released),
+            (evt.EVT_ABORTED, self.handle_aborted),
+        ]
+
+    def _session(self, assoc: Association) -> AssociationSession | None:
+        with self._sessions_lock:
+            return self._sessions.get(id(assoc))
+
+    def _pop_session(self, assoc: Association) -> AssociationSession | None:
+        with self._sessions_lock:
+            return self._sessions.pop(id(assoc), None)
+
+    # ---- association acceptance ---------------------------------------------------------------
+    def handle_requested(self, event: evt.Event) -> None:
+        """Accept or reject the A-ASSOCIATE-RQ by called/calling AE title and host."""
+        assoc = event.assoc
+        request = assoc.requestor.primitive
+        calling_ae = str(request.calling_ae_title).strip()
+        called_ae = str(request.called_ae_title).strip()
+        host = assoc.requestor.address
+        peer = Peer(calling_ae=calling_ae, called_ae=called_ae, host=host)
+        if called_ae != self.settings.node.ae_title:
+            self._reject(assoc, peer, REJECT_CALLED_AE, f"called AE title {called_ae!r} is not ours ({self.settings.node.ae_title!r})")
+            return
+        try:
+            source = self.store.find_source(calling_ae, host)
+        except StoreError as exc:
+            log.error("association from %s@%s refused (transient): state store unavailable: %s", calling_ae, host, exc)
+            self._reject(assoc, peer, REJECT_TRANSIENT, "state store unavailable", audit_it=False)
+            return
+        if source is None and not self.settings.node.accept_unknown_sources:
+            self._reject(
+                assoc, peer, REJECT_CALLING_AE,
+                f"calling AE title {calling_ae!r} from {host} is not a configured source "
+                "(add it with `anatomix-node ae add NAME --ae-title T --host H --port P --role source`)",
+            )
+            return
+        with self._sessions_lock:
+            self._sessions[id(assoc)] = AssociationSession(peer=peer, source=source)
+        log.info("association accepted from %s@%s (source %s)", calling_ae, host, source.name if source else "unknown, accepted by accept_unknown_sources")
+        self.audit.record(audit.ASSOCIATION_ACCEPTED, peer, source=source.name if source else None)
+
+    def _reject(self, assoc: Association, peer: Peer, rsd: tuple[int, int, int], reason: str, audit_it: bool = True) -> None:
+        log.warning("association from %s@%s to %r rejected: %s", peer.calling_ae, peer.host, peer.called_ae, reason)
+        if audit_it:  # recorded before the peer hears of it, so the trail never lags the wire
+            self.audit.record(audit.ASSOCIATION_REJECTED, peer, result=rsd[0], source=rsd[1], diagnostic=rsd[2], reason=reason)
+        assoc.acse.send_reject(*rsd)
+        # The A-ASSOCIATE-RJ is queued to the DUL thread; give it time to leave before pynetdicom
+        # closes the socket, as pynetdicom's own tests do.
+        time.sleep(0.1)
+
+    # ---- DIMSE services -----------------------------------------------------------------------
+    def handle_echo(self, event: evt.Event) -> int:
+        return STATUS_SUCCESS
+
+    def handle_store(self, event: evt.Event) -> int | Dataset:
+        """Spool the instance durably, record it, then answer; never acknowledge what could be lost."""
+        session = self._session(event.assoc)
+        peer = session.peer if session else Peer(None, None, event.assoc.requestor.address)
+        request = event.request
+        sop_instance_uid = str(request.AffectedSOPInstanceUID)
+        try:
+            return self._store_instance(event, session, peer)
+        except Exception as exc:  # handler boundary: answer a failure status, log, audit, keep serving
+            log.exception("C-STORE of %s from %s failed unexpectedly (%s)", sop_instance_uid, peer.calling_ae, type(exc).__name__)
+            self.audit.record(audit.INSTANCE_REJECTED, peer, sop_instance_uid=sop_instance_uid, status=STATUS_PROCESSING_FAILURE, reason=type(exc).__name__)
+            return failure_status(STATUS_PROCESSING_FAILURE, f"internal error: {type(exc).__name__}")
+
+    def _store_instance(self, event: evt.Event, session: AssociationSession | None, peer: Peer) -> int | Dataset:
+        request = event.request
+        transfer_syntax = UID(event.context.transfer_syntax)
+        dataset_bytes = event.encoded_dataset(include_meta=False)
+        file_meta = _PREAMBLE + encode_file_meta(event.file_meta)
+        try:
+            header = parse_instance_header(
+                dataset_bytes, transfer_syntax, str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID)
+            )
+        except MalformedDataset as exc:
+            if session:
+                session.rejected += 1
+            log.warning(
+                "C-STORE of %s from %s refused with 0x%04X: %s",
+                str(request.AffectedSOPInstanceUID)[:64], peer.calling_ae, exc.status, exc.reason,
+            )
+            self.audit.record(
+                audit.INSTANCE_REJECTED, peer, sop_instance_uid=str(request.AffectedSOPInstanceUID)[:64],
+                status=exc.status, reason=exc.reason,
+            )
+            return failure_status(exc.status, exc.reason)
+
+        size = len(file_meta) + len(dataset_bytes)
+        try:
+            check_free_space(self.spool_dir, self.settings.storage.min_free_bytes, size)
+            spooled = write_instance(self.spool_dir, header.study_instance_uid, header.sop_instance_uid, [file_meta, dataset_bytes])
+        except SpoolFull as exc:
+            return self._out_of_resources(session, header.sop_instance_uid, peer, str(exc), "spool below free-space watermark")
+        except OSError as exc:
+            return self._out_of_resources(session, header.sop_instance_uid, peer, f"writing to the spool failed: {exc}", "spool write failed")
+
+        record = InstanceRecord(
+            sop_instance_uid=header.sop_instance_uid,
+            sop_class_uid=header.sop_class_uid,
+            study_instance_uid=header.study_instance_uid,
+            series_instance_uid=header.series_instance_uid,
+            transfer_syntax_uid=str(transfer_syntax),
+            path=spooled.relative_path,
+            size=spooled.size,
+            sha256=spooled.sha256,
+            calling_ae=peer.calling_ae or "",
+            received_at=datetime.now(timezone.utc),
+        )
+        try:
+            outcome = self.store.record_instance(record)
+        except StoreUnavailable as exc:
+            if spooled.created:
+                # Not acknowledged, so not kept: the sender retries and we write it again.
+                remove_instance(self.spool_dir, spooled.relative_path)
+            return self._out_of_resources(session, header.sop_instance_uid, peer, f"state store unavailable: {exc}", "state store unavailable")
+
+        if session:
+            session.bytes_received += spooled.size
+            session.study_uids.add(header.study_instance_uid)
+            if outcome.kind == "duplicate":
+                session.duplicates += 1
+            else:
+                session.received += 1
+            if outcome.kind == "new_version":
+                session.new_versions += 1
+        if header.pixel_problem and outcome.kind != "duplicate" and outcome.instance.id is not None:
+            # Valid DICOM whose pixels cannot be decoded as described: kept (acknowledged, nothing
+            # lost) but marked failed, so selection and analysis leave it alone.
+            try:
+                self.store.set_instance_state(outcome.instance.id, "failed", f"pixel data unusable: {header.pixel_problem}")
+            except StoreError as exc:  # the instance itself is durable and recorded: still a success
+                log.error("could not flag instance %s: %s", header.sop_instance_uid, exc)
+            log.warning("instance %s from %s stored but flagged: %s", header.sop_instance_uid, peer.calling_ae, header.pixel_problem)
+            self.audit.record(
+                audit.INSTANCE_FLAGGED, peer, study_instance_uid=header.study_instance_uid,
+                sop_instance_uid=header.sop_instance_uid, reason=header.pixel_problem,
+            )
+        if outcome.kind == "new_version":
+            log.info("instance %s received again with different content: kept as a new version", header.sop_instance_uid)
+            self.audit.record(
+                audit.INSTANCE_NEW_VERSION, peer, study_instance_uid=header.study_instance_uid,
+                sop_instance_uid=header.sop_instance_uid, sha256=spooled.sha256, path=spooled.relative_path,
+            )
+        log.debug("stored %s (%s, %d bytes, %s)", header.sop_instance_uid, transfer_syntax.name, spooled.size, outcome.kind)
+        return STATUS_SUCCESS
+
+    def _out_of_resources(
+        self, session: AssociationSession | None, sop_instance_uid: str, peer: Peer, detail: str, comment: str
+    ) -> Dataset:
+        if session:
+            session.failed_resources += 1
+        log.error("C-STORE of %s from %s answered 0xA700 (out of resources): %s", sop_instance_uid, peer.calling_ae, detail)
+        return failure_status(STATUS_OUT_OF_RESOURCES, comment)
+
+    # ---- association end ----------------------------------------------------------------------
+    def handle_released(self, event: evt.Event) -> None:
+        session = self._pop_session(event.assoc)
+        if session is None:
+            return
+        self._summarise(session, audit.ASSOCIATION_RELEASED)
+        if session.source is not None and session.source.complete_on_release and session.study_uids and self.on_release:
+            try:
+                self.on_release(session.source, set(session.study_uids))
+            except StoreError as exc:
+                # The quiet period closes these studies later; nothing is lost.
+                log.error("closing studies at release of %s failed: %s", session.peer.calling_ae, exc)
+
+    def handle_aborted(self, event: evt.Event) -> None:
+        session = self._pop_session(event.assoc)
+        if session is not None:
+            self._summarise(session, audit.ASSOCIATION_ABORTED)
+
+    def _summarise(self, session: AssociationSession, event_name: str) -> None:
+        seconds = time.monotonic() - session.started
+        log.info(
+            "association from %s@%s ended (%s): %d stored, %d duplicate, %d new version, %d refused, %d out-of-resources, %.1f MB in %.1f s",
+            session.peer.calling_ae, session.peer.host, event_name.removeprefix("association_"), session.received,
+            session.duplicates, session.new_versions, session.rejected, session.failed_resources,
+            session.bytes_received / 1e6, seconds,
+        )
+        self.audit.record(
+            event_name, session.peer, received=session.received, duplicates=session.duplicates,
+            new_versions=session.new_versions, refused=session.rejected, out_of_resources=session.failed_resources,
+            bytes=session.bytes_received, seconds=round(seconds, 3), studies=sorted(session.study_uids),
+        )
+
+
+def build_ae(settings: Settings) -> AE:
+    """An AE that accepts Verification and every storage SOP class in every decodable syntax."""
+    ae = AE(ae_title=settings.node.ae_title)
+    transfer_syntaxes = accepted_transfer_syntaxes()
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax, transfer_syntaxes)
+    ae.add_supported_context(Verification)
+    ae.maximum_pdu_size = settings.node.max_pdu
+    ae.network_timeout = settings.node.network_timeout_s
+    ae.acse_timeout = settings.node.network_timeout_s
+    ae.dimse_timeout = settings.node.network_timeout_s
+    # Concurrent associations per process; senders beyond this get a transient rejection.
+    ae.maximum_associations = 64
+    return ae

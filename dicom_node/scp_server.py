@@ -1,0 +1,202 @@
+"""Running the SCP in several processes on one port, supervised by the serve process.
+
+pynetdicom decodes PDUs in Python under the GIL, so one process handles about half of what DCMTK's
+storescp does; ingest scales with processes, not threads. The serve process binds and listens
+once (so "port in use" is detected before anything starts, and a second node can never silently
+share our port the way SO_REUSEPORT would allow), then forks ``node.scp_processes`` children that
+all accept on the inherited socket. An idle child wins the race for the next connection, which
+balances load better than SO_REUSEPORT's hash of the peer address. Each child builds its own AE and
+its own state store connection; the parent restarts a child that dies and forwards SIGTERM.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import signal
+import socket
+import socketserver
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pynetdicom.transport import ThreadedAssociationServer
+
+from dicom_node.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+class PortInUse(OSError):
+    """The SCP port is taken by another program."""
+
+
+def open_listening_socket(bind_address: str, port: int, backlog: int = 128) -> socket.socket:
+    """Bind and listen on ``bind_address:port``; PortInUse with a message that says what to do."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # SO_REUSEADDR only skips TIME_WAIT leftovers of our own previous run; it does not share a live port.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((bind_address, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+            raise PortInUse(
+                exc.errno,
+                f"cannot listen on {bind_address}:{port}: {os.strerror(exc.errno)}; stop the program using it "
+                "or choose another port (--port or node.port)",
+            ) from None
+        raise
+    sock.listen(backlog)
+    # Non-blocking: several processes wait on it and only one wins each accept(); the losers get
+    # EAGAIN (ignored by socketserver) instead of blocking their serve loop.
+    sock.setblocking(False)
+    return sock
+
+
+class InheritedSocketServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server on a socket that the parent already bound and listens on."""
+
+    def __init__(self, *args, listen_socket: socket.socket, **kwargs) -> None:
+        self._listen_socket = listen_socket
+        super().__init__(*args, **kwargs)
+
+    def server_bind(self) -> None:
+        self.socket.close()  # the fresh socket socketserver made; we use the inherited one
+        self.socket = self._listen_socket
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        """Already listening (in the parent)."""
+
+    def server_close(self) -> None:
+        # Never shutdown() the shared listening socket: that would stop every sibling process too.
+        self.socket.close()
+
+    def shutdown(self) -> None:
+        """Stop the accept loop and close our copy of the socket.
+
+        pynetdicom's own shutdown() also removes the server from the AE's list of servers it
+        started; this one was made with ``make_server`` and is not in that list.
+        """
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
+
+
+def set_parent_death_signal(signum: int = signal.SIGTERM) -> None:
+    """Linux: have the kernel send us ``signum`` when the parent dies, so no orphan keeps the port."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0)
+    except (OSError, AttributeError):
+        log.debug("prctl(PR_SET_PDEATHSIG) not available; orphaned SCP children stop only on SIGTERM")
+
+
+def serve_until_stopped(server: ThreadedAssociationServer, stop: threading.Event, drain_s: float) -> None:
+    """Run the accept loop until ``stop``; then let running associations finish for up to ``drain_s``."""
+    loop = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="scp-accept", daemon=True)
+    loop.start()
+    while not stop.wait(0.5):
+        if not loop.is_alive():
+            raise RuntimeError("the SCP accept loop ended unexpectedly")
+    server.shutdown()  # stops accepting; also closes our copy of the listening socket
+    deadline = time.monotonic() + drain_s
+    while server.active_associations and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+@dataclass
+class ScpSupervisor:
+    """Forks ``count`` SCP children running ``child_main(index)``; restarts the ones that die."""
+
+    count: int
+    child_main: Callable[[int], int]
+    restart_backoff_s: float = 1.0
+    children: dict[int, int] = field(default_factory=dict)  # pid -> index
+    _stopping: bool = False
+    _restarts: int = 0
+
+    def start(self) -> None:
+        for index in range(self.count):
+            self._fork(index)
+
+    def _fork(self, index: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # child
+            code = 1
+            try:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent, which stops us
+                set_parent_death_signal()
+                code = self.child_main(index)
+            except BaseException:  # process boundary: report, then leave without running the parent's cleanup
+                log.exception("SCP process %d failed", index)
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        self.children[pid] = index
+        log.info("SCP process %d started (pid %d)", index, pid)
+
+    def poll(self) -> None:
+        """Reap exited children and restart them (unless stopping)."""
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            index = self.children.pop(pid, None)
+            if index is None:
+                continue  # not ours (e.g. a subprocess of a background loop)
+            if self._stopping:
+                continue
+            self._restarts += 1
+            log.error("SCP process %d (pid %d) exited with status %s; restarting", index, pid, _describe_wait_status(status))
+            time.sleep(min(self.restart_backoff_s * self._restarts, 10.0))
+            self._fork(index)
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """SIGTERM every child, wait for them, SIGKILL stragglers."""
+        self._stopping = True
+        for pid in list(self.children):
+            _signal_quietly(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while self.children and time.monotonic() < deadline:
+            for pid in list(self.children):
+                try:
+                    done, _ = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    done = pid
+                if done:
+                    self.children.pop(pid, None)
+            time.sleep(0.05)
+        for pid in list(self.children):
+            log.warning("SCP process pid %d did not stop in %.0f s; killing it", pid, timeout_s)
+            _signal_quietly(pid, signal.SIGKILL)
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+            self.children.pop(pid, None)
+
+
+def _signal_quietly(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _describe_wait_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"signal {signal.Signals(os.WTERMSIG(status)).name}"
+    return str(os.waitstatus_to_exitcode(status))
+
+
+def scp_address(settings: Settings) -> tuple[str, int]:
+    return settings.node.bind_address, settings.node.port

@@ -1,0 +1,390 @@
+"""One typed settings object, read from ``anatomix-node.toml`` with ``ANATOMIX_...`` overrides.
+
+Validated once at start-up: a bad value fails fast with a :class:`SettingsError` naming the key and
+the value. No module globals: callers pass the :class:`Settings` they loaded.
+
+Environment overrides are ``ANATOMIX_<SECTION>_<KEY>`` (upper case), e.g. ``ANATOMIX_NODE_PORT=11113``
+or ``ANATOMIX_DATABASE_URL=postgresql://127.0.0.1/anatomix``. Lists are comma separated.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+CONFIG_FILE_NAME = "anatomix-node.toml"
+ENV_PREFIX = "ANATOMIX_"
+
+#: Result object kinds that sr_writer can build; profiles are subsets of these.
+OBJECT_KINDS = ("sr", "text_sr", "seg", "gsps", "sc", "kos")
+DEFAULT_PROFILES: dict[str, tuple[str, ...]] = {
+    "full": ("sr", "text_sr", "seg", "gsps", "sc"),
+    "pacs-basic": ("gsps", "text_sr", "sc"),
+    "ohif": ("sr", "seg"),
+    "sr-only": ("sr", "text_sr"),
+}
+
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash
+
+
+class SettingsError(ValueError):
+    """A setting has a bad value; the message names the key, the value and what is allowed."""
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    ae_title: str = "ANATOMIX"
+    port: int = 11112
+    bind_address: str = "0.0.0.0"
+    #: Largest PDU we accept; 0 means unlimited.
+    max_pdu: int = 131072
+    #: Demo only: accept associations from any calling AE.
+    accept_unknown_sources: bool = False
+    #: Number of SCP processes sharing the listening socket (ingest scales with processes).
+    scp_processes: int = 1
+    #: Seconds a peer may stay silent inside an association before we abort it.
+    network_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    #: Root of everything the node writes: spool, embedded database, results, broker files.
+    data_dir: Path = Path("var")
+    #: Answer 0xA700 (out of resources) when the spool's file system has less free space than this.
+    min_free_bytes: int = 512 * 1024 * 1024
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.data_dir / "results"
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    #: ``sqlite:///path/to/file.db`` (embedded default) or ``postgresql://host:port/dbname``.
+    #: Empty means SQLite in ``<data_dir>/anatomix.db``.
+    url: str = ""
+
+
+@dataclass(frozen=True)
+class QueueSettings:
+    #: Celery broker. Empty means the embedded local transport (no server needed);
+    #: ``redis://127.0.0.1:6379/0`` in production.
+    broker_url: str = ""
+    #: Seconds before the broker redelivers an unacknowledged task (must exceed the task time limit).
+    visibility_timeout_s: int = 3600
+    analyze_time_limit_s: int = 1800
+    deliver_time_limit_s: int = 600
+    #: Seconds a worker's claim on a study lasts without a heartbeat; after that the node's dispatch
+    #: loop re-queues the work (a worker that died, a broker that lost its messages).
+    lease_s: float = 60.0
+    #: How often the dispatch loop looks for stable studies and for work the broker lost.
+    dispatch_interval_s: float = 2.0
+
+
+@dataclass(frozen=True)
+class AssemblySettings:
+    #: A study is stable when no instance arrived for this long (overridable per source AE).
+    quiet_period_s: float = 10.0
+    #: A study still receiving after this long is closed anyway.
+    hard_cap_s: float = 600.0
+    poll_interval_s: float = 1.0
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    #: Directory holding the APM .pth, lm.pt, the MedGemma base and the retrieval DB.
+    dir: Path | None = None
+    #: Generate (once, cached under data_dir) and use tiny demo weights.
+    demo_weights: bool = False
+    #: ``torch``, ``onnxruntime`` (APM) or ``tensorrt`` (APM).
+    backend: str = "torch"
+    #: ``cpu``, ``cuda`` or ``cuda:N``.
+    device: str = "cpu"
+    tasks: tuple[str, ...] = ("report", "anatomy_grounding", "abnormality_detection")
+    max_new_tokens: int = 350
+    #: Stop at <end_of_turn>/<eos> (fast) instead of always decoding max_new_tokens like the reference.
+    stop_at_end_of_turn: bool = True
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    #: UID root for everything we create (deterministic UIDs hang under it).
+    uid_root: str = "1.2.826.0.1.3680043.10.1431."
+    default_profile: str = "full"
+    institution_name: str = ""
+    #: Named profiles: name -> object kinds; merged over DEFAULT_PROFILES.
+    profiles: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def profile(self, name: str) -> tuple[str, ...]:
+        merged = {**DEFAULT_PROFILES, **self.profiles}
+        try:
+            return merged[name]
+        except KeyError:
+            raise SettingsError(f"unknown output profile {name!r}; known profiles: {', '.join(sorted(merged))}") from None
+
+
+@dataclass(frozen=True)
+class DeliverySettings:
+    max_attempts: int = 8
+    backoff_base_s: float = 2.0
+    backoff_max_s: float = 300.0
+    #: Seconds to wait for an association / a DIMSE response from a destination.
+    timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    level: str = "INFO"
+    #: Append-only audit trail (JSON lines) in addition to the database's audit table; empty = none.
+    audit_file: str = ""
+
+
+@dataclass(frozen=True)
+class Settings:
+    node: NodeSettings = field(default_factory=NodeSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
+    queue: QueueSettings = field(default_factory=QueueSettings)
+    assembly: AssemblySettings = field(default_factory=AssemblySettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    output: OutputSettings = field(default_factory=OutputSettings)
+    delivery: DeliverySettings = field(default_factory=DeliverySettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+    #: Where the settings came from (a file path or "defaults"), for messages.
+    source: str = "defaults"
+
+    @property
+    def database_url(self) -> str:
+        return self.database.url or f"sqlite:///{(self.storage.data_dir / 'anatomix.db').resolve()}"
+
+    @property
+    def embedded(self) -> bool:
+        """True when no external service is configured (SQLite and the local Celery transport)."""
+        return not self.queue.broker_url
+
+    def with_overrides(self, **sections: dict[str, Any]) -> Settings:
+        """Return a copy with some keys replaced, e.g. ``with_overrides(node={"port": 1})``; validated."""
+        updated = self
+        for section, values in sections.items():
+            current = getattr(updated, section)
+            updated = replace(updated, **{section: _coerce_section(section, type(current), {**_as_dict(current), **values})})
+        validate(updated)
+        return updated
+
+
+# ---- loading ---------------------------------------------------------------------------------------
+
+
+def find_config_file(explicit: str | Path | None, cwd: Path | None = None) -> Path | None:
+    """The config file to read: the explicit one (must exist), else ./anatomix-node.toml if present."""
+    if explicit is not None:
+        path = Path(explicit)
+        if not path.is_file():
+            raise SettingsError(f"config file {str(path)!r} does not exist")
+        return path
+    candidate = (cwd or Path.cwd()) / CONFIG_FILE_NAME
+    return candidate if candidate.is_file() else None
+
+
+def load_settings(path: str | Path | None = None, env: dict[str, str] | None = None) -> Settings:
+    """Read TOML (optional), apply ``ANATOMIX_*`` environment overrides, validate, return Settings."""
+    env = dict(os.environ if env is None else env)
+    config_path = find_config_file(path)
+    raw: dict[str, Any] = {}
+    if config_path is not None:
+        try:
+            raw = tomllib.loads(config_path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(f"{config_path}: not valid TOML: {exc}") from None
+    _apply_env(raw, env)
+    settings = _build(raw, source=str(config_path) if config_path else "defaults")
+    if config_path is not None and not settings.storage.data_dir.is_absolute():
+        # Relative data_dir is relative to the config file, so the node finds its data from anywhere.
+        settings = replace(settings, storage=replace(settings.storage, data_dir=config_path.parent.resolve() / settings.storage.data_dir))
+    validate(settings)
+    return settings
+
+
+def _section_types() -> dict[str, type]:
+    hints = get_type_hints(Settings)
+    return {f.name: hints[f.name] for f in fields(Settings) if f.name != "source"}
+
+
+def _apply_env(raw: dict[str, Any], env: dict[str, str]) -> None:
+    sections = _section_types()
+    for key, value in env.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        rest = key[len(ENV_PREFIX):].lower()
+        section, _, name = rest.partition("_")
+        if section not in sections or not name:
+            continue  # other ANATOMIX_* variables (e.g. for tests) are not settings
+        known = {f.name for f in fields(sections[section])}
+        if name not in known:
+            raise SettingsError(f"environment variable {key}: {section!r} has no setting {name!r}; known: {', '.join(sorted(known))}")
+        raw.setdefault(section, {})[name] = value
+
+
+def _build(raw: dict[str, Any], source: str) -> Settings:
+    sections = _section_types()
+    unknown = set(raw) - set(sections)
+    if unknown:
+        raise SettingsError(f"{source}: unknown section(s) {', '.join(sorted(unknown))}; known: {', '.join(sections)}")
+    built: dict[str, Any] = {}
+    for name, cls in sections.items():
+        values = raw.get(name, {})
+        if not isinstance(values, dict):
+            raise SettingsError(f"{source}: [{name}] must be a table, got {values!r}")
+        built[name] = _coerce_section(name, cls, values)
+    return Settings(**built, source=source)
+
+
+def _as_dict(obj: Any) -> dict[str, Any]:
+    return {f.name: getattr(obj, f.name) for f in fields(obj)}
+
+
+def _coerce_section(section: str, cls: type, values: dict[str, Any]) -> Any:
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise SettingsError(f"[{section}] unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+    kwargs = {key: _coerce(f"{section}.{key}", hints[key], value) for key, value in values.items()}
+    return cls(**kwargs)
+
+
+def _coerce(key: str, hint: Any, value: Any) -> Any:
+    """Convert a TOML or environment value to the annotated type, or raise a SettingsError."""
+    origin, args = get_origin(hint), get_args(hint)
+    if args and type(None) in args:  # Optional[X]
+        if value is None or value == "":
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, inner[0], value)
+    try:
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true or false")
+        if hint is int:
+            if isinstance(value, bool):
+                raise ValueError("expected an integer")
+            return int(value)
+        if hint is float:
+            return float(value)
+        if hint is str:
+            if not isinstance(value, (str, int, float)):
+                raise ValueError("expected a string")
+            return str(value)
+        if hint is Path:
+            return Path(str(value)).expanduser()
+        if origin is tuple:
+            items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
+            return tuple(_coerce(key, args[0], item) for item in items)
+        if origin is dict:
+            if not isinstance(value, dict):
+                raise ValueError("expected a table")
+            return {str(k): _coerce(f"{key}.{k}", args[1], v) for k, v in value.items()}
+    except (TypeError, ValueError) as exc:
+        raise SettingsError(f"{key} = {value!r}: {exc}") from None
+    raise SettingsError(f"{key}: unsupported setting type {hint!r}")  # a bug in this module, not user input
+
+
+# ---- validation ------------------------------------------------------------------------------------
+
+
+def validate_ae_title(key: str, value: str) -> None:
+    if not _AE_TITLE.match(value) or not value.strip():
+        raise SettingsError(f"{key} = {value!r}: an AE title is 1-16 printable ASCII characters, no backslash, not all spaces")
+
+
+def validate(settings: Settings) -> None:
+    """Raise SettingsError naming the first bad key and value."""
+    node = settings.node
+    validate_ae_title("node.ae_title", node.ae_title)
+    if not 1 <= node.port <= 65535:
+        raise SettingsError(f"node.port = {node.port}: must be 1-65535")
+    if node.max_pdu != 0 and node.max_pdu < 4096:
+        raise SettingsError(f"node.max_pdu = {node.max_pdu}: must be 0 (unlimited) or at least 4096")
+    if not 1 <= node.scp_processes <= 64:
+        raise SettingsError(f"node.scp_processes = {node.scp_processes}: must be 1-64")
+    if settings.storage.min_free_bytes < 0:
+        raise SettingsError(f"storage.min_free_bytes = {settings.storage.min_free_bytes}: must be >= 0")
+    url = settings.database.url
+    if url and not url.startswith(("sqlite:///", "postgresql://", "postgres://")):
+        raise SettingsError(f"database.url = {url!r}: use sqlite:///PATH or postgresql://HOST:PORT/DB")
+    broker = settings.queue.broker_url
+    if broker and not broker.startswith(("redis://", "rediss://", "filesystem://", "memory://")):
+        raise SettingsError(f"queue.broker_url = {broker!r}: use redis://HOST:PORT/DB, or leave empty for the embedded transport")
+    queue = settings.queue
+    if queue.analyze_time_limit_s >= queue.visibility_timeout_s or queue.deliver_time_limit_s >= queue.visibility_timeout_s:
+        raise SettingsError(
+            f"queue.visibility_timeout_s = {queue.visibility_timeout_s}: must exceed the task time limits "
+            f"(analyze {queue.analyze_time_limit_s}, deliver {queue.deliver_time_limit_s}) or tasks run twice"
+        )
+    if queue.lease_s <= 0 or queue.dispatch_interval_s <= 0:
+        raise SettingsError(f"queue.lease_s = {queue.lease_s}, queue.dispatch_interval_s = {queue.dispatch_interval_s}: both must be > 0")
+    assembly = settings.assembly
+    if assembly.quiet_period_s < 0:
+        raise SettingsError(f"assembly.quiet_period_s = {assembly.quiet_period_s}: must be >= 0 seconds")
+    if assembly.hard_cap_s < assembly.quiet_period_s:
+        raise SettingsError(
+            f"assembly.hard_cap_s = {assembly.hard_cap_s}: must be >= quiet_period_s ({assembly.quiet_period_s}) and both >= 0"
+        )
+    model = settings.model
+    if model.backend not in ("torch", "onnxruntime", "tensorrt"):
+        raise SettingsError(f"model.backend = {model.backend!r}: use torch, onnxruntime or tensorrt")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", model.device):
+        raise SettingsError(f"model.device = {model.device!r}: use cpu, cuda or cuda:N")
+    if model.max_new_tokens < 1:
+        raise SettingsError(f"model.max_new_tokens = {model.max_new_tokens}: must be >= 1")
+    from inference.result import TASKS  # pure-data module, no heavy imports
+
+    for task in model.tasks:
+        name = task.partition(":")[0]  # a task may carry an argument: "vqa:Is there an effusion?"
+        if name not in TASKS:
+            raise SettingsError(f"model.tasks contains {task!r}; known tasks: {', '.join(TASKS)}")
+    output = settings.output
+    if not re.fullmatch(r"[1-9]\d*(\.(0|[1-9]\d*))*\.", output.uid_root) or len(output.uid_root) > 40:
+        raise SettingsError(f"output.uid_root = {output.uid_root!r}: digits and dots, ending in '.', at most 40 characters")
+    for name, kinds in output.profiles.items():
+        for kind in kinds:
+            if kind not in OBJECT_KINDS:
+                raise SettingsError(f"output.profiles.{name} contains {kind!r}; object kinds: {', '.join(OBJECT_KINDS)}")
+    if output.default_profile not in {**DEFAULT_PROFILES, **output.profiles}:
+        known = ", ".join(sorted({**DEFAULT_PROFILES, **output.profiles}))
+        raise SettingsError(f"output.default_profile = {output.default_profile!r}: not a profile; known profiles: {known}")
+    if settings.delivery.max_attempts < 1:
+        raise SettingsError(f"delivery.max_attempts = {settings.delivery.max_attempts}: must be >= 1")
+    if settings.logging.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise SettingsError(f"logging.level = {settings.logging.level!r}: use DEBUG, INFO, WARNING or ERROR")
+
+
+def settings_as_dict(settings: Settings) -> dict[str, Any]:
+    """Plain dict view (for `anatomix-node config show` and logs)."""
+
+    def convert(value: Any) -> Any:
+        if is_dataclass(value):
+            return {f.name: convert(getattr(value, f.name)) for f in fields(value)}
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, tuple):
+            return [convert(v) for v in value]
+        if isinstance(value, dict):
+            return {k: convert(v) for k, v in value.items()}
+        return value
+
+    return convert(settings)

@@ -1,0 +1,156 @@
+"""The durable spool: received instances as files, written so that a crash leaves all or nothing.
+
+Layout (relative to ``settings.storage.spool_dir``)::
+
+    <StudyInstanceUID>/<SOPInstanceUID>.<sha256[:16]>.dcm   one file per distinct byte content
+    .tmp/<random>.part                                      writes in progress (swept at start-up)
+
+A file is written to ``.tmp``, flushed and fsync'd, renamed into its study directory (atomic on
+one file system) and the directory is fsync'd, so after :func:`write_instance` returns the file
+survives a power cut under its final name, and before that nothing under a final name exists.
+The name is content-addressed: the same bytes sent twice land on the same name, and a second
+version of an instance (same UID, other bytes) gets a second file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+TEMP_DIR_NAME = ".tmp"
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+class SpoolFull(OSError):
+    """The spool's file system is below the free-space watermark (answer 0xA700, sender retries)."""
+
+
+@dataclass(frozen=True)
+class SpooledFile:
+    """An instance durably in the spool."""
+
+    #: Path relative to the spool directory (what the state store records).
+    relative_path: str
+    size: int
+    sha256: str
+    #: False when a file with this exact content was already there (a re-sent duplicate).
+    created: bool
+
+
+def is_valid_uid(value: str) -> bool:
+    """A DICOM UID: digits and dots, at most 64 characters (safe as a file name, too)."""
+    return len(value) <= 64 and bool(_UID.match(value))
+
+
+def temp_dir(spool_dir: Path) -> Path:
+    return spool_dir / TEMP_DIR_NAME
+
+
+def prepare_spool(spool_dir: Path) -> int:
+    """Create the spool directories and delete leftovers of interrupted writes; return how many.
+
+    A ``.part`` file is never acknowledged (the rename had not happened), so deleting it loses
+    nothing: the sender got no Success and sends the instance again.
+    """
+    temp = temp_dir(spool_dir)
+    temp.mkdir(parents=True, exist_ok=True)
+    removed = 0
+    for leftover in temp.glob("*.part"):
+        leftover.unlink(missing_ok=True)
+        removed += 1
+    if removed:
+        log.info("spool: removed %d partial file(s) left by an interrupted write", removed)
+    return removed
+
+
+def free_bytes(spool_dir: Path) -> int:
+    """Bytes available to this (unprivileged) process on the spool's file system."""
+    stats = os.statvfs(spool_dir)
+    return stats.f_bavail * stats.f_frsize
+
+
+def check_free_space(spool_dir: Path, min_free_bytes: int, incoming_size: int) -> None:
+    """Raise SpoolFull unless writing ``incoming_size`` bytes keeps ``min_free_bytes`` free."""
+    available = free_bytes(spool_dir)
+    if available - incoming_size < min_free_bytes:
+        raise SpoolFull(
+            f"spool {spool_dir} has {available} bytes free; an instance of {incoming_size} bytes would leave "
+            f"less than storage.min_free_bytes = {min_free_bytes}: free disk space or lower the watermark"
+        )
+
+
+def instance_relative_path(study_instance_uid: str, sop_instance_uid: str, sha256: str) -> str:
+    return f"{study_instance_uid}/{sop_instance_uid}.{sha256[:16]}.dcm"
+
+
+_sync_data = getattr(os, "fdatasync", os.fsync)
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_instance(
+    spool_dir: Path,
+    study_instance_uid: str,
+    sop_instance_uid: str,
+    parts: list[bytes],
+    fsync: bool = True,
+) -> SpooledFile:
+    """Write ``parts`` (Part 10 preamble + meta, then the data set as received) durably.
+
+    The UIDs must already be validated (:func:`is_valid_uid`): they become path components.
+    Raises OSError (ENOSPC, EIO, ...) with no temporary file left behind.
+    """
+    digest = hashlib.sha256()
+    size = 0
+    for part in parts:
+        digest.update(part)
+        size += len(part)
+    sha256 = digest.hexdigest()
+    relative = instance_relative_path(study_instance_uid, sop_instance_uid, sha256)
+    final = spool_dir / relative
+    if final.exists():
+        # Same name = same SOP Instance UID and same content; it was renamed into place complete.
+        return SpooledFile(relative, size, sha256, created=False)
+
+    temp = temp_dir(spool_dir) / f"{secrets.token_hex(8)}.part"
+    try:
+        with open(temp, "wb") as handle:
+            for part in parts:
+                handle.write(part)
+            handle.flush()
+            if fsync:
+                # fdatasync: the data and the size, not the timestamps; enough to read the file back.
+                _sync_data(handle.fileno())
+        study_dir = final.parent
+        new_dir = not study_dir.exists()
+        if new_dir:
+            study_dir.mkdir(parents=True, exist_ok=True)
+        os.replace(temp, final)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    if fsync:
+        # The rename is durable only once the directory entry is; a new study directory's own
+        # entry lives in the spool directory.
+        _fsync_directory(study_dir)
+        if new_dir:
+            _fsync_directory(spool_dir)
+    return SpooledFile(relative, size, sha256, created=True)
+
+
+def remove_instance(spool_dir: Path, relative_path: str) -> None:
+    """Delete a spooled file (used when the state store refused to record it)."""
+    (spool_dir / relative_path).unlink(missing_ok=True)

@@ -1,0 +1,163 @@
+"""The ``analyze`` and ``deliver`` Celery tasks. Arguments are IDs only: (study UID, version).
+
+Each task claims its study with a compare-and-set state transition, so a duplicate or redelivered
+message finds the work claimed or done and does nothing. While it works it renews a lease
+(:class:`dicom_node.dispatch.Heartbeat`); if the worker dies the lease runs out and the node's
+dispatch loop queues the work again. The model and the store connection are opened lazily, once per
+worker process (after the fork of a prefork pool), by :class:`WorkerContext`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from celery import Celery
+from kombu.exceptions import OperationalError
+
+from dicom_node import queue
+from dicom_node.dispatch import Heartbeat, clear_lease, write_lease
+from dicom_node.settings import Settings
+from dicom_node.store.base import Store, StoreUnavailable
+
+if TYPE_CHECKING:
+    from inference.engine import Engine
+
+LOG = logging.getLogger(__name__)
+
+
+class WorkerContext:
+    """Per-process resources of a worker: settings, a store connection, the engine (lazily)."""
+
+    def __init__(self, settings: Settings, device: str | None = None) -> None:
+        self.settings = settings
+        self.device = device
+        self._store: Store | None = None
+        self._engine: Engine | None = None
+        self._engine_lock = threading.Lock()
+
+    def store(self) -> Store:
+        if self._store is None:
+            from dicom_node.store import open_store
+
+            self._store = open_store(self.settings.database_url)
+        return self._store
+
+    def engine(self) -> Engine:
+        with self._engine_lock:  # the warm-up thread and the first task may both ask
+            if self._engine is None:
+                from dicom_node.analysis import load_engine
+
+                self._engine = load_engine(self.settings, self.device)
+            return self._engine
+
+    def warm_up(self) -> None:
+        """Load the model in the background right after the pool process starts (after the fork),
+        so the first study does not wait for it; a failure is logged and the first task retries."""
+
+        def load() -> None:
+            try:
+                self.engine()
+            except Exception:  # thread boundary: the first analyze task loads again and records the error
+                LOG.exception("model warm-up failed; the first analysis will try again")
+
+        threading.Thread(target=load, name="model-warm-up", daemon=True).start()
+
+
+def run_analyze(ctx: WorkerContext, app: Celery, study_instance_uid: str, version: int) -> str:
+    """Claim the study version (queued -> analyzing), analyse it, hand it to delivery. Returns what happened."""
+    from dicom_node.analysis import analyze_study_version
+
+    store, settings = ctx.store(), ctx.settings
+    if not store.transition_study(study_instance_uid, version, ("queued",), "analyzing"):
+        study = store.get_study(study_instance_uid)
+        state = f"{study.state} v{study.version}" if study else "unknown"
+        LOG.info("analyze %s v%d: nothing to do (study is %s)", study_instance_uid, version, state)
+        return "skipped"
+    started = time.monotonic()
+    with Heartbeat(settings, "analyze", study_instance_uid, version):
+        study = store.get_study(study_instance_uid)
+        try:
+            report = analyze_study_version(store, settings, ctx.engine(), study)
+        except StoreUnavailable:
+            raise  # leave it "analyzing": the lease runs out and dispatch queues it again
+        except Exception as exc:  # task boundary: a model or writer error fails this study, recorded and logged
+            LOG.exception("analyze %s v%d failed", study_instance_uid, version)
+            store.transition_study(study_instance_uid, version, ("analyzing",), "failed", error=f"analysis failed: {exc}")
+            clear_lease(settings, "analyze", study_instance_uid, version)
+            return "failed"
+    LOG.info("analyze %s v%d: %s in %.1f s", study_instance_uid, version, report.summary(), time.monotonic() - started)
+    note = report.summary() if (report.failed or report.skipped) else None
+    if report.analyzed:
+        store.transition_study(study_instance_uid, version, ("analyzing",), "analyzed", error=note)
+        try:
+            queue.send_deliver(app, study_instance_uid, version)
+        except (OperationalError, OSError) as exc:  # broker down: dispatch re-sends "analyzed" studies
+            LOG.error("analyze %s v%d: could not queue the delivery (%s); dispatch will", study_instance_uid, version, exc)
+        outcome = "analyzed"
+    elif report.failed:
+        store.transition_study(study_instance_uid, version, ("analyzing",), "failed", error=f"no image could be analysed: {note}")
+        outcome = "failed"
+    else:
+        store.transition_study(study_instance_uid, version, ("analyzing",), "done", error=f"nothing to analyse: {note or 'no images'}")
+        outcome = "nothing"
+    clear_lease(settings, "analyze", study_instance_uid, version)
+    return outcome
+
+
+def run_deliver(ctx: WorkerContext, app: Celery, study_instance_uid: str, version: int) -> str:
+    """Send what is owed to every destination; plan a retry, or finish the study (done / failed)."""
+    from dicom_node.delivery import deliver_study_version
+    from sr_writer.bundle import comprehensive_sr_fallback
+
+    store, settings = ctx.store(), ctx.settings
+    before = store.get_study(study_instance_uid)
+    # transition_study replaces the error column: carry the analysis note (e.g. a failed image) along.
+    note = before.error if before is not None and before.state == "analyzed" else None
+    store.transition_study(study_instance_uid, version, ("analyzed",), "delivering", error=note)
+    study = store.get_study(study_instance_uid)
+    if study is None or study.version != version or study.state != "delivering":
+        LOG.info("deliver %s v%d: nothing to do (study is %s)", study_instance_uid, version, study.state if study else "unknown")
+        return "skipped"
+    with Heartbeat(settings, "deliver", study_instance_uid, version):
+        summary = deliver_study_version(store, settings, study, fallback=comprehensive_sr_fallback)
+    if not summary.finished:
+        delay = summary.next_attempt_in or 0.0
+        # The lease covers the wait, so dispatch re-queues only if this retry message is lost.
+        write_lease(settings, "deliver", study_instance_uid, version, delay + settings.queue.lease_s)
+        queue.send_deliver(app, study_instance_uid, version, countdown=delay)
+        return "retrying"
+    clear_lease(settings, "deliver", study_instance_uid, version)
+    if summary.errors:
+        error = f"delivery: {summary.sent} sent, {summary.failed} failed, {summary.dead} dead-lettered: " + "; ".join(summary.errors[:3])
+        store.transition_study(study_instance_uid, version, ("delivering",), "failed", error=error)
+        return "failed"
+    store.transition_study(study_instance_uid, version, ("delivering",), "done", error=study.error)
+    return "done"
+
+
+def register_tasks(app: Celery, ctx: WorkerContext, warm_up: bool = False) -> None:
+    """Register the two tasks on ``app`` with limits below the broker's visibility timeout.
+
+    ``warm_up``: load the model in each pool process as soon as it starts (analyze workers).
+    """
+    limits = ctx.settings.queue
+    if warm_up:
+        from celery.signals import worker_process_init
+
+        worker_process_init.connect(lambda **_: ctx.warm_up(), weak=False)
+
+    @app.task(name=queue.ANALYZE_TASK, time_limit=limits.analyze_time_limit_s, soft_time_limit=_soft(limits.analyze_time_limit_s))
+    def analyze(study_instance_uid: str, version: int) -> str:
+        return run_analyze(ctx, app, study_instance_uid, int(version))
+
+    @app.task(name=queue.DELIVER_TASK, time_limit=limits.deliver_time_limit_s, soft_time_limit=_soft(limits.deliver_time_limit_s))
+    def deliver(study_instance_uid: str, version: int) -> str:
+        return run_deliver(ctx, app, study_instance_uid, int(version))
+
+
+def _soft(hard_limit_s: int) -> float:
+    """Soft limit a little before the hard one, so a task can record its failure before it is killed."""
+    return max(1.0, hard_limit_s - min(30.0, hard_limit_s * 0.1))
