@@ -1,0 +1,152 @@
+"""APM backends: torch, ONNX export + onnxruntime, TensorRT (import-guarded), CUDA autocast."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from inference.apm import APM_OUTPUT_KEYS, APMConfig, build_apm
+from inference.backends import (
+    BackendUnavailableError,
+    OnnxAPMRunner,
+    TorchAPMRunner,
+    export_apm_onnx,
+    make_apm_runner,
+    module_digest,
+)
+from inference.demo_apm import (
+    build_demo_apm,
+    initialise_backbone,
+    initialise_spatial_queries,
+    initialise_transformer,
+    synthetic_chest_radiograph,
+)
+from inference.preprocess import images_to_tensor, prepare_array
+
+
+@pytest.fixture(scope="module")
+def tiny_apm():
+    return build_demo_apm(APMConfig.tiny(), seed=7)
+
+
+@pytest.fixture(scope="module")
+def chest_batch():
+    shapes = [(1100, 900), (900, 1100), (1024, 1024)]
+    return images_to_tensor([prepare_array(synthetic_chest_radiograph(r, c, seed=i)) for i, (r, c) in enumerate(shapes)])
+
+
+def assert_outputs_close(actual: dict, expected: dict, atol: float) -> None:
+    assert set(actual) == set(APM_OUTPUT_KEYS)
+    for key in APM_OUTPUT_KEYS:
+        a, e = actual[key].detach().cpu().float(), expected[key].detach().cpu().float()
+        assert a.shape == e.shape, key
+        diff = float((a - e).abs().max())
+        assert diff <= atol, f"{key}: max abs difference {diff:.2e} > {atol:.0e}"
+
+
+def test_torch_runner_cpu_equals_module(tiny_apm, chest_batch):
+    keys_before = list(tiny_apm.state_dict())
+    with torch.no_grad():
+        expected = tiny_apm(chest_batch[:2])
+    folded = TorchAPMRunner(tiny_apm, device="cpu")  # BatchNorm folded into convs, on a copy
+    assert list(tiny_apm.state_dict()) == keys_before
+    assert_outputs_close(folded.run(chest_batch[:2]), expected, atol=1e-4)
+    plain = TorchAPMRunner(tiny_apm, device="cpu", fold_batchnorm=False)
+    actual = plain.run(chest_batch[:2])
+    for key in APM_OUTPUT_KEYS:
+        assert torch.equal(actual[key], expected[key]), key
+    with pytest.raises(ValueError, match=r"\[B, 1, H, W\]"):
+        plain.run(chest_batch[0])
+
+
+def test_onnx_matches_torch_with_dynamic_batch(tiny_apm, chest_batch, tmp_path):
+    path = export_apm_onnx(tiny_apm, tmp_path / "apm.onnx", batch_dynamic=True)
+    runner = OnnxAPMRunner(path)
+    for batch in (chest_batch[:1], chest_batch):  # exported with batch 2: other sizes must work
+        with torch.no_grad():
+            expected = tiny_apm(batch)
+        assert_outputs_close(runner.run(batch), expected, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_onnx_full_size_matches_torch(tmp_path):
+    """One full-shape check (ResNet-50 + 256-d transformer): export, run under onnxruntime, compare."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        module = build_apm(APMConfig.full())
+        with torch.no_grad():
+            initialise_backbone(module)
+            initialise_transformer(module)
+            initialise_spatial_queries(module)
+    image = images_to_tensor([prepare_array(synthetic_chest_radiograph(1200, 1000, seed=4))])
+    path = export_apm_onnx(module, tmp_path / "apm_full.onnx")
+    actual = OnnxAPMRunner(path).run(image)
+    with torch.no_grad():
+        expected = module(image)
+    assert_outputs_close(actual, expected, atol=1e-4)
+
+
+def test_make_apm_runner_caches_the_export(tiny_apm, chest_batch, tmp_path):
+    torch_runner = make_apm_runner("torch", tiny_apm, device="cpu")
+    assert isinstance(torch_runner, TorchAPMRunner)
+    onnx_runner = make_apm_runner("onnxruntime", tiny_apm, device="cpu", cache_dir=tmp_path)
+    exported = list(tmp_path.glob("apm-*.onnx"))
+    assert len(exported) == 1 and module_digest(tiny_apm)[:16] in exported[0].name
+    mtime = exported[0].stat().st_mtime_ns
+    make_apm_runner("onnxruntime", tiny_apm, device="cpu", cache_dir=tmp_path)
+    assert exported[0].stat().st_mtime_ns == mtime  # reused, not re-exported
+    assert_outputs_close(onnx_runner.run(chest_batch[:1]), torch_runner.run(chest_batch[:1]), atol=1e-4)
+    with pytest.raises(ValueError, match="unknown APM backend 'tflite'; choose one of torch, onnxruntime, tensorrt"):
+        make_apm_runner("tflite", tiny_apm)
+
+
+def test_tensorrt_missing_gives_a_clear_error(tiny_apm, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # makes `import tensorrt` raise ImportError
+    with pytest.raises(BackendUnavailableError, match="needs NVIDIA TensorRT.*configure the 'torch' or 'onnxruntime'"):
+        make_apm_runner("tensorrt", tiny_apm, device="cuda", cache_dir=tmp_path)
+    assert not list(tmp_path.glob("*.onnx"))  # failed fast, before exporting
+
+
+def cuda_or_skip() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device: torch.cuda.is_available() is False on this host")
+
+
+def tensorrt_or_skip() -> None:
+    cuda_or_skip()
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        pytest.skip("TensorRT is not installed on this host (python package 'tensorrt')")
+
+
+@pytest.mark.gpu
+def test_tensorrt_engine_matches_torch(tiny_apm, chest_batch, tmp_path):
+    tensorrt_or_skip()
+    runner = make_apm_runner("tensorrt", tiny_apm, device="cuda", cache_dir=tmp_path)
+    with torch.no_grad():
+        expected = tiny_apm.to("cpu")(chest_batch)
+    actual = runner.run(chest_batch.cuda())
+    torch.testing.assert_close(actual["boxes"].cpu(), expected["boxes"], atol=2e-2, rtol=0)
+    torch.testing.assert_close(actual["anatomy_tokens"].cpu(), expected["anatomy_tokens"], atol=5e-2, rtol=5e-2)
+    assert list(tmp_path.glob("*.engine"))  # cached for the next start
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_cuda_autocast_matches_cpu(chest_batch, dtype):
+    cuda_or_skip()
+    cpu_module = build_demo_apm(APMConfig.tiny(), seed=7)
+    with torch.no_grad():
+        expected = cpu_module(chest_batch)
+    runner = TorchAPMRunner(build_demo_apm(APMConfig.tiny(), seed=7), device="cuda", dtype=dtype)
+    assert runner.channels_last
+    actual = runner.run(chest_batch)
+    tolerance = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}[dtype]
+    torch.testing.assert_close(actual["boxes"].cpu(), expected["boxes"], atol=tolerance, rtol=0)
+    torch.testing.assert_close(actual["anatomy_tokens"].cpu(), expected["anatomy_tokens"], atol=4 * tolerance,
+                               rtol=4 * tolerance)
+    single = torch.cat([runner.run(chest_batch[i : i + 1])["boxes"] for i in range(chest_batch.shape[0])])
+    torch.testing.assert_close(single, actual["boxes"], atol=tolerance, rtol=0)

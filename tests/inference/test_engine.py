@@ -1,0 +1,130 @@
+"""The engine end to end on tiny demo weights: one result per image, batched == single, parse-safe."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pydicom
+import pytest
+import torch
+from pydicom.data import get_testdata_file
+
+from inference.demo_apm import synthetic_chest_radiograph
+from inference.demo_weights import write_demo_model_dir
+from inference.engine import Engine, ModelLoadError
+from inference.preprocess import prepare_array
+from inference.result import REGION_NAMES, AnalysisResult
+
+TASKS = ["report", "anatomy_grounding", "anatomy_grounding_lm:Right lung", "vqa:Is there an effusion? [yes/no]"]
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return write_demo_model_dir(tmp_path_factory.mktemp("engine") / "model", "tiny", seed=1)
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir) -> Engine:
+    return Engine.load(model_dir, max_new_tokens=16)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return [
+        prepare_array(synthetic_chest_radiograph(900, 700, seed=1), "1.2.826.0.1.3680043.10.1431.1"),
+        prepare_array(synthetic_chest_radiograph(600, 1000, seed=2), "1.2.826.0.1.3680043.10.1431.2"),
+        prepare_array(synthetic_chest_radiograph(512, 512, seed=3), "1.2.826.0.1.3680043.10.1431.3"),
+    ]
+
+
+def without_timings(result: AnalysisResult) -> dict:
+    data = result.to_dict()
+    data.pop("timings")
+    return data
+
+
+@pytest.fixture(scope="module")
+def batch_results(engine, images):
+    return engine.analyze(images, TASKS)
+
+
+def test_one_complete_result_per_image(batch_results, images, engine) -> None:
+    assert len(batch_results) == 3
+    for result, image in zip(batch_results, images):
+        assert result.sop_instance_uid == image.sop_instance_uid
+        assert (result.rows, result.columns) == (image.letterbox.source_rows, image.letterbox.source_columns)
+        assert [r.name for r in result.regions] == list(REGION_NAMES)
+        for region in result.regions:
+            assert region.retrieved_sentence
+            if region.box is not None:
+                assert 0 <= region.box.x1 < region.box.x2 <= result.columns
+                assert 0 <= region.box.y1 < region.box.y2 <= result.rows
+        assert sum(r.box is not None for r in result.regions) >= 30
+        assert len(result.image_labels) == 14 and all(0 <= p <= 1 for p in result.image_labels.values())
+        assert [a.task for a in result.answers] == ["report", "anatomy_grounding_lm", "vqa"]
+        assert all(0 < a.generated_tokens <= 16 for a in result.answers)
+        assert result.report is not None and result.report.raw_text == result.answers[0].raw_text
+        assert result.model == engine.identity and result.model.demo
+        for stage in ("preprocess", "apm", "retrieval", "prefill", "decode", "total"):
+            assert result.timings[stage] > 0
+        assert AnalysisResult.from_json(result.to_json()) == result
+
+
+def test_batch_equals_single_calls(engine, images, batch_results) -> None:
+    for image, batched in zip(images, batch_results):
+        (single,) = engine.analyze([image], TASKS)
+        assert without_timings(single) == without_timings(batched)
+
+
+def test_identity_comes_from_the_files(engine, model_dir) -> None:
+    identity = engine.identity
+    assert len(identity.weights_digest) == 64 and identity.device_uid.startswith("2.25.")
+    assert identity.version == "demo-tiny-seed1" and identity.backend == "torch" and identity.device == "cpu"
+    assert engine.lm_report.missing == [] and engine.lm_report.unexpected == []
+
+
+def test_tasks_needing_input_are_skipped_with_a_warning(engine, images) -> None:
+    (result,) = engine.analyze(images[:1], ["vqa", "grounded_captioning"])
+    assert result.answers == ()
+    assert any(w.startswith("vqa: skipped") for w in result.warnings)
+    assert any(w.startswith("grounded_captioning: skipped") for w in result.warnings)
+
+
+def test_grounded_diagnosis_reports_the_boxes_it_asked_about(engine, images) -> None:
+    (result,) = engine.analyze(images[2:], ["grounded_diagnosis:100,200,300,400"])
+    (finding,) = result.findings
+    assert finding.task == "grounded_diagnosis" and finding.label
+    (box,) = finding.boxes
+    assert (box.x1, box.y1, box.x2, box.y2) == pytest.approx((50, 100, 150, 200))  # 512 px source: half scale
+
+
+def test_analyze_dataset_from_dicom(engine) -> None:
+    ds = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
+    result = engine.analyze_dataset(ds, ["report"])
+    assert result.sop_instance_uid == ds.SOPInstanceUID
+    assert (result.rows, result.columns) == (ds.Rows, ds.Columns)
+    assert result.report is not None and result.timings["preprocess"] > 0
+    json.loads(result.to_json())
+
+
+def test_reference_mode_decodes_max_new_tokens(model_dir, images) -> None:
+    engine = Engine.load(model_dir, max_new_tokens=6, stop_at_end_of_turn=False)
+    (result,) = engine.analyze(images[:1], ["report"])
+    assert result.answers[0].generated_tokens == 6
+
+
+def test_incomplete_model_dir_is_refused_with_what_is_missing(tmp_path, model_dir) -> None:
+    import shutil
+
+    shutil.copytree(model_dir, tmp_path / "m")
+    (tmp_path / "m" / "lm.pt").unlink()
+    with pytest.raises(ModelLoadError, match=r"missing: lm \(lm.pt\)"):
+        Engine.load(tmp_path / "m")
+    with pytest.raises(ModelLoadError, match="CUDA is not available"):
+        if torch.cuda.is_available():
+            raise ModelLoadError("CUDA is not available (forced on a GPU host)")
+        Engine.load(model_dir, device="cuda")

@@ -1,0 +1,163 @@
+"""Objects read back through highdicom's readers carry the result's boxes, codes and tracking UIDs."""
+
+from __future__ import annotations
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+
+from sr_writer import codes
+from sr_writer.context import make_context
+from sr_writer.seg import box_pixel_slice
+from tests.sr_writer.conftest import UID_ROOT, BuiltCase
+
+
+def expected_annotations(case: BuiltCase):  # noqa: ANN201
+    return make_context(case.source, case.result, uid_root=UID_ROOT, analysis_version=1).annotations
+
+
+def test_sr_roundtrip_boxes_codes_and_tracking_uids(case: BuiltCase) -> None:
+    sr = hd.sr.srread(case.paths["sr"])
+    groups = sr.content.get_planar_roi_measurement_groups()
+    boxed = [a for a in expected_annotations(case) if a.box is not None]
+    assert len(groups) == len(boxed) == 36 + sum(len(f.boxes) for f in case.result.findings)
+    by_uid = {str(g.tracking_uid): g for g in groups}
+    for annotation in boxed:
+        group = by_uid[annotation.tracking_uid]
+        points = group.roi.value
+        box = annotation.box
+        assert points.shape == (5, 2) and np.array_equal(points[0], points[-1])
+        assert np.allclose(points.min(axis=0), [box.x1, box.y1], atol=0.01)
+        assert np.allclose(points.max(axis=0), [box.x2, box.y2], atol=0.01)
+        assert group.finding_type.value == annotation.finding_type.value
+        assert group.finding_type.scheme_designator == annotation.finding_type.scheme_designator
+        sites = group.finding_sites
+        assert [s.value.value for s in sites] == [site.structure.value for site in annotation.sites]
+        for site, expected in zip(sites, annotation.sites):
+            laterality = site.laterality
+            assert (laterality.value if laterality is not None else None) == (expected.laterality.value if expected.laterality else None)
+        assert str(group.tracking_identifier) == annotation.tracking_id
+    # A finding without a box is a whole-image TID 1501 group with the same tracking UID scheme.
+    unboxed = [a for a in expected_annotations(case) if a.box is None]
+    whole_image = sr.content.get_image_measurement_groups()
+    assert sorted(str(g.tracking_uid) for g in whole_image) == sorted(a.tracking_uid for a in unboxed)
+    assert unboxed, "the factory result has findings without boxes"
+
+
+def test_sr_header_follows_ihe_air(case: BuiltCase) -> None:
+    sr = case.dataset("sr")
+    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"
+    assert (sr.PreliminaryFlag, sr.VerificationFlag, sr.CompletionFlag) == ("PRELIMINARY", "UNVERIFIED", "COMPLETE")
+    assert sr.StudyInstanceUID == case.source.StudyInstanceUID and sr.SeriesInstanceUID != case.source.SeriesInstanceUID
+    equipment = sr.ContributingEquipmentSequence[0]
+    purpose = equipment.PurposeOfReferenceCodeSequence[0]
+    assert (purpose.CodeValue, purpose.CodingSchemeDesignator, purpose.CodeMeaning) == ("Newcode1", "99IHE", "Processing Algorithm")
+    assert equipment.DeviceUID == case.result.model.device_uid
+    assert equipment.ManufacturerModelName == case.result.model.name and equipment.SoftwareVersions == case.result.model.version
+    procedure = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "121058"][0]
+    assert procedure.ConceptCodeSequence[0].CodeValue == "36554-4"  # RG1 has no Procedure Code Sequence
+    designators = {i.CodingSchemeDesignator for i in sr.CodingSchemeIdentificationSequence}
+    assert {"99ANATOMIX", "99IHE"} <= designators
+
+
+def test_seg_roundtrip_masks_and_tracking_uids(case: BuiltCase) -> None:
+    seg = hd.seg.segread(case.paths["seg"])
+    boxed = [a for a in expected_annotations(case) if a.box is not None]
+    numbers = list(seg.segment_numbers)
+    assert len(numbers) == len(boxed)
+    assert seg.SegmentationType == "BINARY"
+    pixels = seg.get_pixels_by_source_instance([str(case.source.SOPInstanceUID)], segment_numbers=numbers)
+    assert pixels.shape == (1, case.source.Rows, case.source.Columns, len(numbers))
+    for number, annotation in zip(numbers, boxed):
+        description = seg.get_segment_description(number)
+        assert description.tracking_uid == annotation.tracking_uid
+        assert description.tracking_id == annotation.tracking_id
+        assert description.segmented_property_type.value == annotation.finding_type.value
+        rows_, columns_ = np.nonzero(pixels[0, :, :, number - 1])
+        row_slice, column_slice = box_pixel_slice(annotation.box, case.source.Rows, case.source.Columns)
+        assert (rows_.min(), rows_.max() + 1, columns_.min(), columns_.max() + 1) == (row_slice.start, row_slice.stop, column_slice.start, column_slice.stop)
+        assert len(rows_) == (row_slice.stop - row_slice.start) * (column_slice.stop - column_slice.start)  # box-filled
+    for number, annotation in zip(numbers, boxed):
+        category = seg.get_segment_description(number).segmented_property_category.value
+        assert category == (codes.ANATOMICAL_STRUCTURE.value if annotation.is_region else codes.MORPHOLOGICALLY_ABNORMAL_STRUCTURE.value)
+
+
+def test_seg_carries_the_geometry_ohif_needs_and_never_zero_spacing(case: BuiltCase) -> None:
+    seg = case.dataset("seg")
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    assert list(shared.PlaneOrientationSequence[0].ImageOrientationPatient) == [1, 0, 0, 0, 1, 0]
+    spacing = [float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing]
+    assert all(v > 0 for v in spacing)
+    if case.name == "dx":
+        assert spacing == [0.143, 0.143]  # from ImagerPixelSpacing
+    else:
+        assert spacing == [1.0, 1.0]  # RG1's PixelSpacing is 0\0
+    assert list(seg.PatientOrientation) == list(case.source.PatientOrientation)
+
+
+def test_gsps_has_same_tracking_uids_layers_and_display_pipeline(case: BuiltCase) -> None:
+    gsps = pydicom.dcmread(case.paths["gsps"])
+    layers = {item.GraphicLayer for item in gsps.GraphicLayerSequence}
+    assert layers == {"ANATOMY", "FINDINGS"}
+    colours = [tuple(item.GraphicLayerRecommendedDisplayCIELabValue) for item in gsps.GraphicLayerSequence]
+    assert len(set(colours)) == 2
+    uids = [g.TrackingUID for annotation in gsps.GraphicAnnotationSequence for g in annotation.GraphicObjectSequence]
+    boxed = [a for a in expected_annotations(case) if a.box is not None]
+    assert sorted(uids) == sorted(a.tracking_uid for a in boxed)
+    texts = [t for annotation in gsps.GraphicAnnotationSequence for t in annotation.TextObjectSequence]
+    unboxed = [a for a in expected_annotations(case) if a.box is None]
+    whole_image = {t.TrackingUID: t.UnformattedTextValue for t in texts if "TrackingUID" in t}
+    assert whole_image == {a.tracking_uid: f"{a.label} (whole image)" for a in unboxed} and unboxed
+    for text in texts:
+        left, top = text.BoundingBoxTopLeftHandCorner
+        right, bottom = text.BoundingBoxBottomRightHandCorner
+        assert 0 <= left < right <= case.source.Columns and 0 <= top < bottom <= case.source.Rows
+    expected_shape = "INVERSE" if case.source.PhotometricInterpretation == "MONOCHROME1" else "IDENTITY"
+    assert gsps.PresentationLUTShape == expected_shape
+    voi = gsps.SoftcopyVOILUTSequence[0]
+    assert float(voi.WindowCenter) == float(case.source.WindowCenter)
+    assert float(voi.WindowWidth) == float(case.source.WindowWidth)
+    assert gsps.BodyPartExamined == "CHEST"
+    assert len(gsps.ContentLabel) <= 16 and all(len(i.GraphicLayer) <= 16 for i in gsps.GraphicLayerSequence)
+
+
+@pytest.mark.parametrize("kind", ["sr", "text_sr", "seg", "gsps", "sc", "kos"])
+def test_demo_results_say_so(case: BuiltCase, kind: str) -> None:
+    dataset = case.dataset(kind)
+    assert case.result.model.demo
+    assert "DEMO WEIGHTS - NOT FOR CLINICAL USE" in dataset.SeriesDescription
+    if kind in ("seg", "gsps"):
+        assert "DEMO" in dataset.ContentLabel and "DEMO WEIGHTS - NOT FOR CLINICAL USE" in dataset.ContentDescription
+
+
+def test_text_sr_is_basic_text_tid2000_with_the_report(case: BuiltCase) -> None:
+    text_sr = pydicom.dcmread(case.paths["text_sr"])
+    assert text_sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.11" == text_sr.file_meta.MediaStorageSOPClassUID
+    assert text_sr.ContentTemplateSequence[0].TemplateIdentifier == "2000"
+    sections = {i.ConceptNameCodeSequence[0].CodeValue: i for i in text_sr.ContentSequence if i.ValueType == "CONTAINER"}
+    assert set(sections) == {"59776-5", "19005-8"}
+    assert case.result.report.findings in sections["59776-5"].ContentSequence[0].TextValue
+    assert case.result.report.impression in sections["19005-8"].ContentSequence[0].TextValue
+
+    def value_types(items):  # noqa: ANN001, ANN202
+        for item in items:
+            yield item.ValueType
+            yield from value_types(item.get("ContentSequence", []))
+
+    assert not {"NUM", "SCOORD", "SCOORD3D"} & set(value_types(text_sr.ContentSequence))
+
+
+def test_sc_is_marked_as_derived_burned_in_and_not_for_diagnosis(case: BuiltCase) -> None:
+    sc = pydicom.dcmread(case.paths["sc"])
+    assert sc.BurnedInAnnotation == "YES" and list(sc.ImageType)[:2] == ["DERIVED", "SECONDARY"]
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == case.source.SOPInstanceUID
+    assert "NOT FOR DIAGNOSIS" in sc.DerivationDescription
+    assert (sc.Rows, sc.Columns, sc.SamplesPerPixel, sc.PhotometricInterpretation) == (case.source.Rows, case.source.Columns, 3, "RGB")
+
+
+def test_kos_references_the_image_and_every_result(case: BuiltCase) -> None:
+    kos = pydicom.dcmread(case.paths["kos"])
+    referenced = {item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for item in kos.ContentSequence if "ReferencedSOPSequence" in item}
+    expected = {str(case.source.SOPInstanceUID)} | {o.sop_instance_uid for o in case.bundle.objects if o.kind != "kos"}
+    assert referenced == expected
