@@ -1,0 +1,110 @@
+"""Time building the result bundle for the real RG1 chest CR: 36 regions + 10 findings.
+
+Prints the median of several runs per object kind (each built alone) and for the whole bundle as the
+pipeline builds it (``build_bundle``, SEG overlapped with the others), plus the SEG against a naive
+highdicom build (boolean (1, rows, columns, segments) masks) as the reference point.
+
+    .venv/bin/python benchmarks/writer.py [--runs 7] [--findings 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import highdicom as hd  # noqa: E402
+
+from sr_writer import bundle as bundle_module  # noqa: E402
+from sr_writer.bundle import SEND_ORDER, build_bundle  # noqa: E402
+from sr_writer.context import make_context  # noqa: E402
+from sr_writer.kos import build_kos  # noqa: E402
+from sr_writer.seg import segment_description  # noqa: E402
+from tests.support.results import make_result, rg1_source  # noqa: E402
+
+UID_ROOT = "1.2.826.0.1.3680043.10.1431."
+
+
+def median_seconds(function: Callable[[], object], runs: int) -> tuple[float, float]:
+    """(median wall seconds, median process CPU seconds) over ``runs`` calls after one warm-up call.
+
+    CPU time is reported too because the shared development machine is often oversubscribed (other
+    jobs inflate wall time several-fold); on an idle machine wall ~= CPU for the single-threaded kinds.
+    """
+    function()  # warm-up: imports, highdicom's IOD tables, pixel decoding caches
+    walls, cpus = [], []
+    for _ in range(runs):
+        wall, cpu = time.perf_counter(), time.process_time()
+        function()
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+    return statistics.median(walls), statistics.median(cpus)
+
+
+def naive_seg(ctx) -> None:  # noqa: ANN001
+    """The straightforward highdicom SEG: a boolean (1, rows, columns, segments) array."""
+    annotations = ctx.boxed
+    masks = np.zeros((1, ctx.rows, ctx.columns, len(annotations)), dtype=bool)
+    for s, a in enumerate(annotations):
+        masks[0, int(a.box.y1) : int(np.ceil(a.box.y2)), int(a.box.x1) : int(np.ceil(a.box.x2)), s] = True
+    algorithm = hd.AlgorithmIdentificationSequence(name="AnatomiX", family=hd.sr.CodedConcept("123110", "DCM", "Artificial Intelligence"), version="0")
+    hd.seg.Segmentation(
+        source_images=[ctx.source], pixel_array=masks, segmentation_type="BINARY",
+        segment_descriptions=[segment_description(n, a, algorithm) for n, a in enumerate(annotations, start=1)],
+        series_instance_uid=hd.UID(), series_number=1, sop_instance_uid=hd.UID(), instance_number=1,
+        manufacturer="x", manufacturer_model_name="x", software_versions="0", device_serial_number="0",
+    )  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--findings", type=int, default=10)
+    args = parser.parse_args()
+    load_before = os.getloadavg()[0]
+    warnings.simplefilter("ignore")  # RG1's single-component referring physician name warns on every SC
+    source = rg1_source()
+    result = make_result(source, n_findings=args.findings)
+    ctx = make_context(source, result, uid_root=UID_ROOT, analysis_version=1)
+    boxes = len(ctx.boxed)
+
+    rows: list[tuple[str, tuple[float, float]]] = []
+    built = {}
+    for kind in [k for k in SEND_ORDER if k != "kos"]:
+        builder = bundle_module._BUILDERS[kind]
+        rows.append((kind, median_seconds(lambda b=builder: built.__setitem__(kind, b(ctx)), args.runs)))
+    rows.append(("kos", median_seconds(lambda: build_kos(ctx, list(built.values())), args.runs)))
+    sequential = (sum(w for _, (w, _) in rows), sum(c for _, (_, c) in rows))
+    total = median_seconds(lambda: build_bundle(source, result, SEND_ORDER, uid_root=UID_ROOT, analysis_version=1), args.runs)
+    naive = median_seconds(lambda: naive_seg(ctx), args.runs)
+    seg_seconds = dict(rows)["seg"]
+    load_after = os.getloadavg()[0]
+
+    print(f"sr_writer bundle for RG1 ({source.Rows}x{source.Columns}, MONOCHROME1): 36 regions + {args.findings} findings = {boxes} boxes")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load average {load_before:.2f} before / {load_after:.2f} after; median of {args.runs} runs")
+    print()
+    print(f"| {'object':<28} | {'wall s':>8} | {'CPU s':>8} |")
+    print(f"|{'-' * 30}|{'-' * 10}|{'-' * 10}|")
+    for kind, (wall, cpu) in rows:
+        print(f"| {kind:<28} | {wall:>8.3f} | {cpu:>8.3f} |")
+    print(f"| {'sum of objects (one thread)':<28} | {sequential[0]:>8.3f} | {sequential[1]:>8.3f} |")
+    print(f"| {'build_bundle (all 6 kinds)':<28} | {total[0]:>8.3f} | {total[1]:>8.3f} |")
+    print()
+    print(f"SEG: ours {seg_seconds[0]:.3f} s wall / {seg_seconds[1]:.3f} s CPU vs naive highdicom boolean masks "
+          f"{naive[0]:.3f} s / {naive[1]:.3f} s (ratio {naive[1] / seg_seconds[1]:.2f}x CPU)")
+    print(f"target: whole bundle < 1.0 s -> wall {total[0]:.3f} s ({'met' if total[0] < 1.0 else 'NOT met'}), "
+          f"CPU {total[1]:.3f} s ({'met' if total[1] < 1.0 else 'NOT met'})")
+
+
+if __name__ == "__main__":
+    main()
