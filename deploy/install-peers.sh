@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs the Debian peers the tests talk to. Idempotent: does nothing when all are present.
+set -euo pipefail
+need=()
+command -v storescu >/dev/null || need+=(dcmtk)
+command -v dciodvfy >/dev/null || need+=(dicom3tools)
+command -v Orthanc >/dev/null || need+=(orthanc)
+[ -e /usr/share/orthanc/plugins/libOrthancGdcm.so ] || need+=(orthanc-gdcm)
+[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
+[ -e /usr/share/java/pixelmed.jar ] || need+=(libpixelmed-java)
+if [ ${#need[@]} -eq 0 ]; then
+  echo "peers: all present"
+  exit 0
+fi
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+echo "peers: installing ${need[*]}"
+$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+# policy-rc.d keeps the packaged Orthanc service from starting: tests run their own instances.
+$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
