@@ -10,7 +10,9 @@ crash (``?synchronous=normal`` in the URL relaxes that, see :mod:`dicom_node.sto
 
 from __future__ import annotations
 
+import random
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -48,12 +50,36 @@ class SqliteStore(SqlStore):
             # transactions would not be IMMEDIATE). check_same_thread=False only so that close()
             # may close every thread's connection; each connection is still used by one thread.
             conn = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode = WAL")
+            self._enter_wal(conn)
             conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
             conn.execute("PRAGMA foreign_keys = ON")
         except (OSError, sqlite3.Error) as exc:
             raise StoreUnavailable(f"cannot open the SQLite database {self.path}: {exc}") from exc
         return conn
+
+    def _enter_wal(self, conn: sqlite3.Connection) -> None:
+        """Put the database in WAL mode, waiting out other processes that are starting too.
+
+        WAL is persistent, so only the first start really switches; every later connection just
+        reads the mode. The switch needs an exclusive lock, and SQLite may answer SQLITE_BUSY at
+        once instead of calling the busy handler (it does so when waiting could deadlock, for
+        instance while another starter holds the lock to create the file or run migrations), so
+        the busy timeout alone does not cover several processes starting at the same moment: retry
+        with a short back-off until the timeout is spent.
+        """
+        deadline = time.monotonic() + self.busy_timeout_s
+        delay = 0.005
+        while True:
+            try:
+                mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    conn.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc) or time.monotonic() + delay > deadline:
+                    raise
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 0.25)
 
     @contextmanager
     def _transaction(self, write: bool) -> Iterator[Tx]:
@@ -94,3 +120,7 @@ class SqliteStore(SqlStore):
 def _close(conn: sqlite3.Connection) -> None:
     conn.close()
 
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    text = str(exc).lower()
+    return "locked" in text or "busy" in text
