@@ -20,7 +20,7 @@ $(BIN)/.installed-test: $(BIN)/.installed
 install: $(BIN)/.installed
 install-test: $(BIN)/.installed-test
 
-# Debian peers used by the tests: DCMTK, dicom3tools, Orthanc (+gdcm, dicomweb), pixelmed.
+# Debian peers used by the tests: DCMTK, dicom3tools, Orthanc (+gdcm, dicomweb), pixelmed, OpenJPH.
 peers:
 	bash deploy/install-peers.sh
 

@@ -8,6 +8,7 @@ command -v Orthanc >/dev/null || need+=(orthanc)
 [ -e /usr/share/orthanc/plugins/libOrthancGdcm.so ] || need+=(orthanc-gdcm)
 [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
 [ -e /usr/share/java/pixelmed.jar ] || need+=(libpixelmed-java)
+command -v ojph_compress >/dev/null || need+=(openjph-tools)
 if [ ${#need[@]} -eq 0 ]; then
   echo "peers: all present"
   exit 0
