@@ -36,6 +36,7 @@ from pynetdicom.sop_class import Verification
 
 from dicom_node import audit
 from dicom_node.audit import AuditTrail, Peer
+from dicom_node.negotiation import accept_unlisted_storage_classes
 from dicom_node.scp_dataset import (
     STATUS_OUT_OF_RESOURCES,
     STATUS_PROCESSING_FAILURE,
@@ -296,11 +297,14 @@ class StorageScp:
 
 
 def build_ae(settings: Settings) -> AE:
-    """An AE that accepts Verification and every storage SOP class in every decodable syntax."""
+    """An AE that accepts Verification and every storage SOP class (private ones too) in every decodable syntax."""
     ae = AE(ae_title=settings.node.ae_title)
     transfer_syntaxes = accepted_transfer_syntaxes()
     for context in AllStoragePresentationContexts:
         ae.add_supported_context(context.abstract_syntax, transfer_syntaxes)
+    # Private and newer-than-pynetdicom storage classes: stored, never analysed (a whole-study
+    # push must not fail on a vendor's private object).
+    accept_unlisted_storage_classes(transfer_syntaxes)
     ae.add_supported_context(Verification)
     ae.maximum_pdu_size = settings.node.max_pdu
     ae.network_timeout = settings.node.network_timeout_s

@@ -207,3 +207,40 @@ def test_release_closes_the_study_of_a_complete_on_release_source(scp: RunningSc
     states = {i.sop_instance_uid: (i.state, i.reason) for i in scp.store.list_instances(study_uid)}
     assert states[study_uid + ".1"][0] == "selected"
     assert states[study_uid + ".2"] == ("skipped", "view position LL is not frontal (PA/AP)")
+
+
+#: A vendor-private class (Siemens CSA Non-Image) and a public UID pynetdicom has no class for.
+PRIVATE_CLASS = "1.3.12.2.1107.5.9.1"
+UNKNOWN_PUBLIC_CLASS = "1.2.840.10008.5.1.4.1.1.9999"
+
+
+@pytest.mark.parametrize("sop_class", [PRIVATE_CLASS, UNKNOWN_PUBLIC_CLASS], ids=["private", "unknown-public"])
+def test_unlisted_storage_class_is_accepted_stored_and_recorded(scp: RunningScp, tmp_path: Path, sop_class: str) -> None:
+    study = "1.2.826.0.1.3680043.8.498.8"
+    ds = synthetic_cr(study, study + ".1.1", sop_class_uid=sop_class)
+    ds.Modality = "OT"
+    path = tmp_path / "unlisted.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    assert send_file_bytes(scp.port, path) == 0x0000
+    files = sorted(scp.spool.rglob("*.dcm"))
+    assert len(files) == 1 and dataset_bytes(files[0]) == dataset_bytes(path)
+    [instance] = scp.store.list_instances(study)
+    assert instance.sop_class_uid == sop_class
+
+
+def test_unlisted_class_in_an_undecodable_syntax_is_refused_per_context(scp: RunningScp) -> None:
+    """The private class gets our syntax list, not the sender's first choice (JPEG XL here)."""
+    jpeg_xl = "1.2.840.10008.1.2.4.110"
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(PRIVATE_CLASS, [jpeg_xl])
+    ae.add_requested_context(PRIVATE_CLASS, [jpeg_xl, "1.2.840.10008.1.2.1"])
+    ae.add_requested_context(ComputedRadiographyImageStorage, [jpeg_xl])
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="ANATOMIX")
+    try:
+        assert assoc.is_established
+        accepted = [(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts]
+        assert accepted == [(PRIVATE_CLASS, "1.2.840.10008.1.2.1")]
+        assert sorted(cx.result for cx in assoc.rejected_contexts) == [0x04, 0x04]
+    finally:
+        assoc.release()

@@ -118,3 +118,35 @@ def test_dcmsend_pushes_the_whole_set_again_as_duplicates(node: NodeProcess, rg1
         assert study is not None and study.state == "receiving"
     finally:
         store.close()
+
+
+def test_dcmsend_whole_study_with_a_private_class_object_succeeds(node: NodeProcess, tmp_path: Path) -> None:
+    """A study push mixing a chest CR and a vendor-private object (Siemens CSA Non-Image class):
+    every instance is acknowledged and stored; the private one is never selected for analysis."""
+    from dicom_node.selection import select_instance
+    from tests.support.corpus import synthetic_cr
+
+    study = "1.2.826.0.1.3680043.8.498.2.8"
+    image = synthetic_cr(study, study + ".1.1")
+    private = synthetic_cr(study, study + ".1.2", sop_class_uid="1.3.12.2.1107.5.9.1", seed=1)
+    private.Modality = "OT"
+    paths = []
+    for name, ds in (("cr", image), ("private", private)):
+        paths.append(tmp_path / f"{name}.dcm")
+        ds.save_as(paths[-1], enforce_file_format=True)
+    # --no-uid-checks: dcmsend otherwise refuses a SOP class it does not know before sending.
+    result = dcmsend(node.port, paths, "DCMSEND", "ANATOMIX", "--no-uid-checks")
+    assert result.returncode == 0, result.stderr[-2000:]
+
+    spooled = spooled_by_uid(node)
+    for path, ds in zip(paths, (image, private)):
+        [stored] = spooled[str(ds.SOPInstanceUID)]
+        assert dataset_bytes(stored) == dataset_bytes(path)
+    decision = select_instance(pydicom.dcmread(spooled[str(private.SOPInstanceUID)][0]), "2.25.1")
+    assert not decision.selected and "not a CR or DX" in decision.reason
+    store = node.open_store()
+    try:
+        classes = sorted(i.sop_class_uid for i in store.list_instances(study))
+        assert classes == ["1.2.840.10008.5.1.4.1.1.1", "1.3.12.2.1107.5.9.1"]
+    finally:
+        store.close()
