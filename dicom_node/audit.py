@@ -33,6 +33,7 @@ ASSOCIATION_ABORTED = "association_aborted"
 INSTANCE_NEW_VERSION = "instance_new_version"
 INSTANCE_REJECTED = "instance_rejected"
 INSTANCE_FLAGGED = "instance_flagged"
+INSTANCE_RECOVERED = "instance_recovered"
 STUDY_STABLE = "study_stable"
 
 

@@ -29,6 +29,7 @@ from dicom_node.logging_setup import configure_logging
 from dicom_node.scp import StorageScp, build_ae
 from dicom_node.scp_server import InheritedSocketServer, PortInUse, ScpSupervisor, open_listening_socket, scp_address, serve_until_stopped
 from dicom_node.settings import Settings, load_settings
+from dicom_node.reconcile import reconcile_spool
 from dicom_node.spool import prepare_spool
 from dicom_node.store import open_store
 from dicom_node.store.base import Store
@@ -121,6 +122,8 @@ def run_serve(args: argparse.Namespace) -> int:
     prepare_spool(settings.storage.spool_dir)
     store = open_store(settings.database_url)  # migrates once, before any child starts
     trail = open_audit_trail(store, settings.logging.audit_file)
+    # Before any SCP process exists: a file it is writing right now would look unrecorded.
+    reconcile_spool(settings.storage.spool_dir, store, trail)
     try:
         listen_socket = open_listening_socket(settings.node.bind_address, settings.node.port)
     except PortInUse as exc:

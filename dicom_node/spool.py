@@ -4,6 +4,7 @@ Layout (relative to ``settings.storage.spool_dir``)::
 
     <StudyInstanceUID>/<SOPInstanceUID>.<sha256[:16]>.dcm   one file per distinct byte content
     .tmp/<random>.part                                      writes in progress (swept at start-up)
+    .quarantine/<StudyInstanceUID>/...                      unrecorded files that fail the start-up check
 
 A file is written to ``.tmp``, flushed and fsync'd, renamed into its study directory (atomic on
 one file system) and the directory is fsync'd, so after :func:`write_instance` returns the file

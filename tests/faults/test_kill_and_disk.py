@@ -110,6 +110,59 @@ def test_sigkill_mid_push_loses_nothing_acknowledged(tmp_path: Path) -> None:
         node.stop()
 
 
+def test_restart_records_a_spooled_file_a_crash_left_unrecorded(tmp_path: Path) -> None:
+    """The crash window between the spool rename and the database commit, reproduced with the
+    SCP's own write path: the restart records the file (audited), quarantines a file whose content
+    does not match its name, and a later re-send of the recovered instance is a duplicate."""
+    from dicom_node.spool import write_instance
+
+    study = "1.2.826.0.1.3680043.8.498.12"
+    first, orphan, damaged = write_synthetic_set(tmp_path / "push", 3, study_uid=study)
+    node = NodeProcess(tmp_path / "node", settings={"assembly": {"quiet_period_s": 600, "hard_cap_s": 600}})
+    node.add_source("modality", "MODALITY")
+    node.start()
+    assert send_statuses(node.port, [first]) == [0x0000]
+    node.stop()
+    # The exact bytes the SCP writes for the orphan (its own File Meta + the data set as sent):
+    # take them from a scratch node that received it.
+    scratch = NodeProcess(tmp_path / "scratch")
+    scratch.add_source("modality", "MODALITY")
+    scratch.start()
+    try:
+        assert send_statuses(scratch.port, [orphan]) == [0x0000]
+        [written] = scratch.spooled_files()
+    finally:
+        scratch.stop()
+
+    orphan_uid = str(pydicom.dcmread(orphan, stop_before_pixels=True).SOPInstanceUID)
+    spooled = write_instance(node.spool_dir, study, orphan_uid, [written.read_bytes()])
+    assert spooled.created and spooled.relative_path == str(written.relative_to(scratch.spool_dir))
+    bad = write_instance(node.spool_dir, study, "1.2.826.0.1.3680043.8.498.12.9", [damaged.read_bytes()])
+    bad_path = node.spool_dir / bad.relative_path
+    bad_path.write_bytes(bad_path.read_bytes()[:-100])  # truncated after the rename: name and content disagree
+
+    node.start()
+    try:
+        store = node.open_store()
+        try:
+            recorded = {i.sop_instance_uid: i for i in store.list_instances(study)}
+            assert sorted(recorded) == sorted([str(pydicom.dcmread(first, stop_before_pixels=True).SOPInstanceUID), orphan_uid])
+            assert recorded[orphan_uid].path == spooled.relative_path
+            assert recorded[orphan_uid].sha256 == spooled.sha256
+            events = store.list_audit_events("instance_recovered")
+            assert [e.sop_instance_uid for e in events] == [orphan_uid]
+            assert not bad_path.exists()
+            assert (node.spool_dir / ".quarantine" / study / bad_path.name).exists()
+            assert "content does not match its name" in node.log_text()
+
+            assert send_statuses(node.port, [orphan]) == [0x0000]  # the sender's late retry
+            assert len([i for i in store.list_instances(study) if i.sop_instance_uid == orphan_uid]) == 1
+        finally:
+            store.close()
+    finally:
+        node.stop()
+
+
 def send_statuses(port: int, files: list[Path]) -> list[int | None]:
     """One association, every file, the DIMSE status of each (None when no response came)."""
     ae = AE(ae_title="MODALITY")
