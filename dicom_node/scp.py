@@ -31,12 +31,12 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.association import Association
-from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import Verification
 
 from dicom_node import audit
 from dicom_node.audit import AuditTrail, Peer
 from dicom_node.negotiation import accept_unlisted_storage_classes
+from dicom_node.part10 import part10_header
 from dicom_node.scp_dataset import (
     STATUS_OUT_OF_RESOURCES,
     STATUS_PROCESSING_FAILURE,
@@ -56,7 +56,6 @@ REJECT_CALLED_AE = (0x01, 0x01, 0x07)
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_TRANSIENT = (0x02, 0x01, 0x01)
 
-_PREAMBLE = b"\x00" * 128 + b"DICM"
 
 #: Called when a source with ``complete_on_release`` releases: (study UIDs received in the association).
 ReleaseCallback = Callable[[RemoteNode, set[str]], None]
@@ -178,7 +177,6 @@ class StorageScp:
         request = event.request
         transfer_syntax = UID(event.context.transfer_syntax)
         dataset_bytes = event.encoded_dataset(include_meta=False)
-        file_meta = _PREAMBLE + encode_file_meta(event.file_meta)
         try:
             header = parse_instance_header(
                 dataset_bytes, transfer_syntax, str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID)
@@ -196,6 +194,7 @@ class StorageScp:
             )
             return failure_status(exc.status, exc.reason)
 
+        file_meta = part10_header(header.sop_class_uid, header.sop_instance_uid, str(transfer_syntax))
         size = len(file_meta) + len(dataset_bytes)
         try:
             check_free_space(self.spool_dir, self.settings.storage.min_free_bytes, size)
