@@ -35,6 +35,7 @@ INSTANCE_REJECTED = "instance_rejected"
 INSTANCE_FLAGGED = "instance_flagged"
 INSTANCE_RECOVERED = "instance_recovered"
 STUDY_STABLE = "study_stable"
+STUDY_PURGED = "study_purged"
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from dicom_node.settings import SettingsError
 
 #: Modules that contribute sub-commands, in help order.
 COMMAND_MODULES = (
-    "dicom_node.cli_node",  # init, config, ae, echo, studies
+    "dicom_node.cli_node",  # init, config, ae, echo, studies, purge
     "dicom_node.cli_serve",  # serve
     "dicom_node.cli_pipeline",  # worker, analyze, resend, demo
     "dicom_node.cli_model",  # model demo-weights

@@ -80,6 +80,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     studies.add_argument("--limit", type=int, default=100, help="at most this many studies, newest first (default 100)")
     studies.set_defaults(func=run_studies)
 
+    purge = subparsers.add_parser(
+        "purge", help="remove finished studies older than the retention period (images, results, rows; a tombstone stays)"
+    )
+    _add_config_option(purge)
+    purge.add_argument("--older-than-days", type=float, default=None, metavar="DAYS",
+                       help="retention period for this run (default: storage.retention_days)")
+    purge.add_argument("--dry-run", action="store_true", help="only list the studies that would be purged")
+    purge.add_argument("--limit", type=int, default=500, help="at most this many studies per run (default 500)")
+    purge.set_defaults(func=run_purge)
+
 
 def _missing_action(command: str, actions: str) -> Any:
     def complain(args: argparse.Namespace) -> int:
@@ -110,6 +120,39 @@ def opened_store(settings: Settings) -> Iterator[Store]:
         yield store
     finally:
         store.close()
+
+
+# ---- retention ----------------------------------------------------------------------------------------
+
+
+def run_purge(args: argparse.Namespace) -> int:
+    from dicom_node.audit import open_audit_trail
+    from dicom_node.retention import purge_expired
+
+    settings = load_settings(args.config)
+    days = settings.storage.retention_days if args.older_than_days is None else args.older_than_days
+    if args.older_than_days is None and days <= 0:
+        raise CliError("storage.retention_days is 0 (keep everything): give --older-than-days DAYS to purge anyway")
+    if days < 0:
+        raise CliError(f"--older-than-days {days}: must be >= 0")
+    if args.limit < 1:
+        raise CliError(f"--limit {args.limit}: must be at least 1")
+    with opened_store(settings) as store:
+        trail = open_audit_trail(store, settings.logging.audit_file)
+        report = purge_expired(settings, store, trail, days=days, dry_run=args.dry_run, limit=args.limit)
+    states = " or ".join(settings.storage.retention_states)
+    cutoff = report.cutoff.isoformat(timespec="seconds")
+    if args.dry_run:
+        print(f"{len(report.candidates)} studies {states} and unchanged since {cutoff} would be purged")
+        for uid in report.candidates:
+            print(f"  {uid}")
+        return 0
+    print(
+        f"purged {len(report.purged)} studies {states} and unchanged since {cutoff}: "
+        f"{sum(p.instances for p in report.purged)} instances, {sum(p.produced_objects for p in report.purged)} result objects, "
+        f"{report.bytes / 1e6:.1f} MB"
+    )
+    return 0
 
 
 # ---- init and config ---------------------------------------------------------------------------------
@@ -410,6 +453,9 @@ port = 11112
 data_dir = "var"
 # Below this much free disk space, incoming instances are refused with 0xA700 (sender retries).
 # min_free_bytes = 536870912
+# Days after which a finished study's images, results and rows are removed (0 = keep everything).
+# retention_days = 0
+# retention_states = ["done"]  # add "failed" to purge failed studies too
 
 [database]
 # Empty: SQLite in <data_dir>/anatomix.db. Production: "postgresql://anatomix@db-host:5432/anatomix".

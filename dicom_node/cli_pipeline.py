@@ -284,6 +284,8 @@ def cmd_resend(args: argparse.Namespace) -> int:
         study = store.get_study(args.study_instance_uid)
         if study is None:
             raise CliError(f"no study {args.study_instance_uid} in the state store (see `anatomix-node studies`)")
+        if study.state == "purged":
+            raise CliError(f"study {study.study_instance_uid} was purged by the retention policy: its results are gone")
         if not store.list_produced_objects(study.study_instance_uid, study.version):
             raise CliError(f"study {study.study_instance_uid} v{study.version} has no results to send (state {study.state})")
         if args.destination:

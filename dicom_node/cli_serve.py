@@ -30,6 +30,7 @@ from dicom_node.scp import StorageScp, build_ae
 from dicom_node.scp_server import InheritedSocketServer, PortInUse, ScpSupervisor, open_listening_socket, scp_address, serve_until_stopped
 from dicom_node.settings import Settings, load_settings
 from dicom_node.reconcile import reconcile_spool
+from dicom_node.retention import run_retention
 from dicom_node.spool import prepare_spool
 from dicom_node.store import open_store
 from dicom_node.store.base import Store
@@ -76,10 +77,13 @@ def stable_study_handler(settings: Settings, store: Store) -> OnStable | None:
 
 def background_loops(settings: Settings, store: Store, audit_trail: AuditTrail) -> list[BackgroundLoop]:
     on_stable = stable_study_handler(settings, store)
-    return [
+    loops = [
         BackgroundLoop("assembly", lambda stop: run_assembly(store, settings, stop, on_stable=on_stable, audit_trail=audit_trail)),
         BackgroundLoop("pipeline", lambda stop: run_node_pipeline(settings, stop)),
     ]
+    if settings.storage.retention_days > 0:
+        loops.append(BackgroundLoop("retention", lambda stop: run_retention(settings, store, audit_trail, stop)))
+    return loops
 
 
 def describe_model(settings: Settings) -> str:

@@ -45,7 +45,7 @@ from dicom_node.scp_dataset import (
     parse_instance_header,
 )
 from dicom_node.settings import Settings
-from dicom_node.spool import SpoolFull, check_free_space, remove_instance, write_instance
+from dicom_node.spool import SpoolFull, check_free_space, ensure_spooled, remove_instance, write_instance
 from dicom_node.store.base import InstanceRecord, RemoteNode, Store, StoreError, StoreUnavailable
 from dicom_node.transfer_syntaxes import accepted_transfer_syntaxes
 
@@ -223,6 +223,11 @@ class StorageScp:
                 # Not acknowledged, so not kept: the sender retries and we write it again.
                 remove_instance(self.spool_dir, spooled.relative_path)
             return self._out_of_resources(session, header.sop_instance_uid, peer, f"state store unavailable: {exc}", "state store unavailable")
+        if outcome.kind != "duplicate":
+            try:
+                ensure_spooled(self.spool_dir, spooled, header.study_instance_uid, header.sop_instance_uid, [file_meta, dataset_bytes])
+            except OSError as exc:
+                return self._out_of_resources(session, header.sop_instance_uid, peer, f"re-writing to the spool failed: {exc}", "spool write failed")
 
         if session:
             session.bytes_received += spooled.size

@@ -21,6 +21,9 @@ ENV_PREFIX = "ANATOMIX_"
 
 #: Result object kinds that sr_writer can build; profiles are subsets of these.
 OBJECT_KINDS = ("sr", "text_sr", "seg", "gsps", "sc", "kos")
+#: Study states a retention policy may purge (work in progress never is).
+RETENTION_STATES = ("done", "failed")
+
 DEFAULT_PROFILES: dict[str, tuple[str, ...]] = {
     "full": ("sr", "text_sr", "seg", "gsps", "sc"),
     "pacs-basic": ("gsps", "text_sr", "sc"),
@@ -56,6 +59,12 @@ class StorageSettings:
     data_dir: Path = Path("var")
     #: Answer 0xA700 (out of resources) when the spool's file system has less free space than this.
     min_free_bytes: int = 512 * 1024 * 1024
+    #: Retention: remove a study's received images, results and rows this many days after it
+    #: reached one of ``retention_states`` and stayed unchanged (a tombstone row remains, and a
+    #: late instance reopens it). 0 keeps everything (the default: deleting is the admin's choice).
+    retention_days: float = 0.0
+    #: Study states the retention policy may purge: ``done``, and ``failed`` if wanted.
+    retention_states: tuple[str, ...] = ("done",)
 
     @property
     def spool_dir(self) -> Path:
@@ -323,6 +332,13 @@ def validate(settings: Settings) -> None:
         raise SettingsError(f"node.scp_processes = {node.scp_processes}: must be 1-64")
     if settings.storage.min_free_bytes < 0:
         raise SettingsError(f"storage.min_free_bytes = {settings.storage.min_free_bytes}: must be >= 0")
+    if settings.storage.retention_days < 0:
+        raise SettingsError(f"storage.retention_days = {settings.storage.retention_days}: must be >= 0 (0 keeps everything)")
+    for state in settings.storage.retention_states:
+        if state not in RETENTION_STATES:
+            raise SettingsError(
+                f"storage.retention_states contains {state!r}: only {' and '.join(RETENTION_STATES)} studies may be purged"
+            )
     url = settings.database.url
     if url and not url.startswith(("sqlite:///", "postgresql://", "postgres://")):
         raise SettingsError(f"database.url = {url!r}: use sqlite:///PATH or postgresql://HOST:PORT/DB")

@@ -139,7 +139,13 @@ def write_instance(
         new_dir = not study_dir.exists()
         if new_dir:
             study_dir.mkdir(parents=True, exist_ok=True)
-        os.replace(temp, final)
+        try:
+            os.replace(temp, final)
+        except FileNotFoundError:
+            # The retention pass removed the (empty) study directory in between: make it again.
+            new_dir = True
+            study_dir.mkdir(parents=True, exist_ok=True)
+            os.replace(temp, final)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
@@ -150,6 +156,19 @@ def write_instance(
         if new_dir:
             _fsync_directory(spool_dir)
     return SpooledFile(relative, size, sha256, created=True)
+
+
+def ensure_spooled(spool_dir: Path, spooled: SpooledFile, study_instance_uid: str, sop_instance_uid: str, parts: list[bytes]) -> None:
+    """After recording: make sure a file we did not write ourselves (``created=False``) is still there.
+
+    ``write_instance`` found the content-addressed file already present; if a retention pass purged
+    that study before our row was committed, the file is gone now although our new row points to
+    it. Write it again (same bytes, same name) before the sender hears Success.
+    """
+    if spooled.created or (spool_dir / spooled.relative_path).exists():
+        return
+    log.warning("spool: %s was removed by a purge while it was being recorded; writing it again", spooled.relative_path)
+    write_instance(spool_dir, study_instance_uid, sop_instance_uid, parts)
 
 
 def remove_instance(spool_dir: Path, relative_path: str) -> None:

@@ -10,6 +10,7 @@ Times are timezone-aware UTC ``datetime`` objects.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -17,7 +18,8 @@ from typing import Any, Literal
 Role = Literal["source", "destination", "both"]
 
 #: Study states, in order; ``failed`` can follow any active state.
-STUDY_STATES = ("receiving", "stable", "queued", "analyzing", "analyzed", "delivering", "done", "failed")
+#: ``purged``: the retention policy removed the study's files and rows; the row stays as a tombstone.
+STUDY_STATES = ("receiving", "stable", "queued", "analyzing", "analyzed", "delivering", "done", "failed", "purged")
 #: Per-instance analysis outcome.
 INSTANCE_STATES = ("received", "selected", "skipped", "analyzed", "failed")
 DELIVERY_STATES = ("pending", "sent", "retrying", "failed", "dead")
@@ -84,6 +86,17 @@ class InstanceRecord:
     #: Why the instance was skipped or failed (human readable), None otherwise.
     reason: str | None = None
     id: int | None = None
+
+
+@dataclass(frozen=True)
+class PurgedStudy:
+    """What :meth:`Store.purge_study` removed."""
+
+    study_instance_uid: str
+    version: int
+    instances: int
+    produced_objects: int
+    bytes: int
 
 
 @dataclass(frozen=True)
@@ -243,6 +256,27 @@ class Store(abc.ABC):
         """Compare-and-set the study's state (only if at this version and in one of from_states).
 
         Records the time of entering ``to_state``. Returns False (and changes nothing) otherwise.
+        """
+
+    @abc.abstractmethod
+    def list_purge_candidates(self, states: tuple[str, ...], updated_before: datetime, limit: int = 500) -> list[str]:
+        """Study UIDs in one of ``states`` whose last change is older than ``updated_before``, oldest first."""
+
+    @abc.abstractmethod
+    def purge_study(
+        self,
+        study_instance_uid: str,
+        states: tuple[str, ...],
+        updated_before: datetime,
+        remove_files: Callable[[list[str], list[str]], None],
+    ) -> PurgedStudy | None:
+        """Delete a study's instances, analyses, produced objects and deliveries; keep a ``purged`` tombstone.
+
+        Only if the study is still in one of ``states`` and unchanged since ``updated_before``
+        (checked under the study's lock); otherwise returns None and changes nothing.
+        ``remove_files(instance_paths, produced_paths)`` runs inside the transaction, while the
+        study is locked: an instance arriving for the study meanwhile waits for the commit and then
+        reopens it as a new version, so it can never be recorded against a file being removed.
         """
 
     # ---- analyses, produced objects, deliveries ---------------------------------------------------

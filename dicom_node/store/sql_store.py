@@ -17,7 +17,7 @@ import abc
 import ipaddress
 import json
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -30,6 +30,7 @@ from dicom_node.store.base import (
     DeliveryRecord,
     InstanceRecord,
     ProducedObject,
+    PurgedStudy,
     RecordOutcome,
     RemoteNode,
     Store,
@@ -40,7 +41,7 @@ from dicom_node.store.base import (
 from dicom_node.store.schema import load_migrations
 
 #: A late instance reopens a study in these states as a new analysis version.
-REOPEN_STATES = ("queued", "analyzing", "analyzed", "delivering", "done", "failed")
+REOPEN_STATES = ("queued", "analyzing", "analyzed", "delivering", "done", "failed", "purged")
 
 _NODE_COLUMNS = "name, ae_title, host, port, role, profile, quiet_period_s, complete_on_release, default_destination, tls"
 _INSTANCE_COLUMNS = (
@@ -387,6 +388,44 @@ class SqlStore(Store):
             if changed:
                 self._add_history(tx, study_instance_uid, version, to_state, now)
         return changed > 0
+
+    def list_purge_candidates(self, states: tuple[str, ...], updated_before: datetime, limit: int = 500) -> list[str]:
+        if not states:
+            return []
+        with self._transaction(write=False) as tx:
+            rows = tx.all(
+                f"SELECT study_instance_uid FROM studies WHERE state IN ({_placeholders(len(states))}) AND updated_at < ? "
+                f"ORDER BY updated_at, study_instance_uid LIMIT {int(limit)}",
+                (*states, self._db_time(_require_aware("updated_before", updated_before))),
+            )
+        return [row[0] for row in rows]
+
+    def purge_study(
+        self,
+        study_instance_uid: str,
+        states: tuple[str, ...],
+        updated_before: datetime,
+        remove_files: Callable[[list[str], list[str]], None],
+    ) -> PurgedStudy | None:
+        cutoff = _require_aware("updated_before", updated_before)
+        uid = study_instance_uid
+        with self._transaction(write=True) as tx:
+            row = tx.one(f"SELECT version, state, updated_at FROM studies WHERE study_instance_uid = ?{self.lock_row_sql}", (uid,))
+            if row is None or row[1] not in states or not self._py_time(row[2]) < cutoff:
+                return None
+            version = int(row[0])
+            instances = tx.all("SELECT path, size FROM instances WHERE study_instance_uid = ?", (uid,))
+            produced = [r[0] for r in tx.all("SELECT path FROM produced_objects WHERE study_instance_uid = ?", (uid,))]
+            for table in ("deliveries", "produced_objects", "analyses", "instances"):
+                tx.execute(f"DELETE FROM {table} WHERE study_instance_uid = ?", (uid,))
+            now = utc_now()
+            tx.execute(
+                "UPDATE studies SET state = 'purged', error = NULL, updated_at = ? WHERE study_instance_uid = ?",
+                (self._db_time(now), uid),
+            )
+            self._add_history(tx, uid, version, "purged", now)
+            remove_files([r[0] for r in instances], produced)  # still under the study's lock
+        return PurgedStudy(uid, version, len(instances), len(produced), sum(int(r[1]) for r in instances))
 
     # ---- analyses, produced objects, deliveries ---------------------------------------------------
     def save_analysis(self, record: AnalysisRecord) -> None:

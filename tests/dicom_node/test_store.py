@@ -14,6 +14,7 @@ import pytest
 
 from dicom_node.store import open_store
 from dicom_node.store.base import (
+    STUDY_STATES,
     AnalysisRecord,
     AuditEvent,
     DeliveryRecord,
@@ -354,6 +355,84 @@ def test_deliveries_upsert_one_row_per_destination_and_object(store: Store) -> N
     assert store.list_deliveries("other.study") == []
     with pytest.raises(ValueError, match="'lost'"):
         store.upsert_delivery(replace(pending, status="lost"))
+
+
+# ---- retention ------------------------------------------------------------------------------------
+
+
+def _finished_study(store: Store) -> None:
+    """A study with two instances, an analysis, a produced object and a delivery, moved to done."""
+    store.record_instance(instance("1.1"))
+    store.record_instance(instance("1.2", sha="b" * 64))
+    store.save_analysis(AnalysisRecord(STUDY, 1, "1.1", "analyzed", "{}", None, T0))
+    store.record_produced_object(ProducedObject(STUDY, 1, "1.1", "sr", "5.1", "1.2.840.10008.5.1.4.1.1.88.34", f"{STUDY}/v1/sr.dcm", T0))
+    store.upsert_delivery(DeliveryRecord(STUDY, 1, "pacs", "5.1", "sent", 1, 0, None, T0))
+    for to_state in ("stable", "queued", "analyzing", "analyzed", "delivering", "done"):
+        assert store.transition_study(STUDY, 1, tuple(STUDY_STATES), to_state)
+
+
+def test_purge_removes_a_finished_study_and_keeps_a_tombstone(store: Store) -> None:
+    _finished_study(store)
+    later = datetime.now(timezone.utc) + timedelta(seconds=1)
+    assert store.list_purge_candidates(("done",), later) == [STUDY]
+    assert store.list_purge_candidates(("failed",), later) == []
+    assert store.list_purge_candidates(("done",), later - timedelta(days=1)) == []
+    removed: list[tuple[list[str], list[str]]] = []
+    purged = store.purge_study(STUDY, ("done",), later, lambda instances, produced: removed.append((sorted(instances), produced)))
+    assert purged is not None and (purged.instances, purged.produced_objects, purged.bytes, purged.version) == (2, 1, 2468, 1)
+    assert removed == [(sorted(i.path for i in (instance("1.1"), instance("1.2", sha="b" * 64))), [f"{STUDY}/v1/sr.dcm"])]
+    assert store.list_instances(STUDY) == []
+    assert store.list_analyses(STUDY, 1) == [] and store.list_produced_objects(STUDY) == [] and store.list_deliveries(STUDY) == []
+    study = store.get_study(STUDY)
+    assert study is not None and study.state == "purged" and study.instance_count == 0 and "purged" in study.state_times
+    assert store.list_purge_candidates(("done",), later) == []
+    # A late instance reopens the tombstone as a new analysis version.
+    outcome = store.record_instance(instance("1.3", sha="c" * 64))
+    assert outcome.kind == "new" and outcome.reopened_study and outcome.instance.study_version == 2
+    assert store.get_study(STUDY).state == "receiving"
+
+
+def test_purge_leaves_studies_that_are_not_eligible(store: Store) -> None:
+    _finished_study(store)
+    later = datetime.now(timezone.utc) + timedelta(seconds=1)
+    calls: list[object] = []
+    assert store.purge_study(STUDY, ("done",), later - timedelta(days=1), calls.append) is None  # changed too recently
+    assert store.purge_study(STUDY, ("failed",), later, calls.append) is None  # not in a purgeable state
+    assert store.purge_study("1.2.3.999", ("done",), later, calls.append) is None  # unknown study
+    assert calls == [] and len(store.list_instances(STUDY)) == 2 and store.get_study(STUDY).state == "done"
+
+
+def test_an_instance_arriving_during_a_purge_waits_and_reopens_the_study(store: Store, store_url: str) -> None:
+    """The file callback runs under the study's lock: a concurrent record_instance (another
+    connection, as in an SCP process) is committed only after the purge, as a new version."""
+    import threading
+
+    _finished_study(store)
+    other = open_store(store_url, migrate=False)
+    recorded: list = []
+    in_callback = threading.Event()
+
+    def slow_removal(instances: list[str], produced: list[str]) -> None:
+        in_callback.set()
+        threading.Event().wait(0.5)
+        recorded.append(("callback done", list(recorded)))
+
+    def late_sender() -> None:
+        in_callback.wait(10)
+        recorded.append(other.record_instance(instance("1.9", sha="d" * 64)))
+
+    sender = threading.Thread(target=late_sender)
+    sender.start()
+    try:
+        purged = store.purge_study(STUDY, ("done",), datetime.now(timezone.utc) + timedelta(seconds=1), slow_removal)
+        sender.join(30)
+    finally:
+        other.close()
+    assert purged is not None
+    assert recorded[0] == ("callback done", [])  # the late instance was not recorded while files were removed
+    late = recorded[1]
+    assert late.kind == "new" and late.reopened_study and late.instance.study_version == 2
+    assert [i.sop_instance_uid for i in store.list_instances(STUDY)] == ["1.9"]
 
 
 def test_audit_events_newest_first_with_detail(store: Store) -> None:

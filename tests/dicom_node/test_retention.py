@@ -1,0 +1,160 @@
+"""Retention against the real node, its spool and its state store (SQLite), plus the purge command.
+
+- ``serve`` with ``storage.retention_days`` purges a finished study at start-up: spooled files,
+  result files and rows go, a ``purged`` tombstone and an audit event stay, other studies are
+  untouched, and a late re-send reopens the study as a new version.
+- The one interleaving where a purge could remove a file that a new row points to (an exact
+  duplicate re-sent while its study is purged) is replayed with the SCP's own functions, in the
+  SCP's order: the file is written again before Success.
+- ``anatomix-node purge``: dry run, real run, and the one-line refusal when retention is off.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pydicom
+
+from dicom_node.audit import open_audit_trail
+from dicom_node.retention import purge_expired
+from dicom_node.settings import Settings
+from dicom_node.spool import ensure_spooled, write_instance
+from dicom_node.store import open_store
+from dicom_node.store.base import STUDY_STATES, InstanceRecord, ProducedObject, Store
+from tests.dicom_node.test_cli_node import assert_one_line_error, node as run_cli
+from tests.faults.test_kill_and_disk import send_statuses
+from tests.support.corpus import write_synthetic_set
+from tests.support.node import NodeProcess
+
+OLD = "1.2.826.0.1.3680043.8.498.13"
+KEPT = "1.2.826.0.1.3680043.8.498.14"
+
+
+def finish(store: Store, study: str, version: int = 1) -> None:
+    for to_state in ("stable", "queued", "analyzing", "analyzed", "delivering", "done"):
+        assert store.transition_study(study, version, tuple(STUDY_STATES), to_state)
+
+
+def test_serve_purges_an_expired_study_at_start_up_and_a_late_instance_reopens_it(tmp_path: Path) -> None:
+    old_files = write_synthetic_set(tmp_path / "old", 2, study_uid=OLD)
+    [kept_file] = write_synthetic_set(tmp_path / "kept", 1, study_uid=KEPT)
+    site = NodeProcess(tmp_path / "node", settings={"assembly": {"quiet_period_s": 600, "hard_cap_s": 600}})
+    site.add_source("modality", "MODALITY")
+    site.start()
+    assert send_statuses(site.port, [*old_files, kept_file]) == [0x0000] * 3
+    site.stop()
+
+    store = site.open_store()
+    try:
+        finish(store, OLD)
+        result_file = site.data_dir / "results" / OLD / "v1" / "sr.dcm"
+        result_file.parent.mkdir(parents=True)
+        result_file.write_bytes(b"result object")
+        store.record_produced_object(ProducedObject(OLD, 1, "x", "sr", "5.9", "1.2.840.10008.5.1.4.1.1.88.34", f"{OLD}/v1/sr.dcm", datetime.now(timezone.utc)))
+        spooled_old = [site.spool_dir / i.path for i in store.list_instances(OLD)]
+        assert len(spooled_old) == 2 and all(p.exists() for p in spooled_old)
+        old_bytes = sum(p.stat().st_size for p in spooled_old)
+    finally:
+        store.close()
+    time.sleep(1.0)
+
+    site.settings["storage"] = {"retention_days": 0.5 / 86400}  # half a second
+    site.start()
+    try:
+        deadline = time.monotonic() + 30
+        while "retention: purged" not in site.log_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "retention: purged 1 studies" in site.log_text(), site.log_text()[-3000:]
+        store = site.open_store()
+        try:
+            assert store.get_study(OLD).state == "purged" and store.list_instances(OLD) == []
+            assert store.get_study(KEPT).state == "receiving"  # not finished: never purged
+            assert len(store.list_instances(KEPT)) == 1
+            assert not any(p.exists() for p in spooled_old)
+            assert not (site.spool_dir / OLD).exists() and not (site.data_dir / "results" / OLD).exists()
+            events = {e.study_instance_uid: e.detail for e in store.list_audit_events("study_purged")}
+            assert events[OLD]["instances"] == 2 and events[OLD]["produced_objects"] == 1
+            assert events[OLD]["bytes"] == old_bytes
+
+            # The sender re-sends one of the purged instances: accepted, the study reopens as version 2.
+            assert send_statuses(site.port, [old_files[0]]) == [0x0000]
+            study = store.get_study(OLD)
+            assert (study.state, study.version) == ("receiving", 2)
+            [again] = store.list_instances(OLD)
+            assert (site.spool_dir / again.path).exists() and again.study_version == 2
+        finally:
+            store.close()
+    finally:
+        site.stop()
+
+
+def test_a_duplicate_resent_while_its_study_is_purged_is_written_again(tmp_path: Path) -> None:
+    """Replays the SCP's steps around a purge: write (finds the file), purge, record, ensure."""
+    settings = Settings().with_overrides(storage={"data_dir": tmp_path / "var", "min_free_bytes": 0})
+    (settings.storage.spool_dir / ".tmp").mkdir(parents=True)
+    store = open_store(f"sqlite:///{tmp_path / 'var' / 'anatomix.db'}")
+    try:
+        [path] = write_synthetic_set(tmp_path / "set", 1, study_uid=OLD)
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        parts = [path.read_bytes()]
+
+        def record(spooled) -> InstanceRecord:
+            return InstanceRecord(
+                sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID), study_instance_uid=OLD,
+                series_instance_uid=str(ds.SeriesInstanceUID), transfer_syntax_uid="1.2.840.10008.1.2.1",
+                path=spooled.relative_path, size=spooled.size, sha256=spooled.sha256, calling_ae="MODALITY",
+                received_at=datetime.now(timezone.utc),
+            )  # fmt: skip
+
+        first = write_instance(settings.storage.spool_dir, OLD, str(ds.SOPInstanceUID), parts)
+        store.record_instance(record(first))
+        finish(store, OLD)
+
+        again = write_instance(settings.storage.spool_dir, OLD, str(ds.SOPInstanceUID), parts)  # the re-send
+        assert not again.created  # the SCP found the file already there
+        report = purge_expired(settings, store, open_audit_trail(store, None), days=0, now=datetime.now(timezone.utc) + timedelta(seconds=1))
+        assert [p.study_instance_uid for p in report.purged] == [OLD]
+        target = settings.storage.spool_dir / again.relative_path
+        assert not target.exists()  # the purge removed the file the re-send relies on
+        outcome = store.record_instance(record(again))  # committed after the purge: reopens the study
+        assert outcome.kind == "new" and outcome.reopened_study
+        ensure_spooled(settings.storage.spool_dir, again, OLD, str(ds.SOPInstanceUID), parts)
+        assert target.read_bytes() == parts[0]
+    finally:
+        store.close()
+
+
+def test_purge_command_dry_run_real_run_and_refusal(tmp_path: Path) -> None:
+    site = NodeProcess(tmp_path / "node")
+    config = site.write_config()
+    (site.spool_dir / ".tmp").mkdir(parents=True)
+    store = site.open_store()
+    try:
+        [path] = write_synthetic_set(tmp_path / "set", 1, study_uid=OLD)
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        spooled = write_instance(site.spool_dir, OLD, str(ds.SOPInstanceUID), [path.read_bytes()])
+        store.record_instance(InstanceRecord(
+            str(ds.SOPInstanceUID), str(ds.SOPClassUID), OLD, str(ds.SeriesInstanceUID), "1.2.840.10008.1.2.1",
+            spooled.relative_path, spooled.size, spooled.sha256, "MODALITY", datetime.now(timezone.utc),
+        ))  # fmt: skip
+        finish(store, OLD)
+    finally:
+        store.close()
+    time.sleep(0.2)
+
+    refused = run_cli(tmp_path, "purge", "--config", str(config))
+    assert_one_line_error(refused, "retention_days is 0", "--older-than-days")
+
+    dry = run_cli(tmp_path, "purge", "--config", str(config), "--older-than-days", "0", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "1 studies done" in dry.stdout and OLD in dry.stdout
+    assert (site.spool_dir / spooled.relative_path).exists()
+
+    real = run_cli(tmp_path, "purge", "--config", str(config), "--older-than-days", "0")
+    assert real.returncode == 0, real.stderr
+    assert "purged 1 studies done" in real.stdout and "1 instances" in real.stdout
+    assert not (site.spool_dir / spooled.relative_path).exists()
+    listed = run_cli(tmp_path, "studies", "--config", str(config), "--state", "purged")
+    assert listed.returncode == 0 and OLD in listed.stdout and "purged" in listed.stdout
