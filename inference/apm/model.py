@@ -77,8 +77,12 @@ class AnatomyPerceptionModule(nn.Module):
         - ``image_logits`` [B, 14]: CheXpert label logits (order: ``inference.result.CHEXPERT_LABELS``)
         """
         hs, memory, cls = self.encode_decode(images)
+        # The box head runs in float32 even under autocast: it is tiny (36 queries), and bf16's
+        # 8-bit mantissa on its logits and sigmoid alone would cost several pixels of box position.
+        with torch.autocast(images.device.type, enabled=False):
+            boxes = self.bbox_embed(hs.float()).sigmoid()
         return {
-            "boxes": self.bbox_embed(hs).sigmoid(),
+            "boxes": boxes,
             "anatomy_tokens": self.anat_obj_embs(hs, memory),
             "cls": cls,
             "memory": memory,

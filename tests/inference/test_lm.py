@@ -265,6 +265,36 @@ def test_cuda_bf16_path_with_compiled_decode(model_dir, token_ids, tokenizer) ->
     assert eager.tokens == compiled.tokens
 
 
+def test_compiled_decode_step_traces_and_matches_eager_on_cpu_bf16(model_dir, token_ids, tokenizer) -> None:
+    """The GPU path's compiled step (``compile_decode_step``: dynamo + inductor, static cache
+    addresses) run on CPU in bf16: it must trace and give eager's logits, step after step. (CUDA
+    graphs themselves only exist on a GPU; the CUDA test above covers them where one is present.)"""
+    from inference.lm.decoding import KVCache, compile_decode_step, decode_one_token, prefill, round_up
+
+    torch._dynamo.reset()
+    lm, _ = load_lm(model_dir / "medgemma", model_dir / "lm.pt", token_ids, dtype=torch.bfloat16)
+    prompts = prompt_embeds(lm, tokenizer, token_ids, 2, seed=5)
+    compiled_step = compile_decode_step()
+    with torch.inference_mode():
+        caches = []
+        for _ in range(2):
+            cache = KVCache.allocate(lm.decoder, 2, round_up(max(int(p.shape[0]) for p in prompts) + 8, 256))
+            for row, embeds in enumerate(prompts):
+                prefill(lm.decoder, embeds[None], cache.rows(row, row + 1))
+            caches.append(cache)
+        caches[1].mark_static()
+        tokens = torch.tensor([5, 9])
+        positions = torch.tensor([int(p.shape[0]) for p in prompts])
+        for _ in range(4):
+            eager = decode_one_token(lm.decoder, tokens.clone(), positions.clone(), caches[0])
+            compiled = compiled_step(lm.decoder, tokens.clone(), positions.clone(), caches[1])
+            assert torch.allclose(eager, compiled, atol=0.1, rtol=0.05), (eager - compiled).abs().max()
+            assert torch.equal(eager.argmax(-1), compiled.argmax(-1))
+            tokens = eager.argmax(-1)
+            positions = positions + 1
+    torch._dynamo.reset()
+
+
 def test_medgemma_style_config_is_read_with_its_legacy_keys(tmp_path) -> None:
     import json
 
