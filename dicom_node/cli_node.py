@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     show.set_defaults(func=run_config_show)
 
     ae = subparsers.add_parser("ae", help="remote DICOM nodes: sources that send to us, destinations for results")
-    ae.set_defaults(func=_missing_action("ae", "add, list or remove"))
+    ae.set_defaults(func=_missing_action("ae", "add, update, list or remove"))
     ae_actions = ae.add_subparsers(dest="ae_command", metavar="ACTION")
     add = ae_actions.add_parser("add", help="add a remote node")
     _add_config_option(add)
@@ -58,6 +58,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add.add_argument("--complete-on-release", action="store_true", help="a study is complete when this source releases its association")
     add.add_argument("--default-destination", action="store_true", help="send results of every study here")
     add.set_defaults(func=run_ae_add)
+    update = ae_actions.add_parser("update", help="change some settings of a remote node (the others are kept)")
+    _add_config_option(update)
+    update.add_argument("name")
+    update.add_argument("--ae-title", default=None)
+    update.add_argument("--host", default=None)
+    update.add_argument("--port", default=None)
+    update.add_argument("--role", default=None, choices=("source", "destination", "both"))
+    update.add_argument("--profile", default=None)
+    update.add_argument("--quiet-period", type=float, default=None, metavar="S")
+    update.add_argument("--complete-on-release", action=argparse.BooleanOptionalAction, default=None)
+    update.add_argument("--default-destination", action=argparse.BooleanOptionalAction, default=None)
+    update.set_defaults(func=run_ae_update)
     listing = ae_actions.add_parser("list", help="list remote nodes")
     _add_config_option(listing)
     listing.add_argument("--json", action="store_true")
@@ -219,6 +231,33 @@ def run_ae_add(args: argparse.Namespace) -> int:
         except StoreConflict:
             raise CliError(f"a remote node named {node.name!r} already exists; `ae remove {node.name}` first or pick another name") from None
     print(f"added {node.name}: {node.ae_title}@{node.host}:{node.port} ({node.role}, profile {node.profile})")
+    return 0
+
+
+def run_ae_update(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    with opened_store(settings) as store:
+        current = store.get_remote_node(args.name)
+        if current is None:
+            raise CliError(f"no remote node named {args.name!r} (see `anatomix-node ae list`)")
+        merged = argparse.Namespace(
+            name=current.name,
+            ae_title=current.ae_title if args.ae_title is None else args.ae_title,
+            host=current.host if args.host is None else args.host,
+            port=str(current.port) if args.port is None else args.port,
+            role=current.role if args.role is None else args.role,
+            profile=current.profile if args.profile is None else args.profile,
+            quiet_period=current.quiet_period_s if args.quiet_period is None else args.quiet_period,
+            complete_on_release=current.complete_on_release if args.complete_on_release is None else args.complete_on_release,
+            default_destination=current.default_destination if args.default_destination is None else args.default_destination,
+        )
+        node = replace(remote_node_from_args(merged, settings), tls=current.tls)
+        if node == current:
+            print(f"{node.name}: nothing to change")
+            return 0
+        store.update_remote_node(node)
+    changed = [f"{key} {getattr(current, key)!r} -> {getattr(node, key)!r}" for key in asdict(node) if getattr(current, key) != getattr(node, key)]
+    print(f"updated {node.name}: " + "; ".join(changed))
     return 0
 
 

@@ -95,6 +95,24 @@ def test_ae_add_list_remove(site: Path) -> None:
     store.close()
 
 
+def test_ae_update_changes_only_what_is_given(site: Path) -> None:
+    assert node(site, "ae", "add", "pacs", "--ae-title", "PACS", "--host", "127.0.0.1", "--port", "4242", "--role", "destination",
+                "--profile", "ohif", "--default-destination").returncode == 0  # fmt: skip
+    updated = node(site, "ae", "update", "pacs", "--port", "4343", "--role", "both", "--no-default-destination")
+    assert updated.returncode == 0, updated.stderr
+    assert "port 4242 -> 4343" in updated.stdout and "default_destination True -> False" in updated.stdout
+    [pacs] = json.loads(node(site, "ae", "list", "--json").stdout)
+    assert pacs == {
+        "name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 4343, "role": "both", "profile": "ohif",
+        "quiet_period_s": None, "complete_on_release": False, "default_destination": False, "tls": False,
+    }  # fmt: skip
+    assert "nothing to change" in node(site, "ae", "update", "pacs", "--port", "4343").stdout
+    assert_one_line_error(node(site, "ae", "update", "nobody", "--port", "1"), "no remote node named 'nobody'")
+    assert_one_line_error(node(site, "ae", "update", "pacs", "--port", "0"), "--port 0")
+    assert_one_line_error(node(site, "ae", "update", "pacs", "--role", "destination", "--host", "*"), "'*' only suits a source")
+    assert json.loads(node(site, "ae", "list", "--json").stdout)[0]["port"] == 4343  # refused updates changed nothing
+
+
 @pytest.mark.parametrize(
     ("args", "fragments"),
     [
