@@ -41,6 +41,12 @@ FINDINGS_SECTION = Code("59776-5", "LN", "Findings")  # pydicom
 IMPRESSIONS_SECTION = Code("19005-8", "LN", "Impressions")  # pydicom
 FINDING = Code("121071", "DCM", "Finding")  # pydicom
 IMPRESSION = Code("121073", "DCM", "Impression")  # pydicom
+#: TEXT item name for a region's retrieved sentence (TID 1410 qualitative evaluation with a text answer)
+#: and for the note that opens the text SR's model output section.
+COMMENT = Code("121106", "DCM", "Comment")  # pydicom
+#: Text SR section heading for the image-level classification and the retrieved region sentences. CID 7001
+#: (report headings) is extensible and has no heading for raw model outputs, so it is ours.
+MODEL_OUTPUTS_SECTION = Code("MODELOUTPUTS", PRIVATE_SCHEME, "AI image classification and region descriptions")
 #: Algorithm family (CID 7162) for SEG/GSPS algorithm identification.
 ARTIFICIAL_INTELLIGENCE = Code("123110", "DCM", "Artificial Intelligence")  # pydicom
 #: Procedure Reported when the study carries no Procedure Code Sequence (IHE AIR).

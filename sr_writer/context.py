@@ -4,11 +4,16 @@
 argument) and turns regions and findings into :class:`Annotation` objects: boxes clipped to the image,
 degenerate boxes dropped with a warning, tracking identifiers and UIDs fixed, codes chosen. Builders
 then only format; every object of a bundle agrees on the same boxes and tracking UIDs.
+
+It also checks the two per-image model outputs that are not boxes: the image-level classification
+probabilities (:class:`ImageLabel`, sorted by label) and each region's retrieved sentence
+(:class:`RegionSentence`, whitespace collapsed; an empty or missing sentence is simply absent).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import pydicom
@@ -56,6 +61,27 @@ class Annotation:
 
 
 @dataclass(frozen=True)
+class ImageLabel:
+    """One image-level classification output: a whole-image statement with a probability, no box."""
+
+    label: str  # as the model names it, e.g. "Pleural Effusion"
+    probability: float
+    key: str  # stable within the result, e.g. "image-label-pleural-effusion"
+    tracking_id: str  # LO-safe, e.g. "image-label Pleural Effusion"
+    tracking_uid: str
+    finding_type: Code
+
+
+@dataclass(frozen=True)
+class RegionSentence:
+    """The retrieval DB sentence of one region (also for a region the model did not locate)."""
+
+    index: int
+    name: str  # display name, e.g. "Heart"
+    sentence: str
+
+
+@dataclass(frozen=True)
 class BundleContext:
     source: pydicom.Dataset
     result: AnalysisResult
@@ -65,6 +91,10 @@ class BundleContext:
     annotations: tuple[Annotation, ...]
     character_set: str | list[str]
     warnings: tuple[str, ...] = field(default=())
+    #: Image-level classification, sorted by label; empty when the result has none.
+    image_labels: tuple[ImageLabel, ...] = field(default=())
+    #: Regions that have a retrieved sentence, in region index order.
+    region_sentences: tuple[RegionSentence, ...] = field(default=())
 
     # ---- identity ------------------------------------------------------------------------------
     @property
@@ -167,7 +197,10 @@ def make_context(
         raise ValueError(f"analysis_version {analysis_version!r} must be an integer >= 1")
     warnings: list[str] = []
     annotations = build_annotations(result, uid_root, analysis_version, warnings)
+    image_labels = build_image_labels(result, uid_root, analysis_version)
+    region_sentences = build_region_sentences(result)
     texts = [a.label for a in annotations] + [a.text for a in annotations] + [institution_name]
+    texts += [label.label for label in image_labels] + [r.sentence for r in region_sentences]
     if result.report is not None:
         texts += [result.report.findings, result.report.impression]
     return BundleContext(
@@ -179,6 +212,8 @@ def make_context(
         annotations=tuple(annotations),
         character_set=character_set_for(source, texts),
         warnings=tuple(warnings),
+        image_labels=image_labels,
+        region_sentences=region_sentences,
     )
 
 
@@ -225,12 +260,16 @@ def check_source(source: pydicom.Dataset) -> None:
         raise ValueError("source is not a grayscale image (SamplesPerPixel != 1)")
 
 
+def tracking_uid(result: AnalysisResult, uid_root: str, analysis_version: int, key: str) -> str:
+    """Tracking UID of one annotation or image label: the same in SR, SEG and GSPS, and on every rebuild."""
+    return derive_uid(uid_root, result.sop_instance_uid, result.model.device_uid, analysis_version, f"track/{key}")
+
+
 def build_annotations(result: AnalysisResult, uid_root: str, analysis_version: int, warnings: list[str]) -> list[Annotation]:
     """Regions first (index order), then findings; one annotation per kept box."""
 
     def track(key: str) -> str:
-        """Tracking UID of one annotation: the same in SR, SEG and GSPS, and on every rebuild."""
-        return derive_uid(uid_root, result.sop_instance_uid, result.model.device_uid, analysis_version, f"track/{key}")
+        return tracking_uid(result, uid_root, analysis_version, key)
 
     annotations: list[Annotation] = []
     for position, region in enumerate(result.regions):
@@ -255,7 +294,7 @@ def build_annotations(result: AnalysisResult, uid_root: str, analysis_version: i
                 finding_type=codes.region_site(region.index).structure,
                 sites=(codes.region_site(region.index),),
                 probability=None,
-                text=region.retrieved_sentence or "",
+                text=checked_sentence(region.retrieved_sentence, f"result.regions[{position}].retrieved_sentence") or "",
             )
         )
     for position, finding in enumerate(result.findings):
@@ -304,6 +343,58 @@ def _finding_annotation(
         probability=probability,
         text=text,
     )
+
+
+def build_image_labels(result: AnalysisResult, uid_root: str, analysis_version: int) -> tuple[ImageLabel, ...]:
+    """``result.image_labels`` checked and sorted by label; ValueError names a bad label or probability."""
+    if not isinstance(result.image_labels, dict):
+        raise ValueError(f"result.image_labels must be a dict of label -> probability, got {type(result.image_labels).__name__}")
+    labels: list[ImageLabel] = []
+    keys: dict[str, str] = {}
+    for label, value in sorted(result.image_labels.items(), key=lambda item: str(item[0])):
+        where = f"result.image_labels[{label!r}]"
+        if not isinstance(label, str) or not label.strip():
+            raise ValueError(f"{where}: a label must be a non-empty string")
+        if value is None:
+            raise ValueError(f"{where} = None: a probability must be a number in [0, 1]")
+        probability = check_probability(value, where)
+        assert probability is not None
+        name = " ".join(label.split())
+        slug = re.sub(r"\W+", "-", name.casefold()).strip("-_") or "label"
+        key = f"image-label-{slug}"
+        if key in keys:
+            raise ValueError(f"{where}: the same label as {keys[key]!r} once case and punctuation are ignored")
+        keys[key] = label
+        labels.append(
+            ImageLabel(
+                label=name,
+                probability=probability,
+                key=key,
+                tracking_id=truncate(f"image-label {name}", "LO"),
+                tracking_uid=tracking_uid(result, uid_root, analysis_version, key),
+                finding_type=codes.finding_type_for_label(name),
+            )
+        )
+    return tuple(labels)
+
+
+def build_region_sentences(result: AnalysisResult) -> tuple[RegionSentence, ...]:
+    """The regions that have a retrieved sentence, in index order (located or not)."""
+    sentences = []
+    for position, region in sorted(enumerate(result.regions), key=lambda item: item[1].index):
+        sentence = checked_sentence(region.retrieved_sentence, f"result.regions[{position}].retrieved_sentence")
+        if sentence:  # build_annotations has already checked the index
+            sentences.append(RegionSentence(region.index, display_region_name(region.index), sentence))
+    return tuple(sentences)
+
+
+def checked_sentence(value: object, where: str) -> str | None:
+    """A retrieved sentence with whitespace collapsed; None for None or blank; ValueError for a non-string."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"{where} must be a string or None, got {type(value).__name__}")
+    return " ".join(value.split()) or None
 
 
 def display_region_name(index: int) -> str:

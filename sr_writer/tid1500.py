@@ -9,8 +9,30 @@ Content tree::
         TID 1410 Planar ROI group per region box and per finding box:
           Tracking Identifier / Tracking UID, Finding Type, TID 4019 Algorithm Identification,
           Finding Site (+ Laterality), Image Region = closed 5-point POLYLINE SCOORD (column, row),
-          Presence = Present, Probability (finding, when known)
+          Presence = Present, Probability (finding, when known),
+          TEXT Comment (DCM 121106) = the region's retrieved sentence (region groups, when it has one)
         TID 1501 group per finding without a box (a whole-image statement)
+        TID 1501 group per image-level classification label, sorted by label:
+          Tracking Identifier "image-label <label>" / Tracking UID, Finding Type (the label's code),
+          TID 4019 Algorithm Identification, TID 300 Probability (DCM 122157, UCUM "1")
+
+Image-level labels carry no Finding Category, no Finding Site and no Presence evaluation: a
+probability from the image classifier is not a statement that the finding is present. Their tracking
+identifier prefix "image-label" and the missing Presence tell them apart from grounded findings
+(which have Presence = Present and category Morphologically Abnormal Structure). All labels the
+model scored are written (14 small groups), so a reader also sees the low ones.
+
+The retrieved sentence is a free-text description of the region, so it cannot be a CODE (a code value
+is at most 16 characters and must come from a scheme). The qualitative evaluation rows of TID 1410 /
+TID 1501 ($QualType, "coded questions with coded or text answers") allow a CONTAINS TEXT item with a
+coded name; we name it DCM 121106 "Comment". DCM 121071 "Finding" was the other candidate: the
+validators treat both alike, but "Finding" is already the name of the group's CODE finding type
+(row 3b), which readers such as highdicom and OHIF look up by concept name, so a TEXT of the same
+name invites mix-ups. highdicom 0.28's ``QualitativeEvaluation`` takes only codes, so the item is
+appended to the group's content sequence by hand, after the coded evaluations. dciodvfy and dsrdump
+accept it; pixelmed's 2022 template tables have no qualitative evaluation rows for TID 1410 at all
+(the same gap as for "Presence of property"), so it reports the item as "not in template": a
+documented false positive, limited to this concept name, in ``tests/sr_writer/false_positives.py``.
 
 Comprehensive SR (88.33) holds exactly the same tree, because we use 2D SCOORD only; see
 :func:`sr_writer.bundle.comprehensive_sr_fallback`.
@@ -33,6 +55,7 @@ from highdicom.sr import (
     PlanarROIMeasurementsAndQualitativeEvaluations,
     QualitativeEvaluation,
     SourceImageForRegion,
+    TextContentItem,
     TrackingIdentifier,
 )
 from pydicom.dataset import Dataset
@@ -40,7 +63,7 @@ from pydicom.sr.codedict import codes as dcm_codes
 
 from inference.result import Box
 from sr_writer import codes
-from sr_writer.context import Annotation, BundleContext
+from sr_writer.context import Annotation, BundleContext, ImageLabel
 from sr_writer.equipment import MANUFACTURER, apply_common_attributes
 
 
@@ -61,18 +84,19 @@ def build_tid1500_sr(ctx: BundleContext, kind: str = "sr", sr_class: type = hd.s
     source_image = SourceImageForRegion.from_source_image(ctx.source)
     groups: list = []
     for annotation in ctx.boxed:
-        groups.append(
-            PlanarROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=TrackingIdentifier(uid=annotation.tracking_uid, identifier=annotation.tracking_id),
-                referenced_region=ImageRegion(graphic_type="POLYLINE", graphic_data=box_polyline(annotation.box), source_image=source_image),
-                finding_type=annotation.finding_type,
-                algorithm_id=algorithm,
-                finding_sites=finding_sites(annotation),
-                measurements=probability_measurements(annotation),
-                qualitative_evaluations=[QualitativeEvaluation(codes.PRESENCE, codes.PRESENT)],
-                finding_category=codes.ANATOMICAL_STRUCTURE if annotation.is_region else codes.MORPHOLOGICALLY_ABNORMAL_STRUCTURE,
-            )
+        group = PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=TrackingIdentifier(uid=annotation.tracking_uid, identifier=annotation.tracking_id),
+            referenced_region=ImageRegion(graphic_type="POLYLINE", graphic_data=box_polyline(annotation.box), source_image=source_image),
+            finding_type=annotation.finding_type,
+            algorithm_id=algorithm,
+            finding_sites=finding_sites(annotation),
+            measurements=probability_measurements(annotation),
+            qualitative_evaluations=[QualitativeEvaluation(codes.PRESENCE, codes.PRESENT)],
+            finding_category=codes.ANATOMICAL_STRUCTURE if annotation.is_region else codes.MORPHOLOGICALLY_ABNORMAL_STRUCTURE,
         )
+        if annotation.is_region and annotation.text:
+            group[0].ContentSequence.append(retrieved_sentence_item(annotation.text))
+        groups.append(group)
     for annotation in ctx.unboxed_findings:
         groups.append(
             MeasurementsAndQualitativeEvaluations(
@@ -85,6 +109,7 @@ def build_tid1500_sr(ctx: BundleContext, kind: str = "sr", sr_class: type = hd.s
                 finding_category=codes.MORPHOLOGICALLY_ABNORMAL_STRUCTURE,
             )
         )
+    groups.extend(image_label_group(label, algorithm) for label in ctx.image_labels)
     model = ctx.result.model
     observer = ObserverContext(
         observer_type=dcm_codes.cid270.Device,
@@ -93,7 +118,7 @@ def build_tid1500_sr(ctx: BundleContext, kind: str = "sr", sr_class: type = hd.s
         ),
     )
     if not groups:
-        raise ValueError("result has no located region and no finding: a TID 1500 report would be empty")
+        raise ValueError("result has no located region, no finding and no image label: a TID 1500 report would be empty")
     observation_context = ObservationContext(observer_device_context=observer)
     report = MeasurementReport(
         observation_context=observation_context,
@@ -129,3 +154,18 @@ def probability_measurements(annotation: Annotation) -> list[Measurement] | None
     if annotation.probability is None:
         return None
     return [Measurement(name=codes.PROBABILITY, value=annotation.probability, unit=codes.NO_UNITS)]
+
+
+def image_label_group(label: ImageLabel, algorithm: AlgorithmIdentification) -> MeasurementsAndQualitativeEvaluations:
+    """TID 1501 whole-image group for one image-level label: finding type and its probability only."""
+    return MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(uid=label.tracking_uid, identifier=label.tracking_id),
+        finding_type=label.finding_type,
+        algorithm_id=algorithm,
+        measurements=[Measurement(name=codes.PROBABILITY, value=label.probability, unit=codes.NO_UNITS)],
+    )
+
+
+def retrieved_sentence_item(sentence: str) -> TextContentItem:
+    """CONTAINS TEXT "Comment": a qualitative evaluation with a text answer (see module docstring)."""
+    return TextContentItem(name=codes.COMMENT, value=sentence, relationship_type="CONTAINS")

@@ -13,7 +13,9 @@ import pytest
 
 from dicom_node.settings import DEFAULT_PROFILES
 from inference.result import Box, Finding, Report
+from sr_writer import codes
 from sr_writer.bundle import SEND_ORDER, assemble_bundle, build_bundle, comprehensive_sr_fallback
+from sr_writer.context import make_context
 from tests.sr_writer.conftest import UID_ROOT
 from tests.support.results import make_result, rg1_source
 from tests.support.validators import run_dciodvfy, run_dcmpschk
@@ -32,6 +34,32 @@ def build(source, result, kinds=SEND_ORDER, **kwargs):  # noqa: ANN001, ANN201
 
 def with_findings(result, *findings):  # noqa: ANN001, ANN202
     return dataclasses.replace(result, findings=tuple(findings))
+
+
+def findings_text(text_sr: pydicom.Dataset) -> str:
+    """The text of the TID 2000 Findings section (LN 59776-5)."""
+    section = next(i for i in text_sr.ContentSequence if i.ValueType == "CONTAINER" and i.ConceptNameCodeSequence[0].CodeValue == "59776-5")
+    return section.ContentSequence[0].TextValue
+
+
+def model_output_texts(text_sr: pydicom.Dataset) -> list[str]:
+    """The TEXT values of the model-output section, or [] when the document has none."""
+    for item in text_sr.ContentSequence:
+        if item.ValueType == "CONTAINER" and item.ConceptNameCodeSequence[0].CodeValue == codes.MODEL_OUTPUTS_SECTION.value:
+            return [i.TextValue for i in item.ContentSequence]
+    return []
+
+
+def sr_comments(sr: pydicom.Dataset) -> list[str]:
+    """Every TEXT "Comment" (a region's retrieved sentence) in the SR's measurement groups."""
+    groups = sr.ContentSequence[-1].ContentSequence
+    return [i.TextValue for g in groups for i in g.ContentSequence if i.ValueType == "TEXT" and i.ConceptNameCodeSequence[0].CodeValue == codes.COMMENT.value]
+
+
+def image_label_identifiers(sr: pydicom.Dataset) -> list[str]:
+    groups = sr.ContentSequence[-1].ContentSequence
+    identifiers = [i.TextValue for g in groups for i in g.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "112039"]
+    return [t for t in identifiers if t.startswith("image-label ")]
 
 
 def test_out_of_image_boxes_are_clipped_and_empty_ones_dropped_with_a_warning(rg1: pydicom.Dataset) -> None:
@@ -110,7 +138,7 @@ def test_japanese_text_keeps_the_source_character_set(tmp_path: Path) -> None:
     assert "胸水 0.70" in texts
     assert not run_dcmpschk(tmp_path / "gsps.dcm").problems
     text_sr = pydicom.dcmread(tmp_path / "text_sr.dcm")
-    assert "右胸水を認める。" in text_sr.ContentSequence[-2].ContentSequence[0].TextValue
+    assert "右胸水を認める。" in findings_text(text_sr)
 
 
 def test_text_the_source_set_cannot_hold_switches_to_utf8(rg1: pydicom.Dataset, tmp_path: Path) -> None:
@@ -122,7 +150,7 @@ def test_text_the_source_set_cannot_hold_switches_to_utf8(rg1: pydicom.Dataset, 
     path = tmp_path / "text_sr.dcm"
     text_sr.save_as(path, enforce_file_format=True)
     again = pydicom.dcmread(path)
-    assert greek in again.ContentSequence[-2].ContentSequence[0].TextValue
+    assert greek in findings_text(again)
     assert str(again.PatientName) == str(rg1.PatientName)
     # Latin-1 text stays in the source's ISO_IR 100.
     latin = dataclasses.replace(result, report=Report(findings="Épanchement pleural.", impression="Épanchement.", raw_text=""))
@@ -208,3 +236,88 @@ def test_procedure_reported_comes_from_the_study_when_it_has_one() -> None:
     sr = build(source, make_result(source, n_findings=1), ("sr",)).objects[0].dataset
     procedure = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "121058"]
     assert [(p.ConceptCodeSequence[0].CodeValue, p.ConceptCodeSequence[0].CodingSchemeDesignator) for p in procedure] == [("RPID16", "RADLEX")]
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -0.01, 1.5, None, "0.5"])
+def test_a_bad_image_label_probability_raises_value_error_naming_the_label(rg1: pydicom.Dataset, bad: object) -> None:
+    result = make_result(rg1, n_findings=1)
+    result = dataclasses.replace(result, image_labels={**result.image_labels, "Pleural Effusion": bad})
+    with pytest.raises(ValueError, match=r"image_labels\['Pleural Effusion'\].*probability must be a number in \[0, 1\]"):
+        build(rg1, result, ("text_sr",))
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        ({"  ": 0.5}, "non-empty string"),
+        ({"Lung Opacity": 0.5, "lung  opacity": 0.4}, "same label as 'Lung Opacity'"),
+        ([("Edema", 0.5)], "must be a dict"),
+    ],
+)
+def test_unusable_image_labels_raise_value_error(rg1: pydicom.Dataset, labels: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        build(rg1, dataclasses.replace(make_result(rg1, n_findings=1), image_labels=labels), ("sr",))
+
+
+def test_a_sentence_that_is_not_text_raises_value_error_naming_the_region(rg1: pydicom.Dataset) -> None:
+    result = make_result(rg1, n_findings=1)
+    regions = list(result.regions)
+    regions[4] = dataclasses.replace(regions[4], retrieved_sentence=["The heart is normal."])
+    with pytest.raises(ValueError, match=r"regions\[4\].retrieved_sentence must be a string or None"):
+        build(rg1, dataclasses.replace(result, regions=tuple(regions)), ("sr",))
+
+
+def test_missing_sentences_and_labels_add_nothing_and_blank_ones_count_as_missing(rg1: pydicom.Dataset) -> None:
+    result = make_result(rg1, n_findings=2, image_labels={})
+    regions = [dataclasses.replace(r, retrieved_sentence=None) for r in result.regions]
+    regions[4] = dataclasses.replace(regions[4], retrieved_sentence="  The cardiac   silhouette is normal.\n")
+    regions[11] = dataclasses.replace(regions[11], retrieved_sentence="   ")
+    regions[20] = dataclasses.replace(regions[20], box=None, retrieved_sentence="The right lung is clear.")  # not located
+    sr, text_sr = (o.dataset for o in build(rg1, dataclasses.replace(result, regions=tuple(regions)), ("sr", "text_sr")).objects)
+    assert sr_comments(sr) == ["The cardiac silhouette is normal."]  # the unlocated region has no group to carry it
+    assert image_label_identifiers(sr) == []
+    assert model_output_texts(text_sr)[1:] == ["Heart: The cardiac silhouette is normal.", "Right lung: The right lung is clear."]
+    assert "image-level probabilities" not in model_output_texts(text_sr)[0]
+    nothing = dataclasses.replace(result, regions=tuple(dataclasses.replace(r, retrieved_sentence=None) for r in result.regions))
+    sr, text_sr = (o.dataset for o in build(rg1, nothing, ("sr", "text_sr")).objects)
+    assert sr_comments(sr) == [] and model_output_texts(text_sr) == []
+    assert [i.ConceptNameCodeSequence[0].CodeValue for i in text_sr.ContentSequence if i.ValueType == "CONTAINER"] == ["59776-5", "19005-8"]
+
+
+def test_labels_alone_give_the_section_without_region_lines_and_no_demo_mark_for_real_weights(rg1: pydicom.Dataset) -> None:
+    result = make_result(rg1, n_findings=1, demo=False, image_labels={"Edema": 0.25, "Cardiomegaly": 0.25, "Pneumothorax": 0.9})
+    result = dataclasses.replace(result, regions=tuple(dataclasses.replace(r, retrieved_sentence=None) for r in result.regions))
+    texts = model_output_texts(build(rg1, result, ("text_sr",)).objects[0].dataset)
+    assert not texts[0].startswith("DEMO") and "anatomical region" not in texts[0]
+    assert texts[1:] == ["Pneumothorax: probability 0.90", "Cardiomegaly: probability 0.25", "Edema: probability 0.25"]  # ties by label
+
+
+def test_image_label_tracking_uids_are_deterministic_and_change_with_version_and_device(rg1: pydicom.Dataset) -> None:
+    result = make_result(rg1, n_findings=1)
+
+    def uids(res, version=1):  # noqa: ANN001, ANN202
+        return [label.tracking_uid for label in make_context(rg1, res, uid_root=UID_ROOT, analysis_version=version).image_labels]
+
+    first = uids(result)
+    assert first == uids(result) and len(set(first)) == 14
+    other_device = dataclasses.replace(result, model=dataclasses.replace(result.model, device_uid="1.2.826.0.1.3680043.10.1431.1.2"))
+    assert not set(first) & set(uids(result, 2)) and not set(first) & set(uids(other_device))
+    # The UID follows the label, not its position: dropping one label leaves the others' UIDs alone.
+    fewer = dataclasses.replace(result, image_labels={k: v for k, v in result.image_labels.items() if k != "Atelectasis"})
+    assert set(uids(fewer)) < set(first)
+
+
+def test_non_latin_sentences_and_labels_switch_the_objects_to_utf8(rg1: pydicom.Dataset, tmp_path: Path) -> None:
+    greek = "Η καρδιακή σκιά είναι φυσιολογική."
+    result = make_result(rg1, n_findings=1, image_labels={"Καρδιομεγαλία": 0.4})
+    regions = list(result.regions)
+    regions[4] = dataclasses.replace(regions[4], retrieved_sentence=greek)
+    bundle = build(rg1, dataclasses.replace(result, regions=tuple(regions)), ("sr", "text_sr"))
+    for built in bundle.objects:
+        assert built.dataset.SpecificCharacterSet == "ISO_IR 192", built.kind
+        path = tmp_path / f"{built.kind}.dcm"
+        built.dataset.save_as(path, enforce_file_format=True)
+        assert not run_dciodvfy(path).problems, run_dciodvfy(path).describe()
+    assert greek in sr_comments(pydicom.dcmread(tmp_path / "sr.dcm"))
+    assert image_label_identifiers(pydicom.dcmread(tmp_path / "sr.dcm")) == ["image-label Καρδιομεγαλία"]
+    assert f"Heart: {greek}" in model_output_texts(pydicom.dcmread(tmp_path / "text_sr.dcm"))

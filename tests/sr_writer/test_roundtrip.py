@@ -6,15 +6,28 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from highdicom.sr.utils import find_content_items
 
 from sr_writer import codes
-from sr_writer.context import make_context
+from sr_writer.context import display_region_name, make_context
 from sr_writer.seg import box_pixel_slice
 from tests.sr_writer.conftest import UID_ROOT, BuiltCase
 
 
 def expected_annotations(case: BuiltCase):  # noqa: ANN201
     return make_context(case.source, case.result, uid_root=UID_ROOT, analysis_version=1).annotations
+
+
+def expected_image_labels(case: BuiltCase):  # noqa: ANN201
+    return make_context(case.source, case.result, uid_root=UID_ROOT, analysis_version=1).image_labels
+
+
+def is_image_label_group(group) -> bool:  # noqa: ANN001
+    return str(group.tracking_identifier).startswith("image-label ")
+
+
+def comment_texts(group) -> list[str]:  # noqa: ANN001
+    return [item.value for item in find_content_items(group[0], name=codes.COMMENT, value_type="TEXT")]
 
 
 def test_sr_roundtrip_boxes_codes_and_tracking_uids(case: BuiltCase) -> None:
@@ -40,9 +53,52 @@ def test_sr_roundtrip_boxes_codes_and_tracking_uids(case: BuiltCase) -> None:
         assert str(group.tracking_identifier) == annotation.tracking_id
     # A finding without a box is a whole-image TID 1501 group with the same tracking UID scheme.
     unboxed = [a for a in expected_annotations(case) if a.box is None]
-    whole_image = sr.content.get_image_measurement_groups()
+    whole_image = [g for g in sr.content.get_image_measurement_groups() if not is_image_label_group(g)]
     assert sorted(str(g.tracking_uid) for g in whole_image) == sorted(a.tracking_uid for a in unboxed)
     assert unboxed, "the factory result has findings without boxes"
+    for group in whole_image:  # grounded findings state presence; image labels (next test) do not
+        assert [e.value.value for e in group.get_qualitative_evaluations(name=codes.PRESENCE)] == [codes.PRESENT.value]
+
+
+def test_sr_roundtrip_finds_each_image_label_with_its_probability(case: BuiltCase) -> None:
+    sr = hd.sr.srread(case.paths["sr"])
+    groups = [g for g in sr.content.get_image_measurement_groups() if is_image_label_group(g)]
+    assert case.result.image_labels and len(groups) == len(case.result.image_labels) == 14
+    # One TID 1501 group per label, sorted by label, each with the label's finding type and its probability.
+    assert [str(g.tracking_identifier) for g in groups] == [f"image-label {label}" for label in sorted(case.result.image_labels)]
+    by_uid = {str(g.tracking_uid): g for g in groups}
+    assert len(by_uid) == 14
+    for expected in expected_image_labels(case):
+        group = by_uid[expected.tracking_uid]
+        label = str(group.tracking_identifier).removeprefix("image-label ")
+        assert expected.label == label
+        assert (group.finding_type.value, group.finding_type.scheme_designator) == (
+            codes.finding_type_for_label(label).value,
+            codes.finding_type_for_label(label).scheme_designator,
+        )
+        [measurement] = group.get_measurements(name=codes.PROBABILITY)
+        assert measurement.value == pytest.approx(case.result.image_labels[label])
+        assert (measurement.unit.value, measurement.unit.scheme_designator) == ("1", "UCUM")
+        # Not a presence statement and not a grounded finding: no evaluation, no category, no site.
+        assert group.get_qualitative_evaluations() == [] and group.finding_category is None and group.finding_sites == []
+        assert comment_texts(group) == []
+    uids = set(by_uid) | {a.tracking_uid for a in expected_annotations(case)}
+    assert len(uids) == 14 + len(expected_annotations(case))  # no tracking UID shared with a box or finding
+
+
+def test_sr_roundtrip_finds_each_region_sentence_in_its_region_group(case: BuiltCase) -> None:
+    sr = hd.sr.srread(case.paths["sr"])
+    sentences = {case.result.regions[i].index: case.result.regions[i].retrieved_sentence for i in range(len(case.result.regions))}
+    assert all(sentences.values()) and len(sentences) == 36
+    regions = {a.tracking_uid: a for a in expected_annotations(case) if a.is_region}
+    found = {}
+    for group in sr.content.get_planar_roi_measurement_groups():
+        annotation = regions.get(str(group.tracking_uid))
+        if annotation is None:
+            assert comment_texts(group) == []  # findings carry their text elsewhere (labels, report)
+            continue
+        found[int(annotation.key.removeprefix("region-"))] = comment_texts(group)
+    assert found == {index: [sentence] for index, sentence in sentences.items()}
 
 
 def test_sr_header_follows_ihe_air(case: BuiltCase) -> None:
@@ -129,6 +185,9 @@ def test_demo_results_say_so(case: BuiltCase, kind: str) -> None:
     assert "DEMO WEIGHTS - NOT FOR CLINICAL USE" in dataset.SeriesDescription
     if kind in ("seg", "gsps"):
         assert "DEMO" in dataset.ContentLabel and "DEMO WEIGHTS - NOT FOR CLINICAL USE" in dataset.ContentDescription
+    if kind == "text_sr":  # every section opens with the warning, the model-output section included
+        for section in (i for i in dataset.ContentSequence if i.ValueType == "CONTAINER"):
+            assert section.ContentSequence[0].TextValue.startswith("DEMO WEIGHTS - NOT FOR CLINICAL USE"), section.ConceptNameCodeSequence[0].CodeMeaning
 
 
 def test_text_sr_is_basic_text_tid2000_with_the_report(case: BuiltCase) -> None:
@@ -136,7 +195,7 @@ def test_text_sr_is_basic_text_tid2000_with_the_report(case: BuiltCase) -> None:
     assert text_sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.11" == text_sr.file_meta.MediaStorageSOPClassUID
     assert text_sr.ContentTemplateSequence[0].TemplateIdentifier == "2000"
     sections = {i.ConceptNameCodeSequence[0].CodeValue: i for i in text_sr.ContentSequence if i.ValueType == "CONTAINER"}
-    assert set(sections) == {"59776-5", "19005-8"}
+    assert list(sections) == ["59776-5", "19005-8", codes.MODEL_OUTPUTS_SECTION.value]
     assert case.result.report.findings in sections["59776-5"].ContentSequence[0].TextValue
     assert case.result.report.impression in sections["19005-8"].ContentSequence[0].TextValue
 
@@ -146,6 +205,24 @@ def test_text_sr_is_basic_text_tid2000_with_the_report(case: BuiltCase) -> None:
             yield from value_types(item.get("ContentSequence", []))
 
     assert not {"NUM", "SCOORD", "SCOORD3D"} & set(value_types(text_sr.ContentSequence))
+    assert set(value_types(text_sr.ContentSequence)) <= {"CONTAINER", "TEXT", "CODE", "UIDREF"}
+
+
+def test_text_sr_lists_label_probabilities_descending_then_region_sentences(case: BuiltCase) -> None:
+    text_sr = pydicom.dcmread(case.paths["text_sr"])
+    outputs = text_sr.ContentSequence[-1]
+    heading = outputs.ConceptNameCodeSequence[0]
+    assert (heading.CodeValue, heading.CodingSchemeDesignator) == (codes.MODEL_OUTPUTS_SECTION.value, "99ANATOMIX")
+    items = [(i.ValueType, i.ConceptNameCodeSequence[0].CodeValue, i.TextValue) for i in outputs.ContentSequence]
+    assert {value_type for value_type, _, _ in items} == {"TEXT"}
+    note, *lines = items
+    assert note[1] == codes.COMMENT.value and "probability, not a statement that the finding is present" in note[2]
+    assert {code for _, code, _ in lines} == {codes.FINDING.value}
+    labels = sorted(case.result.image_labels.items(), key=lambda item: -item[1])
+    expected = [f"{label}: probability {p:.2f}" for label, p in labels]
+    expected += [f"{display_region_name(r.index)}: {r.retrieved_sentence}" for r in case.result.regions]
+    assert [text for _, _, text in lines] == expected
+    assert lines[0][2] == "Cardiomegaly: probability 0.91" and lines[13][2] == "No Finding: probability 0.03"
 
 
 def test_sc_is_marked_as_derived_burned_in_and_not_for_diagnosis(case: BuiltCase) -> None:

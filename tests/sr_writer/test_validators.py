@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from sr_writer.bundle import comprehensive_sr_fallback
-from tests.sr_writer.conftest import BuiltCase
+from sr_writer.bundle import SEND_ORDER, assemble_bundle, comprehensive_sr_fallback
+from tests.sr_writer.conftest import UID_ROOT, BuiltCase
+from tests.sr_writer.false_positives import split_model_output_problems
+from tests.support.results import make_result, rg1_source
 from tests.support.validators import run_dcentvfy, run_dciodvfy, run_dcmpschk, run_dsrdump, run_pixelmed_sr_validator
 
 KINDS = ("sr", "seg", "text_sr", "gsps", "sc", "kos")
@@ -46,8 +50,13 @@ def test_dsrdump_shows_preliminary_unverified_and_the_findings(case: BuiltCase) 
 @pytest.mark.parametrize("kind", ["sr", "text_sr"])
 def test_pixelmed_sr_validator_only_reports_known_false_positives(case: BuiltCase, kind: str) -> None:
     report = run_pixelmed_sr_validator(case.paths[kind])
-    assert not report.problems, report.describe()
+    problems, model_output_lines = split_model_output_problems(report)
+    assert not problems, report.describe()
     assert "Root Template Validation Complete" in report.output
+    # The model-output allow-list is used by exactly the items we add, one line per item: the 36 region
+    # sentences in the SR; in the text SR the section, its note and one line per label and per sentence.
+    expected = 36 if kind == "sr" else 1 + 1 + len(case.result.image_labels) + 36
+    assert len(model_output_lines) == expected, report.describe()
 
 
 def test_comprehensive_sr_fallback_validates(case: BuiltCase, tmp_path) -> None:  # noqa: ANN001
@@ -56,4 +65,44 @@ def test_comprehensive_sr_fallback_validates(case: BuiltCase, tmp_path) -> None:
     fallback.save_as(path, enforce_file_format=True)
     assert not run_dciodvfy(path).problems, run_dciodvfy(path).describe()
     assert not run_dsrdump(path).problems
-    assert not run_pixelmed_sr_validator(path).problems, run_pixelmed_sr_validator(path).describe()
+    pixelmed = run_pixelmed_sr_validator(path)
+    assert not split_model_output_problems(pixelmed)[0], pixelmed.describe()
+
+
+def test_results_without_image_labels_or_sentences_validate_and_add_nothing(tmp_path) -> None:  # noqa: ANN001
+    """An empty label dict and regions without sentences: no extra content, no error, no new problem."""
+    source = rg1_source()
+    base = make_result(source, n_findings=3, image_labels={})
+    result = dataclasses.replace(base, regions=tuple(dataclasses.replace(r, retrieved_sentence=None) for r in base.regions))
+    bundle = assemble_bundle(source, result, ("sr", "text_sr"), uid_root=UID_ROOT, analysis_version=1)
+    for built in bundle.objects:
+        path = tmp_path / f"{built.kind}.dcm"
+        built.dataset.save_as(path, enforce_file_format=True)
+        assert not run_dciodvfy(path).problems, run_dciodvfy(path).describe()
+        assert not run_dsrdump(path).problems
+        pixelmed = run_pixelmed_sr_validator(path)
+        problems, model_output_lines = split_model_output_problems(pixelmed)
+        assert not problems and not model_output_lines, pixelmed.describe()
+        assert "Comment" not in run_dsrdump(path).output
+
+
+def test_sr_of_image_labels_alone_validates_and_text_sr_keeps_unlocated_regions_sentences(tmp_path) -> None:  # noqa: ANN001
+    """No region located and no finding: the labels alone make a valid SR (no box, so no SEG/GSPS/SC),
+    and the text SR still lists the sentences of regions the model did not locate."""
+    source = rg1_source()
+    base = make_result(source, n_findings=0)
+    result = dataclasses.replace(base, regions=tuple(dataclasses.replace(r, box=None) for r in base.regions))
+    bundle = assemble_bundle(source, result, SEND_ORDER, uid_root=UID_ROOT, analysis_version=1)
+    assert [o.kind for o in bundle.objects] == ["sr", "text_sr", "kos"]
+    for built in bundle.objects:
+        path = tmp_path / f"{built.kind}.dcm"
+        built.dataset.save_as(path, enforce_file_format=True)
+        assert not run_dciodvfy(path).problems, run_dciodvfy(path).describe()
+        if built.kind != "kos":
+            pixelmed = run_pixelmed_sr_validator(path)
+            assert not split_model_output_problems(pixelmed)[0], pixelmed.describe()
+    output = run_dsrdump(tmp_path / "sr.dcm").output
+    assert output.count('"Measurement Group"') == len(result.image_labels) == 14 and "POLYLINE" not in output
+    text_sr = next(o.dataset for o in bundle.objects if o.kind == "text_sr")
+    outputs = [i for i in text_sr.ContentSequence if i.get("ValueType") == "CONTAINER"][-1]
+    assert len(outputs.ContentSequence) == 1 + 14 + 36

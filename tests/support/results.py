@@ -73,6 +73,24 @@ FINDING_SPECS = (
     ("Fracture", "Old healed fracture of the left clavicle.", ((0.60, 0.13, 0.70, 0.19),), (8,), 0.29),
 )
 
+#: Image-level classification for every CheXpert label (distinct values, so any sort order is unambiguous).
+IMAGE_LABELS: dict[str, float] = {
+    "Atelectasis": 0.55,
+    "Cardiomegaly": 0.91,
+    "Consolidation": 0.47,
+    "Edema": 0.33,
+    "Enlarged Cardiomediastinum": 0.58,
+    "Fracture": 0.29,
+    "Lung Lesion": 0.21,
+    "Lung Opacity": 0.62,
+    "No Finding": 0.03,
+    "Pleural Effusion": 0.74,
+    "Pleural Other": 0.06,
+    "Pneumonia": 0.18,
+    "Pneumothorax": 0.04,
+    "Support Devices": 0.08,
+}
+
 REPORT = Report(
     findings="The cardiac silhouette is enlarged. Small right pleural effusion. Bibasal atelectasis. No pneumothorax.",
     impression="Cardiomegaly with small right pleural effusion.",
@@ -96,8 +114,15 @@ def scaled_box(fractions: tuple[float, float, float, float], columns: int, rows:
     return Box(round(x1 * columns, 1), round(y1 * rows, 1), round(x2 * columns, 1), round(y2 * rows, 1))
 
 
-def make_result(source: pydicom.Dataset, n_findings: int = 6, demo: bool = True, model: ModelIdentity | None = None) -> AnalysisResult:
-    """A result for ``source`` with all 36 regions, ``n_findings`` findings (cycled) and a report."""
+def make_result(
+    source: pydicom.Dataset,
+    n_findings: int = 6,
+    demo: bool = True,
+    model: ModelIdentity | None = None,
+    image_labels: dict[str, float] | None = None,
+) -> AnalysisResult:
+    """A result for ``source`` with all 36 regions (each with a retrieved sentence), ``n_findings``
+    findings (cycled), a report and the 14 image labels (``image_labels``, default :data:`IMAGE_LABELS`)."""
     rows, columns = int(source.Rows), int(source.Columns)
     regions = tuple(
         Region(index=i, name=REGION_NAMES[i], box=scaled_box(REGION_FRACTIONS[i], columns, rows), score=0.9, retrieved_sentence=f"{REGION_NAMES[i]} is healthy.")
@@ -126,6 +151,7 @@ def make_result(source: pydicom.Dataset, n_findings: int = 6, demo: bool = True,
         findings=tuple(findings),
         report=REPORT,
         model=model or model_identity(demo=demo),
+        image_labels=dict(IMAGE_LABELS if image_labels is None else image_labels),
     )
 
 
