@@ -1,7 +1,7 @@
 """Time building the result bundle for the real RG1 chest CR: 36 regions + 10 findings.
 
 Prints the median of several runs per object kind (each built alone) and for the whole bundle as the
-pipeline builds it (``build_bundle``, SEG overlapped with the others), plus the SEG against a naive
+pipeline builds it (``build_bundle``, one object after another), plus the SEG against a naive
 highdicom build (boolean (1, rows, columns, segments) masks) as the reference point.
 
     .venv/bin/python benchmarks/writer.py [--runs 7] [--findings 10]

@@ -3,7 +3,7 @@
 Sources, checked while writing this module:
 
 * SNOMED CT codes marked ``# pydicom`` are in pydicom's DICOM code tables (``pydicom.sr._concepts_dict``,
-  i.e. DICOM PS3.16 context groups); ``tests/sr_writer/test_codes.py`` re-checks each of them.
+  i.e. DICOM PS3.16 context groups); ``tests/sr_writer/test_uids_and_codes.py`` re-checks each of them.
 * SNOMED CT codes marked ``# external`` are not used by any DICOM context group, so pydicom does not list
   them; they were checked against SNOMED CT concept listings (UMLS/OHDSI vocabularies). The test keeps
   an explicit list of them, so a new unverified code cannot slip in.
