@@ -234,12 +234,21 @@ def run_ae_add(args: argparse.Namespace) -> int:
     return 0
 
 
+def unknown_node_message(name: str) -> str:
+    return f"no remote node named {name!r}; see `anatomix-node ae list`"
+
+
+def require_remote_node(store: Store, name: str) -> RemoteNode:
+    node = store.get_remote_node(name)
+    if node is None:
+        raise CliError(unknown_node_message(name))
+    return node
+
+
 def run_ae_update(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     with opened_store(settings) as store:
-        current = store.get_remote_node(args.name)
-        if current is None:
-            raise CliError(f"no remote node named {args.name!r} (see `anatomix-node ae list`)")
+        current = require_remote_node(store, args.name)
         merged = argparse.Namespace(
             name=current.name,
             ae_title=current.ae_title if args.ae_title is None else args.ae_title,
@@ -309,7 +318,7 @@ def run_ae_remove(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     with opened_store(settings) as store:
         if not store.remove_remote_node(args.name):
-            raise CliError(f"no remote node named {args.name!r}; see `anatomix-node ae list`")
+            raise CliError(unknown_node_message(args.name))
     print(f"removed {args.name}")
     return 0
 
@@ -325,9 +334,7 @@ def format_table(rows: list[tuple[str, ...]]) -> str:
 def run_echo(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     with opened_store(settings) as store:
-        node = store.get_remote_node(args.name)
-    if node is None:
-        raise CliError(f"no remote node named {args.name!r}; see `anatomix-node ae list`")
+        node = require_remote_node(store, args.name)
     timeout = args.timeout if args.timeout is not None else settings.delivery.timeout_s
     elapsed_ms = echo_remote(settings.node.ae_title, node, timeout)
     print(f"{node.name} ({node.ae_title}@{node.host}:{node.port}): C-ECHO success, {elapsed_ms:.1f} ms round trip")
