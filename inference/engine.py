@@ -217,7 +217,7 @@ class Engine:
                     answers=tuple(state.answers),
                     timings=dict(timings),
                     warnings=tuple(state.warnings),
-                )
+                ).with_text_checks()  # degenerate model text (loops, U+FFFD, empty) flagged in the warnings
             )
         return results
 

@@ -12,7 +12,8 @@ the top-left corner of the top-left pixel, already mapped back through the lette
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import re
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 SCHEMA_VERSION = 1
@@ -260,3 +261,38 @@ class AnalysisResult:
     @classmethod
     def from_json(cls, text: str) -> AnalysisResult:
         return cls.from_dict(json.loads(text))
+
+    def with_text_checks(self) -> AnalysisResult:
+        """This result with a warning for each model text that is not usable (see :func:`unusable_text_reason`)."""
+        texts = []
+        if self.report is not None:
+            texts += [("report findings", self.report.findings), ("report impression", self.report.impression)]
+        texts += [(f"finding {f.index} text", f.text) for f in self.findings]
+        added = [f"{where}: model output not usable ({reason})" for where, text in texts if (reason := unusable_text_reason(text))]
+        return replace(self, warnings=self.warnings + tuple(w for w in added if w not in self.warnings)) if added else self
+
+
+#: Special tokens a tokenizer or prompt format may leave in decoded text: <emb>, <obj_3>, </s>, <|endoftext|>.
+SPECIAL_TOKEN = re.compile(r"<\|?/?[A-Za-z_][A-Za-z0-9_|.-]{0,40}\|?>")
+
+
+def unusable_text_reason(text: str) -> str | None:
+    """Why a model text is degenerate (empty, replacement characters, a repetition loop), else None."""
+    visible = SPECIAL_TOKEN.sub(" ", text or "")
+    words = visible.split()
+    if not "".join(words).replace("\ufffd", ""):
+        return "empty" if "\ufffd" not in visible else "replacement characters"
+    bad = visible.count("\ufffd")
+    if bad >= 3 or bad > 0.02 * len("".join(words)):
+        return "replacement characters"
+    if re.search(r"(\S{1,24}?)\1{7,}", visible):  # "abababab...", "!!!!!!!!" without spaces
+        return "repetition loop"
+    for n in range(1, 13):
+        needed = 6 if n == 1 else 4  # "no no no no no no", or a phrase four times in a row
+        for offset in range(n):
+            run = 1
+            for i in range(offset + n, len(words) - n + 1, n):
+                run = run + 1 if words[i : i + n] == words[i - n : i] else 1
+                if run >= needed:
+                    return "repetition loop"
+    return None

@@ -46,6 +46,8 @@ IMPRESSION = Code("121073", "DCM", "Impression")  # pydicom
 COMMENT = Code("121106", "DCM", "Comment")  # pydicom
 #: Text SR section heading for the image-level classification and the retrieved region sentences. CID 7001
 #: (report headings) is extensible and has no heading for raw model outputs, so it is ours.
+#: TID 1500 document-level container for whole-image statements (image labels, unlocalised findings).
+QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
 MODEL_OUTPUTS_SECTION = Code("MODELOUTPUTS", PRIVATE_SCHEME, "AI image classification and region descriptions")
 #: Algorithm family (CID 7162) for SEG/GSPS algorithm identification.
 ARTIFICIAL_INTELLIGENCE = Code("123110", "DCM", "Artificial Intelligence")  # pydicom

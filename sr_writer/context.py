@@ -21,7 +21,7 @@ from pydicom.sr.coding import Code
 
 from inference.result import REGION_NAMES, AnalysisResult, Box
 from sr_writer import codes
-from sr_writer.text import character_set_for, truncate
+from sr_writer.text import character_set_for, clean_model_text, truncate, usable_model_text
 from sr_writer.uids import check_uid_root, derive_series_uid, derive_uid, is_valid_uid
 
 #: Manufacturer (0008,0070) of every object we create; selection uses it to skip our own output.
@@ -89,12 +89,15 @@ class BundleContext:
     analysis_version: int
     institution_name: str
     annotations: tuple[Annotation, ...]
-    character_set: str | list[str]
+    character_set: str | list[str] | None
     warnings: tuple[str, ...] = field(default=())
     #: Image-level classification, sorted by label; empty when the result has none.
     image_labels: tuple[ImageLabel, ...] = field(default=())
     #: Regions that have a retrieved sentence, in region index order.
     region_sentences: tuple[RegionSentence, ...] = field(default=())
+    #: The report's findings and impression as they may go into DICOM (cleaned, or "model output not usable").
+    report_findings: str = ""
+    report_impression: str = ""
 
     # ---- identity ------------------------------------------------------------------------------
     @property
@@ -199,10 +202,17 @@ def make_context(
     annotations = build_annotations(result, uid_root, analysis_version, warnings)
     image_labels = build_image_labels(result, uid_root, analysis_version)
     region_sentences = build_region_sentences(result)
-    texts = [a.label for a in annotations] + [a.text for a in annotations] + [institution_name]
-    texts += [label.label for label in image_labels] + [r.sentence for r in region_sentences]
+    report_findings = report_impression = ""
     if result.report is not None:
-        texts += [result.report.findings, result.report.impression]
+        report_findings, reason = usable_model_text(result.report.findings)
+        if reason is not None and result.report.findings.strip():
+            warnings.append(f"report findings: model output not usable ({reason}); written as {report_findings!r}")
+        report_impression, reason = usable_model_text(result.report.impression)
+        if reason is not None and result.report.impression.strip():
+            warnings.append(f"report impression: model output not usable ({reason}); written as {report_impression!r}")
+    texts = [a.label for a in annotations] + [a.text for a in annotations] + [truncate(institution_name, "LO")]
+    texts += [label.label for label in image_labels] + [r.sentence for r in region_sentences]
+    texts += [report_findings, report_impression]
     return BundleContext(
         source=source,
         result=result,
@@ -214,6 +224,8 @@ def make_context(
         warnings=tuple(warnings),
         image_labels=image_labels,
         region_sentences=region_sentences,
+        report_findings=report_findings,
+        report_impression=report_impression,
     )
 
 
@@ -229,6 +241,7 @@ def normalised_source(source: pydicom.Dataset) -> pydicom.Dataset:
     """``source`` itself when usable as is, else a shallow copy (pixel data shared) with:
 
     * missing type 2 patient/study attributes present and empty;
+    * Specific Character Set "ISO_IR 6" (not a defined term; highdicom refuses it) left out, which means the same;
     * an empty first Specific Character Set value (``\\ISO 2022 IR 87``, PS3.3 C.12.1.1.2: the default
       repertoire with code extensions) written as its defined term ``ISO 2022 IR 6``, which highdicom
       requires; the meaning is the same.
@@ -236,7 +249,8 @@ def normalised_source(source: pydicom.Dataset) -> pydicom.Dataset:
     missing = [keyword for keyword in TYPE2_PATIENT_STUDY if keyword not in source]
     charset = source.get("SpecificCharacterSet")
     charset_fix = isinstance(charset, pydicom.multival.MultiValue) and len(charset) > 1 and not charset[0]
-    if not missing and not charset_fix:
+    default_charset = charset == "ISO_IR 6"  # seen in the field, no defined term: means the default repertoire
+    if not missing and not charset_fix and not default_charset:
         return source
     completed = pydicom.Dataset(dict(source.items()))  # new element dict; the caller's dataset is untouched
     if hasattr(source, "file_meta"):
@@ -245,6 +259,8 @@ def normalised_source(source: pydicom.Dataset) -> pydicom.Dataset:
         setattr(completed, keyword, None)
     if charset_fix:
         completed.SpecificCharacterSet = ["ISO 2022 IR 6", *charset[1:]]
+    if default_charset:
+        del completed.SpecificCharacterSet
     return completed
 
 
@@ -303,7 +319,15 @@ def build_annotations(result: AnalysisResult, uid_root: str, analysis_version: i
         sites = tuple(dict.fromkeys(codes.region_site(i) for i in finding.region_indices))
         finding_type = codes.finding_type_for_label(finding.label)
         probability = check_probability(finding.probability, f"result.findings[{position}].probability")
-        label_text = finding.label.strip() or finding.text.strip() or "finding"
+        text, text_reason = usable_model_text(finding.text) if finding.text.strip() else ("", None)
+        if text_reason:
+            warnings.append(f"finding {finding.index} text: model output not usable ({text_reason})")
+        if finding.label.strip():
+            label_text, label_reason = usable_model_text(finding.label, multiline=False)
+            if label_reason:
+                warnings.append(f"finding {finding.index} label: model output not usable ({label_reason})")
+        else:  # no label: its text names it
+            label_text = " ".join(text.split()) if text and not text_reason else "finding"
         shown = f"{label_text} {probability:.2f}" if probability is not None else label_text
         kept = 0
         for box_number, raw in enumerate(finding.boxes, start=1):
@@ -313,10 +337,10 @@ def build_annotations(result: AnalysisResult, uid_root: str, analysis_version: i
                 continue
             kept += 1
             key = finding.id if len(finding.boxes) == 1 else f"{finding.id}-box{box_number}"
-            annotations.append(_finding_annotation(key, track(key), label_text, shown, box, finding_type, sites, probability, finding.text))
+            annotations.append(_finding_annotation(key, track(key), label_text, shown, box, finding_type, sites, probability, text))
         if kept == 0:
             # No usable box: the finding is still reported, as a whole-image statement.
-            annotations.append(_finding_annotation(finding.id, track(finding.id), label_text, shown, None, finding_type, sites, probability, finding.text))
+            annotations.append(_finding_annotation(finding.id, track(finding.id), label_text, shown, None, finding_type, sites, probability, text))
     return annotations
 
 
@@ -359,7 +383,9 @@ def build_image_labels(result: AnalysisResult, uid_root: str, analysis_version: 
             raise ValueError(f"{where} = None: a probability must be a number in [0, 1]")
         probability = check_probability(value, where)
         assert probability is not None
-        name = " ".join(label.split())
+        name = " ".join(clean_model_text(label, multiline=False).split())
+        if not name:
+            raise ValueError(f"{where}: a label must hold printable text")
         slug = re.sub(r"\W+", "-", name.casefold()).strip("-_") or "label"
         key = f"image-label-{slug}"
         if key in keys:
@@ -394,7 +420,7 @@ def checked_sentence(value: object, where: str) -> str | None:
         return None
     if not isinstance(value, str):
         raise ValueError(f"{where} must be a string or None, got {type(value).__name__}")
-    return " ".join(value.split()) or None
+    return " ".join(clean_model_text(value, multiline=False).split()) or None
 
 
 def display_region_name(index: int) -> str:

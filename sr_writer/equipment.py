@@ -64,7 +64,11 @@ def coding_scheme_identification() -> Sequence:
 
 def apply_common_attributes(dataset: Dataset, ctx: BundleContext) -> Dataset:
     """Set what every result object carries; returns ``dataset`` for chaining."""
-    dataset.SpecificCharacterSet = ctx.character_set
+    if ctx.character_set is None:
+        if "SpecificCharacterSet" in dataset:
+            del dataset.SpecificCharacterSet  # default repertoire: the attribute is absent ("ISO_IR 6" is no defined term)
+    else:
+        dataset.SpecificCharacterSet = ctx.character_set
     dataset.ContributingEquipmentSequence = Sequence([contributing_equipment_item(ctx)])
     dataset.CodingSchemeIdentificationSequence = coding_scheme_identification()
     if ctx.institution_name:
@@ -77,3 +81,67 @@ def apply_common_attributes(dataset: Dataset, ctx: BundleContext) -> Dataset:
         # Study-level dates/times are copied from the source, so they share its offset.
         dataset.TimezoneOffsetFromUTC = ctx.source.TimezoneOffsetFromUTC
     return dataset
+
+
+#: Lossy transfer syntaxes -> Lossy Image Compression Method defined term (PS3.3 C.7.6.1.1.5).
+LOSSY_SYNTAX_METHODS = {
+    "1.2.840.10008.1.2.4.50": "ISO_10918_1",  # JPEG baseline
+    "1.2.840.10008.1.2.4.51": "ISO_10918_1",  # JPEG extended
+    "1.2.840.10008.1.2.4.81": "ISO_14495_1",  # JPEG-LS near-lossless
+    "1.2.840.10008.1.2.4.91": "ISO_15444_1",  # JPEG 2000
+    "1.2.840.10008.1.2.4.93": "ISO_15444_1",  # JPEG 2000 Part 2
+    "1.2.840.10008.1.2.4.203": "ISO_15444_15",  # HTJ2K
+}
+
+
+def lossy_history(source: Dataset) -> tuple[list[float], list[str]] | None:
+    """(ratios, methods) of the lossy compression the source's pixels went through, None when lossless.
+
+    From the source's own Lossy Image Compression Ratio/Method when it has them, else from its transfer
+    syntax (ratio = uncompressed bytes / encoded bytes). A lossy flag without either gives ratio 1 and the
+    syntax's or no method: the derived object still says 01, as it must.
+    """
+    syntax = str(getattr(getattr(source, "file_meta", None), "TransferSyntaxUID", "") or "")
+    flagged = str(source.get("LossyImageCompression", "")) == "01"
+    if not flagged and syntax not in LOSSY_SYNTAX_METHODS:
+        return None
+    ratios = [float(v) for v in _as_list(source.get("LossyImageCompressionRatio"))]
+    methods = [str(v) for v in _as_list(source.get("LossyImageCompressionMethod"))]
+    if not ratios and syntax in LOSSY_SYNTAX_METHODS:
+        encoded = len(source.get("PixelData", b"") or b"")
+        raw = int(source.Rows) * int(source.Columns) * int(source.get("BitsAllocated", 16)) // 8
+        ratios = [round(raw / encoded, 2)] if encoded else []
+    if not methods and syntax in LOSSY_SYNTAX_METHODS:
+        methods = [LOSSY_SYNTAX_METHODS[syntax]]
+    return (ratios or [1.0]), methods
+
+
+def apply_lossy_history(dataset: Dataset, source: Dataset, own: tuple[float, str] | None = None) -> None:
+    """Lossy Image Compression 01 with ratio and method for an object derived from lossy pixels.
+
+    ``own`` is the object's own lossy step (ratio, method), appended after the source's history.
+    """
+    history = lossy_history(source)
+    if history is None and own is None:
+        if str(dataset.get("LossyImageCompression", "")) == "01":  # copied by highdicom from a flag we cannot back
+            dataset.LossyImageCompression = "00"
+        return
+    ratios, methods = history if history is not None else ([], [])
+    if own is not None:
+        ratios, methods = [*ratios, own[0]], [*methods, own[1]]
+    dataset.LossyImageCompression = "01"
+    dataset.LossyImageCompressionRatio = [_ratio_ds(r) for r in ratios]
+    if methods:
+        dataset.LossyImageCompressionMethod = methods
+
+
+def _ratio_ds(value: float) -> str:
+    return f"{value:.2f}"[:16]
+
+
+def _as_list(value: object) -> list:
+    if value is None or value == "":
+        return []
+    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+        return list(value)
+    return [value]

@@ -12,7 +12,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from sr_writer.context import DEMO_MARK, BundleContext
-from sr_writer.equipment import apply_common_attributes
+from sr_writer.equipment import apply_common_attributes, apply_lossy_history
 from sr_writer.overlay import render_overlay
 from sr_writer.text import code_string, truncate
 
@@ -33,7 +33,7 @@ def build_sc(ctx: BundleContext, kind: str = "sc") -> Dataset:
     """RGB Secondary Capture of the source with every box (regions and findings) drawn."""
     if not ctx.boxed:
         raise ValueError("result has no box inside the image: the overlay image would show nothing")
-    pixels, _ = render_overlay(ctx.source, ctx.boxed, banner_text(ctx), footer_lines(ctx))
+    pixels, _ = render_overlay(ctx.source, ctx.annotations, banner_text(ctx), footer_lines(ctx))
     source = ctx.source
     orientation = [str(v) for v in source.get("PatientOrientation", [])]
     # highdicom needs a biped orientation for PATIENT coordinates; copy the source's when it is one.
@@ -66,11 +66,13 @@ def build_sc(ctx: BundleContext, kind: str = "sc") -> Dataset:
     sc.BodyPartExamined = code_string(str(source.get("BodyPartExamined", "") or "CHEST"))
     sc.DerivationDescription = truncate(
         f"{banner_text(ctx)}. Source image rendered through Modality LUT, VOI (window) and polarity to 8-bit RGB; "
-        f"{len(ctx.boxed)} boxes and labels from {ctx.algorithm_name} {ctx.algorithm_version} burned in.",
+        f"findings and the anatomy they are grounded to from {ctx.algorithm_name} {ctx.algorithm_version} burned in; "
+        "banner and legend in rows added above and below the image.",
         "ST",
     )
     reference = Dataset()
     reference.ReferencedSOPClassUID = source.SOPClassUID
     reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
     sc.SourceImageSequence = Sequence([reference])
+    apply_lossy_history(sc, source)
     return apply_common_attributes(sc, ctx)

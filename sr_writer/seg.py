@@ -30,13 +30,11 @@ from pydicom.sequence import Sequence
 
 from inference.result import Box
 from sr_writer import codes
+from sr_writer.colours import colour_for_key
 from sr_writer.context import Annotation, BundleContext
-from sr_writer.equipment import DEVICE_SERIAL_NUMBER, apply_common_attributes, code_item
+from sr_writer.equipment import DEVICE_SERIAL_NUMBER, apply_common_attributes, apply_lossy_history, code_item
 from sr_writer.text import code_string
 
-#: CIELab display colours (highdicom.color.CIELabColor from RGB): regions green-ish, findings red.
-REGION_RGB = (0, 200, 90)
-FINDING_RGB = (230, 40, 40)
 
 
 #: The SegmentsOverlap value of the build in progress (a ContextVar: builds may run in threads).
@@ -108,7 +106,7 @@ def segment_description(number: int, annotation: Annotation, algorithm: hd.Algor
         tracking_uid=annotation.tracking_uid,
         tracking_id=annotation.tracking_id,
         anatomic_regions=[site.structure] if site is not None and not annotation.is_region else None,
-        display_color=hd.color.CIELabColor.from_rgb(*(REGION_RGB if annotation.is_region else FINDING_RGB)),
+        display_color=hd.color.CIELabColor.from_rgb(*colour_for_key(annotation.key)),  # one table for SEG, GSPS, SC
     )
     if site is not None and site.laterality is not None:
         # Laterality of a paired structure: a modifier of the property type (regions) or anatomic region (findings).
@@ -146,6 +144,7 @@ def build_seg(ctx: BundleContext, kind: str = "seg") -> Dataset:
         _BOX_OVERLAP.reset(token)
     seg.SeriesDescription = ctx.series_description(kind)
     add_projection_geometry(seg, ctx.source)
+    apply_lossy_history(seg, ctx.source)
     return apply_common_attributes(seg, ctx)
 
 
@@ -160,7 +159,7 @@ def _construct(ctx: BundleContext, kind: str, annotations: tuple[Annotation, ...
         software_versions=ctx.algorithm_version,
         device_serial_number=DEVICE_SERIAL_NUMBER,
         content_label=code_string("DEMO_WEIGHTS" if ctx.demo else "AI_REGIONS"),
-        content_description=ctx.content_description("regions and findings as boxes"),
+        content_description=ctx.content_description("region boxes"),
         omit_empty_frames=False,
     )
 

@@ -84,8 +84,8 @@ def report_texts(ctx: BundleContext) -> tuple[str, str]:
     report = ctx.result.report
     if report is None:
         raise ValueError("result.report is None: the model produced no report, so there is no text SR to build")
-    findings = report.findings.strip() or "(no findings text produced)"
-    impression = report.impression.strip() or "(no impression produced)"
+    findings = ctx.report_findings if report.findings.strip() else "(no findings text produced)"
+    impression = ctx.report_impression if report.impression.strip() else "(no impression produced)"
     prefix = f"{DEMO_MARK}. " if ctx.demo else ""
     return f"{prefix}{AI_NOTE} {findings}", f"{prefix}{impression}"
 

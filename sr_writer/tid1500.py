@@ -11,16 +11,27 @@ Content tree::
           Finding Site (+ Laterality), Image Region = closed 5-point POLYLINE SCOORD (column, row),
           Presence = Present, Probability (finding, when known),
           TEXT Comment (DCM 121106) = the region's retrieved sentence (region groups, when it has one)
-        TID 1501 group per finding without a box (a whole-image statement)
-        TID 1501 group per image-level classification label, sorted by label:
-          Tracking Identifier "image-label <label>" / Tracking UID, Finding Type (the label's code),
-          TID 4019 Algorithm Identification, TID 300 Probability (DCM 122157, UCUM "1")
+      Qualitative Evaluations (UMLS C0034375, TID 1500 row "Qualitative Evaluations"), when the result
+        has image-level labels or findings without a box:
+          TEXT Comment (DCM 121106): what the items are
+          TEXT per image-level label, sorted by label, named by the label's finding type code:
+            "<label>: image-level probability 0.55 (image classifier; not a statement that it is present)"
+          TEXT per finding without a box, named by its finding type code:
+            "<label>: not localised (whole image); probability 0.04; site ...; model text: ..."
 
-Image-level labels carry no Finding Category, no Finding Site and no Presence evaluation: a
-probability from the image classifier is not a statement that the finding is present. Their tracking
-identifier prefix "image-label" and the missing Presence tell them apart from grounded findings
-(which have Presence = Present and category Morphologically Abnormal Structure). All labels the
-model scored are written (14 small groups), so a reader also sees the low ones.
+Why image-level labels and unlocalised findings are not measurement groups: OHIF 3.13 (the most used
+web viewer) turns every group in Imaging Measurements into a drawable measurement and reads the first
+SCOORD's image reference without a guard, so a TID 1501 group with no image reference and no SCOORD
+(an image-level probability) crashes its SR viewport ("Something went wrong"). TID 1500's document-level
+Qualitative Evaluations container holds exactly such whole-image statements, is valid TID 1500, and
+OHIF ignores it (it reads only the Imaging Measurements container). Every fact stays: each label's
+probability (two decimals, as everywhere else we show it), each unlocalised finding's label, probability,
+sites and text; the text SR lists them too.
+
+Finding Site labels for OHIF: OHIF labels an SR box with the Code Meaning of its first Finding Site and
+ignores the nested laterality modifier. The code value and the laterality modifier stay as they are (the
+machine-readable, post-coordinated statement); for a paired structure the Code Meaning carries the
+laterality too ("Right costophrenic angle"), so the label a radiologist reads says which side.
 
 The retrieved sentence is a free-text description of the region, so it cannot be a CODE (a code value
 is at most 16 characters and must come from a scheme). The qualitative evaluation rows of TID 1410 /
@@ -44,6 +55,8 @@ import highdicom as hd
 import numpy as np
 from highdicom.sr import (
     AlgorithmIdentification,
+    ContainerContentItem,
+    ContentSequence,
     DeviceObserverIdentifyingAttributes,
     FindingSite,
     ImageRegion,
@@ -63,7 +76,7 @@ from pydicom.sr.codedict import codes as dcm_codes
 
 from inference.result import Box
 from sr_writer import codes
-from sr_writer.context import Annotation, BundleContext, ImageLabel
+from sr_writer.context import DEMO_MARK, Annotation, BundleContext, ImageLabel
 from sr_writer.equipment import MANUFACTURER, apply_common_attributes
 
 
@@ -97,19 +110,6 @@ def build_tid1500_sr(ctx: BundleContext, kind: str = "sr", sr_class: type = hd.s
         if annotation.is_region and annotation.text:
             group[0].ContentSequence.append(retrieved_sentence_item(annotation.text))
         groups.append(group)
-    for annotation in ctx.unboxed_findings:
-        groups.append(
-            MeasurementsAndQualitativeEvaluations(
-                tracking_identifier=TrackingIdentifier(uid=annotation.tracking_uid, identifier=annotation.tracking_id),
-                finding_type=annotation.finding_type,
-                algorithm_id=algorithm,
-                finding_sites=finding_sites(annotation),
-                measurements=probability_measurements(annotation),
-                qualitative_evaluations=[QualitativeEvaluation(codes.PRESENCE, codes.PRESENT)],
-                finding_category=codes.MORPHOLOGICALLY_ABNORMAL_STRUCTURE,
-            )
-        )
-    groups.extend(image_label_group(label, algorithm) for label in ctx.image_labels)
     model = ctx.result.model
     observer = ObserverContext(
         observer_type=dcm_codes.cid270.Device,
@@ -117,19 +117,27 @@ def build_tid1500_sr(ctx: BundleContext, kind: str = "sr", sr_class: type = hd.s
             uid=model.device_uid, name=ctx.algorithm_name, manufacturer_name=MANUFACTURER, model_name=ctx.algorithm_version
         ),
     )
-    if not groups:
+    evaluations = qualitative_evaluations_container(ctx)
+    if not groups and evaluations is None:
         raise ValueError("result has no located region, no finding and no image label: a TID 1500 report would be empty")
     observation_context = ObservationContext(observer_device_context=observer)
+    # highdicom insists on at least one measurement group; TID 1500 needs Imaging Measurements or
+    # Qualitative Evaluations. With no box at all, build around a placeholder group and drop its container.
+    placeholder = [] if groups else [placeholder_group(algorithm)]
     report = MeasurementReport(
         observation_context=observation_context,
         procedure_reported=ctx.procedure_reported(),
-        imaging_measurements=groups,
+        imaging_measurements=groups or placeholder,
     )
+    if placeholder:
+        report[0].ContentSequence = ContentSequence([i for i in report[0].ContentSequence if i.ConceptNameCodeSequence[0].CodeValue != IMAGING_MEASUREMENTS])
+    if evaluations is not None:
+        report[0].ContentSequence.append(evaluations)
     # highdicom's SR constructor deep-copies and re-parses the whole tree and searches it for
     # evidence (~1 s for 46 ROI groups). The templates above already validated every item, and the
     # only referenced instance is the source, which is the evidence; so construct the document around
     # the small header-only report and then attach the full content tree.
-    skeleton = MeasurementReport(observation_context=observation_context, procedure_reported=ctx.procedure_reported(), imaging_measurements=groups[:1])
+    skeleton = MeasurementReport(observation_context=observation_context, procedure_reported=ctx.procedure_reported(), imaging_measurements=groups[:1] or placeholder)
     sr = sr_class(
         evidence=[ctx.source],
         content=skeleton[0],
@@ -145,8 +153,33 @@ def build_tid1500_sr(ctx: BundleContext, kind: str = "sr", sr_class: type = hd.s
     return apply_common_attributes(sr, ctx)
 
 
+IMAGING_MEASUREMENTS = "126010"
+
+
+def placeholder_group(algorithm: AlgorithmIdentification) -> MeasurementsAndQualitativeEvaluations:
+    """A throwaway group, only so highdicom builds the report; its container is removed again."""
+    return MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(uid="1.2.3", identifier="placeholder"),
+        finding_type=codes.CLINICAL_FINDING,
+        algorithm_id=algorithm,
+    )
+
+
 def finding_sites(annotation: Annotation) -> list[FindingSite]:
-    return [FindingSite(anatomic_location=site.structure, laterality=site.laterality) for site in annotation.sites]
+    return [FindingSite(anatomic_location=site_concept(site), laterality=site.laterality) for site in annotation.sites]
+
+
+def site_concept(site: codes.AnatomicSite) -> hd.sr.CodedConcept:
+    """The site's structure code; for a paired structure the Code Meaning names the side (see module docstring)."""
+    return hd.sr.CodedConcept(site.structure.value, site.structure.scheme_designator, lateral_meaning(site))
+
+
+def lateral_meaning(site: codes.AnatomicSite) -> str:
+    """"Right costophrenic angle" for (Costophrenic angle, Right); the plain meaning without laterality."""
+    meaning = site.structure.meaning
+    if site.laterality is None:
+        return meaning
+    return f"{site.laterality.meaning} {meaning[:1].lower()}{meaning[1:]}"[:64]
 
 
 def probability_measurements(annotation: Annotation) -> list[Measurement] | None:
@@ -156,14 +189,39 @@ def probability_measurements(annotation: Annotation) -> list[Measurement] | None
     return [Measurement(name=codes.PROBABILITY, value=annotation.probability, unit=codes.NO_UNITS)]
 
 
-def image_label_group(label: ImageLabel, algorithm: AlgorithmIdentification) -> MeasurementsAndQualitativeEvaluations:
-    """TID 1501 whole-image group for one image-level label: finding type and its probability only."""
-    return MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=TrackingIdentifier(uid=label.tracking_uid, identifier=label.tracking_id),
-        finding_type=label.finding_type,
-        algorithm_id=algorithm,
-        measurements=[Measurement(name=codes.PROBABILITY, value=label.probability, unit=codes.NO_UNITS)],
-    )
+def qualitative_evaluations_container(ctx: BundleContext) -> ContainerContentItem | None:
+    """TID 1500 "Qualitative Evaluations": image-level labels and unlocalised findings; None when neither."""
+    labels, unboxed = ctx.image_labels, ctx.unboxed_findings
+    if not labels and not unboxed:
+        return None
+    parts = []
+    if labels:
+        parts.append("image-level probabilities from the model's image classifier (a probability, not a statement that the finding is present)")
+    if unboxed:
+        parts.append("findings the model stated without locating them on the image")
+    note = f"{DEMO_MARK}. " if ctx.demo else ""
+    note += "AI output, not verified: " + "; ".join(parts) + "."
+    items = [TextContentItem(name=codes.COMMENT, value=note, relationship_type="CONTAINS")]
+    items += [TextContentItem(name=label.finding_type, value=image_label_text(label), relationship_type="CONTAINS") for label in labels]
+    items += [TextContentItem(name=a.finding_type, value=unboxed_finding_text(a), relationship_type="CONTAINS") for a in unboxed]
+    container = ContainerContentItem(name=codes.QUALITATIVE_EVALUATIONS, relationship_type="CONTAINS")
+    container.ContentSequence = ContentSequence(items)
+    return container
+
+
+def image_label_text(label: ImageLabel) -> str:
+    return f"{label.label}: image-level probability {label.probability:.2f}"
+
+
+def unboxed_finding_text(annotation: Annotation) -> str:
+    parts = [f"{annotation.label.strip()}: not localised (whole image)"]
+    if annotation.probability is not None:
+        parts.append(f"probability {annotation.probability:.2f}")
+    if annotation.sites:
+        parts.append("site " + ", ".join(lateral_meaning(site) for site in annotation.sites))
+    if annotation.text.strip():
+        parts.append(f"model text: {annotation.text.strip()}")
+    return "; ".join(parts)
 
 
 def retrieved_sentence_item(sentence: str) -> TextContentItem:

@@ -52,14 +52,21 @@ def model_output_texts(text_sr: pydicom.Dataset) -> list[str]:
 
 def sr_comments(sr: pydicom.Dataset) -> list[str]:
     """Every TEXT "Comment" (a region's retrieved sentence) in the SR's measurement groups."""
-    groups = sr.ContentSequence[-1].ContentSequence
+    groups = container(sr, "126010").ContentSequence
     return [i.TextValue for g in groups for i in g.ContentSequence if i.ValueType == "TEXT" and i.ConceptNameCodeSequence[0].CodeValue == codes.COMMENT.value]
 
 
+def container(sr: pydicom.Dataset, code_value: str) -> pydicom.Dataset | None:
+    """The document-level CONTAINER with this concept code (126010 Imaging Measurements, C0034375 ...)."""
+    found = [i for i in sr.ContentSequence if i.ValueType == "CONTAINER" and i.ConceptNameCodeSequence[0].CodeValue == code_value]
+    return found[0] if found else None
+
+
 def image_label_identifiers(sr: pydicom.Dataset) -> list[str]:
-    groups = sr.ContentSequence[-1].ContentSequence
-    identifiers = [i.TextValue for g in groups for i in g.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "112039"]
-    return [t for t in identifiers if t.startswith("image-label ")]
+    """The labels of the image-level probabilities in the SR's Qualitative Evaluations container."""
+    evaluations = container(sr, codes.QUALITATIVE_EVALUATIONS.value)
+    texts = [i.TextValue for i in evaluations.ContentSequence] if evaluations is not None else []
+    return [t.split(": image-level probability ")[0] for t in texts if ": image-level probability " in t]
 
 
 def test_out_of_image_boxes_are_clipped_and_empty_ones_dropped_with_a_warning(rg1: pydicom.Dataset) -> None:
@@ -82,9 +89,8 @@ def test_out_of_image_boxes_are_clipped_and_empty_ones_dropped_with_a_warning(rg
     for points in boxes:
         assert (points >= 0).all() and (points[:, 0] <= cols).all() and (points[:, 1] <= rows).all()
     sr = next(o.dataset for o in bundle.objects if o.kind == "sr")
-    measurements = sr.ContentSequence[-1].ContentSequence
-    identifiers = [i.TextValue for g in measurements for i in g.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "112039"]
-    assert any(t.startswith("finding-01 ") for t in identifiers)  # the off-image nodule is still reported, without a box
+    evaluations = [i.TextValue for i in container(sr, codes.QUALITATIVE_EVALUATIONS.value).ContentSequence]
+    assert "Nodule 0.40: not localised (whole image); probability 0.40; model text: off image" in evaluations  # still reported, without a box
 
 
 def test_long_labels_are_cut_to_the_vr_limits_and_still_validate(rg1: pydicom.Dataset, tmp_path: Path) -> None:
@@ -319,5 +325,5 @@ def test_non_latin_sentences_and_labels_switch_the_objects_to_utf8(rg1: pydicom.
         built.dataset.save_as(path, enforce_file_format=True)
         assert not run_dciodvfy(path).problems, run_dciodvfy(path).describe()
     assert greek in sr_comments(pydicom.dcmread(tmp_path / "sr.dcm"))
-    assert image_label_identifiers(pydicom.dcmread(tmp_path / "sr.dcm")) == ["image-label Καρδιομεγαλία"]
+    assert image_label_identifiers(pydicom.dcmread(tmp_path / "sr.dcm")) == ["Καρδιομεγαλία"]
     assert f"Heart: {greek}" in model_output_texts(pydicom.dcmread(tmp_path / "text_sr.dcm"))

@@ -51,39 +51,55 @@ def test_sr_roundtrip_boxes_codes_and_tracking_uids(case: BuiltCase) -> None:
             laterality = site.laterality
             assert (laterality.value if laterality is not None else None) == (expected.laterality.value if expected.laterality else None)
         assert str(group.tracking_identifier) == annotation.tracking_id
-    # A finding without a box is a whole-image TID 1501 group with the same tracking UID scheme.
-    unboxed = [a for a in expected_annotations(case) if a.box is None]
-    whole_image = [g for g in sr.content.get_image_measurement_groups() if not is_image_label_group(g)]
-    assert sorted(str(g.tracking_uid) for g in whole_image) == sorted(a.tracking_uid for a in unboxed)
-    assert unboxed, "the factory result has findings without boxes"
-    for group in whole_image:  # grounded findings state presence; image labels (next test) do not
-        assert [e.value.value for e in group.get_qualitative_evaluations(name=codes.PRESENCE)] == [codes.PRESENT.value]
+    # A finding without a box is no measurement group (OHIF cannot draw one): see the next test.
+    assert not sr.content.get_image_measurement_groups()
 
 
-def test_sr_roundtrip_finds_each_image_label_with_its_probability(case: BuiltCase) -> None:
+def qualitative_evaluation_texts(sr) -> list[tuple[str, str, str]]:  # noqa: ANN001
+    """(code value, scheme, text) of each TEXT item in the SR's Qualitative Evaluations container."""
+    [container] = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == codes.QUALITATIVE_EVALUATIONS.value]
+    return [(i.ConceptNameCodeSequence[0].CodeValue, i.ConceptNameCodeSequence[0].CodingSchemeDesignator, i.TextValue) for i in container.ContentSequence]
+
+
+def test_sr_keeps_image_labels_and_unlocalised_findings_outside_the_measurement_groups(case: BuiltCase) -> None:
+    """OHIF 3.13 crashes on a measurement group without SCOORD: every group has one, and the whole-image
+    statements (14 image-level probabilities, findings without a box) are TEXT items of TID 1500's
+    Qualitative Evaluations container, each named by its finding type, each fact kept."""
     sr = hd.sr.srread(case.paths["sr"])
-    groups = [g for g in sr.content.get_image_measurement_groups() if is_image_label_group(g)]
-    assert case.result.image_labels and len(groups) == len(case.result.image_labels) == 14
-    # One TID 1501 group per label, sorted by label, each with the label's finding type and its probability.
-    assert [str(g.tracking_identifier) for g in groups] == [f"image-label {label}" for label in sorted(case.result.image_labels)]
-    by_uid = {str(g.tracking_uid): g for g in groups}
-    assert len(by_uid) == 14
-    for expected in expected_image_labels(case):
-        group = by_uid[expected.tracking_uid]
-        label = str(group.tracking_identifier).removeprefix("image-label ")
-        assert expected.label == label
-        assert (group.finding_type.value, group.finding_type.scheme_designator) == (
-            codes.finding_type_for_label(label).value,
-            codes.finding_type_for_label(label).scheme_designator,
-        )
-        [measurement] = group.get_measurements(name=codes.PROBABILITY)
-        assert measurement.value == pytest.approx(case.result.image_labels[label])
-        assert (measurement.unit.value, measurement.unit.scheme_designator) == ("1", "UCUM")
-        # Not a presence statement and not a grounded finding: no evaluation, no category, no site.
-        assert group.get_qualitative_evaluations() == [] and group.finding_category is None and group.finding_sites == []
-        assert comment_texts(group) == []
-    uids = set(by_uid) | {a.tracking_uid for a in expected_annotations(case)}
-    assert len(uids) == 14 + len(expected_annotations(case))  # no tracking UID shared with a box or finding
+    [imaging] = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010"]
+    for group in imaging.ContentSequence:
+        assert any(i.ValueType == "SCOORD" for i in group.ContentSequence), "a measurement group without SCOORD crashes OHIF"
+    items = qualitative_evaluation_texts(sr)
+    assert items[0][0] == codes.COMMENT.value and "image-level probabilities" in items[0][2]
+    labels = expected_image_labels(case)
+    assert len(labels) == len(case.result.image_labels) == 14
+    label_items = items[1 : 1 + len(labels)]
+    for expected, (value, scheme, text) in zip(labels, label_items):
+        code = codes.finding_type_for_label(expected.label)
+        assert (value, scheme) == (code.value, code.scheme_designator)
+        assert text == f"{expected.label}: image-level probability {case.result.image_labels[expected.label]:.2f}"
+    unboxed = [a for a in expected_annotations(case) if a.box is None]
+    assert unboxed, "the factory result has findings without boxes"
+    unboxed_items = items[1 + len(labels) :]
+    assert len(unboxed_items) == len(unboxed)
+    for annotation, (value, scheme, text) in zip(unboxed, unboxed_items):
+        assert (value, scheme) == (annotation.finding_type.value, annotation.finding_type.scheme_designator)
+        assert text.startswith(f"{annotation.label}: not localised (whole image)")
+        if annotation.probability is not None:
+            assert f"probability {annotation.probability:.2f}" in text
+        assert annotation.text in text
+
+
+def test_sr_finding_site_meaning_names_the_side_and_keeps_the_laterality_modifier(case: BuiltCase) -> None:
+    """OHIF labels a box with its first Finding Site's Code Meaning and ignores nested modifiers."""
+    sr = hd.sr.srread(case.paths["sr"])
+    meanings = {}
+    for group in sr.content.get_planar_roi_measurement_groups():
+        site = group.finding_sites[0]
+        meanings[site.value.meaning] = site.laterality.value if site.laterality is not None else None
+    assert meanings["Right costophrenic angle"] == codes.RIGHT.value
+    assert meanings["Left lung"] == codes.LEFT.value
+    assert meanings["Heart"] is None
 
 
 def test_sr_roundtrip_finds_each_region_sentence_in_its_region_group(case: BuiltCase) -> None:
@@ -154,14 +170,17 @@ def test_seg_carries_the_geometry_ohif_needs_and_never_zero_spacing(case: BuiltC
 
 def test_gsps_has_same_tracking_uids_layers_and_display_pipeline(case: BuiltCase) -> None:
     gsps = pydicom.dcmread(case.paths["gsps"])
-    layers = {item.GraphicLayer for item in gsps.GraphicLayerSequence}
-    assert layers == {"ANATOMY", "FINDINGS"}
+    layers = [item.GraphicLayer for item in sorted(gsps.GraphicLayerSequence, key=lambda i: -i.GraphicLayerOrder)]
+    # Top first: whole-image lines, one layer per finding, one per grounded region, then all other anatomy.
+    assert layers[0] == "WHOLE_IMAGE" and layers[-1] == "ANATOMY"
+    kinds = [name.split("_")[0] for name in layers[1:-1]]
+    assert kinds == sorted(kinds) and set(kinds) == {"FINDING", "REGION"}  # findings above anatomy
     colours = [tuple(item.GraphicLayerRecommendedDisplayCIELabValue) for item in gsps.GraphicLayerSequence]
-    assert len(set(colours)) == 2
-    uids = [g.TrackingUID for annotation in gsps.GraphicAnnotationSequence for g in annotation.GraphicObjectSequence]
+    assert len(set(colours)) == len(colours)
+    uids = [g.TrackingUID for annotation in gsps.GraphicAnnotationSequence for g in annotation.get("GraphicObjectSequence", [])]
     boxed = [a for a in expected_annotations(case) if a.box is not None]
     assert sorted(uids) == sorted(a.tracking_uid for a in boxed)
-    texts = [t for annotation in gsps.GraphicAnnotationSequence for t in annotation.TextObjectSequence]
+    texts = [t for annotation in gsps.GraphicAnnotationSequence for t in annotation.get("TextObjectSequence", [])]
     unboxed = [a for a in expected_annotations(case) if a.box is None]
     whole_image = {t.TrackingUID: t.UnformattedTextValue for t in texts if "TrackingUID" in t}
     assert whole_image == {a.tracking_uid: f"{a.label} (whole image)" for a in unboxed} and unboxed
@@ -230,7 +249,8 @@ def test_sc_is_marked_as_derived_burned_in_and_not_for_diagnosis(case: BuiltCase
     assert sc.BurnedInAnnotation == "YES" and list(sc.ImageType)[:2] == ["DERIVED", "SECONDARY"]
     assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == case.source.SOPInstanceUID
     assert "NOT FOR DIAGNOSIS" in sc.DerivationDescription
-    assert (sc.Rows, sc.Columns, sc.SamplesPerPixel, sc.PhotometricInterpretation) == (case.source.Rows, case.source.Columns, 3, "RGB")
+    # Banner above and legend below are added rows: same width, taller than the source.
+    assert sc.Columns == case.source.Columns and sc.Rows > case.source.Rows and sc.SamplesPerPixel == 3
 
 
 def test_kos_references_the_image_and_every_result(case: BuiltCase) -> None:

@@ -1,72 +1,137 @@
-"""The burned-in overlay lands where the result says: checked on pixels, and saved as PNG for a look."""
+"""The burned-in overlay: findings and their anatomy where the result says, in the shared colours, labels
+apart, banner and legend outside the image; checked on pixels, and saved as PNG for a look."""
 
 from __future__ import annotations
 
+from itertools import combinations
 from pathlib import Path
 
 import numpy as np
 import pydicom
+import pytest
 from PIL import Image
 
+from sr_writer.bundle import assemble_bundle
+from sr_writer.colours import colour_for_key
 from sr_writer.context import make_context
-from sr_writer.overlay import FINDING_RGB, REGION_RGB, display_pixels, layout
+from sr_writer.overlay import BANNER_TEXT_RGB, display_pixels, drawn_annotations, layout, text_size
+from sr_writer.sc import banner_text, footer_lines
 from tests.sr_writer.conftest import UID_ROOT, BuiltCase
+from tests.sr_writer.corpus_inputs import CorpusCase, make_source
+from tests.support.results import make_result
 
 
-def test_sc_boxes_land_where_the_result_says(case: BuiltCase, output_dir: Path) -> None:
+def geometry_for(case_source: pydicom.Dataset, result) -> tuple:  # noqa: ANN001
+    ctx = make_context(case_source, result, uid_root=UID_ROOT, analysis_version=1)
+    return ctx, layout(ctx.annotations, ctx.rows, ctx.columns, banner_text(ctx), footer_lines(ctx))
+
+
+def test_sc_draws_findings_and_their_anatomy_where_the_result_says(case: BuiltCase, output_dir: Path) -> None:
     sc = pydicom.dcmread(case.paths["sc"])
     rgb = sc.pixel_array
     Image.fromarray(rgb).save(output_dir / f"sr_writer-sc-overlay-{case.name}.png")
-    annotations = make_context(case.source, case.result, uid_root=UID_ROOT, analysis_version=1).boxed
-    context = make_context(case.source, case.result, uid_root=UID_ROOT, analysis_version=1)
-    footer = tuple(f"{a.label} (whole image)" for a in context.unboxed_findings)
-    assert footer, "the factory result has findings without boxes"
-    geometry = layout(annotations, int(sc.Rows), int(sc.Columns), footer)
-    width = geometry.line_width
-    # The layout's rectangles are the result's boxes (in-image here), independent of the annotation code.
-    for region, rect in zip(case.result.regions, geometry.box_rectangles[:36]):
-        box = region.box
-        assert rect == (int(np.floor(box.x1)), int(np.floor(box.y1)), int(np.ceil(box.x2)) - 1, int(np.ceil(box.y2)) - 1)
+    ctx, geometry = geometry_for(case.source, case.result)
+    drawn = drawn_annotations(ctx.annotations)
+    assert [a.is_region for a in drawn].count(False) == len([a for a in ctx.boxed if not a.is_region])  # every finding box
+    grounded = {site for a in ctx.annotations if not a.is_region for site in a.sites}
+    assert {a.sites[0] for a in drawn if a.is_region} == grounded - {None}  # anatomy only where a finding is grounded
+    assert (int(sc.Rows), int(sc.Columns)) == (geometry.total_rows, ctx.columns)
+    top = geometry.image_top
+    assert top == geometry.banner_height > 0 and geometry.legend_top >= top + ctx.rows  # banner and legend outside the image
 
-    # Everything drawn: box outlines (line_width thick, inward), label rectangles, the banner.
-    drawn = np.zeros(rgb.shape[:2], dtype=bool)
-    drawn[: geometry.banner_height] = True
-    for left, top, right, bottom in geometry.box_rectangles:
-        drawn[top : top + width, left : right + 1] = True
-        drawn[bottom - width + 1 : bottom + 1, left : right + 1] = True
-        drawn[top : bottom + 1, left : left + width] = True
-        drawn[top : bottom + 1, right - width + 1 : right + 1] = True
-    for left, top, right, bottom in geometry.label_rectangles + geometry.footer_rectangles:
-        drawn[top : bottom + 1, left : right + 1] = True
-    # The footer lists the unlocalised findings in the finding colour on black.
-    for left, top, right, bottom in geometry.footer_rectangles:
-        block = rgb[top : bottom + 1, left : right + 1].reshape(-1, 3)
-        assert (block == FINDING_RGB).all(axis=1).any() and (block == 0).all(axis=1).mean() > 0.5
+    covered = np.zeros(rgb.shape[:2], dtype=bool)
+    width = geometry.line_width
+    for annotation, (left, t, right, bottom) in zip(drawn, geometry.box_rectangles):
+        w = width if annotation.is_region else 2 * width
+        covered[t : t + w, left : right + 1] = covered[bottom - w + 1 : bottom + 1, left : right + 1] = True
+        covered[t : bottom + 1, left : left + w] = covered[t : bottom + 1, right - w + 1 : right + 1] = True
+    for label in geometry.label_rectangles:
+        if label is not None:
+            covered[label[1] : label[3] + 3, label[0] : label[2] + 3] = True
+    for leader in geometry.leaders:
+        if leader is not None:
+            (x0, y0), (x1, y1) = leader
+            covered[min(y0, y1) - 2 : max(y0, y1) + 3, min(x0, x1) - 2 : max(x0, x1) + 3] = True
 
     checked = 0
-    for annotation, (left, top, right, bottom), label in zip(annotations, geometry.box_rectangles, geometry.label_rectangles):
-        colour = np.array(REGION_RGB if annotation.is_region else FINDING_RGB)
-        # Middle of each edge, unless a label or another box's line covers that spot.
-        for row, column in (((top + bottom) // 2, left), ((top + bottom) // 2, right), (bottom, (left + right) // 2)):
-            others = [
-                other
-                for other, a in zip(geometry.box_rectangles, annotations)
-                if other != (left, top, right, bottom) and _on_outline(other, row, column, width)
-            ]
-            in_label = any(l <= column <= r and t <= row <= b for (l, t, r, b) in geometry.label_rectangles + geometry.footer_rectangles)
-            if others or in_label or row < geometry.banner_height:
+    for annotation, (left, t, right, bottom) in zip(drawn, geometry.box_rectangles):
+        colour = np.array(colour_for_key(annotation.key))
+        for row, column in (((t + bottom) // 2, left), ((t + bottom) // 2, right), (bottom, (left + right) // 2)):
+            owners = [a for a, r in zip(drawn, geometry.box_rectangles) if r[0] <= column <= r[2] and r[1] <= row <= r[3] and a is not annotation]
+            in_label = any(lr is not None and lr[0] <= column <= lr[2] + 2 and lr[1] <= row <= lr[3] + 2 for lr in geometry.label_rectangles)
+            if owners or in_label:
                 continue
             assert np.array_equal(rgb[row, column], colour), f"{annotation.key} edge at ({row}, {column}) is {rgb[row, column]}"
             checked += 1
-    assert checked > 40, "too few edges could be checked"
+    assert checked >= len(drawn) // 2, "too few edges could be checked"
 
-    # Pixels nothing was drawn on are the rendered source, gray (R = G = B), never a box colour.
-    undrawn = ~drawn
-    assert undrawn.sum() > 0.3 * undrawn.size
-    gray = rgb[undrawn]
-    assert np.all(gray[:, 0] == gray[:, 1]) and np.all(gray[:, 1] == gray[:, 2])
-    expected = display_pixels(case.source)[undrawn]
-    assert np.array_equal(gray[:, 0], expected)
+    # Image pixels nothing was drawn on are the rendered source, unchanged (the image is not shifted or covered).
+    image = rgb[top : top + ctx.rows]
+    free = ~covered[top : top + ctx.rows]
+    assert free.mean() > 0.8  # nothing opaque: labels are outlined text, no panels over the lungs
+    expected = display_pixels(case.source)
+    assert np.array_equal(image[free][:, 0], expected[free]) and np.array_equal(image[free][:, 1], expected[free])
+
+
+def test_labels_never_overlap_and_stay_in_the_image(case: BuiltCase) -> None:
+    ctx, geometry = geometry_for(case.source, case.result)
+    placed = [r for r in geometry.label_rectangles if r is not None]
+    assert len(placed) >= len(geometry.label_rectangles) - 2
+    for a, b in combinations(placed, 2):
+        assert a[2] < b[0] or b[2] < a[0] or a[3] < b[1] or b[3] < a[1], (a, b)
+    for left, top, right, bottom in placed:
+        assert 0 <= left and right < ctx.columns and geometry.image_top <= top and bottom < geometry.image_top + ctx.rows
+
+
+def test_the_banner_is_whole_on_a_256_px_wide_image(tmp_path: Path, output_dir: Path) -> None:
+    case = CorpusCase("40_330x256_2_8b_DX_explicit_clean", 330, 256, "MONOCHROME2", 8, "DX", "explicit", "valid", "clean")
+    source = pydicom.dcmread(make_source(case, tmp_path))
+    result = make_result(source, n_findings=8)
+    sc = assemble_bundle(source, result, ("sc",), uid_root=UID_ROOT, analysis_version=1).objects[0].dataset
+    rgb = sc.pixel_array
+    Image.fromarray(rgb).save(output_dir / "sr_writer-sc-banner-256px.png")
+    ctx, geometry = geometry_for(source, result)
+    assert " ".join(geometry.banner_lines) == banner_text(ctx)  # every word is there
+    banner = rgb[: geometry.banner_height]
+    yellow = np.all(np.abs(banner.astype(int) - BANNER_TEXT_RGB) < 60, axis=2)
+    columns_with_text = np.flatnonzero(yellow.any(axis=0))
+    assert columns_with_text.size and columns_with_text.max() < 256 - 2  # nothing runs off the right edge
+    line_height = (geometry.banner_height - 6) // len(geometry.banner_lines)
+    for number, line in enumerate(geometry.banner_lines):  # each line is drawn, as wide as its text
+        band = yellow[3 + number * line_height : 3 + (number + 1) * line_height]
+        drawn_columns = np.flatnonzero(band.any(axis=0))
+        assert drawn_columns.size, line
+        assert abs((drawn_columns.max() - 4) - text_size(line, geometry.banner_font_size)[0]) <= 6, line
+    assert geometry.banner_font_size >= 9
+
+
+@pytest.mark.parametrize("kind", ["seg", "gsps"])
+def test_one_colour_per_region_and_finding_across_seg_gsps_and_sc(case: BuiltCase, kind: str) -> None:
+    import highdicom as hd
+
+    ctx = make_context(case.source, case.result, uid_root=UID_ROOT, analysis_version=1)
+    by_uid = {a.tracking_uid: a for a in ctx.boxed}
+    if kind == "seg":
+        seg = case.dataset("seg")
+        colours = {}
+        for item in seg.SegmentSequence:
+            annotation = by_uid[item.TrackingUID]
+            expected = hd.color.CIELabColor.from_rgb(*colour_for_key(annotation.key)).value
+            assert tuple(item.RecommendedDisplayCIELabValue) == tuple(expected), annotation.key
+            colours.setdefault(annotation.key.split("-box")[0], tuple(expected))
+        regions = [v for k, v in colours.items() if k.startswith("region")]
+        assert len(set(regions)) == 36  # every region its own colour
+        assert len(set(colours.values())) == len(colours)
+    else:
+        gsps = case.dataset("gsps")
+        layer_colour = {item.GraphicLayer: tuple(item.GraphicLayerRecommendedDisplayCIELabValue) for item in gsps.GraphicLayerSequence}
+        for annotation_item in gsps.GraphicAnnotationSequence:
+            layer = annotation_item.GraphicLayer
+            if layer in ("ANATOMY", "WHOLE_IMAGE"):
+                continue
+            for graphic in annotation_item.get("GraphicObjectSequence", []):
+                annotation = by_uid[graphic.TrackingUID]
+                assert layer_colour[layer] == tuple(hd.color.CIELabColor.from_rgb(*colour_for_key(annotation.key)).value), layer
 
 
 def test_monochrome1_is_shown_with_bright_bone(case: BuiltCase) -> None:
@@ -76,10 +141,3 @@ def test_monochrome1_is_shown_with_bright_bone(case: BuiltCase) -> None:
     spine = rendered[int(rows * 0.4) : int(rows * 0.6), int(columns * 0.48) : int(columns * 0.52)].mean()
     lung = rendered[int(rows * 0.3) : int(rows * 0.5), int(columns * 0.2) : int(columns * 0.3)].mean()
     assert spine > lung + 30, (spine, lung)
-
-
-def _on_outline(rect: tuple[int, int, int, int], row: int, column: int, width: int) -> bool:
-    left, top, right, bottom = rect
-    inside = left <= column <= right and top <= row <= bottom
-    near_edge = column < left + width or column > right - width or row < top + width or row > bottom - width
-    return inside and near_edge

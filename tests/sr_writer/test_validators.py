@@ -44,7 +44,9 @@ def test_dsrdump_shows_preliminary_unverified_and_the_findings(case: BuiltCase) 
     output = run_dsrdump(case.paths["sr"]).output
     assert "PRELIMINARY" in output and "UNVERIFIED" in output
     assert "Imaging Measurement Report" in output and "POLYLINE" in output
-    assert output.count('"Measurement Group"') == len(case.bundle.objects[0].dataset.ContentSequence[-1].ContentSequence)
+    measurements = [i for i in case.dataset("sr").ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010"][0]
+    assert output.count('"Measurement Group"') == len(measurements.ContentSequence)
+    assert '"Qualitative Evaluations"' in output
 
 
 @pytest.mark.parametrize("kind", ["sr", "text_sr"])
@@ -102,7 +104,13 @@ def test_sr_of_image_labels_alone_validates_and_text_sr_keeps_unlocated_regions_
             pixelmed = run_pixelmed_sr_validator(path)
             assert not split_model_output_problems(pixelmed)[0], pixelmed.describe()
     output = run_dsrdump(tmp_path / "sr.dcm").output
-    assert output.count('"Measurement Group"') == len(result.image_labels) == 14 and "POLYLINE" not in output
+    # No located box: no measurement group at all (OHIF cannot draw a group without SCOORD), the 14
+    # labels are TEXT items of the Qualitative Evaluations container.
+    assert output.count('"Measurement Group"') == 0 and "POLYLINE" not in output
+    assert '"Qualitative Evaluations"' in output and '"Imaging Measurements"' not in output
+    sr = next(o.dataset for o in bundle.objects if o.kind == "sr")
+    texts = [i.TextValue for i in sr.ContentSequence[-1].ContentSequence]
+    assert sum(": image-level probability " in t for t in texts) == len(result.image_labels) == 14
     text_sr = next(o.dataset for o in bundle.objects if o.kind == "text_sr")
     outputs = [i for i in text_sr.ContentSequence if i.get("ValueType") == "CONTAINER"][-1]
     assert len(outputs.ContentSequence) == 1 + 14 + 36
