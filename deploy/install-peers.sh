@@ -9,6 +9,10 @@ command -v Orthanc >/dev/null || need+=(orthanc)
 [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
 [ -e /usr/share/java/pixelmed.jar ] || need+=(libpixelmed-java)
 command -v ojph_compress >/dev/null || need+=(openjph-tools)
+# The OHIF viewer test (tests/viewer): headless chromium, node and npm (deploy/install-viewer.sh fetches OHIF).
+command -v chromium >/dev/null || need+=(chromium)
+command -v node >/dev/null || need+=(nodejs)
+command -v npm >/dev/null || need+=(npm)
 if [ ${#need[@]} -eq 0 ]; then
   echo "peers: all present"
   exit 0

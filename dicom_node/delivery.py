@@ -17,6 +17,7 @@ status 0x0122) is sent again as Comprehensive SR (88.33) with the same content a
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
 from collections.abc import Callable, Sequence
@@ -154,6 +155,23 @@ def _associate(ae: AE, destination: RemoteNode, contexts: list, timeout_s: float
     raise AssociationFailure(f"no association with {where}: connection refused, aborted or timed out", transient=True)
 
 
+def _in_an_accepted_syntax(assoc, ds: Dataset, sop_class: str) -> Dataset:
+    """``ds``, or a decompressed copy when the destination accepted none of its compressed syntax.
+
+    Our SC is JPEG baseline and our SEG RLE Lossless (compact in the PACS); a destination that accepts
+    only uncompressed syntaxes for that class gets the pixels decompressed (Explicit VR LE).
+    """
+    syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
+    if not syntax or not pydicom.uid.UID(syntax).is_compressed:
+        return ds
+    offered = {str(cx.transfer_syntax[0]) for cx in assoc.accepted_contexts if str(cx.abstract_syntax) == sop_class}
+    if syntax in offered:
+        return ds
+    plain = copy.deepcopy(ds)  # the caller's dataset (and its file) stay compressed
+    plain.decompress()  # updates Transfer Syntax, Photometric Interpretation (YBR -> RGB) and lengths
+    return plain
+
+
 def _send_one(assoc, ds: Dataset, fallback: Callable[[Dataset], Dataset]) -> StoreOutcome:
     """C-STORE one dataset on an open association, falling back 88.34 -> 88.33 where needed."""
     uid = str(ds.SOPInstanceUID)
@@ -163,6 +181,7 @@ def _send_one(assoc, ds: Dataset, fallback: Callable[[Dataset], Dataset]) -> Sto
         ds, sop_class = fallback(ds), COMPREHENSIVE_SR
     if sop_class not in accepted:
         return StoreOutcome(uid, "permanent", None, f"destination does not accept SOP class {sop_class}")
+    ds = _in_an_accepted_syntax(assoc, ds, sop_class)
     response = assoc.send_c_store(ds)
     if not response or "Status" not in response:
         return StoreOutcome(uid, "transient", None, "no C-STORE response (timeout or association aborted)")

@@ -39,14 +39,22 @@ def text_height(rows: int) -> float:
     return max(12.0, rows / 50.0)
 
 
-def label_boxes(annotations: tuple[Annotation, ...], rows: int, columns: int, taken: list | None = None) -> list:
-    """Per annotation: (bounding box, anchor point or None) for its label, or None when no spot is free."""
+def label_boxes(annotations: tuple[Annotation, ...], rows: int, columns: int, taken: list | None = None, always: bool = False) -> list:
+    """Per annotation: (bounding box, anchor point or None) for its label, or None when no spot is free.
+
+    ``always`` (findings): a label with no free spot still goes at its box's top-left corner, inside the
+    image, even if it overlaps another (on tiny images there is no room for all)."""
     height = text_height(rows)
     boxes = [(int(a.box.x1), int(a.box.y1), int(a.box.x2) - 1, int(a.box.y2) - 1) for a in annotations]
     sizes = [(int(min(columns - 2, max(height, 0.55 * height * len(a.label)))), int(height)) for a in annotations]
     placed, far = place_labels(boxes, sizes, (0, 0, columns - 1, rows - 1), list(range(len(boxes))), taken)
     out = []
     for rect, is_far, annotation in zip(placed, far, annotations):
+        if rect is None and always:
+            width, height = min(columns - 1, sizes[len(out)][0]), min(rows - 1, sizes[len(out)][1])
+            left = min(max(int(annotation.box.x1), 0), columns - 1 - width)
+            top = min(max(int(annotation.box.y1), 0), rows - 1 - height)
+            rect, is_far = (left, top, left + width, top + height), False
         if rect is None:
             out.append(None)
             continue
@@ -81,7 +89,7 @@ def whole_image_texts(ctx: BundleContext) -> list[hd.pr.TextObject]:
     return texts
 
 
-def graphic_annotation(ctx: BundleContext, layer: hd.pr.GraphicLayer, annotations: tuple[Annotation, ...], taken: list) -> hd.pr.GraphicAnnotation:
+def graphic_annotation(ctx: BundleContext, layer: hd.pr.GraphicLayer, annotations: tuple[Annotation, ...], taken: list, always: bool = False) -> hd.pr.GraphicAnnotation:
     graphics = []
     for a in annotations:
         graphic = hd.pr.GraphicObject(
@@ -93,7 +101,7 @@ def graphic_annotation(ctx: BundleContext, layer: hd.pr.GraphicLayer, annotation
         )
         graphics.append(graphic)
     texts = []
-    for a, placed in zip(annotations, label_boxes(annotations, ctx.rows, ctx.columns, taken)):
+    for a, placed in zip(annotations, label_boxes(annotations, ctx.rows, ctx.columns, taken, always)):
         if placed is None:
             continue
         bounding_box, anchor = placed
@@ -134,7 +142,7 @@ def build_gsps(ctx: BundleContext, kind: str = "gsps") -> Dataset:
     for number, (name, description, rgb, members) in enumerate(groups):
         layer = hd.pr.GraphicLayer(layer_name=name, order=order - 1 - number, description=truncate(description, "LO"), display_color=hd.color.CIELabColor.from_rgb(*rgb))
         layers.append(layer)
-        annotations.append(graphic_annotation(ctx, layer, members, taken))
+        annotations.append(graphic_annotation(ctx, layer, members, taken, always=name.startswith("FINDING")))
     if anatomy:
         layer = hd.pr.GraphicLayer(
             layer_name=ANATOMY_LAYER, order=1, description="All other anatomical regions (AI): switch on for context", display_color=hd.color.CIELabColor.from_rgb(*ANATOMY_RGB)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import highdicom as hd
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_fragments
 from pydicom.sequence import Sequence
+from pydicom.uid import JPEGBaseline8Bit
 
 from sr_writer.context import DEMO_MARK, BundleContext
 from sr_writer.equipment import apply_common_attributes, apply_lossy_history
@@ -40,7 +42,9 @@ def build_sc(ctx: BundleContext, kind: str = "sc") -> Dataset:
     valid_orientation = len(orientation) == 2 and all(v and set(v) <= _BIPED for v in orientation)
     sc = hd.sc.SCImage(
         pixel_array=pixels,
-        photometric_interpretation="RGB",
+        # JPEG baseline (lossy, not for diagnosis anyway): RG1's 11 MB RGB becomes a few hundred kB.
+        photometric_interpretation="YBR_FULL_422",
+        transfer_syntax_uid=JPEGBaseline8Bit,
         bits_allocated=8,
         coordinate_system="PATIENT",
         study_instance_uid=ctx.study_instance_uid,
@@ -74,5 +78,6 @@ def build_sc(ctx: BundleContext, kind: str = "sc") -> Dataset:
     reference.ReferencedSOPClassUID = source.SOPClassUID
     reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
     sc.SourceImageSequence = Sequence([reference])
-    apply_lossy_history(sc, source)
+    encoded = sum(len(fragment) for fragment in generate_fragments(sc.PixelData))
+    apply_lossy_history(sc, source, own=(round(pixels.size / max(encoded, 1), 2), "ISO_10918_1"))
     return apply_common_attributes(sc, ctx)

@@ -1,13 +1,21 @@
-"""Segmentation (BINARY): one segment per region box and per finding box, box-filled masks.
+"""Segmentation: one segment per region box and per finding box, box-filled masks.
 
-Regions overlap (the lung contains its zones), so the SEG is BINARY with one frame per segment, each
-frame full size. Tracking UIDs are the same as in the SR and GSPS.
+Regions overlap (the lung contains its zones), so each segment has its own frame, full size. Tracking UIDs are the same as in the SR and GSPS.
 
 Additions after construction, for viewers and validators (see shared/dicom-results.md):
 ``PatientOrientation`` copied from the source; ``PlaneOrientationSequence`` and ``PixelMeasuresSequence``
 in the Shared Functional Groups (OHIF 3.12/3.13 crashes without them on projection images), with spacing
 from PixelSpacing when it is calibrated and non-zero, else ImagerPixelSpacing, else 1\\1: a SEG of ours
 never carries zero spacing, even when the source (RG1: 0\\0) does.
+
+Size and viewers: the masks are written as a FRACTIONAL (OCCUPANCY) SEG holding only 0 and 255 (a box
+occupies its pixels fully), RLE Lossless: the "pseudo-binary" form OHIF itself writes and reads, which
+highdicom allows RLE for (BINARY it does not). RG1: 19 MB -> 2.5 MB (RLE runs are capped at 128 bytes,
+so an empty 1841-px row still costs 30 bytes). A BINARY SEG in Deflated Explicit VR LE is far smaller
+(55 kB) but OHIF 3.13 fails to load a BINARY SEG whose bit-packed length is odd (its length check does
+not allow the pad byte) and then falls back to per-frame requests that Orthanc 1.10 answers with 500
+for 1-bit frames (seen in tests/viewer). The frames are RLE-encoded by :func:`rle_encode_frame` (box
+masks have at most two distinct rows per frame), not by highdicom's general per-row encoder.
 
 Speed (46 full-size segments of 1955x1841 is 165 M mask pixels): the masks are 0/1 uint8 in
 segment-major memory, exposed as highdicom's (1, rows, columns, segments) view, so each frame highdicom
@@ -24,9 +32,11 @@ import contextvars
 from itertools import combinations
 
 import highdicom as hd
+import highdicom.image as hd_image
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
+from pydicom.uid import RLELossless
 
 from inference.result import Box
 from sr_writer import codes
@@ -39,6 +49,76 @@ from sr_writer.text import code_string
 
 #: The SegmentsOverlap value of the build in progress (a ContextVar: builds may run in threads).
 _BOX_OVERLAP: contextvars.ContextVar[str] = contextvars.ContextVar("box_segments_overlap")
+#: Set while one of our SEGs is built: highdicom's frame encoder then uses :func:`rle_encode_frame`.
+_FAST_RLE: contextvars.ContextVar[bool] = contextvars.ContextVar("box_fast_rle", default=False)
+
+
+def rle_encode_frame(frame: np.ndarray) -> bytes:
+    """DICOM RLE Lossless (PS3.5 Annex G) of one 8-bit single-sample frame: one segment, PackBits per row.
+
+    Each distinct row is encoded once and reused (box masks have at most two per frame).
+    """
+    cache: dict[bytes, bytes] = {}
+    parts = []
+    for row in frame:
+        key = row.tobytes()
+        encoded = cache.get(key)
+        if encoded is None:
+            encoded = cache[key] = _packbits_row(row)
+        parts.append(encoded)
+    segment = b"".join(parts)
+    if len(segment) % 2:
+        segment += b"\x00"
+    header = np.zeros(16, dtype="<u4")
+    header[0], header[1] = 1, 64
+    return header.tobytes() + segment
+
+
+def _packbits_row(row: np.ndarray) -> bytes:
+    """PackBits of one row (never crossing the row): replicate runs of 2-128, literal runs of 1-128."""
+    values = row.astype(np.int16)
+    starts = np.flatnonzero(np.diff(values, prepend=-1))
+    lengths = np.diff(np.append(starts, len(values)))
+    out = bytearray()
+    literal = bytearray()
+    for start, length in zip(starts.tolist(), lengths.tolist()):
+        value = int(row[start])
+        if length == 1:
+            literal.append(value)
+            if len(literal) == 128:
+                out += bytes([127]) + literal
+                literal.clear()
+            continue
+        if literal:
+            out += bytes([len(literal) - 1]) + literal
+            literal.clear()
+        while length > 0:
+            n = min(length, 128)
+            if n == 1:
+                literal.append(value)
+                if len(literal) == 128:
+                    out += bytes([127]) + literal
+                    literal.clear()
+            else:
+                out += bytes([257 - n, value])
+            length -= n
+    if literal:
+        out += bytes([len(literal) - 1]) + literal
+    return bytes(out)
+
+
+_highdicom_encode_frame = hd_image.encode_frame
+
+
+def _encode_frame(array: np.ndarray, **kwargs: object) -> bytes:
+    if _FAST_RLE.get() and kwargs.get("transfer_syntax_uid") == RLELossless and array.dtype == np.uint8 and array.ndim == 2:
+        return rle_encode_frame(array)
+    return _highdicom_encode_frame(array, **kwargs)
+
+
+# highdicom encodes SEG frames through this module-level name; ours take the fast path only while
+# _FAST_RLE is set (inside build_seg); every other use of highdicom is unchanged.
+hd_image.encode_frame = _encode_frame
 
 
 class BoxSegmentation(hd.seg.Segmentation):
@@ -53,7 +133,7 @@ class BoxSegmentation(hd.seg.Segmentation):
             and pixel_array.ndim == 4
             and pixel_array.shape[-1] == len(segment_numbers)
         )
-        if overlap is None or not is_box_stack or segmentation_type != hd.seg.SegmentationTypeValues.BINARY:
+        if overlap is None or not is_box_stack or segmentation_type != hd.seg.SegmentationTypeValues.FRACTIONAL:
             return super()._check_and_cast_pixel_array(pixel_array, segment_numbers, segmentation_type, dtype)
         return pixel_array, hd.seg.SegmentsOverlapValues(overlap)
 
@@ -128,7 +208,7 @@ def pixel_spacing_for(source: Dataset) -> list[float]:
 
 
 def build_seg(ctx: BundleContext, kind: str = "seg") -> Dataset:
-    """The BINARY SEG of all boxes (regions first, then findings)."""
+    """The SEG of all boxes (regions first, then findings)."""
     annotations = ctx.boxed
     if not annotations:
         raise ValueError("result has no box inside the image: nothing to segment")
@@ -138,9 +218,11 @@ def build_seg(ctx: BundleContext, kind: str = "seg") -> Dataset:
     descriptions = [segment_description(n, a, algorithm) for n, a in enumerate(annotations, start=1)]
     slices = [box_pixel_slice(a.box, ctx.rows, ctx.columns) for a in annotations]
     token = _BOX_OVERLAP.set("YES" if boxes_overlap(slices) else "NO")
+    rle = _FAST_RLE.set(True)
     try:
         seg = _construct(ctx, kind, annotations, descriptions)
     finally:
+        _FAST_RLE.reset(rle)
         _BOX_OVERLAP.reset(token)
     seg.SeriesDescription = ctx.series_description(kind)
     add_projection_geometry(seg, ctx.source)
@@ -152,7 +234,10 @@ def _construct(ctx: BundleContext, kind: str, annotations: tuple[Annotation, ...
     return BoxSegmentation(
         source_images=[ctx.source],
         pixel_array=box_masks(annotations, ctx.rows, ctx.columns),
-        segmentation_type="BINARY",
+        segmentation_type="FRACTIONAL",  # 0 or 255 only ("pseudo-binary"): see the module docstring
+        fractional_type="OCCUPANCY",
+        max_fractional_value=255,
+        transfer_syntax_uid=RLELossless,
         segment_descriptions=descriptions,
         **ctx.new_instance_identity(kind),
         manufacturer_model_name=ctx.algorithm_name,

@@ -177,8 +177,8 @@ def site_concept(site: codes.AnatomicSite) -> hd.sr.CodedConcept:
 def lateral_meaning(site: codes.AnatomicSite) -> str:
     """"Right costophrenic angle" for (Costophrenic angle, Right); the plain meaning without laterality."""
     meaning = site.structure.meaning
-    if site.laterality is None:
-        return meaning
+    if site.laterality is None or site.laterality.meaning.lower() in meaning.lower().split():
+        return meaning  # no side, or the meaning already names it ("Left border of cardiac silhouette")
     return f"{site.laterality.meaning} {meaning[:1].lower()}{meaning[1:]}"[:64]
 
 

@@ -12,7 +12,7 @@ from sr_writer.bundle import SEND_ORDER, assemble_bundle
 from sr_writer.text import NOT_USABLE
 from tests.sr_writer.conftest import UID_ROOT
 from tests.sr_writer.corpus_inputs import DIRTY_TEXTS, corpus_cases, dirty_result, make_source
-from tests.support.validators import run_dciodvfy
+from tests.sr_writer.inflate import run_dciodvfy
 
 CASES = corpus_cases()
 TEXT_VRS = {"UT", "LT", "ST"}
@@ -77,7 +77,8 @@ def test_every_object_of_the_bundle_passes_dciodvfy_and_holds_clean_text(case, c
         written = pydicom.dcmread(path)
         assert text_problems(written) == [], built.kind
         assert written.get("SpecificCharacterSet") != "ISO_IR 6", built.kind
-        path.unlink()  # large corpus: keep the temp dir small
+        for leftover in corpus_dir.glob(f"{case.name}.{built.kind}*.dcm"):
+            leftover.unlink()  # large corpus: keep the temp dir small
     text_sr = next(o.dataset for o in bundle.objects if o.kind == "text_sr")
     findings = next(i for i in text_sr.ContentSequence if i.ValueType == "CONTAINER" and i.ConceptNameCodeSequence[0].CodeValue == "59776-5")
     shown = findings.ContentSequence[0].TextValue

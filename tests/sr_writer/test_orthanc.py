@@ -26,7 +26,9 @@ def orthanc(tmp_path: Path):  # noqa: ANN201
 def c_store(orthanc: Orthanc, datasets: list[pydicom.Dataset]) -> list[int]:
     ae = AE(ae_title="ANATOMIX")
     for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
-        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        own = {str(ds.file_meta.TransferSyntaxUID) for ds in datasets if str(ds.SOPClassUID) == sop_class}
+        # The object's own syntax first (the SC is JPEG baseline, the SEG RLE), as the node's SCU does.
+        ae.add_requested_context(sop_class, [*sorted(own - {ExplicitVRLittleEndian}), ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     association = ae.associate("127.0.0.1", orthanc.dicom_port, ae_title=orthanc.aet)
     assert association.is_established, "Orthanc refused the association"
     try:

@@ -138,7 +138,7 @@ def test_seg_roundtrip_masks_and_tracking_uids(case: BuiltCase) -> None:
     boxed = [a for a in expected_annotations(case) if a.box is not None]
     numbers = list(seg.segment_numbers)
     assert len(numbers) == len(boxed)
-    assert seg.SegmentationType == "BINARY"
+    assert seg.SegmentationType == "FRACTIONAL" and seg.SegmentationFractionalType == "OCCUPANCY"  # 0/255: see sr_writer/seg.py
     pixels = seg.get_pixels_by_source_instance([str(case.source.SOPInstanceUID)], segment_numbers=numbers)
     assert pixels.shape == (1, case.source.Rows, case.source.Columns, len(numbers))
     for number, annotation in zip(numbers, boxed):

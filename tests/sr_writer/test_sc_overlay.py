@@ -14,7 +14,7 @@ from PIL import Image
 from sr_writer.bundle import assemble_bundle
 from sr_writer.colours import colour_for_key
 from sr_writer.context import make_context
-from sr_writer.overlay import BANNER_TEXT_RGB, display_pixels, drawn_annotations, layout, text_size
+from sr_writer.overlay import BANNER_TEXT_RGB, display_pixels, drawn_annotations, layout, render_overlay, text_size
 from sr_writer.sc import banner_text, footer_lines
 from tests.sr_writer.conftest import UID_ROOT, BuiltCase
 from tests.sr_writer.corpus_inputs import CorpusCase, make_source
@@ -28,9 +28,12 @@ def geometry_for(case_source: pydicom.Dataset, result) -> tuple:  # noqa: ANN001
 
 def test_sc_draws_findings_and_their_anatomy_where_the_result_says(case: BuiltCase, output_dir: Path) -> None:
     sc = pydicom.dcmread(case.paths["sc"])
-    rgb = sc.pixel_array
-    Image.fromarray(rgb).save(output_dir / f"sr_writer-sc-overlay-{case.name}.png")
+    Image.fromarray(sc.pixel_array).save(output_dir / f"sr_writer-sc-overlay-{case.name}.png")
     ctx, geometry = geometry_for(case.source, case.result)
+    # Exact pixel checks on the rendering; the SC stores it JPEG baseline, so it is only close to it.
+    rgb, _ = render_overlay(ctx.source, ctx.annotations, banner_text(ctx), footer_lines(ctx))
+    assert sc.pixel_array.shape == rgb.shape
+    assert np.abs(sc.pixel_array.astype(int) - rgb.astype(int)).mean() < 6
     drawn = drawn_annotations(ctx.annotations)
     assert [a.is_region for a in drawn].count(False) == len([a for a in ctx.boxed if not a.is_region])  # every finding box
     grounded = {site for a in ctx.annotations if not a.is_region for site in a.sites}
@@ -88,9 +91,10 @@ def test_the_banner_is_whole_on_a_256_px_wide_image(tmp_path: Path, output_dir: 
     source = pydicom.dcmread(make_source(case, tmp_path))
     result = make_result(source, n_findings=8)
     sc = assemble_bundle(source, result, ("sc",), uid_root=UID_ROOT, analysis_version=1).objects[0].dataset
-    rgb = sc.pixel_array
-    Image.fromarray(rgb).save(output_dir / "sr_writer-sc-banner-256px.png")
+    Image.fromarray(sc.pixel_array).save(output_dir / "sr_writer-sc-banner-256px.png")
     ctx, geometry = geometry_for(source, result)
+    rgb, _ = render_overlay(ctx.source, ctx.annotations, banner_text(ctx), footer_lines(ctx))  # before JPEG
+    assert sc.pixel_array.shape == rgb.shape
     assert " ".join(geometry.banner_lines) == banner_text(ctx)  # every word is there
     banner = rgb[: geometry.banner_height]
     yellow = np.all(np.abs(banner.astype(int) - BANNER_TEXT_RGB) < 60, axis=2)

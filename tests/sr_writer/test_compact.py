@@ -1,0 +1,47 @@
+"""The full bundle is compact: RLE SEG, JPEG baseline SC (RG1: ~3.7 MB in all, was ~27 MB)."""
+
+from __future__ import annotations
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.uid import JPEGBaseline8Bit, RLELossless
+
+from dicom_node.settings import DEFAULT_PROFILES
+from sr_writer.bundle import assemble_bundle
+from sr_writer.seg import box_pixel_slice
+from tests.sr_writer.conftest import UID_ROOT, BuiltCase
+from tests.support.results import make_result, rg1_source
+
+
+def test_full_profile_for_rg1_is_a_fraction_of_what_it_was(tmp_path) -> None:  # noqa: ANN001
+    source = rg1_source()
+    bundle = assemble_bundle(source, make_result(source, n_findings=10), DEFAULT_PROFILES["full"], uid_root=UID_ROOT, analysis_version=1)
+    sizes = {}
+    for built in bundle.objects:
+        path = tmp_path / f"{built.kind}.dcm"
+        built.dataset.save_as(path, enforce_file_format=True)
+        sizes[built.kind] = path.stat().st_size
+    assert set(sizes) >= {"sr", "seg", "gsps", "sc"}, sizes
+    # Was ~27 MB (SEG 16-19 MB, SC 11 MB). The 2 MB target is not met: see sr_writer/seg.py for why
+    # the SEG stays RLE (2.6 MB) rather than deflated BINARY (55 kB), which OHIF 3.13 cannot always load.
+    assert sum(sizes.values()) < 4_500_000, sizes
+    assert sizes["seg"] < 3_000_000 and sizes["sc"] < 1_500_000, sizes
+
+
+def test_seg_is_rle_pseudo_binary_and_sc_is_jpeg_baseline_and_both_read_back(case: BuiltCase) -> None:
+    seg_file = pydicom.dcmread(case.paths["seg"])
+    assert seg_file.file_meta.TransferSyntaxUID == RLELossless
+    assert (seg_file.SegmentationType, seg_file.SegmentationFractionalType, seg_file.MaximumFractionalValue) == ("FRACTIONAL", "OCCUPANCY", 255)
+    assert set(np.unique(seg_file.pixel_array).tolist()) == {0, 255}  # pseudo-binary: what OHIF reads
+    seg = hd.seg.segread(case.paths["seg"])
+    boxed = [o for o in case.bundle.objects if o.kind == "seg"][0].dataset
+    assert seg.number_of_segments == len(boxed.SegmentSequence)
+    first = seg.get_pixels_by_source_instance([case.source.SOPInstanceUID], segment_numbers=[1])[0, :, :, 0]
+    region = case.result.regions[0].box
+    rows, columns = box_pixel_slice(region, case.source.Rows, case.source.Columns)
+    assert first[rows, columns].all() and (first > 0).sum() == (rows.stop - rows.start) * (columns.stop - columns.start)
+    sc = pydicom.dcmread(case.paths["sc"])
+    assert sc.file_meta.TransferSyntaxUID == JPEGBaseline8Bit and sc.PhotometricInterpretation == "YBR_FULL_422"
+    pixels = sc.pixel_array
+    assert pixels.shape == (sc.Rows, sc.Columns, 3) and np.ptp(pixels) > 100
