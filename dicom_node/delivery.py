@@ -112,17 +112,28 @@ def sort_for_sending(objects: Sequence[OutgoingObject]) -> list[OutgoingObject]:
 
 
 def _contexts_for(datasets: Sequence[Dataset]) -> list:
-    """One presentation context per SOP class (plus 88.33 whenever 88.34 is sent, for the fallback)."""
+    """One presentation context per SOP class (plus 88.33 whenever 88.34 is sent, for the fallback).
+
+    A compressed object (our SC is JPEG baseline, our SEG RLE) gets its own context proposing just its
+    syntax: an acceptor picks one syntax per context, so listed together with the uncompressed ones it
+    may pick those, and the object would be sent decompressed although the destination takes it as is.
+    """
     syntaxes: dict[str, list[str]] = {}
+    compressed: dict[str, list[str]] = {}
     for ds in datasets:
         own = str(ds.file_meta.TransferSyntaxUID) if "TransferSyntaxUID" in getattr(ds, "file_meta", Dataset()) else None
         wanted = syntaxes.setdefault(str(ds.SOPClassUID), [])
+        if own and pydicom.uid.UID(own).is_compressed:
+            if own not in compressed.setdefault(str(ds.SOPClassUID), []):
+                compressed[str(ds.SOPClassUID)].append(own)
+            own = None
         for uid in (own, ExplicitVRLittleEndian, ImplicitVRLittleEndian):
             if uid and uid not in wanted:
                 wanted.append(uid)
     if COMPREHENSIVE_3D_SR in syntaxes:
         syntaxes.setdefault(COMPREHENSIVE_SR, list(syntaxes[COMPREHENSIVE_3D_SR]))
-    return [build_context(sop_class, transfer_syntaxes) for sop_class, transfer_syntaxes in syntaxes.items()]
+    contexts = [build_context(sop_class, [uid]) for sop_class, uids in compressed.items() for uid in uids]
+    return contexts + [build_context(sop_class, transfer_syntaxes) for sop_class, transfer_syntaxes in syntaxes.items()]
 
 
 def _associate(ae: AE, destination: RemoteNode, contexts: list, timeout_s: float):
@@ -164,7 +175,7 @@ def _in_an_accepted_syntax(assoc, ds: Dataset, sop_class: str) -> Dataset:
     syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
     if not syntax or not pydicom.uid.UID(syntax).is_compressed:
         return ds
-    offered = {str(cx.transfer_syntax[0]) for cx in assoc.accepted_contexts if str(cx.abstract_syntax) == sop_class}
+    offered = {str(cx.transfer_syntax[0]) for cx in assoc.accepted_contexts if str(cx.abstract_syntax) == sop_class and cx.transfer_syntax}
     if syntax in offered:
         return ds
     plain = copy.deepcopy(ds)  # the caller's dataset (and its file) stay compressed

@@ -6,7 +6,7 @@ import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
-from dicom_node.delivery import _send_one
+from dicom_node.delivery import _contexts_for, _send_one
 from sr_writer.bundle import assemble_bundle, comprehensive_sr_fallback
 from tests.sr_writer.conftest import UID_ROOT
 from tests.support.net import free_port
@@ -31,8 +31,7 @@ def test_compressed_objects_are_decompressed_for_a_receiver_without_those_syntax
         source = rg1_source()
         bundle = assemble_bundle(source, make_result(source, n_findings=3), ("seg", "sc"), uid_root=UID_ROOT, analysis_version=1)
         scu = AE(ae_title="ANATOMIX")
-        for built in bundle.objects:  # what the node's SCU proposes: own syntax, then uncompressed
-            scu.add_requested_context(built.sop_class_uid, [str(built.dataset.file_meta.TransferSyntaxUID), ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        scu.requested_contexts = _contexts_for([built.dataset for built in bundle.objects])  # what the node's SCU proposes
         assoc = scu.associate("127.0.0.1", port, ae_title="PLAINPACS")
         assert assoc.is_established
         try:
