@@ -12,7 +12,7 @@ from sr_writer.bundle import SEND_ORDER, assemble_bundle
 from sr_writer.text import NOT_USABLE
 from tests.sr_writer.conftest import UID_ROOT
 from tests.sr_writer.corpus_inputs import DIRTY_TEXTS, corpus_cases, dirty_result, make_source
-from tests.sr_writer.inflate import run_dciodvfy
+from tests.support.validators import run_dciodvfy
 
 CASES = corpus_cases()
 TEXT_VRS = {"UT", "LT", "ST"}

@@ -18,8 +18,7 @@ from sr_writer.bundle import SEND_ORDER, assemble_bundle, build_bundle, comprehe
 from sr_writer.context import make_context
 from tests.sr_writer.conftest import UID_ROOT
 from tests.support.results import make_result, rg1_source
-from tests.sr_writer.inflate import run_dciodvfy
-from tests.support.validators import run_dcmpschk
+from tests.support.validators import run_dciodvfy, run_dcmpschk
 
 CHARSET_FILES = Path(pydicom.__file__).parent / "data" / "charset_files"
 

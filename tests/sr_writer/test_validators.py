@@ -10,8 +10,7 @@ from sr_writer.bundle import SEND_ORDER, assemble_bundle, comprehensive_sr_fallb
 from tests.sr_writer.conftest import UID_ROOT, BuiltCase
 from tests.sr_writer.false_positives import split_model_output_problems
 from tests.support.results import make_result, rg1_source
-from tests.sr_writer.inflate import run_dcentvfy, run_dciodvfy
-from tests.support.validators import run_dcmpschk, run_dsrdump, run_pixelmed_sr_validator
+from tests.support.validators import run_dcentvfy, run_dciodvfy, run_dcmpschk, run_dsrdump, run_pixelmed_sr_validator
 
 KINDS = ("sr", "seg", "text_sr", "gsps", "sc", "kos")
 
