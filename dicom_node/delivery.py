@@ -3,7 +3,8 @@
 One association per destination carries every pending object of a study version, SR and SEG before
 the objects that reference them. Each instance's outcome is one of:
 
-* ``sent``: DIMSE status 0x0000 or a warning (0xB000, 0xB006, 0xB007);
+* ``sent``: DIMSE status 0x0000 or any warning (pynetdicom's status categories: 0x0001, 0x0107,
+  0x0116, 0xBxxx: the peer stored the object);
 * transient: no association (connection refused, timeout, A-ASSOCIATE-RJ *transient*), an abort,
   no response, or 0xA7xx (out of resources): retried with exponential backoff and jitter until
   ``delivery.max_attempts``, then dead-lettered (``dead``) with the last reason;
@@ -30,6 +31,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.presentation import build_context
+from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
 from dicom_node.settings import DeliverySettings, Settings
 from dicom_node.store.base import DeliveryRecord, RemoteNode, Store, StudyRecord
@@ -39,7 +41,6 @@ LOG = logging.getLogger(__name__)
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
 SOP_CLASS_NOT_SUPPORTED = 0x0122
-WARNING_STATUSES = (0xB000, 0xB006, 0xB007)
 
 #: Send order by object kind: SR and SEG before the GSPS/SC/KOS that reference them.
 KIND_ORDER = ("sr", "text_sr", "seg", "gsps", "sc", "kos")
@@ -82,12 +83,16 @@ class AssociationFailure(Exception):
 
 
 def classify_status(status: int) -> Outcome:
-    """Map a C-STORE response status to sent / transient / permanent (PS3.4 B.2.3, PS3.7 C)."""
-    if status == 0x0000 or status in WARNING_STATUSES:
+    """Map a C-STORE response status to sent / transient / permanent (PS3.4 B.2.3, PS3.7 C).
+
+    Success and warning come from pynetdicom's own categories (every Storage warning means the peer
+    stored the object); on top of them our one rule: 0xA7xx (out of resources) may clear later.
+    """
+    if code_to_category(status) in (STATUS_SUCCESS, STATUS_WARNING):
         return "sent"
     if 0xA700 <= status <= 0xA7FF:  # out of resources: the peer may have room later
         return "transient"
-    return "permanent"  # 0xA9xx, 0xCxxx, 0x0122, 0x0211 and anything unknown
+    return "permanent"  # 0xA9xx, 0xCxxx, 0x0122, 0x0211, cancel and anything unknown
 
 
 def backoff_delay(attempt: int, policy: DeliverySettings, rng: random.Random | None = None) -> float:
@@ -170,7 +175,7 @@ def _send_one(assoc, ds: Dataset, fallback: Callable[[Dataset], Dataset]) -> Sto
     if status == SOP_CLASS_NOT_SUPPORTED and sop_class == COMPREHENSIVE_3D_SR and COMPREHENSIVE_SR in accepted:
         return _send_one(assoc, fallback(ds), fallback)
     outcome = classify_status(status)
-    error = None if outcome == "sent" and status == 0 else f"C-STORE status 0x{status:04X}"
+    error = None if outcome == "sent" else f"C-STORE status 0x{status:04X}"
     if outcome == "sent" and status:
         LOG.info("destination stored %s with warning 0x%04X", uid, status)
     return StoreOutcome(uid, outcome, status, error, sent_sop_class_uid=sop_class)
