@@ -241,14 +241,28 @@ class DeliveryRound:
 
 
 def route_destinations(store: Store, study: StudyRecord) -> list[RemoteNode]:
-    """The sending AE when it is also a destination, plus every default destination (by name, once)."""
+    """The node that sent the study when it is also a destination, plus every default destination (by name, once).
+
+    "The sender" is the remote node matched at acceptance by AE title *and* host (recorded on the
+    study), never any node that merely shares its AE title: two modalities called ``CR01`` on two
+    hosts each get their own results only. A sender accepted without a configured node
+    (``accept_unknown_sources``) gets results only from a destination with its AE title *and* host.
+    Studies recorded before the sender was kept fall back to the AE title when it names one node.
+    """
     chosen: dict[str, RemoteNode] = {}
     nodes = store.list_remote_nodes()
-    for node in nodes:
-        if node.is_destination and node.ae_title == study.source_ae:
-            chosen.setdefault(node.name, node)
-    for node in nodes:
-        if node.is_destination and node.default_destination:
+    destinations = [n for n in nodes if n.is_destination]
+    if study.source_node is not None:
+        senders = [n for n in destinations if n.name == study.source_node]
+    elif study.source_host is not None:
+        senders = [n for n in destinations if n.ae_title == study.source_ae and n.host.lower() == study.source_host.lower()]
+    else:
+        same_title = [n for n in destinations if n.ae_title == study.source_ae]
+        senders = same_title if len(same_title) == 1 else []
+    for node in senders:
+        chosen.setdefault(node.name, node)
+    for node in destinations:
+        if node.default_destination:
             chosen.setdefault(node.name, node)
     return list(chosen.values())
 

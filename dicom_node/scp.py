@@ -217,7 +217,10 @@ class StorageScp:
             received_at=datetime.now(timezone.utc),
         )
         try:
-            outcome = self.store.record_instance(record)
+            # The node matched at acceptance (AE title and host): results go back to it, not to a namesake.
+            outcome = self.store.record_instance(
+                record, source_node=session.source.name if session and session.source else None, source_host=peer.host
+            )
         except StoreUnavailable as exc:
             if spooled.created:
                 # Not acknowledged, so not kept: the sender retries and we write it again.

@@ -124,8 +124,16 @@ class StudyRecord:
     #: Instance rows of the study, all analysis versions (exact duplicates are not rows).
     instance_count: int = 0
     error: str | None = None
-    #: Time of entering each state, for this version: {"receiving": t, "stable": t, ...}.
+    #: Time of entering each state, for this version: {"receiving": t, "stable": t, ...} (the latest
+    #: entry of a state re-entered, e.g. by a resend; ``history`` keeps every entry).
     state_times: dict[str, datetime] = field(default_factory=dict)
+    #: Name of the configured remote node that sent this version (matched by AE title and host at
+    #: acceptance), None for an unknown sender or a study recorded before this was kept.
+    source_node: str | None = None
+    #: The sender's network address.
+    source_host: str | None = None
+    #: Every state this version entered, in order (append-only: a resend adds, never rewrites).
+    history: tuple[tuple[str, datetime], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -167,6 +175,10 @@ class DeliveryRecord:
     last_status: int | None
     error: str | None
     updated_at: datetime
+    #: First attempt to this destination: the retry window runs from here.
+    first_attempt_at: datetime | None = None
+    #: When the next try is due (``retrying`` only; None once settled).
+    next_attempt_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -223,8 +235,13 @@ class Store(abc.ABC):
 
     # ---- instances and studies ------------------------------------------------------------------
     @abc.abstractmethod
-    def record_instance(self, instance: InstanceRecord) -> RecordOutcome:
+    def record_instance(
+        self, instance: InstanceRecord, source_node: str | None = None, source_host: str | None = None
+    ) -> RecordOutcome:
         """Record a spooled instance and create/touch its study, in one transaction.
+
+        ``source_node``/``source_host``: the configured remote node that sent it and its address; kept
+        on the study when it is created or reopened as a new version (results go back there).
 
         Same SOP Instance UID and same sha256 as a stored row: ``duplicate`` (nothing written).
         Same UID, other bytes: ``new_version`` (a second row). A study in state analyzed or later

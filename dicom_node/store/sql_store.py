@@ -48,13 +48,16 @@ _INSTANCE_COLUMNS = (
     "id, sop_instance_uid, sop_class_uid, study_instance_uid, series_instance_uid, transfer_syntax_uid, "
     "path, size, sha256, calling_ae, received_at, study_version, state, reason"
 )
-_STUDY_COLUMNS = "study_instance_uid, version, state, source_ae, created_at, updated_at, last_received_at, error"
+_STUDY_COLUMNS = (
+    "study_instance_uid, version, state, source_ae, created_at, updated_at, last_received_at, error, source_node, source_host"
+)
 _ANALYSIS_COLUMNS = "study_instance_uid, study_version, sop_instance_uid, status, result_json, error, created_at"
 _PRODUCED_COLUMNS = (
     "study_instance_uid, study_version, source_sop_instance_uid, kind, sop_instance_uid, sop_class_uid, path, created_at"
 )
 _DELIVERY_COLUMNS = (
-    "study_instance_uid, study_version, destination, sop_instance_uid, status, attempts, last_status, error, updated_at"
+    "study_instance_uid, study_version, destination, sop_instance_uid, status, attempts, last_status, error, updated_at, "
+    "first_attempt_at, next_attempt_at"
 )
 _IN_CHUNK = 500
 _AUDIT_COLUMNS = "id, at, event, calling_ae, called_ae, peer_host, study_instance_uid, sop_instance_uid, detail"
@@ -248,15 +251,19 @@ class SqlStore(Store):
             received_at=self._py_time(received_at), study_version=int(version), state=state, reason=reason, id=int(id_),
         )  # fmt: skip
 
-    def record_instance(self, instance: InstanceRecord) -> RecordOutcome:
+    def record_instance(
+        self, instance: InstanceRecord, source_node: str | None = None, source_host: str | None = None
+    ) -> RecordOutcome:
         received_at = _require_aware("received_at", instance.received_at)
         try:
             with self._transaction(write=True) as tx:
-                return self._record_instance(tx, instance, received_at)
+                return self._record_instance(tx, instance, received_at, source_node, source_host)
         except _DuplicateFound as found:
             return RecordOutcome("duplicate", self._instance(found.row))
 
-    def _record_instance(self, tx: Tx, instance: InstanceRecord, received_at: datetime) -> RecordOutcome:
+    def _record_instance(
+        self, tx: Tx, instance: InstanceRecord, received_at: datetime, source_node: str | None, source_host: str | None
+    ) -> RecordOutcome:
         """Three statements on the common path (the SCP's per-instance commit is on the sender's clock):
         upsert + lock the study, read the rows of this SOP Instance UID, insert the instance."""
         uid = instance.study_instance_uid
@@ -264,12 +271,16 @@ class SqlStore(Store):
         # Creates the study, or locks it (DO UPDATE takes the row lock until commit) and moves
         # last_received_at forward; RETURNING gives the state as it was before this instance.
         version, state, created_at = tx.one(
-            "INSERT INTO studies (study_instance_uid, version, state, source_ae, created_at, updated_at, last_received_at) "
-            "VALUES (?, 1, 'receiving', ?, ?, ?, ?) ON CONFLICT (study_instance_uid) DO UPDATE SET "
+            "INSERT INTO studies (study_instance_uid, version, state, source_ae, created_at, updated_at, last_received_at, "
+            "source_node, source_host) "
+            "VALUES (?, 1, 'receiving', ?, ?, ?, ?, ?, ?) ON CONFLICT (study_instance_uid) DO UPDATE SET "
             "updated_at = excluded.updated_at, last_received_at = CASE WHEN excluded.last_received_at > "
-            "studies.last_received_at THEN excluded.last_received_at ELSE studies.last_received_at END "
+            "studies.last_received_at THEN excluded.last_received_at ELSE studies.last_received_at END, "
+            # A study first recorded with no known sender (spool reconciliation) takes the first one seen.
+            "source_node = CASE WHEN studies.source_host IS NULL THEN excluded.source_node ELSE studies.source_node END, "
+            "source_host = CASE WHEN studies.source_host IS NULL THEN excluded.source_host ELSE studies.source_host END "
             "RETURNING version, state, created_at",
-            (uid, instance.calling_ae, now, now, self._db_time(received_at)),
+            (uid, instance.calling_ae, now, now, self._db_time(received_at), source_node, source_host),
         )
         if created_at == now:  # we inserted it
             self._add_history(tx, uid, 1, "receiving", now)
@@ -281,10 +292,15 @@ class SqlStore(Store):
         reopened = state in REOPEN_STATES
         if reopened:
             version += 1
-        if reopened or state == "stable":
+        if reopened:  # a new analysis version: its results go to whoever sent this instance
             tx.execute(
-                "UPDATE studies SET version = ?, state = 'receiving', error = NULL WHERE study_instance_uid = ?", (version, uid)
+                "UPDATE studies SET version = ?, state = 'receiving', error = NULL, source_ae = ?, source_node = ?, "
+                "source_host = ? WHERE study_instance_uid = ?",
+                (version, instance.calling_ae, source_node, source_host, uid),
             )
+            self._add_history(tx, uid, version, "receiving", now)
+        elif state == "stable":
+            tx.execute("UPDATE studies SET state = 'receiving', error = NULL WHERE study_instance_uid = ?", (uid,))
             self._add_history(tx, uid, version, "receiving", now)
         row = tx.one(
             f"INSERT INTO instances ({_INSTANCE_COLUMNS.removeprefix('id, ')}) VALUES ({_placeholders(13)}) "
@@ -351,24 +367,28 @@ class SqlStore(Store):
             params,
         )
         times: dict[tuple[str, int], dict[str, datetime]] = {}
+        history: dict[tuple[str, int], list[tuple[str, datetime]]] = {}
         uids = [row[0] for row in rows]
         for start in range(0, len(uids), _IN_CHUNK):  # SQLite caps the number of bound parameters
             chunk = uids[start:start + _IN_CHUNK]
-            history = tx.all(
+            entries = tx.all(
                 "SELECT study_instance_uid, version, state, entered_at FROM study_state_history "
                 f"WHERE study_instance_uid IN ({_placeholders(len(chunk))}) ORDER BY id",
                 chunk,
             )
-            for uid, version, state, entered_at in history:
-                times.setdefault((uid, int(version)), {})[state] = self._py_time(entered_at)  # latest entry wins
+            for uid, version, state, entered_at in entries:
+                at = self._py_time(entered_at)
+                times.setdefault((uid, int(version)), {})[state] = at  # latest entry wins
+                history.setdefault((uid, int(version)), []).append((state, at))
         return [
             StudyRecord(
                 study_instance_uid=uid, version=int(version), state=state, source_ae=source_ae,
                 created_at=self._py_time(created), updated_at=self._py_time(updated),
                 last_received_at=self._py_time(last), instance_count=int(count), error=error,
-                state_times=times.get((uid, int(version)), {}),
+                state_times=times.get((uid, int(version)), {}), source_node=source_node, source_host=source_host,
+                history=tuple(history.get((uid, int(version)), ())),
             )  # fmt: skip
-            for uid, version, state, source_ae, created, updated, last, error, count in rows
+            for uid, version, state, source_ae, created, updated, last, error, source_node, source_host, count in rows
         ]
 
     def transition_study(
@@ -483,14 +503,17 @@ class SqlStore(Store):
             raise ValueError(f"delivery status {record.status!r}; known: {', '.join(DELIVERY_STATES)}")
         with self._transaction(write=True) as tx:
             tx.execute(
-                f"INSERT INTO deliveries ({_DELIVERY_COLUMNS}) VALUES ({_placeholders(9)}) "
+                f"INSERT INTO deliveries ({_DELIVERY_COLUMNS}) VALUES ({_placeholders(11)}) "
                 "ON CONFLICT (study_instance_uid, study_version, destination, sop_instance_uid) DO UPDATE SET "
                 "status = excluded.status, attempts = excluded.attempts, last_status = excluded.last_status, "
-                "error = excluded.error, updated_at = excluded.updated_at",
+                "error = excluded.error, updated_at = excluded.updated_at, "
+                "first_attempt_at = excluded.first_attempt_at, next_attempt_at = excluded.next_attempt_at",
                 (
                     record.study_instance_uid, record.study_version, record.destination, record.sop_instance_uid,
                     record.status, record.attempts, record.last_status, record.error,
                     self._db_time(_require_aware("updated_at", record.updated_at)),
+                    self._optional_time("first_attempt_at", record.first_attempt_at),
+                    self._optional_time("next_attempt_at", record.next_attempt_at),
                 ),
             )  # fmt: skip
 
@@ -512,9 +535,15 @@ class SqlStore(Store):
                 params,
             )
         return [
-            DeliveryRecord(uid, int(v), dest, sop, status, int(attempts), last_status, error, self._py_time(updated))
-            for uid, v, dest, sop, status, attempts, last_status, error, updated in rows
+            DeliveryRecord(
+                uid, int(v), dest, sop, status, int(attempts), last_status, error, self._py_time(updated),
+                None if first is None else self._py_time(first), None if next_at is None else self._py_time(next_at),
+            )  # fmt: skip
+            for uid, v, dest, sop, status, attempts, last_status, error, updated, first, next_at in rows
         ]
+
+    def _optional_time(self, name: str, value: datetime | None) -> Any:
+        return None if value is None else self._db_time(_require_aware(name, value))
 
     # ---- audit ----------------------------------------------------------------------------------
     def audit(self, event: AuditEvent) -> None:
