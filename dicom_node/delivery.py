@@ -22,7 +22,7 @@ import logging
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Literal
 
@@ -223,21 +223,90 @@ def send_objects(
 
 
 @dataclass
-class DeliveryRound:
-    """Summary of one delivery pass over every destination of a study version."""
+class DestinationRound:
+    """Where one destination stands for a study version after a delivery pass."""
 
+    name: str
+    total: int = 0
     sent: int = 0
     retrying: int = 0
     failed: int = 0
     dead: int = 0
+    #: The highest attempt count among its objects (for the log and ``studies``).
+    attempts: int = 0
+    #: When the next try is due (retrying only).
+    next_attempt_at: datetime | None = None
+    #: Distinct reasons of its failures, each once.
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def settled(self) -> bool:
+        return self.retrying == 0
+
+    @property
+    def complete(self) -> bool:
+        """Got every object it asked for."""
+        return self.sent == self.total
+
+    def describe(self) -> str:
+        """One phrase for logs, ``studies`` and the study's error text, e.g.
+        ``pacs-b: 0/5 sent, 5 retrying (attempt 3, next try 12:00:05 UTC): no association ...``."""
+        parts = [f"{self.sent}/{self.total} sent"]
+        if self.retrying:
+            when = self.next_attempt_at.strftime("%H:%M:%S UTC") if self.next_attempt_at else "now"
+            parts.append(f"{self.retrying} retrying (attempt {self.attempts}, next try {when})")
+        if self.failed:
+            parts.append(f"{self.failed} failed")
+        if self.dead:
+            parts.append(f"{self.dead} dead-lettered")
+        text = f"{self.name}: " + ", ".join(parts)
+        return text + (": " + "; ".join(self.reasons) if self.reasons else "")
+
+
+@dataclass
+class DeliveryRound:
+    """Summary of one delivery pass over every destination of a study version."""
+
+    destinations: list[DestinationRound] = field(default_factory=list)
     #: Seconds until the earliest retry is due; None when nothing is left to retry.
     next_attempt_in: float | None = None
-    #: Human-readable reasons of permanent failures and dead letters, per destination.
-    errors: list[str] = field(default_factory=list)
+
+    def _total(self, name: str) -> int:
+        return sum(getattr(d, name) for d in self.destinations)
+
+    @property
+    def sent(self) -> int:
+        return self._total("sent")
+
+    @property
+    def retrying(self) -> int:
+        return self._total("retrying")
+
+    @property
+    def failed(self) -> int:
+        return self._total("failed")
+
+    @property
+    def dead(self) -> int:
+        return self._total("dead")
 
     @property
     def finished(self) -> bool:
         return self.next_attempt_in is None
+
+    @property
+    def errors(self) -> list[str]:
+        """One line per destination that did not get everything, each reason once."""
+        return [d.describe() for d in self.destinations if not d.complete and d.settled]
+
+    def outcome_text(self) -> str | None:
+        """The study's error text once settled: what each incomplete destination missed and why (None: all delivered)."""
+        missing = [d for d in self.destinations if not d.complete]
+        if not missing:
+            return None
+        complete = [d.name for d in self.destinations if d.complete]
+        lead = f"delivered to {', '.join(complete)}; not to " if complete else "not delivered to "
+        return lead + f"{', '.join(d.name for d in missing)}: " + "; ".join(d.describe() for d in missing)
 
 
 def route_destinations(store: Store, study: StudyRecord) -> list[RemoteNode]:
@@ -288,65 +357,122 @@ def deliver_study_version(
     destinations: Sequence[RemoteNode] | None = None,
     resend: bool = False,
     rng: random.Random | None = None,
+    now: datetime | None = None,
 ) -> DeliveryRound:
-    """Send what is still owed to each destination, record each instance's status, plan the next retry.
+    """Send what is owed to each destination that is due, record each instance's status, plan the next try.
 
-    ``resend`` (the admin's ``resend`` command) sends everything again with a fresh retry budget;
+    Each destination has its own state: one that is down is retried with capped backoff until
+    ``delivery.retry_window_s`` has passed since its first attempt (or ``max_attempts`` tries), then
+    its objects are dead-lettered; another destination meanwhile gets and keeps everything. A
+    destination whose next try is not due yet is left alone (a redelivered or duplicated task does
+    not retry early). ``resend`` (the admin's ``resend``) sends everything again with a fresh window;
     otherwise instances already ``sent``, ``failed`` (permanent) or ``dead`` are left alone.
     """
     uid, version = study.study_instance_uid, study.version
     policy = settings.delivery
+    now = now or _now()
     targets = list(destinations) if destinations is not None else route_destinations(store, study)
     previous = {(d.destination, d.sop_instance_uid): d for d in store.list_deliveries(uid) if d.study_version == version}
     summary = DeliveryRound()
     for destination in targets:
-        owed = []
+        state = DestinationRound(destination.name)
+        summary.destinations.append(state)
+        owed, records = [], {}
         for obj in objects_for_destination(store, settings, uid, version, destination):
-            record = previous.get((destination.name, obj.sop_instance_uid))
+            state.total += 1
+            record = records[obj.sop_instance_uid] = previous.get((destination.name, obj.sop_instance_uid))
             if resend or record is None or record.status in ("pending", "retrying"):
                 owed.append(obj)
-            elif record.status == "sent":
-                summary.sent += 1
             else:
-                summary.failed += record.status == "failed"
-                summary.dead += record.status == "dead"
-                summary.errors.append(f"{destination.name}: {record.error}")
+                _count(state, record.status, record.attempts, record.error)
+        due = [r.next_attempt_at for r in records.values() if r is not None and r.status == "retrying" and r.next_attempt_at]
+        if owed and not resend and due and min(due) > now:  # backing off: not this destination's turn yet
+            state.retrying += len(owed)
+            state.attempts = max([state.attempts] + [records[o.sop_instance_uid].attempts for o in owed if records[o.sop_instance_uid]])
+            state.next_attempt_at = min(due)
+            summary.next_attempt_in = _earliest(summary.next_attempt_in, (state.next_attempt_at - now).total_seconds())
+            continue
         outcomes = send_objects(
             destination, owed, calling_ae=settings.node.ae_title, timeout_s=policy.timeout_s, fallback=fallback
         )
-        destination_attempts = 0
+        attempts = 1 + max([0] + [r.attempts for r in records.values() if r is not None and not resend and r.status != "sent"])
+        first = min([now] + [r.first_attempt_at for r in records.values()
+                             if r is not None and not resend and r.first_attempt_at and r.status != "sent"])  # fmt: skip
+        give_up = policy.max_attempts and attempts >= policy.max_attempts
+        window_over = policy.retry_window_s > 0 and (now - first).total_seconds() >= policy.retry_window_s
+        delay = backoff_delay(attempts, policy, rng)
+        next_at = now + timedelta(seconds=delay)
         for outcome in outcomes:
-            record = previous.get((destination.name, outcome.sop_instance_uid))
-            attempts = 1 if resend or record is None else record.attempts + 1
-            status = _status_after(outcome, attempts, policy.max_attempts)
+            status = _status_after(outcome, bool(give_up or window_over))
             error = outcome.error
             if status == "dead":
-                error = f"dead-lettered after {attempts} attempts: {outcome.error}"
+                error = f"dead-lettered after {attempts} attempts in {_duration(now - first)}: {outcome.error}"
             store.upsert_delivery(
-                DeliveryRecord(uid, version, destination.name, outcome.sop_instance_uid, status, attempts, outcome.status, error, _now())
-            )
-            if status == "sent":
-                summary.sent += 1
-            elif status == "retrying":
-                summary.retrying += 1
-                destination_attempts = max(destination_attempts, attempts)
-            else:
-                summary.failed += status == "failed"
-                summary.dead += status == "dead"
-                summary.errors.append(f"{destination.name}: {error}")
-        if destination_attempts:
-            delay = backoff_delay(destination_attempts, policy, rng)
-            LOG.warning("delivery to %s: %s; retry %d in %.1f s", destination.name, outcomes[-1].error, destination_attempts + 1, delay)
-            summary.next_attempt_in = delay if summary.next_attempt_in is None else min(summary.next_attempt_in, delay)
+                DeliveryRecord(uid, version, destination.name, outcome.sop_instance_uid, status, attempts, outcome.status,
+                               error, now, first, next_at if status == "retrying" else None)
+            )  # fmt: skip
+            _count(state, status, attempts, error)
+            if status == "retrying":
+                state.next_attempt_at = next_at
+        if state.retrying:
+            reason = next(o.error for o in outcomes if o.outcome == "transient")
+            LOG.warning("study %s v%d: delivery to %s, attempt %d: %s; next try in %.1f s",
+                        uid, version, destination.name, attempts, reason, delay)  # fmt: skip
+            summary.next_attempt_in = _earliest(summary.next_attempt_in, delay)
+        elif state.dead:
+            LOG.error("study %s v%d: delivery to %s dead-lettered after %d attempts in %s",
+                      uid, version, destination.name, attempts, _duration(now - first))  # fmt: skip
     return summary
 
 
-def _status_after(outcome: StoreOutcome, attempts: int, max_attempts: int) -> str:
+def _count(state: DestinationRound, status: str, attempts: int, error: str | None) -> None:
+    """Add one object's status to its destination's tally (reasons kept once each)."""
+    if status == "sent":
+        state.sent += 1
+        return
+    state.attempts = max(state.attempts, attempts)
+    setattr(state, status, getattr(state, status) + 1)
+    if status != "retrying" and error and error not in state.reasons:
+        state.reasons.append(error)
+
+
+def destination_states(store: Store, settings: Settings, study: StudyRecord) -> list[DestinationRound]:
+    """Where each destination of the study's current version stands, from the recorded deliveries (for ``studies``)."""
+    records: dict[str, list[DeliveryRecord]] = {}
+    for record in store.list_deliveries(study.study_instance_uid):
+        if record.study_version == study.version:
+            records.setdefault(record.destination, []).append(record)
+    states = []
+    for name, rows in sorted(records.items()):
+        state = DestinationRound(name, total=len(rows))
+        for row in rows:
+            _count(state, row.status if row.status != "pending" else "retrying", row.attempts, row.error)
+            if row.status == "retrying" and row.next_attempt_at:
+                state.next_attempt_at = row.next_attempt_at if state.next_attempt_at is None else min(state.next_attempt_at, row.next_attempt_at)
+            if row.status == "retrying" and row.error and row.error not in state.reasons:
+                state.reasons.append(row.error)
+        states.append(state)
+    return states
+
+
+def _earliest(current: float | None, candidate: float) -> float:
+    candidate = max(0.0, candidate)
+    return candidate if current is None else min(current, candidate)
+
+
+def _duration(elapsed: timedelta) -> str:
+    seconds = elapsed.total_seconds()
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def _status_after(outcome: StoreOutcome, give_up: bool) -> str:
     if outcome.outcome == "sent":
         return "sent"
     if outcome.outcome == "permanent":
         return "failed"
-    return "dead" if attempts >= max_attempts else "retrying"
+    return "dead" if give_up else "retrying"
 
 
 def _now() -> datetime:

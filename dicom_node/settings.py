@@ -142,11 +142,17 @@ class OutputSettings:
 
 @dataclass(frozen=True)
 class DeliverySettings:
-    max_attempts: int = 8
+    #: An extra cap on tries per destination; the retry window below is what normally ends retrying.
+    max_attempts: int = 1000
     backoff_base_s: float = 2.0
+    #: Retries back off exponentially (with jitter) up to this many seconds between tries.
     backoff_max_s: float = 300.0
     #: Seconds to wait for an association / a DIMSE response from a destination.
     timeout_s: float = 30.0
+    # ---- retry window (per destination) ----
+    #: A destination that stays unreachable is retried for this long from its first attempt, then
+    #: its objects are dead-lettered (re-sendable with ``resend``). Other destinations are unaffected.
+    retry_window_s: float = 86400.0
 
 
 @dataclass(frozen=True)
@@ -385,6 +391,13 @@ def validate(settings: Settings) -> None:
         raise SettingsError(f"output.default_profile = {output.default_profile!r}: not a profile; known profiles: {known}")
     if settings.delivery.max_attempts < 1:
         raise SettingsError(f"delivery.max_attempts = {settings.delivery.max_attempts}: must be >= 1")
+    if settings.delivery.retry_window_s <= 0 or settings.delivery.backoff_base_s <= 0:
+        raise SettingsError(
+            f"delivery.retry_window_s = {settings.delivery.retry_window_s}, delivery.backoff_base_s = "
+            f"{settings.delivery.backoff_base_s}: both must be > 0 seconds"
+        )
+    if settings.delivery.backoff_max_s < settings.delivery.backoff_base_s:
+        raise SettingsError(f"delivery.backoff_max_s = {settings.delivery.backoff_max_s}: must be >= backoff_base_s")
     if settings.logging.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise SettingsError(f"logging.level = {settings.logging.level!r}: use DEBUG, INFO, WARNING or ERROR")
 

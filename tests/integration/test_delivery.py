@@ -230,10 +230,12 @@ def test_retry_budget_exhausted_is_dead_lettered(tmp_path):
     study = store.get_study(study_uid)
     try:
         assert not deliver_study_version(store, settings, study, fallback=to_comprehensive).finished
-        last = deliver_study_version(store, settings, study, fallback=to_comprehensive)
+        [pending] = store.list_deliveries(study_uid)
+        last = deliver_study_version(store, settings, study, fallback=to_comprehensive, now=pending.next_attempt_at)
         assert last.finished and last.dead == 1
         [record] = store.list_deliveries(study_uid, statuses=("dead",))
-        assert record.attempts == 2 and "dead-lettered after 2 attempts" in record.error and "no association" in record.error
+        assert record.attempts == 2 and "dead-lettered after 2 attempts in" in record.error and "no association" in record.error
+        assert record.next_attempt_at is None and record.first_attempt_at == pending.first_attempt_at
     finally:
         store.close()
 
