@@ -404,6 +404,8 @@ def run_studies(args: argparse.Namespace) -> int:
     with opened_store(settings) as store:
         studies = store.list_studies(tuple(args.state) if args.state else None, limit=args.limit)
         summaries = [study_summary(study, store, now) for study in studies]
+        for study, summary in zip(studies, summaries):  # delivery column: each destination's state
+            summary["deliveries"] = delivery_summary(store, settings, study)
     if args.json:
         print(json.dumps(summaries, indent=2))
         return 0
@@ -421,6 +423,9 @@ def run_studies(args: argparse.Namespace) -> int:
         ))  # fmt: skip
     print(format_table(rows))
     for s in summaries:
+        pending = [d["text"] for d in s["deliveries"] if d["retrying"]]
+        if pending:
+            print(f"{s['study_instance_uid']}: delivery pending: " + "; ".join(pending))
         if s["skip_reasons"] or s["error"]:
             reasons = "; ".join(f"{count}x {reason}" for reason, count in s["skip_reasons"].items())
             print(f"{s['study_instance_uid']}: " + "; ".join(filter(None, [s["error"] and f"error: {s['error']}", reasons and f"skipped: {reasons}"])))
@@ -444,14 +449,31 @@ def study_summary(study: StudyRecord, store: Store, now: datetime) -> dict[str, 
         "last_received_at": study.last_received_at.isoformat(),
         "updated_at": study.updated_at.isoformat(),
         "state_times": {state: at.isoformat() for state, at in study.state_times.items()},
-        "stages": stage_durations(study.state_times, study.state, now),
+        # Every state entered, in order (a resend adds its own entries, the first delivery's stay).
+        "history": [{"state": state, "entered_at": at.isoformat()} for state, at in study.history],
+        "stages": stage_durations(study.history or study.state_times, study.state, now),
     }
 
 
-def stage_durations(state_times: dict[str, datetime], current: str, now: datetime) -> list[dict[str, Any]]:
+def delivery_summary(store: Store, settings: Any, study: StudyRecord) -> list[dict[str, Any]]:
+    """Each destination of the study's current version: counts, attempts, next try (JSON-ready)."""
+    from dicom_node.delivery import destination_states
+
+    return [
+        {"name": d.name, "total": d.total, "sent": d.sent, "retrying": d.retrying, "failed": d.failed, "dead": d.dead,
+         "attempts": d.attempts, "next_attempt_at": d.next_attempt_at.isoformat() if d.next_attempt_at else None,
+         "text": d.describe()}
+        for d in destination_states(store, settings, study)
+    ]  # fmt: skip
+
+
+def stage_durations(
+    state_times: dict[str, datetime] | tuple[tuple[str, datetime], ...], current: str, now: datetime
+) -> list[dict[str, Any]]:
     """Each state entered, in order, with how long it lasted (the current one: until now;
-    a final state, done or failed: None)."""
-    ordered = sorted(state_times.items(), key=lambda item: item[1])
+    a final state, done or failed: None). Takes the study's full history or its state -> time map."""
+    entries = state_times.items() if isinstance(state_times, dict) else state_times
+    ordered = sorted(entries, key=lambda item: item[1])
     stages = []
     for index, (state, entered) in enumerate(ordered):
         if index + 1 < len(ordered):
