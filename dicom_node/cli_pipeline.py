@@ -1,4 +1,4 @@
-"""Commands of the analysis pipeline: ``worker``, ``analyze`` (offline), ``resend``, ``demo``.
+"""Commands of the analysis pipeline: ``worker``, ``analyze`` (offline), ``resend``, ``reanalyze``, ``demo``.
 
 Also :func:`start_node_pipeline`, which ``serve`` calls: the dispatch loop, and in embedded mode
 (no broker configured) the node's own worker processes (``anatomix-node worker`` subprocesses).
@@ -7,17 +7,24 @@ Also :func:`start_node_pipeline`, which ``serve`` calls: the dispatch loop, and 
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dicom_node.cli import CliError
 from dicom_node.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from dicom_node.store.base import RemoteNode, Store, StudyRecord
 
 LOG = logging.getLogger(__name__)
 
@@ -44,11 +51,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     analyze.add_argument("--max-new-tokens", type=int, help="cap on generated tokens per task")
     analyze.set_defaults(func=cmd_analyze)
 
-    resend = subparsers.add_parser("resend", help="send a study's results again (same UIDs: the PACS keeps one copy)")
-    resend.add_argument("study_instance_uid", metavar="STUDY_UID")
+    resend = subparsers.add_parser("resend", help="send results again (same UIDs: the PACS keeps one copy); one study or many")
+    resend.add_argument("study_instance_uid", metavar="STUDY_UID", nargs="?", help="one study (or select many with the options below)")
     resend.add_argument("--to", dest="destination", help="destination name (default: the study's usual destinations)")
+    resend.add_argument("--state", action="append", choices=("done", "failed"), help="every study in this state (repeatable)")
+    resend.add_argument("--undelivered", action="store_true", help="every study with a failed or dead-lettered delivery")
+    resend.add_argument("--since", help="with --state/--undelivered: only studies changed since this UTC time (2026-11-30 or 2026-11-30T08:00)")
     resend.add_argument("--config", help="anatomix-node.toml")
     resend.set_defaults(func=cmd_resend)
+
+    reanalyze = subparsers.add_parser("reanalyze", help="analyse a study again (e.g. received before a model was configured)")
+    reanalyze.add_argument("study_instance_uid", metavar="STUDY_UID", nargs="?", help="one study (or select many with --state)")
+    reanalyze.add_argument("--state", action="append", choices=("done", "failed"), help="every study in this state (repeatable)")
+    reanalyze.add_argument("--since", help="with --state: only studies changed since this UTC time (2026-11-30 or 2026-11-30T08:00)")
+    reanalyze.add_argument("--new-version", action="store_true",
+                           help="also studies that already have results: analysed again as a new version (new result UIDs)")  # fmt: skip
+    reanalyze.add_argument("--config", help="anatomix-node.toml")
+    reanalyze.set_defaults(func=cmd_reanalyze)
 
     demo = subparsers.add_parser("demo", help="run the whole loop once on a real chest CR with demo weights")
     demo.add_argument("--out", help="folder for the results and the preview (default: a new temporary folder)")
@@ -269,50 +288,165 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-# ---- resend -----------------------------------------------------------------------------------------
+# ---- resend and reanalyze -------------------------------------------------------------------------
+
+
+def parse_since(text: str | None) -> datetime | None:
+    """``--since`` as an aware UTC time (a date means its midnight UTC), or a one-line error."""
+    if text is None:
+        return None
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise CliError(f"--since {text!r}: use a UTC date or time, e.g. 2026-11-30 or 2026-11-30T08:00") from None
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+def select_studies(store: Store, uid: str | None, states: list[str] | None, since: datetime | None,
+                   undelivered: bool = False) -> list[StudyRecord]:  # fmt: skip
+    """The study named, or every study matching the bulk options (oldest change first)."""
+    if uid is not None:
+        if states or since or undelivered:
+            raise CliError("give either STUDY_UID or the bulk options (--state, --since, --undelivered), not both")
+        study = store.get_study(uid)
+        if study is None:
+            raise CliError(f"no study {uid} in the state store (see `anatomix-node studies`)")
+        return [study]
+    if not states and not undelivered:
+        raise CliError("name a STUDY_UID, or select studies with --state (and --since)")
+    chosen: dict[str, StudyRecord] = {}
+    if states:
+        for study in store.list_studies(states=tuple(states), limit=1_000_000):
+            chosen[study.study_instance_uid] = study
+    if undelivered:
+        for record in store.list_deliveries(statuses=("failed", "dead")):
+            study = chosen.get(record.study_instance_uid) or store.get_study(record.study_instance_uid)
+            if study is not None and study.version == record.study_version and study.state in ("done", "failed"):
+                chosen[study.study_instance_uid] = study
+    studies = [s for s in chosen.values() if since is None or s.updated_at >= since]
+    return sorted(studies, key=lambda s: s.updated_at)
+
+
+def audit_command(store: Store, event: str, study: StudyRecord, **detail: object) -> None:
+    """One audit row for an admin's command on a study (who ran it, from which host)."""
+    from dicom_node.audit import AuditTrail, Peer
+
+    AuditTrail(store).record(event, Peer(None, None, socket.gethostname()), study_instance_uid=study.study_instance_uid,
+                             user=getpass.getuser(), **detail)  # fmt: skip
 
 
 def cmd_resend(args: argparse.Namespace) -> int:
-    from dicom_node.delivery import deliver_study_version, route_destinations
-    from dicom_node.queue import create_app, send_deliver
+    from dicom_node.queue import create_app
     from dicom_node.store import open_store
-    from sr_writer.bundle import comprehensive_sr_fallback
 
     settings = load_settings(args.config)
     store = open_store(settings.database_url)
     try:
-        study = store.get_study(args.study_instance_uid)
-        if study is None:
-            raise CliError(f"no study {args.study_instance_uid} in the state store (see `anatomix-node studies`)")
-        if study.state == "purged":
-            raise CliError(f"study {study.study_instance_uid} was purged by the retention policy: its results are gone")
-        if not store.list_produced_objects(study.study_instance_uid, study.version):
-            raise CliError(f"study {study.study_instance_uid} v{study.version} has no results to send (state {study.state})")
-        if args.destination:
-            node = store.get_remote_node(args.destination)
-            if node is None or not node.is_destination:
-                raise CliError(f"{args.destination!r} is not a configured destination (see `anatomix-node ae list`)")
-            targets = [node]
-        else:
-            targets = route_destinations(store, study)
-            if not targets:
-                raise CliError("the study has no destinations: name one with --to NAME")
-        store.transition_study(study.study_instance_uid, study.version, ("done", "failed", "analyzed", "delivering"), "delivering")
-        summary = deliver_study_version(store, settings, study, fallback=comprehensive_sr_fallback, destinations=targets, resend=True)
-        for record in store.list_deliveries(study.study_instance_uid):
-            if record.study_version == study.version and record.destination in {t.name for t in targets}:
-                print(f"{record.destination:<16} {record.sop_instance_uid}  {record.status:<8} {record.error or ''}")
-        if not summary.finished:
-            send_deliver(create_app(settings), study.study_instance_uid, study.version, countdown=summary.next_attempt_in)
-            print(f"{summary.retrying} instance(s) will be retried by the deliver workers")
+        studies = select_studies(store, args.study_instance_uid, args.state, parse_since(args.since), args.undelivered)
+        if not studies:
+            print("no study matches")
             return 0
-        final = "failed" if summary.errors else "done"
-        store.transition_study(study.study_instance_uid, study.version, ("delivering",), final,
-                               error="; ".join(summary.errors[:3]) or None)  # fmt: skip
-        print(f"{summary.sent} sent, {summary.failed} failed, {summary.dead} dead-lettered")
-        return 1 if summary.errors else 0
+        target = None
+        if args.destination:
+            target = store.get_remote_node(args.destination)
+            if target is None or not target.is_destination:
+                raise CliError(f"{args.destination!r} is not a configured destination (see `anatomix-node ae list`)")
+        app = create_app(settings)
+        failures = 0
+        for study in studies:
+            try:
+                failures += resend_study(store, settings, app, study, target, bulk=len(studies) > 1 or not args.study_instance_uid)
+            except CliError as exc:
+                if args.study_instance_uid:
+                    raise
+                print(f"skipped {study.study_instance_uid}: {exc}")
+        return 1 if failures else 0
     finally:
         store.close()
+
+
+def resend_study(store: Store, settings: Settings, app: object, study: StudyRecord, target: RemoteNode | None, bulk: bool) -> int:
+    """Resend one study's current results; 1 when a destination ended without everything, else 0."""
+    from dicom_node.delivery import deliver_study_version, route_destinations
+    from dicom_node.queue import send_deliver
+    from dicom_node.tasks import finish_delivery
+    from sr_writer.bundle import comprehensive_sr_fallback
+
+    uid = study.study_instance_uid
+    if study.state == "purged":
+        raise CliError(f"study {uid} was purged by the retention policy: its results are gone")
+    if study.state not in ("done", "failed", "analyzed", "delivering"):
+        raise CliError(f"study {uid} is {study.state}: it has no results to send yet")
+    if not store.list_produced_objects(uid, study.version):
+        raise CliError(f"study {uid} v{study.version} has no results to send (state {study.state}); "
+                       "`anatomix-node reanalyze` analyses it again")  # fmt: skip
+    targets = [target] if target is not None else route_destinations(store, study)
+    if not targets:
+        raise CliError(f"study {uid} has no destinations: name one with --to NAME")
+    # Appends delivering (and later done/failed) to the history; the first delivery's entries stay.
+    store.transition_study(uid, study.version, ("done", "failed", "analyzed"), "delivering", error=study.error)
+    study = store.get_study(uid)
+    assert study is not None
+    summary = deliver_study_version(store, settings, study, fallback=comprehensive_sr_fallback, destinations=targets, resend=True)
+    audit_command(store, RESEND_EVENT, study, version=study.version, destinations=[t.name for t in targets], sent=summary.sent,
+                  retrying=summary.retrying, failed=summary.failed, dead=summary.dead, bulk=bulk)  # fmt: skip
+    for state in summary.destinations:
+        print(f"{uid}  {state.describe()}")
+    if not summary.finished:
+        send_deliver(app, uid, study.version, countdown=summary.next_attempt_in)  # type: ignore[arg-type]
+        print(f"{uid}: {summary.retrying} instance(s) will be retried by the deliver workers")
+        return 0
+    final = finish_delivery(store, study, summary)
+    return 0 if final == "done" and not summary.errors else 1
+
+
+def cmd_reanalyze(args: argparse.Namespace) -> int:
+    from dicom_node.dispatch import NO_MODEL_ERROR, model_configured
+    from dicom_node.queue import create_app, send_analyze
+    from dicom_node.store import open_store
+
+    settings = load_settings(args.config)
+    if not model_configured(settings):
+        raise CliError(f"nothing can be analysed: {NO_MODEL_ERROR}")
+    store = open_store(settings.database_url)
+    try:
+        studies = select_studies(store, args.study_instance_uid, args.state, parse_since(args.since))
+        app = create_app(settings)
+        queued = 0
+        for study in studies:
+            uid = study.study_instance_uid
+            has_results = bool(store.list_produced_objects(uid, study.version))
+            if study.state not in ("done", "failed"):
+                problem = f"study {uid} is {study.state}: only done or failed studies are analysed again"
+            elif has_results and not args.new_version:
+                problem = (f"study {uid} v{study.version} already has results: add --new-version to analyse it again "
+                           "as a new version (new result UIDs)")  # fmt: skip
+            else:
+                problem = None
+            if problem:
+                if args.study_instance_uid:
+                    raise CliError(problem)
+                print(f"skipped {uid}: {problem}")
+                continue
+            version = store.requeue_for_analysis(uid, study.version, ("done", "failed"), new_version=has_results)
+            if version is None:
+                print(f"skipped {uid}: it changed meanwhile (now {getattr(store.get_study(uid), 'state', 'gone')})")
+                continue
+            audit_command(store, REANALYZE_EVENT, study, previous_state=study.state, previous_version=study.version,
+                          version=version, new_version=version != study.version)  # fmt: skip
+            send_analyze(app, uid, version)
+            queued += 1
+            print(f"{uid}: queued for analysis as v{version}" + (" (new version)" if version != study.version else ""))
+        if not studies:
+            print("no study matches")
+        return 0
+    finally:
+        store.close()
+
+
+#: Audit events of the admin commands.
+RESEND_EVENT = "study_resent"
+REANALYZE_EVENT = "study_reanalysis_requested"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -276,6 +276,18 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
+    def requeue_for_analysis(
+        self, study_instance_uid: str, version: int, from_states: tuple[str, ...], new_version: bool
+    ) -> int | None:
+        """Put a finished study back in ``queued`` for the admin's ``reanalyze``; return the version to analyse.
+
+        Only if the study is at ``version`` and in one of ``from_states`` (else None, nothing changed).
+        ``new_version=False``: the same version; its failed instances and failed analyses are cleared
+        so they run again (a study that never had results). ``new_version=True``: version + 1 with
+        every instance of the study, so the new results get new UIDs and the old ones stay as they were.
+        """
+
+    @abc.abstractmethod
     def list_purge_candidates(self, states: tuple[str, ...], updated_before: datetime, limit: int = 500) -> list[str]:
         """Study UIDs in one of ``states`` whose last change is older than ``updated_before``, oldest first."""
 

@@ -409,6 +409,39 @@ class SqlStore(Store):
                 self._add_history(tx, study_instance_uid, version, to_state, now)
         return changed > 0
 
+    def requeue_for_analysis(
+        self, study_instance_uid: str, version: int, from_states: tuple[str, ...], new_version: bool
+    ) -> int | None:
+        uid = study_instance_uid
+        with self._transaction(write=True) as tx:
+            row = tx.one(f"SELECT version, state FROM studies WHERE study_instance_uid = ?{self.lock_row_sql}", (uid,))
+            if row is None or int(row[0]) != version or row[1] not in from_states:
+                return None
+            if new_version:
+                target = version + 1
+                tx.execute(
+                    "UPDATE instances SET study_version = ?, state = CASE WHEN state IN ('analyzed', 'failed') "
+                    "THEN 'selected' ELSE state END WHERE study_instance_uid = ?",
+                    (target, uid),
+                )
+            else:
+                target = version
+                tx.execute(
+                    "UPDATE instances SET state = 'selected', reason = NULL "
+                    "WHERE study_instance_uid = ? AND study_version = ? AND state = 'failed'",
+                    (uid, version),
+                )
+                tx.execute(
+                    "DELETE FROM analyses WHERE study_instance_uid = ? AND study_version = ? AND status = 'failed'", (uid, version)
+                )
+            now = utc_now()
+            tx.execute(
+                "UPDATE studies SET version = ?, state = 'queued', error = NULL, updated_at = ? WHERE study_instance_uid = ?",
+                (target, self._db_time(now), uid),
+            )
+            self._add_history(tx, uid, target, "queued", now)
+        return target
+
     def list_purge_candidates(self, states: tuple[str, ...], updated_before: datetime, limit: int = 500) -> list[str]:
         if not states:
             return []
