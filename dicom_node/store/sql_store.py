@@ -448,7 +448,7 @@ class SqlStore(Store):
         with self._transaction(write=False) as tx:
             rows = tx.all(
                 f"SELECT study_instance_uid FROM studies WHERE state IN ({_placeholders(len(states))}) AND updated_at < ? "
-                f"ORDER BY updated_at, study_instance_uid LIMIT {int(limit)}",
+                f"{_undelivered_guard(states)}ORDER BY updated_at, study_instance_uid LIMIT {int(limit)}",
                 (*states, self._db_time(_require_aware("updated_before", updated_before))),
             )
         return [row[0] for row in rows]
@@ -466,6 +466,10 @@ class SqlStore(Store):
             row = tx.one(f"SELECT version, state, updated_at FROM studies WHERE study_instance_uid = ?{self.lock_row_sql}", (uid,))
             if row is None or row[1] not in states or not self._py_time(row[2]) < cutoff:
                 return None
+            if _undelivered_guard(states) and tx.one(
+                "SELECT 1 FROM deliveries WHERE study_instance_uid = ? AND status IN ('failed', 'dead')", (uid,)
+            ):
+                return None  # a destination still lacks its results: purged only with the failed studies
             version = int(row[0])
             instances = tx.all("SELECT path, size FROM instances WHERE study_instance_uid = ?", (uid,))
             produced = [r[0] for r in tx.all("SELECT path FROM produced_objects WHERE study_instance_uid = ?", (uid,))]
@@ -603,6 +607,17 @@ class SqlStore(Store):
             )  # fmt: skip
             for id_, at, name, calling, called, peer, study, sop, detail in rows
         ]
+
+
+def _undelivered_guard(states: tuple[str, ...]) -> str:
+    """SQL keeping a ``done`` study whose results some destination never got (dead letter, refusal)
+    from a purge that does not also take ``failed`` studies: those results may still be re-sent."""
+    if "failed" in states:
+        return ""
+    return (
+        "AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.study_instance_uid = studies.study_instance_uid "
+        "AND d.status IN ('failed', 'dead')) "
+    )
 
 
 def _host_resolves_to(configured: str, address: str) -> bool:
