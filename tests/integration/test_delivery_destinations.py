@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from pydicom.uid import generate_uid
 
-from dicom_node.delivery import destination_states, deliver_study_version
+from dicom_node.cli import main
+from dicom_node.delivery import deliver_study_version, destination_states
 from dicom_node.settings import Settings
 from dicom_node.store import open_store
 from dicom_node.store.base import RemoteNode
@@ -35,7 +36,7 @@ def site_settings(tmp_path: Path, store_url: str, **delivery: object) -> Setting
     return Settings().with_overrides(storage={"data_dir": tmp_path / "data"}, database={"url": store_url}, delivery=values)
 
 
-def test_one_destination_down_the_other_gets_everything_then_the_window_dead_letters(tmp_path, store_url):
+def test_one_destination_down_the_other_gets_everything_then_the_window_dead_letters(tmp_path, store_url, capsys):
     settings = site_settings(tmp_path, store_url)
     store = open_store(settings.database_url)
     up = StorageReceiver("127.0.0.1", "UP")
@@ -68,6 +69,12 @@ def test_one_destination_down_the_other_gets_everything_then_the_window_dead_let
         assert states["pacs-down"].next_attempt_at == down.next_attempt_at and states["pacs-down"].retrying == 3
         assert "pacs-down: 0/3 sent, 3 retrying (attempt 1, next try" in states["pacs-down"].describe()
         assert states["pacs-up"].describe() == "pacs-up: 3/3 sent"
+        config = tmp_path / "anatomix-node.toml"
+        config.write_text(f'[storage]\ndata_dir = "{tmp_path / "data"}"\n[database]\nurl = "{store_url}"\n')
+        assert main(["studies", "--config", str(config)]) == 0
+        printed = capsys.readouterr().out
+        when = down.next_attempt_at.strftime("%H:%M:%S UTC")
+        assert f"{study_uid}: delivery pending: pacs-down: 0/3 sent, 3 retrying (attempt 1, next try {when})" in printed
 
         second = deliver_study_version(store, settings, study, fallback=to_comprehensive, now=down.next_attempt_at, rng=rng)
         assert not second.finished

@@ -17,7 +17,6 @@ from pydicom.uid import generate_uid
 from dicom_node.cli_pipeline import node_command
 from dicom_node.delivery import deliver_study_version
 from dicom_node.store.base import RemoteNode
-from dicom_node.tasks import finish_delivery
 from tests.integration.test_delivery import seed_study, to_comprehensive
 from tests.support.receivers import StorageReceiver
 from tests.support.workers import REPO, NodeSite, make_chest_studies, storescu
@@ -43,20 +42,23 @@ def test_resend_appends_to_the_history_and_is_audited_one_study_and_bulk(tmp_pat
         for uid in uids:  # two studies delivered once, the normal way
             seed_study(store, site.settings, uid, 2)
             summary = deliver_study_version(store, site.settings, store.get_study(uid), fallback=to_comprehensive)
-            assert finish_delivery(store, store.get_study(uid), summary) == "done"
-        first_history = {uid: store.get_study(uid).history for uid in uids}
+            assert summary.finished and not summary.errors
+            assert store.transition_study(uid, 1, ("delivering",), "done")
+        first_times = {uid: dict(store.get_study(uid).state_times) for uid in uids}
     finally:
         store.close()
     try:
         resent = node(site, "resend", uids[0])
         assert resent.returncode == 0, resent.stderr
-        assert "pacs: 2/2 sent" in resent.stdout
         shown = studies_json(site)[uids[0]]
+        stages = [(st["state"], st["entered_at"]) for st in shown["stages"]]
+        first = first_times[uids[0]]
+        # The first delivery's stages keep their times; the resend's come after them.
+        assert ("delivering", first["delivering"].isoformat()) in stages and ("done", first["done"].isoformat()) in stages, stages
+        assert [state for state, _ in stages][-4:] == ["delivering", "done", "delivering", "done"], stages
         history = [(h["state"], h["entered_at"]) for h in shown["history"]]
-        before = [(state, at.isoformat()) for state, at in first_history[uids[0]]]
-        assert history[: len(before)] == before  # the first delivery's entries are untouched
-        assert [state for state, _ in history[len(before):]] == ["delivering", "done"]  # the resend appended its own
-        assert [st["state"] for st in shown["stages"]].count("delivering") == 2
+        assert history[:-2] == stages[:-2] and [state for state, _ in history[-2:]] == ["delivering", "done"]
+        assert "pacs: 2/2 sent" in resent.stdout
 
         since = (datetime.now(timezone.utc) - timedelta(hours=1)).isoformat()
         bulk = node(site, "resend", "--state", "done", "--since", since)
