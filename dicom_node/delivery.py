@@ -392,6 +392,14 @@ def deliver_study_version(
             state.next_attempt_at = min(due)
             summary.next_attempt_in = _earliest(summary.next_attempt_in, (state.next_attempt_at - now).total_seconds())
             continue
+        if owed and not resend:
+            hold_until = now + timedelta(seconds=policy.timeout_s * (2 + len(owed)))
+            if not store.claim_deliveries(uid, version, destination.name, [o.sop_instance_uid for o in owed], now, hold_until):
+                # Another deliver task is making this attempt (a duplicated message): it records the outcome.
+                LOG.info("study %s v%d: delivery to %s is being attempted by another task", uid, version, destination.name)
+                state.retrying += len(owed)
+                summary.next_attempt_in = _earliest(summary.next_attempt_in, (hold_until - now).total_seconds())
+                continue
         outcomes = send_objects(
             destination, owed, calling_ae=settings.node.ae_title, timeout_s=policy.timeout_s, fallback=fallback
         )

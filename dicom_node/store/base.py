@@ -328,6 +328,17 @@ class Store(abc.ABC):
         """Insert or update the row for (study, version, destination, sop_instance_uid)."""
 
     @abc.abstractmethod
+    def claim_deliveries(
+        self, study_instance_uid: str, version: int, destination: str, sop_instance_uids: list[str], now: datetime,
+        hold_until: datetime,
+    ) -> bool:
+        """Take the next try of these objects to this destination (compare-and-set), so that two deliver
+        tasks never make the same attempt: each row must be ``pending``/``retrying`` and due (no next
+        try, or one at or before ``now``); it then waits until ``hold_until`` (the sender records the
+        outcome before then). Objects without a row get a ``pending`` one. False, and nothing
+        changed, when any of them is not due or not owed."""
+
+    @abc.abstractmethod
     def list_deliveries(
         self, study_instance_uid: str | None = None, statuses: tuple[str, ...] | None = None
     ) -> list[DeliveryRecord]: ...

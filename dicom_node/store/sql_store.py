@@ -86,6 +86,10 @@ class Tx:
         return list(self._cursor.fetchall())
 
 
+class _NotClaimed(Exception):
+    """Internal: roll a claim back, another task holds (or has done) this attempt."""
+
+
 class _DuplicateFound(Exception):
     """Internal: roll the transaction back, the instance turned out to be a duplicate."""
 
@@ -553,6 +557,41 @@ class SqlStore(Store):
                     self._optional_time("next_attempt_at", record.next_attempt_at),
                 ),
             )  # fmt: skip
+
+    def claim_deliveries(
+        self, study_instance_uid: str, version: int, destination: str, sop_instance_uids: list[str], now: datetime,
+        hold_until: datetime,
+    ) -> bool:
+        now_db = self._db_time(_require_aware("now", now))
+        hold_db = self._db_time(_require_aware("hold_until", hold_until))
+        key = (study_instance_uid, version, destination)
+        try:
+            with self._transaction(write=True) as tx:
+                rows = tx.all(
+                    "SELECT sop_instance_uid, status, next_attempt_at FROM deliveries "
+                    f"WHERE study_instance_uid = ? AND study_version = ? AND destination = ?{self.lock_row_sql}",
+                    key,
+                )
+                existing = {sop: (status, next_at) for sop, status, next_at in rows}
+                for sop in sop_instance_uids:
+                    if sop in existing:
+                        status, next_at = existing[sop]
+                        if status not in ("pending", "retrying") or (next_at is not None and self._py_time(next_at) > now):
+                            raise _NotClaimed
+                        tx.execute(
+                            "UPDATE deliveries SET next_attempt_at = ? WHERE study_instance_uid = ? AND study_version = ? "
+                            "AND destination = ? AND sop_instance_uid = ?",
+                            (hold_db, *key, sop),
+                        )
+                    elif tx.execute(
+                        f"INSERT INTO deliveries ({_DELIVERY_COLUMNS}) VALUES ({_placeholders(11)}) "
+                        "ON CONFLICT (study_instance_uid, study_version, destination, sop_instance_uid) DO NOTHING",
+                        (*key, sop, "pending", 0, None, None, now_db, None, hold_db),
+                    ) == 0:
+                        raise _NotClaimed  # another task inserted it meanwhile
+        except _NotClaimed:
+            return False
+        return True
 
     def list_deliveries(
         self, study_instance_uid: str | None = None, statuses: tuple[str, ...] | None = None

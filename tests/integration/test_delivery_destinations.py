@@ -5,6 +5,7 @@ dead letters; the failure text says each reason once; a not-yet-due destination 
 from __future__ import annotations
 
 import random
+import threading
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -127,3 +128,45 @@ def test_backoff_is_capped_and_the_window_default_is_a_day():
         attempt += 1
         total += backoff_delay(attempt, policy, random.Random(attempt))
     assert attempt < Settings().delivery.max_attempts
+
+
+class HoldingReceiver(StorageReceiver):
+    """Holds its first C-STORE until released, so a second task can try while the first is mid-send."""
+
+    def __init__(self) -> None:
+        self.entered, self.release = threading.Event(), threading.Event()
+        super().__init__("127.0.0.1", "HOLDING")
+
+    def _on_store(self, event):
+        if not self.entered.is_set():
+            self.entered.set()
+            assert self.release.wait(60)
+        return super()._on_store(event)
+
+
+def test_a_duplicate_task_does_not_make_the_same_attempt(tmp_path, store_url):
+    settings = site_settings(tmp_path, store_url)
+    store = open_store(settings.database_url)
+    pacs = HoldingReceiver()
+    store.add_remote_node(RemoteNode("pacs", "HOLDING", "127.0.0.1", pacs.port, role="destination", profile="sr-only", default_destination=True))
+    study_uid = generate_uid()
+    objects = seed_study(store, settings, study_uid, 2)
+    study = store.get_study(study_uid)
+    results: list = []
+    first = threading.Thread(target=lambda: results.append(deliver_study_version(store, settings, study, fallback=to_comprehensive)))
+    try:
+        first.start()
+        assert pacs.entered.wait(30)  # the first task is inside its C-STORE now
+        duplicate = deliver_study_version(store, settings, study, fallback=to_comprehensive)
+        assert not duplicate.finished and duplicate.sent == 0  # it saw the attempt taken and sent nothing
+        pacs.release.set()
+        first.join(60)
+        [done] = results
+        assert done.finished and done.sent == 2
+        assert sorted(pacs.sop_instance_uids()) == sorted(o.sop_instance_uid for o in objects)  # once each
+        assert {(r.status, r.attempts) for r in store.list_deliveries(study_uid)} == {("sent", 1)}
+    finally:
+        pacs.release.set()
+        first.join(60)
+        pacs.stop()
+        store.close()
