@@ -403,9 +403,10 @@ def deliver_study_version(
         outcomes = send_objects(
             destination, owed, calling_ae=settings.node.ae_title, timeout_s=policy.timeout_s, fallback=fallback
         )
-        attempts = 1 + max([0] + [r.attempts for r in records.values() if r is not None and not resend and r.status != "sent"])
-        first = min([now] + [r.first_attempt_at for r in records.values()
-                             if r is not None and not resend and r.first_attempt_at and r.status != "sent"])  # fmt: skip
+        # This try's number and the start of the window, from the objects being tried (a resend starts afresh).
+        tried = [] if resend else [r for r in (records[o.sop_instance_uid] for o in owed) if r is not None]
+        attempts = 1 + max([0] + [r.attempts for r in tried])
+        first = min([now] + [r.first_attempt_at for r in tried if r.first_attempt_at])
         give_up = policy.max_attempts and attempts >= policy.max_attempts
         window_over = policy.retry_window_s > 0 and (now - first).total_seconds() >= policy.retry_window_s
         delay = backoff_delay(attempts, policy, rng)
