@@ -143,7 +143,7 @@ def run_deliver(ctx: WorkerContext, app: Celery, study_instance_uid: str, versio
 def finish_delivery(store: Store, study: StudyRecord, summary: DeliveryRound) -> str:
     """delivering -> done | failed once every destination is settled; returns the final state."""
     uid, version = study.study_instance_uid, study.version
-    analysis_note = study.error if study.error and not study.error.startswith(("delivered to", "not delivered to")) else None
+    analysis_note = _analysis_note(study.error)
     missing = summary.outcome_text()
     error = "; ".join(filter(None, [analysis_note, missing])) or None
     final = "done" if any(d.complete for d in summary.destinations) or not summary.destinations else "failed"
@@ -151,6 +151,14 @@ def finish_delivery(store: Store, study: StudyRecord, summary: DeliveryRound) ->
     if missing:
         LOG.warning("study %s v%d %s: %s", uid, version, final, missing)
     return final
+
+
+def _analysis_note(error: str | None) -> str | None:
+    """The analysis part of a study's note, without the text of an earlier delivery (a resend replaces it)."""
+    if not error:
+        return None
+    found = [i for i in (error.find("not delivered to "), error.find("delivered to ")) if i >= 0]
+    return error[: min(found)].rstrip("; ") or None if found else error
 
 
 def register_tasks(app: Celery, ctx: WorkerContext, warm_up: bool = False) -> None:

@@ -170,3 +170,24 @@ def test_a_duplicate_task_does_not_make_the_same_attempt(tmp_path, store_url):
         first.join(60)
         pacs.stop()
         store.close()
+
+
+def test_the_analysis_note_is_kept_and_a_second_delivery_replaces_the_first_ones_text(tmp_path, store_url):
+    settings = site_settings(tmp_path, store_url, max_attempts=1)
+    store = open_store(settings.database_url)
+    store.add_remote_node(RemoteNode("pacs-down", "DOWN", "127.0.0.1", free_port(), role="destination", profile="sr-only", default_destination=True))
+    study_uid = generate_uid()
+    seed_study(store, settings, study_uid, 1)
+    note = "1 analysed, 1 failed (pixel data cannot be decoded)"
+    try:
+        assert store.transition_study(study_uid, 1, ("delivering",), "delivering", error=note)
+        for _ in range(2):  # the first delivery, then a resend that fails the same way
+            study = store.get_study(study_uid)
+            summary = deliver_study_version(store, settings, study, fallback=to_comprehensive, resend=True)
+            assert finish_delivery(store, study, summary) == "failed"
+            error = store.get_study(study_uid).error
+            assert error.startswith(note + "; not delivered to pacs-down: ") and error.count(note) == 1, error
+            assert error.count("no association") == 1
+            assert store.transition_study(study_uid, 1, ("failed",), "delivering", error=error)
+    finally:
+        store.close()
