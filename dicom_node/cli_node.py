@@ -565,7 +565,9 @@ broker_url = ""
 # my-pacs = ["gsps", "text_sr"]
 
 [delivery]
-# max_attempts = 8
+# A destination that is down is retried (capped backoff) for this long from its first try, then dead-lettered.
+# retry_window_s = 86400.0
+# max_attempts = 1000
 # backoff_base_s = 2.0
 # backoff_max_s = 300.0
 # timeout_s = 30.0

@@ -367,3 +367,26 @@ def test_refusal_status_without_a_fallback_fails_at_once(tmp_path, status):
     finally:
         receiver.stop()
         store.close()
+
+
+class AbortsOnSecond(Receiver):
+    """Stores the first object, then aborts the association at the second C-STORE (a PACS restarting)."""
+
+    def _on_store(self, event: evt.Event) -> int:
+        if self.received:
+            event.assoc.abort()
+            return 0xA700  # never reaches the requestor: the association is gone
+        self.received.append(event.dataset)
+        return 0x0000
+
+
+def test_abort_mid_association_sends_the_rest_again_later(tmp_path):
+    receiver = AbortsOnSecond((BASIC_TEXT_SR,))
+    try:
+        objects = [make_sr(tmp_path / f"text-{i}.dcm", BASIC_TEXT_SR) for i in range(3)]
+        # Whether the requestor sees the A-ABORT or times out waiting, the rest is worth another try.
+        outcomes = send_objects(receiver.node, objects, calling_ae="ANATOMIX", timeout_s=5, fallback=to_comprehensive)
+    finally:
+        receiver.stop()
+    assert [o.outcome for o in outcomes] == ["sent", "transient", "transient"]
+    assert [str(ds.SOPInstanceUID) for ds in receiver.received] == [objects[0].sop_instance_uid]
