@@ -327,12 +327,22 @@ def select_studies(store: Store, uid: str | None, states: list[str] | None, sinc
     return sorted(studies, key=lambda s: s.updated_at)
 
 
-def audit_command(store: Store, event: str, study: StudyRecord, **detail: object) -> None:
-    """One audit row for an admin's command on a study (who ran it, from which host)."""
-    from dicom_node.audit import AuditTrail, Peer
+def audit_command(store: Store, settings: Settings, event: str, study: StudyRecord, **detail: object) -> None:
+    """One audit event for an admin's command on a study (who ran it, from which host), in the
+    audit table and, when configured, the audit file."""
+    from dicom_node.audit import Peer, open_audit_trail
 
-    AuditTrail(store).record(event, Peer(None, None, socket.gethostname()), study_instance_uid=study.study_instance_uid,
-                             user=getpass.getuser(), **detail)  # fmt: skip
+    open_audit_trail(store, settings.logging.audit_file).record(
+        event, Peer(None, None, socket.gethostname()), study_instance_uid=study.study_instance_uid, user=_user(), **detail
+    )
+
+
+def _user() -> str:
+    """Who runs the command (the uid when the account has no name, e.g. in a container)."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid {os.getuid()}"
 
 
 def cmd_resend(args: argparse.Namespace) -> int:
@@ -388,7 +398,7 @@ def resend_study(store: Store, settings: Settings, app: object, study: StudyReco
     study = store.get_study(uid)
     assert study is not None
     summary = deliver_study_version(store, settings, study, fallback=comprehensive_sr_fallback, destinations=targets, resend=True)
-    audit_command(store, RESEND_EVENT, study, version=study.version, destinations=[t.name for t in targets], sent=summary.sent,
+    audit_command(store, settings, RESEND_EVENT, study, version=study.version, destinations=[t.name for t in targets], sent=summary.sent,
                   retrying=summary.retrying, failed=summary.failed, dead=summary.dead, bulk=bulk)  # fmt: skip
     for state in summary.destinations:
         print(f"{uid}  {state.describe()}")
@@ -432,7 +442,7 @@ def cmd_reanalyze(args: argparse.Namespace) -> int:
             if version is None:
                 print(f"skipped {uid}: it changed meanwhile (now {getattr(store.get_study(uid), 'state', 'gone')})")
                 continue
-            audit_command(store, REANALYZE_EVENT, study, previous_state=study.state, previous_version=study.version,
+            audit_command(store, settings, REANALYZE_EVENT, study, previous_state=study.state, previous_version=study.version,
                           version=version, new_version=version != study.version)  # fmt: skip
             send_analyze(app, uid, version)
             queued += 1

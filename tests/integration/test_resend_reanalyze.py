@@ -32,7 +32,8 @@ def studies_json(site: NodeSite) -> dict[str, dict]:
 
 
 def test_resend_appends_to_the_history_and_is_audited_one_study_and_bulk(tmp_path):
-    site = NodeSite(tmp_path / "site", demo_weights=False)
+    audit_file = tmp_path / "audit.jsonl"
+    site = NodeSite(tmp_path / "site", demo_weights=False, overrides={"logging": {"audit_file": str(audit_file)}})
     pacs = StorageReceiver("127.0.0.1", "PACS")
     site.add_remote(RemoteNode("pacs", "PACS", "127.0.0.1", pacs.port, role="destination", profile="sr-only", default_destination=True))
     store = site.store()
@@ -73,6 +74,8 @@ def test_resend_appends_to_the_history_and_is_audited_one_study_and_bulk(tmp_pat
         assert sorted(e.study_instance_uid for e in events) == sorted([uids[0], uids[0], uids[1]])
         assert all(e.detail["destinations"] == ["pacs"] and e.detail["user"] for e in events)
         assert sorted(e.detail["bulk"] for e in events) == [False, True, True]
+        lines = [json.loads(line) for line in audit_file.read_text().splitlines()]
+        assert sorted(line["study_instance_uid"] for line in lines if line["event"] == "study_resent") == sorted([uids[0], uids[0], uids[1]])
 
         nothing = node(site, "resend", "--state", "failed")
         assert (nothing.returncode, nothing.stdout.strip()) == (0, "no study matches")
