@@ -303,3 +303,47 @@ def test_a_file_that_cannot_be_removed_fails_the_pass_and_the_next_pass_complete
     assert store.get_study(done).state == "purged" and not stuck.exists()
     assert reconcile_spool(settings.storage.spool_dir, store).recovered == []
     assert store.get_study(done).state == "purged"
+
+
+def test_the_retention_loop_survives_a_failing_pass_and_the_next_pass_purges(
+    policy_site: tuple[Settings, Store, dict[str, str]], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``serve``'s retention thread: a pass that fails (a file the OS refuses to remove) is logged,
+    and the loop goes on; its next pass purges the study. The interval is shortened to 10 ms; the
+    test waits for the outcome (the audit event), never for a time."""
+    import threading
+
+    from dicom_node import retention
+
+    settings, store, studies = policy_site
+    settings = settings.with_overrides(storage={"retention_days": 1e-9})
+    [instance] = store.list_instances(studies["done"])
+    stuck = (settings.storage.spool_dir / instance.path).resolve()
+    real_unlink = os.unlink
+    failures = []
+
+    def unlink_failing_once(path, *args, **kwargs):
+        if Path(os.path.abspath(path)).resolve() == stuck and not failures:
+            failures.append(path)
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink_failing_once)
+    monkeypatch.setattr(retention, "RETENTION_INTERVAL_S", 0.01)
+    stop = threading.Event()
+    loop = threading.Thread(target=retention.run_retention, args=(settings, store, open_audit_trail(store, None), stop))
+    time.sleep(0.01)  # a minimum age (retention_days = 1e-9 days = 86 us), not a wait for an event
+    with caplog.at_level("ERROR", logger="dicom_node.retention"):
+        loop.start()
+        try:
+            deadline = time.monotonic() + 60
+            while not store.list_audit_events("study_purged") and loop.is_alive() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        finally:
+            stop.set()
+            loop.join(30)
+    assert failures, "the injected failure never happened"
+    assert "retention pass failed" in caplog.text and "Input/output error" in caplog.text
+    assert [e.study_instance_uid for e in store.list_audit_events("study_purged")] == [studies["done"]]
+    assert store.get_study(studies["done"]).state == "purged" and not stuck.exists()
+    assert store.get_study(studies["failed"]).state == "failed"
