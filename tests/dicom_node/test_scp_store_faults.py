@@ -39,8 +39,7 @@ from dicom_node.store.base import InstanceRecord, RecordOutcome, RemoteNode, Sto
 from dicom_node.store.sqlite import SqliteStore
 from tests.dicom_node.test_spool import OsCallRecorder, assert_durably_written
 from tests.support.corpus import write_synthetic_set
-from tests.support.net import free_port
-from tests.support.postgres import PostgresServer, postgres_server, postgres_url  # noqa: F401 (fixtures)
+from tests.support.postgres import postgres_server, postgres_url  # noqa: F401 (fixtures)
 
 STUDY = "1.2.826.0.1.3680043.8.498.41"
 CR = "1.2.840.10008.5.1.4.1.1.1"
@@ -113,15 +112,15 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 @pytest.fixture
 def scp(tmp_path: Path, store_url: str) -> Iterator[HookedScp]:
-    port = free_port()
-    settings = Settings().with_overrides(node={"port": port}, storage={"data_dir": tmp_path / "var", "min_free_bytes": 0})
+    settings = Settings().with_overrides(storage={"data_dir": tmp_path / "var", "min_free_bytes": 0})
     (settings.storage.spool_dir / ".tmp").mkdir(parents=True)
     real = sqlite_store(store_url) if store_url.startswith("sqlite") else open_store(store_url)
     real.add_remote_node(RemoteNode(name="modality", ae_title="MODALITY", host="127.0.0.1", port=104, role="source"))
     store = HookedStore(real)
-    running = HookedScp(settings, store, store_url, port)
     scp_handlers = StorageScp(settings, store, open_audit_trail(real, ""))  # type: ignore[arg-type]
-    running.server = build_ae(settings).start_server(("127.0.0.1", port), block=False, evt_handlers=scp_handlers.event_handlers())
+    # Port 0: the kernel picks a free port at bind time, so no other test can take it meanwhile.
+    server = build_ae(settings).start_server(("127.0.0.1", 0), block=False, evt_handlers=scp_handlers.event_handlers())
+    running = HookedScp(settings, store, store_url, server.server_address[1], server)
     try:
         yield running
     finally:
@@ -320,3 +319,19 @@ def test_success_is_not_answered_before_the_instance_is_recorded(
     last_sync = assert_durably_written(os_calls, scp.spool, row.path, row.size, new_study_dir=True)
     recording_at = dict((label, at) for at, label in os_calls.marks)["recording"]
     assert last_sync < recording_at, f"recorded before the spool write was durable: {os_calls.calls} {os_calls.marks}"
+
+
+def test_dcmtk_storescu_hears_out_of_resources_when_the_store_fails(scp: HookedScp, tmp_path: Path) -> None:
+    """The same failure as a third-party sender sees it: DCMTK storescu is refused, out of resources."""
+    from tests.support.dcmtk import storescu
+
+    [path] = write_synthetic_set(tmp_path / "push", 1, study_uid=STUDY)
+    scp.store.before_record, scp.store.after_record = fail_the_backend(scp)
+    result = storescu(scp.port, [path], "MODALITY", "ANATOMIX", "-v", timeout=120)
+    output = result.stdout + result.stderr
+    # DCMTK names the 0xA7xx class; the exact 0xA700 is checked with pynetdicom above.
+    assert "Received Store Response (Refused: OutOfResources)" in output, output[-2000:]
+    assert [type(e) for e in scp.store.record_errors] == [StoreUnavailable]
+    assert scp.spooled() == [] and scp.temp_files() == []
+    with other_connection(scp.url) as store:
+        assert store.list_instances(STUDY) == [] and store.list_studies() == []
