@@ -200,9 +200,12 @@ class StorageScp:
         else:
             log.warning("association from %s@%s to '%s' rejected: %s", peer.calling_ae, peer.host, peer.called_ae, reason)
         assoc.acse.send_reject(*rsd)
-        # The A-ASSOCIATE-RJ is queued to the DUL thread; give it time to leave before pynetdicom
-        # closes the socket, as pynetdicom's own tests do.
-        time.sleep(0.1)
+        # The A-ASSOCIATE-RJ is queued to the DUL thread; let it leave (the DUL moves on from Sta3,
+        # "awaiting local response", or from Sta2 if it has not yet noted the request it handed us)
+        # before pynetdicom closes the socket; at most 2 s (a busy process can take that long).
+        deadline = time.monotonic() + 2.0
+        while assoc.dul.state_machine.current_state in ("Sta2", "Sta3") and time.monotonic() < deadline:
+            time.sleep(0.002)
 
     # ---- DIMSE services -----------------------------------------------------------------------
     def handle_echo(self, event: evt.Event) -> int:

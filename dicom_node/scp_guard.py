@@ -31,6 +31,7 @@ then ``recv(length)``), ``DULServiceProvider.to_provider_queue/to_user_queue``,
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
@@ -181,8 +182,8 @@ def read_exact(sock: socket.socket, size: int, deadline: float) -> bytearray:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise ReadFailed("timeout", got)
-        sock.settimeout(remaining)
         try:
+            sock.settimeout(remaining)
             count = sock.recv_into(view[got:], min(size - got, 1 << 20))
         except (TimeoutError, socket.timeout):
             raise ReadFailed("timeout", got) from None
@@ -232,11 +233,39 @@ def read_associate_rq(sock: socket.socket, deadline: float, cap: int) -> tuple[b
         return None, "timed_out_before_association" if failed.kind == "timeout" else "closed_mid_pdu"
     pdu = bytes(header + body)
     try:
-        A_ASSOCIATE_RQ().decode(pdu)
+        with _quiet_pynetdicom():  # it logs each bad value before raising: one aggregated line instead
+            A_ASSOCIATE_RQ().decode(pdu)
     except Exception:  # any decoding failure of peer bytes: pynetdicom raises assorted types
         send_abort_and_close(sock, ABORT_INVALID_PARAMETER)
         return None, "invalid_pdu"
     return pdu, ""
+
+
+_quiet = threading.local()
+#: pynetdicom loggers that report a bad value in a PDU being decoded.
+_DECODE_LOGGERS = ("pynetdicom.utils", "pynetdicom.pdu", "pynetdicom.pdu_items", "pynetdicom.pdu_primitives")
+
+
+class _QuietWhileDecoding(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(_quiet, "on", False)
+
+
+_QUIET_FILTER = _QuietWhileDecoding()
+
+
+@contextlib.contextmanager
+def _quiet_pynetdicom():
+    """Drop pynetdicom's decode-error records in this thread while decoding a peer's first PDU."""
+    for name in _DECODE_LOGGERS:
+        logger = logging.getLogger(name)
+        if _QUIET_FILTER not in logger.filters:
+            logger.addFilter(_QUIET_FILTER)
+    _quiet.on = True
+    try:
+        yield
+    finally:
+        _quiet.on = False
 
 
 # ---- the socket pynetdicom reads through ------------------------------------------------------------
