@@ -188,7 +188,7 @@ def scenario_flood(target: Target, files: list[Path]) -> dict[str, str]:
     closed = []
     for sock, opened in half:
         left = wait_closed(sock, max(opened + 60 - time.monotonic(), 0.01))
-        closed.append(time.monotonic() - opened if left is not None else float("inf"))
+        closed.append(time.monotonic() - opened if left is not None else float("inf"))  # inf: still open after 60 s
         sock.close()
     return {"C-ECHO under flood (s)": f"{echo_s:.2f}", "10-instance push under flood (s)": f"{push_s:.2f}",
             "stalled sockets closed after (s, max)": f"{max(closed):.1f}"}
