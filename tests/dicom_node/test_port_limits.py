@@ -270,3 +270,21 @@ def test_idle_association_wakes_tens_not_thousands_of_times_a_second(guarded: Gu
     # pynetdicom alone: about 1000 per second per loop.
     print("wakeups per second", per_second)
     assert 0 < per_second["dul"] <= limit * 1.5 and 0 < per_second["reactor"] <= limit * 1.5, per_second
+
+
+def test_audit_retention_deletes_only_rows_older_than_the_limit(tmp_path: Path) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    running = start_guarded(tmp_path, audit_retention_days=30)
+    try:
+        running.server.housekeeping.stop()  # its own hourly purge must not race the one we call
+        now = datetime.now(timezone.utc)
+        for age_days in (400, 31, 29, 0):
+            running.store.audit(audit.AuditEvent(at=now - timedelta(days=age_days), event="probe", calling_ae=None, called_ae=None,
+                                                 peer_host=None, study_instance_uid=None, sop_instance_uid=None, detail={"age": age_days}))
+        assert running.server.housekeeping.purge_audit() == 2
+        assert sorted(r.detail["age"] for r in running.audit_rows("probe")) == [0, 29]
+    finally:
+        running.server.shutdown()
+        running.thread.join(timeout=10)
+        running.store.close()
