@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING
 
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_node.scp_guard import GuardedRequestHandler, PortGuard, resolve_hosts
+from dicom_node.scp_gate import resolve_hosts
+from dicom_node.scp_guard import GuardedRequestHandler, PortGuard
 from dicom_node.settings import Settings
 from dicom_node.store.base import StoreError
 

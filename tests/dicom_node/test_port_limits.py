@@ -6,7 +6,6 @@ socket, real pynetdicom SCUs and raw sockets for the misbehaving clients.
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -22,7 +21,8 @@ from dicom_node import audit
 from dicom_node.audit import AggregatedAudit, open_audit_trail
 from dicom_node.logging_setup import escape_controls
 from dicom_node.scp import StorageScp
-from dicom_node.scp_guard import ConnectionGate, GuardedSocket, IdleCheckpoint
+from dicom_node.scp_gate import ConnectionGate
+from dicom_node.scp_guard import GuardedSocket, IdleCheckpoint
 from dicom_node.scp_server import InheritedSocketServer, make_scp_server, open_listening_socket
 from dicom_node.settings import LimitsSettings, Settings, SettingsError
 from dicom_node.store import open_store
