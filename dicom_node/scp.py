@@ -334,8 +334,11 @@ class StorageScp:
     def handle_aborted(self, event: evt.Event) -> None:
         session = self._pop_session(event.assoc)
         if session is not None:
-            # Why the guard closed it (oversize PDU, stalled mid-PDU), when it did.
-            self._summarise(session, audit.ASSOCIATION_ABORTED, reason=getattr(event.assoc.dul.socket, "refusal", "") or None)
+            # Why the guard closed it (oversize PDU, stalled mid-PDU), or pynetdicom's idle timeout.
+            reason = getattr(event.assoc.dul.socket, "refusal", "") or None
+            if reason is None and event.assoc.dul.idle_timer_expired():
+                reason = f"network timeout: nothing complete received for {event.assoc.network_timeout} s"
+            self._summarise(session, audit.ASSOCIATION_ABORTED, reason=reason)
 
     def _summarise(self, session: AssociationSession, event_name: str, reason: str | None = None) -> None:
         seconds = time.monotonic() - session.started

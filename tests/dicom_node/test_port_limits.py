@@ -6,6 +6,7 @@ socket, real pynetdicom SCUs and raw sockets for the misbehaving clients.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -288,3 +289,18 @@ def test_audit_retention_deletes_only_rows_older_than_the_limit(tmp_path: Path) 
         running.server.shutdown()
         running.thread.join(timeout=10)
         running.store.close()
+
+
+def test_stall_inside_a_pdu_after_association_is_cut_at_the_network_timeout(guarded: GuardedScp) -> None:
+    timeout = guarded.settings.node.network_timeout_s
+    with connect_from("127.0.0.1", guarded.port) as sock:
+        sock.sendall(associate_rq("MODALITY"))
+        reply = read_pdu(sock)
+        assert reply is not None and reply[0] == A_ASSOCIATE_AC
+        sock.sendall(pdu_header(0x04, 1000) + bytes(100))  # a tenth of the P-DATA-TF, then silence
+        closed_after = wait_closed(sock, timeout + 10)
+    assert closed_after is not None and timeout - 0.2 <= closed_after <= timeout + 5
+    assert wait_until(lambda: len(guarded.audit_rows(audit.ASSOCIATION_ABORTED)) == 1)
+    # Our PDU deadline or pynetdicom's idle timer, whichever fires first; both close the socket.
+    assert re.search(r"stalled|network timeout", guarded.audit_rows(audit.ASSOCIATION_ABORTED)[0].detail["reason"])
+    assert wait_until(lambda: guarded.server.guard.gate.open_connections == 0)
