@@ -151,7 +151,9 @@ class PortHousekeeping:
         except StoreError as exc:
             log.warning("could not read configured sources for reserved connection slots: %s", exc)
             return
-        self.guard.gate.set_trusted_ips(resolve_hosts(n.host for n in nodes if n.is_source and n.host))
+        # A wildcard source ("*", any host) names no address to reserve slots for: use limits.trusted_hosts.
+        hosts = (n.host for n in nodes if n.is_source and n.host not in ("", "*", None))
+        self.guard.gate.set_trusted_ips(resolve_hosts(hosts))
 
     def purge_audit(self) -> int:
         days = self.guard.limits.audit_retention_days

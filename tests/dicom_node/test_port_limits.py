@@ -304,3 +304,13 @@ def test_stall_inside_a_pdu_after_association_is_cut_at_the_network_timeout(guar
     # Our PDU deadline or pynetdicom's idle timer, whichever fires first; both close the socket.
     assert re.search(r"stalled|network timeout", guarded.audit_rows(audit.ASSOCIATION_ABORTED)[0].detail["reason"])
     assert wait_until(lambda: guarded.server.guard.gate.open_connections == 0)
+
+
+def test_configured_source_hosts_become_trusted_and_wildcards_do_not(guarded: GuardedScp) -> None:
+    guarded.store.add_remote_node(RemoteNode(name="anywhere", ae_title="ANY", host="*", port=104, role="source"))
+    guarded.store.add_remote_node(RemoteNode(name="pacs", ae_title="PACS", host="localhost", port=104, role="destination"))
+    guarded.server.housekeeping.refresh_trusted()
+    gate = guarded.server.guard.gate
+    assert gate.is_trusted("127.0.0.1")  # the MODALITY source's host
+    assert not gate.is_trusted("127.0.0.9")
+    assert "*" not in guarded.server.housekeeping.guard.gate._trusted_ips
