@@ -507,7 +507,8 @@ DEFAULT_CONFIG_TOML = """\
 ae_title = "ANATOMIX"
 # DICOM port we listen on.
 port = 11112
-# bind_address = "0.0.0.0"
+# Loopback by default; "0.0.0.0" (every interface) or one address to serve the network.
+# bind_address = "127.0.0.1"
 # Largest PDU we accept (bytes); 0 = unlimited.
 # max_pdu = 131072
 # Demo only: accept associations from any calling AE (otherwise add sources with `anatomix-node ae add`).
@@ -576,4 +577,19 @@ broker_url = ""
 # level = "INFO"
 # Also append the audit trail as JSON lines to this file.
 # audit_file = ""
+
+[limits]
+# What a client may cost the DICOM port, per SCP process (README: "Limits on the DICOM port").
+# establish_timeout_s = 10.0       # accept to complete A-ASSOCIATE-RQ, else closed
+# max_connections = 64
+# reserved_connections = 16        # only for hosts of configured sources and trusted_hosts
+# max_connections_per_host = 8     # hosts that are not configured sources
+# trusted_hosts = []               # e.g. ["10.1.0.0/16"]
+# max_associate_rq_bytes = 65536
+# max_message_bytes = 2147483648
+# audit_window_s = 60.0
+# audit_rejections_per_host = 5
+# audit_hosts_per_window = 50
+# audit_retention_days = 0         # 0 keeps every audit row
+# idle_poll_s = 0.05
 """

@@ -26,8 +26,8 @@ from dicom_node.audit import AuditTrail, open_audit_trail
 from dicom_node.cli import CliError
 from dicom_node.cli_pipeline import run_node_pipeline
 from dicom_node.logging_setup import configure_logging
-from dicom_node.scp import StorageScp, build_ae
-from dicom_node.scp_server import InheritedSocketServer, PortInUse, ScpSupervisor, open_listening_socket, scp_address, serve_until_stopped
+from dicom_node.scp import StorageScp
+from dicom_node.scp_server import PortInUse, ScpSupervisor, make_scp_server, open_listening_socket, serve_until_stopped
 from dicom_node.settings import Settings, load_settings
 from dicom_node.reconcile import reconcile_spool
 from dicom_node.retention import run_retention
@@ -106,9 +106,7 @@ def make_scp_child(settings: Settings, listen_socket: socket.socket) -> Callable
             settings, store, trail,
             on_release=lambda source, uids: close_studies_at_release(store, settings, source, uids, trail),
         )
-        server = build_ae(settings).make_server(
-            scp_address(settings), evt_handlers=scp.event_handlers(), server_class=InheritedSocketServer, listen_socket=listen_socket
-        )
+        server = make_scp_server(settings, scp, listen_socket)
         log.debug("SCP process %d accepting", index)
         try:
             serve_until_stopped(server, stop, DRAIN_S)

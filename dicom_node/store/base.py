@@ -350,3 +350,7 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def list_audit_events(self, event: str | None = None, limit: int = 1000) -> list[AuditEvent]:
         """Newest first."""
+
+    @abc.abstractmethod
+    def purge_audit_events(self, before: datetime) -> int:
+        """Delete audit rows recorded before ``before`` (audit retention); returns how many."""

@@ -635,6 +635,10 @@ class SqlStore(Store):
             ),
         )  # fmt: skip
 
+    def purge_audit_events(self, before: datetime) -> int:
+        with self._transaction(write=True) as tx:
+            return tx.execute("DELETE FROM audit_events WHERE at < ?", (self._db_time(_require_aware("before", before)),))
+
     def list_audit_events(self, event: str | None = None, limit: int = 1000) -> list[AuditEvent]:
         where, params = ("WHERE event = ? ", [event]) if event is not None else ("", [])
         with self._transaction(write=False) as tx:
