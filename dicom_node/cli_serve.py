@@ -111,12 +111,14 @@ def lock_data_dir(data_dir: Path) -> IO[str]:
 
 
 def check_serve_model(settings: Settings) -> None:
-    """A configured model that cannot be used stops ``serve`` at start, in one line (not a quiet node
-    that analyses nothing). No model at all is allowed: the node then receives and stores only."""
+    """Embedded mode (serve starts its own analyze worker): a configured model that cannot be used
+    stops ``serve`` at start, in one line, rather than a node that quietly analyses nothing. No model
+    at all is allowed: the node then receives and stores only. With a broker, the model lives on the
+    worker hosts, which check it themselves."""
     from dicom_node.cli_pipeline import check_model_usable
     from dicom_node.dispatch import model_configured
 
-    if model_configured(settings):
+    if settings.embedded and model_configured(settings):
         check_model_usable(settings, settings.model.device)
 
 

@@ -20,9 +20,7 @@ from pydicom.data import get_testdata_file
 
 from dicom_node.analysis import StudyAnalysis
 from dicom_node.cli import build_parser
-from dicom_node.cli_node import default_data_dir
-from dicom_node.cli_serve import LOCK_FILE_NAME
-from dicom_node.settings import CONFIG_FILE_NAME, SYSTEM_CONFIG_DIR, SYSTEM_DATA_DIR, load_settings
+from dicom_node.settings import CONFIG_FILE_NAME, load_settings
 from dicom_node.store import open_store
 from dicom_node.store.base import InstanceRecord
 from tests.dicom_node.test_cli_node import assert_one_line_error, clean_env, node
@@ -159,6 +157,9 @@ def test_studies_and_ae_list_say_which_settings_and_store_they_read(site: Path) 
 
 
 def test_a_config_under_etc_keeps_its_data_in_var_lib() -> None:
+    from dicom_node.cli_node import default_data_dir
+    from dicom_node.settings import SYSTEM_CONFIG_DIR, SYSTEM_DATA_DIR
+
     assert default_data_dir(SYSTEM_CONFIG_DIR) == str(SYSTEM_DATA_DIR) == "/var/lib/anatomix"
     assert default_data_dir(Path("/etc")) == str(SYSTEM_DATA_DIR)
     assert default_data_dir(Path("/srv/anatomix")) == "var"
@@ -177,6 +178,8 @@ def test_init_data_dir_is_written_and_the_store_created_there(tmp_path: Path) ->
 
 
 def test_systemd_units_and_example_configs_agree_with_the_system_defaults() -> None:
+    from dicom_node.settings import SYSTEM_CONFIG_DIR, SYSTEM_DATA_DIR
+
     deploy = REPO_ROOT / "deploy"
     config = str(SYSTEM_CONFIG_DIR / CONFIG_FILE_NAME)
     units = sorted((deploy / "systemd").glob("*.service"))
@@ -233,7 +236,7 @@ def test_a_second_node_on_the_same_data_directory_is_refused(tmp_path: Path) -> 
                                 capture_output=True, text=True, timeout=60)  # fmt: skip
         assert result.returncode == 1
         assert_one_line_error(result, f"data directory {first.data_dir} is in use", f"pid {first.process.pid}", "storage.data_dir")
-        assert (first.data_dir / LOCK_FILE_NAME).read_text().strip() == str(first.process.pid)
+        assert (first.data_dir / "anatomix-node.lock").read_text().strip() == str(first.process.pid)
         assert first.process.poll() is None
     finally:
         assert first.stop() == 0
@@ -275,11 +278,10 @@ def test_a_duplicate_name_points_to_ae_update(site: Path) -> None:
 
 
 def test_version_and_log_level_after_the_subcommand(site: Path) -> None:
-    from dicom_node.cli import node_version
+    from importlib.metadata import version as installed_version
 
     version = node(site, "--version")
-    assert version.returncode == 0 and version.stdout.strip() == f"anatomix-node {node_version()}"
-    assert re.fullmatch(r"\d+\.\d+\.\d+.*", node_version())
+    assert version.returncode == 0 and version.stdout.strip() == f"anatomix-node {installed_version('anatomix-node')}"
     after = node(site, "studies", "--log-level", "debug")
     assert after.returncode == 0, after.stderr
     assert node(site, "ae", "list", "--log-level", "WARNING").returncode == 0
@@ -412,3 +414,23 @@ def test_readme_command_table_matches_help() -> None:
     top = subprocess.run([*NODE_COMMAND, "--help"], capture_output=True, text=True, timeout=60)
     listed = re.findall(r"^    ([a-z-]+)\s", top.stdout, re.M)
     assert top.returncode == 0 and set(listed) == {command.split()[0] for command in from_help}
+
+
+# ---- 12 (and 11: what stopping waits for): an admin's log -----------------------------------------------
+
+
+def test_a_serve_session_log_holds_the_nodes_own_lines(tmp_path: Path) -> None:
+    from tests.support.admin_log import count_lines, run_session
+
+    text, status, state = run_session(tmp_path / "site", seconds=0)
+    assert state == "done" and status == 0, text[-3000:]
+    counts, other = count_lines(text)
+    library = {key: n for key, n in counts.items() if key[0].split(".")[0] not in ("dicom_node", "inference", "sr_writer")}
+    assert library == {}, library  # highdicom notes, Celery task lines, pynetdicom's expected-event errors
+    assert other == [], other  # no banner, no "worker: Warm shutdown", no traceback, no raw warning
+    assert not [key for key in counts if key[1] in ("ERROR", "CRITICAL")], counts
+    assert "%h" not in text and "Traceback" not in text
+    assert "model: demo weights" in text
+    assert re.search(r"stopping: waiting for 1 SCP process\(es\) to finish open associations", text)
+    assert re.search(r"stopping: waiting for embedded worker\(s\) pid \d+, pid \d+ to finish the running task", text)
+    assert re.search(r"AnatomiX node stopped in \d+\.\d s", text)
