@@ -30,6 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     worker.add_argument("--demo-weights", action="store_true", help="generate (once, cached) and use tiny demo weights")
     worker.add_argument("--concurrency", type=int, default=1, help="deliver-only workers: parallel deliveries (default 1)")
     worker.add_argument("--name", help="worker name (default: a unique one from host and pid)")
+    worker.add_argument("--embedded", action="store_true", help=argparse.SUPPRESS)  # started by serve, which speaks for it
     worker.set_defaults(func=cmd_worker)
 
     analyze = subparsers.add_parser("analyze", help="analyse DICOM files offline and write the result objects")
@@ -148,7 +149,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     quiet = [] if level.upper() == "DEBUG" else ["--quiet"]  # no banner in an admin's log
     argv = [*quiet, "worker", f"--queues={','.join(queues)}", *pool, f"--hostname={name}",
             f"--loglevel={level.upper()}", "--without-mingle", "--without-gossip", "--without-heartbeat"]  # fmt: skip
-    quiet_root_warning()
+    quiet_root_warning(announce=not args.embedded)
     quiet_worker_console(level)
     LOG.info("worker %s for %s on %s%s", name, ",".join(queues), settings.queue.broker_url or "the embedded broker",
              f"; model {model}" if model else "")  # fmt: skip
@@ -200,7 +201,7 @@ def node_command(*args: str) -> list[str]:
 
 
 def worker_command(settings: Settings, queues: str, config_path: str | None, demo_weights: bool) -> list[str]:
-    command = node_command("worker", "--queues", queues)
+    command = node_command("worker", "--queues", queues, "--embedded")
     if config_path:
         command += ["--config", config_path]
     if demo_weights or settings.model.demo_weights:

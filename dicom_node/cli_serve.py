@@ -210,6 +210,8 @@ def run_serve(args: argparse.Namespace) -> int:
     for loop in loops:
         loop.thread = threading.Thread(target=loop.run, args=(loop_stops[loop.name],), name=loop.name, daemon=True)
         loop.thread.start()
+    if os.geteuid() == 0:
+        log.warning("running as root: run the node as its own user (the systemd units in deploy/systemd use `anatomix`)")
     store_kind = "PostgreSQL" if settings.database_url.startswith("postgres") else "SQLite"
     log.info(
         "AnatomiX node listening: AE %s, port %d, %d SCP process(es), store %s, spool %s, model: %s, config: %s",

@@ -67,14 +67,15 @@ def configure_logging(level: str, stream=None) -> None:
     logging.captureWarnings(True)  # library warnings become log lines (logger py.warnings) in the same format
 
 
-def quiet_root_warning() -> None:
-    """Celery warns in seven lines when a worker runs as root; the node says so once, in its own words."""
+def quiet_root_warning(announce: bool = True) -> None:
+    """Celery warns in seven lines when a worker runs as root; the node says so once, in its own words
+    (``serve`` for the workers it starts itself)."""
     try:
         from celery.exceptions import SecurityWarning
     except ImportError:  # pragma: no cover - celery is a dependency
         return
     warnings.filterwarnings("ignore", category=SecurityWarning)
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
+    if announce and hasattr(os, "geteuid") and os.geteuid() == 0:
         logging.getLogger("dicom_node.worker").warning(
             "running as root: run the node as its own user (the systemd units in deploy/systemd use `anatomix`)"
         )
