@@ -434,3 +434,14 @@ def test_a_serve_session_log_holds_the_nodes_own_lines(tmp_path: Path) -> None:
     assert re.search(r"stopping: waiting for 1 SCP process\(es\) to finish open associations", text)
     assert re.search(r"stopping: waiting for embedded worker\(s\) pid \d+, pid \d+ to finish the running task", text)
     assert re.search(r"AnatomiX node stopped in \d+\.\d s", text)
+
+
+def test_pynetdicom_errors_for_expected_events_stay_out_of_the_log(site: Path) -> None:
+    from tests.support.net import free_port
+
+    closed = free_port()
+    assert node(site, "ae", "add", "closed", "--ae-title", "PACS", "--host", "127.0.0.1", "--port", str(closed), "--role", "destination").returncode == 0
+    result = node(site, "--log-level", "INFO", "echo", "closed", "--timeout", "5")
+    assert_one_line_error(result, "cannot connect", "Connection refused")  # ours, not pynetdicom's two ERROR lines
+    debug = node(site, "--log-level", "DEBUG", "echo", "closed", "--timeout", "5")
+    assert "pynetdicom" in debug.stderr and "Traceback" not in debug.stderr  # at DEBUG the library speaks
