@@ -190,6 +190,8 @@ def test_systemd_units_and_example_configs_agree_with_the_system_defaults() -> N
         assert f"--config {config}" in exec_start, unit.name
         assert re.findall(r"^ReadWritePaths=(.*)$", text, re.M) == [str(SYSTEM_DATA_DIR)], unit.name
         assert "ProtectSystem=strict" in text and "KillMode=mixed" in text, unit.name
+    node_unit = (deploy / "systemd" / "anatomix-node.service").read_text()  # the node owns the data directory
+    assert f"StateDirectory={SYSTEM_DATA_DIR.name}" in node_unit and SYSTEM_DATA_DIR.parent == Path("/var/lib")
     for example in [deploy / "anatomix-node.example.toml", *sorted((deploy / "examples").glob("*.toml"))]:
         settings = load_settings(example, env={})
         assert settings.storage.data_dir == SYSTEM_DATA_DIR, example.name
