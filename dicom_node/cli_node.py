@@ -122,7 +122,8 @@ def _missing_action(command: str, actions: str) -> Any:
 
 
 def _add_config_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None, metavar="FILE", help=f"settings file (default: ./{CONFIG_FILE_NAME} if present)")
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help=f"settings file (default: ./{CONFIG_FILE_NAME}, else {SYSTEM_CONFIG_DIR / CONFIG_FILE_NAME}, if present)")  # fmt: skip
 
 
 def parse_port(text: str) -> int:

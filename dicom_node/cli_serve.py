@@ -57,7 +57,8 @@ class BackgroundLoop:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("serve", help="run the DICOM node (SCP, assembly) until stopped")
-    parser.add_argument("--config", default=None, help="settings file (default: ./anatomix-node.toml if present)")
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="settings file (default: ./anatomix-node.toml, else /etc/anatomix/anatomix-node.toml, if present)")  # fmt: skip
     parser.add_argument("--port", type=int, default=None, help="DICOM port (default: node.port, 11112)")
     parser.add_argument("--ae-title", default=None, help="our AE title (default: node.ae_title, ANATOMIX)")
     parser.add_argument("--demo-weights", action="store_true",

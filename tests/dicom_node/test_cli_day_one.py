@@ -166,6 +166,20 @@ def test_a_config_under_etc_keeps_its_data_in_var_lib() -> None:
     assert default_data_dir(Path("site")) == "var"
 
 
+def test_without_a_local_config_the_system_one_is_found(tmp_path: Path) -> None:
+    from dicom_node.settings import SYSTEM_CONFIG_DIR, find_config_file
+
+    assert SYSTEM_CONFIG_DIR == Path("/etc/anatomix")
+    system = tmp_path / "etc" / "anatomix"
+    system.mkdir(parents=True)
+    (system / CONFIG_FILE_NAME).write_text("")
+    here = tmp_path / "somewhere"
+    here.mkdir()
+    assert find_config_file(None, cwd=here, system_dir=system) == system / CONFIG_FILE_NAME
+    (here / CONFIG_FILE_NAME).write_text("")
+    assert find_config_file(None, cwd=here, system_dir=system) == here / CONFIG_FILE_NAME
+
+
 def test_init_data_dir_is_written_and_the_store_created_there(tmp_path: Path) -> None:
     data = tmp_path / "lib" / "anatomix"
     result = node(tmp_path, "init", "--dir", "etc", "--data-dir", str(data))
