@@ -92,7 +92,10 @@ def lock_data_dir(data_dir: Path) -> IO[str]:
     up; the SCP processes forked later inherit it, so it lasts until the last of them has stopped.
     """
     path = data_dir / LOCK_FILE_NAME
-    handle = open(path, "a+", encoding="ascii")
+    try:
+        handle = open(path, "a+", encoding="ascii")
+    except OSError as exc:
+        raise CliError(f"cannot open the lock file {path}: {exc.strerror or exc}") from None
     try:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -103,10 +106,13 @@ def lock_data_dir(data_dir: Path) -> IO[str]:
             f"data directory {data_dir} is in use by another node (anatomix-node serve, pid {holder}); "
             "one node per data directory: stop that one, or give this one its own storage.data_dir", code=1
         ) from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"{os.getpid()}\n")
-    handle.flush()
+    try:  # the pid is for the refusal message; the lock itself is what counts
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+    except OSError as exc:  # a full disk: the node starts anyway and refuses instances with 0xA700
+        log.warning("could not write the pid into %s: %s", path, exc.strerror or exc)
     os.set_inheritable(handle.fileno(), False)  # subprocesses (embedded workers) do not hold it
     return handle
 
