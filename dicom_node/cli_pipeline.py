@@ -37,6 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     worker.add_argument("--demo-weights", action="store_true", help="generate (once, cached) and use tiny demo weights")
     worker.add_argument("--concurrency", type=int, default=1, help="deliver-only workers: parallel deliveries (default 1)")
     worker.add_argument("--name", help="worker name (default: a unique one from host and pid)")
+    worker.add_argument("--embedded", action="store_true", help=argparse.SUPPRESS)  # started by serve, which speaks for it
     worker.set_defaults(func=cmd_worker)
 
     analyze = subparsers.add_parser("analyze", help="analyse DICOM files offline and write the result objects")
@@ -95,20 +96,62 @@ def parse_queues(text: str) -> list[str]:
     return names
 
 
-def cmd_worker(args: argparse.Namespace) -> int:
+def check_device(device: str) -> None:
+    """Refuse a device this host does not have, in one line (before any model file is read).
+
+    ``torch.cuda.device_count()`` asks NVML and does not initialise CUDA, so the pool processes
+    forked later can still use the GPU.
+    """
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    count = torch.cuda.device_count() if torch.backends.cuda.is_built() else 0
+    index = int(device.partition(":")[2] or 0)
+    if count == 0:
+        raise CliError(f"device {device!r}: CUDA is not available on this host; use --device cpu "
+                       "(or model.device = \"cpu\")", code=1)  # fmt: skip
+    if index >= count:
+        raise CliError(f"device {device!r}: this host has {count} CUDA device(s), cuda:0 to cuda:{count - 1}", code=1)
+
+
+def check_model_usable(settings: Settings, device: str) -> str:
+    """What an analyze worker will load, checked before it takes any task; CliError (exit 1) if unusable.
+
+    Cheap checks only (the weights load in the pool process, after the fork): the device exists and
+    the model directory holds every file. Returns a description for the start-up line.
+    """
     from dicom_node.dispatch import NO_MODEL_ERROR, model_configured
+
+    if not model_configured(settings):
+        raise CliError(f"this worker would take analyze tasks but the model is missing: {NO_MODEL_ERROR}; "
+                       "or start it with --queues deliver")  # fmt: skip
+    check_device(device)
+    if settings.model.dir is None:
+        return f"demo weights on {device}"
+    from inference.model_dir import ModelDir, ModelDirError
+
+    try:
+        directory = ModelDir.open(settings.model.dir)
+    except ModelDirError as exc:
+        raise CliError(f"model.dir: {exc}", code=1) from None
+    return f"{directory.name} {directory.version} from {directory.root} on {device}" + (" [DEMO WEIGHTS]" if directory.demo else "")
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    import socket
+
     from dicom_node.queue import ANALYZE_QUEUE, create_app
     from dicom_node.store import open_store
     from dicom_node.tasks import WorkerContext, register_tasks
 
-    from dicom_node.logging_setup import configure_logging
+    from dicom_node.logging_setup import configure_logging, quiet_root_warning, quiet_worker_console
 
     settings = _settings_with(args, demo_weights=args.demo_weights, device=args.device)
-    configure_logging(args.log_level or settings.logging.level)
+    level = args.log_level or settings.logging.level
+    configure_logging(level)
     queues = parse_queues(args.queues)
-    if ANALYZE_QUEUE in queues and not model_configured(settings):
-        raise CliError(f"this worker would take analyze tasks but the model is missing: {NO_MODEL_ERROR}; "
-                       "or start it with --queues deliver")  # fmt: skip
+    model = check_model_usable(settings, args.device or settings.model.device) if ANALYZE_QUEUE in queues else None
     open_store(settings.database_url).close()  # fail fast on a bad database, and migrate it once
     app = create_app(settings)
     register_tasks(app, WorkerContext(settings, args.device), warm_up=ANALYZE_QUEUE in queues)
@@ -120,10 +163,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
         pool = ["--pool=threads", f"--concurrency={args.concurrency}"]
     else:
         pool = ["--pool=solo"]
-    name = args.name or f"{'+'.join(queues)}-{os.getpid()}@%h"
-    argv = ["worker", f"--queues={','.join(queues)}", *pool, f"--hostname={name}",
-            f"--loglevel={settings.logging.level.upper()}", "--without-mingle", "--without-gossip", "--without-heartbeat"]  # fmt: skip
-    LOG.info("worker %s for %s on %s", name, ",".join(queues), settings.queue.broker_url or "the embedded broker")
+    # Expanded here (Celery would expand %h itself, but our own log line would show it raw).
+    name = (args.name or f"{'+'.join(queues)}-{os.getpid()}@%h").replace("%h", socket.gethostname())
+    quiet = [] if level.upper() == "DEBUG" else ["--quiet"]  # no banner in an admin's log
+    argv = [*quiet, "worker", f"--queues={','.join(queues)}", *pool, f"--hostname={name}",
+            f"--loglevel={level.upper()}", "--without-mingle", "--without-gossip", "--without-heartbeat"]  # fmt: skip
+    quiet_root_warning(announce=not args.embedded)
+    quiet_worker_console(level)
+    LOG.info("worker %s for %s on %s%s", name, ",".join(queues), settings.queue.broker_url or "the embedded broker",
+             f"; model {model}" if model else "")  # fmt: skip
     app.worker_main(argv)
     return 0
 
@@ -148,9 +196,12 @@ class NodePipeline:
 
     def stop(self, timeout_s: float = 20.0) -> None:
         self.dispatcher.stop()  # type: ignore[attr-defined]
-        for process in self.workers:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)  # warm shutdown: the running task finishes or is re-queued
+        running = [process for process in self.workers if process.poll() is None]
+        if running:
+            LOG.info("stopping: waiting for embedded worker(s) %s to finish the running task (up to %.0f s)",
+                     ", ".join(f"pid {p.pid}" for p in running), timeout_s)  # fmt: skip
+        for process in running:
+            process.send_signal(signal.SIGTERM)  # warm shutdown: the running task finishes or is re-queued
         for process in self.workers:
             try:
                 process.wait(timeout=timeout_s)
@@ -169,7 +220,7 @@ def node_command(*args: str) -> list[str]:
 
 
 def worker_command(settings: Settings, queues: str, config_path: str | None, demo_weights: bool) -> list[str]:
-    command = node_command("worker", "--queues", queues)
+    command = node_command("worker", "--queues", queues, "--embedded")
     if config_path:
         command += ["--config", config_path]
     if demo_weights or settings.model.demo_weights:
@@ -248,6 +299,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     settings = _settings_with(args, dir=args.model, demo_weights=args.demo_weights, device=args.device,
                               max_new_tokens=args.max_new_tokens)  # fmt: skip
+    check_device(args.device or settings.model.device)  # before demo weights are generated or inputs read
     if args.demo_weights and settings.storage.data_dir == Path("var"):
         settings = settings.with_overrides(storage={"data_dir": Path(args.out) / ".cache"})
     kinds = settings.output.profile(args.profile or settings.output.default_profile)
@@ -269,10 +321,14 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if not chosen:
         print("nothing to analyse")
         return 1
+    from inference.engine import ModelLoadError
+
     try:
         engine = load_engine(settings, args.device)
     except NoModelConfigured as exc:
         raise CliError(f"{exc}; or pass --model DIR") from None
+    except ModelLoadError as exc:
+        raise CliError(str(exc), code=1) from None
     failures = 0
     for path, ds in chosen:
         [outcome] = analyze_datasets(engine, [ds], settings.model.tasks)

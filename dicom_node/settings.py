@@ -19,6 +19,9 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 CONFIG_FILE_NAME = "anatomix-node.toml"
 ENV_PREFIX = "ANATOMIX_"
+#: A system install (FHS), as deploy/systemd expects it: the config in /etc, the data in /var/lib.
+SYSTEM_CONFIG_DIR = Path("/etc/anatomix")
+SYSTEM_DATA_DIR = Path("/var/lib/anatomix")
 
 #: Result object kinds that sr_writer can build; profiles are subsets of these.
 OBJECT_KINDS = ("sr", "text_sr", "seg", "gsps", "sc", "kos")
@@ -234,15 +237,18 @@ class Settings:
 # ---- loading ---------------------------------------------------------------------------------------
 
 
-def find_config_file(explicit: str | Path | None, cwd: Path | None = None) -> Path | None:
-    """The config file to read: the explicit one (must exist), else ./anatomix-node.toml if present."""
+def find_config_file(explicit: str | Path | None, cwd: Path | None = None, system_dir: Path = SYSTEM_CONFIG_DIR) -> Path | None:
+    """The config file to read: the explicit one (must exist), else ./anatomix-node.toml, else the
+    system install's /etc/anatomix/anatomix-node.toml, if present."""
     if explicit is not None:
         path = Path(explicit)
         if not path.is_file():
             raise SettingsError(f"config file {str(path)!r} does not exist")
         return path
-    candidate = (cwd or Path.cwd()) / CONFIG_FILE_NAME
-    return candidate if candidate.is_file() else None
+    for candidate in ((cwd or Path.cwd()) / CONFIG_FILE_NAME, system_dir / CONFIG_FILE_NAME):
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 def load_settings(path: str | Path | None = None, env: dict[str, str] | None = None) -> Settings:
@@ -331,11 +337,16 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
                 return False
             raise ValueError("expected true or false")
         if hint is int:
-            if isinstance(value, bool):
-                raise ValueError("expected an integer")
+            if isinstance(value, bool) or not re.fullmatch(r"\s*[-+]?\d+\s*", str(value)):
+                raise ValueError("expected a whole number")
             return int(value)
         if hint is float:
-            return float(value)
+            if isinstance(value, bool):
+                raise ValueError("expected a number")
+            try:
+                return float(value)
+            except ValueError:
+                raise ValueError("expected a number") from None
         if hint is str:
             if not isinstance(value, (str, int, float)):
                 raise ValueError("expected a string")
