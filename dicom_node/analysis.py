@@ -78,7 +78,9 @@ def read_source(path: Path) -> Dataset:
     """Read a spooled or user-given DICOM file, or raise ImageUnusable saying why."""
     try:
         return pydicom.dcmread(path)
-    except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
+    except InvalidDicomError:  # pydicom's text suggests force=True, which is no advice for a user
+        raise ImageUnusable(f"cannot read {path.name}: not a DICOM file (no 'DICM' prefix and File Meta header)") from None
+    except (OSError, EOFError, ValueError) as exc:
         raise ImageUnusable(f"cannot read {path.name} as DICOM: {exc}") from None
 
 

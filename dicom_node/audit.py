@@ -9,6 +9,13 @@ Per-instance receipt is recorded by the instances table itself (received_at, cal
 the audit table gets one summary per association plus the exceptional per-instance events (a new
 version of an instance, a rejected instance), which keeps the ingest path at one transaction per
 instance.
+
+Under attack the trail stays bounded (:class:`AggregatedAudit`): connection-level events (closed
+before association, timed out, refused for a connection limit, oversize PDU) are counted per host
+and written once per window as one row and one log line; rejected associations are recorded one by
+one only up to ``limits.audit_rejections_per_host`` per host and window, the rest as one summary
+row. Text a peer chose (AE titles) is escaped with :func:`printable` before it reaches a row or a
+log line.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from dicom_node.logging_setup import escape_controls
 from dicom_node.store.base import AuditEvent, Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -36,6 +44,29 @@ INSTANCE_FLAGGED = "instance_flagged"
 INSTANCE_RECOVERED = "instance_recovered"
 STUDY_STABLE = "study_stable"
 STUDY_PURGED = "study_purged"
+#: One row per (host, kind) and window: connection-level events that never became an association.
+CONNECTIONS_SUMMARY = "connections_summary"
+#: One row per host and window: rejected associations beyond the per-host individual quota.
+ASSOCIATIONS_REJECTED_SUMMARY = "association_rejected_summary"
+
+#: Connection-level event kinds (``AggregatedAudit.note_connection``) and their log wording.
+CONNECTION_KINDS = {
+    "closed_before_association": "closed before association",
+    "closed_mid_pdu": "closed in the middle of their first PDU",
+    "timed_out_before_association": "did not complete an A-ASSOCIATE-RQ within the deadline and were closed",
+    "refused_per_host_limit": "refused at accept (per-host connection limit)",
+    "refused_total_limit": "refused at accept (connection limit)",
+    "refused_reserved": "refused at accept (remaining slots reserved for configured sources)",
+    "oversize_pdu": "sent a first PDU over the size cap and were aborted",
+    "invalid_pdu": "sent something other than a valid A-ASSOCIATE-RQ and were aborted",
+}
+
+
+def printable(text: str | None, limit: int = 64) -> str | None:
+    """Peer-chosen text made safe for logs and rows: control characters escaped, length bounded."""
+    if text is None:
+        return None
+    return escape_controls(text[:limit])
 
 
 @dataclass(frozen=True)
@@ -101,6 +132,81 @@ class AuditTrail:
             # O_APPEND writes of one line are atomic enough across our SCP processes.
             with open(self.audit_file, "a", encoding="utf-8") as handle:
                 handle.write(line + "\n")
+
+
+class AggregatedAudit:
+    """Counts what floods would otherwise write row by row; :meth:`flush` writes one summary per window.
+
+    Thread-safe; one per SCP process. Rows per window are bounded by
+    ``hosts_per_window x (len(CONNECTION_KINDS) + rejections_per_host + 1)`` plus one row for all
+    other hosts together.
+    """
+
+    OTHER_HOSTS = "(other hosts)"
+
+    def __init__(self, trail: AuditTrail, window_s: float, rejections_per_host: int, hosts_per_window: int) -> None:
+        self.trail = trail
+        self.window_s = window_s
+        self.rejections_per_host = rejections_per_host
+        self.hosts_per_window = hosts_per_window
+        self._lock = threading.Lock()
+        self._connections: dict[tuple[str, str], int] = {}
+        self._rejected: dict[str, int] = {}  # host -> rejections seen this window
+        self._suppressed: dict[str, dict[str, Any]] = {}  # host -> {count, calling_aes}
+        self._hosts: set[str] = set()
+
+    def _bucket(self, host: str) -> str:
+        """The host itself, or OTHER_HOSTS once a window has named ``hosts_per_window`` hosts."""
+        if host in self._hosts:
+            return host
+        if len(self._hosts) < self.hosts_per_window:
+            self._hosts.add(host)
+            return host
+        return self.OTHER_HOSTS
+
+    def note_connection(self, host: str, kind: str) -> None:
+        if kind not in CONNECTION_KINDS:
+            raise ValueError(f"unknown connection event kind {kind!r}")
+        with self._lock:
+            key = (self._bucket(host), kind)
+            self._connections[key] = self._connections.get(key, 0) + 1
+
+    def allow_rejection(self, host: str, calling_ae: str | None) -> bool:
+        """True if this rejection is recorded individually; else it is counted for the window's summary."""
+        with self._lock:
+            bucket = self._bucket(host)
+            seen = self._rejected.get(bucket, 0)
+            self._rejected[bucket] = seen + 1
+            if seen < self.rejections_per_host and bucket != self.OTHER_HOSTS:
+                return True
+            summary = self._suppressed.setdefault(bucket, {"count": 0, "calling_aes": []})
+            summary["count"] += 1
+            ae = printable(calling_ae, 16)
+            if ae is not None and ae not in summary["calling_aes"] and len(summary["calling_aes"]) < 10:
+                summary["calling_aes"].append(ae)
+            return False
+
+    def flush(self) -> int:
+        """Write this window's summaries (one row and one log line each); returns the rows written."""
+        with self._lock:
+            connections, self._connections = self._connections, {}
+            suppressed, self._suppressed = self._suppressed, {}
+            self._rejected = {}
+            self._hosts = set()
+        window = f"the last {self.window_s:.0f} s" if self.window_s != 60 else "the last minute"
+        for (host, kind), count in sorted(connections.items()):
+            log.warning("%d connection(s) from %s %s in %s", count, host, CONNECTION_KINDS[kind], window)
+            self.trail.record(CONNECTIONS_SUMMARY, Peer(None, None, host), kind=kind, count=count, window_s=self.window_s)
+        for host, summary in sorted(suppressed.items()):
+            log.warning(
+                "%d further association(s) from %s rejected in %s (not recorded one by one; calling AE titles %s)",
+                summary["count"], host, window, ", ".join(summary["calling_aes"]),
+            )
+            self.trail.record(
+                ASSOCIATIONS_REJECTED_SUMMARY, Peer(None, None, host), count=summary["count"],
+                calling_aes=summary["calling_aes"], window_s=self.window_s,
+            )
+        return len(connections) + len(suppressed)
 
 
 def open_audit_trail(store: Store, audit_file: str) -> AuditTrail:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 
 from dicom_node.settings import SettingsError
@@ -31,9 +30,44 @@ class CliError(RuntimeError):
         self.code = code
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def node_version() -> str:
+    """The installed package's version (the source tree's when run from a checkout)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("anatomix-node")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _log_level(text: str) -> str:
+    if text.upper() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"{text!r}: use {', '.join(LOG_LEVELS)}")
+    return text.upper()
+
+
+def _add_log_level(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument("--log-level", type=_log_level, default=default, metavar="LEVEL",
+                        help="DEBUG, INFO, WARNING or ERROR (default: logging.level from settings)")  # fmt: skip
+
+
+def _subcommand_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every sub-command parser below ``parser`` (``ae add``, ``model info``, ...), depth first."""
+    found = []
+    for action in parser._actions:  # argparse has no public walk over sub-parsers
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):  # aliases map to the same parser
+                found += [child, *_subcommand_parsers(child)]
+    return found
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anatomix-node", description="AnatomiX DICOM node for chest X-ray AI results")
-    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR (default: from settings)")
+    parser.add_argument("--version", action="version", version=f"anatomix-node {node_version()}")
+    _add_log_level(parser, None)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
@@ -43,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register(subparsers)
+    # `anatomix-node studies --log-level DEBUG` as well as `anatomix-node --log-level DEBUG studies`;
+    # SUPPRESS keeps a value given before the sub-command when none is given after it.
+    for child in _subcommand_parsers(parser):
+        if not any("--log-level" in action.option_strings for action in child._actions):
+            _add_log_level(child, argparse.SUPPRESS)
     return parser
 
 
@@ -53,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     if args.log_level:
-        logging.basicConfig(level=args.log_level.upper())
+        from dicom_node.logging_setup import configure_logging
+
+        configure_logging(args.log_level)
     try:
         return int(args.func(args) or 0)
     except CliError as exc:

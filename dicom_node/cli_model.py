@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -31,9 +32,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(func=run_info)
 
+    current = actions.add_parser("current", help="which model `serve` and its workers use with these settings, and whether it loads")
+    current.add_argument("--config", default=None, metavar="FILE", help="settings file (default: ./anatomix-node.toml if present)")
+    current.set_defaults(func=run_current)
+
 
 def _missing_action(args: argparse.Namespace) -> int:
-    raise CliError("model: choose an action: demo-weights or info (see anatomix-node model --help)")
+    raise CliError("model: choose an action: demo-weights, info or current (see anatomix-node model --help)")
 
 
 def run_demo_weights(args: argparse.Namespace) -> int:
@@ -58,12 +63,22 @@ def run_info(args: argparse.Namespace) -> int:
     from inference.retrieval import RetrievalDB, RetrievalDBError
     from inference.tokens import TokenIds, TokenizerError, load_tokenizer
 
+    def step(what: str) -> None:  # the full-size model takes seconds per step: say what is going on
+        if not args.json:
+            print(f"  ... {what}", file=sys.stderr, flush=True)
+
     try:
+        step(f"opening {args.dir}")
         directory = ModelDir.open(args.dir)
+        step("hashing the weight files (cached after the first time)")
         digest = directory.weights_digest()
+        step("reading the tokenizer")
         token_ids = TokenIds.from_tokenizer(load_tokenizer(directory.base))
+        step(f"reading the APM checkpoint {directory.apm.name}")
         _, apm_report = load_apm(directory.apm)
+        step(f"matching the LM tensors of {directory.lm.name} (names and shapes only)")
         lm_report = inspect_lm_checkpoint(directory.base, directory.lm)
+        step(f"reading the retrieval DB {directory.retrieval_db.name}")
         retrieval = RetrievalDB.load(directory.retrieval_db)
     except (ModelDirError, TokenizerError, CheckpointError, LMCheckpointError, LMConfigError, RetrievalDBError) as exc:
         raise CliError(str(exc)) from None
@@ -111,4 +126,22 @@ def run_info(args: argparse.Namespace) -> int:
         print(f"  retrieval DB {directory.retrieval_db.name}: {len(retrieval.regions)} regions, {retrieval.token_dim}-d")
     if not ok:
         raise CliError(f"{args.dir}: the model cannot be loaded (see the problems above)", code=1)
+    return 0
+
+
+def run_current(args: argparse.Namespace) -> int:
+    """One line: the model `serve` would load with these settings, or why it would analyse nothing."""
+    from dicom_node.cli_pipeline import check_model_usable
+    from dicom_node.dispatch import model_configured
+    from dicom_node.settings import load_settings
+
+    settings = load_settings(args.config)
+    model = settings.model
+    origin = settings.source
+    if not model_configured(settings):
+        print(f"no model configured ({origin}): serve receives and stores studies but does not analyse them; "
+              "set model.dir, or start serve with --demo-weights")  # fmt: skip
+        return 0
+    what = check_model_usable(settings, model.device)  # CliError (one line) if it cannot be used
+    print(f"serve uses {what} (backend {model.backend}, tasks {', '.join(model.tasks)}; {origin})")
     return 0

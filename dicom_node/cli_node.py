@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import shutil
 import socket
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -22,16 +25,23 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.cli import CliError
-from dicom_node.settings import CONFIG_FILE_NAME, Settings, SettingsError, load_settings, settings_as_dict, validate_ae_title
+from dicom_node.settings import (
+    CONFIG_FILE_NAME, SYSTEM_CONFIG_DIR, SYSTEM_DATA_DIR, Settings, SettingsError, load_settings, settings_as_dict, validate_ae_title,
+)
 from dicom_node.store import open_store
-from dicom_node.store.base import STUDY_STATES, RemoteNode, Store, StoreConflict, StudyRecord
+from dicom_node.store.base import STUDY_STATES, InstanceRecord, RemoteNode, Store, StoreConflict, StudyRecord
 
 _NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+#: The port recorded for a source added without --port (DICOM's well-known port).
+SOURCE_DEFAULT_PORT = 104
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     init = subparsers.add_parser("init", help="write a commented default anatomix-node.toml (embedded mode)")
     init.add_argument("--dir", default=".", help="directory for the config file (created if missing; default: .)")
+    init.add_argument("--data-dir", default=None, metavar="DIR",
+                      help=f"storage.data_dir for spool, database and results (default: {SYSTEM_DATA_DIR} when DIR is "
+                           f"under /etc, else var next to the config file)")  # fmt: skip
     init.add_argument("--force", action="store_true", help="overwrite an existing config file")
     init.set_defaults(func=run_init)
 
@@ -51,7 +61,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add.add_argument("name", help="a short name for the node (letters, digits, . _ -)")
     add.add_argument("--ae-title", required=True, help="its AE title (1-16 characters)")
     add.add_argument("--host", required=True, help="its host name or IP address ('*' = any host, sources only)")
-    add.add_argument("--port", required=True, help="its DICOM port (1-65535)")
+    add.add_argument("--port", default=None,
+                     help=f"its DICOM port, 1-65535 (needed for a destination; a source's is used only by `echo`, default {SOURCE_DEFAULT_PORT})")
     add.add_argument("--role", required=True, choices=("source", "destination", "both"))
     add.add_argument("--profile", default=None, help="output profile for results sent to it (default: output.default_profile)")
     add.add_argument("--quiet-period", type=float, default=None, metavar="S", help="seconds of silence that end a study from this source")
@@ -111,7 +122,8 @@ def _missing_action(command: str, actions: str) -> Any:
 
 
 def _add_config_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None, metavar="FILE", help=f"settings file (default: ./{CONFIG_FILE_NAME} if present)")
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help=f"settings file (default: ./{CONFIG_FILE_NAME}, else {SYSTEM_CONFIG_DIR / CONFIG_FILE_NAME}, if present)")  # fmt: skip
 
 
 def parse_port(text: str) -> int:
@@ -125,8 +137,36 @@ def parse_port(text: str) -> int:
     return port
 
 
+def sqlite_path(database_url: str) -> Path | None:
+    """The database file of an SQLite URL (None for PostgreSQL)."""
+    return Path(database_url.removeprefix("sqlite:///")) if database_url.startswith("sqlite:///") else None
+
+
+def describe_store(settings: Settings) -> str:
+    """``settings FILE, state store WHERE`` for messages (passwords masked)."""
+    from dicom_node.store.postgres import redact_url
+
+    path = sqlite_path(settings.database_url)
+    where = f"SQLite {path}" if path is not None else redact_url(settings.database_url)
+    return f"settings {settings_origin(settings)}, state store {where}"
+
+
+def settings_origin(settings: Settings) -> str:
+    if settings.source != "defaults":
+        return settings.source
+    return f"built-in defaults: no --config, no ./{CONFIG_FILE_NAME}, no {SYSTEM_CONFIG_DIR / CONFIG_FILE_NAME}"
+
+
 @contextmanager
 def opened_store(settings: Settings) -> Iterator[Store]:
+    """The node's existing state store. Only ``init`` and ``serve`` create one: any other command
+    that finds no SQLite database where the settings point says so instead of starting an empty one."""
+    path = sqlite_path(settings.database_url)
+    if path is not None and not path.is_file():
+        raise CliError(
+            f"no state store at {path} (settings: {settings_origin(settings)}); "
+            "give --config FILE of your node, or set up a new one with `anatomix-node init`"
+        )
     store = open_store(settings.database_url)
     try:
         yield store
@@ -170,18 +210,35 @@ def run_purge(args: argparse.Namespace) -> int:
 # ---- init and config ---------------------------------------------------------------------------------
 
 
+def default_data_dir(config_dir: Path) -> str:
+    """Where ``init`` puts the data: FHS for a system install (config under /etc -> /var/lib/anatomix,
+    which the systemd units may write), else ``var`` next to the config file."""
+    resolved = config_dir.absolute()
+    return str(SYSTEM_DATA_DIR) if resolved == Path("/etc") or Path("/etc") in resolved.parents else "var"
+
+
 def run_init(args: argparse.Namespace) -> int:
     directory = Path(args.dir)
     target = directory / CONFIG_FILE_NAME
     if target.exists() and not args.force:
         raise CliError(f"{target} already exists; edit it, or pass --force to replace it with the defaults")
+    data_dir = args.data_dir or default_data_dir(directory)
+    text = DEFAULT_CONFIG_TOML
+    if data_dir != "var":
+        text = text.replace('data_dir = "var"', f"data_dir = {json.dumps(data_dir)}", 1)
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        target.write_text(DEFAULT_CONFIG_TOML, encoding="utf-8")
+        target.write_text(text, encoding="utf-8")
     except OSError as exc:
         raise CliError(f"cannot write {target}: {exc.strerror or exc}") from None
-    print(f"wrote {target}")
-    print(f"next: anatomix-node ae add NAME --ae-title T --host H --port P --role source --config {target}")
+    settings = load_settings(target)
+    try:  # the one command besides serve that creates the state store (so `ae add` can follow)
+        settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
+        open_store(settings.database_url).close()
+    except OSError as exc:
+        raise CliError(f"wrote {target}, but cannot create storage.data_dir {settings.storage.data_dir}: {exc.strerror or exc}") from None
+    print(f"wrote {target}; data (spool, results, database) in {settings.storage.data_dir}")
+    print(f"next: anatomix-node ae add NAME --ae-title T --host H --role source --config {target}")
     return 0
 
 
@@ -226,12 +283,46 @@ def run_ae_add(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     node = remote_node_from_args(args, settings)
     with opened_store(settings) as store:
+        if store.get_remote_node(node.name) is not None:
+            raise CliError(f"a remote node named {node.name!r} already exists; change it with "
+                           f"`anatomix-node ae update {node.name} --OPTION VALUE`, or pick another name")  # fmt: skip
+        warnings = remote_node_warnings(node, store.list_remote_nodes())
         try:
             store.add_remote_node(node)
         except StoreConflict:
-            raise CliError(f"a remote node named {node.name!r} already exists; `ae remove {node.name}` first or pick another name") from None
-    print(f"added {node.name}: {node.ae_title}@{node.host}:{node.port} ({node.role}, profile {node.profile})")
+            raise CliError(f"a remote node named {node.name!r} already exists; change it with `anatomix-node ae update {node.name}`") from None
+    print(f"added {node.name}: {describe_remote(node)} ({node.role}, profile {node.profile})")
+    print_warnings(warnings)
     return 0
+
+
+def describe_remote(node: RemoteNode) -> str:
+    """``AE@host:port``; a source-only node without a port of its own shows none."""
+    return f"{node.ae_title}@{node.host}" + ("" if node.role == "source" and node.port == SOURCE_DEFAULT_PORT else f":{node.port}")
+
+
+def remote_node_warnings(node: RemoteNode, others: list[RemoteNode]) -> list[str]:
+    """Accepted but probably wrong: the same AE title and host under another name, a host that does not resolve."""
+    warnings = []
+    for other in others:
+        if other.name == node.name or other.ae_title != node.ae_title:
+            continue
+        if other.host == node.host or "*" in (other.host, node.host):
+            warnings.append(f"{other.name!r} has the same AE title {node.ae_title} and host {other.host}: associations from it "
+                            f"cannot be told apart; `anatomix-node ae remove` one of them, or `ae update` its AE title")  # fmt: skip
+    if node.host != "*":
+        try:
+            socket.getaddrinfo(node.host, None)
+        except socket.gaierror as exc:
+            warnings.append(f"host {node.host!r} does not resolve here now ({exc.strerror}); check the name, or use an IP address")
+        except UnicodeError:
+            warnings.append(f"host {node.host!r} is not a valid host name")
+    return warnings
+
+
+def print_warnings(warnings: list[str]) -> None:
+    for warning in warnings:
+        print(f"anatomix-node: warning: {warning}", file=sys.stderr)
 
 
 def unknown_node_message(name: str) -> str:
@@ -264,9 +355,11 @@ def run_ae_update(args: argparse.Namespace) -> int:
         if node == current:
             print(f"{node.name}: nothing to change")
             return 0
+        warnings = remote_node_warnings(node, store.list_remote_nodes()) if (node.host, node.ae_title) != (current.host, current.ae_title) else []
         store.update_remote_node(node)
     changed = [f"{key} {getattr(current, key)!r} -> {getattr(node, key)!r}" for key in asdict(node) if getattr(current, key) != getattr(node, key)]
     print(f"updated {node.name}: " + "; ".join(changed))
+    print_warnings(warnings)
     return 0
 
 
@@ -280,6 +373,10 @@ def remote_node_from_args(args: argparse.Namespace, settings: Settings) -> Remot
         settings.output.profile(profile)
     except SettingsError as exc:
         raise CliError(str(exc)) from None
+    if args.port is None:
+        if args.role != "source":
+            raise CliError(f"--port: a {args.role} needs the DICOM port we send to (1-65535)")
+        args.port = str(SOURCE_DEFAULT_PORT)
     port = parse_port(args.port)
     host = args.host.strip()
     if not host or any(c.isspace() for c in host):
@@ -302,6 +399,7 @@ def run_ae_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([asdict(node) for node in nodes], indent=2))
         return 0
+    print(f"# {describe_store(settings)}")
     if not nodes:
         print("no remote nodes; add one with `anatomix-node ae add`")
         return 0
@@ -323,9 +421,33 @@ def run_ae_remove(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_table(rows: list[tuple[str, ...]]) -> str:
+def format_table(
+    rows: list[tuple[str, ...]], max_width: int | None = None, shrinkable: tuple[int, ...] = (), keep_tail: tuple[int, ...] = ()
+) -> str:
+    """Aligned columns. With ``max_width``, the ``shrinkable`` columns (in that order) are clipped
+    with an ellipsis until a line fits (``keep_tail`` ones keep their end: a UID's distinct part);
+    the others keep their width."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
+    if max_width is not None:
+        excess = sum(widths) + 2 * (len(widths) - 1) - max_width
+        for index in shrinkable:
+            if excess <= 0:
+                break
+            floor = min(widths[index], max(len(rows[0][index]), 6))
+            cut = min(excess, widths[index] - floor)
+            widths[index] -= cut
+            excess -= cut
+    lines = (
+        "  ".join(_clip(cell, width, tail=index in keep_tail and n > 0).ljust(width) for index, (cell, width) in enumerate(zip(row, widths))).rstrip()
+        for n, row in enumerate(rows)
+    )
+    return "\n".join(_clip(line, max_width) for line in lines)
+
+
+def _clip(text: str, width: int | None, tail: bool = False) -> str:
+    if width is None or len(text) <= width:
+        return text
+    return "…" + text[len(text) - width + 1 :] if tail else text[: max(width - 1, 0)] + "…"
 
 
 # ---- echo ---------------------------------------------------------------------------------------
@@ -396,6 +518,15 @@ def _connect_failure(host: str, port: int, timeout: float) -> str:
 # ---- studies ------------------------------------------------------------------------------------
 
 
+#: The analysis found no image to analyse (a CT, a lateral): a normal outcome, recorded in the error column.
+NOTHING_TO_ANALYSE = "nothing to analyse"
+#: Header fields shown per study, read from one of its spooled instances (the store keeps UIDs only).
+STUDY_HEADER_FIELDS = {
+    "patient_id": "PatientID", "accession_number": "AccessionNumber",
+    "study_date": "StudyDate", "study_description": "StudyDescription",
+}  # fmt: skip
+
+
 def run_studies(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     if args.limit < 1:
@@ -403,55 +534,137 @@ def run_studies(args: argparse.Namespace) -> int:
     now = datetime.now(timezone.utc)
     with opened_store(settings) as store:
         studies = store.list_studies(tuple(args.state) if args.state else None, limit=args.limit)
-        summaries = [study_summary(study, store, now) for study in studies]
+        sources = {node.ae_title: node.name for node in store.list_remote_nodes() if node.is_source}
+        summaries = [study_summary(study, store, now, settings.storage.spool_dir, sources) for study in studies]
+        for study, summary in zip(studies, summaries):  # delivery column: each destination's state
+            summary["deliveries"] = delivery_summary(store, settings, study)
     if args.json:
         print(json.dumps(summaries, indent=2))
         return 0
+    print(f"# {describe_store(settings)}")
     if not summaries:
         print("no studies" + (f" in state {', '.join(args.state)}" if args.state else ""))
         return 0
-    rows = [("STUDY INSTANCE UID", "STATE", "VER", "INSTANCES", "SELECTED", "SKIPPED", "LAST RECEIVED (UTC)", "STAGES")]
+    rows = [("STUDY INSTANCE UID", "STATE", "PATIENT ID", "ACCESSION", "DATE", "DESCRIPTION", "SOURCE", "VER", "INST",
+             "SEL", "SKIP", "LAST RECEIVED (UTC)", "STAGES")]  # fmt: skip
     for s in summaries:
         states = s["instance_states"]
-        stages = " > ".join(f"{st['state']} {_seconds(st['seconds'])}" for st in s["stages"])
+        stages = " > ".join(f"{st['state']} {_seconds(st['seconds'])}".rstrip() for st in s["stages"])
+        date = s["study_date"]
         rows.append((
-            s["study_instance_uid"], s["state"], str(s["version"]), str(s["instance_count"]),
+            s["study_instance_uid"], s["state"] + (" (skipped)" if s["outcome"] == "skipped" else ""),
+            s["patient_id"], s["accession_number"], f"{date[:4]}-{date[4:6]}-{date[6:8]}" if len(date) == 8 else date,
+            s["study_description"], s["source"], str(s["version"]), str(s["instance_count"]),
             str(states.get("selected", 0) + states.get("analyzed", 0)), str(states.get("skipped", 0)),
             s["last_received_at"][:19].replace("T", " "), stages,
         ))  # fmt: skip
-    print(format_table(rows))
+    width = terminal_width()
+    print(format_table(rows, max_width=width, shrinkable=(12, 5, 0, 2, 3, 6), keep_tail=(0,)))
     for s in summaries:
-        if s["skip_reasons"] or s["error"]:
-            reasons = "; ".join(f"{count}x {reason}" for reason, count in s["skip_reasons"].items())
-            print(f"{s['study_instance_uid']}: " + "; ".join(filter(None, [s["error"] and f"error: {s['error']}", reasons and f"skipped: {reasons}"])))
+        pending = [d["text"] for d in s["deliveries"] if d["retrying"]]
+        if pending:
+            print(_clip(f"{s['study_instance_uid']}: delivery pending: " + "; ".join(pending), width))
+        line = study_notes(s)
+        if line:
+            print(_clip(f"{s['study_instance_uid']}: {line}", width))
     return 0
 
 
-def study_summary(study: StudyRecord, store: Store, now: datetime) -> dict[str, Any]:
+def terminal_width() -> int | None:
+    """Columns of the terminal (or $COLUMNS); None when writing to a pipe or file: full lines."""
+    if sys.stdout.isatty() or os.environ.get("COLUMNS"):
+        return shutil.get_terminal_size().columns
+    return None
+
+
+def study_notes(summary: dict[str, Any]) -> str:
+    """One line of what else there is to know: why images were skipped (each reason once), and the
+    error of a failed study. A skip is an outcome, not an error."""
+    reasons = "; ".join(f"{count}x {reason}" for reason, count in summary["skip_reasons"].items())
+    if summary["outcome"] == "skipped":
+        return f"skipped, nothing to analyse: {reasons or 'no images'}"
+    parts = []
+    if summary["state"] == "failed" and summary["error"]:
+        parts.append(f"error: {summary['error']}")
+    elif summary["error"] and " failed (" in summary["error"]:
+        parts.append(f"some images failed: {summary['error']}")
+    if reasons:
+        parts.append(f"skipped: {reasons}")
+    return "; ".join(parts)
+
+
+def study_outcome(study: StudyRecord) -> str:
+    """``skipped`` for a study finished with nothing to analyse, else its state."""
+    if study.state == "done" and (study.error or "").startswith(NOTHING_TO_ANALYSE):
+        return "skipped"
+    return study.state
+
+
+def read_study_header(spool_dir: Path, instances: list[InstanceRecord]) -> dict[str, str]:
+    """Patient ID, accession, date and description from the first readable spooled instance (header only)."""
+    import pydicom
+
+    for instance in instances:
+        try:
+            ds = pydicom.dcmread(spool_dir / instance.path, stop_before_pixels=True, specific_tags=list(STUDY_HEADER_FIELDS.values()))
+        except Exception:  # a purged or unreadable file: try the next one, else show blanks
+            continue
+        return {key: str(ds.get(keyword, "") or "").strip() for key, keyword in STUDY_HEADER_FIELDS.items()}
+    return dict.fromkeys(STUDY_HEADER_FIELDS, "")
+
+
+def study_summary(
+    study: StudyRecord, store: Store, now: datetime, spool_dir: Path | None = None, sources: dict[str, str] | None = None
+) -> dict[str, Any]:
     """A JSON-ready view of one study: counts of its current version, skip reasons, stage times."""
     instances = store.list_instances(study.study_instance_uid, version=study.version)
+    outcome = study_outcome(study)
+    stages = stage_durations(study.history or study.state_times, study.state, now)
+    if outcome == "skipped":  # nothing was analysed: no "analyzing 0.0s" stage
+        stages = [stage for stage in stages if stage["state"] != "analyzing"]
+    header = read_study_header(spool_dir, instances) if spool_dir is not None else dict.fromkeys(STUDY_HEADER_FIELDS, "")
     return {
         "study_instance_uid": study.study_instance_uid,
         "state": study.state,
+        "outcome": outcome,
         "version": study.version,
         "source_ae": study.source_ae,
+        "source": (sources or {}).get(study.source_ae, study.source_ae),
+        **header,
         "instance_count": study.instance_count,
         "version_instance_count": len(instances),
         "instance_states": dict(Counter(i.state for i in instances)),
         "skip_reasons": dict(Counter(i.reason or "(no reason recorded)" for i in instances if i.state == "skipped").most_common()),
-        "error": study.error,
+        "error": None if outcome == "skipped" else study.error,
         "created_at": study.created_at.isoformat(),
         "last_received_at": study.last_received_at.isoformat(),
         "updated_at": study.updated_at.isoformat(),
         "state_times": {state: at.isoformat() for state, at in study.state_times.items()},
-        "stages": stage_durations(study.state_times, study.state, now),
+        # Every state entered, in order (a resend adds its own entries, the first delivery's stay).
+        "history": [{"state": state, "entered_at": at.isoformat()} for state, at in study.history],
+        "stages": stages,
     }
 
 
-def stage_durations(state_times: dict[str, datetime], current: str, now: datetime) -> list[dict[str, Any]]:
+def delivery_summary(store: Store, settings: Any, study: StudyRecord) -> list[dict[str, Any]]:
+    """Each destination of the study's current version: counts, attempts, next try (JSON-ready)."""
+    from dicom_node.delivery import destination_states
+
+    return [
+        {"name": d.name, "total": d.total, "sent": d.sent, "retrying": d.retrying, "failed": d.failed, "dead": d.dead,
+         "attempts": d.attempts, "next_attempt_at": d.next_attempt_at.isoformat() if d.next_attempt_at else None,
+         "text": d.describe()}
+        for d in destination_states(store, settings, study)
+    ]  # fmt: skip
+
+
+def stage_durations(
+    state_times: dict[str, datetime] | tuple[tuple[str, datetime], ...], current: str, now: datetime
+) -> list[dict[str, Any]]:
     """Each state entered, in order, with how long it lasted (the current one: until now;
-    a final state, done or failed: None)."""
-    ordered = sorted(state_times.items(), key=lambda item: item[1])
+    a final state, done or failed: None). Takes the study's full history or its state -> time map."""
+    entries = state_times.items() if isinstance(state_times, dict) else state_times
+    ordered = sorted(entries, key=lambda item: item[1])
     stages = []
     for index, (state, entered) in enumerate(ordered):
         if index + 1 < len(ordered):
@@ -485,7 +698,8 @@ DEFAULT_CONFIG_TOML = """\
 ae_title = "ANATOMIX"
 # DICOM port we listen on.
 port = 11112
-# bind_address = "0.0.0.0"
+# Loopback by default; "0.0.0.0" (every interface) or one address to serve the network.
+# bind_address = "127.0.0.1"
 # Largest PDU we accept (bytes); 0 = unlimited.
 # max_pdu = 131072
 # Demo only: accept associations from any calling AE (otherwise add sources with `anatomix-node ae add`).
@@ -543,7 +757,9 @@ broker_url = ""
 # my-pacs = ["gsps", "text_sr"]
 
 [delivery]
-# max_attempts = 8
+# A destination that is down is retried (capped backoff) for this long from its first try, then dead-lettered.
+# retry_window_s = 86400.0
+# max_attempts = 1000
 # backoff_base_s = 2.0
 # backoff_max_s = 300.0
 # timeout_s = 30.0
@@ -552,4 +768,19 @@ broker_url = ""
 # level = "INFO"
 # Also append the audit trail as JSON lines to this file.
 # audit_file = ""
+
+[limits]
+# What a client may cost the DICOM port, per SCP process (README: "Limits on the DICOM port").
+# establish_timeout_s = 10.0       # accept to complete A-ASSOCIATE-RQ, else closed
+# max_connections = 64
+# reserved_connections = 16        # only for hosts of configured sources and trusted_hosts
+# max_connections_per_host = 8     # hosts that are not configured sources
+# trusted_hosts = []               # e.g. ["10.1.0.0/16"]
+# max_associate_rq_bytes = 65536
+# max_message_bytes = 2147483648
+# audit_window_s = 60.0
+# audit_rejections_per_host = 5
+# audit_hosts_per_window = 50
+# audit_retention_days = 0         # 0 keeps every audit row
+# idle_poll_s = 0.05
 """

@@ -1,4 +1,4 @@
-"""Commands of the analysis pipeline: ``worker``, ``analyze`` (offline), ``resend``, ``demo``.
+"""Commands of the analysis pipeline: ``worker``, ``analyze`` (offline), ``resend``, ``reanalyze``, ``demo``.
 
 Also :func:`start_node_pipeline`, which ``serve`` calls: the dispatch loop, and in embedded mode
 (no broker configured) the node's own worker processes (``anatomix-node worker`` subprocesses).
@@ -7,17 +7,24 @@ Also :func:`start_node_pipeline`, which ``serve`` calls: the dispatch loop, and 
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dicom_node.cli import CliError
 from dicom_node.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from dicom_node.store.base import RemoteNode, Store, StudyRecord
 
 LOG = logging.getLogger(__name__)
 
@@ -30,6 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     worker.add_argument("--demo-weights", action="store_true", help="generate (once, cached) and use tiny demo weights")
     worker.add_argument("--concurrency", type=int, default=1, help="deliver-only workers: parallel deliveries (default 1)")
     worker.add_argument("--name", help="worker name (default: a unique one from host and pid)")
+    worker.add_argument("--embedded", action="store_true", help=argparse.SUPPRESS)  # started by serve, which speaks for it
     worker.set_defaults(func=cmd_worker)
 
     analyze = subparsers.add_parser("analyze", help="analyse DICOM files offline and write the result objects")
@@ -44,11 +52,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     analyze.add_argument("--max-new-tokens", type=int, help="cap on generated tokens per task")
     analyze.set_defaults(func=cmd_analyze)
 
-    resend = subparsers.add_parser("resend", help="send a study's results again (same UIDs: the PACS keeps one copy)")
-    resend.add_argument("study_instance_uid", metavar="STUDY_UID")
+    resend = subparsers.add_parser("resend", help="send results again (same UIDs: the PACS keeps one copy); one study or many")
+    resend.add_argument("study_instance_uid", metavar="STUDY_UID", nargs="?", help="one study (or select many with the options below)")
     resend.add_argument("--to", dest="destination", help="destination name (default: the study's usual destinations)")
+    resend.add_argument("--state", action="append", choices=("done", "failed"), help="every study in this state (repeatable)")
+    resend.add_argument("--undelivered", action="store_true", help="every study with a failed or dead-lettered delivery")
+    resend.add_argument("--since", help="with --state/--undelivered: only studies changed since this UTC time (2026-11-30 or 2026-11-30T08:00)")
     resend.add_argument("--config", help="anatomix-node.toml")
     resend.set_defaults(func=cmd_resend)
+
+    reanalyze = subparsers.add_parser("reanalyze", help="analyse a study again (e.g. received before a model was configured)")
+    reanalyze.add_argument("study_instance_uid", metavar="STUDY_UID", nargs="?", help="one study (or select many with --state)")
+    reanalyze.add_argument("--state", action="append", choices=("done", "failed"), help="every study in this state (repeatable)")
+    reanalyze.add_argument("--since", help="with --state: only studies changed since this UTC time (2026-11-30 or 2026-11-30T08:00)")
+    reanalyze.add_argument("--new-version", action="store_true",
+                           help="also studies that already have results: analysed again as a new version (new result UIDs)")  # fmt: skip
+    reanalyze.add_argument("--config", help="anatomix-node.toml")
+    reanalyze.set_defaults(func=cmd_reanalyze)
 
     demo = subparsers.add_parser("demo", help="run the whole loop once on a real chest CR with demo weights")
     demo.add_argument("--out", help="folder for the results and the preview (default: a new temporary folder)")
@@ -76,20 +96,62 @@ def parse_queues(text: str) -> list[str]:
     return names
 
 
-def cmd_worker(args: argparse.Namespace) -> int:
+def check_device(device: str) -> None:
+    """Refuse a device this host does not have, in one line (before any model file is read).
+
+    ``torch.cuda.device_count()`` asks NVML and does not initialise CUDA, so the pool processes
+    forked later can still use the GPU.
+    """
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    count = torch.cuda.device_count() if torch.backends.cuda.is_built() else 0
+    index = int(device.partition(":")[2] or 0)
+    if count == 0:
+        raise CliError(f"device {device!r}: CUDA is not available on this host; use --device cpu "
+                       "(or model.device = \"cpu\")", code=1)  # fmt: skip
+    if index >= count:
+        raise CliError(f"device {device!r}: this host has {count} CUDA device(s), cuda:0 to cuda:{count - 1}", code=1)
+
+
+def check_model_usable(settings: Settings, device: str) -> str:
+    """What an analyze worker will load, checked before it takes any task; CliError (exit 1) if unusable.
+
+    Cheap checks only (the weights load in the pool process, after the fork): the device exists and
+    the model directory holds every file. Returns a description for the start-up line.
+    """
     from dicom_node.dispatch import NO_MODEL_ERROR, model_configured
+
+    if not model_configured(settings):
+        raise CliError(f"this worker would take analyze tasks but the model is missing: {NO_MODEL_ERROR}; "
+                       "or start it with --queues deliver")  # fmt: skip
+    check_device(device)
+    if settings.model.dir is None:
+        return f"demo weights on {device}"
+    from inference.model_dir import ModelDir, ModelDirError
+
+    try:
+        directory = ModelDir.open(settings.model.dir)
+    except ModelDirError as exc:
+        raise CliError(f"model.dir: {exc}", code=1) from None
+    return f"{directory.name} {directory.version} from {directory.root} on {device}" + (" [DEMO WEIGHTS]" if directory.demo else "")
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    import socket
+
     from dicom_node.queue import ANALYZE_QUEUE, create_app
     from dicom_node.store import open_store
     from dicom_node.tasks import WorkerContext, register_tasks
 
-    from dicom_node.logging_setup import configure_logging
+    from dicom_node.logging_setup import configure_logging, quiet_root_warning, quiet_worker_console
 
     settings = _settings_with(args, demo_weights=args.demo_weights, device=args.device)
-    configure_logging(args.log_level or settings.logging.level)
+    level = args.log_level or settings.logging.level
+    configure_logging(level)
     queues = parse_queues(args.queues)
-    if ANALYZE_QUEUE in queues and not model_configured(settings):
-        raise CliError(f"this worker would take analyze tasks but the model is missing: {NO_MODEL_ERROR}; "
-                       "or start it with --queues deliver")  # fmt: skip
+    model = check_model_usable(settings, args.device or settings.model.device) if ANALYZE_QUEUE in queues else None
     open_store(settings.database_url).close()  # fail fast on a bad database, and migrate it once
     app = create_app(settings)
     register_tasks(app, WorkerContext(settings, args.device), warm_up=ANALYZE_QUEUE in queues)
@@ -101,10 +163,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
         pool = ["--pool=threads", f"--concurrency={args.concurrency}"]
     else:
         pool = ["--pool=solo"]
-    name = args.name or f"{'+'.join(queues)}-{os.getpid()}@%h"
-    argv = ["worker", f"--queues={','.join(queues)}", *pool, f"--hostname={name}",
-            f"--loglevel={settings.logging.level.upper()}", "--without-mingle", "--without-gossip", "--without-heartbeat"]  # fmt: skip
-    LOG.info("worker %s for %s on %s", name, ",".join(queues), settings.queue.broker_url or "the embedded broker")
+    # Expanded here (Celery would expand %h itself, but our own log line would show it raw).
+    name = (args.name or f"{'+'.join(queues)}-{os.getpid()}@%h").replace("%h", socket.gethostname())
+    quiet = [] if level.upper() == "DEBUG" else ["--quiet"]  # no banner in an admin's log
+    argv = [*quiet, "worker", f"--queues={','.join(queues)}", *pool, f"--hostname={name}",
+            f"--loglevel={level.upper()}", "--without-mingle", "--without-gossip", "--without-heartbeat"]  # fmt: skip
+    quiet_root_warning(announce=not args.embedded)
+    quiet_worker_console(level)
+    LOG.info("worker %s for %s on %s%s", name, ",".join(queues), settings.queue.broker_url or "the embedded broker",
+             f"; model {model}" if model else "")  # fmt: skip
     app.worker_main(argv)
     return 0
 
@@ -129,9 +196,12 @@ class NodePipeline:
 
     def stop(self, timeout_s: float = 20.0) -> None:
         self.dispatcher.stop()  # type: ignore[attr-defined]
-        for process in self.workers:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)  # warm shutdown: the running task finishes or is re-queued
+        running = [process for process in self.workers if process.poll() is None]
+        if running:
+            LOG.info("stopping: waiting for embedded worker(s) %s to finish the running task (up to %.0f s)",
+                     ", ".join(f"pid {p.pid}" for p in running), timeout_s)  # fmt: skip
+        for process in running:
+            process.send_signal(signal.SIGTERM)  # warm shutdown: the running task finishes or is re-queued
         for process in self.workers:
             try:
                 process.wait(timeout=timeout_s)
@@ -150,7 +220,7 @@ def node_command(*args: str) -> list[str]:
 
 
 def worker_command(settings: Settings, queues: str, config_path: str | None, demo_weights: bool) -> list[str]:
-    command = node_command("worker", "--queues", queues)
+    command = node_command("worker", "--queues", queues, "--embedded")
     if config_path:
         command += ["--config", config_path]
     if demo_weights or settings.model.demo_weights:
@@ -229,6 +299,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     settings = _settings_with(args, dir=args.model, demo_weights=args.demo_weights, device=args.device,
                               max_new_tokens=args.max_new_tokens)  # fmt: skip
+    check_device(args.device or settings.model.device)  # before demo weights are generated or inputs read
     if args.demo_weights and settings.storage.data_dir == Path("var"):
         settings = settings.with_overrides(storage={"data_dir": Path(args.out) / ".cache"})
     kinds = settings.output.profile(args.profile or settings.output.default_profile)
@@ -250,10 +321,14 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if not chosen:
         print("nothing to analyse")
         return 1
+    from inference.engine import ModelLoadError
+
     try:
         engine = load_engine(settings, args.device)
     except NoModelConfigured as exc:
         raise CliError(f"{exc}; or pass --model DIR") from None
+    except ModelLoadError as exc:
+        raise CliError(str(exc), code=1) from None
     failures = 0
     for path, ds in chosen:
         [outcome] = analyze_datasets(engine, [ds], settings.model.tasks)
@@ -269,50 +344,175 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-# ---- resend -----------------------------------------------------------------------------------------
+# ---- resend and reanalyze -------------------------------------------------------------------------
+
+
+def parse_since(text: str | None) -> datetime | None:
+    """``--since`` as an aware UTC time (a date means its midnight UTC), or a one-line error."""
+    if text is None:
+        return None
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise CliError(f"--since {text!r}: use a UTC date or time, e.g. 2026-11-30 or 2026-11-30T08:00") from None
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+def select_studies(store: Store, uid: str | None, states: list[str] | None, since: datetime | None,
+                   undelivered: bool = False) -> list[StudyRecord]:  # fmt: skip
+    """The study named, or every study matching the bulk options (oldest change first)."""
+    if uid is not None:
+        if states or since or undelivered:
+            raise CliError("give either STUDY_UID or the bulk options (--state, --since, --undelivered), not both")
+        study = store.get_study(uid)
+        if study is None:
+            raise CliError(f"no study {uid} in the state store (see `anatomix-node studies`)")
+        return [study]
+    if not states and not undelivered:
+        raise CliError("name a STUDY_UID, or select studies with --state (and --since)")
+    chosen: dict[str, StudyRecord] = {}
+    if states:
+        for study in store.list_studies(states=tuple(states), limit=1_000_000):
+            chosen[study.study_instance_uid] = study
+    if undelivered:
+        for record in store.list_deliveries(statuses=("failed", "dead")):
+            study = chosen.get(record.study_instance_uid) or store.get_study(record.study_instance_uid)
+            if study is not None and study.version == record.study_version and study.state in ("done", "failed"):
+                chosen[study.study_instance_uid] = study
+    studies = [s for s in chosen.values() if since is None or s.updated_at >= since]
+    return sorted(studies, key=lambda s: s.updated_at)
+
+
+def audit_command(store: Store, settings: Settings, event: str, study: StudyRecord, **detail: object) -> None:
+    """One audit event for an admin's command on a study (who ran it, from which host), in the
+    audit table and, when configured, the audit file."""
+    from dicom_node.audit import Peer, open_audit_trail
+
+    open_audit_trail(store, settings.logging.audit_file).record(
+        event, Peer(None, None, socket.gethostname()), study_instance_uid=study.study_instance_uid, user=_user(), **detail
+    )
+
+
+def _user() -> str:
+    """Who runs the command (the uid when the account has no name, e.g. in a container)."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid {os.getuid()}"
 
 
 def cmd_resend(args: argparse.Namespace) -> int:
-    from dicom_node.delivery import deliver_study_version, route_destinations
-    from dicom_node.queue import create_app, send_deliver
+    from dicom_node.queue import create_app
     from dicom_node.store import open_store
-    from sr_writer.bundle import comprehensive_sr_fallback
 
     settings = load_settings(args.config)
     store = open_store(settings.database_url)
     try:
-        study = store.get_study(args.study_instance_uid)
-        if study is None:
-            raise CliError(f"no study {args.study_instance_uid} in the state store (see `anatomix-node studies`)")
-        if study.state == "purged":
-            raise CliError(f"study {study.study_instance_uid} was purged by the retention policy: its results are gone")
-        if not store.list_produced_objects(study.study_instance_uid, study.version):
-            raise CliError(f"study {study.study_instance_uid} v{study.version} has no results to send (state {study.state})")
-        if args.destination:
-            node = store.get_remote_node(args.destination)
-            if node is None or not node.is_destination:
-                raise CliError(f"{args.destination!r} is not a configured destination (see `anatomix-node ae list`)")
-            targets = [node]
-        else:
-            targets = route_destinations(store, study)
-            if not targets:
-                raise CliError("the study has no destinations: name one with --to NAME")
-        store.transition_study(study.study_instance_uid, study.version, ("done", "failed", "analyzed", "delivering"), "delivering")
-        summary = deliver_study_version(store, settings, study, fallback=comprehensive_sr_fallback, destinations=targets, resend=True)
-        for record in store.list_deliveries(study.study_instance_uid):
-            if record.study_version == study.version and record.destination in {t.name for t in targets}:
-                print(f"{record.destination:<16} {record.sop_instance_uid}  {record.status:<8} {record.error or ''}")
-        if not summary.finished:
-            send_deliver(create_app(settings), study.study_instance_uid, study.version, countdown=summary.next_attempt_in)
-            print(f"{summary.retrying} instance(s) will be retried by the deliver workers")
+        studies = select_studies(store, args.study_instance_uid, args.state, parse_since(args.since), args.undelivered)
+        if not studies:
+            print("no study matches")
             return 0
-        final = "failed" if summary.errors else "done"
-        store.transition_study(study.study_instance_uid, study.version, ("delivering",), final,
-                               error="; ".join(summary.errors[:3]) or None)  # fmt: skip
-        print(f"{summary.sent} sent, {summary.failed} failed, {summary.dead} dead-lettered")
-        return 1 if summary.errors else 0
+        target = None
+        if args.destination:
+            target = store.get_remote_node(args.destination)
+            if target is None or not target.is_destination:
+                raise CliError(f"{args.destination!r} is not a configured destination (see `anatomix-node ae list`)")
+        app = create_app(settings)
+        failures = 0
+        for study in studies:
+            try:
+                failures += resend_study(store, settings, app, study, target, bulk=len(studies) > 1 or not args.study_instance_uid)
+            except CliError as exc:
+                if args.study_instance_uid:
+                    raise
+                print(f"skipped {study.study_instance_uid}: {exc}")
+        return 1 if failures else 0
     finally:
         store.close()
+
+
+def resend_study(store: Store, settings: Settings, app: object, study: StudyRecord, target: RemoteNode | None, bulk: bool) -> int:
+    """Resend one study's current results; 1 when a destination ended without everything, else 0."""
+    from dicom_node.delivery import deliver_study_version, route_destinations
+    from dicom_node.queue import send_deliver
+    from dicom_node.tasks import finish_delivery
+    from sr_writer.bundle import comprehensive_sr_fallback
+
+    uid = study.study_instance_uid
+    if study.state == "purged":
+        raise CliError(f"study {uid} was purged by the retention policy: its results are gone")
+    if study.state not in ("done", "failed", "analyzed", "delivering"):
+        raise CliError(f"study {uid} is {study.state}: it has no results to send yet")
+    if not store.list_produced_objects(uid, study.version):
+        raise CliError(f"study {uid} v{study.version} has no results to send (state {study.state}); "
+                       "`anatomix-node reanalyze` analyses it again")  # fmt: skip
+    targets = [target] if target is not None else route_destinations(store, study)
+    if not targets:
+        raise CliError(f"study {uid} has no destinations: name one with --to NAME")
+    # Appends delivering (and later done/failed) to the history; the first delivery's entries stay.
+    store.transition_study(uid, study.version, ("done", "failed", "analyzed"), "delivering", error=study.error)
+    study = store.get_study(uid)
+    assert study is not None
+    summary = deliver_study_version(store, settings, study, fallback=comprehensive_sr_fallback, destinations=targets, resend=True)
+    audit_command(store, settings, RESEND_EVENT, study, version=study.version, destinations=[t.name for t in targets], sent=summary.sent,
+                  retrying=summary.retrying, failed=summary.failed, dead=summary.dead, bulk=bulk)  # fmt: skip
+    for state in summary.destinations:
+        print(f"{uid}  {state.describe()}")
+    if not summary.finished:
+        send_deliver(app, uid, study.version, countdown=summary.next_attempt_in)  # type: ignore[arg-type]
+        print(f"{uid}: {summary.retrying} instance(s) will be retried by the deliver workers")
+        return 0
+    final = finish_delivery(store, study, summary)
+    return 0 if final == "done" and not summary.errors else 1
+
+
+def cmd_reanalyze(args: argparse.Namespace) -> int:
+    from dicom_node.dispatch import NO_MODEL_ERROR, model_configured
+    from dicom_node.queue import create_app, send_analyze
+    from dicom_node.store import open_store
+
+    settings = load_settings(args.config)
+    if not model_configured(settings):
+        raise CliError(f"nothing can be analysed: {NO_MODEL_ERROR}")
+    store = open_store(settings.database_url)
+    try:
+        studies = select_studies(store, args.study_instance_uid, args.state, parse_since(args.since))
+        app = create_app(settings)
+        queued = 0
+        for study in studies:
+            uid = study.study_instance_uid
+            has_results = bool(store.list_produced_objects(uid, study.version))
+            if study.state not in ("done", "failed"):
+                problem = f"study {uid} is {study.state}: only done or failed studies are analysed again"
+            elif has_results and not args.new_version:
+                problem = (f"study {uid} v{study.version} already has results: add --new-version to analyse it again "
+                           "as a new version (new result UIDs)")  # fmt: skip
+            else:
+                problem = None
+            if problem:
+                if args.study_instance_uid:
+                    raise CliError(problem)
+                print(f"skipped {uid}: {problem}")
+                continue
+            version = store.requeue_for_analysis(uid, study.version, ("done", "failed"), new_version=has_results)
+            if version is None:
+                print(f"skipped {uid}: it changed meanwhile (now {getattr(store.get_study(uid), 'state', 'gone')})")
+                continue
+            audit_command(store, settings, REANALYZE_EVENT, study, previous_state=study.state, previous_version=study.version,
+                          version=version, new_version=version != study.version)  # fmt: skip
+            send_analyze(app, uid, version)
+            queued += 1
+            print(f"{uid}: queued for analysis as v{version}" + (" (new version)" if version != study.version else ""))
+        if not studies:
+            print("no study matches")
+        return 0
+    finally:
+        store.close()
+
+
+#: Audit events of the admin commands.
+RESEND_EVENT = "study_resent"
+REANALYZE_EVENT = "study_reanalysis_requested"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

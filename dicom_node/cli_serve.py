@@ -14,20 +14,25 @@ returned by :func:`stable_study_handler`.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import logging
+import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
 
 from dicom_node.assembly import OnStable, close_studies_at_release, run_assembly
 from dicom_node.audit import AuditTrail, open_audit_trail
 from dicom_node.cli import CliError
 from dicom_node.cli_pipeline import run_node_pipeline
 from dicom_node.logging_setup import configure_logging
-from dicom_node.scp import StorageScp, build_ae
-from dicom_node.scp_server import InheritedSocketServer, PortInUse, ScpSupervisor, open_listening_socket, scp_address, serve_until_stopped
+from dicom_node.scp import StorageScp
+from dicom_node.scp_server import PortInUse, ScpSupervisor, make_scp_server, open_listening_socket, serve_until_stopped
 from dicom_node.settings import Settings, load_settings
 from dicom_node.reconcile import reconcile_spool
 from dicom_node.retention import run_retention
@@ -52,9 +57,12 @@ class BackgroundLoop:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("serve", help="run the DICOM node (SCP, assembly) until stopped")
-    parser.add_argument("--config", default=None, help="settings file (default: ./anatomix-node.toml if present)")
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="settings file (default: ./anatomix-node.toml, else /etc/anatomix/anatomix-node.toml, if present)")  # fmt: skip
     parser.add_argument("--port", type=int, default=None, help="DICOM port (default: node.port, 11112)")
     parser.add_argument("--ae-title", default=None, help="our AE title (default: node.ae_title, ANATOMIX)")
+    parser.add_argument("--demo-weights", action="store_true",
+                        help="analyse with tiny generated demo weights (model.demo_weights); every result says so")  # fmt: skip
     parser.set_defaults(func=run_serve)
 
 
@@ -65,7 +73,60 @@ def load_serve_settings(args: argparse.Namespace) -> Settings:
         overrides["port"] = args.port
     if args.ae_title is not None:
         overrides["ae_title"] = args.ae_title
-    return settings.with_overrides(node=overrides) if overrides else settings
+    if overrides:
+        settings = settings.with_overrides(node=overrides)
+    if getattr(args, "demo_weights", False):
+        settings = settings.with_overrides(model={"demo_weights": True})
+    return settings
+
+
+#: The lock file in ``storage.data_dir`` that a running ``serve`` holds (fcntl), with its pid inside.
+LOCK_FILE_NAME = "anatomix-node.lock"
+
+
+def lock_data_dir(data_dir: Path) -> IO[str]:
+    """Hold an exclusive lock on ``data_dir`` for this node's lifetime, or raise CliError naming the holder.
+
+    One node per data directory: two would share a spool, a database and leases and undo each
+    other's work. The lock (flock) goes away with the process, so a crash leaves nothing to clean
+    up; the SCP processes forked later inherit it, so it lasts until the last of them has stopped.
+    """
+    path = data_dir / LOCK_FILE_NAME
+    try:
+        handle = open(path, "a+", encoding="ascii")
+    except OSError as exc:
+        raise CliError(f"cannot open the lock file {path}: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise CliError(
+            f"data directory {data_dir} is in use by another node (anatomix-node serve, pid {holder}); "
+            "one node per data directory: stop that one, or give this one its own storage.data_dir", code=1
+        ) from None
+    try:  # the pid is for the refusal message; the lock itself is what counts
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+    except OSError as exc:  # a full disk: the node starts anyway and refuses instances with 0xA700
+        log.warning("could not write the pid into %s: %s", path, exc.strerror or exc)
+    os.set_inheritable(handle.fileno(), False)  # subprocesses (embedded workers) do not hold it
+    return handle
+
+
+def check_serve_model(settings: Settings) -> None:
+    """Embedded mode (serve starts its own analyze worker): a configured model that cannot be used
+    stops ``serve`` at start, in one line, rather than a node that quietly analyses nothing. No model
+    at all is allowed: the node then receives and stores only. With a broker, the model lives on the
+    worker hosts, which check it themselves."""
+    from dicom_node.cli_pipeline import check_model_usable
+    from dicom_node.dispatch import model_configured
+
+    if settings.embedded and model_configured(settings):
+        check_model_usable(settings, settings.model.device)
 
 
 def stable_study_handler(settings: Settings, store: Store) -> OnStable | None:
@@ -106,9 +167,7 @@ def make_scp_child(settings: Settings, listen_socket: socket.socket) -> Callable
             settings, store, trail,
             on_release=lambda source, uids: close_studies_at_release(store, settings, source, uids, trail),
         )
-        server = build_ae(settings).make_server(
-            scp_address(settings), evt_handlers=scp.event_handlers(), server_class=InheritedSocketServer, listen_socket=listen_socket
-        )
+        server = make_scp_server(settings, scp, listen_socket)
         log.debug("SCP process %d accepting", index)
         try:
             serve_until_stopped(server, stop, DRAIN_S)
@@ -122,7 +181,12 @@ def make_scp_child(settings: Settings, listen_socket: socket.socket) -> Callable
 def run_serve(args: argparse.Namespace) -> int:
     settings = load_serve_settings(args)
     configure_logging(args.log_level or settings.logging.level)
-    settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
+    check_serve_model(settings)
+    try:
+        settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CliError(f"cannot create storage.data_dir {settings.storage.data_dir}: {exc.strerror or exc}") from None
+    data_lock = lock_data_dir(settings.storage.data_dir)  # noqa: F841 - held until the process exits
     prepare_spool(settings.storage.spool_dir)
     store = open_store(settings.database_url)  # migrates once, before any child starts
     trail = open_audit_trail(store, settings.logging.audit_file)
@@ -151,6 +215,8 @@ def run_serve(args: argparse.Namespace) -> int:
     for loop in loops:
         loop.thread = threading.Thread(target=loop.run, args=(loop_stops[loop.name],), name=loop.name, daemon=True)
         loop.thread.start()
+    if os.geteuid() == 0:
+        log.warning("running as root: run the node as its own user (the systemd units in deploy/systemd use `anatomix`)")
     store_kind = "PostgreSQL" if settings.database_url.startswith("postgres") else "SQLite"
     log.info(
         "AnatomiX node listening: AE %s, port %d, %d SCP process(es), store %s, spool %s, model: %s, config: %s",
@@ -161,13 +227,19 @@ def run_serve(args: argparse.Namespace) -> int:
         while not stop.wait(0.5):
             supervisor.poll()
     finally:
+        stopping = time.monotonic()
         for loop in loops:
             loop_stops[loop.name].set()
+        log.info("stopping: waiting for %d SCP process(es) to finish open associations (up to %.0f s)",
+                 len(supervisor.children), DRAIN_S + 5)  # fmt: skip
         supervisor.stop(timeout_s=DRAIN_S + 5)
+        running = [loop.name for loop in loops if loop.thread is not None and loop.thread.is_alive()]
+        if running:
+            log.info("stopping: waiting for %s (embedded workers finish their current task or hand it back)", ", ".join(running))
         for loop in loops:
             if loop.thread is not None:
                 loop.thread.join(timeout=10)
         listen_socket.close()
         store.close()
-        log.info("AnatomiX node stopped")
+        log.info("AnatomiX node stopped in %.1f s", time.monotonic() - stopping)
     return 0

@@ -3,7 +3,8 @@
 One association per destination carries every pending object of a study version, SR and SEG before
 the objects that reference them. Each instance's outcome is one of:
 
-* ``sent``: DIMSE status 0x0000 or a warning (0xB000, 0xB006, 0xB007);
+* ``sent``: DIMSE status 0x0000 or any warning (pynetdicom's status categories: 0x0001, 0x0107,
+  0x0116, 0xBxxx: the peer stored the object);
 * transient: no association (connection refused, timeout, A-ASSOCIATE-RJ *transient*), an abort,
   no response, or 0xA7xx (out of resources): retried with exponential backoff and jitter until
   ``delivery.max_attempts``, then dead-lettered (``dead``) with the last reason;
@@ -22,7 +23,7 @@ import logging
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Literal
 
@@ -31,6 +32,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.presentation import build_context
+from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
 from dicom_node.settings import DeliverySettings, Settings
 from dicom_node.store.base import DeliveryRecord, RemoteNode, Store, StudyRecord
@@ -40,7 +42,6 @@ LOG = logging.getLogger(__name__)
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
 SOP_CLASS_NOT_SUPPORTED = 0x0122
-WARNING_STATUSES = (0xB000, 0xB006, 0xB007)
 
 #: Send order by object kind: SR and SEG before the GSPS/SC/KOS that reference them.
 KIND_ORDER = ("sr", "text_sr", "seg", "gsps", "sc", "kos")
@@ -83,12 +84,16 @@ class AssociationFailure(Exception):
 
 
 def classify_status(status: int) -> Outcome:
-    """Map a C-STORE response status to sent / transient / permanent (PS3.4 B.2.3, PS3.7 C)."""
-    if status == 0x0000 or status in WARNING_STATUSES:
+    """Map a C-STORE response status to sent / transient / permanent (PS3.4 B.2.3, PS3.7 C).
+
+    Success and warning come from pynetdicom's own categories (every Storage warning means the peer
+    stored the object); on top of them our one rule: 0xA7xx (out of resources) may clear later.
+    """
+    if code_to_category(status) in (STATUS_SUCCESS, STATUS_WARNING):
         return "sent"
     if 0xA700 <= status <= 0xA7FF:  # out of resources: the peer may have room later
         return "transient"
-    return "permanent"  # 0xA9xx, 0xCxxx, 0x0122, 0x0211 and anything unknown
+    return "permanent"  # 0xA9xx, 0xCxxx, 0x0122, 0x0211, cancel and anything unknown
 
 
 def backoff_delay(attempt: int, policy: DeliverySettings, rng: random.Random | None = None) -> float:
@@ -200,7 +205,7 @@ def _send_one(assoc, ds: Dataset, fallback: Callable[[Dataset], Dataset]) -> Sto
     if status == SOP_CLASS_NOT_SUPPORTED and sop_class == COMPREHENSIVE_3D_SR and COMPREHENSIVE_SR in accepted:
         return _send_one(assoc, fallback(ds), fallback)
     outcome = classify_status(status)
-    error = None if outcome == "sent" and status == 0 else f"C-STORE status 0x{status:04X}"
+    error = None if outcome == "sent" else f"C-STORE status 0x{status:04X}"
     if outcome == "sent" and status:
         LOG.info("destination stored %s with warning 0x%04X", uid, status)
     return StoreOutcome(uid, outcome, status, error, sent_sop_class_uid=sop_class)
@@ -248,32 +253,115 @@ def send_objects(
 
 
 @dataclass
-class DeliveryRound:
-    """Summary of one delivery pass over every destination of a study version."""
+class DestinationRound:
+    """Where one destination stands for a study version after a delivery pass."""
 
+    name: str
+    total: int = 0
     sent: int = 0
     retrying: int = 0
     failed: int = 0
     dead: int = 0
+    #: The highest attempt count among its objects (for the log and ``studies``).
+    attempts: int = 0
+    #: When the next try is due (retrying only).
+    next_attempt_at: datetime | None = None
+    #: Distinct reasons of its failures, each once.
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def settled(self) -> bool:
+        return self.retrying == 0
+
+    @property
+    def complete(self) -> bool:
+        """Got every object it asked for."""
+        return self.sent == self.total
+
+    def describe(self) -> str:
+        """One phrase for logs, ``studies`` and the study's error text, e.g.
+        ``pacs-b: 0/5 sent, 5 retrying (attempt 3, next try 12:00:05 UTC): no association ...``."""
+        parts = [f"{self.sent}/{self.total} sent"]
+        if self.retrying:
+            when = self.next_attempt_at.strftime("%H:%M:%S UTC") if self.next_attempt_at else "now"
+            parts.append(f"{self.retrying} retrying (attempt {self.attempts}, next try {when})")
+        if self.failed:
+            parts.append(f"{self.failed} failed")
+        if self.dead:
+            parts.append(f"{self.dead} dead-lettered")
+        text = f"{self.name}: " + ", ".join(parts)
+        return text + (": " + "; ".join(self.reasons) if self.reasons else "")
+
+
+@dataclass
+class DeliveryRound:
+    """Summary of one delivery pass over every destination of a study version."""
+
+    destinations: list[DestinationRound] = field(default_factory=list)
     #: Seconds until the earliest retry is due; None when nothing is left to retry.
     next_attempt_in: float | None = None
-    #: Human-readable reasons of permanent failures and dead letters, per destination.
-    errors: list[str] = field(default_factory=list)
+
+    def _total(self, name: str) -> int:
+        return sum(getattr(d, name) for d in self.destinations)
+
+    @property
+    def sent(self) -> int:
+        return self._total("sent")
+
+    @property
+    def retrying(self) -> int:
+        return self._total("retrying")
+
+    @property
+    def failed(self) -> int:
+        return self._total("failed")
+
+    @property
+    def dead(self) -> int:
+        return self._total("dead")
 
     @property
     def finished(self) -> bool:
         return self.next_attempt_in is None
 
+    @property
+    def errors(self) -> list[str]:
+        """One line per destination that did not get everything, each reason once."""
+        return [d.describe() for d in self.destinations if not d.complete and d.settled]
+
+    def outcome_text(self) -> str | None:
+        """The study's error text once settled: what each incomplete destination missed and why (None: all delivered)."""
+        missing = [d for d in self.destinations if not d.complete]
+        if not missing:
+            return None
+        complete = [d.name for d in self.destinations if d.complete]
+        lead = f"delivered to {', '.join(complete)}; not to " if complete else "not delivered to "
+        return lead + f"{', '.join(d.name for d in missing)}: " + "; ".join(d.describe() for d in missing)
+
 
 def route_destinations(store: Store, study: StudyRecord) -> list[RemoteNode]:
-    """The sending AE when it is also a destination, plus every default destination (by name, once)."""
+    """The node that sent the study when it is also a destination, plus every default destination (by name, once).
+
+    "The sender" is the remote node matched at acceptance by AE title *and* host (recorded on the
+    study), never any node that merely shares its AE title: two modalities called ``CR01`` on two
+    hosts each get their own results only. A sender accepted without a configured node
+    (``accept_unknown_sources``) gets results only from a destination with its AE title *and* host.
+    Studies recorded before the sender was kept fall back to the AE title when it names one node.
+    """
     chosen: dict[str, RemoteNode] = {}
     nodes = store.list_remote_nodes()
-    for node in nodes:
-        if node.is_destination and node.ae_title == study.source_ae:
-            chosen.setdefault(node.name, node)
-    for node in nodes:
-        if node.is_destination and node.default_destination:
+    destinations = [n for n in nodes if n.is_destination]
+    if study.source_node is not None:
+        senders = [n for n in destinations if n.name == study.source_node]
+    elif study.source_host is not None:
+        senders = [n for n in destinations if n.ae_title == study.source_ae and n.host.lower() == study.source_host.lower()]
+    else:
+        same_title = [n for n in destinations if n.ae_title == study.source_ae]
+        senders = same_title if len(same_title) == 1 else []
+    for node in senders:
+        chosen.setdefault(node.name, node)
+    for node in destinations:
+        if node.default_destination:
             chosen.setdefault(node.name, node)
     return list(chosen.values())
 
@@ -299,65 +387,131 @@ def deliver_study_version(
     destinations: Sequence[RemoteNode] | None = None,
     resend: bool = False,
     rng: random.Random | None = None,
+    now: datetime | None = None,
 ) -> DeliveryRound:
-    """Send what is still owed to each destination, record each instance's status, plan the next retry.
+    """Send what is owed to each destination that is due, record each instance's status, plan the next try.
 
-    ``resend`` (the admin's ``resend`` command) sends everything again with a fresh retry budget;
+    Each destination has its own state: one that is down is retried with capped backoff until
+    ``delivery.retry_window_s`` has passed since its first attempt (or ``max_attempts`` tries), then
+    its objects are dead-lettered; another destination meanwhile gets and keeps everything. A
+    destination whose next try is not due yet is left alone (a redelivered or duplicated task does
+    not retry early). ``resend`` (the admin's ``resend``) sends everything again with a fresh window;
     otherwise instances already ``sent``, ``failed`` (permanent) or ``dead`` are left alone.
     """
     uid, version = study.study_instance_uid, study.version
     policy = settings.delivery
+    now = now or _now()
     targets = list(destinations) if destinations is not None else route_destinations(store, study)
     previous = {(d.destination, d.sop_instance_uid): d for d in store.list_deliveries(uid) if d.study_version == version}
     summary = DeliveryRound()
     for destination in targets:
-        owed = []
+        state = DestinationRound(destination.name)
+        summary.destinations.append(state)
+        owed, records = [], {}
         for obj in objects_for_destination(store, settings, uid, version, destination):
-            record = previous.get((destination.name, obj.sop_instance_uid))
+            state.total += 1
+            record = records[obj.sop_instance_uid] = previous.get((destination.name, obj.sop_instance_uid))
             if resend or record is None or record.status in ("pending", "retrying"):
                 owed.append(obj)
-            elif record.status == "sent":
-                summary.sent += 1
             else:
-                summary.failed += record.status == "failed"
-                summary.dead += record.status == "dead"
-                summary.errors.append(f"{destination.name}: {record.error}")
+                _count(state, record.status, record.attempts, record.error)
+        due = [r.next_attempt_at for r in records.values() if r is not None and r.status == "retrying" and r.next_attempt_at]
+        if owed and not resend and due and min(due) > now:  # backing off: not this destination's turn yet
+            state.retrying += len(owed)
+            state.attempts = max([state.attempts] + [records[o.sop_instance_uid].attempts for o in owed if records[o.sop_instance_uid]])
+            state.next_attempt_at = min(due)
+            summary.next_attempt_in = _earliest(summary.next_attempt_in, (state.next_attempt_at - now).total_seconds())
+            continue
+        if owed and not resend:
+            hold_until = now + timedelta(seconds=policy.timeout_s * (2 + len(owed)))
+            if not store.claim_deliveries(uid, version, destination.name, [o.sop_instance_uid for o in owed], now, hold_until):
+                # Another deliver task is making this attempt (a duplicated message): it records the outcome.
+                LOG.info("study %s v%d: delivery to %s is being attempted by another task", uid, version, destination.name)
+                state.retrying += len(owed)
+                summary.next_attempt_in = _earliest(summary.next_attempt_in, (hold_until - now).total_seconds())
+                continue
         outcomes = send_objects(
             destination, owed, calling_ae=settings.node.ae_title, timeout_s=policy.timeout_s, fallback=fallback
         )
-        destination_attempts = 0
+        # This try's number and the start of the window, from the objects being tried (a resend starts afresh).
+        tried = [] if resend else [r for r in (records[o.sop_instance_uid] for o in owed) if r is not None]
+        attempts = 1 + max([0] + [r.attempts for r in tried])
+        first = min([now] + [r.first_attempt_at for r in tried if r.first_attempt_at])
+        give_up = policy.max_attempts and attempts >= policy.max_attempts
+        window_over = policy.retry_window_s > 0 and (now - first).total_seconds() >= policy.retry_window_s
+        delay = backoff_delay(attempts, policy, rng)
+        next_at = now + timedelta(seconds=delay)
         for outcome in outcomes:
-            record = previous.get((destination.name, outcome.sop_instance_uid))
-            attempts = 1 if resend or record is None else record.attempts + 1
-            status = _status_after(outcome, attempts, policy.max_attempts)
+            status = _status_after(outcome, bool(give_up or window_over))
             error = outcome.error
             if status == "dead":
-                error = f"dead-lettered after {attempts} attempts: {outcome.error}"
+                error = f"dead-lettered after {attempts} attempts in {_duration(now - first)}: {outcome.error}"
             store.upsert_delivery(
-                DeliveryRecord(uid, version, destination.name, outcome.sop_instance_uid, status, attempts, outcome.status, error, _now())
-            )
-            if status == "sent":
-                summary.sent += 1
-            elif status == "retrying":
-                summary.retrying += 1
-                destination_attempts = max(destination_attempts, attempts)
-            else:
-                summary.failed += status == "failed"
-                summary.dead += status == "dead"
-                summary.errors.append(f"{destination.name}: {error}")
-        if destination_attempts:
-            delay = backoff_delay(destination_attempts, policy, rng)
-            LOG.warning("delivery to %s: %s; retry %d in %.1f s", destination.name, outcomes[-1].error, destination_attempts + 1, delay)
-            summary.next_attempt_in = delay if summary.next_attempt_in is None else min(summary.next_attempt_in, delay)
+                DeliveryRecord(uid, version, destination.name, outcome.sop_instance_uid, status, attempts, outcome.status,
+                               error, now, first, next_at if status == "retrying" else None)
+            )  # fmt: skip
+            _count(state, status, attempts, error)
+            if status == "retrying":
+                state.next_attempt_at = next_at
+        if state.retrying:
+            reason = next(o.error for o in outcomes if o.outcome == "transient")
+            LOG.warning("study %s v%d: delivery to %s, attempt %d: %s; next try in %.1f s",
+                        uid, version, destination.name, attempts, reason, delay)  # fmt: skip
+            summary.next_attempt_in = _earliest(summary.next_attempt_in, delay)
+        elif state.dead:
+            LOG.error("study %s v%d: delivery to %s dead-lettered after %d attempts in %s",
+                      uid, version, destination.name, attempts, _duration(now - first))  # fmt: skip
     return summary
 
 
-def _status_after(outcome: StoreOutcome, attempts: int, max_attempts: int) -> str:
+def _count(state: DestinationRound, status: str, attempts: int, error: str | None) -> None:
+    """Add one object's status to its destination's tally (reasons kept once each)."""
+    if status == "sent":
+        state.sent += 1
+        return
+    state.attempts = max(state.attempts, attempts)
+    setattr(state, status, getattr(state, status) + 1)
+    if status != "retrying" and error and error not in state.reasons:
+        state.reasons.append(error)
+
+
+def destination_states(store: Store, settings: Settings, study: StudyRecord) -> list[DestinationRound]:
+    """Where each destination of the study's current version stands, from the recorded deliveries (for ``studies``)."""
+    records: dict[str, list[DeliveryRecord]] = {}
+    for record in store.list_deliveries(study.study_instance_uid):
+        if record.study_version == study.version:
+            records.setdefault(record.destination, []).append(record)
+    states = []
+    for name, rows in sorted(records.items()):
+        state = DestinationRound(name, total=len(rows))
+        for row in rows:
+            _count(state, row.status if row.status != "pending" else "retrying", row.attempts, row.error)
+            if row.status == "retrying" and row.next_attempt_at:
+                state.next_attempt_at = row.next_attempt_at if state.next_attempt_at is None else min(state.next_attempt_at, row.next_attempt_at)
+            if row.status == "retrying" and row.error and row.error not in state.reasons:
+                state.reasons.append(row.error)
+        states.append(state)
+    return states
+
+
+def _earliest(current: float | None, candidate: float) -> float:
+    candidate = max(0.0, candidate)
+    return candidate if current is None else min(current, candidate)
+
+
+def _duration(elapsed: timedelta) -> str:
+    seconds = elapsed.total_seconds()
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def _status_after(outcome: StoreOutcome, give_up: bool) -> str:
     if outcome.outcome == "sent":
         return "sent"
     if outcome.outcome == "permanent":
         return "failed"
-    return "dead" if attempts >= max_attempts else "retrying"
+    return "dead" if give_up else "retrying"
 
 
 def _now() -> datetime:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -235,6 +236,7 @@ def print_summary(settings: Settings, study, out: Path, received: list[Path], pr
 
 def run_demo(out: Path | None, max_new_tokens: int = 48, timeout_s: float = 170.0) -> int:
     started = time.monotonic()
+    temporary = out is None
     out = (out or Path(tempfile.mkdtemp(prefix="anatomix-demo-"))).resolve()
     out.mkdir(parents=True, exist_ok=True)
     source = Path(get_testdata_file(SOURCE_FILE))
@@ -251,8 +253,9 @@ def run_demo(out: Path | None, max_new_tokens: int = 48, timeout_s: float = 170.
                             stderr=subprocess.STDOUT, env=env, start_new_session=True)  # fmt: skip
     try:
         _wait_for_node(port, node, started + 60)
-        study_uid = str(pydicom.dcmread(source, stop_before_pixels=True).StudyInstanceUID)
-        print(f"  pushing {SOURCE_FILE} (real chest CR, 1955x1841) by C-STORE ...", flush=True)
+        header = pydicom.dcmread(source, stop_before_pixels=True)
+        study_uid = str(header.StudyInstanceUID)
+        print(f"  pushing {SOURCE_FILE} (real chest CR, {header.Columns} x {header.Rows} pixels, width x height) by C-STORE ...", flush=True)
         status = pacs.push(source, port)
         if status != 0:
             raise CliError(f"the node answered C-STORE with status 0x{status:04X}; see {out / 'node.log'}")
@@ -265,6 +268,26 @@ def run_demo(out: Path | None, max_new_tokens: int = 48, timeout_s: float = 170.
     finally:
         _stop(node)
         pacs.stop()
+        log.close()
+        _tidy(out, settings.storage.data_dir, temporary)
+
+
+def _folder_mb(folder: Path) -> float:
+    """Size of the files in ``folder`` (not behind symlinks: the demo weights cache is shared)."""
+    total = 0
+    for root, _, files in os.walk(folder):  # does not follow directory symlinks
+        total += sum(os.lstat(os.path.join(root, name)).st_size for name in files)
+    return total / 1e6
+
+
+def _tidy(out: Path, node_data: Path, temporary: bool) -> None:
+    """The node's own working data (spool copy, database, broker files) is of no use after the demo:
+    in a temporary folder it is removed; the results, preview and log stay, and we say where."""
+    if temporary and node_data.is_dir():
+        shutil.rmtree(node_data, ignore_errors=True)
+        print(f"Removed the demo node's working data; the results stay in {out} ({_folder_mb(out):.1f} MB): delete it when done")
+    else:
+        print(f"Everything, the node's working data in {node_data} too, stays in {out} ({_folder_mb(out):.1f} MB)")
 
 
 def _wait_for_node(port: int, node: subprocess.Popen, deadline: float) -> None:
@@ -287,8 +310,10 @@ def _wait_for_files(pacs: DemoPacs, count: int, deadline: float) -> None:
 
 
 def _stop(node: subprocess.Popen) -> None:
+    """SIGTERM to serve only (as systemd's KillMode=mixed does): it stops its workers in order; the
+    process group is killed only if that takes too long."""
     if node.poll() is None:
-        os.killpg(node.pid, signal.SIGTERM)
+        node.send_signal(signal.SIGTERM)
         try:
             node.wait(timeout=40)
         except subprocess.TimeoutExpired:

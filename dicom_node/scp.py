@@ -13,6 +13,13 @@ Acceptance (EVT_REQUESTED, before any negotiation):
   recognised", unless ``node.accept_unknown_sources``;
 - state store unreachable: transient / service-user / no reason given (the sender retries).
 
+"Accepted" is logged and audited when pynetdicom has really accepted (EVT_ACCEPTED); an association
+pynetdicom itself rejects after our checks (its slot limit) is audited as rejected with that reason
+and its session dropped (EVT_REJECTED). Rejections are recorded one by one up to
+``limits.audit_rejections_per_host`` per host and window, then summarised (:class:`AggregatedAudit`);
+AE titles are escaped before they reach a row or a log line. What happens before an A-ASSOCIATE-RQ
+is complete is :mod:`dicom_node.scp_guard`'s.
+
 C-STORE: parse the header only, write the bytes as received (File Meta + data set) durably into
 the spool, record the instance, and only then answer Success. See :meth:`StorageScp.handle_store`.
 """
@@ -34,7 +41,7 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 
 from dicom_node import audit
-from dicom_node.audit import AuditTrail, Peer
+from dicom_node.audit import AggregatedAudit, AuditTrail, Peer, printable
 from dicom_node.negotiation import accept_unlisted_storage_classes
 from dicom_node.part10 import part10_header
 from dicom_node.scp_dataset import (
@@ -55,6 +62,10 @@ log = logging.getLogger(__name__)
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_TRANSIENT = (0x02, 0x01, 0x01)
+#: What pynetdicom's own rejections mean, for the audit (result, source, diagnostic) -> reason.
+PYNETDICOM_REJECT_REASONS = {
+    (0x02, 0x03, 0x02): "local limit exceeded: the SCP process's association slots are all in use",
+}
 
 
 #: Called when a source with ``complete_on_release`` releases: (study UIDs received in the association).
@@ -98,11 +109,17 @@ class StorageScp:
         self.spool_dir: Path = settings.storage.spool_dir
         self._sessions: dict[int, AssociationSession] = {}
         self._sessions_lock = threading.Lock()
+        limits = settings.limits
+        self.aggregate = AggregatedAudit(
+            audit_trail, limits.audit_window_s, limits.audit_rejections_per_host, limits.audit_hosts_per_window
+        )
 
     # ---- wiring -------------------------------------------------------------------------------
     def event_handlers(self) -> list[tuple]:
         return [
             (evt.EVT_REQUESTED, self.handle_requested),
+            (evt.EVT_ACCEPTED, self.handle_accepted),
+            (evt.EVT_REJECTED, self.handle_rejected),
             (evt.EVT_C_ECHO, self.handle_echo),
             (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_RELEASED, self.handle_released),
@@ -125,36 +142,70 @@ class StorageScp:
         calling_ae = str(request.calling_ae_title).strip()
         called_ae = str(request.called_ae_title).strip()
         host = assoc.requestor.address
-        peer = Peer(calling_ae=calling_ae, called_ae=called_ae, host=host)
+        # Escaped: the peer chose these strings, and they go into rows and log lines.
+        peer = Peer(calling_ae=printable(calling_ae, 16), called_ae=printable(called_ae, 16), host=host)
         if called_ae != self.settings.node.ae_title:
-            self._reject(assoc, peer, REJECT_CALLED_AE, f"called AE title {called_ae!r} is not ours ({self.settings.node.ae_title!r})")
+            self._reject(assoc, peer, REJECT_CALLED_AE, f"called AE title '{peer.called_ae}' is not ours ({self.settings.node.ae_title!r})")
             return
         try:
             source = self.store.find_source(calling_ae, host)
         except StoreError as exc:
-            log.error("association from %s@%s refused (transient): state store unavailable: %s", calling_ae, host, exc)
+            log.error("association from %s@%s refused (transient): state store unavailable: %s", peer.calling_ae, host, exc)
             self._reject(assoc, peer, REJECT_TRANSIENT, "state store unavailable", audit_it=False)
             return
         if source is None and not self.settings.node.accept_unknown_sources:
             self._reject(
                 assoc, peer, REJECT_CALLING_AE,
-                f"calling AE title {calling_ae!r} from {host} is not a configured source "
+                f"calling AE title '{peer.calling_ae}' from {host} is not a configured source "
                 "(add it with `anatomix-node ae add NAME --ae-title T --host H --port P --role source`)",
             )
             return
         with self._sessions_lock:
+            # Not yet "accepted": pynetdicom may still reject it (slot limit); see handle_accepted/rejected.
             self._sessions[id(assoc)] = AssociationSession(peer=peer, source=source)
-        log.info("association accepted from %s@%s (source %s)", calling_ae, host, source.name if source else "unknown, accepted by accept_unknown_sources")
-        self.audit.record(audit.ASSOCIATION_ACCEPTED, peer, source=source.name if source else None)
+
+    def handle_accepted(self, event: evt.Event) -> None:
+        session = self._session(event.assoc)
+        if session is None:
+            return
+        source = session.source
+        log.info(
+            "association accepted from %s@%s (source %s)", session.peer.calling_ae, session.peer.host,
+            source.name if source else "unknown, accepted by accept_unknown_sources",
+        )
+        self.audit.record(audit.ASSOCIATION_ACCEPTED, session.peer, source=source.name if source else None)
+
+    def handle_rejected(self, event: evt.Event) -> None:
+        """pynetdicom rejected an association our checks had let through: audit it so, free its session."""
+        session = self._pop_session(event.assoc)
+        if session is None:
+            return  # one of ours (_reject), already recorded
+        primitive = event.assoc.acceptor.primitive
+        rsd = (getattr(primitive, "result", None), getattr(primitive, "result_source", None), getattr(primitive, "diagnostic", None))
+        reason = PYNETDICOM_REJECT_REASONS.get(rsd, f"rejected by pynetdicom's negotiation (result/source/diagnostic {rsd})")
+        if rsd == (0x02, 0x03, 0x02):
+            reason += f" ({self.settings.limits.max_connections} per process)"
+        self._record_rejection(session.peer, rsd, reason)
+
+    def _record_rejection(self, peer: Peer, rsd: tuple, reason: str) -> None:
+        """Log and audit one rejection, unless this host is over its per-window quota (then it is counted)."""
+        if not self.aggregate.allow_rejection(peer.host or "", peer.calling_ae):
+            return
+        log.warning("association from %s@%s to '%s' rejected: %s", peer.calling_ae, peer.host, peer.called_ae, reason)
+        self.audit.record(audit.ASSOCIATION_REJECTED, peer, result=rsd[0], source=rsd[1], diagnostic=rsd[2], reason=reason)
 
     def _reject(self, assoc: Association, peer: Peer, rsd: tuple[int, int, int], reason: str, audit_it: bool = True) -> None:
-        log.warning("association from %s@%s to %r rejected: %s", peer.calling_ae, peer.host, peer.called_ae, reason)
         if audit_it:  # recorded before the peer hears of it, so the trail never lags the wire
-            self.audit.record(audit.ASSOCIATION_REJECTED, peer, result=rsd[0], source=rsd[1], diagnostic=rsd[2], reason=reason)
+            self._record_rejection(peer, rsd, reason)
+        else:
+            log.warning("association from %s@%s to '%s' rejected: %s", peer.calling_ae, peer.host, peer.called_ae, reason)
         assoc.acse.send_reject(*rsd)
-        # The A-ASSOCIATE-RJ is queued to the DUL thread; give it time to leave before pynetdicom
-        # closes the socket, as pynetdicom's own tests do.
-        time.sleep(0.1)
+        # The A-ASSOCIATE-RJ is queued to the DUL thread; let it leave (the DUL moves on from Sta3,
+        # "awaiting local response", or from Sta2 if it has not yet noted the request it handed us)
+        # before pynetdicom closes the socket; at most 2 s (a busy process can take that long).
+        deadline = time.monotonic() + 2.0
+        while assoc.dul.state_machine.current_state in ("Sta2", "Sta3") and time.monotonic() < deadline:
+            time.sleep(0.002)
 
     # ---- DIMSE services -----------------------------------------------------------------------
     def handle_echo(self, event: evt.Event) -> int:
@@ -217,7 +268,10 @@ class StorageScp:
             received_at=datetime.now(timezone.utc),
         )
         try:
-            outcome = self.store.record_instance(record)
+            # The node matched at acceptance (AE title and host): results go back to it, not to a namesake.
+            outcome = self.store.record_instance(
+                record, source_node=session.source.name if session and session.source else None, source_host=peer.host
+            )
         except StoreUnavailable as exc:
             if spooled.created:
                 # Not acknowledged, so not kept: the sender retries and we write it again.
@@ -283,9 +337,13 @@ class StorageScp:
     def handle_aborted(self, event: evt.Event) -> None:
         session = self._pop_session(event.assoc)
         if session is not None:
-            self._summarise(session, audit.ASSOCIATION_ABORTED)
+            # Why the guard closed it (oversize PDU, stalled mid-PDU), or pynetdicom's idle timeout.
+            reason = getattr(event.assoc.dul.socket, "refusal", "") or None
+            if reason is None and event.assoc.dul.idle_timer_expired():
+                reason = f"network timeout: nothing complete received for {event.assoc.network_timeout} s"
+            self._summarise(session, audit.ASSOCIATION_ABORTED, reason=reason)
 
-    def _summarise(self, session: AssociationSession, event_name: str) -> None:
+    def _summarise(self, session: AssociationSession, event_name: str, reason: str | None = None) -> None:
         seconds = time.monotonic() - session.started
         log.info(
             "association from %s@%s ended (%s): %d stored, %d duplicate, %d new version, %d refused, %d out-of-resources, %.1f MB in %.1f s",
@@ -293,10 +351,13 @@ class StorageScp:
             session.duplicates, session.new_versions, session.rejected, session.failed_resources,
             session.bytes_received / 1e6, seconds,
         )
+        extra = {"reason": reason} if reason else {}
+        if reason:
+            log.warning("association from %s@%s aborted by the node: %s", session.peer.calling_ae, session.peer.host, reason)
         self.audit.record(
             event_name, session.peer, received=session.received, duplicates=session.duplicates,
             new_versions=session.new_versions, refused=session.rejected, out_of_resources=session.failed_resources,
-            bytes=session.bytes_received, seconds=round(seconds, 3), studies=sorted(session.study_uids),
+            bytes=session.bytes_received, seconds=round(seconds, 3), studies=sorted(session.study_uids), **extra,
         )
 
 
@@ -314,6 +375,7 @@ def build_ae(settings: Settings) -> AE:
     ae.network_timeout = settings.node.network_timeout_s
     ae.acse_timeout = settings.node.network_timeout_s
     ae.dimse_timeout = settings.node.network_timeout_s
-    # Concurrent associations per process; senders beyond this get a transient rejection.
-    ae.maximum_associations = 64
+    # pynetdicom's slot limit: our connection gate (limits.max_connections, with reserved slots and a
+    # per-host limit) admits at most this many, so pynetdicom's own transient rejection stays a backstop.
+    ae.maximum_associations = settings.limits.max_connections
     return ae

@@ -7,6 +7,11 @@ share our port the way SO_REUSEPORT would allow), then forks ``node.scp_processe
 all accept on the inherited socket. An idle child wins the race for the next connection, which
 balances load better than SO_REUSEPORT's hash of the peer address. Each child builds its own AE and
 its own state store connection; the parent restarts a child that dies and forwards SIGTERM.
+
+Each child's server is guarded (:func:`make_scp_server`, :mod:`dicom_node.scp_guard`): connection
+limits at accept, the A-ASSOCIATE-RQ read under a deadline and a size cap before pynetdicom sees
+the connection, per-PDU caps after, and a housekeeping thread that writes the aggregated audit once
+per window, refreshes which hosts are configured sources, and applies the audit retention.
 """
 
 from __future__ import annotations
@@ -23,9 +28,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING
+
 from pynetdicom.transport import ThreadedAssociationServer
 
+from dicom_node.scp_gate import resolve_hosts
+from dicom_node.scp_guard import GuardedRequestHandler, PortGuard
 from dicom_node.settings import Settings
+from dicom_node.store.base import StoreError
+
+if TYPE_CHECKING:
+    from dicom_node.scp import StorageScp
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +74,28 @@ def open_listening_socket(bind_address: str, port: int, backlog: int = 128) -> s
 
 
 class InheritedSocketServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server on a socket that the parent already bound and listens on."""
+    """pynetdicom's threaded server on a socket that the parent already bound and listens on.
 
-    def __init__(self, *args, listen_socket: socket.socket, **kwargs) -> None:
+    With a ``guard``, every accepted connection passes its gate (:meth:`verify_request`) and the
+    guarded request handler; ``housekeeping`` is stopped (and flushes) when the server shuts down.
+    """
+
+    def __init__(
+        self, *args, listen_socket: socket.socket, guard: PortGuard | None = None,
+        housekeeping: PortHousekeeping | None = None, **kwargs,
+    ) -> None:
         self._listen_socket = listen_socket
+        self.guard = guard
+        self.housekeeping = housekeeping
+        if guard is not None:
+            kwargs.setdefault("request_handler", GuardedRequestHandler)
         super().__init__(*args, **kwargs)
+
+    def verify_request(self, request, client_address) -> bool:  # type: ignore[override]
+        """Admit the connection under the connection limits; a refused one is closed at once."""
+        if self.guard is None:
+            return True
+        return self.guard.admit(request, str(client_address[0]))
 
     def server_bind(self) -> None:
         self.socket.close()  # the fresh socket socketserver made; we use the inherited one
@@ -86,6 +117,87 @@ class InheritedSocketServer(ThreadedAssociationServer):
         """
         socketserver.BaseServer.shutdown(self)
         self.server_close()
+        if self.housekeeping is not None:
+            self.housekeeping.stop()
+
+
+class PortHousekeeping:
+    """One thread per SCP process: aggregated audit per window, source hosts, audit retention."""
+
+    TRUSTED_REFRESH_S = 30.0
+    RETENTION_EVERY_S = 3600.0
+
+    def __init__(self, guard: PortGuard, scp: StorageScp) -> None:
+        self.guard = guard
+        self.scp = scp
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="scp-housekeeping", daemon=True)
+
+    def start(self) -> None:
+        self.refresh_trusted()  # before the first connection: configured sources get their reserved slots
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        self.guard.aggregate.flush()
+
+    def refresh_trusted(self) -> None:
+        try:
+            nodes = self.scp.store.list_remote_nodes()
+        except StoreError as exc:
+            log.warning("could not read configured sources for reserved connection slots: %s", exc)
+            return
+        # A wildcard source ("*", any host) names no address to reserve slots for: use limits.trusted_hosts.
+        hosts = (n.host for n in nodes if n.is_source and n.host not in ("", "*", None))
+        self.guard.gate.set_trusted_ips(resolve_hosts(hosts))
+
+    def purge_audit(self) -> int:
+        days = self.guard.limits.audit_retention_days
+        if days <= 0:
+            return 0
+        try:
+            removed = self.scp.store.purge_audit_events(datetime.now(timezone.utc) - timedelta(days=days))
+        except StoreError as exc:
+            log.error("audit retention: could not delete old audit rows: %s", exc)
+            return 0
+        if removed:
+            log.info("audit retention: deleted %d audit row(s) older than %d days", removed, days)
+        return removed
+
+    def _run(self) -> None:
+        now = time.monotonic()
+        next_flush = now + self.guard.limits.audit_window_s
+        next_refresh = now + self.TRUSTED_REFRESH_S
+        next_purge = now
+        while not self._stop.wait(min(1.0, self.guard.limits.audit_window_s)):
+            now = time.monotonic()
+            if now >= next_flush:
+                self.guard.aggregate.flush()
+                next_flush = now + self.guard.limits.audit_window_s
+            if now >= next_refresh:
+                self.refresh_trusted()
+                next_refresh = now + self.TRUSTED_REFRESH_S
+            if now >= next_purge:
+                self.purge_audit()
+                next_purge = now + self.RETENTION_EVERY_S
+
+
+def make_scp_server(settings: Settings, scp: StorageScp, listen_socket: socket.socket) -> InheritedSocketServer:
+    """The guarded server of one SCP process on the inherited listening socket (housekeeping started)."""
+    from dicom_node.scp import build_ae
+
+    guard = PortGuard(settings.limits, scp.aggregate)
+    housekeeping = PortHousekeeping(guard, scp)
+    server = build_ae(settings).make_server(
+        scp_address(settings), evt_handlers=scp.event_handlers(), server_class=InheritedSocketServer,
+        listen_socket=listen_socket, guard=guard, housekeeping=housekeeping,
+    )
+    housekeeping.start()
+    return server
 
 
 def set_parent_death_signal(signum: int = signal.SIGTERM) -> None:

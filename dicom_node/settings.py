@@ -9,6 +9,7 @@ or ``ANATOMIX_DATABASE_URL=postgresql://127.0.0.1/anatomix``. Lists are comma se
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -18,6 +19,9 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 CONFIG_FILE_NAME = "anatomix-node.toml"
 ENV_PREFIX = "ANATOMIX_"
+#: A system install (FHS), as deploy/systemd expects it: the config in /etc, the data in /var/lib.
+SYSTEM_CONFIG_DIR = Path("/etc/anatomix")
+SYSTEM_DATA_DIR = Path("/var/lib/anatomix")
 
 #: Result object kinds that sr_writer can build; profiles are subsets of these.
 OBJECT_KINDS = ("sr", "text_sr", "seg", "gsps", "sc", "kos")
@@ -42,7 +46,8 @@ class SettingsError(ValueError):
 class NodeSettings:
     ae_title: str = "ANATOMIX"
     port: int = 11112
-    bind_address: str = "0.0.0.0"
+    #: Loopback by default: a site opens the port to its network on purpose (``0.0.0.0`` = every interface).
+    bind_address: str = "127.0.0.1"
     #: Largest PDU we accept; 0 means unlimited.
     max_pdu: int = 131072
     #: Demo only: accept associations from any calling AE.
@@ -142,11 +147,17 @@ class OutputSettings:
 
 @dataclass(frozen=True)
 class DeliverySettings:
-    max_attempts: int = 8
+    #: An extra cap on tries per destination; the retry window below is what normally ends retrying.
+    max_attempts: int = 1000
     backoff_base_s: float = 2.0
+    #: Retries back off exponentially (with jitter) up to this many seconds between tries.
     backoff_max_s: float = 300.0
     #: Seconds to wait for an association / a DIMSE response from a destination.
     timeout_s: float = 30.0
+    # ---- retry window (per destination) ----
+    #: A destination that stays unreachable is retried for this long from its first attempt, then
+    #: its objects are dead-lettered (re-sendable with ``resend``). Other destinations are unaffected.
+    retry_window_s: float = 86400.0
 
 
 @dataclass(frozen=True)
@@ -154,6 +165,39 @@ class LoggingSettings:
     level: str = "INFO"
     #: Append-only audit trail (JSON lines) in addition to the database's audit table; empty = none.
     audit_file: str = ""
+
+
+@dataclass(frozen=True)
+class LimitsSettings:
+    """What a client may cost the DICOM port before and after it is identified (per SCP process).
+
+    See the README section "Limits on the DICOM port" for how they interact.
+    """
+
+    #: Seconds from TCP accept until a complete A-ASSOCIATE-RQ must have arrived; else the socket is closed.
+    establish_timeout_s: float = 10.0
+    #: Concurrent TCP connections per SCP process (pending and associated together).
+    max_connections: int = 64
+    #: Of ``max_connections``, slots only hosts of configured sources (and ``trusted_hosts``) may use.
+    reserved_connections: int = 16
+    #: Concurrent connections from one host that is not a configured source.
+    max_connections_per_host: int = 8
+    #: Extra hosts or networks (``10.1.2.3``, ``10.1.0.0/16``) that get reserved slots and no per-host limit.
+    trusted_hosts: tuple[str, ...] = ()
+    #: Largest A-ASSOCIATE-RQ (and any other non-data PDU) accepted, in bytes; larger ones get A-ABORT.
+    max_associate_rq_bytes: int = 65536
+    #: Largest DIMSE message (command or data set) received in one association, in bytes; larger: A-ABORT.
+    max_message_bytes: int = 2 * 1024**3
+    #: Connection-level events and repeated rejections are summarised once per window (seconds).
+    audit_window_s: float = 60.0
+    #: Rejected associations recorded one by one per host and window; the rest go into one summary row.
+    audit_rejections_per_host: int = 5
+    #: Hosts named individually in one window's summaries; the rest are counted together.
+    audit_hosts_per_window: int = 50
+    #: Audit rows older than this many days are deleted (0 keeps them all).
+    audit_retention_days: int = 0
+    #: Longest an idle association's loops sleep between checks (pynetdicom polls every 1 ms).
+    idle_poll_s: float = 0.05
 
 
 @dataclass(frozen=True)
@@ -167,6 +211,7 @@ class Settings:
     output: OutputSettings = field(default_factory=OutputSettings)
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+    limits: LimitsSettings = field(default_factory=LimitsSettings)
     #: Where the settings came from (a file path or "defaults"), for messages.
     source: str = "defaults"
 
@@ -192,15 +237,18 @@ class Settings:
 # ---- loading ---------------------------------------------------------------------------------------
 
 
-def find_config_file(explicit: str | Path | None, cwd: Path | None = None) -> Path | None:
-    """The config file to read: the explicit one (must exist), else ./anatomix-node.toml if present."""
+def find_config_file(explicit: str | Path | None, cwd: Path | None = None, system_dir: Path = SYSTEM_CONFIG_DIR) -> Path | None:
+    """The config file to read: the explicit one (must exist), else ./anatomix-node.toml, else the
+    system install's /etc/anatomix/anatomix-node.toml, if present."""
     if explicit is not None:
         path = Path(explicit)
         if not path.is_file():
             raise SettingsError(f"config file {str(path)!r} does not exist")
         return path
-    candidate = (cwd or Path.cwd()) / CONFIG_FILE_NAME
-    return candidate if candidate.is_file() else None
+    for candidate in ((cwd or Path.cwd()) / CONFIG_FILE_NAME, system_dir / CONFIG_FILE_NAME):
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 def load_settings(path: str | Path | None = None, env: dict[str, str] | None = None) -> Settings:
@@ -289,11 +337,16 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
                 return False
             raise ValueError("expected true or false")
         if hint is int:
-            if isinstance(value, bool):
-                raise ValueError("expected an integer")
+            if isinstance(value, bool) or not re.fullmatch(r"\s*[-+]?\d+\s*", str(value)):
+                raise ValueError("expected a whole number")
             return int(value)
         if hint is float:
-            return float(value)
+            if isinstance(value, bool):
+                raise ValueError("expected a number")
+            try:
+                return float(value)
+            except ValueError:
+                raise ValueError("expected a number") from None
         if hint is str:
             if not isinstance(value, (str, int, float)):
                 raise ValueError("expected a string")
@@ -385,8 +438,47 @@ def validate(settings: Settings) -> None:
         raise SettingsError(f"output.default_profile = {output.default_profile!r}: not a profile; known profiles: {known}")
     if settings.delivery.max_attempts < 1:
         raise SettingsError(f"delivery.max_attempts = {settings.delivery.max_attempts}: must be >= 1")
+    if settings.delivery.retry_window_s <= 0 or settings.delivery.backoff_base_s <= 0:
+        raise SettingsError(
+            f"delivery.retry_window_s = {settings.delivery.retry_window_s}, delivery.backoff_base_s = "
+            f"{settings.delivery.backoff_base_s}: both must be > 0 seconds"
+        )
+    if settings.delivery.backoff_max_s < settings.delivery.backoff_base_s:
+        raise SettingsError(f"delivery.backoff_max_s = {settings.delivery.backoff_max_s}: must be >= backoff_base_s")
+    validate_limits(settings.limits)
     if settings.logging.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise SettingsError(f"logging.level = {settings.logging.level!r}: use DEBUG, INFO, WARNING or ERROR")
+
+
+def validate_limits(limits: LimitsSettings) -> None:
+    if not 0.5 <= limits.establish_timeout_s <= 600:
+        raise SettingsError(f"limits.establish_timeout_s = {limits.establish_timeout_s}: must be 0.5-600 seconds")
+    if limits.max_connections < 1:
+        raise SettingsError(f"limits.max_connections = {limits.max_connections}: must be >= 1")
+    if not 0 <= limits.reserved_connections < limits.max_connections:
+        raise SettingsError(
+            f"limits.reserved_connections = {limits.reserved_connections}: must be >= 0 and below max_connections ({limits.max_connections})"
+        )
+    if limits.max_connections_per_host < 1:
+        raise SettingsError(f"limits.max_connections_per_host = {limits.max_connections_per_host}: must be >= 1")
+    for entry in limits.trusted_hosts:
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            raise SettingsError(f"limits.trusted_hosts contains {entry!r}: use an IP address or a network like 10.1.0.0/16") from None
+    if limits.max_associate_rq_bytes < 1024:
+        raise SettingsError(f"limits.max_associate_rq_bytes = {limits.max_associate_rq_bytes}: must be >= 1024")
+    if limits.max_message_bytes < 65536:
+        raise SettingsError(f"limits.max_message_bytes = {limits.max_message_bytes}: must be >= 65536")
+    if limits.audit_window_s <= 0 or limits.audit_rejections_per_host < 0 or limits.audit_hosts_per_window < 1:
+        raise SettingsError(
+            f"limits.audit_window_s = {limits.audit_window_s}, audit_rejections_per_host = {limits.audit_rejections_per_host}, "
+            f"audit_hosts_per_window = {limits.audit_hosts_per_window}: window > 0, rejections >= 0, hosts >= 1"
+        )
+    if limits.audit_retention_days < 0:
+        raise SettingsError(f"limits.audit_retention_days = {limits.audit_retention_days}: must be >= 0 (0 keeps everything)")
+    if not 0.001 <= limits.idle_poll_s <= 1.0:
+        raise SettingsError(f"limits.idle_poll_s = {limits.idle_poll_s}: must be 0.001-1.0 seconds")
 
 
 def settings_as_dict(settings: Settings) -> dict[str, Any]:

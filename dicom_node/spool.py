@@ -91,7 +91,15 @@ def instance_relative_path(study_instance_uid: str, sop_instance_uid: str, sha25
     return f"{study_instance_uid}/{sop_instance_uid}.{sha256[:16]}.dcm"
 
 
-_sync_data = getattr(os, "fdatasync", os.fsync)
+def _sync_data(fd: int) -> None:
+    """fdatasync where the platform has it (the data and the size, not the timestamps), else fsync.
+
+    The ``os`` functions are looked up at call time, never bound at import: the durability tests
+    record the order of these calls by wrapping ``os.fdatasync``/``os.replace``/``os.fsync``
+    (tests/dicom_node/test_spool.py), so every durability step must go through the ``os`` module.
+    """
+    sync = getattr(os, "fdatasync", None) or os.fsync
+    sync(fd)
 
 
 def _fsync_directory(path: Path) -> None:

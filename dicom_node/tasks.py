@@ -20,9 +20,10 @@ from kombu.exceptions import OperationalError
 from dicom_node import queue
 from dicom_node.dispatch import Heartbeat, clear_lease, write_lease
 from dicom_node.settings import Settings
-from dicom_node.store.base import Store, StoreUnavailable
+from dicom_node.store.base import Store, StoreUnavailable, StudyRecord
 
 if TYPE_CHECKING:
+    from dicom_node.delivery import DeliveryRound
     from inference.engine import Engine
 
 LOG = logging.getLogger(__name__)
@@ -108,7 +109,13 @@ def run_analyze(ctx: WorkerContext, app: Celery, study_instance_uid: str, versio
 
 
 def run_deliver(ctx: WorkerContext, app: Celery, study_instance_uid: str, version: int) -> str:
-    """Send what is owed to every destination; plan a retry, or finish the study (done / failed)."""
+    """Send what is owed to every destination that is due; plan the next try, or finish the study.
+
+    Each destination has its own retry plan (see :func:`dicom_node.delivery.deliver_study_version`):
+    the study stays ``delivering`` while any destination is still being retried, and ends ``done``
+    when at least one destination got everything (the note names any destination that did not, and
+    why), ``failed`` when none did.
+    """
     from dicom_node.delivery import deliver_study_version
     from sr_writer.bundle import comprehensive_sr_fallback
 
@@ -130,12 +137,28 @@ def run_deliver(ctx: WorkerContext, app: Celery, study_instance_uid: str, versio
         queue.send_deliver(app, study_instance_uid, version, countdown=delay)
         return "retrying"
     clear_lease(settings, "deliver", study_instance_uid, version)
-    if summary.errors:
-        error = f"delivery: {summary.sent} sent, {summary.failed} failed, {summary.dead} dead-lettered: " + "; ".join(summary.errors[:3])
-        store.transition_study(study_instance_uid, version, ("delivering",), "failed", error=error)
-        return "failed"
-    store.transition_study(study_instance_uid, version, ("delivering",), "done", error=study.error)
-    return "done"
+    return finish_delivery(store, study, summary)
+
+
+def finish_delivery(store: Store, study: StudyRecord, summary: DeliveryRound) -> str:
+    """delivering -> done | failed once every destination is settled; returns the final state."""
+    uid, version = study.study_instance_uid, study.version
+    analysis_note = _analysis_note(study.error)
+    missing = summary.outcome_text()
+    error = "; ".join(filter(None, [analysis_note, missing])) or None
+    final = "done" if any(d.complete for d in summary.destinations) or not summary.destinations else "failed"
+    store.transition_study(uid, version, ("delivering",), final, error=error)
+    if missing:
+        LOG.warning("study %s v%d %s: %s", uid, version, final, missing)
+    return final
+
+
+def _analysis_note(error: str | None) -> str | None:
+    """The analysis part of a study's note, without the text of an earlier delivery (a resend replaces it)."""
+    if not error:
+        return None
+    found = [i for i in (error.find("not delivered to "), error.find("delivered to ")) if i >= 0]
+    return error[: min(found)].rstrip("; ") or None if found else error
 
 
 def register_tasks(app: Celery, ctx: WorkerContext, warm_up: bool = False) -> None:

@@ -124,8 +124,16 @@ class StudyRecord:
     #: Instance rows of the study, all analysis versions (exact duplicates are not rows).
     instance_count: int = 0
     error: str | None = None
-    #: Time of entering each state, for this version: {"receiving": t, "stable": t, ...}.
+    #: Time of entering each state, for this version: {"receiving": t, "stable": t, ...} (the latest
+    #: entry of a state re-entered, e.g. by a resend; ``history`` keeps every entry).
     state_times: dict[str, datetime] = field(default_factory=dict)
+    #: Name of the configured remote node that sent this version (matched by AE title and host at
+    #: acceptance), None for an unknown sender or a study recorded before this was kept.
+    source_node: str | None = None
+    #: The sender's network address.
+    source_host: str | None = None
+    #: Every state this version entered, in order (append-only: a resend adds, never rewrites).
+    history: tuple[tuple[str, datetime], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -167,6 +175,10 @@ class DeliveryRecord:
     last_status: int | None
     error: str | None
     updated_at: datetime
+    #: First attempt to this destination: the retry window runs from here.
+    first_attempt_at: datetime | None = None
+    #: When the next try is due (``retrying`` only; None once settled).
+    next_attempt_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -223,8 +235,13 @@ class Store(abc.ABC):
 
     # ---- instances and studies ------------------------------------------------------------------
     @abc.abstractmethod
-    def record_instance(self, instance: InstanceRecord) -> RecordOutcome:
+    def record_instance(
+        self, instance: InstanceRecord, source_node: str | None = None, source_host: str | None = None
+    ) -> RecordOutcome:
         """Record a spooled instance and create/touch its study, in one transaction.
+
+        ``source_node``/``source_host``: the configured remote node that sent it and its address; kept
+        on the study when it is created or reopened as a new version (results go back there).
 
         Same SOP Instance UID and same sha256 as a stored row: ``duplicate`` (nothing written).
         Same UID, other bytes: ``new_version`` (a second row). A study in state analyzed or later
@@ -256,6 +273,18 @@ class Store(abc.ABC):
         """Compare-and-set the study's state (only if at this version and in one of from_states).
 
         Records the time of entering ``to_state``. Returns False (and changes nothing) otherwise.
+        """
+
+    @abc.abstractmethod
+    def requeue_for_analysis(
+        self, study_instance_uid: str, version: int, from_states: tuple[str, ...], new_version: bool
+    ) -> int | None:
+        """Put a finished study back in ``queued`` for the admin's ``reanalyze``; return the version to analyse.
+
+        Only if the study is at ``version`` and in one of ``from_states`` (else None, nothing changed).
+        ``new_version=False``: the same version; its failed instances and failed analyses are cleared
+        so they run again (a study that never had results). ``new_version=True``: version + 1 with
+        every instance of the study, so the new results get new UIDs and the old ones stay as they were.
         """
 
     @abc.abstractmethod
@@ -299,6 +328,17 @@ class Store(abc.ABC):
         """Insert or update the row for (study, version, destination, sop_instance_uid)."""
 
     @abc.abstractmethod
+    def claim_deliveries(
+        self, study_instance_uid: str, version: int, destination: str, sop_instance_uids: list[str], now: datetime,
+        hold_until: datetime,
+    ) -> bool:
+        """Take the next try of these objects to this destination (compare-and-set), so that two deliver
+        tasks never make the same attempt: each row must be ``pending``/``retrying`` and due (no next
+        try, or one at or before ``now``); it then waits until ``hold_until`` (the sender records the
+        outcome before then). Objects without a row get a ``pending`` one. False, and nothing
+        changed, when any of them is not due or not owed."""
+
+    @abc.abstractmethod
     def list_deliveries(
         self, study_instance_uid: str | None = None, statuses: tuple[str, ...] | None = None
     ) -> list[DeliveryRecord]: ...
@@ -310,3 +350,7 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def list_audit_events(self, event: str | None = None, limit: int = 1000) -> list[AuditEvent]:
         """Newest first."""
+
+    @abc.abstractmethod
+    def purge_audit_events(self, before: datetime) -> int:
+        """Delete audit rows recorded before ``before`` (audit retention); returns how many."""

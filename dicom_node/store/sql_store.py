@@ -48,13 +48,16 @@ _INSTANCE_COLUMNS = (
     "id, sop_instance_uid, sop_class_uid, study_instance_uid, series_instance_uid, transfer_syntax_uid, "
     "path, size, sha256, calling_ae, received_at, study_version, state, reason"
 )
-_STUDY_COLUMNS = "study_instance_uid, version, state, source_ae, created_at, updated_at, last_received_at, error"
+_STUDY_COLUMNS = (
+    "study_instance_uid, version, state, source_ae, created_at, updated_at, last_received_at, error, source_node, source_host"
+)
 _ANALYSIS_COLUMNS = "study_instance_uid, study_version, sop_instance_uid, status, result_json, error, created_at"
 _PRODUCED_COLUMNS = (
     "study_instance_uid, study_version, source_sop_instance_uid, kind, sop_instance_uid, sop_class_uid, path, created_at"
 )
 _DELIVERY_COLUMNS = (
-    "study_instance_uid, study_version, destination, sop_instance_uid, status, attempts, last_status, error, updated_at"
+    "study_instance_uid, study_version, destination, sop_instance_uid, status, attempts, last_status, error, updated_at, "
+    "first_attempt_at, next_attempt_at"
 )
 _IN_CHUNK = 500
 _AUDIT_COLUMNS = "id, at, event, calling_ae, called_ae, peer_host, study_instance_uid, sop_instance_uid, detail"
@@ -81,6 +84,10 @@ class Tx:
     def all(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
         self.execute(sql, params)
         return list(self._cursor.fetchall())
+
+
+class _NotClaimed(Exception):
+    """Internal: roll a claim back, another task holds (or has done) this attempt."""
 
 
 class _DuplicateFound(Exception):
@@ -248,15 +255,19 @@ class SqlStore(Store):
             received_at=self._py_time(received_at), study_version=int(version), state=state, reason=reason, id=int(id_),
         )  # fmt: skip
 
-    def record_instance(self, instance: InstanceRecord) -> RecordOutcome:
+    def record_instance(
+        self, instance: InstanceRecord, source_node: str | None = None, source_host: str | None = None
+    ) -> RecordOutcome:
         received_at = _require_aware("received_at", instance.received_at)
         try:
             with self._transaction(write=True) as tx:
-                return self._record_instance(tx, instance, received_at)
+                return self._record_instance(tx, instance, received_at, source_node, source_host)
         except _DuplicateFound as found:
             return RecordOutcome("duplicate", self._instance(found.row))
 
-    def _record_instance(self, tx: Tx, instance: InstanceRecord, received_at: datetime) -> RecordOutcome:
+    def _record_instance(
+        self, tx: Tx, instance: InstanceRecord, received_at: datetime, source_node: str | None, source_host: str | None
+    ) -> RecordOutcome:
         """Three statements on the common path (the SCP's per-instance commit is on the sender's clock):
         upsert + lock the study, read the rows of this SOP Instance UID, insert the instance."""
         uid = instance.study_instance_uid
@@ -264,12 +275,16 @@ class SqlStore(Store):
         # Creates the study, or locks it (DO UPDATE takes the row lock until commit) and moves
         # last_received_at forward; RETURNING gives the state as it was before this instance.
         version, state, created_at = tx.one(
-            "INSERT INTO studies (study_instance_uid, version, state, source_ae, created_at, updated_at, last_received_at) "
-            "VALUES (?, 1, 'receiving', ?, ?, ?, ?) ON CONFLICT (study_instance_uid) DO UPDATE SET "
+            "INSERT INTO studies (study_instance_uid, version, state, source_ae, created_at, updated_at, last_received_at, "
+            "source_node, source_host) "
+            "VALUES (?, 1, 'receiving', ?, ?, ?, ?, ?, ?) ON CONFLICT (study_instance_uid) DO UPDATE SET "
             "updated_at = excluded.updated_at, last_received_at = CASE WHEN excluded.last_received_at > "
-            "studies.last_received_at THEN excluded.last_received_at ELSE studies.last_received_at END "
+            "studies.last_received_at THEN excluded.last_received_at ELSE studies.last_received_at END, "
+            # A study first recorded with no known sender (spool reconciliation) takes the first one seen.
+            "source_node = CASE WHEN studies.source_host IS NULL THEN excluded.source_node ELSE studies.source_node END, "
+            "source_host = CASE WHEN studies.source_host IS NULL THEN excluded.source_host ELSE studies.source_host END "
             "RETURNING version, state, created_at",
-            (uid, instance.calling_ae, now, now, self._db_time(received_at)),
+            (uid, instance.calling_ae, now, now, self._db_time(received_at), source_node, source_host),
         )
         if created_at == now:  # we inserted it
             self._add_history(tx, uid, 1, "receiving", now)
@@ -281,10 +296,15 @@ class SqlStore(Store):
         reopened = state in REOPEN_STATES
         if reopened:
             version += 1
-        if reopened or state == "stable":
+        if reopened:  # a new analysis version: its results go to whoever sent this instance
             tx.execute(
-                "UPDATE studies SET version = ?, state = 'receiving', error = NULL WHERE study_instance_uid = ?", (version, uid)
+                "UPDATE studies SET version = ?, state = 'receiving', error = NULL, source_ae = ?, source_node = ?, "
+                "source_host = ? WHERE study_instance_uid = ?",
+                (version, instance.calling_ae, source_node, source_host, uid),
             )
+            self._add_history(tx, uid, version, "receiving", now)
+        elif state == "stable":
+            tx.execute("UPDATE studies SET state = 'receiving', error = NULL WHERE study_instance_uid = ?", (uid,))
             self._add_history(tx, uid, version, "receiving", now)
         row = tx.one(
             f"INSERT INTO instances ({_INSTANCE_COLUMNS.removeprefix('id, ')}) VALUES ({_placeholders(13)}) "
@@ -351,24 +371,28 @@ class SqlStore(Store):
             params,
         )
         times: dict[tuple[str, int], dict[str, datetime]] = {}
+        history: dict[tuple[str, int], list[tuple[str, datetime]]] = {}
         uids = [row[0] for row in rows]
         for start in range(0, len(uids), _IN_CHUNK):  # SQLite caps the number of bound parameters
             chunk = uids[start:start + _IN_CHUNK]
-            history = tx.all(
+            entries = tx.all(
                 "SELECT study_instance_uid, version, state, entered_at FROM study_state_history "
                 f"WHERE study_instance_uid IN ({_placeholders(len(chunk))}) ORDER BY id",
                 chunk,
             )
-            for uid, version, state, entered_at in history:
-                times.setdefault((uid, int(version)), {})[state] = self._py_time(entered_at)  # latest entry wins
+            for uid, version, state, entered_at in entries:
+                at = self._py_time(entered_at)
+                times.setdefault((uid, int(version)), {})[state] = at  # latest entry wins
+                history.setdefault((uid, int(version)), []).append((state, at))
         return [
             StudyRecord(
                 study_instance_uid=uid, version=int(version), state=state, source_ae=source_ae,
                 created_at=self._py_time(created), updated_at=self._py_time(updated),
                 last_received_at=self._py_time(last), instance_count=int(count), error=error,
-                state_times=times.get((uid, int(version)), {}),
+                state_times=times.get((uid, int(version)), {}), source_node=source_node, source_host=source_host,
+                history=tuple(history.get((uid, int(version)), ())),
             )  # fmt: skip
-            for uid, version, state, source_ae, created, updated, last, error, count in rows
+            for uid, version, state, source_ae, created, updated, last, error, source_node, source_host, count in rows
         ]
 
     def transition_study(
@@ -389,13 +413,46 @@ class SqlStore(Store):
                 self._add_history(tx, study_instance_uid, version, to_state, now)
         return changed > 0
 
+    def requeue_for_analysis(
+        self, study_instance_uid: str, version: int, from_states: tuple[str, ...], new_version: bool
+    ) -> int | None:
+        uid = study_instance_uid
+        with self._transaction(write=True) as tx:
+            row = tx.one(f"SELECT version, state FROM studies WHERE study_instance_uid = ?{self.lock_row_sql}", (uid,))
+            if row is None or int(row[0]) != version or row[1] not in from_states:
+                return None
+            if new_version:
+                target = version + 1
+                tx.execute(
+                    "UPDATE instances SET study_version = ?, state = CASE WHEN state IN ('analyzed', 'failed') "
+                    "THEN 'selected' ELSE state END WHERE study_instance_uid = ?",
+                    (target, uid),
+                )
+            else:
+                target = version
+                tx.execute(
+                    "UPDATE instances SET state = 'selected', reason = NULL "
+                    "WHERE study_instance_uid = ? AND study_version = ? AND state = 'failed'",
+                    (uid, version),
+                )
+                tx.execute(
+                    "DELETE FROM analyses WHERE study_instance_uid = ? AND study_version = ? AND status = 'failed'", (uid, version)
+                )
+            now = utc_now()
+            tx.execute(
+                "UPDATE studies SET version = ?, state = 'queued', error = NULL, updated_at = ? WHERE study_instance_uid = ?",
+                (target, self._db_time(now), uid),
+            )
+            self._add_history(tx, uid, target, "queued", now)
+        return target
+
     def list_purge_candidates(self, states: tuple[str, ...], updated_before: datetime, limit: int = 500) -> list[str]:
         if not states:
             return []
         with self._transaction(write=False) as tx:
             rows = tx.all(
                 f"SELECT study_instance_uid FROM studies WHERE state IN ({_placeholders(len(states))}) AND updated_at < ? "
-                f"ORDER BY updated_at, study_instance_uid LIMIT {int(limit)}",
+                f"{_undelivered_guard(states)}ORDER BY updated_at, study_instance_uid LIMIT {int(limit)}",
                 (*states, self._db_time(_require_aware("updated_before", updated_before))),
             )
         return [row[0] for row in rows]
@@ -413,6 +470,10 @@ class SqlStore(Store):
             row = tx.one(f"SELECT version, state, updated_at FROM studies WHERE study_instance_uid = ?{self.lock_row_sql}", (uid,))
             if row is None or row[1] not in states or not self._py_time(row[2]) < cutoff:
                 return None
+            if _undelivered_guard(states) and tx.one(
+                "SELECT 1 FROM deliveries WHERE study_instance_uid = ? AND status IN ('failed', 'dead')", (uid,)
+            ):
+                return None  # a destination still lacks its results: purged only with the failed studies
             version = int(row[0])
             instances = tx.all("SELECT path, size FROM instances WHERE study_instance_uid = ?", (uid,))
             produced = [r[0] for r in tx.all("SELECT path FROM produced_objects WHERE study_instance_uid = ?", (uid,))]
@@ -483,16 +544,54 @@ class SqlStore(Store):
             raise ValueError(f"delivery status {record.status!r}; known: {', '.join(DELIVERY_STATES)}")
         with self._transaction(write=True) as tx:
             tx.execute(
-                f"INSERT INTO deliveries ({_DELIVERY_COLUMNS}) VALUES ({_placeholders(9)}) "
+                f"INSERT INTO deliveries ({_DELIVERY_COLUMNS}) VALUES ({_placeholders(11)}) "
                 "ON CONFLICT (study_instance_uid, study_version, destination, sop_instance_uid) DO UPDATE SET "
                 "status = excluded.status, attempts = excluded.attempts, last_status = excluded.last_status, "
-                "error = excluded.error, updated_at = excluded.updated_at",
+                "error = excluded.error, updated_at = excluded.updated_at, "
+                "first_attempt_at = excluded.first_attempt_at, next_attempt_at = excluded.next_attempt_at",
                 (
                     record.study_instance_uid, record.study_version, record.destination, record.sop_instance_uid,
                     record.status, record.attempts, record.last_status, record.error,
                     self._db_time(_require_aware("updated_at", record.updated_at)),
+                    self._optional_time("first_attempt_at", record.first_attempt_at),
+                    self._optional_time("next_attempt_at", record.next_attempt_at),
                 ),
             )  # fmt: skip
+
+    def claim_deliveries(
+        self, study_instance_uid: str, version: int, destination: str, sop_instance_uids: list[str], now: datetime,
+        hold_until: datetime,
+    ) -> bool:
+        now_db = self._db_time(_require_aware("now", now))
+        hold_db = self._db_time(_require_aware("hold_until", hold_until))
+        key = (study_instance_uid, version, destination)
+        try:
+            with self._transaction(write=True) as tx:
+                rows = tx.all(
+                    "SELECT sop_instance_uid, status, next_attempt_at FROM deliveries "
+                    f"WHERE study_instance_uid = ? AND study_version = ? AND destination = ?{self.lock_row_sql}",
+                    key,
+                )
+                existing = {sop: (status, next_at) for sop, status, next_at in rows}
+                for sop in sop_instance_uids:
+                    if sop in existing:
+                        status, next_at = existing[sop]
+                        if status not in ("pending", "retrying") or (next_at is not None and self._py_time(next_at) > now):
+                            raise _NotClaimed
+                        tx.execute(
+                            "UPDATE deliveries SET next_attempt_at = ? WHERE study_instance_uid = ? AND study_version = ? "
+                            "AND destination = ? AND sop_instance_uid = ?",
+                            (hold_db, *key, sop),
+                        )
+                    elif tx.execute(
+                        f"INSERT INTO deliveries ({_DELIVERY_COLUMNS}) VALUES ({_placeholders(11)}) "
+                        "ON CONFLICT (study_instance_uid, study_version, destination, sop_instance_uid) DO NOTHING",
+                        (*key, sop, "pending", 0, None, None, now_db, None, hold_db),
+                    ) == 0:
+                        raise _NotClaimed  # another task inserted it meanwhile
+        except _NotClaimed:
+            return False
+        return True
 
     def list_deliveries(
         self, study_instance_uid: str | None = None, statuses: tuple[str, ...] | None = None
@@ -512,9 +611,15 @@ class SqlStore(Store):
                 params,
             )
         return [
-            DeliveryRecord(uid, int(v), dest, sop, status, int(attempts), last_status, error, self._py_time(updated))
-            for uid, v, dest, sop, status, attempts, last_status, error, updated in rows
+            DeliveryRecord(
+                uid, int(v), dest, sop, status, int(attempts), last_status, error, self._py_time(updated),
+                None if first is None else self._py_time(first), None if next_at is None else self._py_time(next_at),
+            )  # fmt: skip
+            for uid, v, dest, sop, status, attempts, last_status, error, updated, first, next_at in rows
         ]
+
+    def _optional_time(self, name: str, value: datetime | None) -> Any:
+        return None if value is None else self._db_time(_require_aware(name, value))
 
     # ---- audit ----------------------------------------------------------------------------------
     def audit(self, event: AuditEvent) -> None:
@@ -530,6 +635,10 @@ class SqlStore(Store):
             ),
         )  # fmt: skip
 
+    def purge_audit_events(self, before: datetime) -> int:
+        with self._transaction(write=True) as tx:
+            return tx.execute("DELETE FROM audit_events WHERE at < ?", (self._db_time(_require_aware("before", before)),))
+
     def list_audit_events(self, event: str | None = None, limit: int = 1000) -> list[AuditEvent]:
         where, params = ("WHERE event = ? ", [event]) if event is not None else ("", [])
         with self._transaction(write=False) as tx:
@@ -541,6 +650,17 @@ class SqlStore(Store):
             )  # fmt: skip
             for id_, at, name, calling, called, peer, study, sop, detail in rows
         ]
+
+
+def _undelivered_guard(states: tuple[str, ...]) -> str:
+    """SQL keeping a ``done`` study whose results some destination never got (dead letter, refusal)
+    from a purge that does not also take ``failed`` studies: those results may still be re-sent."""
+    if "failed" in states:
+        return ""
+    return (
+        "AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.study_instance_uid = studies.study_instance_uid "
+        "AND d.status IN ('failed', 'dead')) "
+    )
 
 
 def _host_resolves_to(configured: str, address: str) -> bool:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,7 +18,8 @@ from pynetdicom.sop_class import Verification
 from dicom_node.settings import Settings, load_settings
 from dicom_node.store import open_store
 from dicom_node.store.base import InstanceRecord
-from tests.support.net import free_port, wait_for_port
+from tests.support.dcmtk import StoreScp
+from tests.support.net import free_port
 
 SCRIPT = Path(sys.executable).parent / "anatomix-node"
 STUDY = "1.2.826.0.1.3680043.10.1431.9.7"
@@ -159,20 +159,16 @@ def test_config_show_reflects_file_and_environment_and_hides_passwords(site: Pat
 
 @pytest.fixture
 def storescp(tmp_path: Path) -> Iterator[int]:
-    """DCMTK storescp (a real third-party SCP) on a free port, AE title PACS."""
-    if shutil.which("storescp") is None:
-        pytest.fail("storescp (DCMTK) is not installed: run `make peers`")
-    port = free_port()
-    out = tmp_path / "storescp"
-    out.mkdir()
-    process = subprocess.Popen(["storescp", "--aetitle", "PACS", "-od", str(out), "+xa", str(port)], env=clean_env(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    """DCMTK storescp (a real third-party SCP, the Debian binary) on a free port, AE title PACS.
+
+    Ready when storescp itself listens (its socket in /proc), not after a fixed connect poll; a port
+    taken meanwhile by another test makes it exit, and it is started again on another port.
+    """
+    scp = StoreScp(tmp_path / "storescp", ae_title="PACS").start()
     try:
-        wait_for_port(port)
-        yield port
+        yield scp.port
     finally:
-        process.terminate()
-        process.wait(timeout=10)
+        scp.stop()
 
 
 def test_echo_a_real_dcmtk_storescp(site: Path, storescp: int) -> None:
@@ -180,6 +176,29 @@ def test_echo_a_real_dcmtk_storescp(site: Path, storescp: int) -> None:
     echoed = node(site, "echo", "pacs")
     assert echoed.returncode == 0, echoed.stderr
     assert "C-ECHO success" in echoed.stdout and " ms round trip" in echoed.stdout
+
+
+def test_storescp_peer_starts_on_another_port_when_its_port_was_taken(tmp_path: Path) -> None:
+    """The race behind the fixture's old 30 s failures: between free_port() and storescp's bind,
+    another process (any outgoing connection gets an ephemeral port) holds the port; storescp
+    exits. The peer must notice the exit at once and start again elsewhere, not wait for a port
+    that nobody will ever listen on."""
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))  # bound, not listening: nothing answers, but bind() fails
+        taken = holder.getsockname()[1]
+        scp = StoreScp(tmp_path / "storescp", ae_title="PACS", port=taken).start()
+        try:
+            assert scp.port != taken
+            echo = AE(ae_title="ECHO")
+            echo.add_requested_context(Verification)
+            assoc = echo.associate("127.0.0.1", scp.port, ae_title="PACS")
+            assert assoc.is_established
+            assert assoc.send_c_echo().Status == 0x0000
+            assoc.release()
+        finally:
+            scp.stop()
 
 
 def test_echo_reports_rejection_and_refusal_in_one_line(site: Path) -> None:

@@ -10,10 +10,11 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.support.net import free_port, wait_for_port
+from tests.support.net import free_port
 from tests.support.processes import stop_process
 
 DCMTK_BIN = Path("/usr/bin")
@@ -61,9 +62,65 @@ def transcode(tool: str, source: Path, target: Path, *options: str) -> Path:
     return target
 
 
+#: TCP state LISTEN in /proc/net/tcp.
+_TCP_LISTEN = "0A"
+
+
+def listening_ports(pid: int) -> set[int]:
+    """The TCP ports process ``pid`` itself listens on (its own sockets, from /proc; Linux only)."""
+    inodes = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:["):-1])
+    except OSError:
+        return set()  # the process is gone
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 9 and fields[3] == _TCP_LISTEN and fields[9] in inodes:
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def wait_until_listening(process: subprocess.Popen, port: int, what: str, log: Path | None = None, timeout: float = 300) -> None:
+    """Block until ``process`` itself listens on ``port``; raise at once if it exits instead.
+
+    Ready means the process's own socket is in LISTEN state, not "something answers on the port"
+    (another test's server may have taken a port between free_port() and our bind). Each outcome
+    is seen as soon as it happens, so a loaded machine only makes this slower, never wrong; the
+    timeout is a safety net for a process that hangs before binding.
+    """
+    deadline = time.monotonic() + timeout
+    while port not in listening_ports(process.pid):
+        if process.poll() is not None:
+            detail = log.read_text(errors="replace").strip()[-1000:] if log is not None and log.exists() else ""
+            raise PortNotBound(f"{what} exited with {process.returncode} before listening on port {port}: {detail}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} (pid {process.pid}) did not listen on port {port} within {timeout:.0f} s")
+        time.sleep(0.02)
+
+
+class PortNotBound(RuntimeError):
+    """The peer process ended before it listened (a port taken meanwhile, a bad option)."""
+
+
 @dataclass
 class StoreScp:
-    """DCMTK storescp as a reference receiver (benchmarks, oracle for 'what was sent')."""
+    """DCMTK storescp as a reference receiver (benchmarks, oracle for 'what was sent').
+
+    ``start`` returns once storescp itself listens (see :func:`wait_until_listening`); if its port
+    was taken meanwhile it exits, and ``start`` tries again on another free port.
+    """
 
     output_dir: Path
     ae_title: str = "STORESCP"
@@ -71,16 +128,23 @@ class StoreScp:
     extra: tuple[str, ...] = ()
     process: subprocess.Popen | None = None
 
-    def start(self) -> StoreScp:
-        if shutil.which(dcmtk("storescp")) is None:
-            raise RuntimeError("storescp missing")
+    def start(self, attempts: int = 3) -> StoreScp:
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
-            [dcmtk("storescp"), "--aetitle", self.ae_title, "--max-pdu", "131072", "+xa", "-od", str(self.output_dir), *self.extra, str(self.port)],
-            env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        wait_for_port(self.port, timeout=30)
-        return self
+        log = self.output_dir.parent / f"storescp-{self.ae_title}.log"
+        for attempt in range(attempts):
+            with open(log, "wb") as log_handle:  # storescp logs its bind failure on stderr
+                self.process = subprocess.Popen(
+                    [dcmtk("storescp"), "--aetitle", self.ae_title, "--max-pdu", "131072", "+xa", "-od", str(self.output_dir), *self.extra, str(self.port)],
+                    env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=log_handle,
+                )  # fmt: skip
+            try:
+                wait_until_listening(self.process, self.port, "storescp", log)
+                return self
+            except PortNotBound:
+                if attempt == attempts - 1:
+                    raise
+                self.port = free_port()
+        raise AssertionError("unreachable")
 
     def stop(self) -> None:
         stop_process(self.process, timeout=10)
