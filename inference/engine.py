@@ -20,7 +20,7 @@ import torch
 from inference.apm.checkpoint import APMLoadReport, CheckpointError, load_apm
 from inference.apm.model import boxes_to_xyxy_model
 from inference.lm.config import LMConfigError
-from inference.lm.decoding import Generation, compile_decode_step, decode_one_token, decode_rows_one_by_one, generate_greedy
+from inference.lm.decoding import Generation, TokenInjection, compile_decode_step, decode_one_token, decode_rows_one_by_one, generate_greedy
 from inference.lm.loader import LMCheckpointError, LMLoadReport, load_lm
 from inference.lm.model import AnatomixLM
 from inference.model_dir import ModelDir, ModelDirError, device_uid_from_digest
@@ -223,7 +223,7 @@ class Engine:
 
     # ---- one LM task over the batch ----------------------------------------------------------------
     def _run_task(self, request, images, boxes_model, sentences, memory, anatomy_tokens, labels, states, timings) -> None:
-        rows, instructions, embeds = [], [], []
+        rows, instructions, embeds, injected = [], [], [], []
         clock = time.perf_counter()
         for index, state in enumerate(states):
             instruction = instruction_for(request, labels[index], state.finding_boxes_model)
@@ -237,7 +237,9 @@ class Engine:
                 state.warnings.append(f"{request.task}: skipped, {exc}")
                 continue
             ids = torch.tensor([encoded.input_ids])
-            embeds.append(self.lm.embed_prompt(ids, memory[index : index + 1], anatomy_tokens[index : index + 1])[0])
+            prompt = self.lm.embed_prompt(ids, memory[index : index + 1], anatomy_tokens[index : index + 1])
+            embeds.append(prompt[0])
+            injected.append(self.lm.injected_vectors(ids, prompt)[0])
             rows.append(index)
             instructions.append(instruction)
         timings["prompt"] += time.perf_counter() - clock
@@ -253,6 +255,7 @@ class Engine:
             decode_step=self._decode_step,
             cache_multiple=512 if on_gpu else 256,
             cache=self._cache if on_gpu else None,
+            injection=TokenInjection(self.lm.injection_slots(), torch.stack(injected)),
         )
         if on_gpu:
             self._cache = generation.cache
