@@ -26,7 +26,7 @@ from inference.lm.model import AnatomixLM
 from inference.model_dir import ModelDir, ModelDirError, device_uid_from_digest
 from inference.parsing import parse_grounded_answer, postprocess_answer, split_report, strip_tags
 from inference.preprocess import Letterbox, PreparedImage, images_to_tensor, prepare_dataset
-from inference.prompt import TRAINING_SYSTEM_PROMPT, PromptError, build_prompt_text, encode_prompt
+from inference.prompt import EMPTY_SYSTEM_PROMPT, PromptError, build_prompt_text, encode_prompt
 from inference.result import CHEXPERT_LABELS, REGION_NAMES, AnalysisResult, Box, Finding, ModelIdentity, Region, Report, TaskAnswer
 from inference.retrieval import RetrievalDB, RetrievalDBError
 from inference.tasks import ANSWER_KINDS, DEFAULT_LM_REGION, NO_ABNORMALITY_ANSWER, TaskRequest, boxes_for, instruction_for, region_name
@@ -46,7 +46,8 @@ class EngineOptions:
     max_new_tokens: int = 350
     #: Stop at <end_of_turn>/<eos> (fast); False decodes max_new_tokens like the reference.
     stop_at_end_of_turn: bool = True
-    system_prompt: str = TRAINING_SYSTEM_PROMPT
+    #: System prompt text: empty as in the paper's evaluation (``model.system_prompt`` picks it).
+    system_prompt: str = EMPTY_SYSTEM_PROMPT
     #: CUDA only: compile the decode step into CUDA graphs (torch.compile, reduce-overhead).
     compile_decode: bool = False
 
@@ -105,7 +106,7 @@ class Engine:
         device: str = "cpu",
         max_new_tokens: int = 350,
         stop_at_end_of_turn: bool = True,
-        system_prompt: str = TRAINING_SYSTEM_PROMPT,
+        system_prompt: str = EMPTY_SYSTEM_PROMPT,
         compile_decode: bool = False,
         cache_dir: Path | None = None,
     ) -> Engine:
