@@ -63,6 +63,17 @@ class _ImageState:
     finding_boxes_model: list[tuple[float, ...]] = dataclasses.field(default_factory=list)
 
 
+@dataclass
+class _Perception:
+    """The APM's view of a batch of images, per image (index = row)."""
+
+    boxes_model: torch.Tensor  # [B, 36, 4] int, model frame
+    sentences: list[list[str]]
+    memory: torch.Tensor  # [B, 1024, d_model]
+    anatomy_tokens: torch.Tensor  # [B, 36, token_dim]
+    labels: list[dict[str, float]]
+
+
 class Engine:
     """One loaded model. Not thread-safe: one engine per worker process."""
 
@@ -172,77 +183,95 @@ class Engine:
         pixels = images_to_tensor(images, device=self.device)
         timings["preprocess"] = time.perf_counter() - clock
 
-        outputs = self._timed(timings, "apm", lambda: self._run_apm(pixels))
-        boxes = outputs["boxes"].float().cpu()
-        anatomy_tokens = outputs["anatomy_tokens"].float()
-        memory = outputs["memory"]
-        sentences = self._timed(timings, "retrieval", lambda: self.retrieval.lookup(anatomy_tokens.cpu()))
-        boxes_model = boxes_to_xyxy_model(boxes)  # [B, 36, 4] int, model frame
-        logits = outputs["image_logits"].float().cpu().tolist()
-
+        perception = self._perceive(pixels, timings)
         states = [_ImageState() for _ in images]
-        # sigmoid per value in Python doubles: a vectorised kernel rounds tail elements differently,
-        # which would make a label depend on how many images share the batch
-        labels = [dict(zip(CHEXPERT_LABELS, (_sigmoid(v) for v in row))) for row in logits]
         for key in ("prompt", "prefill", "decode", "decode_tokens"):
             timings[key] = 0.0
         for request in requests:
             if request.uses_lm:
-                self._run_task(request, images, boxes_model, sentences, memory, anatomy_tokens, labels, states, timings)
+                self._run_task(request, images, perception, states, timings)
         if timings["decode"] > 0:
             timings["decode_tokens_per_s"] = timings["decode_tokens"] / timings["decode"]
         timings["total"] = time.perf_counter() - clock
 
-        results = []
-        for index, image in enumerate(images):
-            state = states[index]
-            regions = tuple(
-                Region(
-                    index=r,
-                    name=REGION_NAMES[r],
-                    box=_source_box(image.letterbox, boxes_model[index][r]),
-                    retrieved_sentence=sentences[index][r],
-                )
-                for r in range(len(REGION_NAMES))
+        return [self._result(image, index, perception, states[index], dict(timings)) for index, image in enumerate(images)]
+
+    # ---- stages shared by analyze() and the continuous batcher ----------------------------------------
+    def _perceive(self, pixels: torch.Tensor, timings: dict[str, float]) -> _Perception:
+        """APM + retrieval + image labels for a batch of images ``[B, 1, 1024, 1024]``."""
+        outputs = self._timed(timings, "apm", lambda: self._run_apm(pixels))
+        anatomy_tokens = outputs["anatomy_tokens"].float()
+        sentences = self._timed(timings, "retrieval", lambda: self.retrieval.lookup(anatomy_tokens.cpu()))
+        logits = outputs["image_logits"].float().cpu().tolist()
+        # sigmoid per value in Python doubles: a vectorised kernel rounds tail elements differently,
+        # which would make a label depend on how many images share the batch
+        labels = [dict(zip(CHEXPERT_LABELS, (_sigmoid(v) for v in row))) for row in logits]
+        return _Perception(
+            boxes_model=boxes_to_xyxy_model(outputs["boxes"].float().cpu()),  # [B, 36, 4] int, model frame
+            sentences=sentences,
+            memory=outputs["memory"],
+            anatomy_tokens=anatomy_tokens,
+            labels=labels,
+        )
+
+    def _sequence_for(self, request: TaskRequest, perception: _Perception, index: int, state: _ImageState):
+        """(instruction, prompt embeds [L, H], injected vectors [37, H]) for one image and task, or
+        None when the task has nothing to ask of this image (a warning says why)."""
+        instruction = instruction_for(request, perception.labels[index], state.finding_boxes_model)
+        if instruction is None:
+            state.warnings.append(f"{request.task}: skipped, nothing to ask ({_why_skipped(request.task)})")
+            return None
+        text = build_prompt_text(instruction, perception.boxes_model[index].tolist(), perception.sentences[index], self.options.system_prompt)
+        try:
+            encoded = encode_prompt(self.tokenizer, text, self.token_ids)
+        except PromptError as exc:  # e.g. an argument that itself contains <obj_i>: this task, this image
+            state.warnings.append(f"{request.task}: skipped, {exc}")
+            return None
+        ids = torch.tensor([encoded.input_ids])
+        prompt = self.lm.embed_prompt(ids, perception.memory[index : index + 1], perception.anatomy_tokens[index : index + 1])
+        return instruction, prompt[0], self.lm.injected_vectors(ids, prompt)[0]
+
+    def _take_answer(self, request: TaskRequest, instruction: str, tokens: list[int], letterbox: Letterbox, state: _ImageState) -> None:
+        text = postprocess_answer(self.tokenizer.decode(tokens, skip_special_tokens=True))
+        state.answers.append(TaskAnswer(request.task, instruction, text, len(tokens)))
+        self._read_answer(request, text, letterbox, state)
+
+    def _result(self, image: PreparedImage, index: int, perception: _Perception, state: _ImageState, timings: dict[str, float]) -> AnalysisResult:
+        regions = tuple(
+            Region(
+                index=r,
+                name=REGION_NAMES[r],
+                box=_source_box(image.letterbox, perception.boxes_model[index][r]),
+                retrieved_sentence=perception.sentences[index][r],
             )
-            results.append(
-                AnalysisResult(
-                    sop_instance_uid=image.sop_instance_uid or "",
-                    rows=image.letterbox.source_rows,
-                    columns=image.letterbox.source_columns,
-                    regions=regions,
-                    findings=tuple(state.findings),
-                    report=state.report,
-                    model=self._identity,
-                    image_labels=labels[index],
-                    answers=tuple(state.answers),
-                    timings=dict(timings),
-                    warnings=tuple(state.warnings),
-                )
-            )
-        return results
+            for r in range(len(REGION_NAMES))
+        )
+        return AnalysisResult(
+            sop_instance_uid=image.sop_instance_uid or "",
+            rows=image.letterbox.source_rows,
+            columns=image.letterbox.source_columns,
+            regions=regions,
+            findings=tuple(state.findings),
+            report=state.report,
+            model=self._identity,
+            image_labels=perception.labels[index],
+            answers=tuple(state.answers),
+            timings=timings,
+            warnings=tuple(state.warnings),
+        )
 
     # ---- one LM task over the batch ----------------------------------------------------------------
-    def _run_task(self, request, images, boxes_model, sentences, memory, anatomy_tokens, labels, states, timings) -> None:
+    def _run_task(self, request, images, perception, states, timings) -> None:
         rows, instructions, embeds, injected = [], [], [], []
         clock = time.perf_counter()
         for index, state in enumerate(states):
-            instruction = instruction_for(request, labels[index], state.finding_boxes_model)
-            if instruction is None:
-                state.warnings.append(f"{request.task}: skipped, nothing to ask ({_why_skipped(request.task)})")
+            sequence = self._sequence_for(request, perception, index, state)
+            if sequence is None:
                 continue
-            text = build_prompt_text(instruction, boxes_model[index].tolist(), sentences[index], self.options.system_prompt)
-            try:
-                encoded = encode_prompt(self.tokenizer, text, self.token_ids)
-            except PromptError as exc:  # e.g. an argument that itself contains <obj_i>: this task, this image
-                state.warnings.append(f"{request.task}: skipped, {exc}")
-                continue
-            ids = torch.tensor([encoded.input_ids])
-            prompt = self.lm.embed_prompt(ids, memory[index : index + 1], anatomy_tokens[index : index + 1])
-            embeds.append(prompt[0])
-            injected.append(self.lm.injected_vectors(ids, prompt)[0])
             rows.append(index)
-            instructions.append(instruction)
+            instructions.append(sequence[0])
+            embeds.append(sequence[1])
+            injected.append(sequence[2])
         timings["prompt"] += time.perf_counter() - clock
         if not rows:
             return
@@ -264,10 +293,7 @@ class Engine:
         timings["decode"] += generation.decode_s
         timings["decode_tokens"] += float(generation.new_tokens)
         for index, instruction, tokens in zip(rows, instructions, generation.tokens):
-            text = postprocess_answer(self.tokenizer.decode(tokens, skip_special_tokens=True))
-            state = states[index]
-            state.answers.append(TaskAnswer(request.task, instruction, text, len(tokens)))
-            self._read_answer(request, text, images[index].letterbox, state)
+            self._take_answer(request, instruction, tokens, images[index].letterbox, states[index])
 
     def _read_answer(self, request: TaskRequest, text: str, letterbox: Letterbox, state: _ImageState) -> None:
         kind = ANSWER_KINDS[request.task]

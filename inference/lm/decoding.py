@@ -32,6 +32,8 @@ from transformers.models.gemma3.modeling_gemma3 import apply_rotary_pos_emb
 
 #: Decode steps between checks whether every row has stopped.
 STOP_CHECK_INTERVAL = 8
+#: Row-by-row (CPU) steps attend over the row's positions rounded up to this many slots.
+ROW_KV_MULTIPLE = 256
 
 
 @dataclass(frozen=True)
@@ -181,12 +183,18 @@ def prefill(decoder: Gemma3ForCausalLM, embeds: torch.Tensor, cache: KVCache) ->
 
 
 def decode_one_token(
-    decoder: Gemma3ForCausalLM, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, injection: TokenInjection | None = None
+    decoder: Gemma3ForCausalLM,
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
+    cache: KVCache,
+    injection: TokenInjection | None = None,
+    kv_len: int | None = None,
 ) -> torch.Tensor:
     """One step for every row: tokens ``[B]`` at positions ``[B]`` -> logits ``[B, V]`` (static shapes).
-    ``injection`` swaps generated ``<obj_i>``/``<image>`` tokens for the row's injected vectors."""
+    ``injection`` swaps generated ``<obj_i>``/``<image>`` tokens for the row's injected vectors;
+    ``kv_len`` (eager CPU only) attends over the first slots instead of the whole cache."""
     embeds = embed_generated(decoder, tokens, injection)
-    hidden = forward_hidden(decoder, embeds, positions[:, None], cache)
+    hidden = forward_hidden(decoder, embeds, positions[:, None], cache, kv_len=kv_len)
     return logits_from_hidden(decoder, hidden[:, 0])
 
 
@@ -197,12 +205,15 @@ def decode_rows_one_by_one(
 
     CPU BLAS picks different kernels (and summation orders) for 1, 2-3 and 4+ rows, so a batched step
     is only equal to single calls up to rounding. On CPU, where batching buys little, this keeps each
-    image's result bit-identical whatever else is in the batch.
+    image's result bit-identical whatever else is in the batch. Each row attends over its own
+    positions rounded up to :data:`ROW_KV_MULTIPLE` slots, so its result does not depend on the
+    cache's length either (a continuous batch sizes the cache for every sequence it may hold).
     """
     rows = [
         decode_one_token(
             decoder, tokens[row : row + 1], positions[row : row + 1], cache.rows(row, row + 1),
             None if injection is None else injection.rows(row, row + 1),
+            kv_len=min(cache.max_len, round_up(int(positions[row]) + 1, ROW_KV_MULTIPLE)),
         )
         for row in range(tokens.shape[0])
     ]
