@@ -133,7 +133,9 @@ class ContinuousBatcher:
         elapsed = time.perf_counter() - clock
         for slot in active:
             sequence = self._rows[slot]
-            sequence.image.timings["decode"] = sequence.image.timings.get("decode", 0.0) + elapsed
+            timings = sequence.image.timings
+            timings["decode"] = timings.get("decode", 0.0) + elapsed
+            timings["decode_rows_max"] = max(timings.get("decode_rows_max", 0.0), float(len(active)))
             self._advance(slot, sequence, values[slot], finished)
         idle = torch.tensor([row is None for row in self._rows], device=self.device)
         self._tokens.copy_(next_tokens.masked_fill(idle, self.engine.token_ids.pad))
