@@ -155,7 +155,14 @@ class BatchRun:
             for study in queued:
                 if self.batcher.images_in_flight >= self.max_batch:
                     break
+                key = (study.study_instance_uid, study.version)
                 if self.store.transition_study(study.study_instance_uid, study.version, ("queued",), "analyzing"):
+                    if key in self.studies:
+                        # ours already: dispatch took a late lease renewal (a starved process) for a
+                        # dead worker and re-queued it; we hold it again, its images are in flight
+                        LOG.warning("study %s v%d was re-queued while in this batch; kept", *key)
+                        self.leases.add(*key)
+                        continue
                     current = self.store.get_study(study.study_instance_uid)
                     if current is not None and current.version == study.version and current.state == "analyzing":
                         self._start_study(current, outcomes)

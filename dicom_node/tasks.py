@@ -71,6 +71,11 @@ def run_analyze(ctx: WorkerContext, app: Celery, study_instance_uid: str, versio
     from dicom_node.analysis import analyze_study_version
 
     store, settings = ctx.store(), ctx.settings
+    if settings.model.max_batch > 1:
+        try:  # load before claiming: a batch claims studies only once it can run them at once
+            ctx.engine()
+        except Exception:  # the claim below records the failure against the study, as a single task does
+            LOG.exception("model load failed")
     if not store.transition_study(study_instance_uid, version, ("queued",), "analyzing"):
         study = store.get_study(study_instance_uid)
         state = f"{study.state} v{study.version}" if study else "unknown"

@@ -45,7 +45,7 @@ class _Image:
     state: _ImageState = field(default_factory=_ImageState)
     next_task: int = 0
     timings: dict[str, float] = field(default_factory=dict)
-    started: float = field(default_factory=time.perf_counter)
+    started: float = field(default_factory=time.perf_counter)  # when it was submitted
 
 
 @dataclass
@@ -71,7 +71,7 @@ class ContinuousBatcher:
         self.on_gpu = self.device.type == "cuda"
         self.max_new_tokens = engine.options.max_new_tokens
         self.stop_ids = frozenset(engine.token_ids.stop_ids if engine.options.stop_at_end_of_turn else ())
-        self._waiting: deque[tuple[Hashable, PreparedImage]] = deque()
+        self._waiting: deque[tuple[Hashable, PreparedImage, float]] = deque()
         self._ready: deque[_Sequence] = deque()
         self._rows: list[_Sequence | None] = [None] * slots
         self._images_in_flight = 0
@@ -87,7 +87,7 @@ class ContinuousBatcher:
     # ---- intake ----------------------------------------------------------------------------------
     def submit(self, key: Hashable, image: PreparedImage) -> None:
         """Queue one image; its result comes back from :meth:`step` under ``key``."""
-        self._waiting.append((key, image))
+        self._waiting.append((key, image, time.perf_counter()))
 
     @property
     def images_in_flight(self) -> int:
@@ -158,11 +158,11 @@ class ContinuousBatcher:
         batch = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
         timings: dict[str, float] = {}
         clock = time.perf_counter()
-        pixels = images_to_tensor([image for _, image in batch], device=self.device)
+        pixels = images_to_tensor([image for _, image, _ in batch], device=self.device)
         timings["preprocess"] = time.perf_counter() - clock
         perception = self.engine._perceive(pixels, timings)
-        for row, (key, image) in enumerate(batch):
-            item = _Image(key, image, perception, row, timings={**timings, "batch_size": float(len(batch))})
+        for row, (key, image, submitted) in enumerate(batch):
+            item = _Image(key, image, perception, row, timings={**timings, "batch_size": float(len(batch))}, started=submitted)
             self._images_in_flight += 1
             self._next_sequence(item, finished)
 
@@ -181,7 +181,7 @@ class ContinuousBatcher:
                 return
         self._images_in_flight -= 1
         timings = dict(item.timings)
-        timings["total"] = time.perf_counter() - item.started
+        timings["total"] = time.perf_counter() - item.started  # from submit: waiting included
         finished.append((item.key, self.engine._result(item.image, item.row, item.perception, item.state, timings)))
 
     def _admit(self, finished: list) -> None:

@@ -110,7 +110,7 @@ def test_sixteen_studies_pushed_at_once_are_batched_and_each_gets_its_own_result
 
 
 def json_text(result: dict) -> str:
-    return repr([a["text"] for a in result["answers"]]) + repr(result["image_labels"])
+    return repr([a["raw_text"] for a in result["answers"]]) + repr(result["image_labels"])
 
 
 def test_sigkill_mid_batch_leaves_every_study_analysed_exactly_once(tmp_path, redis_server):
