@@ -63,6 +63,8 @@ def analysed_per_study(site: NodeSite) -> dict[str, list[str]]:
 
 def alone_results(site: NodeSite, paths: list[Path]) -> dict[str, dict]:
     """Each file analysed alone, in this process, with the site's settings (same weights and tasks)."""
+    import json
+
     from dicom_node.analysis import analyze_datasets, load_engine
 
     engine = load_engine(replace(site.settings, model=replace(site.settings.model, max_batch=1)))
@@ -70,7 +72,7 @@ def alone_results(site: NodeSite, paths: list[Path]) -> dict[str, dict]:
     for path in paths:
         ds = pydicom.dcmread(path)
         (outcome,) = analyze_datasets(engine, [ds], site.settings.model.tasks)
-        out[str(ds.SOPInstanceUID)] = outcome.result.to_dict()
+        out[str(ds.SOPInstanceUID)] = json.loads(outcome.result.to_json())  # as stored: JSON types
     return out
 
 
