@@ -74,6 +74,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="CUDA: also measure the torch.compile'd decode step")
     parser.add_argument("--bandwidth-gbps", type=float, help="HBM bandwidth for the bound (default: by GPU name)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (tiny matrices: 1 is fastest on a shared CPU)")
+    parser.add_argument("--continuous", type=int, default=0, metavar="N",
+                        help="also run the continuous batcher over N images at each --batch-sizes slot count")
     parser.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "anatomix-bench")
     args = parser.parse_args()
 
@@ -169,6 +171,29 @@ def main() -> None:
             f"| {batch} | {name} | {step_s * 1e3:.2f} | {tokens_s:,.0f} | {hf_by_batch[batch] / step_s:.2f}x | {bound or 'n/a'} |"
             f" {3600 / per_image:,.0f} |"
         )
+    if args.continuous:
+        continuous_table(engine, device, [int(b) for b in args.batch_sizes.split(",")], args.continuous)
+
+
+def continuous_table(engine: Engine, device: torch.device, slot_counts: list[int], images_per_run: int) -> None:
+    """The worker's ContinuousBatcher (APM, prompts, prefill, join/leave decode) over ``images_per_run``
+    images at each slot count: throughput against per-image latency."""
+    from inference.batching import ContinuousBatcher
+
+    images = [prepare_array(synthetic_chest_radiograph(900 + 7 * i, 800, seed=i)) for i in range(images_per_run)]
+    print(f"\n| slots | images | images/s | latency p50 s | latency max s | decode rows max |\n|---|---|---|---|---|---|")
+    for slots in slot_counts:
+        batcher = ContinuousBatcher(engine, ["report"], slots=slots)
+        sync(device)
+        start = time.perf_counter()
+        for index, image in enumerate(images):
+            batcher.submit(index, image)
+        results = batcher.drain()
+        sync(device)
+        wall = time.perf_counter() - start
+        latency = sorted(result.timings["total"] for _, result in results)
+        print(f"| {slots} | {len(results)} | {len(results) / wall:.2f} | {statistics.median(latency):.2f} | {latency[-1]:.2f} |"
+              f" {batcher.peak_rows} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -126,6 +126,14 @@ class ModelSettings:
     max_new_tokens: int = 350
     #: Stop at <end_of_turn>/<eos> (fast) instead of always decoding max_new_tokens like the reference.
     stop_at_end_of_turn: bool = True
+    # -- engine exactness and cross-study batching (issue 12) --
+    #: ``empty`` (the reference's benchmark and string entry point: the published figures) or
+    #: ``training`` (the system prompt the model was fine-tuned with).
+    system_prompt: str = "empty"
+    #: Images decoded together by one analyze worker, taken across queued studies (1: one study at a time).
+    max_batch: int = 1
+    #: How long an idle worker waits for more queued studies to fill a batch before it starts.
+    batch_wait_ms: int = 50
 
 
 @dataclass(frozen=True)
@@ -420,6 +428,12 @@ def validate(settings: Settings) -> None:
         raise SettingsError(f"model.device = {model.device!r}: use cpu, cuda or cuda:N")
     if model.max_new_tokens < 1:
         raise SettingsError(f"model.max_new_tokens = {model.max_new_tokens}: must be >= 1")
+    if model.system_prompt not in ("empty", "training"):
+        raise SettingsError(f"model.system_prompt = {model.system_prompt!r}: use empty (the paper's evaluation) or training")
+    if not 1 <= model.max_batch <= 256:
+        raise SettingsError(f"model.max_batch = {model.max_batch}: must be between 1 and 256")
+    if not 0 <= model.batch_wait_ms <= 60_000:
+        raise SettingsError(f"model.batch_wait_ms = {model.batch_wait_ms}: must be between 0 and 60000")
     from inference.result import TASKS  # pure-data module, no heavy imports
 
     for task in model.tasks:

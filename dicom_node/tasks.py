@@ -72,12 +72,24 @@ def run_analyze(ctx: WorkerContext, app: Celery, study_instance_uid: str, versio
     from dicom_node.analysis import analyze_study_version
 
     store, settings = ctx.store(), ctx.settings
+    if settings.model.max_batch > 1:
+        try:  # load before claiming: a batch claims studies only once it can run them at once
+            ctx.engine()
+        except Exception:  # the claim below records the failure against the study, as a single task does
+            LOG.exception("model load failed")
     if not store.transition_study(study_instance_uid, version, ("queued",), "analyzing"):
         study = store.get_study(study_instance_uid)
         state = f"{study.state} v{study.version}" if study else "unknown"
         LOG.info("analyze %s v%d: nothing to do (study is %s)", study_instance_uid, version, state)
         return "skipped"
     started = time.monotonic()
+    if settings.model.max_batch > 1:  # this study and other queued ones, decoded together
+        from dicom_node.batch_analysis import BatchRun
+
+        study = store.get_study(study_instance_uid)
+        finish = lambda uid, v, report, t0: finish_analysis(store, settings, app, uid, v, report, t0)  # noqa: E731
+        outcomes = BatchRun(ctx, app, finish).run(study)
+        return outcomes.get(study_instance_uid, "failed")
     with Heartbeat(settings, "analyze", study_instance_uid, version):
         study = store.get_study(study_instance_uid)
         try:
@@ -89,6 +101,14 @@ def run_analyze(ctx: WorkerContext, app: Celery, study_instance_uid: str, versio
             store.transition_study(study_instance_uid, version, ("analyzing",), "failed", error=f"analysis failed: {exc}")
             clear_lease(settings, "analyze", study_instance_uid, version)
             return "failed"
+    outcome = finish_analysis(store, settings, app, study_instance_uid, version, report, started)
+    clear_lease(settings, "analyze", study_instance_uid, version)
+    return outcome
+
+
+def finish_analysis(store: Store, settings: Settings, app: Celery, study_instance_uid: str, version: int, report, started: float) -> str:
+    """Move an analysed study version on (analyzed + queue delivery, failed, or done) once every
+    image has its result recorded; returns the outcome."""
     LOG.info("analyze %s v%d: %s in %.1f s", study_instance_uid, version, report.summary(), time.monotonic() - started)
     note = report.summary() if (report.failed or report.skipped) else None
     if report.analyzed:
@@ -97,15 +117,12 @@ def run_analyze(ctx: WorkerContext, app: Celery, study_instance_uid: str, versio
             queue.send_deliver(app, study_instance_uid, version)
         except (OperationalError, OSError) as exc:  # broker down: dispatch re-sends "analyzed" studies
             LOG.error("analyze %s v%d: could not queue the delivery (%s); dispatch will", study_instance_uid, version, exc)
-        outcome = "analyzed"
-    elif report.failed:
+        return "analyzed"
+    if report.failed:
         store.transition_study(study_instance_uid, version, ("analyzing",), "failed", error=f"no image could be analysed: {note}")
-        outcome = "failed"
-    else:
-        store.transition_study(study_instance_uid, version, ("analyzing",), "done", error=f"nothing to analyse: {note or 'no images'}")
-        outcome = "nothing"
-    clear_lease(settings, "analyze", study_instance_uid, version)
-    return outcome
+        return "failed"
+    store.transition_study(study_instance_uid, version, ("analyzing",), "done", error=f"nothing to analyse: {note or 'no images'}")
+    return "nothing"
 
 
 def run_deliver(ctx: WorkerContext, app: Celery, study_instance_uid: str, version: int) -> str:

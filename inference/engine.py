@@ -20,13 +20,13 @@ import torch
 from inference.apm.checkpoint import APMLoadReport, CheckpointError, load_apm
 from inference.apm.model import boxes_to_xyxy_model
 from inference.lm.config import LMConfigError
-from inference.lm.decoding import Generation, compile_decode_step, decode_one_token, decode_rows_one_by_one, generate_greedy
+from inference.lm.decoding import Generation, TokenInjection, compile_decode_step, decode_one_token, decode_rows_one_by_one, generate_greedy
 from inference.lm.loader import LMCheckpointError, LMLoadReport, load_lm
 from inference.lm.model import AnatomixLM
 from inference.model_dir import ModelDir, ModelDirError, device_uid_from_digest
 from inference.parsing import parse_grounded_answer, postprocess_answer, split_report, strip_tags
 from inference.preprocess import Letterbox, PreparedImage, images_to_tensor, prepare_dataset
-from inference.prompt import TRAINING_SYSTEM_PROMPT, PromptError, build_prompt_text, encode_prompt
+from inference.prompt import EMPTY_SYSTEM_PROMPT, PromptError, build_prompt_text, encode_prompt
 from inference.result import CHEXPERT_LABELS, REGION_NAMES, AnalysisResult, Box, Finding, ModelIdentity, Region, Report, TaskAnswer
 from inference.retrieval import RetrievalDB, RetrievalDBError
 from inference.tasks import ANSWER_KINDS, DEFAULT_LM_REGION, NO_ABNORMALITY_ANSWER, TaskRequest, boxes_for, instruction_for, region_name
@@ -46,7 +46,8 @@ class EngineOptions:
     max_new_tokens: int = 350
     #: Stop at <end_of_turn>/<eos> (fast); False decodes max_new_tokens like the reference.
     stop_at_end_of_turn: bool = True
-    system_prompt: str = TRAINING_SYSTEM_PROMPT
+    #: System prompt text: empty as in the paper's evaluation (``model.system_prompt`` picks it).
+    system_prompt: str = EMPTY_SYSTEM_PROMPT
     #: CUDA only: compile the decode step into CUDA graphs (torch.compile, reduce-overhead).
     compile_decode: bool = False
 
@@ -60,6 +61,17 @@ class _ImageState:
     warnings: list[str] = dataclasses.field(default_factory=list)
     report: Report | None = None
     finding_boxes_model: list[tuple[float, ...]] = dataclasses.field(default_factory=list)
+
+
+@dataclass
+class _Perception:
+    """The APM's view of a batch of images, per image (index = row)."""
+
+    boxes_model: torch.Tensor  # [B, 36, 4] int, model frame
+    sentences: list[list[str]]
+    memory: torch.Tensor  # [B, 1024, d_model]
+    anatomy_tokens: torch.Tensor  # [B, 36, token_dim]
+    labels: list[dict[str, float]]
 
 
 class Engine:
@@ -105,7 +117,7 @@ class Engine:
         device: str = "cpu",
         max_new_tokens: int = 350,
         stop_at_end_of_turn: bool = True,
-        system_prompt: str = TRAINING_SYSTEM_PROMPT,
+        system_prompt: str = EMPTY_SYSTEM_PROMPT,
         compile_decode: bool = False,
         cache_dir: Path | None = None,
     ) -> Engine:
@@ -171,75 +183,95 @@ class Engine:
         pixels = images_to_tensor(images, device=self.device)
         timings["preprocess"] = time.perf_counter() - clock
 
-        outputs = self._timed(timings, "apm", lambda: self._run_apm(pixels))
-        boxes = outputs["boxes"].float().cpu()
-        anatomy_tokens = outputs["anatomy_tokens"].float()
-        memory = outputs["memory"]
-        sentences = self._timed(timings, "retrieval", lambda: self.retrieval.lookup(anatomy_tokens.cpu()))
-        boxes_model = boxes_to_xyxy_model(boxes)  # [B, 36, 4] int, model frame
-        logits = outputs["image_logits"].float().cpu().tolist()
-
+        perception = self._perceive(pixels, timings)
         states = [_ImageState() for _ in images]
-        # sigmoid per value in Python doubles: a vectorised kernel rounds tail elements differently,
-        # which would make a label depend on how many images share the batch
-        labels = [dict(zip(CHEXPERT_LABELS, (_sigmoid(v) for v in row))) for row in logits]
         for key in ("prompt", "prefill", "decode", "decode_tokens"):
             timings[key] = 0.0
         for request in requests:
             if request.uses_lm:
-                self._run_task(request, images, boxes_model, sentences, memory, anatomy_tokens, labels, states, timings)
+                self._run_task(request, images, perception, states, timings)
         if timings["decode"] > 0:
             timings["decode_tokens_per_s"] = timings["decode_tokens"] / timings["decode"]
         timings["total"] = time.perf_counter() - clock
 
-        results = []
-        for index, image in enumerate(images):
-            state = states[index]
-            regions = tuple(
-                Region(
-                    index=r,
-                    name=REGION_NAMES[r],
-                    box=_source_box(image.letterbox, boxes_model[index][r]),
-                    retrieved_sentence=sentences[index][r],
-                )
-                for r in range(len(REGION_NAMES))
+        return [self._result(image, index, perception, states[index], dict(timings)) for index, image in enumerate(images)]
+
+    # ---- stages shared by analyze() and the continuous batcher ----------------------------------------
+    def _perceive(self, pixels: torch.Tensor, timings: dict[str, float]) -> _Perception:
+        """APM + retrieval + image labels for a batch of images ``[B, 1, 1024, 1024]``."""
+        outputs = self._timed(timings, "apm", lambda: self._run_apm(pixels))
+        anatomy_tokens = outputs["anatomy_tokens"].float()
+        sentences = self._timed(timings, "retrieval", lambda: self.retrieval.lookup(anatomy_tokens.cpu()))
+        logits = outputs["image_logits"].float().cpu().tolist()
+        # sigmoid per value in Python doubles: a vectorised kernel rounds tail elements differently,
+        # which would make a label depend on how many images share the batch
+        labels = [dict(zip(CHEXPERT_LABELS, (_sigmoid(v) for v in row))) for row in logits]
+        return _Perception(
+            boxes_model=boxes_to_xyxy_model(outputs["boxes"].float().cpu()),  # [B, 36, 4] int, model frame
+            sentences=sentences,
+            memory=outputs["memory"],
+            anatomy_tokens=anatomy_tokens,
+            labels=labels,
+        )
+
+    def _sequence_for(self, request: TaskRequest, perception: _Perception, index: int, state: _ImageState):
+        """(instruction, prompt embeds [L, H], injected vectors [37, H]) for one image and task, or
+        None when the task has nothing to ask of this image (a warning says why)."""
+        instruction = instruction_for(request, perception.labels[index], state.finding_boxes_model)
+        if instruction is None:
+            state.warnings.append(f"{request.task}: skipped, nothing to ask ({_why_skipped(request.task)})")
+            return None
+        text = build_prompt_text(instruction, perception.boxes_model[index].tolist(), perception.sentences[index], self.options.system_prompt)
+        try:
+            encoded = encode_prompt(self.tokenizer, text, self.token_ids)
+        except PromptError as exc:  # e.g. an argument that itself contains <obj_i>: this task, this image
+            state.warnings.append(f"{request.task}: skipped, {exc}")
+            return None
+        ids = torch.tensor([encoded.input_ids])
+        prompt = self.lm.embed_prompt(ids, perception.memory[index : index + 1], perception.anatomy_tokens[index : index + 1])
+        return instruction, prompt[0], self.lm.injected_vectors(ids, prompt)[0]
+
+    def _take_answer(self, request: TaskRequest, instruction: str, tokens: list[int], letterbox: Letterbox, state: _ImageState) -> None:
+        text = postprocess_answer(self.tokenizer.decode(tokens, skip_special_tokens=True))
+        state.answers.append(TaskAnswer(request.task, instruction, text, len(tokens)))
+        self._read_answer(request, text, letterbox, state)
+
+    def _result(self, image: PreparedImage, index: int, perception: _Perception, state: _ImageState, timings: dict[str, float]) -> AnalysisResult:
+        regions = tuple(
+            Region(
+                index=r,
+                name=REGION_NAMES[r],
+                box=_source_box(image.letterbox, perception.boxes_model[index][r]),
+                retrieved_sentence=perception.sentences[index][r],
             )
-            results.append(
-                AnalysisResult(
-                    sop_instance_uid=image.sop_instance_uid or "",
-                    rows=image.letterbox.source_rows,
-                    columns=image.letterbox.source_columns,
-                    regions=regions,
-                    findings=tuple(state.findings),
-                    report=state.report,
-                    model=self._identity,
-                    image_labels=labels[index],
-                    answers=tuple(state.answers),
-                    timings=dict(timings),
-                    warnings=tuple(state.warnings),
-                ).with_text_checks()  # degenerate model text (loops, U+FFFD, empty) flagged in the warnings
-            )
-        return results
+            for r in range(len(REGION_NAMES))
+        )
+        return AnalysisResult(
+            sop_instance_uid=image.sop_instance_uid or "",
+            rows=image.letterbox.source_rows,
+            columns=image.letterbox.source_columns,
+            regions=regions,
+            findings=tuple(state.findings),
+            report=state.report,
+            model=self._identity,
+            image_labels=perception.labels[index],
+            answers=tuple(state.answers),
+            timings=timings,
+            warnings=tuple(state.warnings),
+        ).with_text_checks()  # degenerate model text (loops, U+FFFD, empty) flagged in the warnings
 
     # ---- one LM task over the batch ----------------------------------------------------------------
-    def _run_task(self, request, images, boxes_model, sentences, memory, anatomy_tokens, labels, states, timings) -> None:
-        rows, instructions, embeds = [], [], []
+    def _run_task(self, request, images, perception, states, timings) -> None:
+        rows, instructions, embeds, injected = [], [], [], []
         clock = time.perf_counter()
         for index, state in enumerate(states):
-            instruction = instruction_for(request, labels[index], state.finding_boxes_model)
-            if instruction is None:
-                state.warnings.append(f"{request.task}: skipped, nothing to ask ({_why_skipped(request.task)})")
+            sequence = self._sequence_for(request, perception, index, state)
+            if sequence is None:
                 continue
-            text = build_prompt_text(instruction, boxes_model[index].tolist(), sentences[index], self.options.system_prompt)
-            try:
-                encoded = encode_prompt(self.tokenizer, text, self.token_ids)
-            except PromptError as exc:  # e.g. an argument that itself contains <obj_i>: this task, this image
-                state.warnings.append(f"{request.task}: skipped, {exc}")
-                continue
-            ids = torch.tensor([encoded.input_ids])
-            embeds.append(self.lm.embed_prompt(ids, memory[index : index + 1], anatomy_tokens[index : index + 1])[0])
             rows.append(index)
-            instructions.append(instruction)
+            instructions.append(sequence[0])
+            embeds.append(sequence[1])
+            injected.append(sequence[2])
         timings["prompt"] += time.perf_counter() - clock
         if not rows:
             return
@@ -253,6 +285,7 @@ class Engine:
             decode_step=self._decode_step,
             cache_multiple=512 if on_gpu else 256,
             cache=self._cache if on_gpu else None,
+            injection=TokenInjection(self.lm.injection_slots(), torch.stack(injected)),
         )
         if on_gpu:
             self._cache = generation.cache
@@ -260,10 +293,7 @@ class Engine:
         timings["decode"] += generation.decode_s
         timings["decode_tokens"] += float(generation.new_tokens)
         for index, instruction, tokens in zip(rows, instructions, generation.tokens):
-            text = postprocess_answer(self.tokenizer.decode(tokens, skip_special_tokens=True))
-            state = states[index]
-            state.answers.append(TaskAnswer(request.task, instruction, text, len(tokens)))
-            self._read_answer(request, text, images[index].letterbox, state)
+            self._take_answer(request, instruction, tokens, images[index].letterbox, states[index])
 
     def _read_answer(self, request: TaskRequest, text: str, letterbox: Letterbox, state: _ImageState) -> None:
         kind = ANSWER_KINDS[request.task]

@@ -19,14 +19,18 @@ from transformers import PreTrainedTokenizerBase
 
 from inference.tokens import NUM_OBJECT_TOKENS, TokenIds
 
-#: The system prompt used in training (one of three; this is the one we use by default).
+#: The system prompt used in training (one of three; the one we offer as ``training``).
 TRAINING_SYSTEM_PROMPT = (
     "You are a specialized AI radiology assistant trained to interpret chest X-ray images. You are given some"
     " possible findings about this chest X-ray image. Some of these findings might not be correct. Use the given"
     " findings to complete the task"
 )
-#: The reference's own string entry point passes an empty system prompt.
+#: The reference's own string entry point and its benchmark script (``benchmarking/mymodel.py``,
+#: ``system_prompts=[""]``) pass an empty system prompt: the published figures were made that way.
 EMPTY_SYSTEM_PROMPT = ""
+#: ``model.system_prompt`` setting -> the text. ``empty`` (the paper's evaluation) is the default.
+SYSTEM_PROMPTS = {"empty": EMPTY_SYSTEM_PROMPT, "training": TRAINING_SYSTEM_PROMPT}
+DEFAULT_SYSTEM_PROMPT = "empty"
 IMAGE_TOKENS = 1024
 
 BoxXYXY = tuple[int, int, int, int]
@@ -110,3 +114,11 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str, token_ids: Toke
     if wrong:
         raise PromptError(f"prompt must hold each <obj_i> exactly once; wrong for i = {wrong[:8]}")
     return EncodedPrompt(text=text, input_ids=tuple(ids))
+
+
+def system_prompt_text(name: str) -> str:
+    """The system prompt named by the ``model.system_prompt`` setting."""
+    try:
+        return SYSTEM_PROMPTS[name]
+    except KeyError:
+        raise PromptError(f"unknown system prompt {name!r}; use one of {', '.join(SYSTEM_PROMPTS)}") from None

@@ -118,13 +118,16 @@ class BackboneJoiner(nn.Sequential):
 
 
 def fold_conv_bn(conv: nn.Conv2d, bn: FrozenBatchNorm2d) -> nn.Conv2d:
-    """A conv with bias equal to ``bn(conv(x))`` (frozen statistics make this exact up to rounding)."""
-    scale, shift = bn.scale_and_shift()
+    """A conv with bias equal to ``bn(conv(x))``. The folded weights are computed in float64 and
+    rounded once to the conv's dtype; the result still differs from conv-then-BN by the rounding of a
+    different order of operations, which deep stacks amplify (see ``TorchAPMRunner``)."""
+    scale = bn.weight.double() * (bn.running_var.double() + bn.eps).rsqrt()
+    shift = bn.bias.double() - bn.running_mean.double() * scale
     fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
                       padding=conv.padding, bias=True, device=conv.weight.device, dtype=conv.weight.dtype)
     with torch.no_grad():
-        fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
-        fused.bias.copy_(shift if conv.bias is None else conv.bias * scale + shift)
+        fused.weight.copy_(conv.weight.double() * scale.reshape(-1, 1, 1, 1))
+        fused.bias.copy_(shift if conv.bias is None else conv.bias.double() * scale + shift)
     return fused.requires_grad_(False)
 
 

@@ -7,6 +7,12 @@ prompt already fills a GPU) and writes that row of the cache; every decode step 
 together with static shapes (``decode_one_token``), which is what lets it be captured as a CUDA graph
 by ``torch.compile(mode="reduce-overhead")`` when enabled.
 
+Generated ``<obj_i>`` and ``<image>`` tokens are fed back as the reference feeds them: its forward
+runs again over the whole sequence at every step and writes the projected vectors over every such
+position, so a generated ``<obj_i>`` becomes region i's projected anatomy token and a generated
+``<image>`` the first projected image vector (:class:`TokenInjection`). Every decode path (eager,
+row by row, compiled) swaps them in inside :func:`decode_one_token`, with static shapes.
+
 We call the Gemma-3 modules (projections, q/k norms, RoPE, MLP, RMSNorms, head) from ``transformers``
 and do only the attention ourselves, on the static cache with an explicit causal + sliding-window
 mask (``q - k < sliding_window`` on local layers), the same rule as ``transformers``' masks.
@@ -26,6 +32,36 @@ from transformers.models.gemma3.modeling_gemma3 import apply_rotary_pos_emb
 
 #: Decode steps between checks whether every row has stopped.
 STOP_CHECK_INTERVAL = 8
+#: Row-by-row (CPU) steps attend over the row's positions rounded up to this many slots.
+ROW_KV_MULTIPLE = 256
+
+
+@dataclass(frozen=True)
+class TokenInjection:
+    """What a generated token is embedded as when it is an injected one.
+
+    ``slot_of``: ``[V]`` long, the vector slot of each token id (-1: the plain embedding);
+    ``vectors``: ``[B, S, H]`` in the decoder dtype, per row the vectors written into its prompt
+    (slots 0-35 the ``<obj_i>`` vectors, slot 36 the first ``<image>`` vector).
+    """
+
+    slot_of: torch.Tensor
+    vectors: torch.Tensor
+
+    def rows(self, start: int, stop: int) -> TokenInjection:
+        return TokenInjection(self.slot_of, self.vectors[start:stop])
+
+
+def embed_generated(decoder: Gemma3ForCausalLM, tokens: torch.Tensor, injection: TokenInjection | None) -> torch.Tensor:
+    """tokens ``[B]`` -> ``[B, 1, H]``: the scaled token embedding, or the row's injected vector for
+    ``<obj_i>``/``<image>`` (no rescale, as in the prompt). Static shapes: a gather and a select."""
+    embeds = decoder.model.embed_tokens(tokens[:, None])
+    if injection is None:
+        return embeds
+    slots = injection.slot_of[tokens]  # [B]
+    rows = torch.arange(tokens.shape[0], device=tokens.device)
+    chosen = injection.vectors[rows, slots.clamp(min=0)].to(embeds.dtype)  # [B, H]
+    return torch.where((slots >= 0)[:, None, None], chosen[:, None, :], embeds)
 
 
 @dataclass
@@ -146,22 +182,39 @@ def prefill(decoder: Gemma3ForCausalLM, embeds: torch.Tensor, cache: KVCache) ->
     return logits_from_hidden(decoder, hidden[:, -1])
 
 
-def decode_one_token(decoder: Gemma3ForCausalLM, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """One step for every row: tokens ``[B]`` at positions ``[B]`` -> logits ``[B, V]`` (static shapes)."""
-    embeds = decoder.model.embed_tokens(tokens[:, None])
-    hidden = forward_hidden(decoder, embeds, positions[:, None], cache)
+def decode_one_token(
+    decoder: Gemma3ForCausalLM,
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
+    cache: KVCache,
+    injection: TokenInjection | None = None,
+    kv_len: int | None = None,
+) -> torch.Tensor:
+    """One step for every row: tokens ``[B]`` at positions ``[B]`` -> logits ``[B, V]`` (static shapes).
+    ``injection`` swaps generated ``<obj_i>``/``<image>`` tokens for the row's injected vectors;
+    ``kv_len`` (eager CPU only) attends over the first slots instead of the whole cache."""
+    embeds = embed_generated(decoder, tokens, injection)
+    hidden = forward_hidden(decoder, embeds, positions[:, None], cache, kv_len=kv_len)
     return logits_from_hidden(decoder, hidden[:, 0])
 
 
-def decode_rows_one_by_one(decoder: Gemma3ForCausalLM, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+def decode_rows_one_by_one(
+    decoder: Gemma3ForCausalLM, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, injection: TokenInjection | None = None
+) -> torch.Tensor:
     """:func:`decode_one_token` run as B single-row steps.
 
     CPU BLAS picks different kernels (and summation orders) for 1, 2-3 and 4+ rows, so a batched step
     is only equal to single calls up to rounding. On CPU, where batching buys little, this keeps each
-    image's result bit-identical whatever else is in the batch.
+    image's result bit-identical whatever else is in the batch. Each row attends over its own
+    positions rounded up to :data:`ROW_KV_MULTIPLE` slots, so its result does not depend on the
+    cache's length either (a continuous batch sizes the cache for every sequence it may hold).
     """
     rows = [
-        decode_one_token(decoder, tokens[row : row + 1], positions[row : row + 1], cache.rows(row, row + 1))
+        decode_one_token(
+            decoder, tokens[row : row + 1], positions[row : row + 1], cache.rows(row, row + 1),
+            None if injection is None else injection.rows(row, row + 1),
+            kv_len=min(cache.max_len, round_up(int(positions[row]) + 1, ROW_KV_MULTIPLE)),
+        )
         for row in range(tokens.shape[0])
     ]
     return torch.cat(rows, dim=0)
@@ -201,6 +254,7 @@ def generate_greedy(
     decode_step: Callable[..., torch.Tensor] | None = None,
     cache_multiple: int = 256,
     cache: KVCache | None = None,
+    injection: TokenInjection | None = None,
 ) -> Generation:
     """Greedy decoding for a batch of prompt embeddings (each ``[L_b, H]``, lengths may differ).
 
@@ -210,6 +264,7 @@ def generate_greedy(
     up to ``cache_multiple`` so compiled graphs are reused across calls. A ``cache`` of exactly that
     shape is reused (zeroed) instead of allocating one: a compiled step keeps its CUDA graph only
     while the cache tensors keep their addresses. ``Generation.cache`` returns the one used.
+    ``injection`` (one row per prompt) embeds generated ``<obj_i>``/``<image>`` as the reference does.
     """
     device = decoder.lm_head.weight.device
     batch = len(prompts)
@@ -244,7 +299,7 @@ def generate_greedy(
         # meanwhile decode a few ignored tokens, which is cheaper than stalling the GPU every step)
         if len(stops) and steps % STOP_CHECK_INTERVAL == 0 and bool(finished.all()):
             break
-        logits = step(decoder, tokens.clone(), positions.clone(), cache)
+        logits = step(decoder, tokens.clone(), positions.clone(), cache, injection)
         tokens = logits.argmax(dim=-1)
         out.append(tokens)
         if len(stops):

@@ -118,3 +118,27 @@ class AnatomixLM(nn.Module):
         rows = torch.arange(batch, device=self.device)[:, None].expand_as(positions)
         embeds[rows, positions] = object_vectors
         return embeds
+
+    def injection_slots(self) -> torch.Tensor:
+        """``[V]`` long: slot i for ``<obj_i>``, slot 36 for ``<image>``, -1 for every other id."""
+        if getattr(self, "_injection_slots", None) is None:
+            ids = self.token_ids
+            table = torch.full((self.decoder.model.embed_tokens.num_embeddings,), -1, dtype=torch.long, device=self.device)
+            table[torch.tensor(ids.objects, device=self.device)] = torch.arange(len(ids.objects), device=self.device)
+            table[ids.image] = len(ids.objects)
+            self._injection_slots = table
+        return self._injection_slots
+
+    @torch.inference_mode()
+    def injected_vectors(self, input_ids: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        """The vectors :meth:`embed_prompt` wrote, gathered back from its output: ``[B, 37, H]`` (the
+        36 ``<obj_i>`` vectors in order, then the first ``<image>`` vector). Decoding embeds a
+        generated ``<obj_i>``/``<image>`` with them, exactly the values of the prompt."""
+        ids = self.token_ids
+        input_ids = input_ids.to(embeds.device)
+        object_ids = torch.tensor(ids.objects, device=embeds.device)
+        object_positions = (input_ids[:, :, None] == object_ids).float().argmax(dim=1)  # [B, 36]
+        image_position = (input_ids == ids.image).float().argmax(dim=1, keepdim=True)  # [B, 1] first <image>
+        positions = torch.cat([object_positions, image_position], dim=1)
+        rows = torch.arange(input_ids.shape[0], device=embeds.device)[:, None].expand_as(positions)
+        return embeds[rows, positions]

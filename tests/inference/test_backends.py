@@ -46,19 +46,68 @@ def assert_outputs_close(actual: dict, expected: dict, atol: float) -> None:
         assert diff <= atol, f"{key}: max abs difference {diff:.2e} > {atol:.0e}"
 
 
-def test_torch_runner_cpu_equals_module(tiny_apm, chest_batch):
-    keys_before = list(tiny_apm.state_dict())
+def calibrated_apm(images: torch.Tensor, seed: int = 3):
+    """The tiny demo APM with realistic BatchNorm statistics: each BN's running mean/var set to the
+    per-channel statistics of its own input on ``images`` (as training leaves them), affine weights
+    in [0.3, 1.8] and biases ~N(0, 0.3). Identity BN (random init) hides folding errors."""
+    from inference.apm.backbone import FrozenBatchNorm2d
+
+    module = build_demo_apm(APMConfig.tiny(), seed=7).eval()
+    generator = torch.Generator().manual_seed(seed)
+
+    def calibrate(bn, args):
+        features = args[0]
+        bn.running_mean.copy_(features.mean(dim=(0, 2, 3)))
+        bn.running_var.copy_(features.var(dim=(0, 2, 3)))
+        bn.weight.copy_(torch.rand(bn.weight.shape, generator=generator) * 1.5 + 0.3)
+        bn.bias.copy_(torch.randn(bn.bias.shape, generator=generator) * 0.3)
+
+    hooks = [m.register_forward_pre_hook(calibrate) for m in module.modules() if isinstance(m, FrozenBatchNorm2d)]
     with torch.no_grad():
-        expected = tiny_apm(chest_batch[:2])
-    folded = TorchAPMRunner(tiny_apm, device="cpu")  # BatchNorm folded into convs, on a copy
-    assert list(tiny_apm.state_dict()) == keys_before
-    assert_outputs_close(folded.run(chest_batch[:2]), expected, atol=1e-4)
-    plain = TorchAPMRunner(tiny_apm, device="cpu", fold_batchnorm=False)
-    actual = plain.run(chest_batch[:2])
+        module(images)
+    for hook in hooks:
+        hook.remove()
+    return module
+
+
+def test_torch_runner_cpu_fp32_matches_unfolded_module_with_realistic_batchnorm(chest_batch):
+    module = calibrated_apm(chest_batch)
+    keys_before = list(module.state_dict())
+    with torch.no_grad():
+        expected = module(chest_batch[:2])
+    assert float(expected["memory"].std()) > 0.3  # the statistics are input-sensitive, not identity
+    runner = TorchAPMRunner(module, device="cpu")  # the default CPU fp32 runner
+    assert not runner.fold_batchnorm
+    actual = runner.run(chest_batch[:2])
+    assert list(module.state_dict()) == keys_before
+    assert_outputs_close(actual, expected, atol=1e-4)
     for key in APM_OUTPUT_KEYS:
         assert torch.equal(actual[key], expected[key]), key
     with pytest.raises(ValueError, match=r"\[B, 1, H, W\]"):
-        plain.run(chest_batch[0])
+        runner.run(chest_batch[0])
+
+
+def test_folded_batchnorm_is_float64_folded_and_only_the_default_off_fp32(chest_batch):
+    """The fold itself (an explicit opt-in on CPU) is exact algebra computed in float64; what it
+    cannot remove is fp32's different rounding order, which is why fp32 runs unfolded."""
+    from inference.apm.backbone import fold_conv_bn
+
+    module = calibrated_apm(chest_batch)
+    body = module.backbone[0].body
+    fused = fold_conv_bn(body.conv1, body.bn1)
+    scale = body.bn1.weight.double() * (body.bn1.running_var.double() + body.bn1.eps).rsqrt()
+    assert torch.equal(fused.weight, (body.conv1.weight.double() * scale.reshape(-1, 1, 1, 1)).float())
+    with torch.no_grad():
+        probe = torch.randn(1, 1, 64, 64, dtype=torch.float64)
+        exact = body.bn1.double()(body.conv1.double()(probe))
+        body.float()
+    assert float((fused.double()(probe) - exact).abs().max()) < 1e-5
+    folded = TorchAPMRunner(module, device="cpu", fold_batchnorm=True)
+    assert folded.fold_batchnorm
+    with torch.no_grad():
+        expected = module(chest_batch[:1])
+    assert_outputs_close(folded.run(chest_batch[:1]), expected, atol=5e-2)
+    assert TorchAPMRunner(module, device="cpu", dtype=torch.bfloat16).fold_batchnorm
 
 
 def test_onnx_matches_torch_with_dynamic_batch(tiny_apm, chest_batch, tmp_path):

@@ -128,3 +128,29 @@ def test_incomplete_model_dir_is_refused_with_what_is_missing(tmp_path, model_di
         if torch.cuda.is_available():
             raise ModelLoadError("CUDA is not available (forced on a GPU host)")
         Engine.load(model_dir, device="cuda")
+
+
+def test_system_prompt_setting_reaches_the_prompt(model_dir, engine, images, monkeypatch) -> None:
+    from dataclasses import replace
+
+    import inference.engine as engine_module
+    from dicom_node.analysis import load_engine
+    from dicom_node.settings import Settings
+    from inference.prompt import TRAINING_SYSTEM_PROMPT
+
+    assert engine.options.system_prompt == ""  # the paper's evaluation setting is the default
+    settings = Settings()
+    trained = load_engine(replace(settings, model=replace(settings.model, dir=model_dir, system_prompt="training", max_new_tokens=4)))
+    assert trained.options.system_prompt == TRAINING_SYSTEM_PROMPT
+    seen = []
+    build = engine_module.build_prompt_text
+
+    def recording_build(*args, **kwargs):
+        seen.append(build(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(engine_module, "build_prompt_text", recording_build)
+    trained.analyze(images[:1], ["report"])
+    engine.analyze(images[:1], ["report"])
+    assert seen[0].startswith(f"<bos><start_of_turn>user\n{TRAINING_SYSTEM_PROMPT}\n\nImage:")
+    assert seen[1].startswith("<bos><start_of_turn>user\n\n\nImage:")

@@ -67,3 +67,17 @@ def test_boxes_are_sorted_by_x1_then_y1_and_truncated() -> None:
     assert format_boxes([(50, 1, 60, 9), (10.9, 5, 20, 30.7), (10, 2, 11, 3)]) == (
         "<box>(10,2),(11,3)</box><box>(10,5),(20,30)</box><box>(50,1),(60,9)</box>"
     )
+
+
+def test_system_prompt_setting_names_the_two_prompts_and_defaults_to_the_evaluation_one() -> None:
+    from dicom_node.settings import ModelSettings, Settings, SettingsError, load_settings
+    from inference.prompt import DEFAULT_SYSTEM_PROMPT, PromptError, system_prompt_text
+
+    assert system_prompt_text("empty") == EMPTY_SYSTEM_PROMPT == ""
+    assert system_prompt_text("training") == TRAINING_SYSTEM_PROMPT
+    assert DEFAULT_SYSTEM_PROMPT == ModelSettings().system_prompt == "empty"
+    with pytest.raises(PromptError, match="unknown system prompt 'chatty'"):
+        system_prompt_text("chatty")
+    assert isinstance(Settings(), Settings)
+    with pytest.raises(SettingsError, match="model.system_prompt"):
+        load_settings(None, env={"ANATOMIX_MODEL_SYSTEM_PROMPT": "chatty"})
