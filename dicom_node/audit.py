@@ -20,6 +20,7 @@ import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from dicom_node.store.base import AuditEvent, Store, StoreError
@@ -36,6 +37,12 @@ INSTANCE_FLAGGED = "instance_flagged"
 INSTANCE_RECOVERED = "instance_recovered"
 STUDY_STABLE = "study_stable"
 STUDY_PURGED = "study_purged"
+
+
+#: Called with every event recorded in this process (e.g. the Prometheus counters of
+#: ``dicom_node.api.metrics``, registered by ``serve`` before the SCP processes fork). A listener
+#: must be cheap and never raise into ingest.
+LISTENERS: list[Callable[[AuditEvent], None]] = []
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,11 @@ class AuditTrail:
             log.error("audit event %s not written to the state store: %s", event, exc)
         if self.audit_file is not None:
             self.append_line(row)
+        for listener in LISTENERS:
+            try:
+                listener(row)
+            except Exception:  # counting must never break the audit or ingest
+                log.exception("audit listener failed on %s", event)
 
     def append_line(self, row: AuditEvent) -> None:
         line = json.dumps(

@@ -55,6 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--config", default=None, help="settings file (default: ./anatomix-node.toml if present)")
     parser.add_argument("--port", type=int, default=None, help="DICOM port (default: node.port, 11112)")
     parser.add_argument("--ae-title", default=None, help="our AE title (default: node.ae_title, ANATOMIX)")
+    parser.add_argument("--http-port", type=int, default=None, help="operations API port (default: http.port, 8080; 0 = no API)")
     parser.set_defaults(func=run_serve)
 
 
@@ -65,7 +66,10 @@ def load_serve_settings(args: argparse.Namespace) -> Settings:
         overrides["port"] = args.port
     if args.ae_title is not None:
         overrides["ae_title"] = args.ae_title
-    return settings.with_overrides(node=overrides) if overrides else settings
+    settings = settings.with_overrides(node=overrides) if overrides else settings
+    if getattr(args, "http_port", None) is not None:
+        settings = settings.with_overrides(http={"port": args.http_port})
+    return settings
 
 
 def stable_study_handler(settings: Settings, store: Store) -> OnStable | None:
@@ -134,6 +138,19 @@ def run_serve(args: argparse.Namespace) -> int:
         store.close()
         raise CliError(exc.strerror or str(exc)) from None
 
+    # Operations API (dicom_node.api): its port is bound here so a clash fails the start plainly;
+    # the metrics directory is wiped and shared with every child before any of them starts.
+    from dicom_node.api.metrics import prepare_multiprocess
+    from dicom_node.api.server import HttpPortInUse, open_http_socket, run_http_service
+
+    prepare_multiprocess(settings)
+    try:
+        http_socket = open_http_socket(settings)
+    except HttpPortInUse as exc:
+        listen_socket.close()
+        store.close()
+        raise CliError(str(exc)) from None
+
     stop = threading.Event()
 
     def request_stop(signum: int, frame: object) -> None:
@@ -147,6 +164,8 @@ def run_serve(args: argparse.Namespace) -> int:
     supervisor = ScpSupervisor(settings.node.scp_processes, make_scp_child(settings, listen_socket))
     supervisor.start()  # the parent keeps listen_socket open (never accepting) to restart children
     loops = background_loops(settings, store, trail)
+    if http_socket is not None:
+        loops.append(BackgroundLoop("http", lambda stop_http: run_http_service(settings, http_socket, stop_http)))
     loop_stops = {loop.name: threading.Event() for loop in loops}
     for loop in loops:
         loop.thread = threading.Thread(target=loop.run, args=(loop_stops[loop.name],), name=loop.name, daemon=True)

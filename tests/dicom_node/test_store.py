@@ -64,7 +64,7 @@ def instance(sop: str, sha: str = "a" * 64, study: str = STUDY, at: datetime = T
 
 
 def test_migrations_apply_once_and_reapplying_is_a_no_op(store_url: str) -> None:
-    newest = len(load_migrations("postgres" if store_url.startswith("postgresql") else "sqlite"))
+    newest = load_migrations("postgres" if store_url.startswith("postgresql") else "sqlite")[-1].version
     first = open_store(store_url)
     first.add_remote_node(RemoteNode("pacs", "PACS", "127.0.0.1", 104))
     assert first.migrate() == newest
