@@ -5,7 +5,8 @@
   SHA-256 is stored (a high-entropy secret needs no slow hash), so a database dump reveals none.
 * Roles are ordered: ``viewer`` < ``operator`` < ``admin``; an endpoint names the least role it needs.
 * Failed logins are counted per user name and per client address in a sliding window; past
-  ``http.max_failed_logins`` the login answers 429 (with Retry-After) without checking the password.
+  ``http.max_failed_logins`` for the name (four times that for the address, which many users may
+  share behind a proxy) the login answers 429 (with Retry-After) without checking the password.
 """
 
 from __future__ import annotations
@@ -113,6 +114,10 @@ class Principal:
     token_id: int | None = None
 
 
+#: An address may fail this many times more often than one user name.
+ADDRESS_FACTOR = 4
+
+
 class LoginLimiter:
     """Failed logins per key (user name, client address) in a sliding window, in this process."""
 
@@ -121,6 +126,9 @@ class LoginLimiter:
         self.window_s = window_s
         self._failures: dict[str, deque[float]] = {}
         self._lock = threading.Lock()
+
+    def _limit(self, key: str) -> int:
+        return self.max_failures * (ADDRESS_FACTOR if key.startswith("addr:") else 1)
 
     def _recent(self, key: str, now: float) -> deque[float]:
         times = self._failures.setdefault(key, deque())
@@ -135,8 +143,9 @@ class LoginLimiter:
             waits = []
             for key in keys:
                 times = self._recent(key, now)
-                if len(times) >= self.max_failures:
-                    waits.append(times[-self.max_failures] + self.window_s - now)
+                limit = self._limit(key)
+                if len(times) >= limit:
+                    waits.append(times[-limit] + self.window_s - now)
             return max(waits, default=0.0)
 
     def failed(self, keys: list[str]) -> None:
