@@ -138,8 +138,9 @@ def run_serve(args: argparse.Namespace) -> int:
         store.close()
         raise CliError(exc.strerror or str(exc)) from None
 
-    # Operations API (dicom_node.api): its port is bound here so a clash fails the start plainly;
-    # the metrics directory is wiped and shared with every child before any of them starts.
+    # Operations API (dicom_node.api): its port is bound here, so a clash is reported at start; the
+    # DICOM service runs without the API then (receiving must not depend on it). The metrics
+    # directory is wiped and shared with every child before any of them starts.
     from dicom_node.api.metrics import prepare_multiprocess
     from dicom_node.api.server import HttpPortInUse, open_http_socket, run_http_service
 
@@ -147,9 +148,8 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         http_socket = open_http_socket(settings)
     except HttpPortInUse as exc:
-        listen_socket.close()
-        store.close()
-        raise CliError(str(exc)) from None
+        log.error("%s; the DICOM service runs without the operations API", exc)
+        http_socket = None
 
     stop = threading.Event()
 

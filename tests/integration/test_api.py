@@ -342,3 +342,22 @@ def test_audit_query_and_json_lines_export_which_is_audited(site):
     assert {"api_login", "api_change", "api_login_failed"} <= {x["event"] for x in lines}
     exported = viewer.get("/api/audit", params={"event": "audit_exported"}).json()
     assert exported and exported[0]["detail"]["user"] == "admin" and exported[0]["detail"]["events"] == len(lines)
+
+
+def test_http_port_in_use_is_reported_and_the_dicom_service_runs_without_the_api(tmp_path):
+    import socket
+
+    from tests.support.dcmtk import echoscu
+
+    node = api_node(tmp_path / "busy")
+    node.add_source("moda", "MODA")
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", node.settings["http"]["port"]))
+    blocker.listen(1)
+    try:
+        node.start()
+        assert f"cannot listen for HTTP on 127.0.0.1:{node.settings['http']['port']}" in node.log_text()
+        assert echoscu(node.port, "MODA", node.ae_title).returncode == 0
+    finally:
+        node.stop()
+        blocker.close()
