@@ -72,6 +72,10 @@ NodeRole = Literal["source", "destination", "both"]
 Name = Annotated[str, Path(min_length=1, max_length=64)]
 
 
+#: Printable ASCII without backslash, not only spaces (the settings' validate_ae_title checks the rest).
+AE_TITLE_PATTERN = r"^[ -\[\]-~]*[!-\[\]-~][ -\[\]-~]*$"
+
+
 class ProblemModel(BaseModel):
     type: str = "about:blank"
     title: str
@@ -118,7 +122,7 @@ class TokenCreated(TokenOut):
 class UserIn(BaseModel):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
     role: Role
-    password: str | None = Field(default=None, min_length=1, max_length=1024, description="omit to get a generated one-time password")
+    password: str | None = Field(default=None, min_length=12, max_length=1024, description="omit to get a generated one-time password")
 
 
 class UserPatch(BaseModel):
@@ -138,7 +142,7 @@ class UserOut(BaseModel):
 
 class NodeIn(BaseModel):
     name: str = Field(min_length=1, max_length=64)
-    ae_title: str = Field(min_length=1, max_length=16)
+    ae_title: str = Field(min_length=1, max_length=16, pattern=AE_TITLE_PATTERN)
     host: str = Field(min_length=1, max_length=255)
     port: int = Field(ge=1, le=65535)
     role: NodeRole
@@ -149,7 +153,7 @@ class NodeIn(BaseModel):
 
 
 class NodePatch(BaseModel):
-    ae_title: str | None = Field(default=None, min_length=1, max_length=16)
+    ae_title: str | None = Field(default=None, min_length=1, max_length=16, pattern=AE_TITLE_PATTERN)
     host: str | None = Field(default=None, min_length=1, max_length=255)
     port: int | None = Field(default=None, ge=1, le=65535)
     role: NodeRole | None = None
@@ -260,13 +264,44 @@ def create_app(settings: Settings, store: Store) -> FastAPI:
         title="AnatomiX Node operations API",
         version="1",
         description=__doc__,
-        responses={401: {"model": ProblemModel, "description": "no or bad credentials"},
-                   422: {"model": ProblemModel, "description": "invalid request"}},  # fmt: skip
     )
     app.state.ctx = ApiContext(settings, store)
     _install_error_handlers(app)
     _routes(app)
+    original = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = problem_responses_in_schema(original())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def problem_responses_in_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """Say in the schema what the API does: every error is ``application/problem+json``, and every
+    ``/api`` operation but the login may answer 401 and 403."""
+    problem = {PROBLEM_TYPE: {"schema": {"$ref": "#/components/schemas/ProblemModel"}}}
+    for path, item in schema.get("paths", {}).items():
+        for method, operation in item.items():
+            responses = operation.setdefault("responses", {})
+            if path.startswith("/api/") and path != "/api/auth/login":
+                responses.setdefault("401", {"description": "no or bad credentials"})
+                responses.setdefault("403", {"description": "the account's role is too low, or the CSRF token is missing"})
+            if operation.get("parameters") or operation.get("requestBody"):
+                responses.setdefault("422", {"description": "invalid request"})
+            if operation.get("requestBody"):
+                responses.setdefault("400", {"description": "the body is not JSON"})
+            for code, response in responses.items():
+                if code[0] in "45" and path != "/readyz":
+                    response["content"] = problem
+    schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+    schemas.setdefault("ProblemModel", ProblemModel.model_json_schema())
+    for unused in ("HTTPValidationError", "ValidationError"):
+        if unused not in json.dumps(schema["paths"]):
+            schemas.pop(unused, None)
+    return schema
 
 
 def ctx_of(request: Request) -> ApiContext:
@@ -675,7 +710,7 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 (one place that lists the API)
             raise Problem(409, "Cannot reanalyse", result.message)
         return result
 
-    @app.post("/api/reanalyze", tags=["studies"], summary="analyse many studies again (operator)")
+    @app.post("/api/reanalyze", tags=["studies"], summary="analyse many studies again (operator)", responses={409: {"model": ProblemModel}})
     def reanalyze_bulk(request: Request, who: Operator, body: BulkReanalyzeIn) -> BulkOut:
         from dicom_node.cli import CliError
         from dicom_node.cli_pipeline import select_studies
