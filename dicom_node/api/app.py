@@ -72,6 +72,8 @@ NodeRole = Literal["source", "destination", "both"]
 Name = Annotated[str, Path(min_length=1, max_length=64)]
 
 
+#: A host name (labels of 1-63 letters, digits, '-', '_'), an IPv4/IPv6 literal, or '*' (any host, sources only).
+HOST_PATTERN = r"^(\*|[0-9]{1,3}(\.[0-9]{1,3}){3}|[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*|([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?)$"
 #: Printable ASCII without backslash, not only spaces (the settings' validate_ae_title checks the rest).
 AE_TITLE_PATTERN = r"^[ -\[\]-~]*[!-\[\]-~][ -\[\]-~]*$"
 
@@ -143,7 +145,7 @@ class UserOut(BaseModel):
 class NodeIn(BaseModel):
     name: str = Field(min_length=1, max_length=64)
     ae_title: str = Field(min_length=1, max_length=16, pattern=AE_TITLE_PATTERN)
-    host: str = Field(min_length=1, max_length=255)
+    host: str = Field(min_length=1, max_length=253, pattern=HOST_PATTERN)
     port: int = Field(ge=1, le=65535)
     role: NodeRole
     profile: str | None = Field(default=None, max_length=64)
@@ -154,7 +156,7 @@ class NodeIn(BaseModel):
 
 class NodePatch(BaseModel):
     ae_title: str | None = Field(default=None, min_length=1, max_length=16, pattern=AE_TITLE_PATTERN)
-    host: str | None = Field(default=None, min_length=1, max_length=255)
+    host: str | None = Field(default=None, min_length=1, max_length=253, pattern=HOST_PATTERN)
     port: int | None = Field(default=None, ge=1, le=65535)
     role: NodeRole | None = None
     profile: str | None = Field(default=None, max_length=64)
@@ -264,6 +266,9 @@ def create_app(settings: Settings, store: Store) -> FastAPI:
         title="AnatomiX Node operations API",
         version="1",
         description=__doc__,
+        # No /docs or /redoc: they load their JavaScript from a CDN, which hospital networks block.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.ctx = ApiContext(settings, store)
     _install_error_handlers(app)
@@ -602,6 +607,8 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 (one place that lists the API)
             rtt = echo_remote(ctx.settings.node.ae_title, node, timeout)
         except CliError as exc:
             return EchoOut(node=name, success=False, rtt_ms=None, error=str(exc))
+        except (OSError, UnicodeError, ValueError) as exc:  # e.g. a host name the resolver cannot even encode
+            return EchoOut(node=name, success=False, rtt_ms=None, error=f"echo {name}: cannot connect to {node.host!r}: {exc}")
         return EchoOut(node=name, success=True, rtt_ms=round(rtt, 2), error=None)
 
     # ---- studies -----------------------------------------------------------------------------------

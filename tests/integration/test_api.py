@@ -262,6 +262,15 @@ def test_remote_nodes_crud_validation_and_echo_with_round_trip_time(site):
     failed = operator.post("/api/nodes/self/echo", json={"timeout_s": 5}).json()
     assert failed["success"] is False and failed["rtt_ms"] is None and "cannot connect" in failed["error"], failed
     assert_problem(admin.patch("/api/nodes/self", json={"ae_title": ""}), 422, "ae_title")
+    assert_problem(admin.patch("/api/nodes/self", json={"host": "0" * 64}), 422, "host")
+    # A host the resolver cannot even encode (as `ae add` may store one): a failed echo, not a 500.
+    store = node.open_store()
+    try:
+        store.add_remote_node(RemoteNode("odd", "ODD", "0" * 64, 104, role="destination"))
+    finally:
+        store.close()
+    odd = operator.post("/api/nodes/odd/echo", json={"timeout_s": 5})
+    assert odd.status_code == 200 and odd.json()["success"] is False and "0" * 64 in odd.json()["error"], odd.text
     assert_problem(admin.patch("/api/nodes/ghost", json={"port": 2}), 404, "ghost")
     assert_problem(operator.post("/api/nodes/ghost/echo"), 404, "ghost")
     assert admin.delete("/api/nodes/self").status_code == 204

@@ -1,6 +1,7 @@
 """Schemathesis against the OpenAPI schema a real ``anatomix-node serve`` publishes, as an admin:
 generated valid and invalid requests to every operation (coverage, fuzzing and stateful phases,
-at most 15 examples per operation) and no answer may be a 5xx."""
+at most 15 examples per operation): no answer may be a 5xx, and every status code, content
+type and response body must be the one the schema documents."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def test_schemathesis_finds_no_server_error(tmp_path, output_dir):
         wait_for_http(node)
         run = subprocess.run(
             [*schemathesis_command(), "run", http_url(node) + "/openapi.json", "-H", f"Authorization: Bearer {accounts.tokens['admin']}",
-             "--checks", "not_a_server_error", "--max-examples", "15", "--seed", "20261130", "--request-timeout", "60",
+             "--checks", "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance", "--max-examples", "15", "--seed", "20261130", "--request-timeout", "60",
              "--exclude-operation-id", EXCLUDED_OPERATION, "--generation-database", "none"],
             capture_output=True, text=True, timeout=600,
         )  # fmt: skip
