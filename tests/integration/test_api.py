@@ -232,11 +232,16 @@ def test_admin_manages_accounts_changes_are_audited_and_the_last_admin_stays(sit
     assert_problem(admin.patch("/api/users/nobody", json={"disabled": True}), 404, "nobody")
     disabled = admin.patch("/api/users/frank", json={"disabled": True})
     assert disabled.json()["disabled"] is True
+    assert_problem(client(node).post("/api/auth/login", json={"username": "frank", "password": changed.json()["password"]}), 401)
+    assert audit_events(node, "api_login_failed")[0].detail == {"user": "frank", "reason": "account disabled"}
     assert admin.delete("/api/users/frank").status_code == 204
     events = [e.detail for e in audit_events(node, "api_change") if e.detail.get("target") == "frank"]
     updates = [d for d in events if d["action"] == "user_updated"]
-    assert {"before": {"role": "viewer", "disabled": False}, "after": {"role": "operator", "disabled": False}}.items() <= updates[-1].items() or \
-        any(d["before"] == {"role": "viewer", "disabled": False} and d["after"]["role"] == "operator" for d in updates)
+    # Newest first: the disabling, then the change of role (with its password reset).
+    assert [(d["before"], d["after"], d["password_reset"]) for d in updates] == [
+        ({"role": "operator", "disabled": False}, {"role": "operator", "disabled": True}, False),
+        ({"role": "viewer", "disabled": False}, {"role": "operator", "disabled": False}, True),
+    ]
     assert {d["action"] for d in events} >= {"user_added", "user_updated", "user_removed"} and all(d["user"] == "admin" for d in events)
 
 
@@ -324,6 +329,15 @@ def test_studies_dead_letters_resend_and_reanalyze(site):
     changes = [e.detail for e in audit_events(node, "api_change")]
     assert [(d["user"], d["ok"]) for d in changes if d["action"] == "study_resend" and d["target"] == uid] == [("operator", True)]
     assert any(d["action"] == "bulk_resend" and d["ok"] == 1 and d["selection"]["states"] == ["done"] for d in changes)
+
+    # The store-computed metrics see the deliveries and the study's stages.
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = [(s.name, s.labels, s.value) for f in text_string_to_metric_families(client(node).get("/metrics").text) for s in f.samples]
+    deliveries = {(lab["destination"], lab["status"]): v for name, lab, v in samples if name == "anatomix_deliveries"}
+    assert deliveries == {("pacs", "sent"): 2, ("pacs", "dead"): 1}, deliveries
+    assert any(name == "anatomix_stage_seconds_count" and lab["stage"] == "delivery" and v >= 1 for name, lab, v in samples)
+    assert ("anatomix_studies", {"state": "done"}, 1.0) in samples
 
     # No model configured: reanalysis is refused plainly (409), single and bulk.
     assert_problem(operator.post(f"/api/studies/{uid}/reanalyze", json={"new_version": True}), 409, "nothing can be analysed")
