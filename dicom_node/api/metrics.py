@@ -133,8 +133,9 @@ class StoreCollector:
 
         up = GaugeMetricFamily("anatomix_store_up", "1 when the state store answered this scrape")
         try:
-            studies = self.store.list_studies(limit=1_000_000)
-            deliveries = self.store.list_deliveries()
+            by_state_counts = self.store.count_studies_by_state()  # type: ignore[attr-defined]
+            deliveries = self.store.count_current_deliveries()  # type: ignore[attr-defined]
+            studies = self.store.list_studies(limit=RECENT_STUDIES)
         except StoreError as exc:
             log.warning("metrics: state store unavailable: %s", exc)
             up.add_metric([], 0)
@@ -144,21 +145,15 @@ class StoreCollector:
         yield up
 
         by_state = GaugeMetricFamily("anatomix_studies", "Studies by current state", labels=["state"])
-        counts = {state: 0 for state in STUDY_STATES}
-        for study in studies:
-            counts[study.state] = counts.get(study.state, 0) + 1
-        for state, count in counts.items():
+        for state, count in {**{state: 0 for state in STUDY_STATES}, **by_state_counts}.items():
             by_state.add_metric([state], count)
         yield by_state
 
-        current = {s.study_instance_uid: s.version for s in studies}
         per_dest: dict[tuple[str, str], int] = {}
         attempts: dict[str, int] = {}
-        for d in deliveries:
-            if current.get(d.study_instance_uid) != d.study_version:
-                continue
-            per_dest[(d.destination, d.status)] = per_dest.get((d.destination, d.status), 0) + 1
-            attempts[d.destination] = attempts.get(d.destination, 0) + d.attempts
+        for destination, status, count, tries in deliveries:
+            per_dest[(destination, status)] = count
+            attempts[destination] = attempts.get(destination, 0) + tries
         objects = GaugeMetricFamily("anatomix_deliveries", "Result objects of current study versions by destination and "
                                     "delivery status (pending, sent, retrying, failed, dead)", labels=["destination", "status"])  # fmt: skip
         for (dest, status), count in sorted(per_dest.items()):
@@ -170,7 +165,7 @@ class StoreCollector:
             tries.add_metric([dest], count)
         yield tries
 
-        yield from self._stage_histograms(studies[:RECENT_STUDIES])
+        yield from self._stage_histograms(studies)
 
         disk = GaugeMetricFamily("anatomix_spool_free_bytes", "Free bytes on the spool's file system")
         try:

@@ -144,3 +144,17 @@ class ApiAccountSql(ApiAccountStore):
     def remove_api_session(self, id_hash: str) -> None:
         with self._transaction(write=True) as tx:
             tx.execute("DELETE FROM api_sessions WHERE id_hash = ?", (id_hash,))
+
+    # ---- cheap aggregates for /metrics and /api/status -------------------------------------------
+    def count_studies_by_state(self) -> dict[str, int]:
+        with self._transaction(write=False) as tx:
+            return {state: int(n) for state, n in tx.all("SELECT state, COUNT(*) FROM studies GROUP BY state")}
+
+    def count_current_deliveries(self) -> list[tuple[str, str, int, int]]:
+        with self._transaction(write=False) as tx:
+            rows = tx.all(
+                "SELECT d.destination, d.status, COUNT(*), COALESCE(SUM(d.attempts), 0) FROM deliveries d "
+                "JOIN studies s ON s.study_instance_uid = d.study_instance_uid AND s.version = d.study_version "
+                "GROUP BY d.destination, d.status ORDER BY d.destination, d.status"
+            )
+        return [(dest, status, int(n), int(attempts)) for dest, status, n, attempts in rows]

@@ -439,3 +439,11 @@ class ApiAccountStore(abc.ABC):
 
     @abc.abstractmethod
     def remove_api_session(self, id_hash: str) -> None: ...
+
+    # ---- cheap aggregates for /metrics and /api/status -------------------------------------------
+    @abc.abstractmethod
+    def count_studies_by_state(self) -> dict[str, int]: ...
+
+    @abc.abstractmethod
+    def count_current_deliveries(self) -> list[tuple[str, str, int, int]]:
+        """(destination, status, objects, attempts) over the deliveries of each study's current version."""

@@ -54,3 +54,18 @@ def test_tokens_revoke_once_and_sessions_expire(store):
     assert store.get_api_session("old", T0 + timedelta(hours=1, seconds=1)) is None
     store.remove_api_session("old")
     assert store.get_api_session("old", T0) is None
+
+
+def test_aggregates_count_studies_by_state_and_deliveries_of_current_versions_only(store):
+    from dicom_node.store.base import DeliveryRecord
+    from tests.dicom_node.test_store import instance
+
+    store.record_instance(instance("1.2.1", study="1.2.9"))
+    store.record_instance(instance("1.2.2", study="1.2.8"))
+    assert store.transition_study("1.2.8", 1, ("receiving",), "stable")
+    assert store.count_studies_by_state() == {"receiving": 1, "stable": 1}
+    store.upsert_delivery(DeliveryRecord("1.2.9", 1, "pacs", "1.2.9.1", "sent", 2, 0, None, T0))
+    store.upsert_delivery(DeliveryRecord("1.2.9", 1, "pacs", "1.2.9.2", "dead", 5, 0xA700, "full", T0))
+    store.upsert_delivery(DeliveryRecord("1.2.9", 1, "pacs", "1.2.9.3", "dead", 1, None, "down", T0))
+    store.upsert_delivery(DeliveryRecord("1.2.9", 7, "pacs", "1.2.9.4", "sent", 1, 0, None, T0))  # not the current version
+    assert store.count_current_deliveries() == [("pacs", "dead", 2, 6), ("pacs", "sent", 1, 2)]
