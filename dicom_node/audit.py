@@ -27,6 +27,7 @@ import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from dicom_node.logging_setup import escape_controls
@@ -67,6 +68,12 @@ def printable(text: str | None, limit: int = 64) -> str | None:
     if text is None:
         return None
     return escape_controls(text[:limit])
+
+
+#: Called with every event recorded in this process (e.g. the Prometheus counters of
+#: ``dicom_node.api.metrics``, registered by ``serve`` before the SCP processes fork). A listener
+#: must be cheap and never raise into ingest.
+LISTENERS: list[Callable[[AuditEvent], None]] = []
 
 
 @dataclass(frozen=True)
@@ -111,6 +118,11 @@ class AuditTrail:
             log.error("audit event %s not written to the state store: %s", event, exc)
         if self.audit_file is not None:
             self.append_line(row)
+        for listener in LISTENERS:
+            try:
+                listener(row)
+            except Exception:  # counting must never break the audit or ingest
+                log.exception("audit listener failed on %s", event)
 
     def append_line(self, row: AuditEvent) -> None:
         line = json.dumps(

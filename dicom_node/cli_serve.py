@@ -63,6 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--ae-title", default=None, help="our AE title (default: node.ae_title, ANATOMIX)")
     parser.add_argument("--demo-weights", action="store_true",
                         help="analyse with tiny generated demo weights (model.demo_weights); every result says so")  # fmt: skip
+    parser.add_argument("--http-port", type=int, default=None, help="operations API port (default: http.port, 8080; 0 = no API)")
     parser.set_defaults(func=run_serve)
 
 
@@ -77,6 +78,8 @@ def load_serve_settings(args: argparse.Namespace) -> Settings:
         settings = settings.with_overrides(node=overrides)
     if getattr(args, "demo_weights", False):
         settings = settings.with_overrides(model={"demo_weights": True})
+    if getattr(args, "http_port", None) is not None:
+        settings = settings.with_overrides(http={"port": args.http_port})
     return settings
 
 
@@ -198,6 +201,19 @@ def run_serve(args: argparse.Namespace) -> int:
         store.close()
         raise CliError(exc.strerror or str(exc)) from None
 
+    # Operations API (dicom_node.api): its port is bound here, so a clash is reported at start; the
+    # DICOM service runs without the API then (receiving must not depend on it). The metrics
+    # directory is wiped and shared with every child before any of them starts.
+    from dicom_node.api.metrics import prepare_multiprocess
+    from dicom_node.api.server import HttpPortInUse, open_http_socket, run_http_service
+
+    prepare_multiprocess(settings)
+    try:
+        http_socket = open_http_socket(settings)
+    except HttpPortInUse as exc:
+        log.error("%s; the DICOM service runs without the operations API", exc)
+        http_socket = None
+
     stop = threading.Event()
 
     def request_stop(signum: int, frame: object) -> None:
@@ -211,6 +227,8 @@ def run_serve(args: argparse.Namespace) -> int:
     supervisor = ScpSupervisor(settings.node.scp_processes, make_scp_child(settings, listen_socket))
     supervisor.start()  # the parent keeps listen_socket open (never accepting) to restart children
     loops = background_loops(settings, store, trail)
+    if http_socket is not None:
+        loops.append(BackgroundLoop("http", lambda stop_http: run_http_service(settings, http_socket, stop_http)))
     loop_stops = {loop.name: threading.Event() for loop in loops}
     for loop in loops:
         loop.thread = threading.Thread(target=loop.run, args=(loop_stops[loop.name],), name=loop.name, daemon=True)

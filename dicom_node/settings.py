@@ -209,6 +209,25 @@ class LimitsSettings:
 
 
 @dataclass(frozen=True)
+class HttpSettings:
+    """The operations API (``dicom_node.api``), served by ``serve`` in its own process."""
+
+    #: TCP port of the HTTP API; 0 = no HTTP service.
+    port: int = 8080
+    #: Loopback by default: put a TLS-terminating reverse proxy in front to reach it from elsewhere.
+    bind_address: str = "127.0.0.1"
+    #: Console sessions end this long after login.
+    session_ttl_s: float = 8 * 3600.0
+    #: Failed logins per user name (and per client address) within login_window_s before 429.
+    max_failed_logins: int = 5
+    login_window_s: float = 300.0
+    #: Mark the session cookie Secure (set when a TLS proxy fronts the API).
+    secure_cookies: bool = False
+    #: /readyz fails when the spool disk has less free space than this (default: storage.min_free_bytes).
+    readiness_min_free_bytes: int = -1
+
+
+@dataclass(frozen=True)
 class Settings:
     node: NodeSettings = field(default_factory=NodeSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
@@ -220,6 +239,7 @@ class Settings:
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
     #: Where the settings came from (a file path or "defaults"), for messages.
     source: str = "defaults"
 
@@ -385,6 +405,10 @@ def validate(settings: Settings) -> None:
     """Raise SettingsError naming the first bad key and value."""
     node = settings.node
     validate_ae_title("node.ae_title", node.ae_title)
+    if not 0 <= settings.http.port <= 65535:
+        raise SettingsError(f"http.port = {settings.http.port}: must be 1-65535, or 0 for no HTTP service")
+    if settings.http.max_failed_logins < 1 or settings.http.login_window_s <= 0 or settings.http.session_ttl_s <= 0:
+        raise SettingsError("http.max_failed_logins must be >= 1, http.login_window_s and http.session_ttl_s > 0")
     if not 1 <= node.port <= 65535:
         raise SettingsError(f"node.port = {node.port}: must be 1-65535")
     if node.max_pdu != 0 and node.max_pdu < 4096:

@@ -38,6 +38,7 @@ from dicom_node.store.base import (
     StoreError,
     StudyRecord,
 )
+from dicom_node.store.api_accounts import ApiAccountSql
 from dicom_node.store.schema import load_migrations
 
 #: A late instance reopens a study in these states as a new analysis version.
@@ -112,7 +113,7 @@ def _placeholders(count: int) -> str:
     return ", ".join("?" * count)
 
 
-class SqlStore(Store):
+class SqlStore(ApiAccountSql, Store):
     """Everything but connections, transactions and value conversions. See the module docstring."""
 
     #: ``sqlite`` or ``postgres``: picks the migration folder.
@@ -675,4 +676,5 @@ def _host_resolves_to(configured: str, address: str) -> bool:
     except (socket.gaierror, UnicodeError):
         return False  # an unresolvable name matches nothing
     return any(info[4][0] == address for info in infos)
+
 

@@ -72,6 +72,7 @@ class NodeProcess:
             "storage": {"data_dir": str(self.data_dir), "min_free_bytes": 0},
             "database": {"url": self.url},
             "assembly": {"quiet_period_s": 2.0, "poll_interval_s": 0.5},
+            "http": {"port": 0},  # no operations API unless a test asks for one (tests.support.api)
         }
         for section, values in self.settings.items():
             sections.setdefault(section, {}).update(values)

@@ -61,6 +61,7 @@ class NodeSite:
             "assembly": {"quiet_period_s": 1.0, "hard_cap_s": 60.0, "poll_interval_s": 0.2},
             "model": {"demo_weights": self.demo_weights, "max_new_tokens": 24},
             "delivery": {"max_attempts": 30, "backoff_base_s": 0.5, "backoff_max_s": 2.0, "timeout_s": 10.0},
+            "http": {"port": 0},  # no operations API in these sites
         }
         for name, values in self.overrides.items():
             sections.setdefault(name, {}).update(values)

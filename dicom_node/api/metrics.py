@@ -1,0 +1,238 @@
+"""Prometheus metrics (``anatomix_*``), correct across the node's processes.
+
+Two sources:
+
+* **Counters** of the DICOM side (associations, instances received and rejected, bytes), counted
+  where the audit trail already records those events: :func:`count_audit_event` is an audit
+  listener (:data:`dicom_node.audit.LISTENERS`), registered by :func:`prepare_multiprocess` in
+  ``serve`` before the SCP processes fork. Every process writes its own file in the
+  ``prometheus_client`` multiprocess directory (``<data_dir>/metrics``, wiped at each ``serve``
+  start); ``/metrics`` sums them. Counters of a process that has ended stay in its file (a counter
+  must not go back); only SCP restarts add files, one per new process.
+* **Gauges and histograms computed from the state store at scrape** (:class:`StoreCollector`):
+  studies by state, result objects by destination and delivery status, queue depths, disk free,
+  and stage latencies over the most recent studies (receive->stable, stable->analysed, analysis,
+  delivery) plus the engine's own per-task timings from the stored results. Workers may run on
+  other hosts and recycle, so the store (which they all write) is the one place that sees all of it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from dicom_node.settings import Settings
+from dicom_node.store.base import STUDY_STATES, AuditEvent, Store, StoreError
+
+log = logging.getLogger(__name__)
+
+ENV = "PROMETHEUS_MULTIPROC_DIR"
+#: Latency buckets (seconds): from sub-second hand-offs to hour-long retry windows.
+BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+#: Stage histograms look at this many of the newest studies (the computation runs at each scrape).
+RECENT_STUDIES = 500
+#: Short names for the DIMSE statuses the SCP refuses instances with (the label stays low-cardinality).
+REJECT_REASONS = {0xA700: "out_of_resources", 0xA900: "dataset_does_not_match_sop_class", 0xC000: "cannot_understand",
+                  0xC211: "processing_failure"}  # fmt: skip
+
+_counters: dict[str, Any] = {}
+
+
+def metrics_dir(settings: Settings) -> Path:
+    return settings.storage.data_dir.resolve() / "metrics"
+
+
+def prepare_multiprocess(settings: Settings) -> Path:
+    """In ``serve``, before any child process starts: wipe the metrics directory, point every
+    process at it (environment, inherited by forks and subprocesses) and count audit events."""
+    from dicom_node import audit
+
+    directory = metrics_dir(settings)
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True, exist_ok=True)
+    os.environ[ENV] = str(directory)
+    if count_audit_event not in audit.LISTENERS:
+        audit.LISTENERS.append(count_audit_event)
+    return directory
+
+
+def _metric(name: str) -> Any:
+    """The process's counters, created on first use (after the environment names the directory)."""
+    if not _counters:
+        from prometheus_client import Counter
+
+        _counters.update(
+            associations=Counter("anatomix_associations", "DICOM associations by calling AE and outcome "
+                                 "(rejected, released, aborted)", ["calling_ae", "outcome"]),  # fmt: skip
+            received=Counter("anatomix_instances_received", "Instances stored (acknowledged), by calling AE", ["calling_ae"]),
+            duplicates=Counter("anatomix_instances_duplicate", "Exact duplicates acknowledged and not stored again", ["calling_ae"]),
+            rejected=Counter("anatomix_instances_rejected", "Instances refused, by calling AE and reason", ["calling_ae", "reason"]),
+            bytes=Counter("anatomix_received_bytes", "Bytes of instances received, by calling AE", ["calling_ae"]),
+        )
+    return _counters[name]
+
+
+def count_audit_event(row: AuditEvent) -> None:
+    """Audit listener: turn the SCP's audit events into counters (never called for other events' cost)."""
+    if not os.environ.get(ENV):
+        return  # not under serve (a CLI command): nothing would ever read the counters
+    ae = row.calling_ae or "(none)"
+    detail = row.detail
+    if row.event == "association_rejected":
+        _metric("associations").labels(ae, "rejected").inc()
+    elif row.event in ("association_released", "association_aborted"):
+        _metric("associations").labels(ae, row.event.removeprefix("association_")).inc()
+        _metric("received").labels(ae).inc(int(detail.get("received", 0)))
+        _metric("duplicates").labels(ae).inc(int(detail.get("duplicates", 0)))
+        _metric("bytes").labels(ae).inc(int(detail.get("bytes", 0)))
+        if detail.get("out_of_resources"):
+            _metric("rejected").labels(ae, "out_of_resources").inc(int(detail["out_of_resources"]))
+    elif row.event == "instance_rejected":
+        status = detail.get("status")
+        reason = REJECT_REASONS.get(status, f"status_0x{status:04X}") if isinstance(status, int) else "unknown"
+        _metric("rejected").labels(ae, reason).inc()
+
+
+# ---- at scrape ----------------------------------------------------------------------------------------
+
+
+def stage_durations(history: Iterable[tuple[str, datetime]]) -> dict[str, float]:
+    """Stage latencies of one study version from its state history (first entry of each state)."""
+    first: dict[str, datetime] = {}
+    for state, at in history:
+        first.setdefault(state, at)
+    spans = {
+        "receive_to_stable": ("receiving", "stable"),
+        "stable_to_analyzed": ("stable", "analyzed"),
+        "analysis": ("analyzing", "analyzed"),
+        "delivery": ("delivering", next((s for s in ("done", "failed") if s in first), "done")),
+    }
+    return {
+        name: (first[end] - first[start]).total_seconds()
+        for name, (start, end) in spans.items()
+        if start in first and end in first and first[end] >= first[start]
+    }
+
+
+class StoreCollector:
+    """A ``prometheus_client`` collector reading the state store at each scrape."""
+
+    def __init__(self, settings: Settings, store: Store, queue_depths: Any = None) -> None:
+        self.settings = settings
+        self.store = store
+        self.queue_depths = queue_depths
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+
+        up = GaugeMetricFamily("anatomix_store_up", "1 when the state store answered this scrape")
+        try:
+            by_state_counts = self.store.count_studies_by_state()  # type: ignore[attr-defined]
+            deliveries = self.store.count_current_deliveries()  # type: ignore[attr-defined]
+            studies = self.store.list_studies(limit=RECENT_STUDIES)
+        except StoreError as exc:
+            log.warning("metrics: state store unavailable: %s", exc)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+
+        by_state = GaugeMetricFamily("anatomix_studies", "Studies by current state", labels=["state"])
+        for state, count in {**{state: 0 for state in STUDY_STATES}, **by_state_counts}.items():
+            by_state.add_metric([state], count)
+        yield by_state
+
+        per_dest: dict[tuple[str, str], int] = {}
+        attempts: dict[str, int] = {}
+        for destination, status, count, tries in deliveries:
+            per_dest[(destination, status)] = count
+            attempts[destination] = attempts.get(destination, 0) + tries
+        objects = GaugeMetricFamily("anatomix_deliveries", "Result objects of current study versions by destination and "
+                                    "delivery status (pending, sent, retrying, failed, dead)", labels=["destination", "status"])  # fmt: skip
+        for (dest, status), count in sorted(per_dest.items()):
+            objects.add_metric([dest, status], count)
+        yield objects
+        tries = GaugeMetricFamily("anatomix_delivery_attempts", "C-STORE attempts made for current study versions, by destination",
+                                  labels=["destination"])  # fmt: skip
+        for dest, count in sorted(attempts.items()):
+            tries.add_metric([dest], count)
+        yield tries
+
+        yield from self._stage_histograms(studies)
+
+        disk = GaugeMetricFamily("anatomix_spool_free_bytes", "Free bytes on the spool's file system")
+        try:
+            disk.add_metric([], shutil.disk_usage(self.settings.storage.spool_dir).free)
+            yield disk
+        except OSError:
+            pass
+        if self.queue_depths is not None:
+            depth = GaugeMetricFamily("anatomix_queue_depth", "Tasks waiting in each queue", labels=["queue"])
+            for name, value in self.queue_depths().items():
+                if value is not None:
+                    depth.add_metric([name], value)
+            yield depth
+
+    def _stage_histograms(self, studies: list[Any]) -> Iterator[Any]:
+        from prometheus_client.core import HistogramMetricFamily
+
+        samples: dict[str, list[float]] = {}
+        for study in studies:
+            for stage, seconds in stage_durations(study.history or tuple(study.state_times.items())).items():
+                samples.setdefault(stage, []).append(seconds)
+        stages = HistogramMetricFamily(
+            "anatomix_stage_seconds", f"Stage latencies over the newest {RECENT_STUDIES} studies (from their state history)",
+            labels=["stage"],
+        )
+        for stage in ("receive_to_stable", "stable_to_analyzed", "analysis", "delivery"):
+            values = samples.get(stage, [])
+            stages.add_metric([stage], _buckets(values), sum(values))
+        yield stages
+
+        tasks: dict[str, list[float]] = {}
+        for study in studies[:50]:
+            if study.state not in ("analyzed", "delivering", "done"):
+                continue
+            try:
+                analyses = self.store.list_analyses(study.study_instance_uid, study.version)
+            except StoreError:
+                break
+            for analysis in analyses:
+                try:
+                    timings = json.loads(analysis.result_json or "{}").get("timings", {})
+                except ValueError:
+                    continue
+                for task, seconds in timings.items():
+                    if isinstance(seconds, (int, float)):
+                        tasks.setdefault(str(task), []).append(float(seconds))
+        engine = HistogramMetricFamily("anatomix_engine_seconds", "Engine time per task/stage of the newest analysed images "
+                                       "(the engine's own timings)", labels=["task"])  # fmt: skip
+        for task, values in sorted(tasks.items()):
+            engine.add_metric([task], _buckets(values), sum(values))
+        yield engine
+
+
+def _buckets(values: list[float]) -> list[tuple[str, float]]:
+    out = [(str(float(b)), float(sum(1 for v in values if v <= b))) for b in BUCKETS]
+    out.append(("+Inf", float(len(values))))
+    return out
+
+
+def render(settings: Settings, store: Store, queue_depths: Any = None) -> tuple[bytes, str]:
+    """The /metrics body: every process's counters (multiprocess files) plus the store's figures."""
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry()
+    if os.environ.get(ENV) and Path(os.environ[ENV]).is_dir():
+        from prometheus_client import multiprocess
+
+        multiprocess.MultiProcessCollector(registry)
+    registry.register(StoreCollector(settings, store, queue_depths))
+    return generate_latest(registry), CONTENT_TYPE_LATEST
