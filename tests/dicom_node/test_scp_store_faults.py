@@ -60,12 +60,12 @@ class HookedStore:
         self.record_calls = 0
         self.record_errors: list[BaseException] = []
 
-    def record_instance(self, instance: InstanceRecord) -> RecordOutcome:
+    def record_instance(self, instance: InstanceRecord, **sender: str | None) -> RecordOutcome:
         self.record_calls += 1
         if self.before_record is not None:
             self.before_record(instance)
         try:
-            return self.real.record_instance(instance)
+            return self.real.record_instance(instance, **sender)
         except BaseException as exc:
             self.record_errors.append(exc)
             raise
