@@ -184,7 +184,9 @@ def _in_an_accepted_syntax(assoc, ds: Dataset, sop_class: str) -> Dataset:
     if syntax in offered:
         return ds
     plain = copy.deepcopy(ds)  # the caller's dataset (and its file) stay compressed
-    plain.decompress()  # updates Transfer Syntax, Photometric Interpretation (YBR -> RGB) and lengths
+    # Updates Transfer Syntax, Photometric Interpretation (YBR -> RGB) and lengths. Same SOP Instance UID:
+    # pydicom would otherwise make a new one, and each delivery would leave another copy in the PACS.
+    plain.decompress(generate_instance_uid=False)
     return plain
 
 
