@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
+import os
+import socket
 from dataclasses import replace
 from typing import Any
 
 from dicom_node.cli import CliError
 from dicom_node.cli_node import _add_config_option, _missing_action, describe_store, format_table, opened_store
 from dicom_node.routing import (
-    CONDITION_FIELDS, RoutingRule, RuleValidationError, add_rule, decide_routes, get_rule, list_rules, move_rule, parse_rule,
-    remove_rule, update_rule,
+    CONDITION_FIELDS, RoutingRule, RuleValidationError, add_rule, audit_rule_change, decide_routes, get_rule, list_rules, move_rule,
+    parse_rule, remove_rule, update_rule,
 )  # fmt: skip
 from dicom_node.settings import load_settings
 from dicom_node.store.base import StoreConflict
@@ -120,6 +123,7 @@ def run_route_add(args: argparse.Namespace) -> int:
             raise _invalid(exc) from None
         except StoreConflict:
             raise CliError(f"a routing rule named {args.name!r} already exists; change it with `anatomix-node route update {args.name}`") from None
+        _audit(store, settings, "add", None, rule)
     print(f"added rule {rule.position} {rule.name}: {describe_rule(rule)}")
     return 0
 
@@ -136,6 +140,7 @@ def run_route_update(args: argparse.Namespace) -> int:
             rule = update_rule(store, settings, changed)
         except RuleValidationError as exc:
             raise _invalid(exc) from None
+        _audit(store, settings, "update", current, rule)
     print(f"updated rule {rule.position} {rule.name}: {describe_rule(rule)}")
     return 0
 
@@ -163,8 +168,10 @@ def run_route_list(args: argparse.Namespace) -> int:
 def run_route_remove(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     with opened_store(settings) as store:
+        before = _require_rule(store, args.name)
         if not remove_rule(store, args.name):
             raise CliError(_unknown_rule(args.name))
+        _audit(store, settings, "remove", before, None)
     print(f"removed rule {args.name}")
     return 0
 
@@ -175,10 +182,12 @@ def run_route_move(args: argparse.Namespace) -> int:
         count = len(store.list_routing_rules())
         if not 1 <= args.position <= max(count, 1):
             raise CliError(f"position {args.position}: give 1 to {count} (there are {count} rules)")
+        before = _require_rule(store, args.name)
         try:
             rule = move_rule(store, args.name, args.position)
         except KeyError:
             raise CliError(_unknown_rule(args.name)) from None
+        _audit(store, settings, "move", before, rule)
     print(f"moved {rule.name} to position {rule.position}")
     return 0
 
@@ -224,6 +233,15 @@ def describe_rule(rule: RoutingRule) -> str:
     profile = f" in profile {rule.action.profile}" if rule.action.profile else ""
     state = "" if rule.enabled else " (disabled)"
     return f"{describe_match(rule)} -> {describe_destinations(rule)}{profile}{state}"
+
+
+def _audit(store: Any, settings: Any, change: str, before: RoutingRule | None, after: RoutingRule | None) -> None:
+    """Who changed which rule, before and after (audit table, and the audit file when configured)."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no account name (a container): the uid
+        user = f"uid {os.getuid()}"
+    audit_rule_change(store, settings, change, before, after, user=user, host=socket.gethostname())
 
 
 def _require_rule(store: Any, name: str) -> RoutingRule:

@@ -297,6 +297,23 @@ def remove_rule(store: Store, name: str) -> bool:
     return store.remove_routing_rule(name)
 
 
+#: Audit event of every change to the rules (who, what, before and after).
+RULE_CHANGE_EVENT = "routing_rule_changed"
+
+
+def audit_rule_change(
+    store: Store, settings: Settings, change: str, before: RoutingRule | None, after: RoutingRule | None, *, user: str, host: str | None
+) -> None:
+    """One audit event for an admin's change (``add``, ``update``, ``move``, ``remove``), with the
+    rule as it was and as it is (the CLI passes the OS user, the API its account)."""
+    from dicom_node.audit import Peer, open_audit_trail
+
+    name = (after or before).name if (after or before) else None
+    open_audit_trail(store, settings.logging.audit_file).record(
+        RULE_CHANGE_EVENT, Peer(None, None, host), change=change, rule=name, user=user,
+        before=before.as_dict() if before else None, after=after.as_dict() if after else None,
+    )  # fmt: skip
+
 # ---- what is known about a study -----------------------------------------------------------------------
 
 
