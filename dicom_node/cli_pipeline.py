@@ -446,7 +446,7 @@ def resend_study(store: Store, settings: Settings, app: object, study: StudyReco
     if not store.list_produced_objects(uid, study.version):
         raise CliError(f"study {uid} v{study.version} has no results to send (state {study.state}); "
                        "`anatomix-node reanalyze` analyses it again")  # fmt: skip
-    targets = [target] if target is not None else route_destinations(store, study)
+    targets = [target] if target is not None else route_destinations(store, study, settings)
     if not targets:
         raise CliError(f"study {uid} has no destinations: name one with --to NAME")
     # Appends delivering (and later done/failed) to the history; the first delivery's entries stay.

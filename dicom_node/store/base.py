@@ -195,6 +195,21 @@ class AuditEvent:
     id: int | None = None
 
 
+@dataclass(frozen=True)
+class RoutingRuleRecord:
+    """A routing rule as stored: ``match`` and ``action`` are the JSON-ready mappings that
+    :mod:`dicom_node.routing` validated before saving (the store checks nothing in them)."""
+
+    name: str
+    #: 1-based place in the evaluation order (kept dense: 1..n).
+    position: int
+    match: dict[str, Any]
+    action: dict[str, Any]
+    description: str = ""
+    enabled: bool = True
+    updated_at: datetime | None = None
+
+
 class Store(abc.ABC):
     """State store. Implementations: :class:`SqliteStore`, :class:`PostgresStore`."""
 
@@ -355,7 +370,35 @@ class Store(abc.ABC):
     def purge_audit_events(self, before: datetime) -> int:
         """Delete audit rows recorded before ``before`` (audit retention); returns how many."""
 
-# ==== Operations API: accounts, tokens, sessions (issue 10; migration 0003) ==========================
+    # ---- routing rules (evaluation order = position, 1 first) ------------------------------------
+    @abc.abstractmethod
+    def add_routing_rule(self, rule: RoutingRuleRecord, position: int | None = None) -> RoutingRuleRecord:
+        """Insert at ``position`` (1-based; later rules move down) or last when None; StoreConflict
+        if the name exists. Returns the rule as stored (its final position)."""
+
+    @abc.abstractmethod
+    def update_routing_rule(self, rule: RoutingRuleRecord) -> None:
+        """Replace match, action, description and enabled of the rule with this name (its position
+        stays); KeyError if unknown."""
+
+    @abc.abstractmethod
+    def get_routing_rule(self, name: str) -> RoutingRuleRecord | None: ...
+
+    @abc.abstractmethod
+    def list_routing_rules(self) -> list[RoutingRuleRecord]:
+        """Every rule, in evaluation order."""
+
+    @abc.abstractmethod
+    def remove_routing_rule(self, name: str) -> bool:
+        """Remove (later rules move up); False if there was no such rule."""
+
+    @abc.abstractmethod
+    def move_routing_rule(self, name: str, position: int) -> RoutingRuleRecord:
+        """Put the rule at ``position`` (1-based, clamped to 1..n), the others keeping their order;
+        KeyError if unknown. Returns the rule as stored."""
+
+# ==== Operations API: accounts, tokens, sessions (issue 10; migration 0003) ===================
+
 #: Roles of API accounts, least to most privileged: viewer reads; operator also echoes, resends and
 #: reanalyses; admin also changes configuration and accounts.
 API_ROLES = ("viewer", "operator", "admin")

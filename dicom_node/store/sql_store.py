@@ -33,6 +33,7 @@ from dicom_node.store.base import (
     PurgedStudy,
     RecordOutcome,
     RemoteNode,
+    RoutingRuleRecord,
     Store,
     StoreConflict,
     StoreError,
@@ -61,6 +62,7 @@ _DELIVERY_COLUMNS = (
     "first_attempt_at, next_attempt_at"
 )
 _IN_CHUNK = 500
+_RULE_COLUMNS = "name, position, match_json, action_json, description, enabled, updated_at"
 _AUDIT_COLUMNS = "id, at, event, calling_ae, called_ae, peer_host, study_instance_uid, sop_instance_uid, detail"
 
 
@@ -652,6 +654,83 @@ class SqlStore(ApiAccountSql, Store):
             for id_, at, name, calling, called, peer, study, sop, detail in rows
         ]
 
+
+    # ---- routing rules ----------------------------------------------------------------------------
+    def _rule(self, row: tuple) -> RoutingRuleRecord:
+        name, position, match, action, description, enabled, updated_at = row
+        return RoutingRuleRecord(
+            name=name, position=int(position), match=self._py_json(match), action=self._py_json(action),
+            description=description or "", enabled=bool(enabled), updated_at=self._py_time(updated_at),
+        )  # fmt: skip
+
+    def _lock_rules(self, tx: Tx) -> list[str]:
+        """Rule names in order, the table locked against other writers until commit (positions are
+        renumbered in one transaction; SQLite's BEGIN IMMEDIATE already holds the only write lock)."""
+        if self.dialect == "postgres":
+            tx.execute("LOCK TABLE routing_rules IN SHARE ROW EXCLUSIVE MODE")
+        return [row[0] for row in tx.all("SELECT name FROM routing_rules ORDER BY position, name")]
+
+    def _renumber_rules(self, tx: Tx, order: list[str], before: list[str]) -> None:
+        old = {name: index for index, name in enumerate(before)}
+        for index, name in enumerate(order):
+            if old.get(name) != index:
+                tx.execute("UPDATE routing_rules SET position = ? WHERE name = ?", (index + 1, name))
+
+    def add_routing_rule(self, rule: RoutingRuleRecord, position: int | None = None) -> RoutingRuleRecord:
+        now = self._db_time(utc_now())
+        with self._transaction(write=True) as tx:
+            before = self._lock_rules(tx)
+            if rule.name in before:
+                raise StoreConflict(f"a routing rule named {rule.name!r} already exists")
+            index = len(before) if position is None else min(max(position, 1), len(before) + 1) - 1
+            order = before[:index] + [rule.name] + before[index:]
+            tx.execute(
+                "INSERT INTO routing_rules (name, position, match_json, action_json, description, enabled, created_at, "
+                f"updated_at) VALUES ({_placeholders(8)})",
+                (rule.name, index + 1, json.dumps(rule.match), json.dumps(rule.action), rule.description, bool(rule.enabled), now, now),
+            )
+            self._renumber_rules(tx, order, before + [rule.name])
+            row = tx.one(f"SELECT {_RULE_COLUMNS} FROM routing_rules WHERE name = ?", (rule.name,))
+        return self._rule(row)
+
+    def update_routing_rule(self, rule: RoutingRuleRecord) -> None:
+        with self._transaction(write=True) as tx:
+            changed = tx.execute(
+                "UPDATE routing_rules SET match_json = ?, action_json = ?, description = ?, enabled = ?, updated_at = ? WHERE name = ?",
+                (json.dumps(rule.match), json.dumps(rule.action), rule.description, bool(rule.enabled),
+                 self._db_time(utc_now()), rule.name),
+            )  # fmt: skip
+        if changed == 0:
+            raise KeyError(rule.name)
+
+    def get_routing_rule(self, name: str) -> RoutingRuleRecord | None:
+        with self._transaction(write=False) as tx:
+            row = tx.one(f"SELECT {_RULE_COLUMNS} FROM routing_rules WHERE name = ?", (name,))
+        return self._rule(row) if row else None
+
+    def list_routing_rules(self) -> list[RoutingRuleRecord]:
+        with self._transaction(write=False) as tx:
+            return [self._rule(row) for row in tx.all(f"SELECT {_RULE_COLUMNS} FROM routing_rules ORDER BY position, name")]
+
+    def remove_routing_rule(self, name: str) -> bool:
+        with self._transaction(write=True) as tx:
+            before = self._lock_rules(tx)
+            if name not in before:
+                return False
+            tx.execute("DELETE FROM routing_rules WHERE name = ?", (name,))
+            self._renumber_rules(tx, [n for n in before if n != name], before)
+        return True
+
+    def move_routing_rule(self, name: str, position: int) -> RoutingRuleRecord:
+        with self._transaction(write=True) as tx:
+            before = self._lock_rules(tx)
+            if name not in before:
+                raise KeyError(name)
+            rest = [n for n in before if n != name]
+            index = min(max(position, 1), len(before)) - 1
+            self._renumber_rules(tx, rest[:index] + [name] + rest[index:], before)
+            row = tx.one(f"SELECT {_RULE_COLUMNS} FROM routing_rules WHERE name = ?", (name,))
+        return self._rule(row)
 
 def _undelivered_guard(states: tuple[str, ...]) -> str:
     """SQL keeping a ``done`` study whose results some destination never got (dead letter, refusal)
