@@ -88,9 +88,9 @@ class SyslogListener:
 
     def _serve(self, conn: socket.socket, peer: str) -> None:
         try:
-            while not self._reading.wait(0.2):  # stalled: hold the connection, read nothing
+            while not self._reading.wait(0.2) or self._stop.is_set():  # stalled: hold the connection, read nothing
                 if self._stop.is_set():
-                    return
+                    return  # a stalled repository that dies: what was sent is never read
             conn.settimeout(30)
             stream = self.ssl_context.wrap_socket(conn, server_side=True) if self.ssl_context else conn
             buffer = b""
