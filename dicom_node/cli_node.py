@@ -235,6 +235,9 @@ def run_init(args: argparse.Namespace) -> int:
         raise CliError(f"{target} already exists; edit it, or pass --force to replace it with the defaults")
     data_dir = args.data_dir or default_data_dir(directory)
     text = DEFAULT_CONFIG_TOML
+    replaced = target.read_text(encoding="utf-8", errors="replace") if target.exists() else None
+    if replaced is not None:  # for the audit: URLs' passwords masked
+        replaced = re.sub(r"(://[^:/@\s]+:)[^@\s]+@", r"\1***@", replaced)
     if data_dir != "var":
         text = text.replace('data_dir = "var"', f"data_dir = {json.dumps(data_dir)}", 1)
     try:
@@ -245,7 +248,11 @@ def run_init(args: argparse.Namespace) -> int:
     settings = load_settings(target)
     try:  # the one command besides serve that creates the state store (so `ae add` can follow)
         settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
-        open_store(settings.database_url).close()
+        store = open_store(settings.database_url)
+        try:  # the settings file is configuration: who wrote it, and what it replaced (--force)
+            audit.record_admin_change(store, settings, os_user(), "settings.init", str(target.resolve()), replaced, text)
+        finally:
+            store.close()
     except OSError as exc:
         raise CliError(f"wrote {target}, but cannot create storage.data_dir {settings.storage.data_dir}: {exc.strerror or exc}") from None
     print(f"wrote {target}; data (spool, results, database) in {settings.storage.data_dir}")
@@ -798,4 +805,16 @@ broker_url = ""
 # audit_hosts_per_window = 50
 # audit_retention_days = 0         # 0 keeps every audit row
 # idle_poll_s = 0.05
+
+[audit]
+# Forward the audit trail to an ATNA repository (syslog RFC 5424, DICOM audit messages); empty = off.
+# syslog_host = ""
+# syslog_port = 0                  # 0 = 6514 (tls) or 601 (tcp)
+# transport = "tls"                # tls (RFC 5425) or tcp (RFC 6587 octet counting)
+# ca_file = ""                     # CA of the repository's certificate (empty = system CAs)
+# cert_file = ""                   # client certificate and key, if the repository asks for one
+# key_file = ""
+# app_name = "anatomix-node"
+# audit_source_id = ""             # empty = node.ae_title
+# enterprise_site_id = ""
 """

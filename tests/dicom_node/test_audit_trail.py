@@ -218,3 +218,20 @@ def test_cli_admin_changes_are_audited_and_the_export_is_itself_audited(tmp_path
     assert _cli(node, "audit", "--since", "2999-01-01T00:00:00Z", "--jsonl").stdout == ""
     bad = _cli(node, "audit", "--since", "yesterday-ish")
     assert bad.returncode == 2 and "ISO 8601" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_init_is_an_audited_settings_change_with_passwords_masked(tmp_path: Path) -> None:
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*NODE_COMMAND, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+
+    site = tmp_path / "site"
+    assert cli("init", "--dir", str(site)).returncode == 0
+    config = site / "anatomix-node.toml"
+    config.write_text(config.read_text() + '\n# old = "postgresql://anx:s3cret@db:5432/anatomix"\n')
+    assert cli("init", "--dir", str(site), "--force").returncode == 0
+    out = cli("audit", "--event", "admin_change", "--jsonl", "--config", str(config))
+    assert out.returncode == 0, out.stderr
+    first, second = [json.loads(line)["detail"] for line in out.stdout.splitlines()]
+    assert first["what"] == second["what"] == "settings.init" and first["before"] is None
+    assert "postgresql://anx:***@db" in second["before"] and "s3cret" not in out.stdout
+    assert "[audit]" in second["after"]
