@@ -20,6 +20,7 @@ import os
 import socket
 import ssl
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 from dicom_node.atna import PatientLookup, SourceInfo, audit_message, local_hostname, octet_counted, syslog_message
@@ -105,7 +106,11 @@ class AuditForwarder:
         ids = [int(e.id) for e in batch if e.id is not None]
         frames = []
         for event in batch:
-            xml, severity = audit_message(event, self.source, self.patients)
+            try:
+                xml, severity = audit_message(event, self.source, self.patients)
+            except Exception:  # a row we cannot render must not hold up the rest: sent as a bare alert
+                log.exception("audit forwarding: event %s (%s) could not be rendered in full", event.id, event.event)
+                xml, severity = audit_message(replace(event, event="unrenderable_event", detail={}), self.source)
             frames.append(octet_counted(syslog_message(event, xml, severity, self.hostname, self.audit.app_name, os.getpid())))
         try:
             self._send(b"".join(frames))

@@ -130,7 +130,9 @@ def test_repository_down_during_a_push_loses_nothing_and_does_not_block_c_store(
     listener = SyslogListener(port)
     try:
         files = write_synthetic_set(tmp_path / "in1", 5, study_uid="1.2.826.0.1.3680043.8.498.72")
+        t0 = time.monotonic()
         assert storescu(node.port, files, "MODALITY", "ANATOMIX").returncode == 0
+        print(f"push of 5 with the repository refusing: {time.monotonic() - t0:.2f} s")
         _wait(lambda: len(node.spooled_files()) == 5, what="5 stored")
         _wait(lambda: "audit forwarding to 127.0.0.1" in node.log_text(), what="a failed forwarding try")
         queued_while_down = _outbox(node)
@@ -141,7 +143,9 @@ def test_repository_down_during_a_push_loses_nothing_and_does_not_block_c_store(
         hung.start()
         _wait(lambda: hung.connections >= 1, what="the forwarder connected to the hung repository")
         more = write_synthetic_set(tmp_path / "in2", 4, study_uid="1.2.826.0.1.3680043.8.498.73")
+        t0 = time.monotonic()
         assert storescu(node.port, more, "MODALITY", "ANATOMIX").returncode == 0
+        print(f"push of 4 with the repository hung: {time.monotonic() - t0:.2f} s")  # a figure, not an assert
         _wait(lambda: len(node.spooled_files()) == 9, what="9 stored")
         assert hung.messages() == [] and _outbox(node) >= queued_while_down
         # It dies without reading what was sent: unconfirmed, so still queued.
