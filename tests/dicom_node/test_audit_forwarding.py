@@ -85,7 +85,9 @@ def test_rejection_and_transfer_reach_the_repository_as_rfc5424_dicom_audit_mess
         rejected = echoscu(node.port, "INTRUDER", "ANATOMIX")
         assert rejected.returncode != 0
         files = write_synthetic_set(tmp_path / "in", 3, study_uid="1.2.826.0.1.3680043.8.498.71")
+        t0 = time.monotonic()
         assert storescu(node.port, files, "MODALITY", "ANATOMIX").returncode == 0
+        print(f"push of 3 with the repository up: {time.monotonic() - t0:.2f} s")
         _wait(lambda: _outbox(node) == 0 and len(listener.messages()) >= 4, what="forwarded events")
     finally:
         node.stop()
