@@ -97,8 +97,10 @@ def test_rejection_and_transfer_reach_the_repository_as_rfc5424_dicom_audit_mess
     try:
         assert [e.event for e in store.audit_outbox()] == ["application_stopped"]
         stop_id = store.audit_outbox()[0].id
+        (row,) = store.query_audit_events(events=("association_rejected",), ae="INTRUDER")
     finally:
         store.close()
+    assert "is not a configured source" in row.detail["reason"] and row.peer_host == "127.0.0.1"
     messages = _parsed(listener)
     assert listener.framing_errors == []
     for m in messages:
