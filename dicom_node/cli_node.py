@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from dicom_node import audit
 from dicom_node.cli import CliError
 from dicom_node.settings import (
     CONFIG_FILE_NAME, SYSTEM_CONFIG_DIR, SYSTEM_DATA_DIR, Settings, SettingsError, load_settings, settings_as_dict, validate_ae_title,
@@ -112,6 +113,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     purge.add_argument("--dry-run", action="store_true", help="only list the studies that would be purged")
     purge.add_argument("--limit", type=int, default=500, help="at most this many studies per run (default 500)")
     purge.set_defaults(func=run_purge)
+
+
+def os_user() -> str:
+    """Who runs an admin command (the uid when the account has no name, e.g. in a container)."""
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid {os.getuid()}"
 
 
 def _missing_action(command: str, actions: str) -> Any:
@@ -224,6 +235,9 @@ def run_init(args: argparse.Namespace) -> int:
         raise CliError(f"{target} already exists; edit it, or pass --force to replace it with the defaults")
     data_dir = args.data_dir or default_data_dir(directory)
     text = DEFAULT_CONFIG_TOML
+    replaced = target.read_text(encoding="utf-8", errors="replace") if target.exists() else None
+    if replaced is not None:  # for the audit: URLs' passwords masked
+        replaced = re.sub(r"(://[^:/@\s]+:)[^@\s]+@", r"\1***@", replaced)
     if data_dir != "var":
         text = text.replace('data_dir = "var"', f"data_dir = {json.dumps(data_dir)}", 1)
     try:
@@ -234,7 +248,11 @@ def run_init(args: argparse.Namespace) -> int:
     settings = load_settings(target)
     try:  # the one command besides serve that creates the state store (so `ae add` can follow)
         settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
-        open_store(settings.database_url).close()
+        store = open_store(settings.database_url)
+        try:  # the settings file is configuration: who wrote it, and what it replaced (--force)
+            audit.record_admin_change(store, settings, os_user(), "settings.init", str(target.resolve()), replaced, text)
+        finally:
+            store.close()
     except OSError as exc:
         raise CliError(f"wrote {target}, but cannot create storage.data_dir {settings.storage.data_dir}: {exc.strerror or exc}") from None
     print(f"wrote {target}; data (spool, results, database) in {settings.storage.data_dir}")
@@ -291,6 +309,7 @@ def run_ae_add(args: argparse.Namespace) -> int:
             store.add_remote_node(node)
         except StoreConflict:
             raise CliError(f"a remote node named {node.name!r} already exists; change it with `anatomix-node ae update {node.name}`") from None
+        audit.record_admin_change(store, settings, os_user(), "remote_node.add", node.name, None, node)
     print(f"added {node.name}: {describe_remote(node)} ({node.role}, profile {node.profile})")
     print_warnings(warnings)
     return 0
@@ -357,6 +376,7 @@ def run_ae_update(args: argparse.Namespace) -> int:
             return 0
         warnings = remote_node_warnings(node, store.list_remote_nodes()) if (node.host, node.ae_title) != (current.host, current.ae_title) else []
         store.update_remote_node(node)
+        audit.record_admin_change(store, settings, os_user(), "remote_node.update", node.name, current, node)
     changed = [f"{key} {getattr(current, key)!r} -> {getattr(node, key)!r}" for key in asdict(node) if getattr(current, key) != getattr(node, key)]
     print(f"updated {node.name}: " + "; ".join(changed))
     print_warnings(warnings)
@@ -415,8 +435,10 @@ def run_ae_list(args: argparse.Namespace) -> int:
 def run_ae_remove(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     with opened_store(settings) as store:
+        before = store.get_remote_node(args.name)
         if not store.remove_remote_node(args.name):
             raise CliError(unknown_node_message(args.name))
+        audit.record_admin_change(store, settings, os_user(), "remote_node.remove", args.name, before, None)
     print(f"removed {args.name}")
     return 0
 
@@ -783,4 +805,16 @@ broker_url = ""
 # audit_hosts_per_window = 50
 # audit_retention_days = 0         # 0 keeps every audit row
 # idle_poll_s = 0.05
+
+[audit]
+# Forward the audit trail to an ATNA repository (syslog RFC 5424, DICOM audit messages); empty = off.
+# syslog_host = ""
+# syslog_port = 0                  # 0 = 6514 (tls) or 601 (tcp)
+# transport = "tls"                # tls (RFC 5425) or tcp (RFC 6587 octet counting)
+# ca_file = ""                     # CA of the repository's certificate (empty = system CAs)
+# cert_file = ""                   # client certificate and key, if the repository asks for one
+# key_file = ""
+# app_name = "anatomix-node"
+# audit_source_id = ""             # empty = node.ae_title
+# enterprise_site_id = ""
 """

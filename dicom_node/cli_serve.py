@@ -26,8 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from dicom_node import audit
 from dicom_node.assembly import OnStable, close_studies_at_release, run_assembly
 from dicom_node.audit import AuditTrail, open_audit_trail
+from dicom_node.audit_forward import configure_forwarding
 from dicom_node.cli import CliError
 from dicom_node.cli_pipeline import run_node_pipeline
 from dicom_node.logging_setup import configure_logging
@@ -147,6 +149,10 @@ def background_loops(settings: Settings, store: Store, audit_trail: AuditTrail) 
     ]
     if settings.storage.retention_days > 0:
         loops.append(BackgroundLoop("retention", lambda stop: run_retention(settings, store, audit_trail, stop)))
+    if settings.audit.syslog_host:  # ATNA forwarding: its own thread, reading the store's outbox
+        from dicom_node.audit_forward import AuditForwarder
+
+        loops.append(BackgroundLoop("audit-forward", AuditForwarder(settings, store).run))
     return loops
 
 
@@ -193,6 +199,8 @@ def run_serve(args: argparse.Namespace) -> int:
     prepare_spool(settings.storage.spool_dir)
     store = open_store(settings.database_url)  # migrates once, before any child starts
     trail = open_audit_trail(store, settings.logging.audit_file)
+    configure_forwarding(settings, store)  # before any process records an event to forward
+    trail.record(audit.APPLICATION_STARTED, None, ae_title=settings.node.ae_title, port=settings.node.port, pid=os.getpid())
     # Before any SCP process exists: a file it is writing right now would look unrecorded.
     reconcile_spool(settings.storage.spool_dir, store, trail)
     try:
@@ -258,6 +266,7 @@ def run_serve(args: argparse.Namespace) -> int:
             if loop.thread is not None:
                 loop.thread.join(timeout=10)
         listen_socket.close()
+        trail.record(audit.APPLICATION_STOPPED, None, ae_title=settings.node.ae_title, pid=os.getpid())
         store.close()
         log.info("AnatomiX node stopped in %.1f s", time.monotonic() - stopping)
     return 0

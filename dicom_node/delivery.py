@@ -34,6 +34,7 @@ from pynetdicom import AE, evt
 from pynetdicom.presentation import build_context
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
+from dicom_node import audit
 from dicom_node.settings import DeliverySettings, Settings
 from dicom_node.store.base import DeliveryRecord, RemoteNode, Store, StudyRecord
 
@@ -418,9 +419,11 @@ def deliver_study_version(
                 state.retrying += len(owed)
                 summary.next_attempt_in = _earliest(summary.next_attempt_in, (hold_until - now).total_seconds())
                 continue
+        audit.record_objects_sent(store, settings, uid, version, destination, None, {o.sop_instance_uid: o.sop_class_uid for o in owed})
         outcomes = send_objects(
             destination, owed, calling_ae=settings.node.ae_title, timeout_s=policy.timeout_s, fallback=fallback
         )
+        audit.record_objects_sent(store, settings, uid, version, destination, outcomes, {o.sop_instance_uid: o.sop_class_uid for o in owed})
         # This try's number and the start of the window, from the objects being tried (a resend starts afresh).
         tried = [] if resend else [r for r in (records[o.sop_instance_uid] for o in owed) if r is not None]
         attempts = 1 + max([0] + [r.attempts for r in tried])

@@ -228,6 +228,36 @@ class HttpSettings:
 
 
 @dataclass(frozen=True)
+class AuditSettings:
+    """Forwarding of the audit trail to an ATNA audit record repository (syslog, RFC 5424).
+
+    Empty ``syslog_host`` = no forwarding. Events are spooled in the state store and sent by a
+    thread of ``serve``: a repository that is down delays them, never C-STORE, and loses none.
+    Retention of the trail itself is ``limits.audit_retention_days`` (unforwarded events are kept).
+    """
+
+    syslog_host: str = ""
+    #: 0 = the transport's registered port (6514 for tls, 601 for tcp).
+    syslog_port: int = 0
+    #: ``tcp`` (RFC 6587 octet counting) or ``tls`` (RFC 5425).
+    transport: str = "tls"
+    #: TLS: CA bundle that signs the repository's certificate (empty = the system's), client certificate and key.
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    #: RFC 5424 APP-NAME and the DICOM AuditSourceID (empty = node.ae_title).
+    app_name: str = "anatomix-node"
+    audit_source_id: str = ""
+    #: AuditEnterpriseSiteID (e.g. the hospital's identifier); empty = not sent.
+    enterprise_site_id: str = ""
+    #: Events per connection; retry back-off after a failure grows to this many seconds.
+    batch_size: int = 200
+    retry_max_s: float = 60.0
+    #: Seconds to wait for the repository to connect / confirm a batch.
+    timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
 class Settings:
     node: NodeSettings = field(default_factory=NodeSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
@@ -240,6 +270,7 @@ class Settings:
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
     #: Where the settings came from (a file path or "defaults"), for messages.
     source: str = "defaults"
 
@@ -484,8 +515,23 @@ def validate(settings: Settings) -> None:
     if settings.delivery.backoff_max_s < settings.delivery.backoff_base_s:
         raise SettingsError(f"delivery.backoff_max_s = {settings.delivery.backoff_max_s}: must be >= backoff_base_s")
     validate_limits(settings.limits)
+    validate_audit(settings.audit)
     if settings.logging.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise SettingsError(f"logging.level = {settings.logging.level!r}: use DEBUG, INFO, WARNING or ERROR")
+
+
+def validate_audit(audit: AuditSettings) -> None:
+    if audit.transport not in ("tcp", "tls"):
+        raise SettingsError(f"audit.transport = {audit.transport!r}: use tcp or tls")
+    if not 0 <= audit.syslog_port <= 65535:
+        raise SettingsError(f"audit.syslog_port = {audit.syslog_port}: must be 0 (the transport's default) or 1-65535")
+    if audit.batch_size < 1 or audit.retry_max_s <= 0 or audit.timeout_s <= 0:
+        raise SettingsError(f"audit.batch_size = {audit.batch_size}, retry_max_s = {audit.retry_max_s}, "
+                            f"timeout_s = {audit.timeout_s}: all must be > 0")  # fmt: skip
+    if bool(audit.cert_file) != bool(audit.key_file):
+        raise SettingsError("audit.cert_file and audit.key_file go together (a client certificate needs its key)")
+    if not audit.app_name or len(audit.app_name) > 48 or not all(33 <= ord(c) <= 126 for c in audit.app_name):
+        raise SettingsError(f"audit.app_name = {audit.app_name!r}: 1-48 printable ASCII characters, no spaces (RFC 5424 APP-NAME)")
 
 
 def validate_limits(limits: LimitsSettings) -> None:

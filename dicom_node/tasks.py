@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from celery import Celery
 from kombu.exceptions import OperationalError
 
-from dicom_node import queue
+from dicom_node import audit, queue
 from dicom_node.dispatch import Heartbeat, clear_lease, write_lease
 from dicom_node.settings import Settings
 from dicom_node.store.base import Store, StoreUnavailable, StudyRecord
@@ -99,6 +99,7 @@ def run_analyze(ctx: WorkerContext, app: Celery, study_instance_uid: str, versio
         except Exception as exc:  # task boundary: a model or writer error fails this study, recorded and logged
             LOG.exception("analyze %s v%d failed", study_instance_uid, version)
             store.transition_study(study_instance_uid, version, ("analyzing",), "failed", error=f"analysis failed: {exc}")
+            audit.record_study_analysed(store, settings, study_instance_uid, version, "failed", type(exc).__name__)
             clear_lease(settings, "analyze", study_instance_uid, version)
             return "failed"
     outcome = finish_analysis(store, settings, app, study_instance_uid, version, report, started)
@@ -110,6 +111,7 @@ def finish_analysis(store: Store, settings: Settings, app: Celery, study_instanc
     """Move an analysed study version on (analyzed + queue delivery, failed, or done) once every
     image has its result recorded; returns the outcome."""
     LOG.info("analyze %s v%d: %s in %.1f s", study_instance_uid, version, report.summary(), time.monotonic() - started)
+    audit.record_study_analysed(store, settings, study_instance_uid, version, "analyzed" if report.analyzed else ("failed" if report.failed else "nothing"), report.summary())
     note = report.summary() if (report.failed or report.skipped) else None
     if report.analyzed:
         store.transition_study(study_instance_uid, version, ("analyzing",), "analyzed", error=note)

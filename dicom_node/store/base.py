@@ -193,6 +193,8 @@ class AuditEvent:
     #: Free-form JSON-serialisable detail. PHI only where the audit purpose needs it.
     detail: dict[str, Any]
     id: int | None = None
+    #: Who did it: an account (API) or OS user (CLI), for admin changes, logins and audit exports.
+    user: str | None = None
 
 
 @dataclass(frozen=True)
@@ -369,6 +371,34 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def purge_audit_events(self, before: datetime) -> int:
         """Delete audit rows recorded before ``before`` (audit retention); returns how many."""
+
+    @abc.abstractmethod
+    def query_audit_events(
+        self, since: datetime | None = None, until: datetime | None = None, events: tuple[str, ...] = (),
+        ae: str | None = None, user: str | None = None, study_instance_uid: str | None = None,
+        after_id: int = 0, limit: int = 10000,
+    ) -> list[AuditEvent]:
+        """Oldest first, ids above ``after_id`` (for paging); ``ae`` matches calling or called AE."""
+
+    @abc.abstractmethod
+    def set_audit_forwarding(self, target: str | None) -> None:
+        """Name the forwarding target (every later audit insert queues its id in the outbox), or
+        None: no forwarding, nothing more is queued (what is queued stays until forwarded or purged)."""
+
+    @abc.abstractmethod
+    def audit_outbox(self, limit: int = 100) -> list[AuditEvent]:
+        """Queued events, oldest first."""
+
+    @abc.abstractmethod
+    def audit_outbox_done(self, event_ids: list[int]) -> int:
+        """Forwarded and confirmed: drop from the outbox; returns how many."""
+
+    @abc.abstractmethod
+    def audit_outbox_failed(self, event_ids: list[int], error: str) -> None:
+        """A try that did not confirm: count it, keep the rows."""
+
+    @abc.abstractmethod
+    def audit_outbox_size(self) -> int: ...
 
     # ---- routing rules (evaluation order = position, 1 first) ------------------------------------
     @abc.abstractmethod

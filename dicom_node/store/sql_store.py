@@ -63,7 +63,7 @@ _DELIVERY_COLUMNS = (
 )
 _IN_CHUNK = 500
 _RULE_COLUMNS = "name, position, match_json, action_json, description, enabled, updated_at"
-_AUDIT_COLUMNS = "id, at, event, calling_ae, called_ae, peer_host, study_instance_uid, sop_instance_uid, detail"
+_AUDIT_COLUMNS = "id, at, event, calling_ae, called_ae, peer_host, study_instance_uid, sop_instance_uid, detail, user_name"
 
 
 class Tx:
@@ -630,29 +630,110 @@ class SqlStore(ApiAccountSql, Store):
             self._insert_audit(tx, event)
 
     def _insert_audit(self, tx: Tx, event: AuditEvent) -> None:
-        tx.execute(
-            f"INSERT INTO audit_events ({_AUDIT_COLUMNS.removeprefix('id, ')}) VALUES ({_placeholders(8)})",
+        row = tx.one(
+            f"INSERT INTO audit_events ({_AUDIT_COLUMNS.removeprefix('id, ')}) VALUES ({_placeholders(9)}) RETURNING id",
             (
                 self._db_time(_require_aware("at", event.at)), event.event, event.calling_ae, event.called_ae,
-                event.peer_host, event.study_instance_uid, event.sop_instance_uid, json.dumps(event.detail),
+                event.peer_host, event.study_instance_uid, event.sop_instance_uid, json.dumps(event.detail), event.user,
             ),
         )  # fmt: skip
+        assert row is not None
+        # Queued for the ATNA forwarder in the same transaction, whichever process records it.
+        tx.execute(
+            "INSERT INTO audit_outbox (event_id) SELECT ? WHERE EXISTS (SELECT 1 FROM audit_forwarding)", (int(row[0]),)
+        )
 
     def purge_audit_events(self, before: datetime) -> int:
         with self._transaction(write=True) as tx:
-            return tx.execute("DELETE FROM audit_events WHERE at < ?", (self._db_time(_require_aware("before", before)),))
+            # Events still waiting for the ATNA repository are kept until forwarded (nothing is lost).
+            return tx.execute(
+                "DELETE FROM audit_events WHERE at < ? AND id NOT IN (SELECT event_id FROM audit_outbox)",
+                (self._db_time(_require_aware("before", before)),),
+            )
 
     def list_audit_events(self, event: str | None = None, limit: int = 1000) -> list[AuditEvent]:
         where, params = ("WHERE event = ? ", [event]) if event is not None else ("", [])
         with self._transaction(write=False) as tx:
             rows = tx.all(f"SELECT {_AUDIT_COLUMNS} FROM audit_events {where}ORDER BY id DESC LIMIT {int(limit)}", params)
-        return [
-            AuditEvent(
-                at=self._py_time(at), event=name, calling_ae=calling, called_ae=called, peer_host=peer,
-                study_instance_uid=study, sop_instance_uid=sop, detail=self._py_json(detail), id=int(id_),
-            )  # fmt: skip
-            for id_, at, name, calling, called, peer, study, sop, detail in rows
-        ]
+        return [self._audit_row(row) for row in rows]
+
+    def _audit_row(self, row: tuple) -> AuditEvent:
+        id_, at, name, calling, called, peer, study, sop, detail, user = row
+        return AuditEvent(
+            at=self._py_time(at), event=name, calling_ae=calling, called_ae=called, peer_host=peer,
+            study_instance_uid=study, sop_instance_uid=sop, detail=self._py_json(detail), id=int(id_), user=user,
+        )  # fmt: skip
+
+    def query_audit_events(
+        self, since: datetime | None = None, until: datetime | None = None, events: tuple[str, ...] = (),
+        ae: str | None = None, user: str | None = None, study_instance_uid: str | None = None,
+        after_id: int = 0, limit: int = 10000,
+    ) -> list[AuditEvent]:
+        clauses, params = ["id > ?"], [int(after_id)]
+        if since is not None:
+            clauses.append("at >= ?")
+            params.append(self._db_time(_require_aware("since", since)))
+        if until is not None:
+            clauses.append("at < ?")
+            params.append(self._db_time(_require_aware("until", until)))
+        if events:
+            clauses.append(f"event IN ({_placeholders(len(events))})")
+            params.extend(events)
+        if ae is not None:
+            clauses.append("(calling_ae = ? OR called_ae = ?)")
+            params.extend((ae, ae))
+        if user is not None:
+            clauses.append("user_name = ?")
+            params.append(user)
+        if study_instance_uid is not None:
+            clauses.append("study_instance_uid = ?")
+            params.append(study_instance_uid)
+        with self._transaction(write=False) as tx:
+            rows = tx.all(
+                f"SELECT {_AUDIT_COLUMNS} FROM audit_events WHERE {' AND '.join(clauses)} ORDER BY id LIMIT {int(limit)}", params
+            )
+        return [self._audit_row(row) for row in rows]
+
+    def set_audit_forwarding(self, target: str | None) -> None:
+        with self._transaction(write=True) as tx:
+            if target is None:
+                tx.execute("DELETE FROM audit_forwarding")
+            elif tx.one("SELECT 1 FROM audit_forwarding WHERE target = ?", (target,)) is None:
+                tx.execute("DELETE FROM audit_forwarding")
+                tx.execute(
+                    "INSERT INTO audit_forwarding (target, enabled_at) VALUES (?, ?)",
+                    (target, self._db_time(datetime.now(timezone.utc))),
+                )
+
+    def audit_outbox(self, limit: int = 100) -> list[AuditEvent]:
+        columns = ", ".join(f"e.{c.strip()}" for c in _AUDIT_COLUMNS.split(","))
+        with self._transaction(write=False) as tx:
+            rows = tx.all(
+                f"SELECT {columns} FROM audit_outbox o JOIN audit_events e ON e.id = o.event_id "
+                f"ORDER BY o.event_id LIMIT {int(limit)}"
+            )
+        return [self._audit_row(row) for row in rows]
+
+    def audit_outbox_done(self, event_ids: list[int]) -> int:
+        if not event_ids:
+            return 0
+        with self._transaction(write=True) as tx:
+            return tx.execute(f"DELETE FROM audit_outbox WHERE event_id IN ({_placeholders(len(event_ids))})", event_ids)
+
+    def audit_outbox_failed(self, event_ids: list[int], error: str) -> None:
+        if not event_ids:
+            return
+        with self._transaction(write=True) as tx:
+            tx.execute(
+                f"UPDATE audit_outbox SET attempts = attempts + 1, last_error = ? "
+                f"WHERE event_id IN ({_placeholders(len(event_ids))})",
+                (error[:500], *event_ids),
+            )
+
+    def audit_outbox_size(self) -> int:
+        with self._transaction(write=False) as tx:
+            row = tx.one("SELECT COUNT(*) FROM audit_outbox")
+        return int(row[0]) if row else 0
 
 
     # ---- routing rules ----------------------------------------------------------------------------
