@@ -252,12 +252,19 @@ _ADMIN_TYPES = {"remote_node": NETWORK_CONFIGURATION, "settings": SOFTWARE_CONFI
                 "role": SECURITY_ROLES_CHANGED, "token": USER_SECURITY_CHANGED, "tls": SECURITY_CONFIGURATION}  # fmt: skip
 
 
+#: The operations API's own event names (dicom_node.api.app) and the message each one is.
+_API_EVENTS = {"api_login": "login", "api_login_failed": "login_failed", "api_login_rate_limited": "login_failed",
+               "api_logout": "logout", "api_change": "admin_change"}  # fmt: skip
+
+
 def audit_message(
     event: AuditEvent, info: SourceInfo, patients: Callable[[str], tuple[str, str] | None] | None = None
 ) -> tuple[bytes, int]:
     """The PS3.15 A.5 XML of one audit row and its syslog severity."""
     d = event.detail or {}
-    name = event.event
+    name = _API_EVENTS.get(event.event, event.event)
+    if event.event == "api_change":  # the API names its change "action" (e.g. node.add): same message as the CLI's
+        d = {**d, "what": str(d.get("action") or "settings").replace("node.", "remote_node.").replace("user.", "account.")}
     severity = SEVERITY_NOTICE
     reason = d.get("reason")
     if name in ("association_accepted", "association_rejected", "association_released", "association_aborted",

@@ -235,3 +235,36 @@ def test_init_is_an_audited_settings_change_with_passwords_masked(tmp_path: Path
     assert first["what"] == second["what"] == "settings.init" and first["before"] is None
     assert "postgresql://anx:***@db" in second["before"] and "s3cret" not in out.stdout
     assert "[audit]" in second["after"]
+
+
+def test_the_operations_apis_events_are_the_same_dicom_audit_messages() -> None:
+    """The HTTP API records its own event names (api_login, api_login_failed, api_change): on the
+    ATNA wire they are User Authentication and Security Alert messages, as the CLI's are."""
+    at = datetime(2026, 11, 30, 12, 0, tzinfo=timezone.utc)
+
+    def row(name: str, **detail) -> AuditEvent:
+        return AuditEvent(at=at, event=name, calling_ae=None, called_ae=None, peer_host="10.0.0.9", study_instance_uid=None,
+                          sop_instance_uid=None, detail=detail, user=detail.get("user"))  # fmt: skip
+
+    messages = {
+        name: audit_message(event, SOURCE)
+        for name, event in [
+            ("api_login", row("api_login", user="alice", role="admin")),
+            ("api_login_failed", row("api_login_failed", user="mallory", reason="bad password")),
+            ("api_login_rate_limited", row("api_login_rate_limited", user="mallory")),
+            ("api_change", row("api_change", user="alice", via="session", action="node.add", target="pacs", after={"port": 104})),
+        ]
+    }
+    import xml.etree.ElementTree as ET
+
+    for name, (xml, _) in messages.items():
+        assert audit_message_errors(xml) == [], (name, xml.decode())
+    ident = {name: ET.fromstring(xml).find("EventIdentification") for name, (xml, _) in messages.items()}
+    assert ident["api_login"].find("EventID").get("csd-code") == "110114"  # User Authentication
+    assert ident["api_login"].get("EventOutcomeIndicator") == "0"
+    for failed in ("api_login_failed", "api_login_rate_limited"):
+        assert ident[failed].find("EventID").get("csd-code") == "110114" and ident[failed].get("EventOutcomeIndicator") == "4"
+        assert messages[failed][1] == 4  # syslog warning
+    assert ident["api_change"].find("EventID").get("csd-code") == "110113"  # Security Alert
+    assert ident["api_change"].find("EventTypeCode").get("csd-code") == "110128"  # Network Configuration
+    assert "mallory" in messages["api_login_failed"][0].decode()
