@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 import time
 from typing import TYPE_CHECKING
 
@@ -38,6 +39,8 @@ class WorkerContext:
         self._store: Store | None = None
         self._engine: Engine | None = None
         self._engine_lock = threading.Lock()
+        #: Called with the reason when the warm-up finds the model unusable (``worker`` stops itself).
+        self.on_unusable: Callable[[str], None] | None = None
 
     def store(self) -> Store:
         if self._store is None:
@@ -56,13 +59,21 @@ class WorkerContext:
 
     def warm_up(self) -> None:
         """Load the model in the background right after the pool process starts (after the fork),
-        so the first study does not wait for it; a failure is logged and the first task retries."""
+        so the first study does not wait for it. A model that cannot be loaded (a corrupt or
+        mismatched checkpoint: the files exist, so the worker's start-up check passed) is reported
+        in one line through ``on_unusable``, which stops the worker; without it the first task
+        loads again and records the error."""
 
         def load() -> None:
             try:
                 self.engine()
-            except Exception:  # thread boundary: the first analyze task loads again and records the error
-                LOG.exception("model warm-up failed; the first analysis will try again")
+            except Exception as exc:  # thread boundary: reported, never a traceback in the admin's log
+                reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:500]
+                LOG.debug("model warm-up failed", exc_info=True)
+                if self.on_unusable is None:
+                    LOG.error("model warm-up failed (%s); the first analysis will try again", reason)
+                else:
+                    self.on_unusable(reason)
 
         threading.Thread(target=load, name="model-warm-up", daemon=True).start()
 
