@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "dicom_node.cli_serve",  # serve
     "dicom_node.cli_pipeline",  # worker, analyze, resend, demo
     "dicom_node.cli_model",  # model demo-weights
+    "dicom_node.tls",  # tls status
 )
 
 
