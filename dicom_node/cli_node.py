@@ -68,7 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add.add_argument("--quiet-period", type=float, default=None, metavar="S", help="seconds of silence that end a study from this source")
     add.add_argument("--complete-on-release", action="store_true", help="a study is complete when this source releases its association")
     add.add_argument("--default-destination", action="store_true", help="send results of every study here")
-    _add_tls_options(add)
+    _add_tls_options(add, update=False)
     add.set_defaults(func=run_ae_add)
     update = ae_actions.add_parser("update", help="change some settings of a remote node (the others are kept)")
     _add_config_option(update)
@@ -81,7 +81,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     update.add_argument("--quiet-period", type=float, default=None, metavar="S")
     update.add_argument("--complete-on-release", action=argparse.BooleanOptionalAction, default=None)
     update.add_argument("--default-destination", action=argparse.BooleanOptionalAction, default=None)
-    _add_tls_options(update)
+    _add_tls_options(update, update=True)
     update.set_defaults(func=run_ae_update)
     listing = ae_actions.add_parser("list", help="list remote nodes")
     _add_config_option(listing)
@@ -116,14 +116,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     purge.set_defaults(func=run_purge)
 
 
-def _add_tls_options(parser: argparse.ArgumentParser) -> None:
+def _add_tls_options(parser: argparse.ArgumentParser, update: bool) -> None:
     """DICOM TLS when we connect to it (README "DICOM TLS"); ``ae update`` keeps what is not given."""
-    parser.add_argument("--tls", action=argparse.BooleanOptionalAction, default=None, help="connect to it with DICOM TLS")
+    switch: dict[str, Any] = {"action": argparse.BooleanOptionalAction} if update else {"action": "store_const", "const": True}
+    parser.add_argument("--tls", default=None, help="connect to it with DICOM TLS", **switch)
     parser.add_argument("--tls-ca", default=None, metavar="PEM", help="CAs trusted for its certificate (default: the system's)")
     parser.add_argument("--tls-cert", default=None, metavar="PEM", help="our client certificate for it")
     parser.add_argument("--tls-key", default=None, metavar="PEM", help="the private key of --tls-cert (unencrypted)")
-    parser.add_argument("--tls-verify", action=argparse.BooleanOptionalAction, default=None,
-                        help="verify its certificate and host name (default: yes)")  # fmt: skip
+    if update:
+        parser.add_argument("--tls-verify", action=argparse.BooleanOptionalAction, default=None,
+                            help="verify its certificate and host name")  # fmt: skip
+    else:
+        parser.add_argument("--no-tls-verify", dest="tls_verify", action="store_const", const=False, default=None,
+                            help="do not verify its certificate and host name (default: verify)")  # fmt: skip
 
 
 def _tls_fields(args: argparse.Namespace, current: RemoteNode | None) -> dict[str, Any]:

@@ -190,12 +190,14 @@ def test_a_stalled_tls_handshake_blocks_no_one_and_is_closed_at_the_deadline(tls
     half.sendall(half_client_hello())
     # Both stalled handshakes are open while a good client associates on the same port (an
     # accept-loop handshake would leave echoscu waiting: the subprocess timeout would fail the test).
-    good = echoscu(tls_scp.tls_port, *client_tls(pki), timeout=60)
-    assert good.returncode == 0, good.stderr
-    assert wait_closed(silent, 0.05) is None and wait_closed(half, 0.05) is None  # not yet at the deadline
-    assert wait_closed(silent, 30) is not None and wait_closed(half, 30) is not None
-    silent.close()
-    half.close()
+    try:
+        good = echoscu(tls_scp.tls_port, *client_tls(pki), timeout=60)
+        assert good.returncode == 0, good.stderr
+        assert wait_closed(silent, 0.05) is None and wait_closed(half, 0.05) is None  # not yet at the deadline
+        assert wait_closed(silent, 30) is not None and wait_closed(half, 30) is not None
+    finally:
+        silent.close()
+        half.close()
     assert tls_scp.connection_count("tls_handshake_timed_out", 2) == 2
 
 
