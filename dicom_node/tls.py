@@ -165,6 +165,8 @@ def handshake(sock: socket.socket, context: ssl.SSLContext, deadline: float) -> 
         tls_sock.close()
         return None, "tls_handshake_failed"
     tls_sock.setblocking(True)
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("TLS %s %s, client certificate %s", tls_sock.version(), (tls_sock.cipher() or ("?",))[0], peer_subject(tls_sock))
     return tls_sock, ""
 
 
