@@ -77,6 +77,8 @@ CONNECTION_KINDS = {
     "refused_reserved": "refused at accept (remaining slots reserved for configured sources)",
     "oversize_pdu": "sent a first PDU over the size cap and were aborted",
     "invalid_pdu": "sent something other than a valid A-ASSOCIATE-RQ and were aborted",
+    "tls_handshake_timed_out": "did not complete the TLS handshake within the deadline and were closed",
+    "tls_handshake_failed": "failed the TLS handshake (no or an untrusted client certificate, no common protocol or cipher)",
 }
 
 

@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "dicom_node.cli_user",  # user add|list|remove|password|token (operations API accounts)
     "dicom_node.cli_route",  # route add|list|update|remove|move|dry-run
     "dicom_node.cli_audit",  # audit
+    "dicom_node.tls",  # tls status
 )
 
 

@@ -157,6 +157,7 @@ def _associate(ae: AE, destination: RemoteNode, contexts: list, timeout_s: float
         contexts=contexts,
         ae_title=destination.ae_title,
         evt_handlers=[(evt.EVT_ACSE_RECV, remember_rejection)],
+        tls_args=_tls_args(destination),
     )
     if assoc.is_established:
         return assoc
@@ -170,6 +171,16 @@ def _associate(ae: AE, destination: RemoteNode, contexts: list, timeout_s: float
     if assoc.is_aborted and not assoc.accepted_contexts and assoc.rejected_contexts:
         raise AssociationFailure(f"{where} accepted none of the SOP classes we send", transient=False)
     raise AssociationFailure(f"no association with {where}: connection refused, aborted or timed out", transient=True)
+
+
+def _tls_args(destination: RemoteNode):
+    """pynetdicom tls_args for a TLS destination; its unusable TLS files are a permanent failure."""
+    from dicom_node.tls import TlsConfigError, client_tls_args
+
+    try:
+        return client_tls_args(destination)
+    except TlsConfigError as exc:
+        raise AssociationFailure(str(exc), transient=False) from None
 
 
 def _in_an_accepted_syntax(assoc, ds: Dataset, sop_class: str) -> Dataset:

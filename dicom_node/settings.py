@@ -258,6 +258,33 @@ class AuditSettings:
 
 
 @dataclass(frozen=True)
+class TlsSettings:
+    """DICOM TLS for the SCP (PS3.15 Annex B, BCP 195): a TLS port beside (or instead of) ``node.port``.
+
+    See the README section "DICOM TLS". Per remote node TLS (as SCU) is set with ``ae add --tls``.
+    """
+
+    enabled: bool = False
+    #: The TLS port (2762 is DICOM's registered port for DICOM over TLS).
+    port: int = 2762
+    #: Also listen without TLS on ``node.port`` (false: TLS only).
+    plain_port: bool = True
+    #: PEM certificate (chain) and its private key, presented to every client.
+    certificate: Path | None = None
+    private_key: Path | None = None
+    #: PEM file of the CAs whose client certificates are trusted.
+    ca_certificates: Path | None = None
+    #: Refuse clients that present no certificate signed by ``ca_certificates`` (false: optional).
+    require_client_certificate: bool = True
+    #: Lowest protocol version: TLSv1.2 or TLSv1.3 (BCP 195 forbids anything older).
+    min_version: str = "TLSv1.2"
+    #: OpenSSL cipher list for TLS 1.2 (BCP 195 / RFC 9325: forward-secret AEAD suites only).
+    ciphers: str = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20"
+    #: ``tls status`` and the start-up log warn when a certificate expires within this many days.
+    expiry_warning_days: int = 30
+
+
+@dataclass(frozen=True)
 class Settings:
     node: NodeSettings = field(default_factory=NodeSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
@@ -271,6 +298,7 @@ class Settings:
     limits: LimitsSettings = field(default_factory=LimitsSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
+    tls: TlsSettings = field(default_factory=TlsSettings)
     #: Where the settings came from (a file path or "defaults"), for messages.
     source: str = "defaults"
 
@@ -516,6 +544,7 @@ def validate(settings: Settings) -> None:
         raise SettingsError(f"delivery.backoff_max_s = {settings.delivery.backoff_max_s}: must be >= backoff_base_s")
     validate_limits(settings.limits)
     validate_audit(settings.audit)
+    validate_tls(settings.tls, settings.node.port)
     if settings.logging.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise SettingsError(f"logging.level = {settings.logging.level!r}: use DEBUG, INFO, WARNING or ERROR")
 
@@ -563,6 +592,24 @@ def validate_limits(limits: LimitsSettings) -> None:
         raise SettingsError(f"limits.audit_retention_days = {limits.audit_retention_days}: must be >= 0 (0 keeps everything)")
     if not 0.001 <= limits.idle_poll_s <= 1.0:
         raise SettingsError(f"limits.idle_poll_s = {limits.idle_poll_s}: must be 0.001-1.0 seconds")
+
+
+def validate_tls(tls: TlsSettings, plain_port: int) -> None:
+    """Settings only (the files are read when the node starts: ``dicom_node.tls.server_context``)."""
+    if tls.min_version not in ("TLSv1.2", "TLSv1.3"):
+        raise SettingsError(f"tls.min_version = {tls.min_version!r}: use TLSv1.2 or TLSv1.3 (BCP 195)")
+    if tls.expiry_warning_days < 0:
+        raise SettingsError(f"tls.expiry_warning_days = {tls.expiry_warning_days}: must be >= 0")
+    if not tls.enabled:
+        return
+    if not 1 <= tls.port <= 65535:
+        raise SettingsError(f"tls.port = {tls.port}: must be 1-65535")
+    if tls.plain_port and tls.port == plain_port:
+        raise SettingsError(f"tls.port = {tls.port}: the same as node.port; give TLS its own port, or set tls.plain_port = false")
+    if tls.certificate is None or tls.private_key is None:
+        raise SettingsError("tls.enabled = true needs tls.certificate and tls.private_key (PEM files)")
+    if tls.require_client_certificate and tls.ca_certificates is None:
+        raise SettingsError("tls.require_client_certificate = true needs tls.ca_certificates (the CAs of trusted clients)")
 
 
 def settings_as_dict(settings: Settings) -> dict[str, Any]:

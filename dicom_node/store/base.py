@@ -55,6 +55,12 @@ class RemoteNode:
     #: Receives results of every study, not only of the studies it sent.
     default_destination: bool = False
     tls: bool = False
+    #: DICOM TLS as SCU (with ``tls``): PEM CAs for its certificate (None: the system's), our client
+    #: certificate and key (None: none), verify its certificate and host name (README "DICOM TLS").
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_verify_peer: bool = True
 
     @property
     def is_source(self) -> bool:

@@ -45,7 +45,7 @@ from dicom_node.store.schema import load_migrations
 #: A late instance reopens a study in these states as a new analysis version.
 REOPEN_STATES = ("queued", "analyzing", "analyzed", "delivering", "done", "failed", "purged")
 
-_NODE_COLUMNS = "name, ae_title, host, port, role, profile, quiet_period_s, complete_on_release, default_destination, tls"
+_NODE_COLUMNS = "name, ae_title, host, port, role, profile, quiet_period_s, complete_on_release, default_destination, tls, tls_ca_file, tls_cert_file, tls_key_file, tls_verify_peer"
 _INSTANCE_COLUMNS = (
     "id, sop_instance_uid, sop_class_uid, study_instance_uid, series_instance_uid, transfer_syntax_uid, "
     "path, size, sha256, calling_ae, received_at, study_version, state, reason"
@@ -179,17 +179,19 @@ class SqlStore(ApiAccountSql, Store):
 
     # ---- remote nodes ----------------------------------------------------------------------------
     def _node(self, row: tuple) -> RemoteNode:
-        name, ae_title, host, port, role, profile, quiet, on_release, default_dest, tls = row
+        name, ae_title, host, port, role, profile, quiet, on_release, default_dest, tls, ca, cert, key, verify = row
         return RemoteNode(
             name=name, ae_title=ae_title, host=host, port=int(port), role=role, profile=profile,
             quiet_period_s=None if quiet is None else float(quiet), complete_on_release=bool(on_release),
             default_destination=bool(default_dest), tls=bool(tls),
+            tls_ca_file=ca, tls_cert_file=cert, tls_key_file=key, tls_verify_peer=bool(verify),
         )  # fmt: skip
 
     def _node_params(self, node: RemoteNode) -> tuple:
         return (
             node.ae_title, node.host, node.port, node.role, node.profile, node.quiet_period_s,
             bool(node.complete_on_release), bool(node.default_destination), bool(node.tls),
+            node.tls_ca_file, node.tls_cert_file, node.tls_key_file, bool(node.tls_verify_peer),
         )  # fmt: skip
 
     def add_remote_node(self, node: RemoteNode) -> None:
@@ -198,7 +200,7 @@ class SqlStore(ApiAccountSql, Store):
             if tx.one("SELECT 1 FROM remote_nodes WHERE name = ?", (node.name,)):
                 raise StoreConflict(f"a remote node named {node.name!r} already exists")
             tx.execute(
-                f"INSERT INTO remote_nodes ({_NODE_COLUMNS}, created_at, updated_at) VALUES ({_placeholders(12)})",
+                f"INSERT INTO remote_nodes ({_NODE_COLUMNS}, created_at, updated_at) VALUES ({_placeholders(16)})",
                 (node.name, *self._node_params(node), now, now),
             )
 
@@ -206,7 +208,8 @@ class SqlStore(ApiAccountSql, Store):
         with self._transaction(write=True) as tx:
             changed = tx.execute(
                 "UPDATE remote_nodes SET ae_title = ?, host = ?, port = ?, role = ?, profile = ?, quiet_period_s = ?, "
-                "complete_on_release = ?, default_destination = ?, tls = ?, updated_at = ? WHERE name = ?",
+                "complete_on_release = ?, default_destination = ?, tls = ?, tls_ca_file = ?, tls_cert_file = ?, tls_key_file = ?, "
+                "tls_verify_peer = ?, updated_at = ? WHERE name = ?",
                 (*self._node_params(node), self._db_time(utc_now()), node.name),
             )
         if changed == 0:
