@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -48,7 +49,13 @@ def run_concurrent_ingest(node: NodeProcess, files: list[Path]) -> None:
             assert len(node.spooled_files()) == len(files)
             assert node.temp_files() == []
             assert store.get_study(STUDY).instance_count == len(files)
+            # The summary row is written once the release has been answered: a sender may exit
+            # before its SCP thread has recorded it, so wait (bounded) for all five.
+            deadline = time.monotonic() + 30
             summaries = store.list_audit_events("association_released", limit=100)
+            while len(summaries) < 5 and time.monotonic() < deadline:
+                time.sleep(0.1)
+                summaries = store.list_audit_events("association_released", limit=100)
             assert len(summaries) == 5
             assert sum(e.detail["received"] + e.detail["duplicates"] for e in summaries) == len(files) + len(shares[0])
         finally:
