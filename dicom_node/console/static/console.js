@@ -16,7 +16,7 @@
   }
 
   function problemText(r) {
-    if (r.status === 401) return 'Your session has ended: log in again.';
+    if (r.status === 401 && !(r.data && r.data.detail)) return 'Your session has ended: log in again.';
     if (r.status === 403) return 'Your role may not do this' + (r.data && r.data.detail ? ': ' + r.data.detail : '.');
     return (r.data && (r.data.detail || r.data.title)) || ('The node answered ' + r.status);
   }
