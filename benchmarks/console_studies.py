@@ -1,10 +1,11 @@
 """Server time of the web console's studies page with 100,000 studies in PostgreSQL.
 
-Fills a fresh database (COPY: studies, four state-history rows and one instance each), then serves
+Fills a fresh database (COPY: studies, four state-history rows and one instance each, the instances pointing at 1,000
+real header-only Part 10 files), then serves
 the console in-process (the API application with the console mounted, FastAPI's TestClient, a real
 login) and times GET /console/studies: the newest page, a page filtered by state, a page filtered
 by source, a UID-prefix search and a page deep in the keyset (the 1,000th page's link). Target:
-under 300 ms each (issue 11).
+under 300 ms each (issue 11). "first" is the first request of a page (no study header cached).
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/console_studies.py [--studies 100000] [--repeat 15]
 
@@ -25,6 +26,26 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 STATES = ("done", "done", "done", "done", "failed", "delivering", "queued")
+
+
+HEADER_FILES = 1000
+
+
+def write_headers(spool: Path) -> None:
+    """HEADER_FILES small Part 10 files (patient ID, accession, date, description, no pixels) that the
+    instances point at round-robin: the page reads one header per row, as it does from a real spool."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+
+    (spool / "bench").mkdir(parents=True, exist_ok=True)
+    for i in range(HEADER_FILES):
+        ds = pydicom.Dataset()
+        ds.PatientID, ds.AccessionNumber, ds.StudyDate, ds.StudyDescription = f"P{i:06d}", f"ACC{i:06d}", "20261130", "CHEST PA"
+        ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.1", f"1.2.826.0.1.3680043.10.1431.9.{i}"
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+        ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+        ds.save_as(spool / "bench" / f"{i}.dcm", enforce_file_format=True)
 
 
 def fill(url: str, count: int) -> None:
@@ -48,7 +69,7 @@ def fill(url: str, count: int) -> None:
                 for i in range(count):
                     at = now - timedelta(seconds=30 * (count - i))
                     copy.write_row((f"1.2.826.0.1.3680043.10.1431.{i}.1.1", "1.2.840.10008.5.1.4.1.1.1", f"1.2.826.0.1.3680043.10.1431.{i}",
-                                    f"1.2.826.0.1.3680043.10.1431.{i}.1", "1.2.840.10008.1.2.1", f"missing/{i}.dcm", 1000, f"{i:064x}",
+                                    f"1.2.826.0.1.3680043.10.1431.{i}.1", "1.2.840.10008.1.2.1", f"bench/{i % HEADER_FILES}.dcm", 1000, f"{i:064x}",
                                     f"MOD{i % 20}", at, 1, "analyzed"))  # fmt: skip
         conn.execute("ANALYZE")
         conn.commit()
@@ -64,6 +85,7 @@ def main() -> None:
 
     from dicom_node.api import auth
     from dicom_node.api.app import create_app
+    from dicom_node.console import views
     from dicom_node.settings import DatabaseSettings, Settings, StorageSettings
     from dicom_node.store import open_store
     from tests.support.postgres import server_from_url, start_private_server
@@ -78,6 +100,7 @@ def main() -> None:
         fill(url, args.studies)
         print(f"{args.studies} studies in PostgreSQL (COPY) in {time.monotonic() - started:.1f} s")
         settings = replace(Settings(), storage=replace(StorageSettings(), data_dir=workdir / "data"), database=DatabaseSettings(url=url))
+        write_headers(settings.storage.spool_dir)
         password = auth.generate_password()
         store.add_api_user(auth.new_user("bench", "viewer", password))
         client = TestClient(create_app(settings, store))
@@ -99,8 +122,9 @@ def main() -> None:
             "page 1000 (keyset)": "/console/studies?" + urlencode({"before": f"{deep_at.isoformat()}|{deep_uid}"}),
             "self-update fragment": "/console/studies/rows",
         }
-        print(f"{'page':<24} {'median ms':>10} {'max ms':>8}  rows")
+        print(f"{'page':<24} {'first ms':>9} {'median ms':>10} {'max ms':>8}  rows   (first: no header cached yet)")
         for name, path in cases.items():
+            views._HEADERS.clear()
             times = []
             for _ in range(args.repeat):
                 t0 = time.perf_counter()
@@ -108,7 +132,7 @@ def main() -> None:
                 times.append((time.perf_counter() - t0) * 1000)
                 assert response.status_code == 200, response.text[:500]
             rows = response.text.count("<tr data-study=")
-            print(f"{name:<24} {statistics.median(times):>10.1f} {max(times):>8.1f}  {rows}")
+            print(f"{name:<24} {times[0]:>9.1f} {statistics.median(times):>10.1f} {max(times):>8.1f}  {rows}")
         store.close()
     finally:
         server.drop_database(url)

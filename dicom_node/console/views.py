@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections import Counter
+from collections import Counter, OrderedDict
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -135,7 +135,7 @@ def install(app: FastAPI) -> None:  # noqa: C901 (one place that lists the pages
 
     # ---- studies ---------------------------------------------------------------------------------------
     def studies_context(request: Request) -> dict[str, Any]:
-        from dicom_node.cli_node import delivery_summary, study_summary
+        from dicom_node.cli_node import stage_durations, study_outcome
 
         ctx = ctx_of(request)
         q = request.query_params
@@ -154,12 +154,18 @@ def install(app: FastAPI) -> None:  # noqa: C901 (one place that lists the pages
         more = len(rows) > PAGE_SIZE
         rows = rows[:PAGE_SIZE]
         now = datetime.now(timezone.utc)
+        counts = ctx.store.instance_state_counts([(s.study_instance_uid, s.version) for s in rows])  # type: ignore[attr-defined]
         studies = []
         for study in rows:
-            summary = study_summary(study, ctx.store, now, spool_dir=ctx.settings.storage.spool_dir)
-            summary["source_node"] = study.source_node
-            summary["deliveries"] = delivery_summary(ctx.store, ctx.settings, study)
-            studies.append(summary)
+            outcome = study_outcome(study)
+            stages = stage_durations(study.history or study.state_times, study.state, now)
+            if outcome == "skipped":
+                stages = [stage for stage in stages if stage["state"] != "analyzing"]
+            studies.append({
+                "study_instance_uid": study.study_instance_uid, "version": study.version, "state": study.state, "outcome": outcome,
+                "source_ae": study.source_ae, "source_node": study.source_node, "instance_states": counts[(study.study_instance_uid, study.version)],
+                "stages": stages, "last_received_at": study.last_received_at, **_header(ctx.settings.storage.spool_dir, ctx.store, study),
+            })  # fmt: skip
         filters = [("state", s) for s in states] + ([("source", source)] if source else []) + ([("uid", search)] if search else [])
         next_url = None
         if more and rows:
@@ -296,6 +302,29 @@ def install(app: FastAPI) -> None:  # noqa: C901 (one place that lists the pages
         export = "/api/audit/export?" + urlencode([(k, v) for k, v in (("event", event), ("since", since.isoformat() if since else None)) if v])
         return render(request, "audit.html", who, events=shown, event=event or "", user=user or "", ae=ae or "",
                       since=q.get("since") or "", until=q.get("until") or "", error=error, export=export)  # fmt: skip
+
+
+#: Patient ID, accession, date, description per (study, version): read once from a spooled header.
+_HEADERS: OrderedDict[tuple[str, int], dict[str, str]] = OrderedDict()
+_HEADERS_MAX = 20_000
+
+
+def _header(spool_dir: Path, store: Any, study: Any) -> dict[str, str]:
+    """``cli_node.read_study_header`` of the study's current version, cached (a version's
+    instances do not change once it is past receiving; a study still receiving is read each time)."""
+    from dicom_node.cli_node import read_study_header
+
+    key = (study.study_instance_uid, study.version)
+    cached = _HEADERS.get(key)
+    if cached is not None:
+        _HEADERS.move_to_end(key)
+        return cached
+    header = read_study_header(spool_dir, store.list_instances(study.study_instance_uid, version=study.version)[:3])
+    if study.state != "receiving" and any(header.values()):
+        _HEADERS[key] = header
+        while len(_HEADERS) > _HEADERS_MAX:
+            _HEADERS.popitem(last=False)
+    return header
 
 
 def _parse_local(value: str | None, tz: ZoneInfo) -> datetime | None:

@@ -41,6 +41,21 @@ class ConsoleSql:
         with self._transaction(write=False) as tx:  # type: ignore[attr-defined]
             return self._select_studies(tx, where, params, f" ORDER BY s.created_at DESC, s.study_instance_uid DESC LIMIT {int(limit)}")  # type: ignore[attr-defined]
 
+    def instance_state_counts(self, keys: list[tuple[str, int]]) -> dict[tuple[str, int], dict[str, int]]:
+        """{(study UID, version): {instance state: count}} for these study versions, in one query."""
+        uids = sorted({uid for uid, _ in keys})
+        wanted = set(keys)
+        counts: dict[tuple[str, int], dict[str, int]] = {key: {} for key in keys}
+        if not uids:
+            return counts
+        with self._transaction(write=False) as tx:  # type: ignore[attr-defined]
+            rows = tx.all(f"SELECT study_instance_uid, study_version, state, COUNT(*) FROM instances "
+                          f"WHERE study_instance_uid IN ({', '.join('?' * len(uids))}) GROUP BY study_instance_uid, study_version, state", uids)  # fmt: skip
+        for uid, version, state, n in rows:
+            if (uid, int(version)) in wanted:
+                counts[(uid, int(version))][state] = int(n)
+        return counts
+
     def state_entries_since(self, since: datetime) -> list[tuple[str, datetime]]:
         """(state, entered_at) of every state entered at or after ``since``, oldest first."""
         with self._transaction(write=False) as tx:  # type: ignore[attr-defined]
