@@ -146,7 +146,7 @@ def test_console_scenario_in_chromium(tmp_path: Path, output_dir: Path) -> None:
             storescu(site.port, site.ae_title, files[:1])
             done = page.locator(f'tr[data-study="{first}"] .state-done')
             page.locator(f'tr[data-study="{first}"]').wait_for(timeout=60_000)
-            done.wait_for(timeout=600_000)
+            done.wait_for(timeout=300_000)
             assert page.evaluate("window.__notReloaded === true"), "the studies list reloaded the page instead of updating itself"
             first_row = page.locator(f'tr[data-study="{first}"]')
             expect(first_row).to_contain_text("ACC0000")  # accession from the spooled header
@@ -177,7 +177,7 @@ def test_console_scenario_in_chromium(tmp_path: Path, output_dir: Path) -> None:
             page.get_by_role("link", name="Failures").click()
             page.evaluate("window.__notReloaded = true")
             failure = page.locator(f'tr[data-failure="{second}"]')
-            failure.wait_for(timeout=600_000)
+            failure.wait_for(timeout=300_000)
             assert page.evaluate("window.__notReloaded === true")
             expect(failure).to_contain_text("pacs")
             pages.check(page, "failures")
