@@ -166,7 +166,7 @@ def kinds_for_study(store: Store, settings: Settings, study: StudyRecord) -> tup
     """Union of the object kinds the study's destinations ask for (the default profile when none)."""
     from dicom_node.delivery import route_destinations
 
-    profiles = [node.profile for node in route_destinations(store, study)] or [settings.output.default_profile]
+    profiles = [node.profile for node in route_destinations(store, study, settings)] or [settings.output.default_profile]
     kinds: list[str] = []
     for profile in profiles:
         kinds += [k for k in settings.output.profile(profile) if k not in kinds]

@@ -23,8 +23,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import threading
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from collections.abc import Callable
@@ -49,6 +50,22 @@ STUDY_PURGED = "study_purged"
 CONNECTIONS_SUMMARY = "connections_summary"
 #: One row per host and window: rejected associations beyond the per-host individual quota.
 ASSOCIATIONS_REJECTED_SUMMARY = "association_rejected_summary"
+#: The node started / stopped serving (ATNA Application Activity).
+APPLICATION_STARTED = "application_started"
+APPLICATION_STOPPED = "application_stopped"
+#: A study version's analysis ended (detail: version, outcome, summary).
+STUDY_ANALYSED = "study_analysed"
+#: One delivery attempt to one destination began / ended (detail: destination, sent and failed SOP UIDs).
+TRANSFER_STARTED = "objects_send_started"
+OBJECTS_SENT = "objects_sent"
+#: Configuration changed by an admin: remote nodes, settings, accounts (detail: what, target, before, after).
+ADMIN_CHANGE = "admin_change"
+#: Logins (API accounts, console sessions) and logouts.
+LOGIN = "login"
+LOGIN_FAILED = "login_failed"
+LOGOUT = "logout"
+#: The audit trail itself was queried or exported (ATNA Audit Log Used).
+AUDIT_EXPORTED = "audit_exported"
 
 #: Connection-level event kinds (``AggregatedAudit.note_connection``) and their log wording.
 CONNECTION_KINDS = {
@@ -60,6 +77,8 @@ CONNECTION_KINDS = {
     "refused_reserved": "refused at accept (remaining slots reserved for configured sources)",
     "oversize_pdu": "sent a first PDU over the size cap and were aborted",
     "invalid_pdu": "sent something other than a valid A-ASSOCIATE-RQ and were aborted",
+    "tls_handshake_timed_out": "did not complete the TLS handshake within the deadline and were closed",
+    "tls_handshake_failed": "failed the TLS handshake (no or an untrusted client certificate, no common protocol or cipher)",
 }
 
 
@@ -111,6 +130,7 @@ class AuditTrail:
             study_instance_uid=study_instance_uid,
             sop_instance_uid=sop_instance_uid,
             detail=detail,
+            user=str(detail["user"])[:128] if detail.get("user") is not None else None,
         )
         try:
             self.store.audit(row)
@@ -135,6 +155,7 @@ class AuditTrail:
                 "study_instance_uid": row.study_instance_uid,
                 "sop_instance_uid": row.sop_instance_uid,
                 "detail": row.detail,
+                "user": row.user,
                 "pid": os.getpid(),
             },
             sort_keys=True,
@@ -223,3 +244,97 @@ class AggregatedAudit:
 
 def open_audit_trail(store: Store, audit_file: str) -> AuditTrail:
     return AuditTrail(store=store, audit_file=Path(audit_file) if audit_file else None)
+
+
+# ---- helpers for the call sites outside the SCP (workers, CLI, the HTTP API) ------------------------
+#
+# Each takes the store and settings (anything with ``.logging.audit_file``), so a call site is one line.
+
+
+def trail_for(store: Store, settings: Any) -> AuditTrail:
+    return open_audit_trail(store, settings.logging.audit_file)
+
+
+def record_authentication(
+    store: Store, settings: Any, user: str, success: bool, host: str | None = None, method: str = "password",
+    reason: str | None = None, logout: bool = False,
+) -> None:
+    """A login (``success``), a failed login (with ``reason``: unknown user, bad password, rate
+    limited, revoked token) or a logout, by an account of the HTTP API or console."""
+    event = LOGOUT if logout else (LOGIN if success else LOGIN_FAILED)
+    extra = {"reason": reason} if reason else {}
+    trail_for(store, settings).record(
+        event, Peer(None, None, host), user=printable(user, 128), method=method, success=bool(success), **extra
+    )
+
+
+def record_admin_change(
+    store: Store, settings: Any, user: str, what: str, target: str, before: Any, after: Any,
+    host: str | None = None, via: str = "cli",
+) -> None:
+    """A configuration change: ``what`` (e.g. ``remote_node.add``, ``settings``, ``account.role``) on
+    ``target``, with the state ``before`` and ``after`` (None for a creation / removal). No secrets:
+    the caller passes what may be shown (password hashes and tokens never)."""
+    trail_for(store, settings).record(
+        ADMIN_CHANGE, Peer(None, None, host or socket.gethostname()), user=user, what=what, target=target,
+        before=_jsonable(before), after=_jsonable(after), via=via,
+    )
+
+
+def record_audit_export(
+    store: Store, settings: Any, user: str, filters: dict[str, Any], count: int, host: str | None = None, via: str = "cli"
+) -> None:
+    """The trail was queried or exported (itself audited: ATNA Audit Log Used)."""
+    trail_for(store, settings).record(
+        AUDIT_EXPORTED, Peer(None, None, host or socket.gethostname()), user=user, filters=_jsonable(filters),
+        count=count, via=via,
+    )
+
+
+def record_study_analysed(
+    store: Store, settings: Any, study_instance_uid: str, version: int, outcome: str, summary: str | None = None
+) -> None:
+    try:
+        trail_for(store, settings).record(
+            STUDY_ANALYSED, None, study_instance_uid=study_instance_uid, version=version, outcome=outcome, summary=summary
+        )
+    except OSError as exc:  # the audit file; the row is written (or its failure logged) already
+        log.error("audit file not written: %s", exc)
+
+
+def record_objects_sent(
+    store: Store, settings: Any, study_instance_uid: str, version: int, destination: Any, outcomes: list[Any] | None,
+    sop_class_uids: dict[str, str] | None = None,
+) -> None:
+    """One delivery attempt to one destination: ``outcomes`` None when it begins (Begin Transferring),
+    else the per-object outcomes (``sop_instance_uid``, ``outcome``, ``status``)."""
+    peer = Peer(destination.ae_title, None, destination.host)
+    base = {"destination": destination.name, "version": version, "port": destination.port}
+    try:
+        trail = trail_for(store, settings)
+        if outcomes is None:
+            trail.record(TRANSFER_STARTED, peer, study_instance_uid=study_instance_uid, sop_classes=sop_class_uids or {}, **base)
+            return
+        sent = [o.sop_instance_uid for o in outcomes if o.outcome == "sent"]
+        failed = {o.sop_instance_uid: o.error or "not sent" for o in outcomes if o.outcome != "sent"}
+        trail.record(
+            OBJECTS_SENT, peer, study_instance_uid=study_instance_uid, sent=sent, failed=failed,
+            sop_classes=sop_class_uids or {}, **base,
+        )
+    except OSError as exc:
+        log.error("audit file not written: %s", exc)
+
+
+def _jsonable(value: Any) -> Any:
+    """Dataclasses, paths and datetimes as JSON-friendly values (for before/after and filters)."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if is_dataclass(value) and not isinstance(value, type):
+        return _jsonable(asdict(value))
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return str(value)

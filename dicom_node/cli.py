@@ -20,6 +20,9 @@ COMMAND_MODULES = (
     "dicom_node.cli_pipeline",  # worker, analyze, resend, demo
     "dicom_node.cli_model",  # model demo-weights
     "dicom_node.cli_user",  # user add|list|remove|password|token (operations API accounts)
+    "dicom_node.cli_route",  # route add|list|update|remove|move|dry-run
+    "dicom_node.cli_audit",  # audit
+    "dicom_node.tls",  # tls status
 )
 
 

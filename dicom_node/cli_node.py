@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from dicom_node import audit
 from dicom_node.cli import CliError
 from dicom_node.settings import (
     CONFIG_FILE_NAME, SYSTEM_CONFIG_DIR, SYSTEM_DATA_DIR, Settings, SettingsError, load_settings, settings_as_dict, validate_ae_title,
@@ -68,6 +69,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add.add_argument("--quiet-period", type=float, default=None, metavar="S", help="seconds of silence that end a study from this source")
     add.add_argument("--complete-on-release", action="store_true", help="a study is complete when this source releases its association")
     add.add_argument("--default-destination", action="store_true", help="send results of every study here")
+    _add_tls_options(add, update=False)
     add.set_defaults(func=run_ae_add)
     update = ae_actions.add_parser("update", help="change some settings of a remote node (the others are kept)")
     _add_config_option(update)
@@ -80,6 +82,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     update.add_argument("--quiet-period", type=float, default=None, metavar="S")
     update.add_argument("--complete-on-release", action=argparse.BooleanOptionalAction, default=None)
     update.add_argument("--default-destination", action=argparse.BooleanOptionalAction, default=None)
+    _add_tls_options(update, update=True)
     update.set_defaults(func=run_ae_update)
     listing = ae_actions.add_parser("list", help="list remote nodes")
     _add_config_option(listing)
@@ -112,6 +115,56 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     purge.add_argument("--dry-run", action="store_true", help="only list the studies that would be purged")
     purge.add_argument("--limit", type=int, default=500, help="at most this many studies per run (default 500)")
     purge.set_defaults(func=run_purge)
+
+
+def os_user() -> str:
+    """Who runs an admin command (the uid when the account has no name, e.g. in a container)."""
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid {os.getuid()}"
+
+
+def _add_tls_options(parser: argparse.ArgumentParser, update: bool) -> None:
+    """DICOM TLS when we connect to it (README "DICOM TLS"); ``ae update`` keeps what is not given."""
+    switch: dict[str, Any] = {"action": argparse.BooleanOptionalAction} if update else {"action": "store_const", "const": True}
+    parser.add_argument("--tls", default=None, help="connect to it with DICOM TLS", **switch)
+    parser.add_argument("--tls-ca", default=None, metavar="PEM", help="CAs trusted for its certificate (default: the system's)")
+    parser.add_argument("--tls-cert", default=None, metavar="PEM", help="our client certificate for it")
+    parser.add_argument("--tls-key", default=None, metavar="PEM", help="the private key of --tls-cert (unencrypted)")
+    if update:
+        parser.add_argument("--tls-verify", action=argparse.BooleanOptionalAction, default=None,
+                            help="verify its certificate and host name")  # fmt: skip
+    else:
+        parser.add_argument("--no-tls-verify", dest="tls_verify", action="store_const", const=False, default=None,
+                            help="do not verify its certificate and host name (default: verify)")  # fmt: skip
+
+
+def _tls_fields(args: argparse.Namespace, current: RemoteNode | None) -> dict[str, Any]:
+    """The TLS columns from ``--tls*`` over ``current`` (absolute paths); CliError for a missing file."""
+    base = current or RemoteNode(name="", ae_title="", host="", port=1)
+    values: dict[str, Any] = {
+        "tls": base.tls if args.tls is None else args.tls,
+        "tls_verify_peer": base.tls_verify_peer if args.tls_verify is None else args.tls_verify,
+    }
+    for option, key in (("tls_ca", "tls_ca_file"), ("tls_cert", "tls_cert_file"), ("tls_key", "tls_key_file")):
+        given = getattr(args, option)
+        if given is None:
+            values[key] = getattr(base, key)
+        elif given == "":
+            values[key] = None  # --tls-ca "" clears it
+        else:
+            path = Path(given).expanduser().resolve()
+            if not path.is_file():
+                raise CliError(f"--{option.replace('_', '-')} {given}: no such file")
+            values[key] = str(path)
+    if bool(values["tls_cert_file"]) != bool(values["tls_key_file"]):
+        raise CliError("--tls-cert and --tls-key go together: our client certificate and its private key")
+    if any(values[k] for k in ("tls_ca_file", "tls_cert_file")) and not values["tls"]:
+        raise CliError("--tls-ca/--tls-cert/--tls-key need --tls (connect to it with TLS)")
+    return values
 
 
 def _missing_action(command: str, actions: str) -> Any:
@@ -224,6 +277,9 @@ def run_init(args: argparse.Namespace) -> int:
         raise CliError(f"{target} already exists; edit it, or pass --force to replace it with the defaults")
     data_dir = args.data_dir or default_data_dir(directory)
     text = DEFAULT_CONFIG_TOML
+    replaced = target.read_text(encoding="utf-8", errors="replace") if target.exists() else None
+    if replaced is not None:  # for the audit: URLs' passwords masked
+        replaced = re.sub(r"(://[^:/@\s]+:)[^@\s]+@", r"\1***@", replaced)
     if data_dir != "var":
         text = text.replace('data_dir = "var"', f"data_dir = {json.dumps(data_dir)}", 1)
     try:
@@ -234,7 +290,11 @@ def run_init(args: argparse.Namespace) -> int:
     settings = load_settings(target)
     try:  # the one command besides serve that creates the state store (so `ae add` can follow)
         settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
-        open_store(settings.database_url).close()
+        store = open_store(settings.database_url)
+        try:  # the settings file is configuration: who wrote it, and what it replaced (--force)
+            audit.record_admin_change(store, settings, os_user(), "settings.init", str(target.resolve()), replaced, text)
+        finally:
+            store.close()
     except OSError as exc:
         raise CliError(f"wrote {target}, but cannot create storage.data_dir {settings.storage.data_dir}: {exc.strerror or exc}") from None
     print(f"wrote {target}; data (spool, results, database) in {settings.storage.data_dir}")
@@ -281,7 +341,7 @@ def render_toml(sections: dict[str, dict[str, Any]]) -> str:
 
 def run_ae_add(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
-    node = remote_node_from_args(args, settings)
+    node = replace(remote_node_from_args(args, settings), **_tls_fields(args, None))
     with opened_store(settings) as store:
         if store.get_remote_node(node.name) is not None:
             raise CliError(f"a remote node named {node.name!r} already exists; change it with "
@@ -291,6 +351,7 @@ def run_ae_add(args: argparse.Namespace) -> int:
             store.add_remote_node(node)
         except StoreConflict:
             raise CliError(f"a remote node named {node.name!r} already exists; change it with `anatomix-node ae update {node.name}`") from None
+        audit.record_admin_change(store, settings, os_user(), "remote_node.add", node.name, None, node)
     print(f"added {node.name}: {describe_remote(node)} ({node.role}, profile {node.profile})")
     print_warnings(warnings)
     return 0
@@ -351,12 +412,13 @@ def run_ae_update(args: argparse.Namespace) -> int:
             complete_on_release=current.complete_on_release if args.complete_on_release is None else args.complete_on_release,
             default_destination=current.default_destination if args.default_destination is None else args.default_destination,
         )
-        node = replace(remote_node_from_args(merged, settings), tls=current.tls)
+        node = replace(remote_node_from_args(merged, settings), **_tls_fields(args, current))
         if node == current:
             print(f"{node.name}: nothing to change")
             return 0
         warnings = remote_node_warnings(node, store.list_remote_nodes()) if (node.host, node.ae_title) != (current.host, current.ae_title) else []
         store.update_remote_node(node)
+        audit.record_admin_change(store, settings, os_user(), "remote_node.update", node.name, current, node)
     changed = [f"{key} {getattr(current, key)!r} -> {getattr(node, key)!r}" for key in asdict(node) if getattr(current, key) != getattr(node, key)]
     print(f"updated {node.name}: " + "; ".join(changed))
     print_warnings(warnings)
@@ -407,6 +469,7 @@ def run_ae_list(args: argparse.Namespace) -> int:
     for n in nodes:
         options = [f"quiet {n.quiet_period_s:g}s"] if n.quiet_period_s is not None else []
         options += ["complete-on-release"] * n.complete_on_release + ["default-destination"] * n.default_destination
+        options += ["tls" + ("" if n.tls_verify_peer else " (unverified)")] * n.tls
         rows.append((n.name, n.ae_title, n.host, str(n.port), n.role, n.profile, ", ".join(options)))
     print(format_table(rows))
     return 0
@@ -415,8 +478,10 @@ def run_ae_list(args: argparse.Namespace) -> int:
 def run_ae_remove(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     with opened_store(settings) as store:
+        before = store.get_remote_node(args.name)
         if not store.remove_remote_node(args.name):
             raise CliError(unknown_node_message(args.name))
+        audit.record_admin_change(store, settings, os_user(), "remote_node.remove", args.name, before, None)
     print(f"removed {args.name}")
     return 0
 
@@ -481,14 +546,26 @@ def echo_remote(calling_ae: str, node: RemoteNode, timeout: float) -> float:
         (evt.EVT_CONN_OPEN, lambda event: seen.setdefault("connected", True)),
         (evt.EVT_ACSE_RECV, lambda event: seen.setdefault("response", event.primitive)),
     ]
+    from dicom_node.tls import TlsConfigError, client_tls_args
+
+    try:
+        tls_args = client_tls_args(node)
+    except TlsConfigError as exc:
+        raise CliError(f"echo {where}: {exc}") from None
     started = time.perf_counter()
-    assoc = ae.associate(node.host, node.port, ae_title=node.ae_title, evt_handlers=handlers)
+    assoc = ae.associate(node.host, node.port, ae_title=node.ae_title, evt_handlers=handlers, tls_args=tls_args)
     if not assoc.is_established:
         if not seen.get("connected"):
-            raise CliError(f"echo {where}: {_connect_failure(node.host, node.port, timeout)}")
+            failure = _connect_failure(node.host, node.port, timeout)
+            if tls_args is not None and failure.startswith("the connection was closed"):
+                failure = "the TLS handshake failed (its certificate and host name, --tls-ca, our --tls-cert; see the log)"
+            raise CliError(f"echo {where}: {failure}")
         response = seen.get("response")
         if assoc.is_rejected and response is not None:
             raise CliError(f"echo {where}: association rejected ({response.result_str}): {response.reason_str}")
+        if tls_args is not None and not assoc.is_rejected:  # TLS 1.3: a refused client certificate shows after the handshake
+            raise CliError(f"echo {where}: the TLS connection was closed without an answer: the TLS handshake failed on its side? "
+                           "(it may require our client certificate, --tls-cert/--tls-key, or not trust it)")  # fmt: skip
         raise CliError(f"echo {where}: association aborted or timed out (no acceptable answer within {timeout:g} s)")
     try:
         status = assoc.send_c_echo()
@@ -783,4 +860,16 @@ broker_url = ""
 # audit_hosts_per_window = 50
 # audit_retention_days = 0         # 0 keeps every audit row
 # idle_poll_s = 0.05
+
+[audit]
+# Forward the audit trail to an ATNA repository (syslog RFC 5424, DICOM audit messages); empty = off.
+# syslog_host = ""
+# syslog_port = 0                  # 0 = 6514 (tls) or 601 (tcp)
+# transport = "tls"                # tls (RFC 5425) or tcp (RFC 6587 octet counting)
+# ca_file = ""                     # CA of the repository's certificate (empty = system CAs)
+# cert_file = ""                   # client certificate and key, if the repository asks for one
+# key_file = ""
+# app_name = "anatomix-node"
+# audit_source_id = ""             # empty = node.ae_title
+# enterprise_site_id = ""
 """

@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dicom_node.cli import CliError
 from dicom_node.settings import Settings, load_settings
@@ -138,6 +138,25 @@ def check_model_usable(settings: Settings, device: str) -> str:
     return f"{directory.name} {directory.version} from {directory.root} on {device}" + (" [DEMO WEIGHTS]" if directory.demo else "")
 
 
+def _stop_when_the_model_is_unusable(context: Any) -> Path:
+    """An analyze worker whose model passes the start-up check but does not load (a corrupt
+    checkpoint) must not run on, healthy-looking and analysing nothing: the pool process that finds
+    it writes the reason to a file and asks the worker's main process to stop; ``worker`` then exits
+    1 with that reason in one line."""
+    import tempfile
+
+    handle, name = tempfile.mkstemp(prefix="anatomix-worker-", suffix=".unusable")
+    os.close(handle)
+    path, parent = Path(name), os.getpid()
+
+    def report(reason: str) -> None:
+        path.write_text(reason, encoding="utf-8")
+        os.kill(parent, signal.SIGTERM)  # warm shutdown of the main process (no task was taken)
+
+    context.on_unusable = report
+    return path
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     import socket
 
@@ -154,7 +173,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     model = check_model_usable(settings, args.device or settings.model.device) if ANALYZE_QUEUE in queues else None
     open_store(settings.database_url).close()  # fail fast on a bad database, and migrate it once
     app = create_app(settings)
-    register_tasks(app, WorkerContext(settings, args.device), warm_up=ANALYZE_QUEUE in queues)
+    context = WorkerContext(settings, args.device)
+    unusable = _stop_when_the_model_is_unusable(context) if ANALYZE_QUEUE in queues else None
+    register_tasks(app, context, warm_up=ANALYZE_QUEUE in queues)
     # analyze: a prefork pool of one process per worker (one per GPU): the model loads in the child,
     # after the fork, and time limits are enforced. deliver-only: a solo pool or threads for fan-out.
     if ANALYZE_QUEUE in queues:
@@ -172,7 +193,20 @@ def cmd_worker(args: argparse.Namespace) -> int:
     quiet_worker_console(level)
     LOG.info("worker %s for %s on %s%s", name, ",".join(queues), settings.queue.broker_url or "the embedded broker",
              f"; model {model}" if model else "")  # fmt: skip
-    app.worker_main(argv)
+    reason = ""
+    try:
+        app.worker_main(argv)
+    except SystemExit:
+        reason = unusable.read_text(encoding="utf-8") if unusable is not None else ""
+        if not reason:
+            raise
+    finally:
+        sys.stderr = sys.__stderr__  # Celery redirected it into its logger; our one-line error goes to the terminal
+        if unusable is not None:
+            reason = reason or unusable.read_text(encoding="utf-8")
+            unusable.unlink(missing_ok=True)
+    if reason:
+        raise CliError(f"model unusable, this worker stopped without taking a task: {reason}", code=1)
     return 0
 
 
@@ -446,7 +480,7 @@ def resend_study(store: Store, settings: Settings, app: object, study: StudyReco
     if not store.list_produced_objects(uid, study.version):
         raise CliError(f"study {uid} v{study.version} has no results to send (state {study.state}); "
                        "`anatomix-node reanalyze` analyses it again")  # fmt: skip
-    targets = [target] if target is not None else route_destinations(store, study)
+    targets = [target] if target is not None else route_destinations(store, study, settings)
     if not targets:
         raise CliError(f"study {uid} has no destinations: name one with --to NAME")
     # Appends delivering (and later done/failed) to the history; the first delivery's entries stay.

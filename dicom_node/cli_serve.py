@@ -26,13 +26,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from dicom_node import audit
 from dicom_node.assembly import OnStable, close_studies_at_release, run_assembly
 from dicom_node.audit import AuditTrail, open_audit_trail
+from dicom_node.audit_forward import configure_forwarding
 from dicom_node.cli import CliError
 from dicom_node.cli_pipeline import run_node_pipeline
 from dicom_node.logging_setup import configure_logging
 from dicom_node.scp import StorageScp
-from dicom_node.scp_server import PortInUse, ScpSupervisor, make_scp_server, open_listening_socket, serve_until_stopped
+from dicom_node.scp_server import PortInUse, ScpSupervisor, make_scp_servers, open_listening_socket, serve_until_stopped
 from dicom_node.settings import Settings, load_settings
 from dicom_node.reconcile import reconcile_spool
 from dicom_node.retention import run_retention
@@ -147,6 +149,10 @@ def background_loops(settings: Settings, store: Store, audit_trail: AuditTrail) 
     ]
     if settings.storage.retention_days > 0:
         loops.append(BackgroundLoop("retention", lambda stop: run_retention(settings, store, audit_trail, stop)))
+    if settings.audit.syslog_host:  # ATNA forwarding: its own thread, reading the store's outbox
+        from dicom_node.audit_forward import AuditForwarder
+
+        loops.append(BackgroundLoop("audit-forward", AuditForwarder(settings, store).run))
     return loops
 
 
@@ -158,8 +164,8 @@ def describe_model(settings: Settings) -> str:
     return "none configured (receive only)"
 
 
-def make_scp_child(settings: Settings, listen_socket: socket.socket) -> Callable[[int], int]:
-    """The body of one forked SCP process."""
+def make_scp_child(settings: Settings, listen_sockets: list[tuple[socket.socket, bool]]) -> Callable[[int], int]:
+    """The body of one forked SCP process: a guarded server per listening socket (``True``: the TLS port)."""
 
     def scp_child(index: int) -> int:
         stop = threading.Event()
@@ -170,15 +176,58 @@ def make_scp_child(settings: Settings, listen_socket: socket.socket) -> Callable
             settings, store, trail,
             on_release=lambda source, uids: close_studies_at_release(store, settings, source, uids, trail),
         )
-        server = make_scp_server(settings, scp, listen_socket)
+        from dicom_node.tls import server_context  # each process its own context (nothing OpenSSL across fork)
+
+        sockets = [(sock, server_context(settings) if is_tls else None) for sock, is_tls in listen_sockets]
+        servers = make_scp_servers(settings, scp, sockets)
         log.debug("SCP process %d accepting", index)
         try:
-            serve_until_stopped(server, stop, DRAIN_S)
+            serve_until_stopped(servers, stop, DRAIN_S)
         finally:
             store.close()
         return 0
 
     return scp_child
+
+
+def open_scp_sockets(settings: Settings, store: Store) -> list[tuple[socket.socket, bool]]:
+    """The plain port (unless TLS only) and the TLS port (``tls.enabled``), bound and listening.
+
+    The TLS files are loaded once here, so a wrong path or key stops ``serve`` in one line, and
+    every certificate's expiry is logged (a warning within ``tls.expiry_warning_days``).
+    """
+    sockets: list[tuple[socket.socket, bool]] = []
+    tls = settings.tls
+    if tls.enabled:
+        from dicom_node.tls import TlsConfigError, log_certificate_expiry, server_context
+
+        try:
+            server_context(settings)
+        except TlsConfigError as exc:
+            raise CliError(str(exc)) from None
+        log_certificate_expiry(settings, store.list_remote_nodes())
+    try:
+        if not tls.enabled or tls.plain_port:
+            sockets.append((open_listening_socket(settings.node.bind_address, settings.node.port), False))
+        if tls.enabled:
+            try:
+                sockets.append((open_listening_socket(settings.node.bind_address, tls.port), True))
+            except PortInUse as exc:
+                raise CliError((exc.strerror or str(exc)).replace("(--port or node.port)", "(tls.port)")) from None
+    except BaseException:
+        for sock, _ in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def describe_ports(settings: Settings) -> str:
+    """``port 11112``, ``port 11112, TLS port 2762`` or ``TLS port 2762 only`` for the start-up line."""
+    if not settings.tls.enabled:
+        return f"port {settings.node.port}"
+    if not settings.tls.plain_port:
+        return f"TLS port {settings.tls.port} only"
+    return f"port {settings.node.port}, TLS port {settings.tls.port}"
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -193,13 +242,15 @@ def run_serve(args: argparse.Namespace) -> int:
     prepare_spool(settings.storage.spool_dir)
     store = open_store(settings.database_url)  # migrates once, before any child starts
     trail = open_audit_trail(store, settings.logging.audit_file)
+    configure_forwarding(settings, store)  # before any process records an event to forward
+    trail.record(audit.APPLICATION_STARTED, None, ae_title=settings.node.ae_title, port=settings.node.port, pid=os.getpid())
     # Before any SCP process exists: a file it is writing right now would look unrecorded.
     reconcile_spool(settings.storage.spool_dir, store, trail)
     try:
-        listen_socket = open_listening_socket(settings.node.bind_address, settings.node.port)
-    except PortInUse as exc:
+        listen_sockets = open_scp_sockets(settings, store)
+    except (PortInUse, CliError) as exc:
         store.close()
-        raise CliError(exc.strerror or str(exc)) from None
+        raise CliError(exc.strerror or str(exc)) if isinstance(exc, PortInUse) else exc from None
 
     # Operations API (dicom_node.api): its port is bound here, so a clash is reported at start; the
     # DICOM service runs without the API then (receiving must not depend on it). The metrics
@@ -224,7 +275,7 @@ def run_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, request_stop)
 
     # Fork the SCP processes before any thread starts, so they inherit no half-held lock.
-    supervisor = ScpSupervisor(settings.node.scp_processes, make_scp_child(settings, listen_socket))
+    supervisor = ScpSupervisor(settings.node.scp_processes, make_scp_child(settings, listen_sockets))
     supervisor.start()  # the parent keeps listen_socket open (never accepting) to restart children
     loops = background_loops(settings, store, trail)
     if http_socket is not None:
@@ -237,8 +288,8 @@ def run_serve(args: argparse.Namespace) -> int:
         log.warning("running as root: run the node as its own user (the systemd units in deploy/systemd use `anatomix`)")
     store_kind = "PostgreSQL" if settings.database_url.startswith("postgres") else "SQLite"
     log.info(
-        "AnatomiX node listening: AE %s, port %d, %d SCP process(es), store %s, spool %s, model: %s, config: %s",
-        settings.node.ae_title, settings.node.port, settings.node.scp_processes, store_kind,
+        "AnatomiX node listening: AE %s, %s, %d SCP process(es), store %s, spool %s, model: %s, config: %s",
+        settings.node.ae_title, describe_ports(settings), settings.node.scp_processes, store_kind,
         settings.storage.spool_dir, describe_model(settings), settings.source,
     )
     try:
@@ -257,7 +308,9 @@ def run_serve(args: argparse.Namespace) -> int:
         for loop in loops:
             if loop.thread is not None:
                 loop.thread.join(timeout=10)
-        listen_socket.close()
+        for listen_socket, _ in listen_sockets:
+            listen_socket.close()
+        trail.record(audit.APPLICATION_STOPPED, None, ae_title=settings.node.ae_title, pid=os.getpid())
         store.close()
         log.info("AnatomiX node stopped in %.1f s", time.monotonic() - stopping)
     return 0

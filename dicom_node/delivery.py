@@ -34,6 +34,7 @@ from pynetdicom import AE, evt
 from pynetdicom.presentation import build_context
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
+from dicom_node import audit
 from dicom_node.settings import DeliverySettings, Settings
 from dicom_node.store.base import DeliveryRecord, RemoteNode, Store, StudyRecord
 
@@ -156,6 +157,7 @@ def _associate(ae: AE, destination: RemoteNode, contexts: list, timeout_s: float
         contexts=contexts,
         ae_title=destination.ae_title,
         evt_handlers=[(evt.EVT_ACSE_RECV, remember_rejection)],
+        tls_args=_tls_args(destination),
     )
     if assoc.is_established:
         return assoc
@@ -171,6 +173,16 @@ def _associate(ae: AE, destination: RemoteNode, contexts: list, timeout_s: float
     raise AssociationFailure(f"no association with {where}: connection refused, aborted or timed out", transient=True)
 
 
+def _tls_args(destination: RemoteNode):
+    """pynetdicom tls_args for a TLS destination; its unusable TLS files are a permanent failure."""
+    from dicom_node.tls import TlsConfigError, client_tls_args
+
+    try:
+        return client_tls_args(destination)
+    except TlsConfigError as exc:
+        raise AssociationFailure(str(exc), transient=False) from None
+
+
 def _in_an_accepted_syntax(assoc, ds: Dataset, sop_class: str) -> Dataset:
     """``ds``, or a decompressed copy when the destination accepted none of its compressed syntax.
 
@@ -184,7 +196,9 @@ def _in_an_accepted_syntax(assoc, ds: Dataset, sop_class: str) -> Dataset:
     if syntax in offered:
         return ds
     plain = copy.deepcopy(ds)  # the caller's dataset (and its file) stay compressed
-    plain.decompress()  # updates Transfer Syntax, Photometric Interpretation (YBR -> RGB) and lengths
+    # Updates Transfer Syntax, Photometric Interpretation (YBR -> RGB) and lengths. Same SOP Instance UID:
+    # pydicom would otherwise make a new one, and each delivery would leave another copy in the PACS.
+    plain.decompress(generate_instance_uid=False)
     return plain
 
 
@@ -339,31 +353,17 @@ class DeliveryRound:
         return lead + f"{', '.join(d.name for d in missing)}: " + "; ".join(d.describe() for d in missing)
 
 
-def route_destinations(store: Store, study: StudyRecord) -> list[RemoteNode]:
-    """The node that sent the study when it is also a destination, plus every default destination (by name, once).
+def route_destinations(store: Store, study: StudyRecord, settings: Settings) -> list[RemoteNode]:
+    """The destinations of the study's current version, each carrying the output profile to use.
 
-    "The sender" is the remote node matched at acceptance by AE title *and* host (recorded on the
-    study), never any node that merely shares its AE title: two modalities called ``CR01`` on two
-    hosts each get their own results only. A sender accepted without a configured node
-    (``accept_unknown_sources``) gets results only from a destination with its AE title *and* host.
-    Studies recorded before the sender was kept fall back to the AE title when it names one node.
+    The routing rules decide (:func:`dicom_node.routing.decide_routes`: the first matching rule's
+    destinations and profile); when none matches, the default: the node that sent the study (matched
+    at acceptance by AE title *and* host, never a namesake on another host) when it is also a
+    destination, plus every default destination, each in its own profile.
     """
-    chosen: dict[str, RemoteNode] = {}
-    nodes = store.list_remote_nodes()
-    destinations = [n for n in nodes if n.is_destination]
-    if study.source_node is not None:
-        senders = [n for n in destinations if n.name == study.source_node]
-    elif study.source_host is not None:
-        senders = [n for n in destinations if n.ae_title == study.source_ae and n.host.lower() == study.source_host.lower()]
-    else:
-        same_title = [n for n in destinations if n.ae_title == study.source_ae]
-        senders = same_title if len(same_title) == 1 else []
-    for node in senders:
-        chosen.setdefault(node.name, node)
-    for node in destinations:
-        if node.default_destination:
-            chosen.setdefault(node.name, node)
-    return list(chosen.values())
+    from dicom_node.routing import decide_routes
+
+    return [route.node for route in decide_routes(store, settings, study).routes]
 
 
 def objects_for_destination(
@@ -401,7 +401,7 @@ def deliver_study_version(
     uid, version = study.study_instance_uid, study.version
     policy = settings.delivery
     now = now or _now()
-    targets = list(destinations) if destinations is not None else route_destinations(store, study)
+    targets = list(destinations) if destinations is not None else route_destinations(store, study, settings)
     previous = {(d.destination, d.sop_instance_uid): d for d in store.list_deliveries(uid) if d.study_version == version}
     summary = DeliveryRound()
     for destination in targets:
@@ -430,9 +430,11 @@ def deliver_study_version(
                 state.retrying += len(owed)
                 summary.next_attempt_in = _earliest(summary.next_attempt_in, (hold_until - now).total_seconds())
                 continue
+        audit.record_objects_sent(store, settings, uid, version, destination, None, {o.sop_instance_uid: o.sop_class_uid for o in owed})
         outcomes = send_objects(
             destination, owed, calling_ae=settings.node.ae_title, timeout_s=policy.timeout_s, fallback=fallback
         )
+        audit.record_objects_sent(store, settings, uid, version, destination, outcomes, {o.sop_instance_uid: o.sop_class_uid for o in owed})
         # This try's number and the start of the window, from the objects being tried (a resend starts afresh).
         tried = [] if resend else [r for r in (records[o.sop_instance_uid] for o in owed) if r is not None]
         attempts = 1 + max([0] + [r.attempts for r in tried])

@@ -316,6 +316,15 @@ class GuardedRequestHandler(RequestHandler):
         handed_over = False
         try:
             deadline = time.monotonic() + guard.limits.establish_timeout_s
+            tls_context = getattr(self.server, "tls_context", None)
+            if tls_context is not None:  # here, in this connection's thread, under the same deadline
+                from dicom_node.tls import handshake
+
+                tls_socket, kind = handshake(self.request, tls_context, deadline)
+                if tls_socket is None:
+                    guard.aggregate.note_connection(host, kind)
+                    return
+                self.request = tls_socket
             first_pdu, kind = read_associate_rq(self.request, deadline, guard.limits.max_associate_rq_bytes)
             if first_pdu is None:
                 guard.aggregate.note_connection(host, kind)

@@ -23,6 +23,7 @@ import os
 import signal
 import socket
 import socketserver
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -78,15 +79,22 @@ class InheritedSocketServer(ThreadedAssociationServer):
 
     With a ``guard``, every accepted connection passes its gate (:meth:`verify_request`) and the
     guarded request handler; ``housekeeping`` is stopped (and flushes) when the server shuts down.
+    With a ``tls_context`` (DICOM TLS port) the guarded handler does the TLS handshake in the
+    connection's thread under the establishment deadline; pynetdicom's own ``ssl_context`` stays
+    unset, because its ``get_request`` would do the handshake in the accept loop, where one stalled
+    client blocks every other connection.
     """
 
     def __init__(
         self, *args, listen_socket: socket.socket, guard: PortGuard | None = None,
-        housekeeping: PortHousekeeping | None = None, **kwargs,
+        housekeeping: PortHousekeeping | None = None, tls_context: ssl.SSLContext | None = None, **kwargs,
     ) -> None:
+        if tls_context is not None and guard is None:
+            raise ValueError("a TLS port needs the guarded handler (it does the handshake)")
         self._listen_socket = listen_socket
         self.guard = guard
         self.housekeeping = housekeeping
+        self.tls_context = tls_context
         if guard is not None:
             kwargs.setdefault("request_handler", GuardedRequestHandler)
         super().__init__(*args, **kwargs)
@@ -188,16 +196,30 @@ class PortHousekeeping:
 
 def make_scp_server(settings: Settings, scp: StorageScp, listen_socket: socket.socket) -> InheritedSocketServer:
     """The guarded server of one SCP process on the inherited listening socket (housekeeping started)."""
+    return make_scp_servers(settings, scp, [(listen_socket, None)])[0]
+
+
+def make_scp_servers(
+    settings: Settings, scp: StorageScp, listen_sockets: list[tuple[socket.socket, ssl.SSLContext | None]]
+) -> list[InheritedSocketServer]:
+    """One guarded server per listening socket (plain, TLS with its context) of one SCP process.
+
+    They share the AE, the connection limits (per process, both ports together) and the housekeeping.
+    """
     from dicom_node.scp import build_ae
 
+    ae = build_ae(settings)
     guard = PortGuard(settings.limits, scp.aggregate)
     housekeeping = PortHousekeeping(guard, scp)
-    server = build_ae(settings).make_server(
-        scp_address(settings), evt_handlers=scp.event_handlers(), server_class=InheritedSocketServer,
-        listen_socket=listen_socket, guard=guard, housekeeping=housekeeping,
-    )
+    servers = [
+        ae.make_server(
+            scp_address(settings), evt_handlers=scp.event_handlers(), server_class=InheritedSocketServer,
+            listen_socket=listen_socket, guard=guard, housekeeping=housekeeping, tls_context=tls_context,
+        )
+        for listen_socket, tls_context in listen_sockets
+    ]  # fmt: skip
     housekeeping.start()
-    return server
+    return servers
 
 
 def set_parent_death_signal(signum: int = signal.SIGTERM) -> None:
@@ -209,16 +231,24 @@ def set_parent_death_signal(signum: int = signal.SIGTERM) -> None:
         log.debug("prctl(PR_SET_PDEATHSIG) not available; orphaned SCP children stop only on SIGTERM")
 
 
-def serve_until_stopped(server: ThreadedAssociationServer, stop: threading.Event, drain_s: float) -> None:
-    """Run the accept loop until ``stop``; then let running associations finish for up to ``drain_s``."""
-    loop = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="scp-accept", daemon=True)
-    loop.start()
+def serve_until_stopped(
+    server: ThreadedAssociationServer | list[ThreadedAssociationServer], stop: threading.Event, drain_s: float
+) -> None:
+    """Run the accept loop(s) until ``stop``; then let running associations finish for up to ``drain_s``."""
+    servers = server if isinstance(server, list) else [server]
+    loops = [
+        threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.2}, name=f"scp-accept-{i}", daemon=True)
+        for i, s in enumerate(servers)
+    ]
+    for loop in loops:
+        loop.start()
     while not stop.wait(0.5):
-        if not loop.is_alive():
+        if not all(loop.is_alive() for loop in loops):
             raise RuntimeError("the SCP accept loop ended unexpectedly")
-    server.shutdown()  # stops accepting; also closes our copy of the listening socket
+    for each in servers:
+        each.shutdown()  # stops accepting; also closes our copy of the listening socket
     deadline = time.monotonic() + drain_s
-    while server.active_associations and time.monotonic() < deadline:
+    while any(s.active_associations for s in servers) and time.monotonic() < deadline:
         time.sleep(0.1)
 
 

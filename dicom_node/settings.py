@@ -230,6 +230,63 @@ class HttpSettings:
 
 
 @dataclass(frozen=True)
+class AuditSettings:
+    """Forwarding of the audit trail to an ATNA audit record repository (syslog, RFC 5424).
+
+    Empty ``syslog_host`` = no forwarding. Events are spooled in the state store and sent by a
+    thread of ``serve``: a repository that is down delays them, never C-STORE, and loses none.
+    Retention of the trail itself is ``limits.audit_retention_days`` (unforwarded events are kept).
+    """
+
+    syslog_host: str = ""
+    #: 0 = the transport's registered port (6514 for tls, 601 for tcp).
+    syslog_port: int = 0
+    #: ``tcp`` (RFC 6587 octet counting) or ``tls`` (RFC 5425).
+    transport: str = "tls"
+    #: TLS: CA bundle that signs the repository's certificate (empty = the system's), client certificate and key.
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    #: RFC 5424 APP-NAME and the DICOM AuditSourceID (empty = node.ae_title).
+    app_name: str = "anatomix-node"
+    audit_source_id: str = ""
+    #: AuditEnterpriseSiteID (e.g. the hospital's identifier); empty = not sent.
+    enterprise_site_id: str = ""
+    #: Events per connection; retry back-off after a failure grows to this many seconds.
+    batch_size: int = 200
+    retry_max_s: float = 60.0
+    #: Seconds to wait for the repository to connect / confirm a batch.
+    timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """DICOM TLS for the SCP (PS3.15 Annex B, BCP 195): a TLS port beside (or instead of) ``node.port``.
+
+    See the README section "DICOM TLS". Per remote node TLS (as SCU) is set with ``ae add --tls``.
+    """
+
+    enabled: bool = False
+    #: The TLS port (2762 is DICOM's registered port for DICOM over TLS).
+    port: int = 2762
+    #: Also listen without TLS on ``node.port`` (false: TLS only).
+    plain_port: bool = True
+    #: PEM certificate (chain) and its private key, presented to every client.
+    certificate: Path | None = None
+    private_key: Path | None = None
+    #: PEM file of the CAs whose client certificates are trusted.
+    ca_certificates: Path | None = None
+    #: Refuse clients that present no certificate signed by ``ca_certificates`` (false: optional).
+    require_client_certificate: bool = True
+    #: Lowest protocol version: TLSv1.2 or TLSv1.3 (BCP 195 forbids anything older).
+    min_version: str = "TLSv1.2"
+    #: OpenSSL cipher list for TLS 1.2 (BCP 195 / RFC 9325: forward-secret AEAD suites only).
+    ciphers: str = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20"
+    #: ``tls status`` and the start-up log warn when a certificate expires within this many days.
+    expiry_warning_days: int = 30
+
+
+@dataclass(frozen=True)
 class Settings:
     node: NodeSettings = field(default_factory=NodeSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
@@ -242,6 +299,8 @@ class Settings:
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
+    tls: TlsSettings = field(default_factory=TlsSettings)
     #: Where the settings came from (a file path or "defaults"), for messages.
     source: str = "defaults"
 
@@ -496,8 +555,24 @@ def validate(settings: Settings) -> None:
     if settings.delivery.backoff_max_s < settings.delivery.backoff_base_s:
         raise SettingsError(f"delivery.backoff_max_s = {settings.delivery.backoff_max_s}: must be >= backoff_base_s")
     validate_limits(settings.limits)
+    validate_audit(settings.audit)
+    validate_tls(settings.tls, settings.node.port)
     if settings.logging.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise SettingsError(f"logging.level = {settings.logging.level!r}: use DEBUG, INFO, WARNING or ERROR")
+
+
+def validate_audit(audit: AuditSettings) -> None:
+    if audit.transport not in ("tcp", "tls"):
+        raise SettingsError(f"audit.transport = {audit.transport!r}: use tcp or tls")
+    if not 0 <= audit.syslog_port <= 65535:
+        raise SettingsError(f"audit.syslog_port = {audit.syslog_port}: must be 0 (the transport's default) or 1-65535")
+    if audit.batch_size < 1 or audit.retry_max_s <= 0 or audit.timeout_s <= 0:
+        raise SettingsError(f"audit.batch_size = {audit.batch_size}, retry_max_s = {audit.retry_max_s}, "
+                            f"timeout_s = {audit.timeout_s}: all must be > 0")  # fmt: skip
+    if bool(audit.cert_file) != bool(audit.key_file):
+        raise SettingsError("audit.cert_file and audit.key_file go together (a client certificate needs its key)")
+    if not audit.app_name or len(audit.app_name) > 48 or not all(33 <= ord(c) <= 126 for c in audit.app_name):
+        raise SettingsError(f"audit.app_name = {audit.app_name!r}: 1-48 printable ASCII characters, no spaces (RFC 5424 APP-NAME)")
 
 
 def validate_limits(limits: LimitsSettings) -> None:
@@ -529,6 +604,24 @@ def validate_limits(limits: LimitsSettings) -> None:
         raise SettingsError(f"limits.audit_retention_days = {limits.audit_retention_days}: must be >= 0 (0 keeps everything)")
     if not 0.001 <= limits.idle_poll_s <= 1.0:
         raise SettingsError(f"limits.idle_poll_s = {limits.idle_poll_s}: must be 0.001-1.0 seconds")
+
+
+def validate_tls(tls: TlsSettings, plain_port: int) -> None:
+    """Settings only (the files are read when the node starts: ``dicom_node.tls.server_context``)."""
+    if tls.min_version not in ("TLSv1.2", "TLSv1.3"):
+        raise SettingsError(f"tls.min_version = {tls.min_version!r}: use TLSv1.2 or TLSv1.3 (BCP 195)")
+    if tls.expiry_warning_days < 0:
+        raise SettingsError(f"tls.expiry_warning_days = {tls.expiry_warning_days}: must be >= 0")
+    if not tls.enabled:
+        return
+    if not 1 <= tls.port <= 65535:
+        raise SettingsError(f"tls.port = {tls.port}: must be 1-65535")
+    if tls.plain_port and tls.port == plain_port:
+        raise SettingsError(f"tls.port = {tls.port}: the same as node.port; give TLS its own port, or set tls.plain_port = false")
+    if tls.certificate is None or tls.private_key is None:
+        raise SettingsError("tls.enabled = true needs tls.certificate and tls.private_key (PEM files)")
+    if tls.require_client_certificate and tls.ca_certificates is None:
+        raise SettingsError("tls.require_client_certificate = true needs tls.ca_certificates (the CAs of trusted clients)")
 
 
 def settings_as_dict(settings: Settings) -> dict[str, Any]:

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 import time
 from typing import TYPE_CHECKING
 
 from celery import Celery
 from kombu.exceptions import OperationalError
 
-from dicom_node import queue
+from dicom_node import audit, queue
 from dicom_node.dispatch import Heartbeat, clear_lease, write_lease
 from dicom_node.settings import Settings
 from dicom_node.store.base import Store, StoreUnavailable, StudyRecord
@@ -38,6 +39,8 @@ class WorkerContext:
         self._store: Store | None = None
         self._engine: Engine | None = None
         self._engine_lock = threading.Lock()
+        #: Called with the reason when the warm-up finds the model unusable (``worker`` stops itself).
+        self.on_unusable: Callable[[str], None] | None = None
 
     def store(self) -> Store:
         if self._store is None:
@@ -56,13 +59,21 @@ class WorkerContext:
 
     def warm_up(self) -> None:
         """Load the model in the background right after the pool process starts (after the fork),
-        so the first study does not wait for it; a failure is logged and the first task retries."""
+        so the first study does not wait for it. A model that cannot be loaded (a corrupt or
+        mismatched checkpoint: the files exist, so the worker's start-up check passed) is reported
+        in one line through ``on_unusable``, which stops the worker; without it the first task
+        loads again and records the error."""
 
         def load() -> None:
             try:
                 self.engine()
-            except Exception:  # thread boundary: the first analyze task loads again and records the error
-                LOG.exception("model warm-up failed; the first analysis will try again")
+            except Exception as exc:  # thread boundary: reported, never a traceback in the admin's log
+                reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:500]
+                LOG.debug("model warm-up failed", exc_info=True)
+                if self.on_unusable is None:
+                    LOG.error("model warm-up failed (%s); the first analysis will try again", reason)
+                else:
+                    self.on_unusable(reason)
 
         threading.Thread(target=load, name="model-warm-up", daemon=True).start()
 
@@ -99,6 +110,7 @@ def run_analyze(ctx: WorkerContext, app: Celery, study_instance_uid: str, versio
         except Exception as exc:  # task boundary: a model or writer error fails this study, recorded and logged
             LOG.exception("analyze %s v%d failed", study_instance_uid, version)
             store.transition_study(study_instance_uid, version, ("analyzing",), "failed", error=f"analysis failed: {exc}")
+            audit.record_study_analysed(store, settings, study_instance_uid, version, "failed", type(exc).__name__)
             clear_lease(settings, "analyze", study_instance_uid, version)
             return "failed"
     outcome = finish_analysis(store, settings, app, study_instance_uid, version, report, started)
@@ -110,6 +122,7 @@ def finish_analysis(store: Store, settings: Settings, app: Celery, study_instanc
     """Move an analysed study version on (analyzed + queue delivery, failed, or done) once every
     image has its result recorded; returns the outcome."""
     LOG.info("analyze %s v%d: %s in %.1f s", study_instance_uid, version, report.summary(), time.monotonic() - started)
+    audit.record_study_analysed(store, settings, study_instance_uid, version, "analyzed" if report.analyzed else ("failed" if report.failed else "nothing"), report.summary())
     note = report.summary() if (report.failed or report.skipped) else None
     if report.analyzed:
         store.transition_study(study_instance_uid, version, ("analyzing",), "analyzed", error=note)

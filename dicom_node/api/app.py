@@ -273,6 +273,9 @@ def create_app(settings: Settings, store: Store) -> FastAPI:
     app.state.ctx = ApiContext(settings, store)
     _install_error_handlers(app)
     _routes(app)
+    from dicom_node.api.rules import router as routing_rules  # imports this module's role checks
+
+    app.include_router(routing_rules)
     from dicom_node.console import mount  # the web console (/console), built on this API
 
     mount(app)

@@ -55,6 +55,12 @@ class RemoteNode:
     #: Receives results of every study, not only of the studies it sent.
     default_destination: bool = False
     tls: bool = False
+    #: DICOM TLS as SCU (with ``tls``): PEM CAs for its certificate (None: the system's), our client
+    #: certificate and key (None: none), verify its certificate and host name (README "DICOM TLS").
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_verify_peer: bool = True
 
     @property
     def is_source(self) -> bool:
@@ -193,6 +199,23 @@ class AuditEvent:
     #: Free-form JSON-serialisable detail. PHI only where the audit purpose needs it.
     detail: dict[str, Any]
     id: int | None = None
+    #: Who did it: an account (API) or OS user (CLI), for admin changes, logins and audit exports.
+    user: str | None = None
+
+
+@dataclass(frozen=True)
+class RoutingRuleRecord:
+    """A routing rule as stored: ``match`` and ``action`` are the JSON-ready mappings that
+    :mod:`dicom_node.routing` validated before saving (the store checks nothing in them)."""
+
+    name: str
+    #: 1-based place in the evaluation order (kept dense: 1..n).
+    position: int
+    match: dict[str, Any]
+    action: dict[str, Any]
+    description: str = ""
+    enabled: bool = True
+    updated_at: datetime | None = None
 
 
 class Store(abc.ABC):
@@ -355,7 +378,63 @@ class Store(abc.ABC):
     def purge_audit_events(self, before: datetime) -> int:
         """Delete audit rows recorded before ``before`` (audit retention); returns how many."""
 
-# ==== Operations API: accounts, tokens, sessions (issue 10; migration 0003) ==========================
+    @abc.abstractmethod
+    def query_audit_events(
+        self, since: datetime | None = None, until: datetime | None = None, events: tuple[str, ...] = (),
+        ae: str | None = None, user: str | None = None, study_instance_uid: str | None = None,
+        after_id: int = 0, limit: int = 10000,
+    ) -> list[AuditEvent]:
+        """Oldest first, ids above ``after_id`` (for paging); ``ae`` matches calling or called AE."""
+
+    @abc.abstractmethod
+    def set_audit_forwarding(self, target: str | None) -> None:
+        """Name the forwarding target (every later audit insert queues its id in the outbox), or
+        None: no forwarding, nothing more is queued (what is queued stays until forwarded or purged)."""
+
+    @abc.abstractmethod
+    def audit_outbox(self, limit: int = 100) -> list[AuditEvent]:
+        """Queued events, oldest first."""
+
+    @abc.abstractmethod
+    def audit_outbox_done(self, event_ids: list[int]) -> int:
+        """Forwarded and confirmed: drop from the outbox; returns how many."""
+
+    @abc.abstractmethod
+    def audit_outbox_failed(self, event_ids: list[int], error: str) -> None:
+        """A try that did not confirm: count it, keep the rows."""
+
+    @abc.abstractmethod
+    def audit_outbox_size(self) -> int: ...
+
+    # ---- routing rules (evaluation order = position, 1 first) ------------------------------------
+    @abc.abstractmethod
+    def add_routing_rule(self, rule: RoutingRuleRecord, position: int | None = None) -> RoutingRuleRecord:
+        """Insert at ``position`` (1-based; later rules move down) or last when None; StoreConflict
+        if the name exists. Returns the rule as stored (its final position)."""
+
+    @abc.abstractmethod
+    def update_routing_rule(self, rule: RoutingRuleRecord) -> None:
+        """Replace match, action, description and enabled of the rule with this name (its position
+        stays); KeyError if unknown."""
+
+    @abc.abstractmethod
+    def get_routing_rule(self, name: str) -> RoutingRuleRecord | None: ...
+
+    @abc.abstractmethod
+    def list_routing_rules(self) -> list[RoutingRuleRecord]:
+        """Every rule, in evaluation order."""
+
+    @abc.abstractmethod
+    def remove_routing_rule(self, name: str) -> bool:
+        """Remove (later rules move up); False if there was no such rule."""
+
+    @abc.abstractmethod
+    def move_routing_rule(self, name: str, position: int) -> RoutingRuleRecord:
+        """Put the rule at ``position`` (1-based, clamped to 1..n), the others keeping their order;
+        KeyError if unknown. Returns the rule as stored."""
+
+# ==== Operations API: accounts, tokens, sessions (issue 10; migration 0003) ===================
+
 #: Roles of API accounts, least to most privileged: viewer reads; operator also echoes, resends and
 #: reanalyses; admin also changes configuration and accounts.
 API_ROLES = ("viewer", "operator", "admin")

@@ -33,6 +33,7 @@ from dicom_node.store.base import (
     PurgedStudy,
     RecordOutcome,
     RemoteNode,
+    RoutingRuleRecord,
     Store,
     StoreConflict,
     StoreError,
@@ -45,7 +46,7 @@ from dicom_node.store.schema import load_migrations
 #: A late instance reopens a study in these states as a new analysis version.
 REOPEN_STATES = ("queued", "analyzing", "analyzed", "delivering", "done", "failed", "purged")
 
-_NODE_COLUMNS = "name, ae_title, host, port, role, profile, quiet_period_s, complete_on_release, default_destination, tls"
+_NODE_COLUMNS = "name, ae_title, host, port, role, profile, quiet_period_s, complete_on_release, default_destination, tls, tls_ca_file, tls_cert_file, tls_key_file, tls_verify_peer"
 _INSTANCE_COLUMNS = (
     "id, sop_instance_uid, sop_class_uid, study_instance_uid, series_instance_uid, transfer_syntax_uid, "
     "path, size, sha256, calling_ae, received_at, study_version, state, reason"
@@ -62,7 +63,8 @@ _DELIVERY_COLUMNS = (
     "first_attempt_at, next_attempt_at"
 )
 _IN_CHUNK = 500
-_AUDIT_COLUMNS = "id, at, event, calling_ae, called_ae, peer_host, study_instance_uid, sop_instance_uid, detail"
+_RULE_COLUMNS = "name, position, match_json, action_json, description, enabled, updated_at"
+_AUDIT_COLUMNS = "id, at, event, calling_ae, called_ae, peer_host, study_instance_uid, sop_instance_uid, detail, user_name"
 
 
 class Tx:
@@ -178,17 +180,19 @@ class SqlStore(ConsoleSql, ApiAccountSql, Store):
 
     # ---- remote nodes ----------------------------------------------------------------------------
     def _node(self, row: tuple) -> RemoteNode:
-        name, ae_title, host, port, role, profile, quiet, on_release, default_dest, tls = row
+        name, ae_title, host, port, role, profile, quiet, on_release, default_dest, tls, ca, cert, key, verify = row
         return RemoteNode(
             name=name, ae_title=ae_title, host=host, port=int(port), role=role, profile=profile,
             quiet_period_s=None if quiet is None else float(quiet), complete_on_release=bool(on_release),
             default_destination=bool(default_dest), tls=bool(tls),
+            tls_ca_file=ca, tls_cert_file=cert, tls_key_file=key, tls_verify_peer=bool(verify),
         )  # fmt: skip
 
     def _node_params(self, node: RemoteNode) -> tuple:
         return (
             node.ae_title, node.host, node.port, node.role, node.profile, node.quiet_period_s,
             bool(node.complete_on_release), bool(node.default_destination), bool(node.tls),
+            node.tls_ca_file, node.tls_cert_file, node.tls_key_file, bool(node.tls_verify_peer),
         )  # fmt: skip
 
     def add_remote_node(self, node: RemoteNode) -> None:
@@ -197,7 +201,7 @@ class SqlStore(ConsoleSql, ApiAccountSql, Store):
             if tx.one("SELECT 1 FROM remote_nodes WHERE name = ?", (node.name,)):
                 raise StoreConflict(f"a remote node named {node.name!r} already exists")
             tx.execute(
-                f"INSERT INTO remote_nodes ({_NODE_COLUMNS}, created_at, updated_at) VALUES ({_placeholders(12)})",
+                f"INSERT INTO remote_nodes ({_NODE_COLUMNS}, created_at, updated_at) VALUES ({_placeholders(16)})",
                 (node.name, *self._node_params(node), now, now),
             )
 
@@ -205,7 +209,8 @@ class SqlStore(ConsoleSql, ApiAccountSql, Store):
         with self._transaction(write=True) as tx:
             changed = tx.execute(
                 "UPDATE remote_nodes SET ae_title = ?, host = ?, port = ?, role = ?, profile = ?, quiet_period_s = ?, "
-                "complete_on_release = ?, default_destination = ?, tls = ?, updated_at = ? WHERE name = ?",
+                "complete_on_release = ?, default_destination = ?, tls = ?, tls_ca_file = ?, tls_cert_file = ?, tls_key_file = ?, "
+                "tls_verify_peer = ?, updated_at = ? WHERE name = ?",
                 (*self._node_params(node), self._db_time(utc_now()), node.name),
             )
         if changed == 0:
@@ -629,30 +634,188 @@ class SqlStore(ConsoleSql, ApiAccountSql, Store):
             self._insert_audit(tx, event)
 
     def _insert_audit(self, tx: Tx, event: AuditEvent) -> None:
-        tx.execute(
-            f"INSERT INTO audit_events ({_AUDIT_COLUMNS.removeprefix('id, ')}) VALUES ({_placeholders(8)})",
+        row = tx.one(
+            f"INSERT INTO audit_events ({_AUDIT_COLUMNS.removeprefix('id, ')}) VALUES ({_placeholders(9)}) RETURNING id",
             (
                 self._db_time(_require_aware("at", event.at)), event.event, event.calling_ae, event.called_ae,
-                event.peer_host, event.study_instance_uid, event.sop_instance_uid, json.dumps(event.detail),
+                event.peer_host, event.study_instance_uid, event.sop_instance_uid, json.dumps(event.detail), event.user,
             ),
         )  # fmt: skip
+        assert row is not None
+        # Queued for the ATNA forwarder in the same transaction, whichever process records it.
+        tx.execute(
+            "INSERT INTO audit_outbox (event_id) SELECT ? WHERE EXISTS (SELECT 1 FROM audit_forwarding)", (int(row[0]),)
+        )
 
     def purge_audit_events(self, before: datetime) -> int:
         with self._transaction(write=True) as tx:
-            return tx.execute("DELETE FROM audit_events WHERE at < ?", (self._db_time(_require_aware("before", before)),))
+            # Events still waiting for the ATNA repository are kept until forwarded (nothing is lost).
+            return tx.execute(
+                "DELETE FROM audit_events WHERE at < ? AND id NOT IN (SELECT event_id FROM audit_outbox)",
+                (self._db_time(_require_aware("before", before)),),
+            )
 
     def list_audit_events(self, event: str | None = None, limit: int = 1000) -> list[AuditEvent]:
         where, params = ("WHERE event = ? ", [event]) if event is not None else ("", [])
         with self._transaction(write=False) as tx:
             rows = tx.all(f"SELECT {_AUDIT_COLUMNS} FROM audit_events {where}ORDER BY id DESC LIMIT {int(limit)}", params)
-        return [
-            AuditEvent(
-                at=self._py_time(at), event=name, calling_ae=calling, called_ae=called, peer_host=peer,
-                study_instance_uid=study, sop_instance_uid=sop, detail=self._py_json(detail), id=int(id_),
-            )  # fmt: skip
-            for id_, at, name, calling, called, peer, study, sop, detail in rows
-        ]
+        return [self._audit_row(row) for row in rows]
 
+    def _audit_row(self, row: tuple) -> AuditEvent:
+        id_, at, name, calling, called, peer, study, sop, detail, user = row
+        return AuditEvent(
+            at=self._py_time(at), event=name, calling_ae=calling, called_ae=called, peer_host=peer,
+            study_instance_uid=study, sop_instance_uid=sop, detail=self._py_json(detail), id=int(id_), user=user,
+        )  # fmt: skip
+
+    def query_audit_events(
+        self, since: datetime | None = None, until: datetime | None = None, events: tuple[str, ...] = (),
+        ae: str | None = None, user: str | None = None, study_instance_uid: str | None = None,
+        after_id: int = 0, limit: int = 10000,
+    ) -> list[AuditEvent]:
+        clauses, params = ["id > ?"], [int(after_id)]
+        if since is not None:
+            clauses.append("at >= ?")
+            params.append(self._db_time(_require_aware("since", since)))
+        if until is not None:
+            clauses.append("at < ?")
+            params.append(self._db_time(_require_aware("until", until)))
+        if events:
+            clauses.append(f"event IN ({_placeholders(len(events))})")
+            params.extend(events)
+        if ae is not None:
+            clauses.append("(calling_ae = ? OR called_ae = ?)")
+            params.extend((ae, ae))
+        if user is not None:
+            clauses.append("user_name = ?")
+            params.append(user)
+        if study_instance_uid is not None:
+            clauses.append("study_instance_uid = ?")
+            params.append(study_instance_uid)
+        with self._transaction(write=False) as tx:
+            rows = tx.all(
+                f"SELECT {_AUDIT_COLUMNS} FROM audit_events WHERE {' AND '.join(clauses)} ORDER BY id LIMIT {int(limit)}", params
+            )
+        return [self._audit_row(row) for row in rows]
+
+    def set_audit_forwarding(self, target: str | None) -> None:
+        with self._transaction(write=True) as tx:
+            if target is None:
+                tx.execute("DELETE FROM audit_forwarding")
+            elif tx.one("SELECT 1 FROM audit_forwarding WHERE target = ?", (target,)) is None:
+                tx.execute("DELETE FROM audit_forwarding")
+                tx.execute(
+                    "INSERT INTO audit_forwarding (target, enabled_at) VALUES (?, ?)",
+                    (target, self._db_time(datetime.now(timezone.utc))),
+                )
+
+    def audit_outbox(self, limit: int = 100) -> list[AuditEvent]:
+        columns = ", ".join(f"e.{c.strip()}" for c in _AUDIT_COLUMNS.split(","))
+        with self._transaction(write=False) as tx:
+            rows = tx.all(
+                f"SELECT {columns} FROM audit_outbox o JOIN audit_events e ON e.id = o.event_id "
+                f"ORDER BY o.event_id LIMIT {int(limit)}"
+            )
+        return [self._audit_row(row) for row in rows]
+
+    def audit_outbox_done(self, event_ids: list[int]) -> int:
+        if not event_ids:
+            return 0
+        with self._transaction(write=True) as tx:
+            return tx.execute(f"DELETE FROM audit_outbox WHERE event_id IN ({_placeholders(len(event_ids))})", event_ids)
+
+    def audit_outbox_failed(self, event_ids: list[int], error: str) -> None:
+        if not event_ids:
+            return
+        with self._transaction(write=True) as tx:
+            tx.execute(
+                f"UPDATE audit_outbox SET attempts = attempts + 1, last_error = ? "
+                f"WHERE event_id IN ({_placeholders(len(event_ids))})",
+                (error[:500], *event_ids),
+            )
+
+    def audit_outbox_size(self) -> int:
+        with self._transaction(write=False) as tx:
+            row = tx.one("SELECT COUNT(*) FROM audit_outbox")
+        return int(row[0]) if row else 0
+
+
+    # ---- routing rules ----------------------------------------------------------------------------
+    def _rule(self, row: tuple) -> RoutingRuleRecord:
+        name, position, match, action, description, enabled, updated_at = row
+        return RoutingRuleRecord(
+            name=name, position=int(position), match=self._py_json(match), action=self._py_json(action),
+            description=description or "", enabled=bool(enabled), updated_at=self._py_time(updated_at),
+        )  # fmt: skip
+
+    def _lock_rules(self, tx: Tx) -> list[str]:
+        """Rule names in order, the table locked against other writers until commit (positions are
+        renumbered in one transaction; SQLite's BEGIN IMMEDIATE already holds the only write lock)."""
+        if self.dialect == "postgres":
+            tx.execute("LOCK TABLE routing_rules IN SHARE ROW EXCLUSIVE MODE")
+        return [row[0] for row in tx.all("SELECT name FROM routing_rules ORDER BY position, name")]
+
+    def _renumber_rules(self, tx: Tx, order: list[str], before: list[str]) -> None:
+        old = {name: index for index, name in enumerate(before)}
+        for index, name in enumerate(order):
+            if old.get(name) != index:
+                tx.execute("UPDATE routing_rules SET position = ? WHERE name = ?", (index + 1, name))
+
+    def add_routing_rule(self, rule: RoutingRuleRecord, position: int | None = None) -> RoutingRuleRecord:
+        now = self._db_time(utc_now())
+        with self._transaction(write=True) as tx:
+            before = self._lock_rules(tx)
+            if rule.name in before:
+                raise StoreConflict(f"a routing rule named {rule.name!r} already exists")
+            index = len(before) if position is None else min(max(position, 1), len(before) + 1) - 1
+            order = before[:index] + [rule.name] + before[index:]
+            tx.execute(
+                "INSERT INTO routing_rules (name, position, match_json, action_json, description, enabled, created_at, "
+                f"updated_at) VALUES ({_placeholders(8)})",
+                (rule.name, index + 1, json.dumps(rule.match), json.dumps(rule.action), rule.description, bool(rule.enabled), now, now),
+            )
+            self._renumber_rules(tx, order, before + [rule.name])
+            row = tx.one(f"SELECT {_RULE_COLUMNS} FROM routing_rules WHERE name = ?", (rule.name,))
+        return self._rule(row)
+
+    def update_routing_rule(self, rule: RoutingRuleRecord) -> None:
+        with self._transaction(write=True) as tx:
+            changed = tx.execute(
+                "UPDATE routing_rules SET match_json = ?, action_json = ?, description = ?, enabled = ?, updated_at = ? WHERE name = ?",
+                (json.dumps(rule.match), json.dumps(rule.action), rule.description, bool(rule.enabled),
+                 self._db_time(utc_now()), rule.name),
+            )  # fmt: skip
+        if changed == 0:
+            raise KeyError(rule.name)
+
+    def get_routing_rule(self, name: str) -> RoutingRuleRecord | None:
+        with self._transaction(write=False) as tx:
+            row = tx.one(f"SELECT {_RULE_COLUMNS} FROM routing_rules WHERE name = ?", (name,))
+        return self._rule(row) if row else None
+
+    def list_routing_rules(self) -> list[RoutingRuleRecord]:
+        with self._transaction(write=False) as tx:
+            return [self._rule(row) for row in tx.all(f"SELECT {_RULE_COLUMNS} FROM routing_rules ORDER BY position, name")]
+
+    def remove_routing_rule(self, name: str) -> bool:
+        with self._transaction(write=True) as tx:
+            before = self._lock_rules(tx)
+            if name not in before:
+                return False
+            tx.execute("DELETE FROM routing_rules WHERE name = ?", (name,))
+            self._renumber_rules(tx, [n for n in before if n != name], before)
+        return True
+
+    def move_routing_rule(self, name: str, position: int) -> RoutingRuleRecord:
+        with self._transaction(write=True) as tx:
+            before = self._lock_rules(tx)
+            if name not in before:
+                raise KeyError(name)
+            rest = [n for n in before if n != name]
+            index = min(max(position, 1), len(before)) - 1
+            self._renumber_rules(tx, rest[:index] + [name] + rest[index:], before)
+            row = tx.one(f"SELECT {_RULE_COLUMNS} FROM routing_rules WHERE name = ?", (name,))
+        return self._rule(row)
 
 def _undelivered_guard(states: tuple[str, ...]) -> str:
     """SQL keeping a ``done`` study whose results some destination never got (dead letter, refusal)

@@ -461,3 +461,22 @@ def test_pynetdicom_errors_for_expected_events_stay_out_of_the_log(site: Path) -
     assert_one_line_error(result, "cannot connect", "Connection refused")  # ours, not pynetdicom's two ERROR lines
     debug = node(site, "--log-level", "DEBUG", "echo", "closed", "--timeout", "5")
     assert "pynetdicom" in debug.stderr and "Traceback" not in debug.stderr  # at DEBUG the library speaks
+
+
+def test_worker_whose_checkpoint_does_not_load_stops_with_one_line(site: Path) -> None:
+    """Every file is there (the start-up check passes) but the APM checkpoint is corrupt: the pool
+    process finds it at warm-up, and the worker stops with status 1 and the reason in one line,
+    instead of running on and analysing nothing."""
+    model = site / "model"
+    made = subprocess.run([*NODE_COMMAND, "model", "demo-weights", "--out", str(model), "--size", "tiny"], cwd=site,
+                          env=clean_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    checkpoint = model / "apm.pth"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:4096])  # truncated: a broken copy
+    result = subprocess.run([*NODE_COMMAND, "worker", "--queues", "analyze"], cwd=site, env=clean_env(ANATOMIX_MODEL_DIR=str(model)),
+                            capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("anatomix-node: error: model unusable, this worker stopped without taking a task:"), result.stderr
+    assert sum("model unusable" in line for line in result.stderr.splitlines()) == 1, result.stderr

@@ -49,6 +49,13 @@ ROLE_TABLE = [
     ("PATCH", "/api/nodes/modality", {"port": 105}, "admin"),
     ("DELETE", "/api/nodes/nobody", None, "admin"),
     ("GET", "/api/audit/export", None, "admin"),
+    ("GET", "/api/routing-rules", None, "viewer"),
+    ("GET", "/api/routing-rules/nobody", None, "viewer"),
+    ("POST", "/api/routing-rules/dry-run", {}, "viewer"),
+    ("POST", "/api/routing-rules", {"name": "r0", "match": {"modality": ["ZZ"]}, "action": {"destinations": ["pacs"]}}, "admin"),
+    ("PUT", "/api/routing-rules/nobody", {"name": "nobody", "match": {"modality": ["ZZ"]}, "action": {"destinations": ["pacs"]}}, "admin"),
+    ("POST", "/api/routing-rules/nobody/move", {"position": 1}, "admin"),
+    ("DELETE", "/api/routing-rules/nobody", None, "admin"),
 ]
 ROLES = ("viewer", "operator", "admin")
 
@@ -104,7 +111,7 @@ def test_health_ready_metrics_and_openapi_answer_without_auth_everything_else_40
     assert len(operations) >= 25
     for method, path in operations:
         concrete = path.replace("{name}", "pacs").replace("{token_id}", "1").replace("{study_instance_uid}", "1.2.3")
-        response = anonymous.request(method, concrete, json={} if method in ("POST", "PATCH") else None)
+        response = anonymous.request(method, concrete, json={} if method in ("POST", "PATCH", "PUT") else None)
         assert_problem(response, 401, "authentication required")
         assert response.headers["www-authenticate"] == "Bearer"
     # A wrong token is told apart from none.
@@ -384,3 +391,48 @@ def test_http_port_in_use_is_reported_and_the_dicom_service_runs_without_the_api
     finally:
         node.stop()
         blocker.close()
+
+
+def test_routing_rules_crud_validation_dry_run_and_audit(site):
+    """The same rules as `anatomix-node route`: field-named validation errors, order, the dry run's
+    explanation, and an audit event with before/after for every change."""
+    node, accounts, _ = site
+    admin, viewer = client(node, accounts.tokens["admin"]), client(node, accounts.tokens["viewer"])
+    bad = admin.post("/api/routing-rules", json={"name": "to-nowhere", "match": {"modality": ["CR"]}, "action": {"destinations": ["no-such-pacs"]}})
+    body = assert_problem(bad, 422, "no-such-pacs")
+    assert [e["field"] for e in body["errors"]] == ["action.destinations[0]"], body
+    assert_problem(admin.post("/api/routing-rules", json={"name": "empty", "action": {"destinations": ["pacs"]}}), 422)
+    first = admin.post("/api/routing-rules", json={"name": "cr-to-pacs", "match": {"modality": ["CR"]}, "action": {"destinations": ["pacs"]}})
+    assert first.status_code == 201, first.text
+    second = admin.post("/api/routing-rules", json={"name": "from-modality", "match": {"calling_ae": ["MODAL*"]},
+                                                    "action": {"destinations": ["pacs"], "profile": "sr-only"}})  # fmt: skip
+    assert second.status_code == 201 and second.json()["position"] == first.json()["position"] + 1, second.text
+    assert_problem(admin.post("/api/routing-rules", json={"name": "cr-to-pacs", "match": {"modality": ["DX"]}, "action": {"destinations": ["pacs"]}}), 409, "PUT")
+    changed = admin.put("/api/routing-rules/from-modality", json={**second.json(), "description": "the ward's modality"})
+    assert changed.status_code == 200 and changed.json()["description"] == "the ward's modality", changed.text
+    moved = admin.post("/api/routing-rules/from-modality/move", json={"position": 1})
+    assert moved.status_code == 200 and moved.json()["position"] == 1, moved.text
+    names = [r["name"] for r in viewer.get("/api/routing-rules").json()]
+    assert names[0] == "from-modality" and names.index("cr-to-pacs") > 0, names
+
+    uid = generate_uid()
+    store = node.open_store()
+    try:
+        seed_study(store, load_settings(node.config_path), uid, 1)
+    finally:
+        store.close()
+    dry = viewer.post("/api/routing-rules/dry-run", json={"study_instance_uid": uid})
+    assert dry.status_code == 200, dry.text
+    assert dry.json()["rule"] == "from-modality"
+    assert dry.json()["destinations"] == [{"name": "pacs", "profile": "sr-only", "reason": dry.json()["destinations"][0]["reason"]}]
+    assert any("from-modality" in line and "MATCHED" in line for line in dry.json()["explanation"]), dry.json()
+    assert_problem(viewer.post("/api/routing-rules/dry-run", json={"study_instance_uid": "1.2.3.4.404"}), 404)
+
+    assert admin.delete("/api/routing-rules/from-modality").status_code == 204
+    assert_problem(viewer.get("/api/routing-rules/from-modality"), 404)
+    changes = [(e.detail.get("change"), e.detail.get("rule"), e.detail.get("user")) for e in audit_events(node, "routing_rule_changed")]
+    for expected in [("add", "cr-to-pacs", "admin"), ("update", "from-modality", "admin"), ("move", "from-modality", "admin"),
+                     ("remove", "from-modality", "admin")]:  # fmt: skip
+        assert expected in changes, changes
+    removal = next(e for e in audit_events(node, "routing_rule_changed") if e.detail.get("change") == "remove")
+    assert removal.detail["before"]["action"]["profile"] == "sr-only" and removal.detail["after"] is None

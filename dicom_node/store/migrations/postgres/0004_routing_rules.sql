@@ -1,0 +1,15 @@
+-- Routing rules: which studies go to which destinations in which output profile. Evaluated in
+-- position order (1 first); the first enabled rule whose conditions all hold decides. No rule
+-- matching: the default (the sender, when it is a destination, plus every default destination).
+-- match/action are JSON objects validated by dicom_node.routing before they are saved.
+CREATE TABLE routing_rules (
+    name                TEXT PRIMARY KEY,
+    position            INTEGER NOT NULL,
+    match_json          JSONB NOT NULL,
+    action_json         JSONB NOT NULL,
+    description         TEXT NOT NULL DEFAULT '',
+    enabled             BOOLEAN NOT NULL DEFAULT TRUE,
+    created_at          TIMESTAMPTZ NOT NULL,
+    updated_at          TIMESTAMPTZ NOT NULL
+);
+CREATE INDEX routing_rules_position ON routing_rules (position);

@@ -1,0 +1,315 @@
+"""DICOM TLS (PS3.15 Annex B secure transport, BCP 195 / RFC 9325 guidance) for the SCP and as SCU.
+
+- :func:`server_context`: the SCP's context from ``[tls]`` (TLS 1.2 at least, forward-secret AEAD
+  suites, no compression or renegotiation; client certificates required or optional).
+- :func:`handshake`: the server-side handshake of one accepted connection, run in that connection's
+  handler thread (never in the accept loop, where pynetdicom's own server does it) under the same
+  establishment deadline as the first PDU, so a client that stalls mid-handshake costs one thread
+  and one connection slot until the deadline, and blocks nobody else.
+- :func:`client_tls_args`: pynetdicom's ``tls_args`` for a remote node with ``tls`` (delivery, echo).
+- :func:`certificate_status`: every configured certificate with its ``not_after`` and days left,
+  for ``anatomix-node tls status``, the start-up log and the metrics/API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import select
+import socket
+import ssl
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from dicom_node.settings import Settings, TlsSettings
+
+log = logging.getLogger(__name__)
+
+_VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
+
+
+class TlsConfigError(ValueError):
+    """A TLS file that cannot be used (missing, unreadable, not PEM, key not matching the certificate)."""
+
+
+def resolve_path(settings: Settings, path: Path | str) -> Path:
+    """A relative path in the settings file is relative to that file (as ``storage.data_dir`` is)."""
+    path = Path(path).expanduser()
+    if path.is_absolute() or settings.source == "defaults":
+        return path
+    return Path(settings.source).resolve().parent / path
+
+
+def _harden(context: ssl.SSLContext, min_version: str, ciphers: str, key: str) -> None:
+    context.minimum_version = _VERSIONS[min_version]
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
+    try:
+        context.set_ciphers(ciphers)
+    except ssl.SSLError:
+        raise TlsConfigError(f"{key} = {ciphers!r}: OpenSSL knows none of these cipher suites") from None
+
+
+def _load_chain(context: ssl.SSLContext, certificate: Path, private_key: Path, what: str) -> None:
+    for path, name in ((certificate, "certificate"), (private_key, "private key")):
+        if not path.is_file():
+            raise TlsConfigError(f"{what} {name} {path}: no such file")
+    try:
+        context.load_cert_chain(str(certificate), str(private_key))
+    except (ssl.SSLError, OSError) as exc:
+        raise TlsConfigError(
+            f"{what} certificate {certificate} / key {private_key}: cannot be used ({exc}); "
+            "give PEM files, an unencrypted key, and the key that belongs to the certificate"
+        ) from None
+
+
+def _load_cas(context: ssl.SSLContext, cafile: Path, what: str) -> None:
+    if not cafile.is_file():
+        raise TlsConfigError(f"{what} CA certificates {cafile}: no such file")
+    try:
+        context.load_verify_locations(cafile=str(cafile))
+    except (ssl.SSLError, OSError) as exc:
+        raise TlsConfigError(f"{what} CA certificates {cafile}: not usable PEM certificates ({exc})") from None
+
+
+def server_context(settings: Settings) -> ssl.SSLContext:
+    """The SCP's TLS context from ``[tls]``; TlsConfigError naming the file that is wrong."""
+    tls = settings.tls
+    if tls.certificate is None or tls.private_key is None:
+        raise TlsConfigError("tls.enabled = true needs tls.certificate and tls.private_key")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    _harden(context, tls.min_version, tls.ciphers, "tls.ciphers")
+    _load_chain(context, resolve_path(settings, tls.certificate), resolve_path(settings, tls.private_key), "tls")
+    if tls.ca_certificates is not None:
+        _load_cas(context, resolve_path(settings, tls.ca_certificates), "tls")
+        context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_certificate else ssl.CERT_OPTIONAL
+    else:
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def client_tls_args(node, settings: Settings | None = None) -> tuple[ssl.SSLContext, str] | None:
+    """pynetdicom ``tls_args`` for a remote node (``RemoteNode``), or None when it has no TLS.
+
+    Its certificate is verified against ``tls_ca_file`` (else the system's CAs) and its host name
+    checked, unless ``tls_verify_peer`` is off; our client certificate is presented when set.
+    """
+    if not node.tls:
+        return None
+    tls = settings.tls if settings is not None else TlsSettings()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    _harden(context, tls.min_version, tls.ciphers, "tls.ciphers")
+    what = f"remote node {node.name}:"
+    if node.tls_verify_peer:
+        context.check_hostname = True
+        context.verify_mode = ssl.CERT_REQUIRED
+        if node.tls_ca_file:
+            _load_cas(context, _node_path(settings, node.tls_ca_file), what)
+        else:
+            context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    else:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if node.tls_cert_file or node.tls_key_file:
+        if not (node.tls_cert_file and node.tls_key_file):
+            raise TlsConfigError(f"{what} a client certificate needs both --tls-cert and --tls-key")
+        _load_chain(context, _node_path(settings, node.tls_cert_file), _node_path(settings, node.tls_key_file), what)
+    return context, node.host
+
+
+def _node_path(settings: Settings | None, path: str) -> Path:
+    return Path(path).expanduser() if settings is None else resolve_path(settings, path)
+
+
+# ---- the server-side handshake, in the connection's thread ---------------------------------------------
+
+
+def handshake(sock: socket.socket, context: ssl.SSLContext, deadline: float) -> tuple[ssl.SSLSocket | None, str]:
+    """TLS-wrap an accepted socket and complete the handshake before ``deadline`` (time.monotonic).
+
+    Returns ``(tls_socket, "")`` (blocking mode again, ready for the first PDU under the same deadline)
+    or ``(None, kind)`` with the connection-event kind (``tls_handshake_timed_out`` or
+    ``tls_handshake_failed``: no or an untrusted client certificate, a protocol or cipher mismatch,
+    not TLS at all); on None the socket is closed. Non-blocking steps against one deadline: a client
+    that trickles bytes cannot stretch it.
+    """
+    try:
+        sock.setblocking(False)
+        tls_sock = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+    except (OSError, ValueError):
+        sock.close()
+        return None, "tls_handshake_failed"
+    try:
+        while True:
+            try:
+                tls_sock.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                waits = ([tls_sock], [])
+            except ssl.SSLWantWriteError:
+                waits = ([], [tls_sock])
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                tls_sock.close()
+                return None, "tls_handshake_timed_out"
+            readable, writable, _ = select.select(*waits, [], remaining)
+            if not readable and not writable and deadline - time.monotonic() <= 0:
+                tls_sock.close()
+                return None, "tls_handshake_timed_out"
+    except (ssl.SSLError, OSError) as exc:
+        log.debug("TLS handshake failed: %s", exc)
+        tls_sock.close()
+        return None, "tls_handshake_failed"
+    tls_sock.setblocking(True)
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("TLS %s %s, client certificate %s", tls_sock.version(), (tls_sock.cipher() or ("?",))[0], peer_subject(tls_sock))
+    return tls_sock, ""
+
+
+def peer_subject(tls_sock: ssl.SSLSocket) -> str | None:
+    """The client certificate's subject as ``CN=...,O=...`` (None: no certificate presented)."""
+    cert = tls_sock.getpeercert()
+    if not cert:
+        return None
+    return ",".join(f"{key}={value}" for rdn in cert.get("subject", ()) for key, value in rdn)
+
+
+# ---- certificate expiry ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CertificateStatus:
+    """One certificate in a configured PEM file (the SCP's, a CA, a remote node's)."""
+
+    role: str  # "scp certificate", "scp trusted CA", "remote NAME client certificate", "remote NAME trusted CA"
+    path: str
+    subject: str | None
+    not_after: str | None  # ISO 8601 UTC
+    days_left: float | None
+    error: str | None = None  # the file cannot be read / parsed
+
+    def warning(self, warn_days: int) -> str | None:
+        if self.error is not None:
+            return f"{self.role} {self.path}: {self.error}"
+        if self.days_left is not None and self.days_left < 0:
+            return f"{self.role} {self.path} ({self.subject}) EXPIRED on {self.not_after}"
+        if self.days_left is not None and self.days_left < warn_days:
+            return f"{self.role} {self.path} ({self.subject}) expires in {self.days_left:.0f} days, on {self.not_after}"
+        return None
+
+
+def read_certificates(path: Path, role: str, now: datetime | None = None) -> list[CertificateStatus]:
+    """Every certificate in a PEM file with its subject and expiry (one error entry if unreadable)."""
+    from cryptography import x509
+
+    now = now or datetime.now(timezone.utc)
+    try:
+        certificates = x509.load_pem_x509_certificates(path.read_bytes())
+    except OSError as exc:
+        return [CertificateStatus(role, str(path), None, None, None, error=f"cannot read: {exc.strerror or exc}")]
+    except ValueError:
+        return [CertificateStatus(role, str(path), None, None, None, error="no PEM certificate in it")]
+    found = []
+    for cert in certificates:
+        not_after = cert.not_valid_after_utc
+        found.append(CertificateStatus(
+            role, str(path), cert.subject.rfc4514_string(), not_after.isoformat(timespec="seconds"),
+            round((not_after - now).total_seconds() / 86400, 1),
+        ))  # fmt: skip
+    return found
+
+
+def certificate_status(settings: Settings, nodes=(), now: datetime | None = None) -> list[CertificateStatus]:
+    """The SCP's certificate and trusted CAs (when ``tls.enabled``), and each TLS remote node's files.
+
+    ``nodes``: the remote nodes (``store.list_remote_nodes()``). For the metrics/API: each entry's
+    ``not_after`` and ``days_left``.
+    """
+    found: list[CertificateStatus] = []
+    tls = settings.tls
+    if tls.enabled:
+        if tls.certificate is not None:
+            found += read_certificates(resolve_path(settings, tls.certificate), "scp certificate", now)
+        if tls.ca_certificates is not None:
+            found += read_certificates(resolve_path(settings, tls.ca_certificates), "scp trusted CA", now)
+    for node in nodes:
+        if not node.tls:
+            continue
+        if node.tls_cert_file:
+            found += read_certificates(resolve_path(settings, node.tls_cert_file), f"remote {node.name} client certificate", now)
+        if node.tls_ca_file:
+            found += read_certificates(resolve_path(settings, node.tls_ca_file), f"remote {node.name} trusted CA", now)
+    return found
+
+
+def log_certificate_expiry(settings: Settings, nodes=()) -> list[CertificateStatus]:
+    """At start: one INFO line per certificate, a WARNING for one expiring within the warning period."""
+    statuses = certificate_status(settings, nodes)
+    for status in statuses:
+        warning = status.warning(settings.tls.expiry_warning_days)
+        if warning is not None:
+            log.warning("TLS: %s", warning)
+        else:
+            log.info("TLS: %s %s valid until %s (%.0f days)", status.role, status.path, status.not_after, status.days_left)
+    return statuses
+
+
+# ---- anatomix-node tls status --------------------------------------------------------------------------
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from dicom_node.cli_node import _add_config_option
+
+    tls = subparsers.add_parser("tls", help="DICOM TLS: certificates in use and when they expire")
+    tls_actions = tls.add_subparsers(dest="tls_command", metavar="ACTION")
+    status = tls_actions.add_parser("status", help="each configured certificate: subject, not after, days left (exit 1 if one is expired)")
+    _add_config_option(status)
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=run_tls_status)
+
+    def missing(args: argparse.Namespace) -> int:
+        from dicom_node.cli import CliError
+
+        raise CliError("`tls` needs an action: status (see anatomix-node tls --help)")
+
+    tls.set_defaults(func=missing)
+
+
+def run_tls_status(args: argparse.Namespace) -> int:
+    from dicom_node.cli_node import opened_store
+    from dicom_node.settings import load_settings
+
+    settings = load_settings(args.config)
+    with opened_store(settings) as store:
+        nodes = store.list_remote_nodes()
+    statuses = certificate_status(settings, nodes)
+    warn_days = settings.tls.expiry_warning_days
+    if args.json:
+        print(json.dumps({
+            "scp_tls": settings.tls.enabled, "tls_port": settings.tls.port if settings.tls.enabled else None,
+            "warning_days": warn_days,
+            "certificates": [{**asdict(s), "warning": s.warning(warn_days)} for s in statuses],
+        }, indent=2))  # fmt: skip
+    else:
+        if settings.tls.enabled:
+            required = "required" if settings.tls.require_client_certificate else "optional"
+            print(f"SCP TLS on port {settings.tls.port} (client certificates {required}, {settings.tls.min_version} or later)")
+        else:
+            print("SCP TLS off (tls.enabled = false)")
+        if not statuses:
+            print("no certificates configured")
+        for status in statuses:
+            if status.error is not None:
+                print(f"{status.role}: {status.path}: {status.error}")
+            else:
+                print(f"{status.role}: {status.subject}, not after {status.not_after} ({status.days_left:.0f} days left) [{status.path}]")
+        for status in statuses:
+            warning = status.warning(warn_days)
+            if warning is not None:
+                print(f"anatomix-node: warning: {warning}", file=sys.stderr)
+    broken = any(s.error is not None or (s.days_left is not None and s.days_left < 0) for s in statuses)
+    return 1 if broken else 0
