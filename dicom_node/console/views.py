@@ -254,6 +254,39 @@ def install(app: FastAPI) -> None:  # noqa: C901 (one place that lists the pages
             return render(request, "not_found.html", who, 404, what=f"remote node {name[:64]!r}")
         return render(request, "node_form.html", who, node=node)
 
+    # ---- routing rules -------------------------------------------------------------------------------------
+    def rule_choices(request: Request) -> dict[str, Any]:
+        from dicom_node.settings import DEFAULT_PROFILES
+
+        ctx = ctx_of(request)
+        return {"destinations": [n for n in ctx.store.list_remote_nodes() if n.is_destination],
+                "profiles": sorted({**DEFAULT_PROFILES, **ctx.settings.output.profiles}), "conditions": _RULE_CONDITIONS}  # fmt: skip
+
+    @app.get("/console/rules", include_in_schema=False)
+    def rules_page(request: Request) -> HTMLResponse:
+        from dicom_node.routing import list_rules
+
+        who = need(request, "viewer", "list routing rules")
+        store = ctx_of(request).store
+        latest = store.list_studies(limit=1)
+        return render(request, "rules.html", who, rules=list_rules(store), conditions=_RULE_CONDITIONS,
+                      latest_uid=latest[0].study_instance_uid if latest else "")  # fmt: skip
+
+    @app.get("/console/rules/new", include_in_schema=False)
+    def rule_new(request: Request) -> HTMLResponse:
+        who = need(request, "admin", "add a routing rule")
+        return render(request, "rule_form.html", who, rule=None, **rule_choices(request))
+
+    @app.get("/console/rules/{name}/edit", include_in_schema=False)
+    def rule_edit(request: Request, name: str) -> HTMLResponse:
+        from dicom_node.routing import get_rule
+
+        who = need(request, "admin", "change a routing rule")
+        rule = get_rule(ctx_of(request).store, name[:64])
+        if rule is None:
+            return render(request, "not_found.html", who, 404, what=f"routing rule {name[:64]!r}")
+        return render(request, "rule_form.html", who, rule=rule, **rule_choices(request))
+
     # ---- failures ------------------------------------------------------------------------------------------
     @app.get("/console/failures", include_in_schema=False)
     def failures_page(request: Request) -> HTMLResponse:
@@ -302,6 +335,17 @@ def install(app: FastAPI) -> None:  # noqa: C901 (one place that lists the pages
         export = "/api/audit/export?" + urlencode([(k, v) for k, v in (("event", event), ("since", since.isoformat() if since else None)) if v])
         return render(request, "audit.html", who, events=shown, event=event or "", user=user or "", ae=ae or "",
                       since=q.get("since") or "", until=q.get("until") or "", error=error, export=export)  # fmt: skip
+
+
+#: The rule conditions the console shows: (field, label, hint); dicom_node.routing.CONDITION_FIELDS in its order.
+_RULE_CONDITIONS = (
+    ("calling_ae", "Calling AE title", "e.g. MODALITY, CT*"),
+    ("source", "Source node", "remote node names or globs"),
+    ("modality", "Modality", "e.g. CR, DX"),
+    ("body_part", "Body part", "e.g. CHEST"),
+    ("institution", "Institution", "e.g. St Mary*"),
+    ("station", "Station", "e.g. XR-ROOM-?"),
+)
 
 
 #: Patient ID, accession, date, description per (study, version): read once from a spooled header.

@@ -127,7 +127,7 @@
 
   document.addEventListener('submit', async (event) => {
     const form = event.target;
-    if (!form.matches('form[data-login], form[data-api]')) return;
+    if (!form.matches('form[data-login], form[data-api]:not([data-rule-form])')) return;
     event.preventDefault();
     clearErrors(form);
     const submit = form.querySelector('button[type="submit"]');
@@ -149,6 +149,103 @@
         return;
       }
       window.location.href = form.dataset.next || window.location.href;
+    } finally {
+      if (submit) submit.disabled = false;
+    }
+  });
+
+  // ---- routing rules: the form's fields named match.<condition> (comma-separated), action.<field>;
+  // the API's errors [{field: 'match.modality[0]', message}] go next to the field they name.
+  function ruleBody(form) {
+    const body = { name: form.elements.name.value.trim(), description: form.elements.description.value.trim(), match: {}, action: { destinations: [] } };
+    for (const field of form.querySelectorAll('input[name], select[name]')) {
+      const [group, key] = field.name.split('.');
+      if (!key) { if (field.dataset.type === 'bool') body[field.name] = field.checked; continue; }
+      if (group === 'match') {
+        const values = field.value.split(',').map((v) => v.trim()).filter((v) => v !== '');
+        if (values.length) body.match[key] = values;
+      } else if (key === 'destinations') {
+        if (field.checked) body.action.destinations.push(field.value);
+      } else if (field.dataset.type === 'bool') {
+        body.action[key] = field.checked;
+      } else {
+        body.action[key] = field.value === '' ? null : field.value;
+      }
+    }
+    return body;
+  }
+
+  function showRuleErrors(form, r) {
+    const slots = new Map([...form.querySelectorAll('[data-error-for]')].map((el) => [el.dataset.errorFor, el]));
+    const unplaced = [];
+    for (const e of (r.data && r.data.errors) || []) {
+      const key = String(e.field || '').replace(/\[\d+\]$/, '');
+      const slot = slots.get(key);
+      if (!slot) { unplaced.push(`${e.field}: ${e.message}`); continue; }
+      slot.textContent = slot.textContent ? slot.textContent + ' ' + e.message : e.message;
+      const input = form.querySelector(`[name="${key}"]:not([type="checkbox"])`) || form.querySelector(`[name="${key}"]`);
+      if (input) input.setAttribute('aria-invalid', 'true');
+    }
+    if (r.status === 409 && slots.get('name')) { slots.get('name').textContent = problemText(r); form.elements.name.setAttribute('aria-invalid', 'true'); }
+    else if (unplaced.length || !(r.data && r.data.errors && r.data.errors.length)) {
+      const top = form.querySelector('[data-form-error]');
+      if (top) { top.textContent = unplaced.length ? unplaced.join('; ') : problemText(r); top.hidden = false; }
+    }
+  }
+
+  document.addEventListener('submit', async (event) => {
+    const form = event.target;
+    if (!form.matches('form[data-rule-form]')) return;
+    event.preventDefault();
+    clearErrors(form);
+    const submit = form.querySelector('button[type="submit"]');
+    if (submit) submit.disabled = true;
+    try {
+      const r = await api(form.dataset.method || 'POST', form.dataset.api, ruleBody(form));
+      if (!r.ok) {
+        showRuleErrors(form, r);
+        const bad = form.querySelector('[aria-invalid="true"]') || form.querySelector('[data-form-error]:not([hidden])');
+        if (bad) { if (!bad.hasAttribute('tabindex') && bad.matches('p')) bad.setAttribute('tabindex', '-1'); bad.focus(); }
+        return;
+      }
+      window.location.href = form.dataset.next || window.location.href;
+    } catch (e) {
+      const top = form.querySelector('[data-form-error]');
+      if (top) { top.textContent = 'The node did not answer: ' + e; top.hidden = false; }
+    } finally {
+      if (submit) submit.disabled = false;
+    }
+  });
+
+  // ---- the routing dry run: which rule a study matches, why, and where its results would go
+  document.addEventListener('submit', async (event) => {
+    const form = event.target;
+    if (!form.matches('form[data-dry-run]')) return;
+    event.preventDefault();
+    clearErrors(form);
+    const out = document.querySelector('[data-dry-run-result]');
+    const submit = form.querySelector('button[type="submit"]');
+    if (submit) submit.disabled = true;
+    try {
+      const uid = form.elements.study_instance_uid.value.trim();
+      const r = await api('POST', '/api/routing-rules/dry-run', { study_instance_uid: uid === '' ? null : uid });
+      if (!r.ok) {
+        out.hidden = true;
+        const top = form.querySelector('[data-form-error]');
+        top.textContent = problemText(r); top.hidden = false;
+        return;
+      }
+      const lines = out.querySelector('[data-explanation]');
+      const dests = out.querySelector('[data-destinations]');
+      lines.replaceChildren(...r.data.explanation.map((line) => { const li = document.createElement('li'); li.textContent = line; return li; }));
+      const chosen = r.data.destinations.map((d) => { const li = document.createElement('li'); li.textContent = `${d.name} (profile ${d.profile}): ${d.reason}`; return li; });
+      if (!chosen.length) { const li = document.createElement('li'); li.textContent = 'no destination'; chosen.push(li); }
+      dests.replaceChildren(...chosen);
+      out.dataset.rule = r.data.rule || '';
+      out.hidden = false;
+    } catch (e) {
+      const top = form.querySelector('[data-form-error]');
+      top.textContent = 'The node did not answer: ' + e; top.hidden = false;
     } finally {
       if (submit) submit.disabled = false;
     }
