@@ -1,4 +1,4 @@
-"""A destination that accepts only uncompressed syntaxes still gets our JPEG SC and RLE SEG (decompressed)."""
+"""A destination that accepts only uncompressed syntaxes still gets our JPEG SC and JPEG-LS SEG (decompressed)."""
 
 from __future__ import annotations
 
