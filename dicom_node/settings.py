@@ -225,6 +225,8 @@ class HttpSettings:
     secure_cookies: bool = False
     #: /readyz fails when the spool disk has less free space than this (default: storage.min_free_bytes).
     readiness_min_free_bytes: int = -1
+    #: The web console shows times in this IANA time zone (e.g. "Europe/Berlin").
+    time_zone: str = "UTC"
 
 
 @dataclass(frozen=True)
@@ -460,6 +462,15 @@ def validate_ae_title(key: str, value: str) -> None:
         raise SettingsError(f"{key} = {value!r}: an AE title is 1-16 printable ASCII characters, no backslash, not all spaces")
 
 
+def _validate_time_zone(name: str) -> None:
+    from zoneinfo import ZoneInfo
+
+    try:
+        ZoneInfo(name)
+    except (ValueError, KeyError, OSError):
+        raise SettingsError(f"http.time_zone = {name!r}: not an IANA time zone name (e.g. UTC, Europe/Berlin)") from None
+
+
 def validate(settings: Settings) -> None:
     """Raise SettingsError naming the first bad key and value."""
     node = settings.node
@@ -468,6 +479,7 @@ def validate(settings: Settings) -> None:
         raise SettingsError(f"http.port = {settings.http.port}: must be 1-65535, or 0 for no HTTP service")
     if settings.http.max_failed_logins < 1 or settings.http.login_window_s <= 0 or settings.http.session_ttl_s <= 0:
         raise SettingsError("http.max_failed_logins must be >= 1, http.login_window_s and http.session_ttl_s > 0")
+    _validate_time_zone(settings.http.time_zone)
     if not 1 <= node.port <= 65535:
         raise SettingsError(f"node.port = {node.port}: must be 1-65535")
     if node.max_pdu != 0 and node.max_pdu < 4096:

@@ -1,10 +1,13 @@
 """Deterministic demo weights for the APM and the retrieval DB, in the authors' file formats.
 
-Demo weights are random (seeded) with three touches so that they behave plausibly: the frozen-BN
-statistics keep activations bounded through the 16 bottlenecks, each query attends around its
-region's typical place, and the box head is fitted (ridge least squares on its last layer, on
-synthetic chest images) so that query i lands near region i in a PA chest radiograph (typically
-within ~10% of the image; demo boxes are illustrative only). Everything produced with them must be flagged demo by the caller.
+Demo weights are random (seeded) with a few touches so that they behave plausibly: the frozen-BN
+statistics keep activations bounded through the 16 bottlenecks; the image enters the transformer
+scaled down and the first encoder layer writes each token's position into the memory, so a query's
+decoded vector depends mainly on the query, not on the image; each query attends around its
+region's typical box; and the box head's last layer is solved (ridge least squares) so that query i
+lands on region i's typical box in a PA chest radiograph (:data:`DEMO_REGION_BOXES`), within a few
+percent of the image whatever the image. The boxes are a fixed prior, not a detection: everything
+produced with demo weights must be flagged demo by the caller.
 """
 
 from __future__ import annotations
@@ -79,6 +82,7 @@ def build_demo_apm(config: APMConfig, seed: int) -> AnatomyPerceptionModule:
         module = AnatomyPerceptionModule(config)
         initialise_backbone(module)
         initialise_transformer(module)
+        initialise_positional_memory(module)
         initialise_spatial_queries(module)
     fit_box_head(module)
     return module.eval().requires_grad_(False)
@@ -109,42 +113,110 @@ def initialise_transformer(module: AnatomyPerceptionModule) -> None:
 
 
 @torch.no_grad()
-def initialise_spatial_queries(module: AnatomyPerceptionModule, query_gain: float = 3.0, key_gain: float = 2.0) -> None:
-    """Make query i look at region i's typical place.
+def initialise_positional_memory(module: AnatomyPerceptionModule, image_gain: float = 0.01, cls_scale: float = 10.0) -> None:
+    """Give the encoder memory an image-independent code of each token's position.
 
-    In DETR the query identity reaches the decoded vector only through attention weights (values are
-    image memory), so random queries all average the same memory and decode to the same box. Here
-    query i's embedding is the sine position code of its region's centre and the cross-attention
-    q/k projections are scaled identities, so each query attends around its region and decodes a
-    vector that differs by region.
+    In this architecture a query's identity reaches its decoded vector only through attention
+    weights, and attention values are image memory, so with random weights the boxes follow image
+    content, not the query. Two changes make the memory carry position instead: the image enters
+    the encoder scaled down (``image_gain``: it only jitters the outputs), and in the first encoder
+    layer each head splits every token's attention between the CLS token and the rest by a smooth
+    function of the token's position (low-frequency sine of y or x at two phases), so the CLS value
+    is mixed in by position. Later encoder layers mostly pass tokens through.
     """
     config = module.config
-    d_model, size = config.d_model, config.feature_size
-    for index, (x1, y1, x2, y2) in enumerate(DEMO_REGION_BOXES[: config.num_queries]):
-        module.query_embed.weight[index] = query_gain * position_code((y1 + y2) / 2, (x1 + x2) / 2, d_model, size)
-    eye = torch.eye(d_model)
-    for layer in module.transformer.decoder.layers:
-        attention = layer.multihead_attn
-        attention.in_proj_weight[: 2 * d_model] = key_gain * torch.cat([eye, eye])
-        attention.in_proj_bias[: 2 * d_model] = 0.0
-
-
-def position_code(cy: float, cx: float, d_model: int, size: int) -> torch.Tensor:
-    """Sine position code [d_model] of a normalised point, on the scale of the feature-map code."""
-    angles = torch.tensor([[(cy * size + 0.5) / size * 2 * math.pi], [(cx * size + 0.5) / size * 2 * math.pi]])
-    num_feats = d_model // 2
-    dim_t = 10000.0 ** (2 * torch.div(torch.arange(num_feats), 2, rounding_mode="floor").float() / num_feats)
-    return interleave_sin_cos(angles / dim_t).reshape(-1)
+    d, heads = config.d_model, config.num_heads
+    head_dim = d // heads
+    module.input_proj.weight.mul_(image_gain)
+    module.input_proj.bias.zero_()
+    transformer = module.transformer
+    direction = torch.zeros(d)
+    direction[2] = 1.0  # a y channel of mid frequency: the CLS key lives here, spatial keys barely do
+    transformer.cls_pos.copy_(cls_scale * direction[None, None])
+    transformer.cls_token[0, 0, 2] = 0.0
+    attention = transformer.encoder.layers[0].self_attn
+    w_q, w_k = torch.zeros(d, d), torch.zeros(d, d)
+    b_q = torch.zeros(d)
+    half = d // 2
+    # logit(p -> CLS) = cls_scale * (amplitude * wave_h(p) + offset) / sqrt(head_dim): around log(1024)
+    # so the CLS share moves through its sigmoid's useful range as the wave goes from -1 to 1.
+    amplitude = 4.0 * math.sqrt(head_dim) / cls_scale
+    offset = math.log(config.num_memory_tokens) * math.sqrt(head_dim) / cls_scale
+    for head in range(heads):
+        row = head * head_dim
+        axis = 0 if head % 2 == 0 else half  # y for even heads, x for odd heads
+        phase = (head // 2) * math.pi / 2 + 0.3
+        w_q[row, axis] = amplitude * math.cos(phase)  # sin(angle) channel
+        w_q[row, axis + 1] = amplitude * math.sin(phase)  # cos(angle) channel
+        b_q[row] = offset
+        w_k[row] = direction
+    attention.in_proj_weight[:d] = w_q
+    attention.in_proj_weight[d: 2 * d] = w_k
+    attention.in_proj_bias[: 2 * d] = torch.cat([b_q, torch.zeros(d)])
+    for layer in transformer.encoder.layers[1:]:
+        layer.self_attn.out_proj.weight.mul_(0.1)
 
 
 @torch.no_grad()
-def fit_box_head(module: AnatomyPerceptionModule, ridge: float = 1e-1) -> None:
+def initialise_spatial_queries(module: AnatomyPerceptionModule, sharpness: float = 8.0) -> None:
+    """Make query i look at the corners and the centre of region i's typical box.
+
+    Each cross-attention head h of the decoder compares a slice of the query embedding with the key
+    position code: query i's slice h holds the low-frequency sine code of one point of its box
+    (top-left, bottom-right, centre, centre), so head h attends around that point. With the encoder
+    memory carrying position (see :func:`initialise_positional_memory`), the decoded vector of query
+    i then encodes where its box's corners are, mostly independently of the image.
+    """
+    config = module.config
+    d, heads = config.d_model, config.num_heads
+    head_dim = d // heads
+    half = d // 2
+    pairs = head_dim // 4  # frequency pairs per axis in one head's slice (sin and cos for y and x)
+    gain = math.sqrt(sharpness * math.sqrt(head_dim))
+    w_q, w_k = torch.zeros(d, d), torch.zeros(d, d)
+    for head in range(heads):
+        base = head * head_dim
+        for f in range(pairs):
+            for axis_offset, slot in ((0, 0), (half, 2 * pairs)):
+                for trig in range(2):  # sin, cos
+                    dim = base + slot + 2 * f + trig
+                    w_q[dim, dim] = gain
+                    w_k[dim, axis_offset + 2 * f + trig] = gain
+    for index, (x1, y1, x2, y2) in enumerate(DEMO_REGION_BOXES[: config.num_queries]):
+        centre = ((x1 + x2) / 2, (y1 + y2) / 2)
+        points = ((x1, y1), (x2, y2), centre, centre)
+        module.query_embed.weight[index] = torch.cat(
+            [point_code(*points[head % len(points)], pairs, half, config.feature_size) for head in range(heads)]
+        )
+    for layer in module.transformer.decoder.layers:
+        attention = layer.multihead_attn
+        attention.in_proj_weight[:d] = w_q
+        attention.in_proj_weight[d: 2 * d] = w_k
+        attention.in_proj_bias[: 2 * d] = 0.0
+
+
+def point_code(x: float, y: float, pairs: int, half: int, size: int) -> torch.Tensor:
+    """Sine code [4 * pairs] of a normalised point: the y then x channels of the lowest ``pairs``
+    frequencies of the key position code (``half`` channels per axis, ``size`` tokens per side)."""
+    dim_t = 10000.0 ** (2 * torch.arange(pairs).float() / half)
+    codes = []
+    for value in (y, x):
+        angle = (value * size + 0.5) / size * 2 * math.pi  # token centre -> DETR's normalised angle
+        codes.append(interleave_sin_cos(torch.stack([angle / dim_t, angle / dim_t], 1).reshape(1, -1)).reshape(-1))
+    return torch.cat(codes)
+
+
+@torch.no_grad()
+def fit_box_head(module: AnatomyPerceptionModule, ridge: float = 1e-4) -> None:
     """Fit ``bbox_embed.layers[-1]`` so that, on the synthetic radiograph, query i predicts region
     i's typical box (ridge least squares in logit space; bias absorbs the mean)."""
     size = module.config.image_size
-    # Several shapes, so the fit follows the average behaviour rather than one image's quirks.
+    # Varied shapes and contents, so the fit follows what the queries share across images (image
+    # content only jitters the decoded vectors; see initialise_positional_memory).
     shapes = ((size, size), (size + size // 4, size - size // 8))
     images = [prepare_array(synthetic_chest_radiograph(rows, columns, seed=index)) for index, (rows, columns) in enumerate(shapes)]
+    noise = np.random.default_rng(len(shapes)).integers(0, 4096, (size - size // 4, size), dtype=np.uint16)
+    images.append(prepare_array(noise))
     hs, _, _ = module.encode_decode(images_to_tensor(images))
     hidden = module.bbox_embed.hidden(hs).double().reshape(-1, hs.shape[-1])  # [N * Q, D]
     xyxy = torch.tensor(DEMO_REGION_BOXES, dtype=torch.float64)[: hs.shape[1]].repeat(len(images), 1)

@@ -9,13 +9,16 @@ from PixelSpacing when it is calibrated and non-zero, else ImagerPixelSpacing, e
 never carries zero spacing, even when the source (RG1: 0\\0) does.
 
 Size and viewers: the masks are written as a FRACTIONAL (OCCUPANCY) SEG holding only 0 and 255 (a box
-occupies its pixels fully), RLE Lossless: the "pseudo-binary" form OHIF itself writes and reads, which
-highdicom allows RLE for (BINARY it does not). RG1: 19 MB -> 2.5 MB (RLE runs are capped at 128 bytes,
-so an empty 1841-px row still costs 30 bytes). A BINARY SEG in Deflated Explicit VR LE is far smaller
-(55 kB) but OHIF 3.13 fails to load a BINARY SEG whose bit-packed length is odd (its length check does
-not allow the pad byte) and then falls back to per-frame requests that Orthanc 1.10 answers with 500
-for 1-bit frames (seen in tests/viewer). The frames are RLE-encoded by :func:`rle_encode_frame` (box
-masks have at most two distinct rows per frame), not by highdicom's general per-row encoder.
+occupies its pixels fully; the "pseudo-binary" form OHIF itself writes and reads), JPEG-LS Lossless:
+RG1's 46 frames take 120 kB (RLE Lossless: 2.7 MB, as PackBits runs are capped at 128 bytes, so an
+empty 1841-px row still costs 30 bytes; uncompressed: 165 MB). OHIF 3.13 shows it (tests/viewer): Orthanc
+transcodes it for OHIF's whole-instance fetch, and where OHIF rejects that (its length check does not
+allow the pad byte of an odd-length frame set) it loads frame by frame, which Orthanc answers decoded. A BINARY SEG would be smaller still but does not
+load: highdicom allows only native syntaxes or JPEG 2000 for 1-bit frames, OHIF cannot read a bit-packed
+native SEG whose length needs the DICOM pad byte (43 frames of 1955x1841 bits, for example), and Orthanc
+answers per-frame requests for 1-bit frames with an error. The frames are JPEG-LS-encoded on a small
+thread pool (CharLS releases the GIL); ``SEG_TRANSFER_SYNTAX = RLELossless`` restores the previous form,
+whose frames :func:`rle_encode_frame` encodes (box masks have at most two distinct rows per frame).
 
 Speed (46 full-size segments of 1955x1841 is 165 M mask pixels): the masks are 0/1 uint8 in
 segment-major memory, exposed as highdicom's (1, rows, columns, segments) view, so each frame highdicom
@@ -29,6 +32,7 @@ them from the boxes. That halves the SEG's cost; ``tests/sr_writer`` reads the r
 from __future__ import annotations
 
 import contextvars
+from concurrent.futures import ThreadPoolExecutor
 from itertools import combinations
 
 import highdicom as hd
@@ -36,7 +40,7 @@ import highdicom.image as hd_image
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from pydicom.uid import RLELossless
+from pydicom.uid import JPEGLSLossless, RLELossless
 
 from inference.result import Box
 from sr_writer import codes
@@ -230,14 +234,28 @@ def build_seg(ctx: BundleContext, kind: str = "seg") -> Dataset:
     return apply_common_attributes(seg, ctx)
 
 
+#: Transfer syntax of our SEGs (see the module docstring).
+SEG_TRANSFER_SYNTAX = JPEGLSLossless
+#: Threads that JPEG-LS-encode frames (CharLS releases the GIL).
+ENCODE_THREADS = 2
+
+
 def _construct(ctx: BundleContext, kind: str, annotations: tuple[Annotation, ...], descriptions: list) -> Dataset:
+    if SEG_TRANSFER_SYNTAX == RLELossless:
+        return _construct_with(ctx, kind, annotations, descriptions, 0)
+    with ThreadPoolExecutor(ENCODE_THREADS) as pool:
+        return _construct_with(ctx, kind, annotations, descriptions, pool)
+
+
+def _construct_with(ctx: BundleContext, kind: str, annotations: tuple[Annotation, ...], descriptions: list, workers) -> Dataset:  # noqa: ANN001
     return BoxSegmentation(
         source_images=[ctx.source],
         pixel_array=box_masks(annotations, ctx.rows, ctx.columns),
         segmentation_type="FRACTIONAL",  # 0 or 255 only ("pseudo-binary"): see the module docstring
         fractional_type="OCCUPANCY",
         max_fractional_value=255,
-        transfer_syntax_uid=RLELossless,
+        transfer_syntax_uid=SEG_TRANSFER_SYNTAX,
+        workers=workers,
         segment_descriptions=descriptions,
         **ctx.new_instance_identity(kind),
         manufacturer_model_name=ctx.algorithm_name,

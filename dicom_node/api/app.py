@@ -276,6 +276,9 @@ def create_app(settings: Settings, store: Store) -> FastAPI:
     from dicom_node.api.rules import router as routing_rules  # imports this module's role checks
 
     app.include_router(routing_rules)
+    from dicom_node.console import mount  # the web console (/console), built on this API
+
+    mount(app)
     original = app.openapi
 
     def openapi() -> dict[str, Any]:

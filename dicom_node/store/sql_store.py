@@ -40,6 +40,7 @@ from dicom_node.store.base import (
     StudyRecord,
 )
 from dicom_node.store.api_accounts import ApiAccountSql
+from dicom_node.store.console_queries import ConsoleSql
 from dicom_node.store.schema import load_migrations
 
 #: A late instance reopens a study in these states as a new analysis version.
@@ -115,7 +116,7 @@ def _placeholders(count: int) -> str:
     return ", ".join("?" * count)
 
 
-class SqlStore(ApiAccountSql, Store):
+class SqlStore(ConsoleSql, ApiAccountSql, Store):
     """Everything but connections, transactions and value conversions. See the module docstring."""
 
     #: ``sqlite`` or ``postgres``: picks the migration folder.

@@ -27,7 +27,7 @@ def c_store(orthanc: Orthanc, datasets: list[pydicom.Dataset]) -> list[int]:
     ae = AE(ae_title="ANATOMIX")
     for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
         own = {str(ds.file_meta.TransferSyntaxUID) for ds in datasets if str(ds.SOPClassUID) == sop_class}
-        # The object's own syntax in a context of its own (the SC is JPEG baseline, the SEG RLE), as the node's SCU does.
+        # The object's own syntax in a context of its own (the SC is JPEG baseline, the SEG JPEG-LS Lossless), as the node's SCU does.
         for syntax in sorted(own - {ExplicitVRLittleEndian, ImplicitVRLittleEndian}):
             ae.add_requested_context(sop_class, [syntax])
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])

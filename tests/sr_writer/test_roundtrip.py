@@ -10,6 +10,7 @@ from highdicom.sr.utils import find_content_items
 
 from sr_writer import codes
 from sr_writer.context import display_region_name, make_context
+from sr_writer.sc import SC_MAX_SIDE
 from sr_writer.seg import box_pixel_slice
 from tests.sr_writer.conftest import UID_ROOT, BuiltCase
 
@@ -249,8 +250,10 @@ def test_sc_is_marked_as_derived_burned_in_and_not_for_diagnosis(case: BuiltCase
     assert sc.BurnedInAnnotation == "YES" and list(sc.ImageType)[:2] == ["DERIVED", "SECONDARY"]
     assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == case.source.SOPInstanceUID
     assert "NOT FOR DIAGNOSIS" in sc.DerivationDescription
-    # Banner above and legend below are added rows: same width, taller than the source.
-    assert sc.Columns == case.source.Columns and sc.Rows > case.source.Rows and sc.SamplesPerPixel == 3
+    # Banner above and legend below are added rows: taller than the source for its width (same width
+    # unless the rendering was downscaled to SC_MAX_SIDE).
+    assert sc.SamplesPerPixel == 3 and max(sc.Rows, sc.Columns) <= max(SC_MAX_SIDE, case.source.Rows, case.source.Columns)
+    assert sc.Rows / sc.Columns > case.source.Rows / case.source.Columns
 
 
 def test_kos_references_the_image_and_every_result(case: BuiltCase) -> None:

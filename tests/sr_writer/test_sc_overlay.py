@@ -15,7 +15,7 @@ from sr_writer.bundle import assemble_bundle
 from sr_writer.colours import colour_for_key
 from sr_writer.context import make_context
 from sr_writer.overlay import BANNER_TEXT_RGB, display_pixels, drawn_annotations, layout, render_overlay, text_size
-from sr_writer.sc import banner_text, footer_lines
+from sr_writer.sc import SC_MAX_SIDE, banner_text, downscale, footer_lines
 from tests.sr_writer.conftest import UID_ROOT, BuiltCase
 from tests.sr_writer.corpus_inputs import CorpusCase, make_source
 from tests.support.results import make_result
@@ -30,15 +30,19 @@ def test_sc_draws_findings_and_their_anatomy_where_the_result_says(case: BuiltCa
     sc = pydicom.dcmread(case.paths["sc"])
     Image.fromarray(sc.pixel_array).save(output_dir / f"sr_writer-sc-overlay-{case.name}.png")
     ctx, geometry = geometry_for(case.source, case.result)
-    # Exact pixel checks on the rendering; the SC stores it JPEG baseline, so it is only close to it.
+    # Exact pixel checks on the rendering; the SC stores it downscaled to at most SC_MAX_SIDE and JPEG
+    # baseline, so it is only close to the downscaled rendering.
     rgb, _ = render_overlay(ctx.source, ctx.annotations, banner_text(ctx), footer_lines(ctx))
-    assert sc.pixel_array.shape == rgb.shape
-    assert np.abs(sc.pixel_array.astype(int) - rgb.astype(int)).mean() < 6
+    stored = downscale(rgb)
+    assert sc.pixel_array.shape == stored.shape and max(stored.shape[:2]) <= SC_MAX_SIDE
+    assert np.abs(sc.pixel_array.astype(int) - stored.astype(int)).mean() < 6
     drawn = drawn_annotations(ctx.annotations)
     assert [a.is_region for a in drawn].count(False) == len([a for a in ctx.boxed if not a.is_region])  # every finding box
     grounded = {site for a in ctx.annotations if not a.is_region for site in a.sites}
     assert {a.sites[0] for a in drawn if a.is_region} == grounded - {None}  # anatomy only where a finding is grounded
-    assert (int(sc.Rows), int(sc.Columns)) == (geometry.total_rows, ctx.columns)
+    assert (geometry.total_rows, ctx.columns) == rgb.shape[:2]
+    scale = min(1.0, SC_MAX_SIDE / max(geometry.total_rows, ctx.columns))
+    assert (int(sc.Rows), int(sc.Columns)) == (round(geometry.total_rows * scale), round(ctx.columns * scale))
     top = geometry.image_top
     assert top == geometry.banner_height > 0 and geometry.legend_top >= top + ctx.rows  # banner and legend outside the image
 
@@ -94,7 +98,7 @@ def test_the_banner_is_whole_on_a_256_px_wide_image(tmp_path: Path, output_dir: 
     Image.fromarray(sc.pixel_array).save(output_dir / "sr_writer-sc-banner-256px.png")
     ctx, geometry = geometry_for(source, result)
     rgb, _ = render_overlay(ctx.source, ctx.annotations, banner_text(ctx), footer_lines(ctx))  # before JPEG
-    assert sc.pixel_array.shape == rgb.shape
+    assert sc.pixel_array.shape == rgb.shape  # small: not downscaled
     assert " ".join(geometry.banner_lines) == banner_text(ctx)  # every word is there
     banner = rgb[: geometry.banner_height]
     yellow = np.all(np.abs(banner.astype(int) - BANNER_TEXT_RGB) < 60, axis=2)

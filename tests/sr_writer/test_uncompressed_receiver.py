@@ -1,4 +1,4 @@
-"""A destination that accepts only uncompressed syntaxes still gets our JPEG SC and RLE SEG (decompressed)."""
+"""A destination that accepts only uncompressed syntaxes still gets our JPEG SC and JPEG-LS SEG (decompressed)."""
 
 from __future__ import annotations
 
@@ -47,5 +47,5 @@ def test_compressed_objects_are_decompressed_for_a_receiver_without_those_syntax
     seg = by_class[bundle.objects[0].sop_class_uid]
     assert seg.pixel_array.max() == 255
     # The objects the node keeps stay compressed.
-    assert str(bundle.objects[0].dataset.file_meta.TransferSyntaxUID) == "1.2.840.10008.1.2.5"
+    assert str(bundle.objects[0].dataset.file_meta.TransferSyntaxUID) == "1.2.840.10008.1.2.4.80"  # JPEG-LS Lossless
     assert str(bundle.objects[1].dataset.file_meta.TransferSyntaxUID) == "1.2.840.10008.1.2.4.50"

@@ -1,0 +1,439 @@
+"""The console's pages. Reads need the role of the matching API endpoint (viewer for everything
+shown); writes are made by the browser against ``/api`` (see ``static/console.js``)."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter, OrderedDict
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlencode
+from zoneinfo import ZoneInfo
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+
+from dicom_node.api import auth
+from dicom_node.api.app import Problem, authenticate, ctx_of, readiness
+from dicom_node.api.auth import Principal
+from dicom_node.store.base import STUDY_STATES
+
+HERE = Path(__file__).resolve().parent
+PAGE_SIZE = 50
+#: Minutes per bar of the dashboard's last-hour charts.
+BUCKET_MIN = 5
+
+
+class Forbidden(Exception):
+    def __init__(self, who: Principal, needed: str, what: str) -> None:
+        super().__init__(what)
+        self.who, self.needed, self.what = who, needed, what
+
+
+class NotLoggedIn(Exception):
+    pass
+
+
+def short_uid(value: str | None, keep: int = 10) -> str:
+    """``1.2.826.0…123456789`` for a long UID (the page puts the whole value in ``title``)."""
+    if not value:
+        return ""
+    return value if len(value) <= 2 * keep + 1 else f"{value[:keep]}…{value[-keep:]}"
+
+
+def install(app: FastAPI) -> None:  # noqa: C901 (one place that lists the pages)
+    templates = Jinja2Templates(directory=str(HERE / "templates"))
+    env = templates.env
+    env.filters["short_uid"] = short_uid
+    env.filters["seconds"] = lambda s: "" if s is None else (f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min")
+
+    def zone(request: Request) -> ZoneInfo:
+        return ZoneInfo(ctx_of(request).settings.http.time_zone)
+
+    app.mount("/console/static", StaticFiles(directory=str(HERE / "static")), name="console-static")
+
+    def principal(request: Request) -> Principal:
+        cookie = request.cookies.get(auth.SESSION_COOKIE)
+        if not cookie:
+            raise NotLoggedIn()
+        try:
+            return authenticate(request, None, cookie)
+        except Problem as exc:
+            if exc.status == 401:
+                raise NotLoggedIn() from None
+            raise
+
+    def need(request: Request, role: str, what: str) -> Principal:
+        who = principal(request)
+        if not auth.role_at_least(who.role, role):
+            raise Forbidden(who, role, what)
+        return who
+
+    def render(request: Request, name: str, who: Principal | None, status: int = 200, **context: Any) -> HTMLResponse:
+        tz = zone(request)
+
+        def local(value: Any) -> str:
+            if not value:
+                return ""
+            at = datetime.fromisoformat(value) if isinstance(value, str) else value
+            return at.astimezone(tz).strftime("%Y-%m-%d %H:%M:%S %Z")
+
+        can = {r: bool(who and auth.role_at_least(who.role, r)) for r in ("viewer", "operator", "admin")}
+        response = templates.TemplateResponse(
+            request, name, {"who": who, "can": can, "local": local, "time_zone": str(tz), "path": request.url.path, **context},
+            status_code=status,
+        )
+        response.headers["Cache-Control"] = "no-store"
+        response.headers["Content-Security-Policy"] = "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; frame-ancestors 'none'"
+        return response
+
+    @app.exception_handler(NotLoggedIn)
+    async def on_not_logged_in(request: Request, exc: NotLoggedIn) -> Response:
+        return RedirectResponse("/console/login?next=" + quote(str(request.url.path) + (f"?{request.url.query}" if request.url.query else "")), 303)
+
+    @app.exception_handler(Forbidden)
+    async def on_forbidden(request: Request, exc: Forbidden) -> Response:
+        return render(request, "forbidden.html", exc.who, 403, needed=exc.needed, what=exc.what)
+
+    # ---- login ---------------------------------------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    def root() -> Response:
+        return RedirectResponse("/console/", 303)
+
+    @app.get("/console/login", include_in_schema=False)
+    def login_page(request: Request, next: str = "/console/") -> HTMLResponse:  # noqa: A002
+        safe_next = next if next.startswith("/console/") and not next.startswith("//") else "/console/"
+        return render(request, "login.html", None, next=safe_next)
+
+    # ---- dashboard -------------------------------------------------------------------------------------
+    @app.get("/console/", include_in_schema=False)
+    def dashboard(request: Request) -> HTMLResponse:
+        who = need(request, "viewer", "see the dashboard")
+        ctx = ctx_of(request)
+        counts = {**{s: 0 for s in STUDY_STATES}, **ctx.store.count_studies_by_state()}  # type: ignore[attr-defined]
+        checks = readiness(ctx)
+        disk = checks.get("spool_disk", {})
+        from dicom_node.api.app import _disk, _last_model_identity
+
+        usage = _disk(ctx.settings)
+        used_pct = None
+        if "total_bytes" in usage and usage["total_bytes"]:
+            used_pct = round(100 * (1 - usage["free_bytes"] / usage["total_bytes"]), 1)
+        m = ctx.settings.model
+        identity = _last_model_identity(ctx.store)
+        demo = bool(m.demo_weights or (identity or {}).get("demo"))
+        failures = sorted(ctx.store.list_deliveries(statuses=("failed", "dead")), key=lambda d: d.updated_at, reverse=True)[:10]
+        failed_studies = ctx.store.list_studies(("failed",), limit=10)
+        charts = _charts(ctx.store, datetime.now(timezone.utc))
+        return render(request, "dashboard.html", who, counts=counts, checks=checks, disk=usage, used_pct=used_pct, disk_ok=disk.get("ok"),
+                      model=m, identity=identity, demo=demo, failures=failures, failed_studies=failed_studies, charts=charts,
+                      queue_depths=ctx.queue_depths())  # fmt: skip
+
+    # ---- studies ---------------------------------------------------------------------------------------
+    def studies_context(request: Request) -> dict[str, Any]:
+        from dicom_node.cli_node import stage_durations, study_outcome
+
+        ctx = ctx_of(request)
+        q = request.query_params
+        states = tuple(s for s in q.getlist("state") if s in STUDY_STATES)
+        source = (q.get("source") or "").strip()[:64] or None
+        search = (q.get("uid") or "").strip()[:64] or None
+        before = None
+        error = None
+        if q.get("before"):
+            try:
+                at, uid = q["before"].split("|", 1)
+                before = (datetime.fromisoformat(at), uid)
+            except ValueError:
+                error = "the page link is not valid: showing the newest studies"
+        rows = ctx.store.page_studies(states or None, source, search, before, PAGE_SIZE + 1)  # type: ignore[attr-defined]
+        more = len(rows) > PAGE_SIZE
+        rows = rows[:PAGE_SIZE]
+        now = datetime.now(timezone.utc)
+        counts = ctx.store.instance_state_counts([(s.study_instance_uid, s.version) for s in rows])  # type: ignore[attr-defined]
+        studies = []
+        for study in rows:
+            outcome = study_outcome(study)
+            stages = stage_durations(study.history or study.state_times, study.state, now)
+            if outcome == "skipped":
+                stages = [stage for stage in stages if stage["state"] != "analyzing"]
+            studies.append({
+                "study_instance_uid": study.study_instance_uid, "version": study.version, "state": study.state, "outcome": outcome,
+                "source_ae": study.source_ae, "source_node": study.source_node, "instance_states": counts[(study.study_instance_uid, study.version)],
+                "stages": stages, "last_received_at": study.last_received_at, **_header(ctx.settings.storage.spool_dir, ctx.store, study),
+            })  # fmt: skip
+        filters = [("state", s) for s in states] + ([("source", source)] if source else []) + ([("uid", search)] if search else [])
+        next_url = None
+        if more and rows:
+            last = rows[-1]
+            next_url = "/console/studies?" + urlencode([*filters, ("before", f"{last.created_at.isoformat()}|{last.study_instance_uid}")])
+        return {"studies": studies, "states": states, "source": source or "", "search": search or "", "next_url": next_url,
+                "first_url": "/console/studies?" + urlencode(filters) if before else None, "all_states": STUDY_STATES, "error": error,
+                "refresh_url": "/console/studies/rows?" + urlencode([*filters, *([("before", q["before"])] if q.get("before") else [])])}  # fmt: skip
+
+    @app.get("/console/studies", include_in_schema=False)
+    def studies_page(request: Request) -> HTMLResponse:
+        who = need(request, "viewer", "list studies")
+        return render(request, "studies.html", who, **studies_context(request))
+
+    @app.get("/console/studies/rows", include_in_schema=False)
+    def studies_rows(request: Request) -> HTMLResponse:
+        who = need(request, "viewer", "list studies")
+        return render(request, "_studies_rows.html", who, **studies_context(request))
+
+    def study_context(request: Request, uid: str) -> dict[str, Any]:
+        from dicom_node.cli_node import delivery_summary, study_summary
+
+        ctx = ctx_of(request)
+        study = ctx.store.get_study(uid)
+        if study is None:
+            return {"study": None, "uid": uid}
+        summary = study_summary(study, ctx.store, datetime.now(timezone.utc), spool_dir=ctx.settings.storage.spool_dir)
+        summary["deliveries"] = delivery_summary(ctx.store, ctx.settings, study)
+        objects = ctx.store.list_produced_objects(uid)
+        analyses = ctx.store.list_analyses(uid, study.version)
+        findings, report = [], None
+        for analysis in analyses:
+            try:
+                result = json.loads(analysis.result_json) if analysis.result_json else {}
+            except ValueError:
+                continue
+            report = report or _report_text(result)
+            findings += _findings(result)
+        deliveries = ctx.store.list_deliveries(uid)
+        has_preview = any(o.kind == "sc" and o.study_version == study.version for o in objects)
+        return {"study": summary, "record": study, "uid": uid, "objects": objects, "deliveries": deliveries, "findings": findings,
+                "report": report, "analyses": analyses, "has_preview": has_preview,
+                "instances": ctx.store.list_instances(uid, study.version)}  # fmt: skip
+
+    @app.get("/console/studies/{uid}", include_in_schema=False)
+    def study_page(request: Request, uid: str) -> HTMLResponse:
+        who = need(request, "viewer", "see a study")
+        context = study_context(request, uid[:64])
+        return render(request, "study.html", who, 200 if context["study"] else 404, **context)
+
+    @app.get("/console/studies/{uid}/live", include_in_schema=False)
+    def study_live(request: Request, uid: str) -> HTMLResponse:
+        who = need(request, "viewer", "see a study")
+        context = study_context(request, uid[:64])
+        return render(request, "_study_live.html", who, 200 if context["study"] else 404, **context)
+
+    @app.get("/console/studies/{uid}/preview.png", include_in_schema=False)
+    def study_preview(request: Request, uid: str) -> Response:
+        need(request, "viewer", "see a study")
+        ctx = ctx_of(request)
+        study = ctx.store.get_study(uid[:64])
+        if study is None:
+            return Response("no such study", 404, media_type="text/plain")
+        sc = [o for o in ctx.store.list_produced_objects(study.study_instance_uid, study.version) if o.kind == "sc"]
+        if not sc:
+            return Response("no burned-in result (SC) for this study version", 404, media_type="text/plain")
+        png = _sc_png(ctx.settings.storage.results_dir / sc[0].path)
+        return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=60"})
+
+    # ---- remote nodes --------------------------------------------------------------------------------------
+    @app.get("/console/nodes", include_in_schema=False)
+    def nodes_page(request: Request) -> HTMLResponse:
+        who = need(request, "viewer", "list remote nodes")
+        return render(request, "nodes.html", who, nodes=ctx_of(request).store.list_remote_nodes())
+
+    @app.get("/console/nodes/new", include_in_schema=False)
+    def node_new(request: Request) -> HTMLResponse:
+        who = need(request, "admin", "add a remote node")
+        return render(request, "node_form.html", who, node=None)
+
+    @app.get("/console/nodes/{name}/edit", include_in_schema=False)
+    def node_edit(request: Request, name: str) -> HTMLResponse:
+        who = need(request, "admin", "change a remote node")
+        node = ctx_of(request).store.get_remote_node(name[:64])
+        if node is None:
+            return render(request, "not_found.html", who, 404, what=f"remote node {name[:64]!r}")
+        return render(request, "node_form.html", who, node=node)
+
+    # ---- routing rules -------------------------------------------------------------------------------------
+    def rule_choices(request: Request) -> dict[str, Any]:
+        from dicom_node.settings import DEFAULT_PROFILES
+
+        ctx = ctx_of(request)
+        return {"destinations": [n for n in ctx.store.list_remote_nodes() if n.is_destination],
+                "profiles": sorted({**DEFAULT_PROFILES, **ctx.settings.output.profiles}), "conditions": _RULE_CONDITIONS}  # fmt: skip
+
+    @app.get("/console/rules", include_in_schema=False)
+    def rules_page(request: Request) -> HTMLResponse:
+        from dicom_node.routing import list_rules
+
+        who = need(request, "viewer", "list routing rules")
+        store = ctx_of(request).store
+        latest = store.list_studies(limit=1)
+        return render(request, "rules.html", who, rules=list_rules(store), conditions=_RULE_CONDITIONS,
+                      latest_uid=latest[0].study_instance_uid if latest else "")  # fmt: skip
+
+    @app.get("/console/rules/new", include_in_schema=False)
+    def rule_new(request: Request) -> HTMLResponse:
+        who = need(request, "admin", "add a routing rule")
+        return render(request, "rule_form.html", who, rule=None, **rule_choices(request))
+
+    @app.get("/console/rules/{name}/edit", include_in_schema=False)
+    def rule_edit(request: Request, name: str) -> HTMLResponse:
+        from dicom_node.routing import get_rule
+
+        who = need(request, "admin", "change a routing rule")
+        rule = get_rule(ctx_of(request).store, name[:64])
+        if rule is None:
+            return render(request, "not_found.html", who, 404, what=f"routing rule {name[:64]!r}")
+        return render(request, "rule_form.html", who, rule=rule, **rule_choices(request))
+
+    # ---- failures ------------------------------------------------------------------------------------------
+    @app.get("/console/failures", include_in_schema=False)
+    def failures_page(request: Request) -> HTMLResponse:
+        who = need(request, "viewer", "see failures")
+        ctx = ctx_of(request)
+        rows = ctx.store.list_deliveries(statuses=("failed", "dead"))
+        by_study: dict[str, list[Any]] = {}
+        for d in sorted(rows, key=lambda d: d.updated_at, reverse=True):
+            by_study.setdefault(d.study_instance_uid, []).append(d)
+        studies = ctx.store.list_studies(("failed",), limit=200)
+        return render(request, "failures.html", who, by_study=by_study, failed_studies=studies, count=len(rows))
+
+    @app.get("/console/failures/live", include_in_schema=False)
+    def failures_live(request: Request) -> HTMLResponse:
+        who = need(request, "viewer", "see failures")
+        ctx = ctx_of(request)
+        rows = ctx.store.list_deliveries(statuses=("failed", "dead"))
+        by_study: dict[str, list[Any]] = {}
+        for d in sorted(rows, key=lambda d: d.updated_at, reverse=True):
+            by_study.setdefault(d.study_instance_uid, []).append(d)
+        return render(request, "_failures_live.html", who, by_study=by_study, count=len(rows))
+
+    # ---- audit ---------------------------------------------------------------------------------------------
+    @app.get("/console/audit", include_in_schema=False)
+    def audit_page(request: Request) -> HTMLResponse:
+        who = need(request, "viewer", "read the audit trail")
+        ctx = ctx_of(request)
+        q = request.query_params
+        event = (q.get("event") or "").strip()[:64] or None
+        user = (q.get("user") or "").strip()[:64] or None
+        ae = (q.get("ae") or "").strip()[:16] or None
+        since = until = None
+        error = None
+        try:
+            since = _parse_local(q.get("since"), zone(request))
+            until = _parse_local(q.get("until"), zone(request))
+        except ValueError:
+            error = "since/until: use a date and time such as 2026-11-30 14:00"
+        rows = ctx.store.list_audit_events(event, limit=5000)
+        shown = [
+            e for e in rows
+            if (since is None or e.at >= since) and (until is None or e.at < until)
+            and (user is None or str((e.detail or {}).get("user", "")) == user)
+            and (ae is None or ae in (e.calling_ae, e.called_ae))
+        ][:200]  # fmt: skip
+        export = "/api/audit/export?" + urlencode([(k, v) for k, v in (("event", event), ("since", since.isoformat() if since else None)) if v])
+        return render(request, "audit.html", who, events=shown, event=event or "", user=user or "", ae=ae or "",
+                      since=q.get("since") or "", until=q.get("until") or "", error=error, export=export)  # fmt: skip
+
+
+#: The rule conditions the console shows: (field, label, hint); dicom_node.routing.CONDITION_FIELDS in its order.
+_RULE_CONDITIONS = (
+    ("calling_ae", "Calling AE title", "e.g. MODALITY, CT*"),
+    ("source", "Source node", "remote node names or globs"),
+    ("modality", "Modality", "e.g. CR, DX"),
+    ("body_part", "Body part", "e.g. CHEST"),
+    ("institution", "Institution", "e.g. St Mary*"),
+    ("station", "Station", "e.g. XR-ROOM-?"),
+)
+
+
+#: Patient ID, accession, date, description per (study, version): read once from a spooled header.
+_HEADERS: OrderedDict[tuple[str, int], dict[str, str]] = OrderedDict()
+_HEADERS_MAX = 20_000
+
+
+def _header(spool_dir: Path, store: Any, study: Any) -> dict[str, str]:
+    """``cli_node.read_study_header`` of the study's current version, cached (a version's
+    instances do not change once it is past receiving; a study still receiving is read each time)."""
+    from dicom_node.cli_node import read_study_header
+
+    key = (study.study_instance_uid, study.version)
+    cached = _HEADERS.get(key)
+    if cached is not None:
+        _HEADERS.move_to_end(key)
+        return cached
+    header = read_study_header(spool_dir, store.list_instances(study.study_instance_uid, version=study.version)[:3])
+    if study.state != "receiving" and any(header.values()):
+        _HEADERS[key] = header
+        while len(_HEADERS) > _HEADERS_MAX:
+            _HEADERS.popitem(last=False)
+    return header
+
+
+def _parse_local(value: str | None, tz: ZoneInfo) -> datetime | None:
+    if not value or not value.strip():
+        return None
+    at = datetime.fromisoformat(value.strip())
+    return (at.replace(tzinfo=tz) if at.tzinfo is None else at).astimezone(timezone.utc)
+
+
+def _report_text(result: dict[str, Any]) -> str | None:
+    """The report (findings and impression) of an ``AnalysisResult`` dict, else its answers' text."""
+    report = result.get("report")
+    if isinstance(report, dict):
+        parts = [f"{key.capitalize()}: {report[key]}" for key in ("findings", "impression") if str(report.get(key) or "").strip()]
+        return "\n".join(parts) or str(report.get("raw_text") or "").strip() or None
+    answers = [a.get("raw_text", "") for a in result.get("answers") or [] if isinstance(a, dict) and a.get("raw_text")]
+    return "\n".join(answers) or None
+
+
+def _findings(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Findings (label, text, probability, boxes) of an ``AnalysisResult`` dict."""
+    return [
+        {"label": str(f.get("label") or ""), "text": str(f.get("text") or ""), "probability": f.get("probability"),
+         "boxes": len(f.get("boxes") or ())}
+        for f in result.get("findings") or [] if isinstance(f, dict)
+    ]  # fmt: skip
+
+
+def _sc_png(path: Path, max_side: int = 1024) -> bytes:
+    """The burned-in Secondary Capture as a PNG, scaled to at most ``max_side`` pixels."""
+    import numpy as np
+    import pydicom
+    from PIL import Image
+
+    ds = pydicom.dcmread(path)
+    pixels = ds.pixel_array
+    if pixels.ndim == 2:
+        pixels = pixels.astype(np.float32)
+        low, high = float(pixels.min()), float(pixels.max())
+        pixels = ((pixels - low) / max(high - low, 1.0) * 255).astype(np.uint8)
+        if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
+            pixels = 255 - pixels
+        image = Image.fromarray(pixels, "L")
+    else:
+        image = Image.fromarray(pixels.astype(np.uint8), "RGB")
+    image.thumbnail((max_side, max_side))
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return out.getvalue()
+
+
+def _charts(store: Any, now: datetime) -> dict[str, Any]:
+    """Per 5 minutes of the last hour: studies finished (done) and their mean receive-to-done time."""
+    since = now - timedelta(hours=1)
+    entries = store.state_entries_since(since)
+    buckets = 60 // BUCKET_MIN
+    done = [0] * buckets
+    for state, at in entries:
+        if state == "done":
+            done[min(buckets - 1, int((at - since).total_seconds() // (BUCKET_MIN * 60)))] += 1
+    recent = [s for s in store.list_studies(("done",), limit=500) if s.state_times.get("done") and s.state_times["done"] >= since]
+    latency: list[list[float]] = [[] for _ in range(buckets)]
+    for s in recent:
+        at = s.state_times["done"]
+        latency[min(buckets - 1, int((at - since).total_seconds() // (BUCKET_MIN * 60)))].append((at - s.created_at).total_seconds())
+    mean = [round(sum(v) / len(v), 1) if v else 0.0 for v in latency]
+    return {"done": done, "latency": mean, "total_done": sum(done), "bucket_min": BUCKET_MIN,
+            "done_max": max(done) or 1, "latency_max": max(mean) or 1.0, "counts": Counter(state for state, _ in entries)}  # fmt: skip
