@@ -292,22 +292,15 @@ def install(app: FastAPI) -> None:  # noqa: C901 (one place that lists the pages
     def failures_page(request: Request) -> HTMLResponse:
         who = need(request, "viewer", "see failures")
         ctx = ctx_of(request)
-        rows = ctx.store.list_deliveries(statuses=("failed", "dead"))
-        by_study: dict[str, list[Any]] = {}
-        for d in sorted(rows, key=lambda d: d.updated_at, reverse=True):
-            by_study.setdefault(d.study_instance_uid, []).append(d)
+        by_study, count = undelivered_by_study(ctx.store)
         studies = ctx.store.list_studies(("failed",), limit=200)
-        return render(request, "failures.html", who, by_study=by_study, failed_studies=studies, count=len(rows))
+        return render(request, "failures.html", who, by_study=by_study, failed_studies=studies, count=count)
 
     @app.get("/console/failures/live", include_in_schema=False)
     def failures_live(request: Request) -> HTMLResponse:
         who = need(request, "viewer", "see failures")
-        ctx = ctx_of(request)
-        rows = ctx.store.list_deliveries(statuses=("failed", "dead"))
-        by_study: dict[str, list[Any]] = {}
-        for d in sorted(rows, key=lambda d: d.updated_at, reverse=True):
-            by_study.setdefault(d.study_instance_uid, []).append(d)
-        return render(request, "_failures_live.html", who, by_study=by_study, count=len(rows))
+        by_study, count = undelivered_by_study(ctx_of(request).store)
+        return render(request, "_failures_live.html", who, by_study=by_study, count=count)
 
     # ---- audit ---------------------------------------------------------------------------------------------
     @app.get("/console/audit", include_in_schema=False)
@@ -437,3 +430,13 @@ def _charts(store: Any, now: datetime) -> dict[str, Any]:
     mean = [round(sum(v) / len(v), 1) if v else 0.0 for v in latency]
     return {"done": done, "latency": mean, "total_done": sum(done), "bucket_min": BUCKET_MIN,
             "done_max": max(done) or 1, "latency_max": max(mean) or 1.0, "counts": Counter(state for state, _ in entries)}  # fmt: skip
+
+
+def undelivered_by_study(store: Any) -> tuple[dict[str, list[Any]], int]:
+    """Failed and dead-lettered deliveries grouped by study, newest first, and how many there are
+    (the failures page and its self-updating fragment show the same thing)."""
+    rows = store.list_deliveries(statuses=("failed", "dead"))
+    by_study: dict[str, list[Any]] = {}
+    for d in sorted(rows, key=lambda d: d.updated_at, reverse=True):
+        by_study.setdefault(d.study_instance_uid, []).append(d)
+    return by_study, len(rows)
