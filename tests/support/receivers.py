@@ -32,8 +32,10 @@ class StorageReceiver:
 
     def _on_store(self, event: evt.Event) -> int:
         if self.status == 0x0000:
+            dataset = event.dataset
+            dataset.file_meta = event.file_meta  # with the transfer syntax it came in
             with self._lock:
-                self.received.append(event.dataset)
+                self.received.append(dataset)
         return self.status
 
     def sop_instance_uids(self) -> list[str]:
