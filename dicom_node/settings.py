@@ -607,7 +607,7 @@ def validate_limits(limits: LimitsSettings) -> None:
 
 
 def validate_tls(tls: TlsSettings, plain_port: int) -> None:
-    """Settings only (the files are read when the node starts: ``dicom_node.tls.server_context``)."""
+    """Settings only (the files are read when the node starts: ``dicom_node.net.tls.server_context``)."""
     if tls.min_version not in ("TLSv1.2", "TLSv1.3"):
         raise SettingsError(f"tls.min_version = {tls.min_version!r}: use TLSv1.2 or TLSv1.3 (BCP 195)")
     if tls.expiry_warning_days < 0:

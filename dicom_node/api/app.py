@@ -36,7 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dicom_node.api import auth
 from dicom_node.api.auth import CSRF_HEADER, SESSION_COOKIE, LoginLimiter, Principal
-from dicom_node.audit import AuditTrail, Peer, open_audit_trail
+from dicom_node.audit.trail import AuditTrail, Peer, open_audit_trail
 from dicom_node.settings import Settings
 from dicom_node.store.base import API_ROLES, STUDY_STATES, RemoteNode, Store, StoreConflict, StoreError, StoreUnavailable
 
@@ -239,13 +239,13 @@ class ApiContext:
 
     def celery(self) -> Any:
         if self._celery is None:
-            from dicom_node.queue import create_app
+            from dicom_node.pipeline.queue import create_app
 
             self._celery = create_app(self.settings)
         return self._celery
 
     def queue_depths(self) -> dict[str, int | None]:
-        from dicom_node.queue import QUEUES, queue_depth
+        from dicom_node.pipeline.queue import QUEUES, queue_depth
 
         depths: dict[str, int | None] = {}
         for name in QUEUES:
@@ -603,15 +603,15 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 (one place that lists the API)
     @app.post("/api/nodes/{name}/echo", tags=["nodes"], summary="C-ECHO the node (operator): result and round-trip time",
               responses={404: {"model": ProblemModel}})  # fmt: skip
     def echo_node(request: Request, who: Operator, name: Name, body: Annotated[EchoIn | None, Body()] = None) -> EchoOut:
-        from dicom_node.cli import CliError
-        from dicom_node.cli_node import echo_remote
+        from dicom_node.ops.errors import UserError
+        from dicom_node.cli.node import echo_remote
 
         ctx = ctx_of(request)
         node = _require_node(ctx.store, name)
         timeout = body.timeout_s if body and body.timeout_s else ctx.settings.delivery.timeout_s
         try:
             rtt = echo_remote(ctx.settings.node.ae_title, node, timeout)
-        except CliError as exc:
+        except UserError as exc:
             return EchoOut(node=name, success=False, rtt_ms=None, error=str(exc))
         except (OSError, UnicodeError, ValueError) as exc:  # e.g. a host name the resolver cannot even encode
             return EchoOut(node=name, success=False, rtt_ms=None, error=f"echo {name}: cannot connect to {node.host!r}: {exc}")
@@ -627,7 +627,7 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 (one place that lists the API)
         until: Annotated[datetime | None, Query(description="last instance received before (ISO 8601)")] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     ) -> list[dict[str, Any]]:
-        from dicom_node.cli_node import delivery_summary, study_summary
+        from dicom_node.cli.node import delivery_summary, study_summary
 
         ctx = ctx_of(request)
         since, until = _aware(since), _aware(until)
@@ -652,7 +652,7 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 (one place that lists the API)
     @app.get("/api/studies/{study_instance_uid}", tags=["studies"], summary="one study: stages, instances, skip reasons, result objects, deliveries",
              responses={404: {"model": ProblemModel}})  # fmt: skip
     def get_study(request: Request, who: Viewer, study_instance_uid: Annotated[str, Path(min_length=1, max_length=64)]) -> dict[str, Any]:
-        from dicom_node.cli_node import delivery_summary, study_summary
+        from dicom_node.cli.node import delivery_summary, study_summary
 
         ctx = ctx_of(request)
         study = _require_study(ctx.store, study_instance_uid)
@@ -696,14 +696,14 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 (one place that lists the API)
 
     @app.post("/api/resend", tags=["studies"], summary="send the results of many studies again (operator)")
     def resend_bulk(request: Request, who: Operator, body: BulkResendIn) -> BulkOut:
-        from dicom_node.cli import CliError
-        from dicom_node.cli_pipeline import select_studies
+        from dicom_node.ops.errors import UserError
+        from dicom_node.cli.pipeline import select_studies
 
         ctx = ctx_of(request)
         target = _destination(ctx.store, body.destination)
         try:
             studies = select_studies(ctx.store, None, list(body.states) or None, _aware(body.since), body.undelivered)
-        except CliError as exc:
+        except UserError as exc:
             raise Problem(422, "Invalid request", str(exc).replace("--state", "states").replace("--undelivered", "undelivered")) from None
         results = [_resend(ctx, s, target, bulk=True) for s in studies]
         audit_change(request, who, "bulk_resend", f"{len(studies)} studies", selection=body.model_dump(mode="json"),
@@ -725,14 +725,14 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 (one place that lists the API)
 
     @app.post("/api/reanalyze", tags=["studies"], summary="analyse many studies again (operator)", responses={409: {"model": ProblemModel}})
     def reanalyze_bulk(request: Request, who: Operator, body: BulkReanalyzeIn) -> BulkOut:
-        from dicom_node.cli import CliError
-        from dicom_node.cli_pipeline import select_studies
+        from dicom_node.ops.errors import UserError
+        from dicom_node.cli.pipeline import select_studies
 
         ctx = ctx_of(request)
         _require_model(ctx)
         try:
             studies = select_studies(ctx.store, None, list(body.states) or None, _aware(body.since))
-        except CliError as exc:
+        except UserError as exc:
             raise Problem(422, "Invalid request", str(exc).replace("--state", "states")) from None
         results = [_reanalyze(ctx, s, body.new_version) for s in studies]
         audit_change(request, who, "bulk_reanalyze", f"{len(studies)} studies", selection=body.model_dump(mode="json"),
@@ -773,7 +773,7 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 (one place that lists the API)
     # ---- model and node status ---------------------------------------------------------------------
     @app.get("/api/model", tags=["node"], summary="the model in use: configuration and the identity recorded by the newest analysis")
     def model(request: Request, who: Viewer) -> dict[str, Any]:
-        from dicom_node.dispatch import model_configured
+        from dicom_node.pipeline.dispatch import model_configured
 
         ctx = ctx_of(request)
         m = ctx.settings.model
@@ -843,7 +843,7 @@ def _destination(store: Store, name: str | None) -> RemoteNode | None:
 
 
 def _require_model(ctx: ApiContext) -> None:
-    from dicom_node.dispatch import NO_MODEL_ERROR, model_configured
+    from dicom_node.pipeline.dispatch import NO_MODEL_ERROR, model_configured
 
     if not model_configured(ctx.settings):
         raise Problem(409, "No model", f"nothing can be analysed: {NO_MODEL_ERROR}")
@@ -855,8 +855,8 @@ _FIELD_NAMES = {"--ae-title": "ae_title", "--host": "host", "--port": "port", "-
 
 def _validated_node(settings: Settings, values: dict[str, Any]) -> RemoteNode:
     """The CLI's ``ae add`` validation (``cli_node.remote_node_from_args``); its errors as 422."""
-    from dicom_node.cli import CliError
-    from dicom_node.cli_node import remote_node_from_args
+    from dicom_node.ops.errors import UserError
+    from dicom_node.cli.node import remote_node_from_args
 
     args = argparse.Namespace(
         name=values["name"], ae_title=values["ae_title"], host=values["host"], port=str(values["port"]), role=values["role"],
@@ -865,7 +865,7 @@ def _validated_node(settings: Settings, values: dict[str, Any]) -> RemoteNode:
     )  # fmt: skip
     try:
         return remote_node_from_args(args, settings)
-    except CliError as exc:
+    except UserError as exc:
         message = str(exc)
         for option, field_name in _FIELD_NAMES.items():
             message = message.replace(option, field_name)
@@ -874,14 +874,14 @@ def _validated_node(settings: Settings, values: dict[str, Any]) -> RemoteNode:
 
 def _resend(ctx: ApiContext, study: Any, target: RemoteNode | None, bulk: bool) -> ActionOut:
     """``cli_pipeline.resend_study`` (the same code path as ``anatomix-node resend``)."""
-    from dicom_node.cli import CliError
-    from dicom_node.cli_pipeline import resend_study
+    from dicom_node.ops.errors import UserError
+    from dicom_node.cli.pipeline import resend_study
 
     output = StringIO()
     try:
         with redirect_stdout(output):  # the CLI's per-destination lines become the message
             failed = resend_study(ctx.store, ctx.settings, ctx.celery(), study, target, bulk=bulk)
-    except CliError as exc:
+    except UserError as exc:
         return ActionOut(study_instance_uid=study.study_instance_uid, ok=False, message=f"refused: {exc}")
     lines = [line.split("  ", 1)[-1] for line in output.getvalue().splitlines() if line.strip()]
     return ActionOut(study_instance_uid=study.study_instance_uid, ok=not failed, message="; ".join(lines) or "sent", version=study.version)
@@ -889,8 +889,8 @@ def _resend(ctx: ApiContext, study: Any, target: RemoteNode | None, bulk: bool) 
 
 def _reanalyze(ctx: ApiContext, study: Any, new_version: bool) -> ActionOut:
     """The checks and steps of ``anatomix-node reanalyze`` for one study."""
-    from dicom_node.cli_pipeline import REANALYZE_EVENT
-    from dicom_node.queue import send_analyze
+    from dicom_node.cli.pipeline import REANALYZE_EVENT
+    from dicom_node.pipeline.queue import send_analyze
 
     uid = study.study_instance_uid
     has_results = bool(ctx.store.list_produced_objects(uid, study.version))

@@ -4,7 +4,7 @@ Two sources:
 
 * **Counters** of the DICOM side (associations, instances received and rejected, bytes), counted
   where the audit trail already records those events: :func:`count_audit_event` is an audit
-  listener (:data:`dicom_node.audit.LISTENERS`), registered by :func:`prepare_multiprocess` in
+  listener (:data:`dicom_node.audit.trail.LISTENERS`), registered by :func:`prepare_multiprocess` in
   ``serve`` before the SCP processes fork. Every process writes its own file in the
   ``prometheus_client`` multiprocess directory (``<data_dir>/metrics``, wiped at each ``serve``
   start); ``/metrics`` sums them. Counters of a process that has ended stay in its file (a counter
@@ -51,7 +51,7 @@ def metrics_dir(settings: Settings) -> Path:
 def prepare_multiprocess(settings: Settings) -> Path:
     """In ``serve``, before any child process starts: wipe the metrics directory, point every
     process at it (environment, inherited by forks and subprocesses) and count audit events."""
-    from dicom_node import audit
+    from dicom_node.audit import trail as audit
 
     directory = metrics_dir(settings)
     shutil.rmtree(directory, ignore_errors=True)

@@ -1,6 +1,6 @@
 """Routing rules over HTTP: the same model, validation, store and audit as ``anatomix-node route``.
 
-Every call goes through :mod:`dicom_node.routing`, so a rule the CLI refuses is refused here with
+Every call goes through :mod:`dicom_node.pipeline.routing`, so a rule the CLI refuses is refused here with
 the same field names (in the problem's ``errors`` list), and the dry run explains a match the same way.
 Reading and the dry run need the viewer role; every change needs admin and is audited with the rule
 before and after.
@@ -14,7 +14,7 @@ from fastapi import APIRouter, Body, Path, Request
 from pydantic import BaseModel, Field
 
 from dicom_node.api.app import Admin, Problem, ProblemModel, Viewer, client_host, ctx_of
-from dicom_node.routing import (
+from dicom_node.pipeline.routing import (
     RoutingRule,
     RuleValidationError,
     add_rule,

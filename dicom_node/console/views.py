@@ -135,7 +135,7 @@ def install(app: FastAPI) -> None:  # noqa: C901 (one place that lists the pages
 
     # ---- studies ---------------------------------------------------------------------------------------
     def studies_context(request: Request) -> dict[str, Any]:
-        from dicom_node.cli_node import stage_durations, study_outcome
+        from dicom_node.cli.node import stage_durations, study_outcome
 
         ctx = ctx_of(request)
         q = request.query_params
@@ -186,7 +186,7 @@ def install(app: FastAPI) -> None:  # noqa: C901 (one place that lists the pages
         return render(request, "_studies_rows.html", who, **studies_context(request))
 
     def study_context(request: Request, uid: str) -> dict[str, Any]:
-        from dicom_node.cli_node import delivery_summary, study_summary
+        from dicom_node.cli.node import delivery_summary, study_summary
 
         ctx = ctx_of(request)
         study = ctx.store.get_study(uid)
@@ -264,7 +264,7 @@ def install(app: FastAPI) -> None:  # noqa: C901 (one place that lists the pages
 
     @app.get("/console/rules", include_in_schema=False)
     def rules_page(request: Request) -> HTMLResponse:
-        from dicom_node.routing import list_rules
+        from dicom_node.pipeline.routing import list_rules
 
         who = need(request, "viewer", "list routing rules")
         store = ctx_of(request).store
@@ -279,7 +279,7 @@ def install(app: FastAPI) -> None:  # noqa: C901 (one place that lists the pages
 
     @app.get("/console/rules/{name}/edit", include_in_schema=False)
     def rule_edit(request: Request, name: str) -> HTMLResponse:
-        from dicom_node.routing import get_rule
+        from dicom_node.pipeline.routing import get_rule
 
         who = need(request, "admin", "change a routing rule")
         rule = get_rule(ctx_of(request).store, name[:64])
@@ -330,7 +330,7 @@ def install(app: FastAPI) -> None:  # noqa: C901 (one place that lists the pages
                       since=q.get("since") or "", until=q.get("until") or "", error=error, export=export)  # fmt: skip
 
 
-#: The rule conditions the console shows: (field, label, hint); dicom_node.routing.CONDITION_FIELDS in its order.
+#: The rule conditions the console shows: (field, label, hint); dicom_node.pipeline.routing.CONDITION_FIELDS in its order.
 _RULE_CONDITIONS = (
     ("calling_ae", "Calling AE title", "e.g. MODALITY, CT*"),
     ("source", "Source node", "remote node names or globs"),
@@ -349,7 +349,7 @@ _HEADERS_MAX = 20_000
 def _header(spool_dir: Path, store: Any, study: Any) -> dict[str, str]:
     """``cli_node.read_study_header`` of the study's current version, cached (a version's
     instances do not change once it is past receiving; a study still receiving is read each time)."""
-    from dicom_node.cli_node import read_study_header
+    from dicom_node.cli.node import read_study_header
 
     key = (study.study_instance_uid, study.version)
     cached = _HEADERS.get(key)

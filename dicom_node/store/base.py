@@ -206,7 +206,7 @@ class AuditEvent:
 @dataclass(frozen=True)
 class RoutingRuleRecord:
     """A routing rule as stored: ``match`` and ``action`` are the JSON-ready mappings that
-    :mod:`dicom_node.routing` validated before saving (the store checks nothing in them)."""
+    :mod:`dicom_node.pipeline.routing` validated before saving (the store checks nothing in them)."""
 
     name: str
     #: 1-based place in the evaluation order (kept dense: 1..n).

@@ -7,8 +7,8 @@ import time
 import pytest
 
 from dicom_node.api.auth import LoginLimiter, role_at_least
-from dicom_node.cli import build_parser
-from dicom_node.cli_serve import load_serve_settings
+from dicom_node.cli.main import build_parser
+from dicom_node.cli.serve import load_serve_settings
 from dicom_node.settings import SettingsError, load_settings
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.assembly import assemble_once, close_stable_studies, run_assembly
+from dicom_node.pipeline.assembly import assemble_once, close_stable_studies, run_assembly
 from dicom_node.settings import Settings
-from dicom_node.spool import prepare_spool, write_instance
+from dicom_node.store.spool import prepare_spool, write_instance
 from dicom_node.store import open_store
 from dicom_node.store.base import InstanceRecord, RemoteNode, Store
 from tests.support.corpus import synthetic_cr

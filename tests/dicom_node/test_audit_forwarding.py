@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.atna import MSGID, SD_ID
-from dicom_node.audit import AuditTrail, Peer
-from dicom_node.audit_forward import AuditForwarder
+from dicom_node.audit.atna import MSGID, SD_ID
+from dicom_node.audit.trail import AuditTrail, Peer
+from dicom_node.audit.forward import AuditForwarder
 from dicom_node.settings import load_settings
 from dicom_node.store import open_store
 from tests.support.atna_schema import audit_message_errors

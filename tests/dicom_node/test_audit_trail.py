@@ -13,9 +13,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from dicom_node import audit
-from dicom_node.atna import SourceInfo, audit_message
-from dicom_node.audit import AuditTrail, Peer
+from dicom_node.audit import trail as audit
+from dicom_node.audit.atna import SourceInfo, audit_message
+from dicom_node.audit.trail import AuditTrail, Peer
 from dicom_node.store import open_store
 from dicom_node.store.base import AuditEvent, RemoteNode, Store
 from tests.support.atna_schema import audit_message_errors

@@ -18,8 +18,8 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from dicom_node.analysis import StudyAnalysis
-from dicom_node.cli import build_parser
+from dicom_node.pipeline.analysis import StudyAnalysis
+from dicom_node.cli.main import build_parser
 from dicom_node.settings import CONFIG_FILE_NAME, load_settings
 from dicom_node.store import open_store
 from dicom_node.store.base import InstanceRecord
@@ -157,7 +157,7 @@ def test_studies_and_ae_list_say_which_settings_and_store_they_read(site: Path) 
 
 
 def test_a_config_under_etc_keeps_its_data_in_var_lib() -> None:
-    from dicom_node.cli_node import default_data_dir
+    from dicom_node.cli.node import default_data_dir
     from dicom_node.settings import SYSTEM_CONFIG_DIR, SYSTEM_DATA_DIR
 
     assert default_data_dir(SYSTEM_CONFIG_DIR) == str(SYSTEM_DATA_DIR) == "/var/lib/anatomix"

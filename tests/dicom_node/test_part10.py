@@ -9,7 +9,7 @@ import pytest
 from pydicom.uid import UID
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
 
-from dicom_node.part10 import PREAMBLE, part10_header
+from dicom_node.net.part10 import PREAMBLE, part10_header
 
 
 @pytest.mark.parametrize(

@@ -18,13 +18,13 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 
-from dicom_node import audit
-from dicom_node.audit import AggregatedAudit, open_audit_trail
+from dicom_node.audit import trail as audit
+from dicom_node.audit.trail import AggregatedAudit, open_audit_trail
 from dicom_node.logging_setup import escape_controls
-from dicom_node.scp import StorageScp
-from dicom_node.scp_gate import ConnectionGate
-from dicom_node.scp_guard import GuardedSocket, IdleCheckpoint
-from dicom_node.scp_server import InheritedSocketServer, make_scp_server, open_listening_socket
+from dicom_node.net.scp import StorageScp
+from dicom_node.net.gate import ConnectionGate
+from dicom_node.net.guard import GuardedSocket, IdleCheckpoint
+from dicom_node.net.server import InheritedSocketServer, make_scp_server, open_listening_socket
 from dicom_node.settings import LimitsSettings, Settings, SettingsError
 from dicom_node.store import open_store
 from dicom_node.store.base import RemoteNode, Store

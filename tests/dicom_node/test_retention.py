@@ -27,11 +27,11 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from dicom_node.audit import open_audit_trail
-from dicom_node.reconcile import reconcile_spool
-from dicom_node.retention import purge_expired
+from dicom_node.audit.trail import open_audit_trail
+from dicom_node.pipeline.reconcile import reconcile_spool
+from dicom_node.pipeline.retention import purge_expired
 from dicom_node.settings import Settings
-from dicom_node.spool import ensure_spooled, write_instance
+from dicom_node.store.spool import ensure_spooled, write_instance
 from dicom_node.store import open_store
 from dicom_node.store.base import STUDY_STATES, InstanceRecord, ProducedObject, Store
 from tests.dicom_node.test_cli_node import assert_one_line_error, node as run_cli
@@ -313,7 +313,7 @@ def test_the_retention_loop_survives_a_failing_pass_and_the_next_pass_purges(
     test waits for the outcome (the audit event), never for a time."""
     import threading
 
-    from dicom_node import retention
+    from dicom_node.pipeline import retention
 
     settings, store, studies = policy_site
     settings = settings.with_overrides(storage={"retention_days": 1e-9})
@@ -333,7 +333,7 @@ def test_the_retention_loop_survives_a_failing_pass_and_the_next_pass_purges(
     stop = threading.Event()
     loop = threading.Thread(target=retention.run_retention, args=(settings, store, open_audit_trail(store, None), stop))
     time.sleep(0.01)  # a minimum age (retention_days = 1e-9 days = 86 us), not a wait for an event
-    with caplog.at_level("ERROR", logger="dicom_node.retention"):
+    with caplog.at_level("ERROR", logger="dicom_node.pipeline.retention"):
         loop.start()
         try:
             deadline = time.monotonic() + 60

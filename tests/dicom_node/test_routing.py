@@ -12,8 +12,8 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from dicom_node.delivery import route_destinations
-from dicom_node.routing import (
+from dicom_node.pipeline.delivery import route_destinations
+from dicom_node.pipeline.routing import (
     RouteAction, RouteMatch, RoutingRule, RuleValidationError, StudyFacts, add_rule, decide_routes, evaluate_rules,
     glob_problem, list_rules, matches, move_rule, parse_rule, remove_rule, update_rule, validate_rule,
 )  # fmt: skip

@@ -20,9 +20,9 @@ from pynetdicom import AE, _config
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 
-from dicom_node.assembly import close_studies_at_release
-from dicom_node.audit import open_audit_trail
-from dicom_node.scp import StorageScp, build_ae
+from dicom_node.pipeline.assembly import close_studies_at_release
+from dicom_node.audit.trail import open_audit_trail
+from dicom_node.net.scp import StorageScp, build_ae
 from dicom_node.settings import Settings
 from dicom_node.store import open_store
 from dicom_node.store.base import RemoteNode, Store

@@ -12,7 +12,7 @@ what the sender hears and what is left on disk and in the database:
   arrives the row is already committed; the durability calls all came before the recording.
 
 The store is the real one behind a thin proxy (:class:`HookedStore`) that runs a test hook around
-``record_instance`` only; the SCP is the same :class:`~dicom_node.scp.StorageScp` the node runs.
+``record_instance`` only; the SCP is the same :class:`~dicom_node.net.scp.StorageScp` the node runs.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ import pydicom
 import pytest
 from pynetdicom import AE
 
-from dicom_node.audit import open_audit_trail
-from dicom_node.scp import StorageScp, build_ae
+from dicom_node.audit.trail import open_audit_trail
+from dicom_node.net.scp import StorageScp, build_ae
 from dicom_node.settings import Settings
 from dicom_node.store import open_store
 from dicom_node.store.base import InstanceRecord, RecordOutcome, RemoteNode, Store, StoreUnavailable

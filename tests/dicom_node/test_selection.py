@@ -7,7 +7,7 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 
-from dicom_node.selection import OUR_MANUFACTURER, select_instance
+from dicom_node.pipeline.selection import OUR_MANUFACTURER, select_instance
 
 UID_ROOT = "1.2.826.0.1.3680043.10.1431."
 

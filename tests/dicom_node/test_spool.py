@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.spool import (
+from dicom_node.store.spool import (
     SpoolFull,
     check_free_space,
     free_bytes,

@@ -139,7 +139,7 @@ def test_restart_records_a_spooled_file_a_crash_left_unrecorded(tmp_path: Path) 
     """The crash window between the spool rename and the database commit, reproduced with the
     SCP's own write path: the restart records the file (audited), quarantines a file whose content
     does not match its name, and a later re-send of the recovered instance is a duplicate."""
-    from dicom_node.spool import write_instance
+    from dicom_node.store.spool import write_instance
 
     study = "1.2.826.0.1.3680043.8.498.12"
     first, orphan, damaged = write_synthetic_set(tmp_path / "push", 3, study_uid=study)

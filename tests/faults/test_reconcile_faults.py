@@ -1,7 +1,7 @@
 """Start-up reconciliation when the state store fails in the middle of it (real SQLite, real files).
 
 ``serve`` records every complete spooled file that has no row before the SCP accepts anything
-(:func:`dicom_node.reconcile.reconcile_spool`). Those files were never acknowledged, and may be the
+(:func:`dicom_node.pipeline.reconcile.reconcile_spool`). Those files were never acknowledged, and may be the
 only copy: a sender that gave up will not send them again. If the store fails while one of them is
 recorded (here: another connection holds SQLite's write lock at that exact call), the pass must
 fail loudly and leave every file where it is, neither quarantined nor deleted, so that the next
@@ -16,8 +16,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from dicom_node.reconcile import QUARANTINE_DIR_NAME, reconcile_spool
-from dicom_node.spool import prepare_spool, write_instance
+from dicom_node.pipeline.reconcile import QUARANTINE_DIR_NAME, reconcile_spool
+from dicom_node.store.spool import prepare_spool, write_instance
 from dicom_node.store import open_store
 from dicom_node.store.base import InstanceRecord, StoreUnavailable
 from dicom_node.store.sqlite import SqliteStore

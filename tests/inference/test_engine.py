@@ -134,7 +134,7 @@ def test_system_prompt_setting_reaches_the_prompt(model_dir, engine, images, mon
     from dataclasses import replace
 
     import inference.engine as engine_module
-    from dicom_node.analysis import load_engine
+    from dicom_node.pipeline.analysis import load_engine
     from dicom_node.settings import Settings
     from inference.prompt import TRAINING_SYSTEM_PROMPT
 

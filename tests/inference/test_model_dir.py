@@ -79,7 +79,7 @@ def test_device_uid_is_a_valid_dicom_uid() -> None:
 def test_cli_model_info_reports_identity_and_names_a_broken_key(tmp_path, demo, capsys) -> None:
     import torch
 
-    from dicom_node.cli import main
+    from dicom_node.cli.main import main
     from inference.lm.layout import lora_key
 
     assert main(["model", "info", str(demo), "--json"]) == 0
@@ -100,7 +100,7 @@ def test_cli_model_info_reports_identity_and_names_a_broken_key(tmp_path, demo, 
 
 
 def test_cli_demo_weights_refuses_a_non_empty_directory(tmp_path, capsys) -> None:
-    from dicom_node.cli import main
+    from dicom_node.cli.main import main
 
     (tmp_path / "keep.txt").write_text("x")
     assert main(["model", "demo-weights", "--out", str(tmp_path)]) == 2

@@ -65,7 +65,7 @@ def alone_results(site: NodeSite, paths: list[Path]) -> dict[str, dict]:
     """Each file analysed alone, in this process, with the site's settings (same weights and tasks)."""
     import json
 
-    from dicom_node.analysis import analyze_datasets, load_engine
+    from dicom_node.pipeline.analysis import analyze_datasets, load_engine
 
     engine = load_engine(replace(site.settings, model=replace(site.settings.model, max_batch=1)))
     out = {}

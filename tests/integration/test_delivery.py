@@ -15,7 +15,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.status import code_to_category
 
-from dicom_node.delivery import (
+from dicom_node.pipeline.delivery import (
     COMPREHENSIVE_3D_SR,
     COMPREHENSIVE_SR,
     SOP_CLASS_NOT_SUPPORTED,
@@ -242,7 +242,7 @@ def test_retry_budget_exhausted_is_dead_lettered(tmp_path):
 
 def test_real_bundle_reaches_a_pacs_that_only_knows_comprehensive_sr(tmp_path):
     """sr_writer's TID 1500 SR goes as 88.33 (same UID) to a destination without 88.34; the rest as built."""
-    from dicom_node.analysis import write_result_objects
+    from dicom_node.pipeline.analysis import write_result_objects
     from sr_writer.bundle import comprehensive_sr_fallback
     from tests.support.results import make_result, rg1_source
 

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 from pydicom.uid import generate_uid
 
-from dicom_node.cli import main
-from dicom_node.delivery import deliver_study_version, destination_states
+from dicom_node.cli.main import main
+from dicom_node.pipeline.delivery import deliver_study_version, destination_states
 from dicom_node.settings import Settings
 from dicom_node.store import open_store
 from dicom_node.store.base import RemoteNode
-from dicom_node.tasks import finish_delivery
+from dicom_node.pipeline.tasks import finish_delivery
 from tests.integration.test_delivery import seed_study, to_comprehensive
 from tests.support.net import free_port
 from tests.support.postgres import postgres_server, postgres_url  # noqa: F401 (fixtures)
@@ -119,7 +119,7 @@ def test_no_destination_got_everything_fails_the_study(tmp_path, store_url):
 def test_backoff_is_capped_and_the_window_default_is_a_day():
     assert Settings().delivery.retry_window_s >= 24 * 3600
     policy = replace(Settings().delivery, backoff_base_s=2.0, backoff_max_s=300.0)
-    from dicom_node.delivery import backoff_delay
+    from dicom_node.pipeline.delivery import backoff_delay
 
     assert max(backoff_delay(40, policy, random.Random(i)) for i in range(20)) <= 300.0
     # A day of an unreachable destination stays within the attempt cap: the window, not the count, ends it.

@@ -123,7 +123,7 @@ def test_dcmsend_pushes_the_whole_set_again_as_duplicates(node: NodeProcess, rg1
 def test_dcmsend_whole_study_with_a_private_class_object_succeeds(node: NodeProcess, tmp_path: Path) -> None:
     """A study push mixing a chest CR and a vendor-private object (Siemens CSA Non-Image class):
     every instance is acknowledged and stored; the private one is never selected for analysis."""
-    from dicom_node.selection import select_instance
+    from dicom_node.pipeline.selection import select_instance
     from tests.support.corpus import synthetic_cr
 
     study = "1.2.826.0.1.3680043.8.498.2.8"

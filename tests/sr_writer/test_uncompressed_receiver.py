@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pynetdicom import AE
 
-from dicom_node.delivery import _contexts_for, _send_one
+from dicom_node.pipeline.delivery import _contexts_for, _send_one
 from sr_writer.bundle import assemble_bundle, comprehensive_sr_fallback
 from tests.sr_writer.conftest import UID_ROOT
 from tests.support.receivers import StorageReceiver

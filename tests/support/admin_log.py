@@ -10,7 +10,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from dicom_node.demo import DEMO_PACS_AE, DemoPacs
+from dicom_node.cli.demo import DEMO_PACS_AE, DemoPacs
 from dicom_node.store.base import RemoteNode
 from tests.support.workers import NodeSite, make_chest_studies
 

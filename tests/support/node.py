@@ -1,4 +1,4 @@
-"""Our node as a real subprocess (``python -m dicom_node.cli serve``) on a free port with a temp config.
+"""Our node as a real subprocess (``python -m dicom_node.cli.main serve``) on a free port with a temp config.
 
 The node runs in its own session (process group), so a test can SIGKILL the supervisor and every
 SCP child at once, as a power cut or an OOM kill would.
@@ -21,9 +21,9 @@ from tests.support.net import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 READY_LINE = "AnatomiX node listening"
-#: The console script's entry point (``python -m dicom_node.cli`` would load the CLI module twice,
-#: as __main__ and as dicom_node.cli, and its CliError would escape as a traceback).
-NODE_COMMAND = [sys.executable, "-c", "import sys; from dicom_node.cli import main; sys.exit(main())"]
+#: The console script's entry point (``python -m dicom_node.cli.main`` would load the CLI module twice,
+#: as __main__ and as dicom_node.cli.main, and its UserError would escape as a traceback).
+NODE_COMMAND = [sys.executable, "-c", "import sys; from dicom_node.cli.main import main; sys.exit(main())"]
 
 
 def _toml_value(value: Any) -> str:

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 from celery import Celery
 from pydicom.dataset import Dataset
 
-from dicom_node.analysis import (
+from dicom_node.pipeline.analysis import (
     ImageUnusable,
     StudyAnalysis,
     instances_to_analyse,
@@ -39,12 +39,12 @@ from dicom_node.analysis import (
     read_source,
     record_analysis,
 )
-from dicom_node.dispatch import clear_lease, write_lease
+from dicom_node.pipeline.dispatch import clear_lease, write_lease
 from dicom_node.settings import Settings
 from dicom_node.store.base import InstanceRecord, ProducedObject, Store, StoreUnavailable, StudyRecord
 
 if TYPE_CHECKING:
-    from dicom_node.tasks import WorkerContext
+    from dicom_node.pipeline.tasks import WorkerContext
 
 LOG = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ class BatchRun:
             self._finish(work, outcomes)
 
     def _write(self, work: _StudyWork, instance: InstanceRecord, source: Dataset, result) -> None:
-        from dicom_node.analysis import write_result_objects
+        from dicom_node.pipeline.analysis import write_result_objects
 
         uid, version = work.study.study_instance_uid, work.study.version
         for obj in write_result_objects(source, result, work.kinds, self.settings, version, work.out_dir):

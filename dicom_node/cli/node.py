@@ -2,7 +2,7 @@
 
 Every command takes ``--config FILE`` (default: ./anatomix-node.toml when present, else built-in
 defaults), loads :class:`~dicom_node.settings.Settings` and opens the state store named by
-``settings.database_url``. Mistakes a user can make raise :class:`~dicom_node.cli.CliError`, which
+``settings.database_url``. Mistakes a user can make raise :class:`~dicom_node.cli.main.UserError`, which
 the dispatcher prints as one line (exit status 2), never as a traceback.
 """
 
@@ -24,8 +24,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from dicom_node import audit
-from dicom_node.cli import CliError
+from dicom_node.audit import trail as audit
+from dicom_node.ops.errors import UserError
 from dicom_node.settings import (
     CONFIG_FILE_NAME, SYSTEM_CONFIG_DIR, SYSTEM_DATA_DIR, Settings, SettingsError, load_settings, settings_as_dict, validate_ae_title,
 )
@@ -143,7 +143,7 @@ def _add_tls_options(parser: argparse.ArgumentParser, update: bool) -> None:
 
 
 def _tls_fields(args: argparse.Namespace, current: RemoteNode | None) -> dict[str, Any]:
-    """The TLS columns from ``--tls*`` over ``current`` (absolute paths); CliError for a missing file."""
+    """The TLS columns from ``--tls*`` over ``current`` (absolute paths); UserError for a missing file."""
     base = current or RemoteNode(name="", ae_title="", host="", port=1)
     values: dict[str, Any] = {
         "tls": base.tls if args.tls is None else args.tls,
@@ -158,18 +158,18 @@ def _tls_fields(args: argparse.Namespace, current: RemoteNode | None) -> dict[st
         else:
             path = Path(given).expanduser().resolve()
             if not path.is_file():
-                raise CliError(f"--{option.replace('_', '-')} {given}: no such file")
+                raise UserError(f"--{option.replace('_', '-')} {given}: no such file")
             values[key] = str(path)
     if bool(values["tls_cert_file"]) != bool(values["tls_key_file"]):
-        raise CliError("--tls-cert and --tls-key go together: our client certificate and its private key")
+        raise UserError("--tls-cert and --tls-key go together: our client certificate and its private key")
     if any(values[k] for k in ("tls_ca_file", "tls_cert_file")) and not values["tls"]:
-        raise CliError("--tls-ca/--tls-cert/--tls-key need --tls (connect to it with TLS)")
+        raise UserError("--tls-ca/--tls-cert/--tls-key need --tls (connect to it with TLS)")
     return values
 
 
 def _missing_action(command: str, actions: str) -> Any:
     def complain(args: argparse.Namespace) -> int:
-        raise CliError(f"`{command}` needs an action: {actions} (see anatomix-node {command} --help)")
+        raise UserError(f"`{command}` needs an action: {actions} (see anatomix-node {command} --help)")
 
     return complain
 
@@ -180,13 +180,13 @@ def _add_config_option(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_port(text: str) -> int:
-    """A TCP port from the command line; CliError (one line, not argparse's usage dump) if bad."""
+    """A TCP port from the command line; UserError (one line, not argparse's usage dump) if bad."""
     try:
         port = int(text)
     except ValueError:
-        raise CliError(f"--port {text!r}: not a number; give the DICOM port, 1-65535") from None
+        raise UserError(f"--port {text!r}: not a number; give the DICOM port, 1-65535") from None
     if not 1 <= port <= 65535:
-        raise CliError(f"--port {port}: out of range; give the DICOM port, 1-65535")
+        raise UserError(f"--port {port}: out of range; give the DICOM port, 1-65535")
     return port
 
 
@@ -216,7 +216,7 @@ def opened_store(settings: Settings) -> Iterator[Store]:
     that finds no SQLite database where the settings point says so instead of starting an empty one."""
     path = sqlite_path(settings.database_url)
     if path is not None and not path.is_file():
-        raise CliError(
+        raise UserError(
             f"no state store at {path} (settings: {settings_origin(settings)}); "
             "give --config FILE of your node, or set up a new one with `anatomix-node init`"
         )
@@ -231,17 +231,17 @@ def opened_store(settings: Settings) -> Iterator[Store]:
 
 
 def run_purge(args: argparse.Namespace) -> int:
-    from dicom_node.audit import open_audit_trail
-    from dicom_node.retention import purge_expired
+    from dicom_node.audit.trail import open_audit_trail
+    from dicom_node.pipeline.retention import purge_expired
 
     settings = load_settings(args.config)
     days = settings.storage.retention_days if args.older_than_days is None else args.older_than_days
     if args.older_than_days is None and days <= 0:
-        raise CliError("storage.retention_days is 0 (keep everything): give --older-than-days DAYS to purge anyway")
+        raise UserError("storage.retention_days is 0 (keep everything): give --older-than-days DAYS to purge anyway")
     if days < 0:
-        raise CliError(f"--older-than-days {days}: must be >= 0")
+        raise UserError(f"--older-than-days {days}: must be >= 0")
     if args.limit < 1:
-        raise CliError(f"--limit {args.limit}: must be at least 1")
+        raise UserError(f"--limit {args.limit}: must be at least 1")
     with opened_store(settings) as store:
         trail = open_audit_trail(store, settings.logging.audit_file)
         report = purge_expired(settings, store, trail, days=days, dry_run=args.dry_run, limit=args.limit)
@@ -274,7 +274,7 @@ def run_init(args: argparse.Namespace) -> int:
     directory = Path(args.dir)
     target = directory / CONFIG_FILE_NAME
     if target.exists() and not args.force:
-        raise CliError(f"{target} already exists; edit it, or pass --force to replace it with the defaults")
+        raise UserError(f"{target} already exists; edit it, or pass --force to replace it with the defaults")
     data_dir = args.data_dir or default_data_dir(directory)
     text = DEFAULT_CONFIG_TOML
     replaced = target.read_text(encoding="utf-8", errors="replace") if target.exists() else None
@@ -286,7 +286,7 @@ def run_init(args: argparse.Namespace) -> int:
         directory.mkdir(parents=True, exist_ok=True)
         target.write_text(text, encoding="utf-8")
     except OSError as exc:
-        raise CliError(f"cannot write {target}: {exc.strerror or exc}") from None
+        raise UserError(f"cannot write {target}: {exc.strerror or exc}") from None
     settings = load_settings(target)
     try:  # the one command besides serve that creates the state store (so `ae add` can follow)
         settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
@@ -296,7 +296,7 @@ def run_init(args: argparse.Namespace) -> int:
         finally:
             store.close()
     except OSError as exc:
-        raise CliError(f"wrote {target}, but cannot create storage.data_dir {settings.storage.data_dir}: {exc.strerror or exc}") from None
+        raise UserError(f"wrote {target}, but cannot create storage.data_dir {settings.storage.data_dir}: {exc.strerror or exc}") from None
     print(f"wrote {target}; data (spool, results, database) in {settings.storage.data_dir}")
     print(f"next: anatomix-node ae add NAME --ae-title T --host H --role source --config {target}")
     return 0
@@ -344,13 +344,13 @@ def run_ae_add(args: argparse.Namespace) -> int:
     node = replace(remote_node_from_args(args, settings), **_tls_fields(args, None))
     with opened_store(settings) as store:
         if store.get_remote_node(node.name) is not None:
-            raise CliError(f"a remote node named {node.name!r} already exists; change it with "
+            raise UserError(f"a remote node named {node.name!r} already exists; change it with "
                            f"`anatomix-node ae update {node.name} --OPTION VALUE`, or pick another name")  # fmt: skip
         warnings = remote_node_warnings(node, store.list_remote_nodes())
         try:
             store.add_remote_node(node)
         except StoreConflict:
-            raise CliError(f"a remote node named {node.name!r} already exists; change it with `anatomix-node ae update {node.name}`") from None
+            raise UserError(f"a remote node named {node.name!r} already exists; change it with `anatomix-node ae update {node.name}`") from None
         audit.record_admin_change(store, settings, os_user(), "remote_node.add", node.name, None, node)
     print(f"added {node.name}: {describe_remote(node)} ({node.role}, profile {node.profile})")
     print_warnings(warnings)
@@ -393,7 +393,7 @@ def unknown_node_message(name: str) -> str:
 def require_remote_node(store: Store, name: str) -> RemoteNode:
     node = store.get_remote_node(name)
     if node is None:
-        raise CliError(unknown_node_message(name))
+        raise UserError(unknown_node_message(name))
     return node
 
 
@@ -426,27 +426,27 @@ def run_ae_update(args: argparse.Namespace) -> int:
 
 
 def remote_node_from_args(args: argparse.Namespace, settings: Settings) -> RemoteNode:
-    """Validate the ``ae add`` arguments; raise CliError naming the bad one."""
+    """Validate the ``ae add`` arguments; raise UserError naming the bad one."""
     if not _NODE_NAME.match(args.name):
-        raise CliError(f"name {args.name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        raise UserError(f"name {args.name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
     try:
         validate_ae_title("--ae-title", args.ae_title)
         profile = args.profile or settings.output.default_profile
         settings.output.profile(profile)
     except SettingsError as exc:
-        raise CliError(str(exc)) from None
+        raise UserError(str(exc)) from None
     if args.port is None:
         if args.role != "source":
-            raise CliError(f"--port: a {args.role} needs the DICOM port we send to (1-65535)")
+            raise UserError(f"--port: a {args.role} needs the DICOM port we send to (1-65535)")
         args.port = str(SOURCE_DEFAULT_PORT)
     port = parse_port(args.port)
     host = args.host.strip()
     if not host or any(c.isspace() for c in host):
-        raise CliError(f"--host {args.host!r}: give a host name or IP address, or '*' for any host")
+        raise UserError(f"--host {args.host!r}: give a host name or IP address, or '*' for any host")
     if host == "*" and args.role != "source":
-        raise CliError(f"--host '*' only suits a source: a {args.role} needs an address we can connect to")
+        raise UserError(f"--host '*' only suits a source: a {args.role} needs an address we can connect to")
     if args.quiet_period is not None and args.quiet_period < 0:
-        raise CliError(f"--quiet-period {args.quiet_period}: must be >= 0 seconds")
+        raise UserError(f"--quiet-period {args.quiet_period}: must be >= 0 seconds")
     return RemoteNode(
         name=args.name, ae_title=args.ae_title, host=host, port=port, role=args.role, profile=profile,
         quiet_period_s=args.quiet_period, complete_on_release=args.complete_on_release,
@@ -480,7 +480,7 @@ def run_ae_remove(args: argparse.Namespace) -> int:
     with opened_store(settings) as store:
         before = store.get_remote_node(args.name)
         if not store.remove_remote_node(args.name):
-            raise CliError(unknown_node_message(args.name))
+            raise UserError(unknown_node_message(args.name))
         audit.record_admin_change(store, settings, os_user(), "remote_node.remove", args.name, before, None)
     print(f"removed {args.name}")
     return 0
@@ -531,7 +531,7 @@ def run_echo(args: argparse.Namespace) -> int:
 def echo_remote(calling_ae: str, node: RemoteNode, timeout: float) -> float:
     """Associate, C-ECHO, release; return milliseconds from association request to response.
 
-    Raises CliError with one line saying what failed (connection, rejection with the peer's
+    Raises UserError with one line saying what failed (connection, rejection with the peer's
     reason, abort, or a non-success status).
     """
     from pynetdicom import AE, evt
@@ -546,12 +546,12 @@ def echo_remote(calling_ae: str, node: RemoteNode, timeout: float) -> float:
         (evt.EVT_CONN_OPEN, lambda event: seen.setdefault("connected", True)),
         (evt.EVT_ACSE_RECV, lambda event: seen.setdefault("response", event.primitive)),
     ]
-    from dicom_node.tls import TlsConfigError, client_tls_args
+    from dicom_node.net.tls import TlsConfigError, client_tls_args
 
     try:
         tls_args = client_tls_args(node)
     except TlsConfigError as exc:
-        raise CliError(f"echo {where}: {exc}") from None
+        raise UserError(f"echo {where}: {exc}") from None
     started = time.perf_counter()
     assoc = ae.associate(node.host, node.port, ae_title=node.ae_title, evt_handlers=handlers, tls_args=tls_args)
     if not assoc.is_established:
@@ -559,23 +559,23 @@ def echo_remote(calling_ae: str, node: RemoteNode, timeout: float) -> float:
             failure = _connect_failure(node.host, node.port, timeout)
             if tls_args is not None and failure.startswith("the connection was closed"):
                 failure = "the TLS handshake failed (its certificate and host name, --tls-ca, our --tls-cert; see the log)"
-            raise CliError(f"echo {where}: {failure}")
+            raise UserError(f"echo {where}: {failure}")
         response = seen.get("response")
         if assoc.is_rejected and response is not None:
-            raise CliError(f"echo {where}: association rejected ({response.result_str}): {response.reason_str}")
+            raise UserError(f"echo {where}: association rejected ({response.result_str}): {response.reason_str}")
         if tls_args is not None and not assoc.is_rejected:  # TLS 1.3: a refused client certificate shows after the handshake
-            raise CliError(f"echo {where}: the TLS connection was closed without an answer: the TLS handshake failed on its side? "
+            raise UserError(f"echo {where}: the TLS connection was closed without an answer: the TLS handshake failed on its side? "
                            "(it may require our client certificate, --tls-cert/--tls-key, or not trust it)")  # fmt: skip
-        raise CliError(f"echo {where}: association aborted or timed out (no acceptable answer within {timeout:g} s)")
+        raise UserError(f"echo {where}: association aborted or timed out (no acceptable answer within {timeout:g} s)")
     try:
         status = assoc.send_c_echo()
         elapsed_ms = (time.perf_counter() - started) * 1000
     finally:
         assoc.release()
     if not status or "Status" not in status:
-        raise CliError(f"echo {where}: no C-ECHO response within {timeout:g} s")
+        raise UserError(f"echo {where}: no C-ECHO response within {timeout:g} s")
     if status.Status != 0x0000:
-        raise CliError(f"echo {where}: C-ECHO failed with status 0x{status.Status:04X}")
+        raise UserError(f"echo {where}: C-ECHO failed with status 0x{status.Status:04X}")
     return elapsed_ms
 
 
@@ -607,7 +607,7 @@ STUDY_HEADER_FIELDS = {
 def run_studies(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     if args.limit < 1:
-        raise CliError(f"--limit {args.limit}: must be at least 1")
+        raise UserError(f"--limit {args.limit}: must be at least 1")
     now = datetime.now(timezone.utc)
     with opened_store(settings) as store:
         studies = store.list_studies(tuple(args.state) if args.state else None, limit=args.limit)
@@ -725,7 +725,7 @@ def study_summary(
 
 def delivery_summary(store: Store, settings: Any, study: StudyRecord) -> list[dict[str, Any]]:
     """Each destination of the study's current version: counts, attempts, next try (JSON-ready)."""
-    from dicom_node.delivery import destination_states
+    from dicom_node.pipeline.delivery import destination_states
 
     return [
         {"name": d.name, "total": d.total, "sent": d.sent, "retrying": d.retrying, "failed": d.failed, "dead": d.dead,

@@ -15,7 +15,7 @@ import socket
 import sys
 from datetime import datetime, timezone
 
-from dicom_node.cli import CliError
+from dicom_node.ops.errors import UserError
 from dicom_node.settings import load_settings
 from dicom_node.store.base import API_ROLES, StoreConflict
 
@@ -49,11 +49,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _missing(args: argparse.Namespace) -> int:
-    raise CliError("`user` needs an action: add, list, remove, password or token (see anatomix-node user --help)")
+    raise UserError("`user` needs an action: add, list, remove, password or token (see anatomix-node user --help)")
 
 
 def _open(args: argparse.Namespace):
-    from dicom_node.audit import open_audit_trail
+    from dicom_node.audit.trail import open_audit_trail
     from dicom_node.store import open_store
 
     settings = load_settings(args.config)
@@ -63,7 +63,7 @@ def _open(args: argparse.Namespace):
 
 def _audit(trail, action: str, name: str, **detail: object) -> None:
     from dicom_node.api.app import API_CHANGE
-    from dicom_node.audit import Peer
+    from dicom_node.audit.trail import Peer
 
     try:
         who = getpass.getuser()
@@ -76,7 +76,7 @@ def _read_password(problem_check) -> str:
     line = sys.stdin.readline().rstrip("\r\n")
     problem = problem_check(line)
     if problem:
-        raise CliError(f"password from stdin: {problem}")
+        raise UserError(f"password from stdin: {problem}")
     return line
 
 
@@ -84,14 +84,14 @@ def cmd_add(args: argparse.Namespace) -> int:
     from dicom_node.api import auth
 
     if not _USER_NAME.match(args.name):
-        raise CliError(f"name {args.name!r}: use 1-64 letters, digits, '.', '_', '@' or '-', starting with a letter or digit")
+        raise UserError(f"name {args.name!r}: use 1-64 letters, digits, '.', '_', '@' or '-', starting with a letter or digit")
     password = _read_password(auth.password_problem) if args.password_stdin else auth.generate_password()
     store, trail = _open(args)
     try:
         try:
             store.add_api_user(auth.new_user(args.name, args.role, password))
         except StoreConflict:
-            raise CliError(f"an account named {args.name!r} already exists (`user password {args.name}` sets a new password)") from None
+            raise UserError(f"an account named {args.name!r} already exists (`user password {args.name}` sets a new password)") from None
         _audit(trail, "user_added", args.name, after={"role": args.role})
     finally:
         store.close()
@@ -123,7 +123,7 @@ def cmd_remove(args: argparse.Namespace) -> int:
     try:
         user = store.get_api_user(args.name)
         if user is None or not store.remove_api_user(args.name):
-            raise CliError(f"no account named {args.name!r}; see `anatomix-node user list`")
+            raise UserError(f"no account named {args.name!r}; see `anatomix-node user list`")
         _audit(trail, "user_removed", args.name, before={"role": user.role})
     finally:
         store.close()
@@ -138,7 +138,7 @@ def cmd_password(args: argparse.Namespace) -> int:
     store, trail = _open(args)
     try:
         if not store.update_api_user(args.name, password_hash=auth.hash_password(password)):
-            raise CliError(f"no account named {args.name!r}; see `anatomix-node user list`")
+            raise UserError(f"no account named {args.name!r}; see `anatomix-node user list`")
         _audit(trail, "user_password_set", args.name)
     finally:
         store.close()
@@ -157,7 +157,7 @@ def cmd_token(args: argparse.Namespace) -> int:
         try:
             token = store.add_api_token(args.name, args.label, auth.secret_hash(secret), datetime.now(timezone.utc))
         except KeyError:
-            raise CliError(f"no account named {args.name!r}; see `anatomix-node user list`") from None
+            raise UserError(f"no account named {args.name!r}; see `anatomix-node user list`") from None
         _audit(trail, "token_created", args.name, after={"id": token.id, "label": token.label})
     finally:
         store.close()

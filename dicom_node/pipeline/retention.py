@@ -11,7 +11,7 @@ Nothing acknowledged is lost: the store removes the rows and calls back here to 
 while it holds the study's lock (see :meth:`dicom_node.store.base.Store.purge_study`). An instance
 arriving for the study meanwhile is recorded only after that commit, and then reopens the study as
 a new version; the SCP re-writes its file if a purge removed it in between (see
-:func:`dicom_node.spool.ensure_spooled`).
+:func:`dicom_node.store.spool.ensure_spooled`).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
-from dicom_node import audit
-from dicom_node.audit import AuditTrail
+from dicom_node.audit import trail as audit
+from dicom_node.audit.trail import AuditTrail
 from dicom_node.settings import Settings
 from dicom_node.store.base import PurgedStudy, Store, StoreError
 

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from dicom_node.cli import CliError
+from dicom_node.ops.errors import UserError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,16 +38,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _missing_action(args: argparse.Namespace) -> int:
-    raise CliError("model: choose an action: demo-weights, info or current (see anatomix-node model --help)")
+    raise UserError("model: choose an action: demo-weights, info or current (see anatomix-node model --help)")
 
 
 def run_demo_weights(args: argparse.Namespace) -> int:
     from inference.demo_weights import write_demo_model_dir
 
     if args.seed < 0:
-        raise CliError(f"--seed {args.seed}: use a non-negative integer")
+        raise UserError(f"--seed {args.seed}: use a non-negative integer")
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
-        raise CliError(f"{args.out} exists and is not an empty directory: choose a new --out")
+        raise UserError(f"{args.out} exists and is not an empty directory: choose a new --out")
     start = time.perf_counter()
     write_demo_model_dir(args.out, args.size, args.seed)
     print(f"wrote {args.size} demo weights (seed {args.seed}) to {args.out} in {time.perf_counter() - start:.1f} s")
@@ -81,7 +81,7 @@ def run_info(args: argparse.Namespace) -> int:
         step(f"reading the retrieval DB {directory.retrieval_db.name}")
         retrieval = RetrievalDB.load(directory.retrieval_db)
     except (ModelDirError, TokenizerError, CheckpointError, LMCheckpointError, LMConfigError, RetrievalDBError) as exc:
-        raise CliError(str(exc)) from None
+        raise UserError(str(exc)) from None
     info = {
         "dir": str(directory.root),
         "name": directory.name,
@@ -125,14 +125,14 @@ def run_info(args: argparse.Namespace) -> int:
             print(f"    unexpected: {key}")
         print(f"  retrieval DB {directory.retrieval_db.name}: {len(retrieval.regions)} regions, {retrieval.token_dim}-d")
     if not ok:
-        raise CliError(f"{args.dir}: the model cannot be loaded (see the problems above)", code=1)
+        raise UserError(f"{args.dir}: the model cannot be loaded (see the problems above)", code=1)
     return 0
 
 
 def run_current(args: argparse.Namespace) -> int:
     """One line: the model `serve` would load with these settings, or why it would analyse nothing."""
-    from dicom_node.cli_pipeline import check_model_usable
-    from dicom_node.dispatch import model_configured
+    from dicom_node.cli.pipeline import check_model_usable
+    from dicom_node.pipeline.dispatch import model_configured
     from dicom_node.settings import load_settings
 
     settings = load_settings(args.config)
@@ -142,6 +142,6 @@ def run_current(args: argparse.Namespace) -> int:
         print(f"no model configured ({origin}): serve receives and stores studies but does not analyse them; "
               "set model.dir, or start serve with --demo-weights")  # fmt: skip
         return 0
-    what = check_model_usable(settings, model.device)  # CliError (one line) if it cannot be used
+    what = check_model_usable(settings, model.device)  # UserError (one line) if it cannot be used
     print(f"serve uses {what} (backend {model.backend}, tasks {', '.join(model.tasks)}; {origin})")
     return 0

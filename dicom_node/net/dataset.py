@@ -26,7 +26,7 @@ from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
 
-from dicom_node.spool import is_valid_uid
+from dicom_node.store.spool import is_valid_uid
 
 #: DIMSE statuses of the Storage service (PS3.4 Annex B.2.3).
 STATUS_SUCCESS = 0x0000

@@ -31,9 +31,9 @@ from pathlib import Path
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from dicom_node import audit
-from dicom_node.audit import AuditTrail
-from dicom_node.selection import SelectionDecision, select_instance
+from dicom_node.audit import trail as audit
+from dicom_node.audit.trail import AuditTrail
+from dicom_node.pipeline.selection import SelectionDecision, select_instance
 from dicom_node.settings import Settings
 from dicom_node.store.base import RemoteNode, Store, StoreError, StudyRecord
 

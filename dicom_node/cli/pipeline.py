@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dicom_node.cli import CliError
+from dicom_node.ops.errors import UserError
 from dicom_node.settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -87,12 +87,12 @@ def _settings_with(args: argparse.Namespace, **model: object) -> Settings:
 
 
 def parse_queues(text: str) -> list[str]:
-    from dicom_node.queue import QUEUES
+    from dicom_node.pipeline.queue import QUEUES
 
     names = [q.strip() for q in text.split(",") if q.strip()]
     unknown = [q for q in names if q not in QUEUES]
     if not names or unknown:
-        raise CliError(f"--queues {text!r}: use analyze, deliver or analyze,deliver")
+        raise UserError(f"--queues {text!r}: use analyze, deliver or analyze,deliver")
     return names
 
 
@@ -109,22 +109,22 @@ def check_device(device: str) -> None:
     count = torch.cuda.device_count() if torch.backends.cuda.is_built() else 0
     index = int(device.partition(":")[2] or 0)
     if count == 0:
-        raise CliError(f"device {device!r}: CUDA is not available on this host; use --device cpu "
+        raise UserError(f"device {device!r}: CUDA is not available on this host; use --device cpu "
                        "(or model.device = \"cpu\")", code=1)  # fmt: skip
     if index >= count:
-        raise CliError(f"device {device!r}: this host has {count} CUDA device(s), cuda:0 to cuda:{count - 1}", code=1)
+        raise UserError(f"device {device!r}: this host has {count} CUDA device(s), cuda:0 to cuda:{count - 1}", code=1)
 
 
 def check_model_usable(settings: Settings, device: str) -> str:
-    """What an analyze worker will load, checked before it takes any task; CliError (exit 1) if unusable.
+    """What an analyze worker will load, checked before it takes any task; UserError (exit 1) if unusable.
 
     Cheap checks only (the weights load in the pool process, after the fork): the device exists and
     the model directory holds every file. Returns a description for the start-up line.
     """
-    from dicom_node.dispatch import NO_MODEL_ERROR, model_configured
+    from dicom_node.pipeline.dispatch import NO_MODEL_ERROR, model_configured
 
     if not model_configured(settings):
-        raise CliError(f"this worker would take analyze tasks but the model is missing: {NO_MODEL_ERROR}; "
+        raise UserError(f"this worker would take analyze tasks but the model is missing: {NO_MODEL_ERROR}; "
                        "or start it with --queues deliver")  # fmt: skip
     check_device(device)
     if settings.model.dir is None:
@@ -134,7 +134,7 @@ def check_model_usable(settings: Settings, device: str) -> str:
     try:
         directory = ModelDir.open(settings.model.dir)
     except ModelDirError as exc:
-        raise CliError(f"model.dir: {exc}", code=1) from None
+        raise UserError(f"model.dir: {exc}", code=1) from None
     return f"{directory.name} {directory.version} from {directory.root} on {device}" + (" [DEMO WEIGHTS]" if directory.demo else "")
 
 
@@ -160,9 +160,9 @@ def _stop_when_the_model_is_unusable(context: Any) -> Path:
 def cmd_worker(args: argparse.Namespace) -> int:
     import socket
 
-    from dicom_node.queue import ANALYZE_QUEUE, create_app
+    from dicom_node.pipeline.queue import ANALYZE_QUEUE, create_app
     from dicom_node.store import open_store
-    from dicom_node.tasks import WorkerContext, register_tasks
+    from dicom_node.pipeline.tasks import WorkerContext, register_tasks
 
     from dicom_node.logging_setup import configure_logging, quiet_root_warning, quiet_worker_console
 
@@ -206,7 +206,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             reason = reason or unusable.read_text(encoding="utf-8")
             unusable.unlink(missing_ok=True)
     if reason:
-        raise CliError(f"model unusable, this worker stopped without taking a task: {reason}", code=1)
+        raise UserError(f"model unusable, this worker stopped without taking a task: {reason}", code=1)
     return 0
 
 
@@ -247,10 +247,10 @@ class NodePipeline:
 def node_command(*args: str) -> list[str]:
     """``anatomix-node ARGS`` with this interpreter (works in a venv that is not on PATH).
 
-    Not ``python -m dicom_node.cli``: that would load the CLI module twice (as ``__main__`` too), and
+    Not ``python -m dicom_node.cli.main``: that would load the CLI module twice (as ``__main__`` too), and
     its error class would not catch the other copy's errors.
     """
-    return [sys.executable, "-c", "import sys; from dicom_node.cli import main; sys.exit(main(sys.argv[1:]))", *args]
+    return [sys.executable, "-c", "import sys; from dicom_node.cli.main import main; sys.exit(main(sys.argv[1:]))", *args]
 
 
 def worker_command(settings: Settings, queues: str, config_path: str | None, demo_weights: bool) -> list[str]:
@@ -268,7 +268,7 @@ def start_node_pipeline(settings: Settings, config_path: str | None = None, embe
     Embedded: one analyze worker (only when a model is configured) and one deliver worker, as child
     processes sharing ``data_dir``. Production (Redis): workers run separately (``anatomix-node worker``).
     """
-    from dicom_node.dispatch import Dispatcher, model_configured
+    from dicom_node.pipeline.dispatch import Dispatcher, model_configured
     from dicom_node.store import open_store
 
     dispatcher = Dispatcher(lambda: open_store(settings.database_url), settings).start()
@@ -287,8 +287,8 @@ def start_node_pipeline(settings: Settings, config_path: str | None = None, embe
 
 def stable_study_handler(settings: Settings, store: object):
     """Assembly's ``on_stable`` for ``serve``: queue the analysis (or refuse it: no model)."""
-    from dicom_node.dispatch import queue_study
-    from dicom_node.queue import create_app
+    from dicom_node.pipeline.dispatch import queue_study
+    from dicom_node.pipeline.queue import create_app
 
     app = create_app(settings)
     return lambda study_instance_uid, version: queue_study(store, app, settings, study_instance_uid, version)  # type: ignore[arg-type]
@@ -323,13 +323,13 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
         elif path.is_file():
             files.append(path)
         else:
-            raise CliError(f"{item}: no such file or folder")
+            raise UserError(f"{item}: no such file or folder")
     return files
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from dicom_node.analysis import ImageUnusable, NoModelConfigured, analyze_datasets, load_engine, read_source, write_result_objects
-    from dicom_node.selection import select_instance
+    from dicom_node.pipeline.analysis import ImageUnusable, NoModelConfigured, analyze_datasets, load_engine, read_source, write_result_objects
+    from dicom_node.pipeline.selection import select_instance
 
     settings = _settings_with(args, dir=args.model, demo_weights=args.demo_weights, device=args.device,
                               max_new_tokens=args.max_new_tokens)  # fmt: skip
@@ -360,9 +360,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     try:
         engine = load_engine(settings, args.device)
     except NoModelConfigured as exc:
-        raise CliError(f"{exc}; or pass --model DIR") from None
+        raise UserError(f"{exc}; or pass --model DIR") from None
     except ModelLoadError as exc:
-        raise CliError(str(exc), code=1) from None
+        raise UserError(str(exc), code=1) from None
     failures = 0
     for path, ds in chosen:
         [outcome] = analyze_datasets(engine, [ds], settings.model.tasks)
@@ -388,7 +388,7 @@ def parse_since(text: str | None) -> datetime | None:
     try:
         value = datetime.fromisoformat(text)
     except ValueError:
-        raise CliError(f"--since {text!r}: use a UTC date or time, e.g. 2026-11-30 or 2026-11-30T08:00") from None
+        raise UserError(f"--since {text!r}: use a UTC date or time, e.g. 2026-11-30 or 2026-11-30T08:00") from None
     return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
 
 
@@ -397,13 +397,13 @@ def select_studies(store: Store, uid: str | None, states: list[str] | None, sinc
     """The study named, or every study matching the bulk options (oldest change first)."""
     if uid is not None:
         if states or since or undelivered:
-            raise CliError("give either STUDY_UID or the bulk options (--state, --since, --undelivered), not both")
+            raise UserError("give either STUDY_UID or the bulk options (--state, --since, --undelivered), not both")
         study = store.get_study(uid)
         if study is None:
-            raise CliError(f"no study {uid} in the state store (see `anatomix-node studies`)")
+            raise UserError(f"no study {uid} in the state store (see `anatomix-node studies`)")
         return [study]
     if not states and not undelivered:
-        raise CliError("name a STUDY_UID, or select studies with --state (and --since)")
+        raise UserError("name a STUDY_UID, or select studies with --state (and --since)")
     chosen: dict[str, StudyRecord] = {}
     if states:
         for study in store.list_studies(states=tuple(states), limit=1_000_000):
@@ -420,7 +420,7 @@ def select_studies(store: Store, uid: str | None, states: list[str] | None, sinc
 def audit_command(store: Store, settings: Settings, event: str, study: StudyRecord, **detail: object) -> None:
     """One audit event for an admin's command on a study (who ran it, from which host), in the
     audit table and, when configured, the audit file."""
-    from dicom_node.audit import Peer, open_audit_trail
+    from dicom_node.audit.trail import Peer, open_audit_trail
 
     open_audit_trail(store, settings.logging.audit_file).record(
         event, Peer(None, None, socket.gethostname()), study_instance_uid=study.study_instance_uid, user=_user(), **detail
@@ -436,7 +436,7 @@ def _user() -> str:
 
 
 def cmd_resend(args: argparse.Namespace) -> int:
-    from dicom_node.queue import create_app
+    from dicom_node.pipeline.queue import create_app
     from dicom_node.store import open_store
 
     settings = load_settings(args.config)
@@ -450,13 +450,13 @@ def cmd_resend(args: argparse.Namespace) -> int:
         if args.destination:
             target = store.get_remote_node(args.destination)
             if target is None or not target.is_destination:
-                raise CliError(f"{args.destination!r} is not a configured destination (see `anatomix-node ae list`)")
+                raise UserError(f"{args.destination!r} is not a configured destination (see `anatomix-node ae list`)")
         app = create_app(settings)
         failures = 0
         for study in studies:
             try:
                 failures += resend_study(store, settings, app, study, target, bulk=len(studies) > 1 or not args.study_instance_uid)
-            except CliError as exc:
+            except UserError as exc:
                 if args.study_instance_uid:
                     raise
                 print(f"skipped {study.study_instance_uid}: {exc}")
@@ -467,22 +467,22 @@ def cmd_resend(args: argparse.Namespace) -> int:
 
 def resend_study(store: Store, settings: Settings, app: object, study: StudyRecord, target: RemoteNode | None, bulk: bool) -> int:
     """Resend one study's current results; 1 when a destination ended without everything, else 0."""
-    from dicom_node.delivery import deliver_study_version, route_destinations
-    from dicom_node.queue import send_deliver
-    from dicom_node.tasks import finish_delivery
+    from dicom_node.pipeline.delivery import deliver_study_version, route_destinations
+    from dicom_node.pipeline.queue import send_deliver
+    from dicom_node.pipeline.tasks import finish_delivery
     from sr_writer.bundle import comprehensive_sr_fallback
 
     uid = study.study_instance_uid
     if study.state == "purged":
-        raise CliError(f"study {uid} was purged by the retention policy: its results are gone")
+        raise UserError(f"study {uid} was purged by the retention policy: its results are gone")
     if study.state not in ("done", "failed", "analyzed", "delivering"):
-        raise CliError(f"study {uid} is {study.state}: it has no results to send yet")
+        raise UserError(f"study {uid} is {study.state}: it has no results to send yet")
     if not store.list_produced_objects(uid, study.version):
-        raise CliError(f"study {uid} v{study.version} has no results to send (state {study.state}); "
+        raise UserError(f"study {uid} v{study.version} has no results to send (state {study.state}); "
                        "`anatomix-node reanalyze` analyses it again")  # fmt: skip
     targets = [target] if target is not None else route_destinations(store, study, settings)
     if not targets:
-        raise CliError(f"study {uid} has no destinations: name one with --to NAME")
+        raise UserError(f"study {uid} has no destinations: name one with --to NAME")
     # Appends delivering (and later done/failed) to the history; the first delivery's entries stay.
     store.transition_study(uid, study.version, ("done", "failed", "analyzed"), "delivering", error=study.error)
     study = store.get_study(uid)
@@ -501,13 +501,13 @@ def resend_study(store: Store, settings: Settings, app: object, study: StudyReco
 
 
 def cmd_reanalyze(args: argparse.Namespace) -> int:
-    from dicom_node.dispatch import NO_MODEL_ERROR, model_configured
-    from dicom_node.queue import create_app, send_analyze
+    from dicom_node.pipeline.dispatch import NO_MODEL_ERROR, model_configured
+    from dicom_node.pipeline.queue import create_app, send_analyze
     from dicom_node.store import open_store
 
     settings = load_settings(args.config)
     if not model_configured(settings):
-        raise CliError(f"nothing can be analysed: {NO_MODEL_ERROR}")
+        raise UserError(f"nothing can be analysed: {NO_MODEL_ERROR}")
     store = open_store(settings.database_url)
     try:
         studies = select_studies(store, args.study_instance_uid, args.state, parse_since(args.since))
@@ -525,7 +525,7 @@ def cmd_reanalyze(args: argparse.Namespace) -> int:
                 problem = None
             if problem:
                 if args.study_instance_uid:
-                    raise CliError(problem)
+                    raise UserError(problem)
                 print(f"skipped {uid}: {problem}")
                 continue
             version = store.requeue_for_analysis(uid, study.version, ("done", "failed"), new_version=has_results)
@@ -550,6 +550,6 @@ REANALYZE_EVENT = "study_reanalysis_requested"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from dicom_node.demo import run_demo
+    from dicom_node.cli.demo import run_demo
 
     return run_demo(Path(args.out) if args.out else None, max_new_tokens=args.max_new_tokens, timeout_s=args.timeout)

@@ -2,7 +2,7 @@
 
 Each command module exposes ``register(subparsers)`` and sets ``func(args) -> int`` on its parsers.
 Human errors (bad config, unknown names, port in use) print one clear line and exit non-zero,
-never a traceback: raise :class:`CliError` (or let a SettingsError/StoreError through).
+never a traceback: raise :class:`UserError` (or let a SettingsError/StoreError through).
 """
 
 from __future__ import annotations
@@ -11,28 +11,20 @@ import argparse
 import importlib
 import sys
 
+from dicom_node.ops.errors import UserError
 from dicom_node.settings import SettingsError
 
 #: Modules that contribute sub-commands, in help order.
 COMMAND_MODULES = (
-    "dicom_node.cli_node",  # init, config, ae, echo, studies, purge
-    "dicom_node.cli_serve",  # serve
-    "dicom_node.cli_pipeline",  # worker, analyze, resend, demo
-    "dicom_node.cli_model",  # model demo-weights
-    "dicom_node.cli_user",  # user add|list|remove|password|token (operations API accounts)
-    "dicom_node.cli_route",  # route add|list|update|remove|move|dry-run
-    "dicom_node.cli_audit",  # audit
-    "dicom_node.tls",  # tls status
+    "dicom_node.cli.node",  # init, config, ae, echo, studies, purge
+    "dicom_node.cli.serve",  # serve
+    "dicom_node.cli.pipeline",  # worker, analyze, resend, demo
+    "dicom_node.cli.model",  # model demo-weights
+    "dicom_node.cli.user",  # user add|list|remove|password|token (operations API accounts)
+    "dicom_node.cli.route",  # route add|list|update|remove|move|dry-run
+    "dicom_node.cli.audit",  # audit
+    "dicom_node.cli.tls",  # tls status
 )
-
-
-class CliError(RuntimeError):
-    """A user-facing error: printed as one line, exit status ``code``."""
-
-    def __init__(self, message: str, code: int = 2) -> None:
-        super().__init__(message)
-        self.code = code
-
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -101,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging(args.log_level)
     try:
         return int(args.func(args) or 0)
-    except CliError as exc:
+    except UserError as exc:
         print(f"anatomix-node: error: {exc}", file=sys.stderr)
         return exc.code
     except SettingsError as exc:
@@ -119,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run through the imported module so CliError is the same class the command modules raise.
-    from dicom_node.cli import main as _main
+    # Run through the imported module so UserError is the same class the command modules raise.
+    from dicom_node.cli.main import main as _main
 
     sys.exit(_main())

@@ -37,7 +37,7 @@ from pathlib import Path
 from celery import Celery
 from kombu.exceptions import OperationalError
 
-from dicom_node import queue
+from dicom_node.pipeline import queue
 from dicom_node.settings import Settings
 from dicom_node.store.base import Store, StudyRecord
 

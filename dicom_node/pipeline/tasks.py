@@ -2,7 +2,7 @@
 
 Each task claims its study with a compare-and-set state transition, so a duplicate or redelivered
 message finds the work claimed or done and does nothing. While it works it renews a lease
-(:class:`dicom_node.dispatch.Heartbeat`); if the worker dies the lease runs out and the node's
+(:class:`dicom_node.pipeline.dispatch.Heartbeat`); if the worker dies the lease runs out and the node's
 dispatch loop queues the work again. The model and the store connection are opened lazily, once per
 worker process (after the fork of a prefork pool), by :class:`WorkerContext`.
 """
@@ -18,13 +18,15 @@ from typing import TYPE_CHECKING
 from celery import Celery
 from kombu.exceptions import OperationalError
 
-from dicom_node import audit, queue
-from dicom_node.dispatch import Heartbeat, clear_lease, write_lease
+from dicom_node.audit import trail as audit
+
+from dicom_node.pipeline import queue
+from dicom_node.pipeline.dispatch import Heartbeat, clear_lease, write_lease
 from dicom_node.settings import Settings
 from dicom_node.store.base import Store, StoreUnavailable, StudyRecord
 
 if TYPE_CHECKING:
-    from dicom_node.delivery import DeliveryRound
+    from dicom_node.pipeline.delivery import DeliveryRound
     from inference.engine import Engine
 
 LOG = logging.getLogger(__name__)
@@ -52,7 +54,7 @@ class WorkerContext:
     def engine(self) -> Engine:
         with self._engine_lock:  # the warm-up thread and the first task may both ask
             if self._engine is None:
-                from dicom_node.analysis import load_engine
+                from dicom_node.pipeline.analysis import load_engine
 
                 self._engine = load_engine(self.settings, self.device)
             return self._engine
@@ -80,7 +82,7 @@ class WorkerContext:
 
 def run_analyze(ctx: WorkerContext, app: Celery, study_instance_uid: str, version: int) -> str:
     """Claim the study version (queued -> analyzing), analyse it, hand it to delivery. Returns what happened."""
-    from dicom_node.analysis import analyze_study_version
+    from dicom_node.pipeline.analysis import analyze_study_version
 
     store, settings = ctx.store(), ctx.settings
     if settings.model.max_batch > 1:
@@ -95,7 +97,7 @@ def run_analyze(ctx: WorkerContext, app: Celery, study_instance_uid: str, versio
         return "skipped"
     started = time.monotonic()
     if settings.model.max_batch > 1:  # this study and other queued ones, decoded together
-        from dicom_node.batch_analysis import BatchRun
+        from dicom_node.pipeline.batch_analysis import BatchRun
 
         study = store.get_study(study_instance_uid)
         finish = lambda uid, v, report, t0: finish_analysis(store, settings, app, uid, v, report, t0)  # noqa: E731
@@ -141,12 +143,12 @@ def finish_analysis(store: Store, settings: Settings, app: Celery, study_instanc
 def run_deliver(ctx: WorkerContext, app: Celery, study_instance_uid: str, version: int) -> str:
     """Send what is owed to every destination that is due; plan the next try, or finish the study.
 
-    Each destination has its own retry plan (see :func:`dicom_node.delivery.deliver_study_version`):
+    Each destination has its own retry plan (see :func:`dicom_node.pipeline.delivery.deliver_study_version`):
     the study stays ``delivering`` while any destination is still being retried, and ends ``done``
     when at least one destination got everything (the note names any destination that did not, and
     why), ``failed`` when none did.
     """
-    from dicom_node.delivery import deliver_study_version
+    from dicom_node.pipeline.delivery import deliver_study_version
     from sr_writer.bundle import comprehensive_sr_fallback
 
     store, settings = ctx.store(), ctx.settings

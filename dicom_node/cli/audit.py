@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from typing import IO, Any
 
-from dicom_node import audit
-from dicom_node.cli import CliError
+from dicom_node.audit import trail as audit
+from dicom_node.ops.errors import UserError
 from dicom_node.store.base import AuditEvent, Store
 
 _RELATIVE = re.compile(r"^(\d+)\s*([smhd])$")
@@ -51,7 +51,7 @@ def parse_when(text: str | None, now: datetime | None = None) -> datetime | None
     try:
         when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
-        raise CliError(f"{text!r}: give an ISO 8601 time (2026-11-30T08:00:00Z) or an age like 30m, 12h, 7d") from None
+        raise UserError(f"{text!r}: give an ISO 8601 time (2026-11-30T08:00:00Z) or an age like 30m, 12h, 7d") from None
     return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
 
 
@@ -65,7 +65,7 @@ def query_audit(
 ) -> Iterator[AuditEvent]:
     """Matching events, oldest first, fetched page by page (an export of millions stays in bounded memory)."""
     if since and until and since >= until:
-        raise CliError(f"--since {since.isoformat()} is not before --until {until.isoformat()}")
+        raise UserError(f"--since {since.isoformat()} is not before --until {until.isoformat()}")
     after, left = 0, limit
     while left is None or left > 0:
         page = store.query_audit_events(since, until, events, ae, user, study, after_id=after,
@@ -113,12 +113,12 @@ def _summary(event: AuditEvent) -> str:
 
 
 def run_audit(args: argparse.Namespace) -> int:
-    from dicom_node.cli_node import format_table, opened_store, os_user
+    from dicom_node.cli.node import format_table, opened_store, os_user
     from dicom_node.settings import load_settings
 
     settings = load_settings(args.config)
     if args.limit is not None and args.limit < 1:
-        raise CliError(f"--limit {args.limit}: must be >= 1")
+        raise UserError(f"--limit {args.limit}: must be >= 1")
     filters = dict(since=parse_when(args.since), until=parse_when(args.until), events=event_types(args.event),
                    ae=args.ae, user=args.user, study=args.study, limit=args.limit)  # fmt: skip
     with opened_store(settings) as store:

@@ -22,7 +22,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from dicom_node.dispatch import NO_MODEL_ERROR
+from dicom_node.pipeline.dispatch import NO_MODEL_ERROR
 from dicom_node.settings import Settings
 from dicom_node.store.base import AnalysisRecord, InstanceRecord, ProducedObject, Store, StudyRecord
 
@@ -164,7 +164,7 @@ def write_result_objects(
 
 def kinds_for_study(store: Store, settings: Settings, study: StudyRecord) -> tuple[str, ...]:
     """Union of the object kinds the study's destinations ask for (the default profile when none)."""
-    from dicom_node.delivery import route_destinations
+    from dicom_node.pipeline.delivery import route_destinations
 
     profiles = [node.profile for node in route_destinations(store, study, settings)] or [settings.output.default_profile]
     kinds: list[str] = []
@@ -194,7 +194,7 @@ class StudyAnalysis:
 
 def instances_to_analyse(store: Store, settings: Settings, study: StudyRecord, report: StudyAnalysis) -> list[InstanceRecord]:
     """The study version's instances the selection rules choose; the others are recorded as skipped."""
-    from dicom_node.selection import select_instance
+    from dicom_node.pipeline.selection import select_instance
 
     chosen = []
     for instance in store.list_instances(study.study_instance_uid, study.version):

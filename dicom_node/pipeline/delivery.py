@@ -34,7 +34,7 @@ from pynetdicom import AE, evt
 from pynetdicom.presentation import build_context
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
-from dicom_node import audit
+from dicom_node.audit import trail as audit
 from dicom_node.settings import DeliverySettings, Settings
 from dicom_node.store.base import DeliveryRecord, RemoteNode, Store, StudyRecord
 
@@ -175,7 +175,7 @@ def _associate(ae: AE, destination: RemoteNode, contexts: list, timeout_s: float
 
 def _tls_args(destination: RemoteNode):
     """pynetdicom tls_args for a TLS destination; its unusable TLS files are a permanent failure."""
-    from dicom_node.tls import TlsConfigError, client_tls_args
+    from dicom_node.net.tls import TlsConfigError, client_tls_args
 
     try:
         return client_tls_args(destination)
@@ -356,12 +356,12 @@ class DeliveryRound:
 def route_destinations(store: Store, study: StudyRecord, settings: Settings) -> list[RemoteNode]:
     """The destinations of the study's current version, each carrying the output profile to use.
 
-    The routing rules decide (:func:`dicom_node.routing.decide_routes`: the first matching rule's
+    The routing rules decide (:func:`dicom_node.pipeline.routing.decide_routes`: the first matching rule's
     destinations and profile); when none matches, the default: the node that sent the study (matched
     at acceptance by AE title *and* host, never a namesake on another host) when it is also a
     destination, plus every default destination, each in its own profile.
     """
-    from dicom_node.routing import decide_routes
+    from dicom_node.pipeline.routing import decide_routes
 
     return [route.node for route in decide_routes(store, settings, study).routes]
 

@@ -26,19 +26,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from dicom_node import audit
-from dicom_node.assembly import OnStable, close_studies_at_release, run_assembly
-from dicom_node.audit import AuditTrail, open_audit_trail
-from dicom_node.audit_forward import configure_forwarding
-from dicom_node.cli import CliError
-from dicom_node.cli_pipeline import run_node_pipeline
+from dicom_node.audit import trail as audit
+from dicom_node.pipeline.assembly import OnStable, close_studies_at_release, run_assembly
+from dicom_node.audit.trail import AuditTrail, open_audit_trail
+from dicom_node.audit.forward import configure_forwarding
+from dicom_node.ops.errors import UserError
+from dicom_node.cli.pipeline import run_node_pipeline
 from dicom_node.logging_setup import configure_logging
-from dicom_node.scp import StorageScp
-from dicom_node.scp_server import PortInUse, ScpSupervisor, make_scp_servers, open_listening_socket, serve_until_stopped
+from dicom_node.net.scp import StorageScp
+from dicom_node.net.server import PortInUse, ScpSupervisor, make_scp_servers, open_listening_socket, serve_until_stopped
 from dicom_node.settings import Settings, load_settings
-from dicom_node.reconcile import reconcile_spool
-from dicom_node.retention import run_retention
-from dicom_node.spool import prepare_spool
+from dicom_node.pipeline.reconcile import reconcile_spool
+from dicom_node.pipeline.retention import run_retention
+from dicom_node.store.spool import prepare_spool
 from dicom_node.store import open_store
 from dicom_node.store.base import Store
 
@@ -90,7 +90,7 @@ LOCK_FILE_NAME = "anatomix-node.lock"
 
 
 def lock_data_dir(data_dir: Path) -> IO[str]:
-    """Hold an exclusive lock on ``data_dir`` for this node's lifetime, or raise CliError naming the holder.
+    """Hold an exclusive lock on ``data_dir`` for this node's lifetime, or raise UserError naming the holder.
 
     One node per data directory: two would share a spool, a database and leases and undo each
     other's work. The lock (flock) goes away with the process, so a crash leaves nothing to clean
@@ -100,14 +100,14 @@ def lock_data_dir(data_dir: Path) -> IO[str]:
     try:
         handle = open(path, "a+", encoding="ascii")
     except OSError as exc:
-        raise CliError(f"cannot open the lock file {path}: {exc.strerror or exc}") from None
+        raise UserError(f"cannot open the lock file {path}: {exc.strerror or exc}") from None
     try:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.seek(0)
         holder = handle.read().strip() or "unknown"
         handle.close()
-        raise CliError(
+        raise UserError(
             f"data directory {data_dir} is in use by another node (anatomix-node serve, pid {holder}); "
             "one node per data directory: stop that one, or give this one its own storage.data_dir", code=1
         ) from None
@@ -127,8 +127,8 @@ def check_serve_model(settings: Settings) -> None:
     stops ``serve`` at start, in one line, rather than a node that quietly analyses nothing. No model
     at all is allowed: the node then receives and stores only. With a broker, the model lives on the
     worker hosts, which check it themselves."""
-    from dicom_node.cli_pipeline import check_model_usable
-    from dicom_node.dispatch import model_configured
+    from dicom_node.cli.pipeline import check_model_usable
+    from dicom_node.pipeline.dispatch import model_configured
 
     if settings.embedded and model_configured(settings):
         check_model_usable(settings, settings.model.device)
@@ -136,7 +136,7 @@ def check_serve_model(settings: Settings) -> None:
 
 def stable_study_handler(settings: Settings, store: Store) -> OnStable | None:
     """What happens to a stable study: the pipeline queues its analysis (or records why it cannot)."""
-    from dicom_node.cli_pipeline import stable_study_handler as pipeline_handler
+    from dicom_node.cli.pipeline import stable_study_handler as pipeline_handler
 
     return pipeline_handler(settings, store)
 
@@ -150,7 +150,7 @@ def background_loops(settings: Settings, store: Store, audit_trail: AuditTrail) 
     if settings.storage.retention_days > 0:
         loops.append(BackgroundLoop("retention", lambda stop: run_retention(settings, store, audit_trail, stop)))
     if settings.audit.syslog_host:  # ATNA forwarding: its own thread, reading the store's outbox
-        from dicom_node.audit_forward import AuditForwarder
+        from dicom_node.audit.forward import AuditForwarder
 
         loops.append(BackgroundLoop("audit-forward", AuditForwarder(settings, store).run))
     return loops
@@ -176,7 +176,7 @@ def make_scp_child(settings: Settings, listen_sockets: list[tuple[socket.socket,
             settings, store, trail,
             on_release=lambda source, uids: close_studies_at_release(store, settings, source, uids, trail),
         )
-        from dicom_node.tls import server_context  # each process its own context (nothing OpenSSL across fork)
+        from dicom_node.net.tls import server_context  # each process its own context (nothing OpenSSL across fork)
 
         sockets = [(sock, server_context(settings) if is_tls else None) for sock, is_tls in listen_sockets]
         servers = make_scp_servers(settings, scp, sockets)
@@ -199,12 +199,12 @@ def open_scp_sockets(settings: Settings, store: Store) -> list[tuple[socket.sock
     sockets: list[tuple[socket.socket, bool]] = []
     tls = settings.tls
     if tls.enabled:
-        from dicom_node.tls import TlsConfigError, log_certificate_expiry, server_context
+        from dicom_node.net.tls import TlsConfigError, log_certificate_expiry, server_context
 
         try:
             server_context(settings)
         except TlsConfigError as exc:
-            raise CliError(str(exc)) from None
+            raise UserError(str(exc)) from None
         log_certificate_expiry(settings, store.list_remote_nodes())
     try:
         if not tls.enabled or tls.plain_port:
@@ -213,7 +213,7 @@ def open_scp_sockets(settings: Settings, store: Store) -> list[tuple[socket.sock
             try:
                 sockets.append((open_listening_socket(settings.node.bind_address, tls.port), True))
             except PortInUse as exc:
-                raise CliError((exc.strerror or str(exc)).replace("(--port or node.port)", "(tls.port)")) from None
+                raise UserError((exc.strerror or str(exc)).replace("(--port or node.port)", "(tls.port)")) from None
     except BaseException:
         for sock, _ in sockets:
             sock.close()
@@ -237,7 +237,7 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise CliError(f"cannot create storage.data_dir {settings.storage.data_dir}: {exc.strerror or exc}") from None
+        raise UserError(f"cannot create storage.data_dir {settings.storage.data_dir}: {exc.strerror or exc}") from None
     data_lock = lock_data_dir(settings.storage.data_dir)  # noqa: F841 - held until the process exits
     prepare_spool(settings.storage.spool_dir)
     store = open_store(settings.database_url)  # migrates once, before any child starts
@@ -248,9 +248,9 @@ def run_serve(args: argparse.Namespace) -> int:
     reconcile_spool(settings.storage.spool_dir, store, trail)
     try:
         listen_sockets = open_scp_sockets(settings, store)
-    except (PortInUse, CliError) as exc:
+    except (PortInUse, UserError) as exc:
         store.close()
-        raise CliError(exc.strerror or str(exc)) if isinstance(exc, PortInUse) else exc from None
+        raise UserError(exc.strerror or str(exc)) if isinstance(exc, PortInUse) else exc from None
 
     # Operations API (dicom_node.api): its port is bound here, so a clash is reported at start; the
     # DICOM service runs without the API then (receiving must not depend on it). The metrics

@@ -18,7 +18,7 @@ pynetdicom itself rejects after our checks (its slot limit) is audited as reject
 and its session dropped (EVT_REJECTED). Rejections are recorded one by one up to
 ``limits.audit_rejections_per_host`` per host and window, then summarised (:class:`AggregatedAudit`);
 AE titles are escaped before they reach a row or a log line. What happens before an A-ASSOCIATE-RQ
-is complete is :mod:`dicom_node.scp_guard`'s.
+is complete is :mod:`dicom_node.net.guard`'s.
 
 C-STORE: parse the header only, write the bytes as received (File Meta + data set) durably into
 the spool, record the instance, and only then answer Success. See :meth:`StorageScp.handle_store`.
@@ -40,11 +40,11 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification
 
-from dicom_node import audit
-from dicom_node.audit import AggregatedAudit, AuditTrail, Peer, printable
-from dicom_node.negotiation import accept_unlisted_storage_classes
-from dicom_node.part10 import part10_header
-from dicom_node.scp_dataset import (
+from dicom_node.audit import trail as audit
+from dicom_node.audit.trail import AggregatedAudit, AuditTrail, Peer, printable
+from dicom_node.net.negotiation import accept_unlisted_storage_classes
+from dicom_node.net.part10 import part10_header
+from dicom_node.net.dataset import (
     STATUS_OUT_OF_RESOURCES,
     STATUS_PROCESSING_FAILURE,
     STATUS_SUCCESS,
@@ -52,9 +52,9 @@ from dicom_node.scp_dataset import (
     parse_instance_header,
 )
 from dicom_node.settings import Settings
-from dicom_node.spool import SpoolFull, check_free_space, ensure_spooled, remove_instance, write_instance
+from dicom_node.store.spool import SpoolFull, check_free_space, ensure_spooled, remove_instance, write_instance
 from dicom_node.store.base import InstanceRecord, RemoteNode, Store, StoreError, StoreUnavailable
-from dicom_node.transfer_syntaxes import accepted_transfer_syntaxes
+from dicom_node.net.transfer_syntaxes import accepted_transfer_syntaxes
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@
   deadline (``limits.establish_timeout_s``) and a size cap checked on the 6-byte header before
   anything else is read; anything but a complete, decodable A-ASSOCIATE-RQ is answered with A-ABORT
   (where the peer sent something) and closed. It reports the connection-event kind for the
-  aggregated audit (:data:`dicom_node.audit.CONNECTION_KINDS`).
+  aggregated audit (:data:`dicom_node.audit.trail.CONNECTION_KINDS`).
 
 Plain sockets and bytes; the only pynetdicom use is its A-ASSOCIATE-RQ decoder (and quieting the
 log records it writes for each bad value, which an attacker could otherwise multiply).

@@ -5,7 +5,7 @@ an unbounded read from the first byte (an A-ASSOCIATE-RQ may declare 4 GiB and i
 a P-DATA-TF is read whatever the negotiated maximum, a stalled socket blocks its reader forever,
 and a connection closed before its first PDU holds its slot for the ACSE timeout). So:
 
-- :mod:`dicom_node.scp_gate` admits the connection (connection limits) and reads its first PDU
+- :mod:`dicom_node.net.gate` admits the connection (connection limits) and reads its first PDU
   under the establishment deadline and the size cap. Only a complete, decodable A-ASSOCIATE-RQ
   creates a pynetdicom association (and takes one of its slots); everything else is closed and
   counted for the aggregated audit.
@@ -46,8 +46,8 @@ from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.association import Association
 from pynetdicom.transport import AddressInformation, AssociationSocket, RequestHandler
 
-from dicom_node.audit import AggregatedAudit
-from dicom_node.scp_gate import (
+from dicom_node.audit.trail import AggregatedAudit
+from dicom_node.net.gate import (
     ABORT_INVALID_PARAMETER,
     ABORT_UNRECOGNIZED_PDU,
     PDU_P_DATA_TF,
@@ -318,7 +318,7 @@ class GuardedRequestHandler(RequestHandler):
             deadline = time.monotonic() + guard.limits.establish_timeout_s
             tls_context = getattr(self.server, "tls_context", None)
             if tls_context is not None:  # here, in this connection's thread, under the same deadline
-                from dicom_node.tls import handshake
+                from dicom_node.net.tls import handshake
 
                 tls_socket, kind = handshake(self.request, tls_context, deadline)
                 if tls_socket is None:

@@ -9,7 +9,7 @@ Brokers:
 * embedded default (empty ``broker_url``): kombu's filesystem transport under ``<data_dir>/broker``.
   It needs no server and works across processes on one host (or hosts sharing ``data_dir``). It has
   no acknowledgement: a message is gone once a worker takes it, so the node's dispatch loop
-  (:mod:`dicom_node.dispatch`) re-queues from the state store whatever a dead worker held.
+  (:mod:`dicom_node.pipeline.dispatch`) re-queues from the state store whatever a dead worker held.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def broker_settings(settings: Settings) -> tuple[str, dict[str, Any]]:
 
 
 def create_app(settings: Settings, name: str = "anatomix-node") -> Celery:
-    """A Celery app configured from settings (tasks are registered by :func:`dicom_node.tasks.register_tasks`)."""
+    """A Celery app configured from settings (tasks are registered by :func:`dicom_node.pipeline.tasks.register_tasks`)."""
     url, transport_options = broker_settings(settings)
     app = Celery(name, broker=url, set_as_current=False)
     app.conf.update(

@@ -26,8 +26,8 @@ from pydicom.data import get_testdata_file
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
-from dicom_node.cli import CliError
-from dicom_node.cli_pipeline import node_command
+from dicom_node.ops.errors import UserError
+from dicom_node.cli.pipeline import node_command
 from dicom_node.settings import Settings, load_settings
 from dicom_node.store.base import RemoteNode
 
@@ -73,7 +73,7 @@ class DemoPacs:
         ae.add_requested_context(ds.SOPClassUID, [str(ds.file_meta.TransferSyntaxUID)])
         assoc = ae.associate("127.0.0.1", port, ae_title=NODE_AE)
         if not assoc.is_established:
-            raise CliError(f"the node did not accept an association on port {port}; see the node log")
+            raise UserError(f"the node did not accept an association on port {port}; see the node log")
         try:
             status = assoc.send_c_store(ds)
             return int(status.Status) if status and "Status" in status else -1
@@ -167,11 +167,11 @@ def wait_for_study(settings: Settings, study_uid: str, pacs: DemoPacs, node: sub
                 if study.state in ("done", "failed"):
                     return study
             if node.poll() is not None:
-                raise CliError(f"the node stopped unexpectedly (status {node.returncode}); see {settings.storage.data_dir.parent / 'node.log'}")
+                raise UserError(f"the node stopped unexpectedly (status {node.returncode}); see {settings.storage.data_dir.parent / 'node.log'}")
             time.sleep(0.3)
     finally:
         store.close()
-    raise CliError(f"the demo did not finish within its time limit; see {settings.storage.data_dir.parent / 'node.log'}")
+    raise UserError(f"the demo did not finish within its time limit; see {settings.storage.data_dir.parent / 'node.log'}")
 
 
 def write_preview(received: list[Path], out: Path) -> Path | None:
@@ -258,7 +258,7 @@ def run_demo(out: Path | None, max_new_tokens: int = 48, timeout_s: float = 170.
         print(f"  pushing {SOURCE_FILE} (real chest CR, {header.Columns} x {header.Rows} pixels, width x height) by C-STORE ...", flush=True)
         status = pacs.push(source, port)
         if status != 0:
-            raise CliError(f"the node answered C-STORE with status 0x{status:04X}; see {out / 'node.log'}")
+            raise UserError(f"the node answered C-STORE with status 0x{status:04X}; see {out / 'node.log'}")
         study = wait_for_study(settings, study_uid, pacs, node, started + timeout_s, started)
         if study.state == "done":
             _wait_for_files(pacs, len(settings.output.profile("full")), started + timeout_s)
@@ -295,13 +295,13 @@ def _wait_for_node(port: int, node: subprocess.Popen, deadline: float) -> None:
 
     while time.monotonic() < deadline:
         if node.poll() is not None:
-            raise CliError(f"the node exited at start (status {node.returncode}); see node.log")
+            raise UserError(f"the node exited at start (status {node.returncode}); see node.log")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 return
         except OSError:
             time.sleep(0.2)
-    raise CliError("the node did not start listening within 60 s; see node.log")
+    raise UserError("the node did not start listening within 60 s; see node.log")
 
 
 def _wait_for_files(pacs: DemoPacs, count: int, deadline: float) -> None:

@@ -8,7 +8,7 @@ all accept on the inherited socket. An idle child wins the race for the next con
 balances load better than SO_REUSEPORT's hash of the peer address. Each child builds its own AE and
 its own state store connection; the parent restarts a child that dies and forwards SIGTERM.
 
-Each child's server is guarded (:func:`make_scp_server`, :mod:`dicom_node.scp_guard`): connection
+Each child's server is guarded (:func:`make_scp_server`, :mod:`dicom_node.net.guard`): connection
 limits at accept, the A-ASSOCIATE-RQ read under a deadline and a size cap before pynetdicom sees
 the connection, per-PDU caps after, and a housekeeping thread that writes the aggregated audit once
 per window, refreshes which hosts are configured sources, and applies the audit retention.
@@ -34,13 +34,13 @@ from typing import TYPE_CHECKING
 
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_node.scp_gate import resolve_hosts
-from dicom_node.scp_guard import GuardedRequestHandler, PortGuard
+from dicom_node.net.gate import resolve_hosts
+from dicom_node.net.guard import GuardedRequestHandler, PortGuard
 from dicom_node.settings import Settings
 from dicom_node.store.base import StoreError
 
 if TYPE_CHECKING:
-    from dicom_node.scp import StorageScp
+    from dicom_node.net.scp import StorageScp
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +206,7 @@ def make_scp_servers(
 
     They share the AE, the connection limits (per process, both ports together) and the housekeeping.
     """
-    from dicom_node.scp import build_ae
+    from dicom_node.net.scp import build_ae
 
     ae = build_ae(settings)
     guard = PortGuard(settings.limits, scp.aggregate)

@@ -306,7 +306,7 @@ def audit_rule_change(
 ) -> None:
     """One audit event for an admin's change (``add``, ``update``, ``move``, ``remove``), with the
     rule as it was and as it is (the CLI passes the OS user, the API its account)."""
-    from dicom_node.audit import Peer, open_audit_trail
+    from dicom_node.audit.trail import Peer, open_audit_trail
 
     name = (after or before).name if (after or before) else None
     open_audit_trail(store, settings.logging.audit_file).record(

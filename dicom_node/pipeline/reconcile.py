@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pydicom
 
-from dicom_node import audit
-from dicom_node.audit import AuditTrail
-from dicom_node.spool import TEMP_DIR_NAME, instance_relative_path, is_valid_uid
+from dicom_node.audit import trail as audit
+from dicom_node.audit.trail import AuditTrail
+from dicom_node.store.spool import TEMP_DIR_NAME, instance_relative_path, is_valid_uid
 from dicom_node.store.base import InstanceRecord, Store
 
 log = logging.getLogger(__name__)

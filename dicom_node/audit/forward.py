@@ -23,7 +23,7 @@ import threading
 from dataclasses import replace
 from pathlib import Path
 
-from dicom_node.atna import PatientLookup, SourceInfo, audit_message, local_hostname, octet_counted, syslog_message
+from dicom_node.audit.atna import PatientLookup, SourceInfo, audit_message, local_hostname, octet_counted, syslog_message
 from dicom_node.settings import Settings
 from dicom_node.store.base import AuditEvent, Store, StoreError
 

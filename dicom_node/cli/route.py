@@ -1,4 +1,4 @@
-"""``anatomix-node route add|list|update|remove|move|dry-run``: routing rules (see :mod:`dicom_node.routing`)."""
+"""``anatomix-node route add|list|update|remove|move|dry-run``: routing rules (see :mod:`dicom_node.pipeline.routing`)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import socket
 from dataclasses import replace
 from typing import Any
 
-from dicom_node.cli import CliError
-from dicom_node.cli_node import _add_config_option, _missing_action, describe_store, format_table, opened_store
-from dicom_node.routing import (
+from dicom_node.ops.errors import UserError
+from dicom_node.cli.node import _add_config_option, _missing_action, describe_store, format_table, opened_store
+from dicom_node.pipeline.routing import (
     CONDITION_FIELDS, RoutingRule, RuleValidationError, add_rule, audit_rule_change, decide_routes, get_rule, list_rules, move_rule,
     parse_rule, remove_rule, update_rule,
 )  # fmt: skip
@@ -85,7 +85,7 @@ def _add_rule_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _rule_from_args(args: argparse.Namespace, current: RoutingRule | None) -> RoutingRule:
-    """The rule the arguments describe (over ``current`` for ``update``); CliError naming each bad field."""
+    """The rule the arguments describe (over ``current`` for ``update``); UserError naming each bad field."""
     data: dict[str, Any] = current.as_dict() if current is not None else {"name": args.name, "match": {}, "action": {}}
     data.pop("position", None)
     match, action = data["match"], data["action"]
@@ -110,8 +110,8 @@ def _rule_from_args(args: argparse.Namespace, current: RoutingRule | None) -> Ro
     return parse_rule(data)
 
 
-def _invalid(exc: RuleValidationError) -> CliError:
-    return CliError(f"routing rule not saved: {exc}")
+def _invalid(exc: RuleValidationError) -> UserError:
+    return UserError(f"routing rule not saved: {exc}")
 
 
 def run_route_add(args: argparse.Namespace) -> int:
@@ -122,7 +122,7 @@ def run_route_add(args: argparse.Namespace) -> int:
         except RuleValidationError as exc:
             raise _invalid(exc) from None
         except StoreConflict:
-            raise CliError(f"a routing rule named {args.name!r} already exists; change it with `anatomix-node route update {args.name}`") from None
+            raise UserError(f"a routing rule named {args.name!r} already exists; change it with `anatomix-node route update {args.name}`") from None
         _audit(store, settings, "add", None, rule)
     print(f"added rule {rule.position} {rule.name}: {describe_rule(rule)}")
     return 0
@@ -170,7 +170,7 @@ def run_route_remove(args: argparse.Namespace) -> int:
     with opened_store(settings) as store:
         before = _require_rule(store, args.name)
         if not remove_rule(store, args.name):
-            raise CliError(_unknown_rule(args.name))
+            raise UserError(_unknown_rule(args.name))
         _audit(store, settings, "remove", before, None)
     print(f"removed rule {args.name}")
     return 0
@@ -181,12 +181,12 @@ def run_route_move(args: argparse.Namespace) -> int:
     with opened_store(settings) as store:
         count = len(store.list_routing_rules())
         if not 1 <= args.position <= max(count, 1):
-            raise CliError(f"position {args.position}: give 1 to {count} (there are {count} rules)")
+            raise UserError(f"position {args.position}: give 1 to {count} (there are {count} rules)")
         before = _require_rule(store, args.name)
         try:
             rule = move_rule(store, args.name, args.position)
         except KeyError:
-            raise CliError(_unknown_rule(args.name)) from None
+            raise UserError(_unknown_rule(args.name)) from None
         _audit(store, settings, "move", before, rule)
     print(f"moved {rule.name} to position {rule.position}")
     return 0
@@ -198,11 +198,11 @@ def run_route_dry_run(args: argparse.Namespace) -> int:
         if args.study_instance_uid:
             study = store.get_study(args.study_instance_uid)
             if study is None:
-                raise CliError(f"no study {args.study_instance_uid}; see `anatomix-node studies`")
+                raise UserError(f"no study {args.study_instance_uid}; see `anatomix-node studies`")
         else:
             latest = store.list_studies(limit=1)
             if not latest:
-                raise CliError("no studies received yet: give a STUDY_UID once one has arrived")
+                raise UserError("no studies received yet: give a STUDY_UID once one has arrived")
             study = latest[0]
         decision = decide_routes(store, settings, study, read_headers=True)
     if args.json:
@@ -247,7 +247,7 @@ def _audit(store: Any, settings: Any, change: str, before: RoutingRule | None, a
 def _require_rule(store: Any, name: str) -> RoutingRule:
     rule = get_rule(store, name)
     if rule is None:
-        raise CliError(_unknown_rule(name))
+        raise UserError(_unknown_rule(name))
     return rule
 
 
