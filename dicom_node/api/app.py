@@ -13,7 +13,6 @@ The endpoints call the same functions as the CLI (``cli_node``: node validation,
 
 from __future__ import annotations
 
-import argparse
 import hmac
 import json
 import logging
@@ -21,10 +20,8 @@ import shutil
 import socket
 import time
 from collections.abc import Iterator
-from contextlib import redirect_stdout
 from dataclasses import asdict, replace
 from datetime import datetime, timezone
-from io import StringIO
 from typing import Annotated, Any, Literal
 
 from fastapi import Body, Depends, FastAPI, Path, Query, Request, Response
@@ -37,8 +34,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from dicom_node.api import auth
 from dicom_node.api.auth import CSRF_HEADER, SESSION_COOKIE, LoginLimiter, Principal
 from dicom_node.audit.trail import AuditTrail, Peer, open_audit_trail
+from dicom_node.ops.errors import UserError
 from dicom_node.settings import Settings
-from dicom_node.store.base import API_ROLES, STUDY_STATES, RemoteNode, Store, StoreConflict, StoreError, StoreUnavailable
+from dicom_node.store.base import STUDY_STATES, RemoteNode, Store, StoreConflict, StoreError, StoreUnavailable
 
 log = logging.getLogger("dicom_node.api")
 
@@ -603,8 +601,7 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 (one place that lists the API)
     @app.post("/api/nodes/{name}/echo", tags=["nodes"], summary="C-ECHO the node (operator): result and round-trip time",
               responses={404: {"model": ProblemModel}})  # fmt: skip
     def echo_node(request: Request, who: Operator, name: Name, body: Annotated[EchoIn | None, Body()] = None) -> EchoOut:
-        from dicom_node.ops.errors import UserError
-        from dicom_node.cli.node import echo_remote
+        from dicom_node.ops.remotes import echo_remote
 
         ctx = ctx_of(request)
         node = _require_node(ctx.store, name)
@@ -627,7 +624,7 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 (one place that lists the API)
         until: Annotated[datetime | None, Query(description="last instance received before (ISO 8601)")] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     ) -> list[dict[str, Any]]:
-        from dicom_node.cli.node import delivery_summary, study_summary
+        from dicom_node.ops.studies import delivery_summary, study_summary
 
         ctx = ctx_of(request)
         since, until = _aware(since), _aware(until)
@@ -652,7 +649,7 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 (one place that lists the API)
     @app.get("/api/studies/{study_instance_uid}", tags=["studies"], summary="one study: stages, instances, skip reasons, result objects, deliveries",
              responses={404: {"model": ProblemModel}})  # fmt: skip
     def get_study(request: Request, who: Viewer, study_instance_uid: Annotated[str, Path(min_length=1, max_length=64)]) -> dict[str, Any]:
-        from dicom_node.cli.node import delivery_summary, study_summary
+        from dicom_node.ops.studies import delivery_summary, study_summary
 
         ctx = ctx_of(request)
         study = _require_study(ctx.store, study_instance_uid)
@@ -687,7 +684,7 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 (one place that lists the API)
         ctx = ctx_of(request)
         study = _require_study(ctx.store, study_instance_uid)
         target = _destination(ctx.store, body.destination if body else None)
-        result = _resend(ctx, study, target, bulk=False)
+        result = _resend(ctx, who, study, target, bulk=False)
         audit_change(request, who, "study_resend", study_instance_uid, destination=target.name if target else None, ok=result.ok,
                      message=result.message)  # fmt: skip
         if not result.ok and result.message.startswith("refused: "):
@@ -696,8 +693,7 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 (one place that lists the API)
 
     @app.post("/api/resend", tags=["studies"], summary="send the results of many studies again (operator)")
     def resend_bulk(request: Request, who: Operator, body: BulkResendIn) -> BulkOut:
-        from dicom_node.ops.errors import UserError
-        from dicom_node.cli.pipeline import select_studies
+        from dicom_node.ops.studies import select_studies
 
         ctx = ctx_of(request)
         target = _destination(ctx.store, body.destination)
@@ -705,7 +701,7 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 (one place that lists the API)
             studies = select_studies(ctx.store, None, list(body.states) or None, _aware(body.since), body.undelivered)
         except UserError as exc:
             raise Problem(422, "Invalid request", str(exc).replace("--state", "states").replace("--undelivered", "undelivered")) from None
-        results = [_resend(ctx, s, target, bulk=True) for s in studies]
+        results = [_resend(ctx, who, s, target, bulk=True) for s in studies]
         audit_change(request, who, "bulk_resend", f"{len(studies)} studies", selection=body.model_dump(mode="json"),
                      ok=sum(r.ok for r in results))  # fmt: skip
         return BulkOut(matched=len(studies), results=results)
@@ -717,7 +713,7 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 (one place that lists the API)
         ctx = ctx_of(request)
         _require_model(ctx)
         study = _require_study(ctx.store, study_instance_uid)
-        result = _reanalyze(ctx, study, bool(body and body.new_version))
+        result = _reanalyze(ctx, who, study, bool(body and body.new_version))
         audit_change(request, who, "study_reanalyze", study_instance_uid, ok=result.ok, message=result.message, version=result.version)
         if not result.ok:
             raise Problem(409, "Cannot reanalyse", result.message)
@@ -725,8 +721,7 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 (one place that lists the API)
 
     @app.post("/api/reanalyze", tags=["studies"], summary="analyse many studies again (operator)", responses={409: {"model": ProblemModel}})
     def reanalyze_bulk(request: Request, who: Operator, body: BulkReanalyzeIn) -> BulkOut:
-        from dicom_node.ops.errors import UserError
-        from dicom_node.cli.pipeline import select_studies
+        from dicom_node.ops.studies import select_studies
 
         ctx = ctx_of(request)
         _require_model(ctx)
@@ -734,7 +729,7 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 (one place that lists the API)
             studies = select_studies(ctx.store, None, list(body.states) or None, _aware(body.since))
         except UserError as exc:
             raise Problem(422, "Invalid request", str(exc).replace("--state", "states")) from None
-        results = [_reanalyze(ctx, s, body.new_version) for s in studies]
+        results = [_reanalyze(ctx, who, s, body.new_version) for s in studies]
         audit_change(request, who, "bulk_reanalyze", f"{len(studies)} studies", selection=body.model_dump(mode="json"),
                      ok=sum(r.ok for r in results))  # fmt: skip
         return BulkOut(matched=len(studies), results=results)
@@ -849,63 +844,37 @@ def _require_model(ctx: ApiContext) -> None:
         raise Problem(409, "No model", f"nothing can be analysed: {NO_MODEL_ERROR}")
 
 
-#: CLI option names in the shared validation's messages, as the API's field names.
-_FIELD_NAMES = {"--ae-title": "ae_title", "--host": "host", "--port": "port", "--quiet-period": "quiet_period_s", "--profile": "profile"}
-
-
 def _validated_node(settings: Settings, values: dict[str, Any]) -> RemoteNode:
-    """The CLI's ``ae add`` validation (``cli_node.remote_node_from_args``); its errors as 422."""
-    from dicom_node.ops.errors import UserError
-    from dicom_node.cli.node import remote_node_from_args
+    """The shared remote node validation (as for ``ae add``); its errors, naming the field, as 422."""
+    from dicom_node.ops.remotes import validated_remote_node
 
-    args = argparse.Namespace(
-        name=values["name"], ae_title=values["ae_title"], host=values["host"], port=str(values["port"]), role=values["role"],
-        profile=values.get("profile"), quiet_period=values.get("quiet_period_s"),
-        complete_on_release=bool(values.get("complete_on_release")), default_destination=bool(values.get("default_destination")),
-    )  # fmt: skip
     try:
-        return remote_node_from_args(args, settings)
+        return validated_remote_node(
+            settings, name=values["name"], ae_title=values["ae_title"], host=values["host"], port=values["port"], role=values["role"],
+            profile=values.get("profile"), quiet_period_s=values.get("quiet_period_s"),
+            complete_on_release=bool(values.get("complete_on_release")), default_destination=bool(values.get("default_destination")),
+        )  # fmt: skip
     except UserError as exc:
-        message = str(exc)
-        for option, field_name in _FIELD_NAMES.items():
-            message = message.replace(option, field_name)
-        raise Problem(422, "Invalid request", message) from None
+        raise Problem(422, "Invalid request", str(exc)) from None
 
 
-def _resend(ctx: ApiContext, study: Any, target: RemoteNode | None, bulk: bool) -> ActionOut:
-    """``cli_pipeline.resend_study`` (the same code path as ``anatomix-node resend``)."""
-    from dicom_node.ops.errors import UserError
-    from dicom_node.cli.pipeline import resend_study
+def _resend(ctx: ApiContext, who: Principal, study: Any, target: RemoteNode | None, bulk: bool) -> ActionOut:
+    """The shared resend (as ``anatomix-node resend``); a refusal is ``ok=False``, ``refused: ...``."""
+    from dicom_node.ops.studies import resend_study
 
-    output = StringIO()
     try:
-        with redirect_stdout(output):  # the CLI's per-destination lines become the message
-            failed = resend_study(ctx.store, ctx.settings, ctx.celery(), study, target, bulk=bulk)
+        result = resend_study(ctx.store, ctx.settings, ctx.celery(), ctx.trail, study, target, bulk=bulk, user=who.user, via=who.via)
     except UserError as exc:
         return ActionOut(study_instance_uid=study.study_instance_uid, ok=False, message=f"refused: {exc}")
-    lines = [line.split("  ", 1)[-1] for line in output.getvalue().splitlines() if line.strip()]
-    return ActionOut(study_instance_uid=study.study_instance_uid, ok=not failed, message="; ".join(lines) or "sent", version=study.version)
+    return ActionOut(study_instance_uid=result.study_instance_uid, ok=result.ok, message=result.message, version=result.version)
 
 
-def _reanalyze(ctx: ApiContext, study: Any, new_version: bool) -> ActionOut:
-    """The checks and steps of ``anatomix-node reanalyze`` for one study."""
-    from dicom_node.cli.pipeline import REANALYZE_EVENT
-    from dicom_node.pipeline.queue import send_analyze
+def _reanalyze(ctx: ApiContext, who: Principal, study: Any, new_version: bool) -> ActionOut:
+    """The shared reanalysis (as ``anatomix-node reanalyze``) of one study."""
+    from dicom_node.ops.studies import reanalyze_study
 
-    uid = study.study_instance_uid
-    has_results = bool(ctx.store.list_produced_objects(uid, study.version))
-    if study.state not in ("done", "failed"):
-        return ActionOut(study_instance_uid=uid, ok=False, message=f"study {uid} is {study.state}: only done or failed studies are analysed again")
-    if has_results and not new_version:
-        return ActionOut(study_instance_uid=uid, ok=False, message=f"study {uid} v{study.version} already has results: "
-                         "set new_version to analyse it again as a new version (new result UIDs)")  # fmt: skip
-    version = ctx.store.requeue_for_analysis(uid, study.version, ("done", "failed"), new_version=has_results)
-    if version is None:
-        return ActionOut(study_instance_uid=uid, ok=False, message=f"study {uid} changed meanwhile")
-    ctx.trail.record(REANALYZE_EVENT, Peer(None, None, socket.gethostname()), study_instance_uid=uid, previous_state=study.state,
-                     previous_version=study.version, version=version, new_version=version != study.version, via="api")  # fmt: skip
-    send_analyze(ctx.celery(), uid, version)
-    return ActionOut(study_instance_uid=uid, ok=True, message=f"queued for analysis as v{version}", version=version)
+    result = reanalyze_study(ctx.store, ctx.celery(), ctx.trail, study, new_version=new_version, user=who.user, via=who.via)
+    return ActionOut(study_instance_uid=result.study_instance_uid, ok=result.ok, message=result.message, version=result.version)
 
 
 def _delivery_out(d: Any) -> dict[str, Any]:

@@ -129,7 +129,7 @@ class StoreCollector:
         self.queue_depths = queue_depths
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+        from prometheus_client.core import GaugeMetricFamily
 
         up = GaugeMetricFamily("anatomix_store_up", "1 when the state store answered this scrape")
         try:

@@ -113,7 +113,8 @@ def _summary(event: AuditEvent) -> str:
 
 
 def run_audit(args: argparse.Namespace) -> int:
-    from dicom_node.cli.node import format_table, opened_store, os_user
+    from dicom_node.cli.node import format_table, opened_store
+    from dicom_node.ops.studies import acting_user
     from dicom_node.settings import load_settings
 
     settings = load_settings(args.config)
@@ -123,14 +124,14 @@ def run_audit(args: argparse.Namespace) -> int:
                    ae=args.ae, user=args.user, study=args.study, limit=args.limit)  # fmt: skip
     with opened_store(settings) as store:
         if args.jsonl:
-            export_audit_jsonl(store, settings, sys.stdout, os_user(), **filters)
+            export_audit_jsonl(store, settings, sys.stdout, acting_user(), **filters)
             return 0
         rows = [("ID", "AT (UTC)", "EVENT", "USER", "AE", "HOST", "STUDY", "DETAIL")]
         for event in query_audit(store, **filters):
             rows.append((str(event.id), event.at.strftime("%Y-%m-%d %H:%M:%S"), event.event, event.user or "",
                          event.calling_ae or event.called_ae or "", event.peer_host or "", event.study_instance_uid or "",
                          _summary(event)))  # fmt: skip
-        audit.record_audit_export(store, settings, os_user(), _described(filters), len(rows) - 1)
+        audit.record_audit_export(store, settings, acting_user(), _described(filters), len(rows) - 1)
     if len(rows) == 1:
         print("no audit event matches")
     else:

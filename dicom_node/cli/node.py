@@ -13,10 +13,7 @@ import json
 import os
 import re
 import shutil
-import socket
 import sys
-import time
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, replace
@@ -26,15 +23,19 @@ from typing import Any
 
 from dicom_node.audit import trail as audit
 from dicom_node.ops.errors import UserError
+from dicom_node.ops.remotes import (
+    SOURCE_DEFAULT_PORT, describe_remote, echo_remote, remote_node_warnings, require_remote_node, unknown_node_message,
+    validated_remote_node,
+)
+from dicom_node.ops.studies import acting_user, delivery_summary, study_summary
 from dicom_node.settings import (
-    CONFIG_FILE_NAME, SYSTEM_CONFIG_DIR, SYSTEM_DATA_DIR, Settings, SettingsError, load_settings, settings_as_dict, validate_ae_title,
+    CONFIG_FILE_NAME, SYSTEM_CONFIG_DIR, SYSTEM_DATA_DIR, Settings, load_settings, settings_as_dict,
 )
 from dicom_node.store import open_store
-from dicom_node.store.base import STUDY_STATES, InstanceRecord, RemoteNode, Store, StoreConflict, StudyRecord
+from dicom_node.store.base import STUDY_STATES, RemoteNode, Store, StoreConflict
 
-_NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-#: The port recorded for a source added without --port (DICOM's well-known port).
-SOURCE_DEFAULT_PORT = 104
+#: How the shared validation's messages name each field: by its ``ae add`` option.
+CLI_LABELS = {"name": "name", "ae_title": "--ae-title", "host": "--host", "port": "--port", "quiet_period_s": "--quiet-period"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -117,16 +118,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     purge.set_defaults(func=run_purge)
 
 
-def os_user() -> str:
-    """Who runs an admin command (the uid when the account has no name, e.g. in a container)."""
-    import getpass
-
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return f"uid {os.getuid()}"
-
-
 def _add_tls_options(parser: argparse.ArgumentParser, update: bool) -> None:
     """DICOM TLS when we connect to it (README "DICOM TLS"); ``ae update`` keeps what is not given."""
     switch: dict[str, Any] = {"action": argparse.BooleanOptionalAction} if update else {"action": "store_const", "const": True}
@@ -177,17 +168,6 @@ def _missing_action(command: str, actions: str) -> Any:
 def _add_config_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, metavar="FILE",
                         help=f"settings file (default: ./{CONFIG_FILE_NAME}, else {SYSTEM_CONFIG_DIR / CONFIG_FILE_NAME}, if present)")  # fmt: skip
-
-
-def parse_port(text: str) -> int:
-    """A TCP port from the command line; UserError (one line, not argparse's usage dump) if bad."""
-    try:
-        port = int(text)
-    except ValueError:
-        raise UserError(f"--port {text!r}: not a number; give the DICOM port, 1-65535") from None
-    if not 1 <= port <= 65535:
-        raise UserError(f"--port {port}: out of range; give the DICOM port, 1-65535")
-    return port
 
 
 def sqlite_path(database_url: str) -> Path | None:
@@ -292,7 +272,7 @@ def run_init(args: argparse.Namespace) -> int:
         settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
         store = open_store(settings.database_url)
         try:  # the settings file is configuration: who wrote it, and what it replaced (--force)
-            audit.record_admin_change(store, settings, os_user(), "settings.init", str(target.resolve()), replaced, text)
+            audit.record_admin_change(store, settings, acting_user(), "settings.init", str(target.resolve()), replaced, text)
         finally:
             store.close()
     except OSError as exc:
@@ -351,50 +331,15 @@ def run_ae_add(args: argparse.Namespace) -> int:
             store.add_remote_node(node)
         except StoreConflict:
             raise UserError(f"a remote node named {node.name!r} already exists; change it with `anatomix-node ae update {node.name}`") from None
-        audit.record_admin_change(store, settings, os_user(), "remote_node.add", node.name, None, node)
+        audit.record_admin_change(store, settings, acting_user(), "remote_node.add", node.name, None, node)
     print(f"added {node.name}: {describe_remote(node)} ({node.role}, profile {node.profile})")
     print_warnings(warnings)
     return 0
 
 
-def describe_remote(node: RemoteNode) -> str:
-    """``AE@host:port``; a source-only node without a port of its own shows none."""
-    return f"{node.ae_title}@{node.host}" + ("" if node.role == "source" and node.port == SOURCE_DEFAULT_PORT else f":{node.port}")
-
-
-def remote_node_warnings(node: RemoteNode, others: list[RemoteNode]) -> list[str]:
-    """Accepted but probably wrong: the same AE title and host under another name, a host that does not resolve."""
-    warnings = []
-    for other in others:
-        if other.name == node.name or other.ae_title != node.ae_title:
-            continue
-        if other.host == node.host or "*" in (other.host, node.host):
-            warnings.append(f"{other.name!r} has the same AE title {node.ae_title} and host {other.host}: associations from it "
-                            f"cannot be told apart; `anatomix-node ae remove` one of them, or `ae update` its AE title")  # fmt: skip
-    if node.host != "*":
-        try:
-            socket.getaddrinfo(node.host, None)
-        except socket.gaierror as exc:
-            warnings.append(f"host {node.host!r} does not resolve here now ({exc.strerror}); check the name, or use an IP address")
-        except UnicodeError:
-            warnings.append(f"host {node.host!r} is not a valid host name")
-    return warnings
-
-
 def print_warnings(warnings: list[str]) -> None:
     for warning in warnings:
         print(f"anatomix-node: warning: {warning}", file=sys.stderr)
-
-
-def unknown_node_message(name: str) -> str:
-    return f"no remote node named {name!r}; see `anatomix-node ae list`"
-
-
-def require_remote_node(store: Store, name: str) -> RemoteNode:
-    node = store.get_remote_node(name)
-    if node is None:
-        raise UserError(unknown_node_message(name))
-    return node
 
 
 def run_ae_update(args: argparse.Namespace) -> int:
@@ -418,7 +363,7 @@ def run_ae_update(args: argparse.Namespace) -> int:
             return 0
         warnings = remote_node_warnings(node, store.list_remote_nodes()) if (node.host, node.ae_title) != (current.host, current.ae_title) else []
         store.update_remote_node(node)
-        audit.record_admin_change(store, settings, os_user(), "remote_node.update", node.name, current, node)
+        audit.record_admin_change(store, settings, acting_user(), "remote_node.update", node.name, current, node)
     changed = [f"{key} {getattr(current, key)!r} -> {getattr(node, key)!r}" for key in asdict(node) if getattr(current, key) != getattr(node, key)]
     print(f"updated {node.name}: " + "; ".join(changed))
     print_warnings(warnings)
@@ -426,32 +371,12 @@ def run_ae_update(args: argparse.Namespace) -> int:
 
 
 def remote_node_from_args(args: argparse.Namespace, settings: Settings) -> RemoteNode:
-    """Validate the ``ae add`` arguments; raise UserError naming the bad one."""
-    if not _NODE_NAME.match(args.name):
-        raise UserError(f"name {args.name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
-    try:
-        validate_ae_title("--ae-title", args.ae_title)
-        profile = args.profile or settings.output.default_profile
-        settings.output.profile(profile)
-    except SettingsError as exc:
-        raise UserError(str(exc)) from None
-    if args.port is None:
-        if args.role != "source":
-            raise UserError(f"--port: a {args.role} needs the DICOM port we send to (1-65535)")
-        args.port = str(SOURCE_DEFAULT_PORT)
-    port = parse_port(args.port)
-    host = args.host.strip()
-    if not host or any(c.isspace() for c in host):
-        raise UserError(f"--host {args.host!r}: give a host name or IP address, or '*' for any host")
-    if host == "*" and args.role != "source":
-        raise UserError(f"--host '*' only suits a source: a {args.role} needs an address we can connect to")
-    if args.quiet_period is not None and args.quiet_period < 0:
-        raise UserError(f"--quiet-period {args.quiet_period}: must be >= 0 seconds")
-    return RemoteNode(
-        name=args.name, ae_title=args.ae_title, host=host, port=port, role=args.role, profile=profile,
-        quiet_period_s=args.quiet_period, complete_on_release=args.complete_on_release,
-        default_destination=args.default_destination,
-    )  # fmt: skip
+    """The ``ae add`` arguments as a checked RemoteNode; UserError naming the bad option."""
+    return validated_remote_node(
+        settings, name=args.name, ae_title=args.ae_title, host=args.host, port=args.port, role=args.role, profile=args.profile,
+        quiet_period_s=args.quiet_period, complete_on_release=args.complete_on_release, default_destination=args.default_destination,
+        labels=CLI_LABELS,
+    )
 
 
 def run_ae_list(args: argparse.Namespace) -> int:
@@ -481,7 +406,7 @@ def run_ae_remove(args: argparse.Namespace) -> int:
         before = store.get_remote_node(args.name)
         if not store.remove_remote_node(args.name):
             raise UserError(unknown_node_message(args.name))
-        audit.record_admin_change(store, settings, os_user(), "remote_node.remove", args.name, before, None)
+        audit.record_admin_change(store, settings, acting_user(), "remote_node.remove", args.name, before, None)
     print(f"removed {args.name}")
     return 0
 
@@ -528,80 +453,7 @@ def run_echo(args: argparse.Namespace) -> int:
     return 0
 
 
-def echo_remote(calling_ae: str, node: RemoteNode, timeout: float) -> float:
-    """Associate, C-ECHO, release; return milliseconds from association request to response.
-
-    Raises UserError with one line saying what failed (connection, rejection with the peer's
-    reason, abort, or a non-success status).
-    """
-    from pynetdicom import AE, evt
-    from pynetdicom.sop_class import Verification
-
-    where = f"{node.name} ({node.ae_title}@{node.host}:{node.port})"
-    ae = AE(ae_title=calling_ae)
-    ae.add_requested_context(Verification)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
-    seen: dict[str, Any] = {}
-    handlers = [
-        (evt.EVT_CONN_OPEN, lambda event: seen.setdefault("connected", True)),
-        (evt.EVT_ACSE_RECV, lambda event: seen.setdefault("response", event.primitive)),
-    ]
-    from dicom_node.net.tls import TlsConfigError, client_tls_args
-
-    try:
-        tls_args = client_tls_args(node)
-    except TlsConfigError as exc:
-        raise UserError(f"echo {where}: {exc}") from None
-    started = time.perf_counter()
-    assoc = ae.associate(node.host, node.port, ae_title=node.ae_title, evt_handlers=handlers, tls_args=tls_args)
-    if not assoc.is_established:
-        if not seen.get("connected"):
-            failure = _connect_failure(node.host, node.port, timeout)
-            if tls_args is not None and failure.startswith("the connection was closed"):
-                failure = "the TLS handshake failed (its certificate and host name, --tls-ca, our --tls-cert; see the log)"
-            raise UserError(f"echo {where}: {failure}")
-        response = seen.get("response")
-        if assoc.is_rejected and response is not None:
-            raise UserError(f"echo {where}: association rejected ({response.result_str}): {response.reason_str}")
-        if tls_args is not None and not assoc.is_rejected:  # TLS 1.3: a refused client certificate shows after the handshake
-            raise UserError(f"echo {where}: the TLS connection was closed without an answer: the TLS handshake failed on its side? "
-                           "(it may require our client certificate, --tls-cert/--tls-key, or not trust it)")  # fmt: skip
-        raise UserError(f"echo {where}: association aborted or timed out (no acceptable answer within {timeout:g} s)")
-    try:
-        status = assoc.send_c_echo()
-        elapsed_ms = (time.perf_counter() - started) * 1000
-    finally:
-        assoc.release()
-    if not status or "Status" not in status:
-        raise UserError(f"echo {where}: no C-ECHO response within {timeout:g} s")
-    if status.Status != 0x0000:
-        raise UserError(f"echo {where}: C-ECHO failed with status 0x{status.Status:04X}")
-    return elapsed_ms
-
-
-def _connect_failure(host: str, port: int, timeout: float) -> str:
-    """Why a TCP connection to host:port fails (probed again to get the operating system's reason)."""
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return "the connection was closed before the association request was answered"
-    except socket.gaierror as exc:
-        return f"host name {host!r} does not resolve ({exc.strerror})"
-    except TimeoutError:
-        return f"no answer from {host}:{port} within {timeout:g} s (firewall or wrong address?)"
-    except OSError as exc:
-        return f"cannot connect to {host}:{port}: {exc.strerror or exc} (is the node running and the port right?)"
-
-
 # ---- studies ------------------------------------------------------------------------------------
-
-
-#: The analysis found no image to analyse (a CT, a lateral): a normal outcome, recorded in the error column.
-NOTHING_TO_ANALYSE = "nothing to analyse"
-#: Header fields shown per study, read from one of its spooled instances (the store keeps UIDs only).
-STUDY_HEADER_FIELDS = {
-    "patient_id": "PatientID", "accession_number": "AccessionNumber",
-    "study_date": "StudyDate", "study_description": "StudyDescription",
-}  # fmt: skip
 
 
 def run_studies(args: argparse.Namespace) -> int:
@@ -668,90 +520,6 @@ def study_notes(summary: dict[str, Any]) -> str:
     if reasons:
         parts.append(f"skipped: {reasons}")
     return "; ".join(parts)
-
-
-def study_outcome(study: StudyRecord) -> str:
-    """``skipped`` for a study finished with nothing to analyse, else its state."""
-    if study.state == "done" and (study.error or "").startswith(NOTHING_TO_ANALYSE):
-        return "skipped"
-    return study.state
-
-
-def read_study_header(spool_dir: Path, instances: list[InstanceRecord]) -> dict[str, str]:
-    """Patient ID, accession, date and description from the first readable spooled instance (header only)."""
-    import pydicom
-
-    for instance in instances:
-        try:
-            ds = pydicom.dcmread(spool_dir / instance.path, stop_before_pixels=True, specific_tags=list(STUDY_HEADER_FIELDS.values()))
-        except Exception:  # a purged or unreadable file: try the next one, else show blanks
-            continue
-        return {key: str(ds.get(keyword, "") or "").strip() for key, keyword in STUDY_HEADER_FIELDS.items()}
-    return dict.fromkeys(STUDY_HEADER_FIELDS, "")
-
-
-def study_summary(
-    study: StudyRecord, store: Store, now: datetime, spool_dir: Path | None = None, sources: dict[str, str] | None = None
-) -> dict[str, Any]:
-    """A JSON-ready view of one study: counts of its current version, skip reasons, stage times."""
-    instances = store.list_instances(study.study_instance_uid, version=study.version)
-    outcome = study_outcome(study)
-    stages = stage_durations(study.history or study.state_times, study.state, now)
-    if outcome == "skipped":  # nothing was analysed: no "analyzing 0.0s" stage
-        stages = [stage for stage in stages if stage["state"] != "analyzing"]
-    header = read_study_header(spool_dir, instances) if spool_dir is not None else dict.fromkeys(STUDY_HEADER_FIELDS, "")
-    return {
-        "study_instance_uid": study.study_instance_uid,
-        "state": study.state,
-        "outcome": outcome,
-        "version": study.version,
-        "source_ae": study.source_ae,
-        "source": (sources or {}).get(study.source_ae, study.source_ae),
-        **header,
-        "instance_count": study.instance_count,
-        "version_instance_count": len(instances),
-        "instance_states": dict(Counter(i.state for i in instances)),
-        "skip_reasons": dict(Counter(i.reason or "(no reason recorded)" for i in instances if i.state == "skipped").most_common()),
-        "error": None if outcome == "skipped" else study.error,
-        "created_at": study.created_at.isoformat(),
-        "last_received_at": study.last_received_at.isoformat(),
-        "updated_at": study.updated_at.isoformat(),
-        "state_times": {state: at.isoformat() for state, at in study.state_times.items()},
-        # Every state entered, in order (a resend adds its own entries, the first delivery's stay).
-        "history": [{"state": state, "entered_at": at.isoformat()} for state, at in study.history],
-        "stages": stages,
-    }
-
-
-def delivery_summary(store: Store, settings: Any, study: StudyRecord) -> list[dict[str, Any]]:
-    """Each destination of the study's current version: counts, attempts, next try (JSON-ready)."""
-    from dicom_node.pipeline.delivery import destination_states
-
-    return [
-        {"name": d.name, "total": d.total, "sent": d.sent, "retrying": d.retrying, "failed": d.failed, "dead": d.dead,
-         "attempts": d.attempts, "next_attempt_at": d.next_attempt_at.isoformat() if d.next_attempt_at else None,
-         "text": d.describe()}
-        for d in destination_states(store, settings, study)
-    ]  # fmt: skip
-
-
-def stage_durations(
-    state_times: dict[str, datetime] | tuple[tuple[str, datetime], ...], current: str, now: datetime
-) -> list[dict[str, Any]]:
-    """Each state entered, in order, with how long it lasted (the current one: until now;
-    a final state, done or failed: None). Takes the study's full history or its state -> time map."""
-    entries = state_times.items() if isinstance(state_times, dict) else state_times
-    ordered = sorted(entries, key=lambda item: item[1])
-    stages = []
-    for index, (state, entered) in enumerate(ordered):
-        if index + 1 < len(ordered):
-            seconds: float | None = (ordered[index + 1][1] - entered).total_seconds()
-        elif state == current and state not in ("done", "failed"):
-            seconds = (now - entered).total_seconds()
-        else:
-            seconds = None
-        stages.append({"state": state, "entered_at": entered.isoformat(), "seconds": seconds})
-    return stages
 
 
 def _seconds(value: float | None) -> str:

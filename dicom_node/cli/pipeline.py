@@ -7,7 +7,6 @@ Also :func:`start_node_pipeline`, which ``serve`` calls: the dispatch loop, and 
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
 import logging
 import os
@@ -24,7 +23,7 @@ from dicom_node.ops.errors import UserError
 from dicom_node.settings import Settings, load_settings
 
 if TYPE_CHECKING:
-    from dicom_node.store.base import RemoteNode, Store, StudyRecord
+    pass
 
 LOG = logging.getLogger(__name__)
 
@@ -158,7 +157,6 @@ def _stop_when_the_model_is_unusable(context: Any) -> Path:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    import socket
 
     from dicom_node.pipeline.queue import ANALYZE_QUEUE, create_app
     from dicom_node.store import open_store
@@ -392,50 +390,9 @@ def parse_since(text: str | None) -> datetime | None:
     return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
 
 
-def select_studies(store: Store, uid: str | None, states: list[str] | None, since: datetime | None,
-                   undelivered: bool = False) -> list[StudyRecord]:  # fmt: skip
-    """The study named, or every study matching the bulk options (oldest change first)."""
-    if uid is not None:
-        if states or since or undelivered:
-            raise UserError("give either STUDY_UID or the bulk options (--state, --since, --undelivered), not both")
-        study = store.get_study(uid)
-        if study is None:
-            raise UserError(f"no study {uid} in the state store (see `anatomix-node studies`)")
-        return [study]
-    if not states and not undelivered:
-        raise UserError("name a STUDY_UID, or select studies with --state (and --since)")
-    chosen: dict[str, StudyRecord] = {}
-    if states:
-        for study in store.list_studies(states=tuple(states), limit=1_000_000):
-            chosen[study.study_instance_uid] = study
-    if undelivered:
-        for record in store.list_deliveries(statuses=("failed", "dead")):
-            study = chosen.get(record.study_instance_uid) or store.get_study(record.study_instance_uid)
-            if study is not None and study.version == record.study_version and study.state in ("done", "failed"):
-                chosen[study.study_instance_uid] = study
-    studies = [s for s in chosen.values() if since is None or s.updated_at >= since]
-    return sorted(studies, key=lambda s: s.updated_at)
-
-
-def audit_command(store: Store, settings: Settings, event: str, study: StudyRecord, **detail: object) -> None:
-    """One audit event for an admin's command on a study (who ran it, from which host), in the
-    audit table and, when configured, the audit file."""
-    from dicom_node.audit.trail import Peer, open_audit_trail
-
-    open_audit_trail(store, settings.logging.audit_file).record(
-        event, Peer(None, None, socket.gethostname()), study_instance_uid=study.study_instance_uid, user=_user(), **detail
-    )
-
-
-def _user() -> str:
-    """Who runs the command (the uid when the account has no name, e.g. in a container)."""
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return f"uid {os.getuid()}"
-
-
 def cmd_resend(args: argparse.Namespace) -> int:
+    from dicom_node.audit.trail import open_audit_trail
+    from dicom_node.ops.studies import acting_user, resend_study, select_studies
     from dicom_node.pipeline.queue import create_app
     from dicom_node.store import open_store
 
@@ -452,57 +409,30 @@ def cmd_resend(args: argparse.Namespace) -> int:
             if target is None or not target.is_destination:
                 raise UserError(f"{args.destination!r} is not a configured destination (see `anatomix-node ae list`)")
         app = create_app(settings)
+        trail, user = open_audit_trail(store, settings.logging.audit_file), acting_user()
         failures = 0
         for study in studies:
             try:
-                failures += resend_study(store, settings, app, study, target, bulk=len(studies) > 1 or not args.study_instance_uid)
+                result = resend_study(store, settings, app, trail, study, target, bulk=len(studies) > 1 or not args.study_instance_uid,
+                                      user=user, via="cli")  # fmt: skip
             except UserError as exc:
                 if args.study_instance_uid:
                     raise
                 print(f"skipped {study.study_instance_uid}: {exc}")
+                continue
+            for line in result.lines:
+                print(f"{study.study_instance_uid}  {line}")
+            failures += not result.ok
         return 1 if failures else 0
     finally:
         store.close()
 
 
-def resend_study(store: Store, settings: Settings, app: object, study: StudyRecord, target: RemoteNode | None, bulk: bool) -> int:
-    """Resend one study's current results; 1 when a destination ended without everything, else 0."""
-    from dicom_node.pipeline.delivery import deliver_study_version, route_destinations
-    from dicom_node.pipeline.queue import send_deliver
-    from dicom_node.pipeline.tasks import finish_delivery
-    from sr_writer.bundle import comprehensive_sr_fallback
-
-    uid = study.study_instance_uid
-    if study.state == "purged":
-        raise UserError(f"study {uid} was purged by the retention policy: its results are gone")
-    if study.state not in ("done", "failed", "analyzed", "delivering"):
-        raise UserError(f"study {uid} is {study.state}: it has no results to send yet")
-    if not store.list_produced_objects(uid, study.version):
-        raise UserError(f"study {uid} v{study.version} has no results to send (state {study.state}); "
-                       "`anatomix-node reanalyze` analyses it again")  # fmt: skip
-    targets = [target] if target is not None else route_destinations(store, study, settings)
-    if not targets:
-        raise UserError(f"study {uid} has no destinations: name one with --to NAME")
-    # Appends delivering (and later done/failed) to the history; the first delivery's entries stay.
-    store.transition_study(uid, study.version, ("done", "failed", "analyzed"), "delivering", error=study.error)
-    study = store.get_study(uid)
-    assert study is not None
-    summary = deliver_study_version(store, settings, study, fallback=comprehensive_sr_fallback, destinations=targets, resend=True)
-    audit_command(store, settings, RESEND_EVENT, study, version=study.version, destinations=[t.name for t in targets], sent=summary.sent,
-                  retrying=summary.retrying, failed=summary.failed, dead=summary.dead, bulk=bulk)  # fmt: skip
-    for state in summary.destinations:
-        print(f"{uid}  {state.describe()}")
-    if not summary.finished:
-        send_deliver(app, uid, study.version, countdown=summary.next_attempt_in)  # type: ignore[arg-type]
-        print(f"{uid}: {summary.retrying} instance(s) will be retried by the deliver workers")
-        return 0
-    final = finish_delivery(store, study, summary)
-    return 0 if final == "done" and not summary.errors else 1
-
-
 def cmd_reanalyze(args: argparse.Namespace) -> int:
+    from dicom_node.audit.trail import open_audit_trail
+    from dicom_node.ops.studies import acting_user, reanalyze_study, select_studies
     from dicom_node.pipeline.dispatch import NO_MODEL_ERROR, model_configured
-    from dicom_node.pipeline.queue import create_app, send_analyze
+    from dicom_node.pipeline.queue import create_app
     from dicom_node.store import open_store
 
     settings = load_settings(args.config)
@@ -512,41 +442,20 @@ def cmd_reanalyze(args: argparse.Namespace) -> int:
     try:
         studies = select_studies(store, args.study_instance_uid, args.state, parse_since(args.since))
         app = create_app(settings)
-        queued = 0
+        trail, user = open_audit_trail(store, settings.logging.audit_file), acting_user()
         for study in studies:
-            uid = study.study_instance_uid
-            has_results = bool(store.list_produced_objects(uid, study.version))
-            if study.state not in ("done", "failed"):
-                problem = f"study {uid} is {study.state}: only done or failed studies are analysed again"
-            elif has_results and not args.new_version:
-                problem = (f"study {uid} v{study.version} already has results: add --new-version to analyse it again "
-                           "as a new version (new result UIDs)")  # fmt: skip
+            result = reanalyze_study(store, app, trail, study, new_version=args.new_version, user=user, via="cli")
+            if result.ok:
+                print(f"{study.study_instance_uid}: {result.message}")
+            elif args.study_instance_uid:
+                raise UserError(result.message)
             else:
-                problem = None
-            if problem:
-                if args.study_instance_uid:
-                    raise UserError(problem)
-                print(f"skipped {uid}: {problem}")
-                continue
-            version = store.requeue_for_analysis(uid, study.version, ("done", "failed"), new_version=has_results)
-            if version is None:
-                print(f"skipped {uid}: it changed meanwhile (now {getattr(store.get_study(uid), 'state', 'gone')})")
-                continue
-            audit_command(store, settings, REANALYZE_EVENT, study, previous_state=study.state, previous_version=study.version,
-                          version=version, new_version=version != study.version)  # fmt: skip
-            send_analyze(app, uid, version)
-            queued += 1
-            print(f"{uid}: queued for analysis as v{version}" + (" (new version)" if version != study.version else ""))
+                print(f"skipped {study.study_instance_uid}: {result.message}")
         if not studies:
             print("no study matches")
         return 0
     finally:
         store.close()
-
-
-#: Audit events of the admin commands.
-RESEND_EVENT = "study_resent"
-REANALYZE_EVENT = "study_reanalysis_requested"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -135,7 +135,7 @@ def install(app: FastAPI) -> None:  # noqa: C901 (one place that lists the pages
 
     # ---- studies ---------------------------------------------------------------------------------------
     def studies_context(request: Request) -> dict[str, Any]:
-        from dicom_node.cli.node import stage_durations, study_outcome
+        from dicom_node.ops.studies import stage_durations, study_outcome
 
         ctx = ctx_of(request)
         q = request.query_params
@@ -186,7 +186,7 @@ def install(app: FastAPI) -> None:  # noqa: C901 (one place that lists the pages
         return render(request, "_studies_rows.html", who, **studies_context(request))
 
     def study_context(request: Request, uid: str) -> dict[str, Any]:
-        from dicom_node.cli.node import delivery_summary, study_summary
+        from dicom_node.ops.studies import delivery_summary, study_summary
 
         ctx = ctx_of(request)
         study = ctx.store.get_study(uid)
@@ -349,7 +349,7 @@ _HEADERS_MAX = 20_000
 def _header(spool_dir: Path, store: Any, study: Any) -> dict[str, str]:
     """``cli_node.read_study_header`` of the study's current version, cached (a version's
     instances do not change once it is past receiving; a study still receiving is read each time)."""
-    from dicom_node.cli.node import read_study_header
+    from dicom_node.ops.studies import read_study_header
 
     key = (study.study_instance_uid, study.version)
     cached = _HEADERS.get(key)

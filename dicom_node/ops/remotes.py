@@ -1,0 +1,171 @@
+"""Remote nodes: validation of a node's fields, warnings about likely mistakes, C-ECHO.
+
+Shared by ``anatomix-node ae ...``/``echo`` and the API's ``/api/nodes``. Errors are
+:class:`~dicom_node.ops.errors.UserError` naming the field by the caller's label for it (the CLI's
+``--ae-title``, the API's ``ae_title``).
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from dicom_node.ops.errors import UserError
+from dicom_node.settings import Settings, SettingsError, validate_ae_title
+from dicom_node.store.base import RemoteNode, Store
+
+_NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+#: The port recorded for a source added without --port (DICOM's well-known port).
+SOURCE_DEFAULT_PORT = 104
+
+
+def validated_remote_node(
+    settings: Settings, *, name: str, ae_title: str, host: str, port: int | str | None, role: str, profile: str | None = None,
+    quiet_period_s: float | None = None, complete_on_release: bool = False, default_destination: bool = False,
+    labels: Mapping[str, str] | None = None,
+) -> RemoteNode:
+    """A :class:`RemoteNode` from its fields, checked; UserError naming the bad one by ``labels[field]``
+    (the field name itself when not given). A source without a port gets :data:`SOURCE_DEFAULT_PORT`."""
+    label = {"name": "name", "ae_title": "ae_title", "host": "host", "port": "port", "quiet_period_s": "quiet_period_s", **(labels or {})}
+    if not _NODE_NAME.match(name):
+        raise UserError(f"{label['name']} {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    try:
+        validate_ae_title(label["ae_title"], ae_title)
+        profile = profile or settings.output.default_profile
+        settings.output.profile(profile)
+    except SettingsError as exc:
+        raise UserError(str(exc)) from None
+    if port is None:
+        if role != "source":
+            raise UserError(f"{label['port']}: a {role} needs the DICOM port we send to (1-65535)")
+        port = SOURCE_DEFAULT_PORT
+    port = validated_port(port, label["port"])
+    clean_host = host.strip()
+    if not clean_host or any(c.isspace() for c in clean_host):
+        raise UserError(f"{label['host']} {host!r}: give a host name or IP address, or '*' for any host")
+    if clean_host == "*" and role != "source":
+        raise UserError(f"{label['host']} '*' only suits a source: a {role} needs an address we can connect to")
+    if quiet_period_s is not None and quiet_period_s < 0:
+        raise UserError(f"{label['quiet_period_s']} {quiet_period_s}: must be >= 0 seconds")
+    return RemoteNode(
+        name=name, ae_title=ae_title, host=clean_host, port=port, role=role, profile=profile, quiet_period_s=quiet_period_s,
+        complete_on_release=complete_on_release, default_destination=default_destination,
+    )
+
+
+def validated_port(value: int | str, label: str = "port") -> int:
+    """A TCP port (1-65535) from a number or its text; UserError naming ``label`` if bad."""
+    try:
+        port = int(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{label} {value!r}: not a number; give the DICOM port, 1-65535") from None
+    if not 1 <= port <= 65535:
+        raise UserError(f"{label} {port}: out of range; give the DICOM port, 1-65535")
+    return port
+
+
+def describe_remote(node: RemoteNode) -> str:
+    """``AE@host:port``; a source-only node without a port of its own shows none."""
+    return f"{node.ae_title}@{node.host}" + ("" if node.role == "source" and node.port == SOURCE_DEFAULT_PORT else f":{node.port}")
+
+
+
+def remote_node_warnings(node: RemoteNode, others: list[RemoteNode]) -> list[str]:
+    """Accepted but probably wrong: the same AE title and host under another name, a host that does not resolve."""
+    warnings = []
+    for other in others:
+        if other.name == node.name or other.ae_title != node.ae_title:
+            continue
+        if other.host == node.host or "*" in (other.host, node.host):
+            warnings.append(f"{other.name!r} has the same AE title {node.ae_title} and host {other.host}: associations from it "
+                            f"cannot be told apart; `anatomix-node ae remove` one of them, or `ae update` its AE title")  # fmt: skip
+    if node.host != "*":
+        try:
+            socket.getaddrinfo(node.host, None)
+        except socket.gaierror as exc:
+            warnings.append(f"host {node.host!r} does not resolve here now ({exc.strerror}); check the name, or use an IP address")
+        except UnicodeError:
+            warnings.append(f"host {node.host!r} is not a valid host name")
+    return warnings
+
+
+
+def unknown_node_message(name: str) -> str:
+    return f"no remote node named {name!r}; see `anatomix-node ae list`"
+
+
+
+def require_remote_node(store: Store, name: str) -> RemoteNode:
+    node = store.get_remote_node(name)
+    if node is None:
+        raise UserError(unknown_node_message(name))
+    return node
+
+
+
+def echo_remote(calling_ae: str, node: RemoteNode, timeout: float) -> float:
+    """Associate, C-ECHO, release; return milliseconds from association request to response.
+
+    Raises UserError with one line saying what failed (connection, rejection with the peer's
+    reason, abort, or a non-success status).
+    """
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import Verification
+
+    where = f"{node.name} ({node.ae_title}@{node.host}:{node.port})"
+    ae = AE(ae_title=calling_ae)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
+    seen: dict[str, Any] = {}
+    handlers = [
+        (evt.EVT_CONN_OPEN, lambda event: seen.setdefault("connected", True)),
+        (evt.EVT_ACSE_RECV, lambda event: seen.setdefault("response", event.primitive)),
+    ]
+    from dicom_node.net.tls import TlsConfigError, client_tls_args
+
+    try:
+        tls_args = client_tls_args(node)
+    except TlsConfigError as exc:
+        raise UserError(f"echo {where}: {exc}") from None
+    started = time.perf_counter()
+    assoc = ae.associate(node.host, node.port, ae_title=node.ae_title, evt_handlers=handlers, tls_args=tls_args)
+    if not assoc.is_established:
+        if not seen.get("connected"):
+            failure = _connect_failure(node.host, node.port, timeout)
+            if tls_args is not None and failure.startswith("the connection was closed"):
+                failure = "the TLS handshake failed (its certificate and host name, --tls-ca, our --tls-cert; see the log)"
+            raise UserError(f"echo {where}: {failure}")
+        response = seen.get("response")
+        if assoc.is_rejected and response is not None:
+            raise UserError(f"echo {where}: association rejected ({response.result_str}): {response.reason_str}")
+        if tls_args is not None and not assoc.is_rejected:  # TLS 1.3: a refused client certificate shows after the handshake
+            raise UserError(f"echo {where}: the TLS connection was closed without an answer: the TLS handshake failed on its side? "
+                           "(it may require our client certificate, --tls-cert/--tls-key, or not trust it)")  # fmt: skip
+        raise UserError(f"echo {where}: association aborted or timed out (no acceptable answer within {timeout:g} s)")
+    try:
+        status = assoc.send_c_echo()
+        elapsed_ms = (time.perf_counter() - started) * 1000
+    finally:
+        assoc.release()
+    if not status or "Status" not in status:
+        raise UserError(f"echo {where}: no C-ECHO response within {timeout:g} s")
+    if status.Status != 0x0000:
+        raise UserError(f"echo {where}: C-ECHO failed with status 0x{status.Status:04X}")
+    return elapsed_ms
+
+
+
+def _connect_failure(host: str, port: int, timeout: float) -> str:
+    """Why a TCP connection to host:port fails (probed again to get the operating system's reason)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return "the connection was closed before the association request was answered"
+    except socket.gaierror as exc:
+        return f"host name {host!r} does not resolve ({exc.strerror})"
+    except TimeoutError:
+        return f"no answer from {host}:{port} within {timeout:g} s (firewall or wrong address?)"
+    except OSError as exc:
+        return f"cannot connect to {host}:{port}: {exc.strerror or exc} (is the node running and the port right?)"
