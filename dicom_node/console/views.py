@@ -372,19 +372,29 @@ def _parse_local(value: str | None, tz: ZoneInfo) -> datetime | None:
 
 
 def _report_text(result: dict[str, Any]) -> str | None:
-    """The report (findings and impression) of an ``AnalysisResult`` dict, else its answers' text."""
+    """The report (findings and impression) of an ``AnalysisResult`` dict, else its answers' text;
+    a degenerate model text (a repetition loop, replacement characters) is shown as not usable with
+    the reason, as in the DICOM results, never as itself."""
     report = result.get("report")
     if isinstance(report, dict):
-        parts = [f"{key.capitalize()}: {report[key]}" for key in ("findings", "impression") if str(report.get(key) or "").strip()]
-        return "\n".join(parts) or str(report.get("raw_text") or "").strip() or None
-    answers = [a.get("raw_text", "") for a in result.get("answers") or [] if isinstance(a, dict) and a.get("raw_text")]
+        parts = [f"{key.capitalize()}: {_shown(report[key])}" for key in ("findings", "impression") if str(report.get(key) or "").strip()]
+        raw = str(report.get("raw_text") or "").strip()
+        return "\n".join(parts) or (_shown(raw) if raw else None)
+    answers = [_shown(a["raw_text"]) for a in result.get("answers") or [] if isinstance(a, dict) and a.get("raw_text")]
     return "\n".join(answers) or None
+
+
+def _shown(text: Any) -> str:
+    """A model text as the console shows it (the writer's rule, ``sr_writer.text.usable_model_text``)."""
+    from sr_writer.text import usable_model_text
+
+    return usable_model_text(str(text))[0]
 
 
 def _findings(result: dict[str, Any]) -> list[dict[str, Any]]:
     """Findings (label, text, probability, boxes) of an ``AnalysisResult`` dict."""
     return [
-        {"label": str(f.get("label") or ""), "text": str(f.get("text") or ""), "probability": f.get("probability"),
+        {"label": str(f.get("label") or ""), "text": _shown(f.get("text")) if f.get("text") else "", "probability": f.get("probability"),
          "boxes": len(f.get("boxes") or ())}
         for f in result.get("findings") or [] if isinstance(f, dict)
     ]  # fmt: skip

@@ -4,6 +4,7 @@ studies page, roles, the site's time zone, shortened UIDs."""
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 from dataclasses import replace
@@ -18,7 +19,7 @@ from dicom_node.api.app import create_app
 from dicom_node.console.views import short_uid
 from dicom_node.settings import HttpSettings, Settings, SettingsError, StorageSettings, load_settings
 from dicom_node.store import open_store
-from dicom_node.store.base import InstanceRecord, RemoteNode
+from dicom_node.store.base import AnalysisRecord, InstanceRecord, RemoteNode
 
 T0 = datetime(2026, 11, 30, 12, 0, tzinfo=timezone.utc)
 
@@ -140,3 +141,20 @@ def test_time_zone_setting_is_validated(tmp_path: Path) -> None:
         load_settings(config, env={})
     config.write_text('[http]\ntime_zone = "Europe/Berlin"\n')
     assert load_settings(config, env={}).http.time_zone == "Europe/Berlin"
+
+
+def test_study_page_shows_a_degenerate_model_text_as_not_usable_never_as_itself(app_and_store) -> None:  # noqa: ANN001
+    """A repetition loop from the model ("4444...") is what the demo weights write: the study page
+    says it is not usable and why, as the DICOM results do, and keeps usable text as it is."""
+    app, store, passwords, db = app_and_store
+    (uid,) = seed(store, db, 1)
+    loop = "4" * 300
+    result = {"report": {"findings": loop, "impression": "No acute cardiopulmonary process."},
+              "findings": [{"label": "effusion", "text": "no no no no no no no no", "boxes": []}]}  # fmt: skip
+    store.save_analysis(AnalysisRecord(uid, 1, f"{uid}.1", "analyzed", json.dumps(result), None, T0))
+    page = logged_in(app, "viewer", passwords).get(f"/console/studies/{uid}")
+    assert page.status_code == 200
+    assert "4444444444" not in page.text and "no no no no" not in page.text
+    assert "Findings: model output not usable (repetition loop)" in page.text
+    assert "Impression: No acute cardiopulmonary process." in page.text
+    assert page.text.count("model output not usable (repetition loop)") == 2
