@@ -193,6 +193,8 @@ def test_associate_rq_over_the_cap_is_aborted_after_the_header(guarded: GuardedS
         reply = read_pdu(sock, timeout=10)
         assert reply is not None and reply[0] == A_ABORT and reply[1][2:] == bytes([0x02, 0x06])
         assert wait_closed(sock, 5) is not None
+    # The gate closes the socket before it counts the connection (its ticket is released after): wait for that.
+    assert wait_until(lambda: guarded.server.guard.gate.open_connections == 0)
     guarded.scp.aggregate.flush()
     (row,) = guarded.audit_rows(audit.CONNECTIONS_SUMMARY)
     assert (row.peer_host, row.detail["kind"], row.detail["count"]) == ("127.0.0.5", "oversize_pdu", 1)
