@@ -6,25 +6,18 @@ Portable SQL mixed into :class:`~dicom_node.store.sql_store.SqlStore` (it uses t
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
-from dicom_node.store.base import API_ROLES, ApiAccountStore, ApiSession, ApiToken, ApiUser, StoreConflict
-
-
-def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def _require_aware(name: str, value: datetime) -> datetime:
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise ValueError(f"{name} = {value!r}: the store takes timezone-aware UTC times")
-    return value.astimezone(timezone.utc)
-
-
-def _placeholders(count: int) -> str:
-    return ", ".join("?" * count)
-
+from dicom_node.store.base import (
+    API_ROLES,
+    ApiAccountStore,
+    ApiSession,
+    ApiToken,
+    ApiUser,
+    StoreConflict,
+)
+from dicom_node.store.sql_common import placeholders, require_aware, utc_now
 
 _USER_COLUMNS = "name, role, password_hash, disabled, created_at, password_changed_at"
 _TOKEN_COLUMNS = "id, user_name, label, created_at, last_used_at, revoked_at"
@@ -51,9 +44,9 @@ class ApiAccountSql(ApiAccountStore):
             if tx.one("SELECT 1 FROM api_users WHERE name = ?", (user.name,)):
                 raise StoreConflict(f"an account named {user.name!r} already exists")
             tx.execute(
-                f"INSERT INTO api_users ({_USER_COLUMNS}) VALUES ({_placeholders(6)})",
-                (user.name, user.role, user.password_hash, bool(user.disabled), self._db_time(_require_aware("created_at", user.created_at)),
-                 self._db_time(_require_aware("password_changed_at", user.password_changed_at))),
+                f"INSERT INTO api_users ({_USER_COLUMNS}) VALUES ({placeholders(6)})",
+                (user.name, user.role, user.password_hash, bool(user.disabled), self._db_time(require_aware("created_at", user.created_at)),
+                 self._db_time(require_aware("password_changed_at", user.password_changed_at))),
             )  # fmt: skip
 
     def get_api_user(self, name: str) -> ApiUser | None:
@@ -97,7 +90,7 @@ class ApiAccountSql(ApiAccountStore):
             return tx.execute("DELETE FROM api_users WHERE name = ?", (name,)) > 0
 
     def add_api_token(self, user_name: str, label: str, token_hash: str, at: datetime) -> ApiToken:
-        created = self._db_time(_require_aware("at", at))
+        created = self._db_time(require_aware("at", at))
         with self._transaction(write=True) as tx:
             if tx.one("SELECT 1 FROM api_users WHERE name = ?", (user_name,)) is None:
                 raise KeyError(user_name)
@@ -111,7 +104,7 @@ class ApiAccountSql(ApiAccountStore):
             row = tx.one(f"SELECT {_TOKEN_COLUMNS} FROM api_tokens WHERE token_hash = ? AND revoked_at IS NULL", (token_hash,))
             if row is None:
                 return None
-            tx.execute("UPDATE api_tokens SET last_used_at = ? WHERE id = ?", (self._db_time(_require_aware("now", now)), row[0]))
+            tx.execute("UPDATE api_tokens SET last_used_at = ? WHERE id = ?", (self._db_time(require_aware("now", now)), row[0]))
         return self._token(row)
 
     def list_api_tokens(self, user_name: str | None = None) -> list[ApiToken]:
@@ -122,21 +115,21 @@ class ApiAccountSql(ApiAccountStore):
     def revoke_api_token(self, token_id: int, at: datetime) -> bool:
         with self._transaction(write=True) as tx:
             return tx.execute("UPDATE api_tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
-                              (self._db_time(_require_aware("at", at)), int(token_id))) > 0  # fmt: skip
+                              (self._db_time(require_aware("at", at)), int(token_id))) > 0  # fmt: skip
 
     def add_api_session(self, session: ApiSession) -> None:
         with self._transaction(write=True) as tx:
             tx.execute("DELETE FROM api_sessions WHERE expires_at < ?", (self._db_time(utc_now()),))
             tx.execute(
                 "INSERT INTO api_sessions (id_hash, user_name, csrf_token, created_at, expires_at) VALUES (?, ?, ?, ?, ?)",
-                (session.id_hash, session.user_name, session.csrf_token, self._db_time(_require_aware("created_at", session.created_at)),
-                 self._db_time(_require_aware("expires_at", session.expires_at))),
+                (session.id_hash, session.user_name, session.csrf_token, self._db_time(require_aware("created_at", session.created_at)),
+                 self._db_time(require_aware("expires_at", session.expires_at))),
             )  # fmt: skip
 
     def get_api_session(self, id_hash: str, now: datetime) -> ApiSession | None:
         with self._transaction(write=False) as tx:
             row = tx.one("SELECT id_hash, user_name, csrf_token, created_at, expires_at FROM api_sessions WHERE id_hash = ? AND expires_at > ?",
-                         (id_hash, self._db_time(_require_aware("now", now))))  # fmt: skip
+                         (id_hash, self._db_time(require_aware("now", now))))  # fmt: skip
         if row is None:
             return None
         return ApiSession(row[0], row[1], row[2], self._py_time(row[3]), self._py_time(row[4]))

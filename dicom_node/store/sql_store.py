@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
+from dicom_node.store.api_accounts import ApiAccountSql
 from dicom_node.store.base import (
     DELIVERY_STATES,
     INSTANCE_STATES,
@@ -39,9 +40,9 @@ from dicom_node.store.base import (
     StoreError,
     StudyRecord,
 )
-from dicom_node.store.api_accounts import ApiAccountSql
 from dicom_node.store.console_queries import ConsoleSql
 from dicom_node.store.schema import load_migrations
+from dicom_node.store.sql_common import placeholders, require_aware, utc_now
 
 #: A late instance reopens a study in these states as a new analysis version.
 REOPEN_STATES = ("queued", "analyzing", "analyzed", "delivering", "done", "failed", "purged")
@@ -100,20 +101,6 @@ class _DuplicateFound(Exception):
     def __init__(self, row: tuple) -> None:
         super().__init__("duplicate")
         self.row = row
-
-
-def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def _require_aware(name: str, value: datetime) -> datetime:
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise ValueError(f"{name} = {value!r}: the store takes timezone-aware UTC times")
-    return value.astimezone(timezone.utc)
-
-
-def _placeholders(count: int) -> str:
-    return ", ".join("?" * count)
 
 
 class SqlStore(ConsoleSql, ApiAccountSql, Store):
@@ -201,7 +188,7 @@ class SqlStore(ConsoleSql, ApiAccountSql, Store):
             if tx.one("SELECT 1 FROM remote_nodes WHERE name = ?", (node.name,)):
                 raise StoreConflict(f"a remote node named {node.name!r} already exists")
             tx.execute(
-                f"INSERT INTO remote_nodes ({_NODE_COLUMNS}, created_at, updated_at) VALUES ({_placeholders(16)})",
+                f"INSERT INTO remote_nodes ({_NODE_COLUMNS}, created_at, updated_at) VALUES ({placeholders(16)})",
                 (node.name, *self._node_params(node), now, now),
             )
 
@@ -265,7 +252,7 @@ class SqlStore(ConsoleSql, ApiAccountSql, Store):
     def record_instance(
         self, instance: InstanceRecord, source_node: str | None = None, source_host: str | None = None
     ) -> RecordOutcome:
-        received_at = _require_aware("received_at", instance.received_at)
+        received_at = require_aware("received_at", instance.received_at)
         try:
             with self._transaction(write=True) as tx:
                 return self._record_instance(tx, instance, received_at, source_node, source_host)
@@ -314,7 +301,7 @@ class SqlStore(ConsoleSql, ApiAccountSql, Store):
             tx.execute("UPDATE studies SET state = 'receiving', error = NULL WHERE study_instance_uid = ?", (uid,))
             self._add_history(tx, uid, version, "receiving", now)
         row = tx.one(
-            f"INSERT INTO instances ({_INSTANCE_COLUMNS.removeprefix('id, ')}) VALUES ({_placeholders(13)}) "
+            f"INSERT INTO instances ({_INSTANCE_COLUMNS.removeprefix('id, ')}) VALUES ({placeholders(13)}) "
             f"ON CONFLICT (sop_instance_uid, sha256) DO NOTHING RETURNING {_INSTANCE_COLUMNS}",
             (
                 instance.sop_instance_uid, instance.sop_class_uid, uid, instance.series_instance_uid,
@@ -366,7 +353,7 @@ class SqlStore(ConsoleSql, ApiAccountSql, Store):
     def list_studies(self, states: tuple[str, ...] | None = None, limit: int = 1000) -> list[StudyRecord]:
         where, params = "", []
         if states:
-            where, params = f"WHERE s.state IN ({_placeholders(len(states))})", list(states)
+            where, params = f"WHERE s.state IN ({placeholders(len(states))})", list(states)
         with self._transaction(write=False) as tx:
             return self._select_studies(tx, where, params, f" ORDER BY s.created_at DESC, s.study_instance_uid LIMIT {int(limit)}")
 
@@ -384,7 +371,7 @@ class SqlStore(ConsoleSql, ApiAccountSql, Store):
             chunk = uids[start:start + _IN_CHUNK]
             entries = tx.all(
                 "SELECT study_instance_uid, version, state, entered_at FROM study_state_history "
-                f"WHERE study_instance_uid IN ({_placeholders(len(chunk))}) ORDER BY id",
+                f"WHERE study_instance_uid IN ({placeholders(len(chunk))}) ORDER BY id",
                 chunk,
             )
             for uid, version, state, entered_at in entries:
@@ -413,7 +400,7 @@ class SqlStore(ConsoleSql, ApiAccountSql, Store):
         with self._transaction(write=True) as tx:
             changed = tx.execute(
                 "UPDATE studies SET state = ?, error = ?, updated_at = ? "
-                f"WHERE study_instance_uid = ? AND version = ? AND state IN ({_placeholders(len(from_states))})",
+                f"WHERE study_instance_uid = ? AND version = ? AND state IN ({placeholders(len(from_states))})",
                 (to_state, error, self._db_time(now), study_instance_uid, version, *from_states),
             )
             if changed:
@@ -458,9 +445,9 @@ class SqlStore(ConsoleSql, ApiAccountSql, Store):
             return []
         with self._transaction(write=False) as tx:
             rows = tx.all(
-                f"SELECT study_instance_uid FROM studies WHERE state IN ({_placeholders(len(states))}) AND updated_at < ? "
+                f"SELECT study_instance_uid FROM studies WHERE state IN ({placeholders(len(states))}) AND updated_at < ? "
                 f"{_undelivered_guard(states)}ORDER BY updated_at, study_instance_uid LIMIT {int(limit)}",
-                (*states, self._db_time(_require_aware("updated_before", updated_before))),
+                (*states, self._db_time(require_aware("updated_before", updated_before))),
             )
         return [row[0] for row in rows]
 
@@ -471,7 +458,7 @@ class SqlStore(ConsoleSql, ApiAccountSql, Store):
         updated_before: datetime,
         remove_files: Callable[[list[str], list[str]], None],
     ) -> PurgedStudy | None:
-        cutoff = _require_aware("updated_before", updated_before)
+        cutoff = require_aware("updated_before", updated_before)
         uid = study_instance_uid
         with self._transaction(write=True) as tx:
             row = tx.one(f"SELECT version, state, updated_at FROM studies WHERE study_instance_uid = ?{self.lock_row_sql}", (uid,))
@@ -499,13 +486,13 @@ class SqlStore(ConsoleSql, ApiAccountSql, Store):
     def save_analysis(self, record: AnalysisRecord) -> None:
         with self._transaction(write=True) as tx:
             tx.execute(
-                f"INSERT INTO analyses ({_ANALYSIS_COLUMNS}) VALUES ({_placeholders(7)}) "
+                f"INSERT INTO analyses ({_ANALYSIS_COLUMNS}) VALUES ({placeholders(7)}) "
                 "ON CONFLICT (study_instance_uid, study_version, sop_instance_uid) DO UPDATE SET "
                 "status = excluded.status, result_json = excluded.result_json, error = excluded.error, "
                 "created_at = excluded.created_at",
                 (
                     record.study_instance_uid, record.study_version, record.sop_instance_uid, record.status,
-                    record.result_json, record.error, self._db_time(_require_aware("created_at", record.created_at)),
+                    record.result_json, record.error, self._db_time(require_aware("created_at", record.created_at)),
                 ),
             )  # fmt: skip
 
@@ -524,12 +511,12 @@ class SqlStore(ConsoleSql, ApiAccountSql, Store):
     def record_produced_object(self, obj: ProducedObject) -> None:
         with self._transaction(write=True) as tx:
             tx.execute(
-                f"INSERT INTO produced_objects ({_PRODUCED_COLUMNS}) VALUES ({_placeholders(8)}) "
+                f"INSERT INTO produced_objects ({_PRODUCED_COLUMNS}) VALUES ({placeholders(8)}) "
                 "ON CONFLICT (sop_instance_uid) DO NOTHING",
                 (
                     obj.study_instance_uid, obj.study_version, obj.source_sop_instance_uid, obj.kind,
                     obj.sop_instance_uid, obj.sop_class_uid, obj.path,
-                    self._db_time(_require_aware("created_at", obj.created_at)),
+                    self._db_time(require_aware("created_at", obj.created_at)),
                 ),
             )  # fmt: skip
 
@@ -551,7 +538,7 @@ class SqlStore(ConsoleSql, ApiAccountSql, Store):
             raise ValueError(f"delivery status {record.status!r}; known: {', '.join(DELIVERY_STATES)}")
         with self._transaction(write=True) as tx:
             tx.execute(
-                f"INSERT INTO deliveries ({_DELIVERY_COLUMNS}) VALUES ({_placeholders(11)}) "
+                f"INSERT INTO deliveries ({_DELIVERY_COLUMNS}) VALUES ({placeholders(11)}) "
                 "ON CONFLICT (study_instance_uid, study_version, destination, sop_instance_uid) DO UPDATE SET "
                 "status = excluded.status, attempts = excluded.attempts, last_status = excluded.last_status, "
                 "error = excluded.error, updated_at = excluded.updated_at, "
@@ -559,7 +546,7 @@ class SqlStore(ConsoleSql, ApiAccountSql, Store):
                 (
                     record.study_instance_uid, record.study_version, record.destination, record.sop_instance_uid,
                     record.status, record.attempts, record.last_status, record.error,
-                    self._db_time(_require_aware("updated_at", record.updated_at)),
+                    self._db_time(require_aware("updated_at", record.updated_at)),
                     self._optional_time("first_attempt_at", record.first_attempt_at),
                     self._optional_time("next_attempt_at", record.next_attempt_at),
                 ),
@@ -569,8 +556,8 @@ class SqlStore(ConsoleSql, ApiAccountSql, Store):
         self, study_instance_uid: str, version: int, destination: str, sop_instance_uids: list[str], now: datetime,
         hold_until: datetime,
     ) -> bool:
-        now_db = self._db_time(_require_aware("now", now))
-        hold_db = self._db_time(_require_aware("hold_until", hold_until))
+        now_db = self._db_time(require_aware("now", now))
+        hold_db = self._db_time(require_aware("hold_until", hold_until))
         key = (study_instance_uid, version, destination)
         try:
             with self._transaction(write=True) as tx:
@@ -591,7 +578,7 @@ class SqlStore(ConsoleSql, ApiAccountSql, Store):
                             (hold_db, *key, sop),
                         )
                     elif tx.execute(
-                        f"INSERT INTO deliveries ({_DELIVERY_COLUMNS}) VALUES ({_placeholders(11)}) "
+                        f"INSERT INTO deliveries ({_DELIVERY_COLUMNS}) VALUES ({placeholders(11)}) "
                         "ON CONFLICT (study_instance_uid, study_version, destination, sop_instance_uid) DO NOTHING",
                         (*key, sop, "pending", 0, None, None, now_db, None, hold_db),
                     ) == 0:
@@ -608,7 +595,7 @@ class SqlStore(ConsoleSql, ApiAccountSql, Store):
             clauses.append("study_instance_uid = ?")
             params.append(study_instance_uid)
         if statuses:
-            clauses.append(f"status IN ({_placeholders(len(statuses))})")
+            clauses.append(f"status IN ({placeholders(len(statuses))})")
             params.extend(statuses)
         where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
         with self._transaction(write=False) as tx:
@@ -626,7 +613,7 @@ class SqlStore(ConsoleSql, ApiAccountSql, Store):
         ]
 
     def _optional_time(self, name: str, value: datetime | None) -> Any:
-        return None if value is None else self._db_time(_require_aware(name, value))
+        return None if value is None else self._db_time(require_aware(name, value))
 
     # ---- audit ----------------------------------------------------------------------------------
     def audit(self, event: AuditEvent) -> None:
@@ -635,9 +622,9 @@ class SqlStore(ConsoleSql, ApiAccountSql, Store):
 
     def _insert_audit(self, tx: Tx, event: AuditEvent) -> None:
         row = tx.one(
-            f"INSERT INTO audit_events ({_AUDIT_COLUMNS.removeprefix('id, ')}) VALUES ({_placeholders(9)}) RETURNING id",
+            f"INSERT INTO audit_events ({_AUDIT_COLUMNS.removeprefix('id, ')}) VALUES ({placeholders(9)}) RETURNING id",
             (
-                self._db_time(_require_aware("at", event.at)), event.event, event.calling_ae, event.called_ae,
+                self._db_time(require_aware("at", event.at)), event.event, event.calling_ae, event.called_ae,
                 event.peer_host, event.study_instance_uid, event.sop_instance_uid, json.dumps(event.detail), event.user,
             ),
         )  # fmt: skip
@@ -652,7 +639,7 @@ class SqlStore(ConsoleSql, ApiAccountSql, Store):
             # Events still waiting for the ATNA repository are kept until forwarded (nothing is lost).
             return tx.execute(
                 "DELETE FROM audit_events WHERE at < ? AND id NOT IN (SELECT event_id FROM audit_outbox)",
-                (self._db_time(_require_aware("before", before)),),
+                (self._db_time(require_aware("before", before)),),
             )
 
     def list_audit_events(self, event: str | None = None, limit: int = 1000) -> list[AuditEvent]:
@@ -676,12 +663,12 @@ class SqlStore(ConsoleSql, ApiAccountSql, Store):
         clauses, params = ["id > ?"], [int(after_id)]
         if since is not None:
             clauses.append("at >= ?")
-            params.append(self._db_time(_require_aware("since", since)))
+            params.append(self._db_time(require_aware("since", since)))
         if until is not None:
             clauses.append("at < ?")
-            params.append(self._db_time(_require_aware("until", until)))
+            params.append(self._db_time(require_aware("until", until)))
         if events:
-            clauses.append(f"event IN ({_placeholders(len(events))})")
+            clauses.append(f"event IN ({placeholders(len(events))})")
             params.extend(events)
         if ae is not None:
             clauses.append("(calling_ae = ? OR called_ae = ?)")
@@ -722,7 +709,7 @@ class SqlStore(ConsoleSql, ApiAccountSql, Store):
         if not event_ids:
             return 0
         with self._transaction(write=True) as tx:
-            return tx.execute(f"DELETE FROM audit_outbox WHERE event_id IN ({_placeholders(len(event_ids))})", event_ids)
+            return tx.execute(f"DELETE FROM audit_outbox WHERE event_id IN ({placeholders(len(event_ids))})", event_ids)
 
     def audit_outbox_failed(self, event_ids: list[int], error: str) -> None:
         if not event_ids:
@@ -730,7 +717,7 @@ class SqlStore(ConsoleSql, ApiAccountSql, Store):
         with self._transaction(write=True) as tx:
             tx.execute(
                 f"UPDATE audit_outbox SET attempts = attempts + 1, last_error = ? "
-                f"WHERE event_id IN ({_placeholders(len(event_ids))})",
+                f"WHERE event_id IN ({placeholders(len(event_ids))})",
                 (error[:500], *event_ids),
             )
 
@@ -771,7 +758,7 @@ class SqlStore(ConsoleSql, ApiAccountSql, Store):
             order = before[:index] + [rule.name] + before[index:]
             tx.execute(
                 "INSERT INTO routing_rules (name, position, match_json, action_json, description, enabled, created_at, "
-                f"updated_at) VALUES ({_placeholders(8)})",
+                f"updated_at) VALUES ({placeholders(8)})",
                 (rule.name, index + 1, json.dumps(rule.match), json.dumps(rule.action), rule.description, bool(rule.enabled), now, now),
             )
             self._renumber_rules(tx, order, before + [rule.name])

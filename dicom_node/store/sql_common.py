@@ -1,0 +1,21 @@
+"""Small helpers of the portable SQL (the store and its mixins): the clock, UTC checks, placeholders."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def require_aware(name: str, value: datetime) -> datetime:
+    """``value`` in UTC; ValueError naming ``name`` when it is naive (the store takes aware UTC times)."""
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"{name} = {value!r}: the store takes timezone-aware UTC times")
+    return value.astimezone(timezone.utc)
+
+
+def placeholders(count: int) -> str:
+    """``?, ?, ...``: ``count`` positional parameters."""
+    return ", ".join("?" * count)
