@@ -362,14 +362,16 @@ class StorageScp:
 
 
 def build_ae(settings: Settings) -> AE:
-    """An AE that accepts Verification and every storage SOP class (private ones too) in every decodable syntax."""
+    """An AE that accepts Verification and every storage SOP class in every decodable syntax.
+
+    Private and newer-than-pynetdicom storage classes are accepted too once the process has
+    installed :func:`dicom_node.net.negotiation.accept_unlisted_storage_classes` (process-wide: the
+    serve entry point does it, :func:`accept_unlisted_classes_in_this_process`); building an AE never does.
+    """
     ae = AE(ae_title=settings.node.ae_title)
     transfer_syntaxes = accepted_transfer_syntaxes()
     for context in AllStoragePresentationContexts:
         ae.add_supported_context(context.abstract_syntax, transfer_syntaxes)
-    # Private and newer-than-pynetdicom storage classes: stored, never analysed (a whole-study
-    # push must not fail on a vendor's private object).
-    accept_unlisted_storage_classes(transfer_syntaxes)
     ae.add_supported_context(Verification)
     ae.maximum_pdu_size = settings.node.max_pdu
     ae.network_timeout = settings.node.network_timeout_s
@@ -379,3 +381,10 @@ def build_ae(settings: Settings) -> AE:
     # per-host limit) admits at most this many, so pynetdicom's own transient rejection stays a backstop.
     ae.maximum_associations = settings.limits.max_connections
     return ae
+
+
+def accept_unlisted_classes_in_this_process() -> bool:
+    """Private and newer-than-pynetdicom storage classes: stored, never analysed (a whole-study push
+    must not fail on a vendor's private object). Process-wide, so called once by the process that
+    serves (an SCP process of ``serve``), never by :func:`build_ae`. Idempotent."""
+    return accept_unlisted_storage_classes(accepted_transfer_syntaxes())
