@@ -11,7 +11,9 @@ Acceptance (EVT_REQUESTED, before any negotiation):
 - calling AE (and host, when the source has one) must be a configured source
   (``store.find_source``), else permanent / service-user / 0x03 "calling AE title not
   recognised", unless ``node.accept_unknown_sources``;
-- state store unreachable: transient / service-user / no reason given (the sender retries).
+- state store unreachable: transient / service-user / no reason given (the sender retries);
+- a source's host name not resolved yet (``SourceHostPending``: names are resolved off the accept
+  path, :mod:`dicom_node.store.hosts`): transient as well.
 
 "Accepted" is logged and audited when pynetdicom has really accepted (EVT_ACCEPTED); an association
 pynetdicom itself rejects after our checks (its slot limit) is audited as rejected with that reason
@@ -53,7 +55,7 @@ from dicom_node.net.dataset import (
 )
 from dicom_node.settings import Settings
 from dicom_node.store.spool import SpoolFull, check_free_space, ensure_spooled, remove_instance, write_instance
-from dicom_node.store.base import InstanceRecord, RemoteNode, Store, StoreError, StoreUnavailable
+from dicom_node.store.base import InstanceRecord, RemoteNode, SourceHostPending, Store, StoreError, StoreUnavailable
 from dicom_node.net.transfer_syntaxes import accepted_transfer_syntaxes
 
 log = logging.getLogger(__name__)
@@ -149,6 +151,10 @@ class StorageScp:
             return
         try:
             source = self.store.find_source(calling_ae, host)
+        except SourceHostPending as exc:  # never resolve DNS while the sender waits: it retries shortly
+            log.warning("association from %s@%s refused (transient): %s", peer.calling_ae, host, exc)
+            self._reject(assoc, peer, REJECT_TRANSIENT, str(exc))
+            return
         except StoreError as exc:
             log.error("association from %s@%s refused (transient): state store unavailable: %s", peer.calling_ae, host, exc)
             self._reject(assoc, peer, REJECT_TRANSIENT, "state store unavailable", audit_it=False)
