@@ -268,7 +268,12 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def find_source(self, ae_title: str, host: str | None) -> RemoteNode | None:
-        """The source node with this AE title whose host matches (a node with host '*' or '' matches any)."""
+        """The source node with this AE title whose host matches (a node with host '*' or '' matches any).
+
+        Raises:
+            SourceHostPending: a candidate's host name has not been resolved yet (transient).
+            StoreUnavailable: the database cannot be reached.
+        """
 
     # ---- instances and studies ------------------------------------------------------------------
     @abc.abstractmethod

@@ -71,9 +71,10 @@ class HostAddresses:
         self._in_flight: dict[str, threading.Event] = {}
 
     def resolve_now(self, names: Iterable[str]) -> None:
-        """Resolve these names in the calling thread (a background thread: never the accept path)."""
-        for name in {n.lower() for n in names if n and not is_ip_literal(n)}:
-            self._store(name, resolve_host(name))
+        """Resolve these names again (all at once) and wait until they are done; for a background
+        thread, never the accept path. A name already being resolved is waited for, not resolved twice."""
+        for done in [self._start(name) for name in {n.lower() for n in names if n and not is_ip_literal(n)}]:
+            done.wait()
 
     def prefetch(self, names: Iterable[str]) -> None:
         """Start resolving these names in the background (nothing waits for it)."""

@@ -72,6 +72,11 @@ def scp(tmp_path: Path, slow_resolver: SlowResolver) -> Iterator[RunningScp]:
     setup.add_remote_node(RemoteNode(name="modality", ae_title="MODALITY", host="127.0.0.1", port=104, role="source"))
     setup.add_remote_node(RemoteNode(name="ct", ae_title="CT", host="ct.slow.test", port=104, role="source"))
     setup.close()  # configured by another process (``anatomix-node ae add``): this one has resolved nothing
+    deadline = time.monotonic() + 5  # adding the node started a lookup in the background (that store's)
+    while not slow_resolver.calls and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert slow_resolver.calls == ["ct.slow.test"]
+    slow_resolver.calls.clear()
     store = open_store(f"sqlite:///{tmp_path / 'var' / 'anatomix.db'}", migrate=False)
     scp = StorageScp(settings, store, open_audit_trail(store, ""))
     clock = time.monotonic()
@@ -110,6 +115,7 @@ def test_a_slow_resolver_never_stalls_acceptance(scp: RunningScp, slow_resolver:
     for _ in range(3):  # resolved once, off the accept path; every association after that is a cache hit
         code, seconds = timed_echo(scp.port, "CT")
         assert code == 0 and seconds < FAST_S, (code, seconds)
+    assert slow_resolver.calls == ["ct.slow.test"]  # the housekeeping's lookup, which acceptance waited for briefly
 
     # Past the refresh age the old answer still serves while a background lookup renews it.
     scp.store.host_addresses.refresh_s = 0.0
