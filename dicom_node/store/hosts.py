@@ -6,8 +6,7 @@ resolver while its association is pending (a slow or dead DNS server stalls them
 here never start a resolution in the caller's thread:
 
 - the SCP process resolves every configured source's host when it loads the nodes (its housekeeping
-  thread, at start and every ``PortHousekeeping.TRUSTED_REFRESH_S``), and adding or changing a node
-  starts a resolution in the background;
+  thread, at start and every ``PortHousekeeping.TRUSTED_REFRESH_S``), all names at once;
 - :meth:`HostAddresses.lookup` answers from the cache; an entry older than ``refresh_s`` is still
   answered while a background thread resolves it again;
 - a name this process has never resolved is resolved in the background, and the lookup waits for
@@ -75,11 +74,6 @@ class HostAddresses:
         thread, never the accept path. A name already being resolved is waited for, not resolved twice."""
         for done in [self._start(name) for name in {n.lower() for n in names if n and not is_ip_literal(n)}]:
             done.wait()
-
-    def prefetch(self, names: Iterable[str]) -> None:
-        """Start resolving these names in the background (nothing waits for it)."""
-        for name in {n.lower() for n in names if n and not is_ip_literal(n)}:
-            self._start(name)
 
     def lookup(self, name: str) -> frozenset[str] | None:
         """The cached addresses of ``name`` without resolving in this thread (see the module

@@ -204,7 +204,6 @@ class SqlStore(ConsoleSql, ApiAccountSql, Store):
                 f"INSERT INTO remote_nodes ({_NODE_COLUMNS}, created_at, updated_at) VALUES ({_placeholders(16)})",
                 (node.name, *self._node_params(node), now, now),
             )
-        self.host_addresses.prefetch([node.host])  # resolved when configured, not while a sender waits
 
     def update_remote_node(self, node: RemoteNode) -> None:
         with self._transaction(write=True) as tx:
@@ -216,7 +215,6 @@ class SqlStore(ConsoleSql, ApiAccountSql, Store):
             )
         if changed == 0:
             raise KeyError(node.name)
-        self.host_addresses.prefetch([node.host])
 
     def get_remote_node(self, name: str) -> RemoteNode | None:
         with self._transaction(write=False) as tx:
