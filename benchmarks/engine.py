@@ -23,8 +23,8 @@ import torch
 
 from inference.demo_apm import synthetic_chest_radiograph
 from inference.demo_weights import ensure_demo_weights
-from inference.engine import Engine
-from inference.lm.decoding import KVCache, compile_decode_step, decode_one_token, decode_rows_one_by_one, generate_greedy, prefill
+from inference.engine import Engine, EngineOptions
+from inference.lm.decoding import DecodeStep, DecodeStrategy, KVCache, generate_greedy, prefill
 from inference.preprocess import images_to_tensor, prepare_array
 from inference.prompt import build_prompt_text, encode_prompt
 from inference.tasks import REPORT_INSTRUCTION
@@ -83,7 +83,7 @@ def main() -> None:
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     model_dir = args.model_dir or ensure_demo_weights(args.cache_dir, args.size)
-    engine = Engine.load(model_dir, device=args.device, max_new_tokens=args.decode_tokens, stop_at_end_of_turn=False)
+    engine = Engine.load(model_dir, EngineOptions(device=args.device, max_new_tokens=args.decode_tokens, stop_at_end_of_turn=False))
     lm, decoder = engine.lm, engine.lm.decoder
     info = lm.info()
     rows: list[tuple[str, str]] = []
@@ -117,11 +117,11 @@ def main() -> None:
     # ---- decode ------------------------------------------------------------------------------------
     bandwidth, bandwidth_source = device_bandwidth(device, args.bandwidth_gbps)
     kv_bytes_per_token = 2 * info.num_layers * decoder.config.num_key_value_heads * decoder.config.head_dim * embeds.element_size()
-    steps = {"ours": decode_one_token}
+    steps = {"ours": DecodeStep.build(DecodeStrategy.BATCHED)}
     if device.type == "cpu":
-        steps["ours, row by row (CPU default)"] = decode_rows_one_by_one
+        steps["ours, row by row (CPU default)"] = DecodeStep.build(DecodeStrategy.ROW_BY_ROW)
     if args.compile and device.type == "cuda":
-        steps["ours, compiled (CUDA graphs)"] = compile_decode_step()
+        steps["ours, compiled (CUDA graphs)"] = DecodeStep.build(DecodeStrategy.COMPILED)
     decode_table = []
     for batch in (int(b) for b in args.batch_sizes.split(",")):
         prompts = [embeds] * batch

@@ -13,9 +13,10 @@ rebuild the cache or recompile the step as the batch changes. :class:`Continuous
   ``(key, AnalysisResult)``.
 
 The cache has ``slots`` rows and a fixed length; idle rows decode a pad token at position 0 (their
-output is ignored), so the step's shapes never change. On CPU the step runs row by row over active
-rows only (:func:`decode_rows_one_by_one`), which makes each image's tokens identical to the same
-image analysed alone; on a GPU the batched step agrees with them up to rounding.
+output is ignored), so the step's shapes never change. The engine's decode strategy says how a step
+runs: row by row (the CPU default, ``DecodeStrategy.ROW_BY_ROW``) over active rows only
+(:func:`decode_rows_one_by_one`), which makes each image's tokens identical to the same image analysed
+alone; batched or compiled (GPU) over every row, which agrees with them up to rounding.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from inference.engine import Engine, _ImageState, _Perception
-from inference.lm.decoding import KVCache, TokenInjection, decode_rows_one_by_one, prefill, round_up
+from inference.lm.decoding import DecodeStrategy, KVCache, TokenInjection, decode_rows_one_by_one, prefill, round_up
 from inference.preprocess import PreparedImage, images_to_tensor
 from inference.tasks import TaskRequest
 
@@ -68,7 +69,6 @@ class ContinuousBatcher:
         self.requests = [TaskRequest.parse(task) for task in tasks]
         self.slots = slots
         self.device = engine.device
-        self.on_gpu = self.device.type == "cuda"
         self.max_new_tokens = engine.options.max_new_tokens
         self.stop_ids = frozenset(engine.token_ids.stop_ids if engine.options.stop_at_end_of_turn else ())
         self._waiting: deque[tuple[Hashable, PreparedImage, float]] = deque()
@@ -79,7 +79,8 @@ class ContinuousBatcher:
         self._tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
         self._positions = torch.zeros(slots, dtype=torch.long, device=self.device)
         self._injection: TokenInjection | None = None
-        self._step = engine._decode_step if self.on_gpu else decode_rows_one_by_one
+        self._step = engine.decode_step
+        self._row_by_row = self._step.strategy is DecodeStrategy.ROW_BY_ROW
         #: Largest number of rows decoded together so far (for tests and benchmarks).
         self.peak_rows = 0
         self.steps = 0
@@ -114,7 +115,7 @@ class ContinuousBatcher:
             return finished
         self.peak_rows = max(self.peak_rows, len(active))
         clock = time.perf_counter()
-        if self.on_gpu:
+        if not self._row_by_row:
             logits = self._step(self.engine.lm.decoder, self._tokens.clone(), self._positions.clone(), self._cache, self._injection)
             next_tokens = logits.argmax(dim=-1)
         else:  # only the active rows, each alone: results independent of the batch
@@ -223,7 +224,7 @@ class ContinuousBatcher:
             return False
         decoder = self.engine.lm.decoder
         self._cache = KVCache.allocate(decoder, self.slots, needed)
-        if self.on_gpu and self._step is not decode_rows_one_by_one:
+        if self._step.static_cache:
             self._cache.mark_static()
         hidden = decoder.config.hidden_size
         vectors = torch.zeros(self.slots, 37, hidden, dtype=decoder.lm_head.weight.dtype, device=self.device)

@@ -20,7 +20,7 @@ import torch
 from inference.apm.checkpoint import APMLoadReport, CheckpointError, load_apm
 from inference.apm.model import boxes_to_xyxy_model
 from inference.lm.config import LMConfigError
-from inference.lm.decoding import Generation, TokenInjection, compile_decode_step, decode_one_token, decode_rows_one_by_one, generate_greedy
+from inference.lm.decoding import DecodeStep, DecodeStrategy, Generation, TokenInjection, generate_greedy, synchronize
 from inference.lm.loader import LMCheckpointError, LMLoadReport, load_lm
 from inference.lm.model import AnatomixLM
 from inference.model_dir import ModelDir, ModelDirError, device_uid_from_digest
@@ -29,7 +29,7 @@ from inference.preprocess import Letterbox, PreparedImage, images_to_tensor, pre
 from inference.prompt import EMPTY_SYSTEM_PROMPT, PromptError, build_prompt_text, encode_prompt
 from inference.result import CHEXPERT_LABELS, REGION_NAMES, AnalysisResult, Box, Finding, ModelIdentity, Region, Report, TaskAnswer
 from inference.retrieval import RetrievalDB, RetrievalDBError
-from inference.tasks import ANSWER_KINDS, DEFAULT_LM_REGION, NO_ABNORMALITY_ANSWER, TaskRequest, boxes_for, instruction_for, region_name
+from inference.tasks import DEFAULT_LM_REGION, LM_TASKS, NO_ABNORMALITY_ANSWER, TaskRequest, boxes_for, instruction_for, region_name
 from inference.tokens import TokenIds, TokenizerError, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -48,8 +48,12 @@ class EngineOptions:
     stop_at_end_of_turn: bool = True
     #: System prompt text: empty as in the paper's evaluation (``model.system_prompt`` picks it).
     system_prompt: str = EMPTY_SYSTEM_PROMPT
-    #: CUDA only: compile the decode step into CUDA graphs (torch.compile, reduce-overhead).
-    compile_decode: bool = False
+    #: How decode steps run; None picks by device: row by row on the CPU (each image's result
+    #: independent of its batch), batched on CUDA. ``COMPILED``: CUDA graphs (torch.compile).
+    decode: DecodeStrategy | None = None
+
+    def decode_strategy(self) -> DecodeStrategy:
+        return self.decode or DecodeStrategy.for_device(torch.device(self.device))
 
 
 @dataclass
@@ -61,6 +65,16 @@ class _ImageState:
     warnings: list[str] = dataclasses.field(default_factory=list)
     report: Report | None = None
     finding_boxes_model: list[tuple[float, ...]] = dataclasses.field(default_factory=list)
+
+
+@dataclass
+class _Batch:
+    """The images of one ``analyze`` call, what the APM saw in them and what tasks found so far
+    (index = row)."""
+
+    images: Sequence[PreparedImage]
+    perception: _Perception
+    states: list[_ImageState]
 
 
 @dataclass
@@ -103,28 +117,19 @@ class Engine:
         self.device = torch.device(options.device)
         #: The last KV cache, reused on CUDA when the next batch has the same shape (keeps CUDA graphs).
         self._cache = None
-        if self.device.type == "cuda":
-            self._decode_step = compile_decode_step() if options.compile_decode else decode_one_token
-        else:
-            self._decode_step = decode_rows_one_by_one  # results independent of batch composition
+        #: Built once: a compiled step keeps its graphs as long as the engine lives.
+        self.decode_step = DecodeStep.build(options.decode_strategy())
 
     # ---- loading -------------------------------------------------------------------------------
     @classmethod
-    def load(
-        cls,
-        model_dir: Path,
-        backend: str = "torch",
-        device: str = "cpu",
-        max_new_tokens: int = 350,
-        stop_at_end_of_turn: bool = True,
-        system_prompt: str = EMPTY_SYSTEM_PROMPT,
-        compile_decode: bool = False,
-        cache_dir: Path | None = None,
-    ) -> Engine:
-        """Load every part from ``model_dir``; raise :class:`ModelLoadError` saying what is wrong."""
+    def load(cls, model_dir: Path, options: EngineOptions | None = None, cache_dir: Path | None = None) -> Engine:
+        """Load every part from ``model_dir``; raise :class:`ModelLoadError` saying what is wrong.
+
+        ``cache_dir``: where a compiling APM backend keeps its engines (default: in ``model_dir``)."""
         from inference.backends import make_apm_runner
 
-        options = EngineOptions(backend, device, max_new_tokens, stop_at_end_of_turn, system_prompt, compile_decode)
+        options = options or EngineOptions()
+        backend, device = options.backend, options.device
         torch_device = torch.device(device)
         if torch_device.type == "cuda" and not torch.cuda.is_available():
             raise ModelLoadError(f"device {device!r} requested but CUDA is not available here: use device cpu")
@@ -187,9 +192,10 @@ class Engine:
         states = [_ImageState() for _ in images]
         for key in ("prompt", "prefill", "decode", "decode_tokens"):
             timings[key] = 0.0
+        batch = _Batch(images, perception, states)
         for request in requests:
             if request.uses_lm:
-                self._run_task(request, images, perception, states, timings)
+                self._run_task(request, batch, timings)
         if timings["decode"] > 0:
             timings["decode_tokens_per_s"] = timings["decode_tokens"] / timings["decode"]
         timings["total"] = time.perf_counter() - clock
@@ -219,7 +225,7 @@ class Engine:
         None when the task has nothing to ask of this image (a warning says why)."""
         instruction = instruction_for(request, perception.labels[index], state.finding_boxes_model)
         if instruction is None:
-            state.warnings.append(f"{request.task}: skipped, nothing to ask ({_why_skipped(request.task)})")
+            state.warnings.append(f"{request.task}: skipped, nothing to ask ({LM_TASKS[request.task].skipped_because})")
             return None
         text = build_prompt_text(instruction, perception.boxes_model[index].tolist(), perception.sentences[index], self.options.system_prompt)
         try:
@@ -261,11 +267,11 @@ class Engine:
         ).with_text_checks()  # degenerate model text (loops, U+FFFD, empty) flagged in the warnings
 
     # ---- one LM task over the batch ----------------------------------------------------------------
-    def _run_task(self, request, images, perception, states, timings) -> None:
+    def _run_task(self, request: TaskRequest, batch: _Batch, timings: dict[str, float]) -> None:
         rows, instructions, embeds, injected = [], [], [], []
         clock = time.perf_counter()
-        for index, state in enumerate(states):
-            sequence = self._sequence_for(request, perception, index, state)
+        for index, state in enumerate(batch.states):
+            sequence = self._sequence_for(request, batch.perception, index, state)
             if sequence is None:
                 continue
             rows.append(index)
@@ -282,7 +288,7 @@ class Engine:
             embeds,
             self.options.max_new_tokens,
             stop_ids=stop_ids,
-            decode_step=self._decode_step,
+            decode_step=self.decode_step,
             cache_multiple=512 if on_gpu else 256,
             cache=self._cache if on_gpu else None,
             injection=TokenInjection(self.lm.injection_slots(), torch.stack(injected)),
@@ -293,10 +299,11 @@ class Engine:
         timings["decode"] += generation.decode_s
         timings["decode_tokens"] += float(generation.new_tokens)
         for index, instruction, tokens in zip(rows, instructions, generation.tokens):
-            self._take_answer(request, instruction, tokens, images[index].letterbox, states[index])
+            self._take_answer(request, instruction, tokens, batch.images[index].letterbox, batch.states[index])
 
     def _read_answer(self, request: TaskRequest, text: str, letterbox: Letterbox, state: _ImageState) -> None:
-        kind = ANSWER_KINDS[request.task]
+        flags = LM_TASKS[request.task]
+        kind = flags.answer
         if kind == "report":
             findings, impression = split_report(text)
             state.report = Report(findings=findings, impression=impression, raw_text=text)
@@ -306,7 +313,7 @@ class Engine:
             state.warnings += [f"{request.task}: {warning}" for warning in parsed.warnings]
             if not parsed.boxes and text.strip() != NO_ABNORMALITY_ANSWER:
                 state.warnings.append(f"{request.task}: the answer holds no usable box")
-            region = region_name(request.argument or DEFAULT_LM_REGION) if request.task == "anatomy_grounding_lm" else None
+            region = region_name(request.argument or DEFAULT_LM_REGION) if flags.region_answer else None
             groups: list[tuple[str, list]] = []
             for box in parsed.boxes:
                 if groups and groups[-1][0] == box.label:
@@ -327,7 +334,7 @@ class Engine:
                 )
                 state.finding_boxes_model += [b.box_model for b in group]
             return
-        if request.task in ("grounded_diagnosis", "grounded_captioning"):
+        if flags.labels_asked_boxes:
             asked = boxes_for(request, state.finding_boxes_model)
             source = [_source_box(letterbox, box) for box in asked]
             label = text.splitlines()[0].strip() if text else ""
@@ -353,12 +360,10 @@ class Engine:
         parts = [self.apm_runner.run(pixels[i : i + 1]) for i in range(pixels.shape[0])]
         return {key: torch.cat([part[key] for part in parts], dim=0) for key in parts[0]}
 
-    @staticmethod
-    def _timed(timings: dict[str, float], stage: str, work):
+    def _timed(self, timings: dict[str, float], stage: str, work):
         start = time.perf_counter()
         value = work()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        synchronize(self.device)  # queued GPU work counts in its stage; nothing to wait for on the CPU
         timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
         return value
 
@@ -376,15 +381,6 @@ def _sigmoid(value: float) -> float:
         return 1.0 / (1.0 + math.exp(-value))
     exp = math.exp(value)
     return exp / (1.0 + exp)
-
-
-def _why_skipped(task: str) -> str:
-    return {
-        "phrase_grounding": "no phrase given and no CheXpert label above 0.5",
-        "grounded_diagnosis": "no boxes given and no earlier grounded finding",
-        "grounded_captioning": "no boxes given and no earlier grounded finding",
-        "vqa": "no question given; use vqa:QUESTION",
-    }.get(task, "no argument")
 
 
 def _check_dimensions(apm_report: APMLoadReport, retrieval: RetrievalDB, lm: AnatomixLM) -> None:

@@ -19,17 +19,35 @@ NO_ABNORMALITY_ANSWER = "No abnormalities detected."
 #: Default region for ``anatomy_grounding_lm`` without an argument.
 DEFAULT_LM_REGION = "Cardiac shadow viewed radiologically or Heart"
 
-#: How an answer is read: ``report`` (sections), ``boxes`` (grounded findings), ``text`` (verbatim).
-ANSWER_KINDS: dict[str, str] = {
-    "report": "report",
-    "anatomy_grounding_lm": "boxes",
-    "phrase_grounding": "boxes",
-    "abnormality_detection": "boxes",
-    "grounded_diagnosis": "text",
-    "grounded_captioning": "text",
-    "vqa": "text",
-    "classification": "text",
+@dataclass(frozen=True)
+class TaskFlags:
+    """What the engine needs to know about one LM task (it tests these, never task names)."""
+
+    #: How the answer is read: ``report`` (sections), ``boxes`` (grounded findings), ``text`` (verbatim).
+    answer: str
+    #: ``boxes``: the argument names one region (default :data:`DEFAULT_LM_REGION`); every box found
+    #: is that region's finding, with the answer's text.
+    region_answer: bool = False
+    #: ``text``: the answer names the boxes the task asked about (:func:`boxes_for`), and becomes one
+    #: finding over them.
+    labels_asked_boxes: bool = False
+    #: The warning's reason when the task has nothing to ask of an image.
+    skipped_because: str = "no argument"
+
+
+#: The LM tasks and their flags (the other names in ``TASKS`` need no language model).
+LM_TASKS: dict[str, TaskFlags] = {
+    "report": TaskFlags("report"),
+    "anatomy_grounding_lm": TaskFlags("boxes", region_answer=True),
+    "phrase_grounding": TaskFlags("boxes", skipped_because="no phrase given and no CheXpert label above 0.5"),
+    "abnormality_detection": TaskFlags("boxes"),
+    "grounded_diagnosis": TaskFlags("text", labels_asked_boxes=True, skipped_because="no boxes given and no earlier grounded finding"),
+    "grounded_captioning": TaskFlags("text", labels_asked_boxes=True, skipped_because="no boxes given and no earlier grounded finding"),
+    "vqa": TaskFlags("text", skipped_because="no question given; use vqa:QUESTION"),
+    "classification": TaskFlags("text"),
 }
+#: How an answer is read, per LM task (``LM_TASKS[task].answer``).
+ANSWER_KINDS: dict[str, str] = {task: flags.answer for task, flags in LM_TASKS.items()}
 
 
 class TaskError(ValueError):

@@ -33,7 +33,7 @@ from dicom_node.audit.forward import configure_forwarding
 from dicom_node.ops.errors import UserError
 from dicom_node.cli.pipeline import run_node_pipeline
 from dicom_node.logging_setup import configure_logging
-from dicom_node.net.scp import StorageScp
+from dicom_node.net.scp import StorageScp, accept_unlisted_classes_in_this_process
 from dicom_node.net.server import PortInUse, ScpSupervisor, make_scp_servers, open_listening_socket, serve_until_stopped
 from dicom_node.settings import Settings, load_settings
 from dicom_node.pipeline.reconcile import reconcile_spool
@@ -168,6 +168,9 @@ def make_scp_child(settings: Settings, listen_sockets: list[tuple[socket.socket,
     """The body of one forked SCP process: a guarded server per listening socket (``True``: the TLS port)."""
 
     def scp_child(index: int) -> int:
+        # pynetdicom's negotiation, patched once here for this SCP process (process-wide, so not
+        # in build_ae): private and newer storage classes are accepted, stored, never analysed.
+        accept_unlisted_classes_in_this_process()
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
         store = open_store(settings.database_url, migrate=False)

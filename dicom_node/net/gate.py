@@ -116,23 +116,6 @@ class ConnectionGate:
             return self._total
 
 
-def resolve_hosts(hosts: Iterable[str]) -> set[str]:
-    """IP addresses of configured host names (done off the accept path; unresolvable ones skipped)."""
-    ips: set[str] = set()
-    for host in hosts:
-        try:
-            ips.add(str(ipaddress.ip_address(host)))
-            continue
-        except ValueError:
-            pass
-        try:
-            for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM):
-                ips.add(str(info[4][0]))
-        except OSError as exc:
-            log.warning("source host %r does not resolve (%s); it gets no reserved connection slots until it does", host, exc)
-    return ips
-
-
 # ---- reading exactly, against a deadline ------------------------------------------------------------
 
 

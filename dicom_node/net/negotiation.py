@@ -13,6 +13,11 @@ non-image object. pynetdicom calls ``pynetdicom.acse.negotiate_unrestricted`` wh
 switch is on, and the switch also routes every C-STORE to the storage service, which is what a
 private class needs; we install our negotiation function there. The tests that push a private class
 fail if a pynetdicom upgrade moves that hook.
+
+The switch is process-wide, so installing it is an explicit step of the node's SCP processes
+(``anatomix-node serve`` does it once per SCP process, :func:`dicom_node.cli.serve.make_scp_child`),
+never a side effect of building an AE: other AEs in a process (a test's receiver, the demo's stand-in
+PACS) keep pynetdicom's own negotiation unless they ask for ours.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from pynetdicom import _config, sop_class
 from pynetdicom.presentation import PresentationContext, build_context, negotiate_as_acceptor
 
 _installed_syntaxes: tuple[UID, ...] = ()
+#: pynetdicom's own hook and switch, as found before the first install (restored by :func:`restore`).
+_original: tuple[object, bool] | None = None
 
 
 def is_unlisted_storage_class(uid: str) -> bool:
@@ -49,12 +56,34 @@ def negotiate(
     return negotiate_as_acceptor(rq_contexts, supported, roles)
 
 
-def accept_unlisted_storage_classes(transfer_syntaxes: Sequence[str]) -> None:
+def accept_unlisted_storage_classes(transfer_syntaxes: Sequence[str]) -> bool:
     """Make this process's SCPs accept private/unknown storage classes in these syntaxes.
 
-    Process-wide (pynetdicom's switch is a module global); idempotent.
+    Process-wide (pynetdicom's hook and switch are module globals), so call it once where a
+    process starts serving, not where an AE is built. Idempotent: a second call with the same
+    syntaxes changes nothing; one with other syntaxes only replaces the list. Returns True when
+    this call installed the negotiation (it was not installed before).
     """
-    global _installed_syntaxes
-    _installed_syntaxes = tuple(UID(uid) for uid in transfer_syntaxes)
+    global _installed_syntaxes, _original
+    syntaxes = tuple(UID(uid) for uid in transfer_syntaxes)
+    newly = not is_installed()
+    if newly:
+        _original = (pynetdicom.acse.negotiate_unrestricted, _config.UNRESTRICTED_STORAGE_SERVICE)
+    _installed_syntaxes = syntaxes
     pynetdicom.acse.negotiate_unrestricted = negotiate  # type: ignore[assignment]
     _config.UNRESTRICTED_STORAGE_SERVICE = True
+    return newly
+
+
+def is_installed() -> bool:
+    """Whether this process negotiates unlisted storage classes (our hook and pynetdicom's switch)."""
+    return pynetdicom.acse.negotiate_unrestricted is negotiate and bool(_config.UNRESTRICTED_STORAGE_SERVICE)
+
+
+def restore() -> None:
+    """Put pynetdicom's own negotiation back (for tests that installed ours in their process)."""
+    global _installed_syntaxes, _original
+    if _original is not None:
+        pynetdicom.acse.negotiate_unrestricted, _config.UNRESTRICTED_STORAGE_SERVICE = _original  # type: ignore[assignment]
+    _original = None
+    _installed_syntaxes = ()

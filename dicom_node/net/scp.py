@@ -11,7 +11,9 @@ Acceptance (EVT_REQUESTED, before any negotiation):
 - calling AE (and host, when the source has one) must be a configured source
   (``store.find_source``), else permanent / service-user / 0x03 "calling AE title not
   recognised", unless ``node.accept_unknown_sources``;
-- state store unreachable: transient / service-user / no reason given (the sender retries).
+- state store unreachable: transient / service-user / no reason given (the sender retries);
+- a source's host name not resolved yet (``SourceHostPending``: names are resolved off the accept
+  path, :mod:`dicom_node.store.hosts`): transient as well.
 
 "Accepted" is logged and audited when pynetdicom has really accepted (EVT_ACCEPTED); an association
 pynetdicom itself rejects after our checks (its slot limit) is audited as rejected with that reason
@@ -53,7 +55,7 @@ from dicom_node.net.dataset import (
 )
 from dicom_node.settings import Settings
 from dicom_node.store.spool import SpoolFull, check_free_space, ensure_spooled, remove_instance, write_instance
-from dicom_node.store.base import InstanceRecord, RemoteNode, Store, StoreError, StoreUnavailable
+from dicom_node.store.base import InstanceRecord, RemoteNode, SourceHostPending, Store, StoreError, StoreUnavailable
 from dicom_node.net.transfer_syntaxes import accepted_transfer_syntaxes
 
 log = logging.getLogger(__name__)
@@ -149,6 +151,10 @@ class StorageScp:
             return
         try:
             source = self.store.find_source(calling_ae, host)
+        except SourceHostPending as exc:  # never resolve DNS while the sender waits: it retries shortly
+            log.warning("association from %s@%s refused (transient): %s", peer.calling_ae, host, exc)
+            self._reject(assoc, peer, REJECT_TRANSIENT, str(exc))
+            return
         except StoreError as exc:
             log.error("association from %s@%s refused (transient): state store unavailable: %s", peer.calling_ae, host, exc)
             self._reject(assoc, peer, REJECT_TRANSIENT, "state store unavailable", audit_it=False)
@@ -362,14 +368,16 @@ class StorageScp:
 
 
 def build_ae(settings: Settings) -> AE:
-    """An AE that accepts Verification and every storage SOP class (private ones too) in every decodable syntax."""
+    """An AE that accepts Verification and every storage SOP class in every decodable syntax.
+
+    Private and newer-than-pynetdicom storage classes are accepted too once the process has
+    installed :func:`dicom_node.net.negotiation.accept_unlisted_storage_classes` (process-wide: the
+    serve entry point does it, :func:`accept_unlisted_classes_in_this_process`); building an AE never does.
+    """
     ae = AE(ae_title=settings.node.ae_title)
     transfer_syntaxes = accepted_transfer_syntaxes()
     for context in AllStoragePresentationContexts:
         ae.add_supported_context(context.abstract_syntax, transfer_syntaxes)
-    # Private and newer-than-pynetdicom storage classes: stored, never analysed (a whole-study
-    # push must not fail on a vendor's private object).
-    accept_unlisted_storage_classes(transfer_syntaxes)
     ae.add_supported_context(Verification)
     ae.maximum_pdu_size = settings.node.max_pdu
     ae.network_timeout = settings.node.network_timeout_s
@@ -379,3 +387,10 @@ def build_ae(settings: Settings) -> AE:
     # per-host limit) admits at most this many, so pynetdicom's own transient rejection stays a backstop.
     ae.maximum_associations = settings.limits.max_connections
     return ae
+
+
+def accept_unlisted_classes_in_this_process() -> bool:
+    """Private and newer-than-pynetdicom storage classes: stored, never analysed (a whole-study push
+    must not fail on a vendor's private object). Process-wide, so called once by the process that
+    serves (an SCP process of ``serve``), never by :func:`build_ae`. Idempotent."""
+    return accept_unlisted_storage_classes(accepted_transfer_syntaxes())

@@ -34,10 +34,10 @@ from typing import TYPE_CHECKING
 
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_node.net.gate import resolve_hosts
 from dicom_node.net.guard import GuardedRequestHandler, PortGuard
 from dicom_node.settings import Settings
 from dicom_node.store.base import StoreError
+from dicom_node.store.hosts import is_ip_literal
 
 if TYPE_CHECKING:
     from dicom_node.net.scp import StorageScp
@@ -142,7 +142,9 @@ class PortHousekeeping:
         self._thread = threading.Thread(target=self._run, name="scp-housekeeping", daemon=True)
 
     def start(self) -> None:
-        self.refresh_trusted()  # before the first connection: configured sources get their reserved slots
+        # Before the first connection, without waiting on DNS: configured IP addresses get their
+        # reserved slots now, host names once the housekeeping thread has resolved them (its first act).
+        self.refresh_trusted(resolve=False)
         self._thread.start()
 
     def stop(self) -> None:
@@ -153,15 +155,22 @@ class PortHousekeeping:
             self._thread.join(timeout=10)
         self.guard.aggregate.flush()
 
-    def refresh_trusted(self) -> None:
+    def refresh_trusted(self, resolve: bool = True) -> None:
+        """Reload the configured sources; resolve their host names (``resolve``: in this thread,
+        never an accepting one) into the store's cache that acceptance reads, and reserve
+        connection slots for their addresses."""
         try:
             nodes = self.scp.store.list_remote_nodes()
         except StoreError as exc:
             log.warning("could not read configured sources for reserved connection slots: %s", exc)
             return
         # A wildcard source ("*", any host) names no address to reserve slots for: use limits.trusted_hosts.
-        hosts = (n.host for n in nodes if n.is_source and n.host not in ("", "*", None))
-        self.guard.gate.set_trusted_ips(resolve_hosts(hosts))
+        hosts = [n.host for n in nodes if n.is_source and n.host not in ("", "*", None)]
+        names = [h for h in hosts if not is_ip_literal(h)]
+        cache = self.scp.store.host_addresses
+        if resolve:
+            cache.resolve_now(names)
+        self.guard.gate.set_trusted_ips({h for h in hosts if is_ip_literal(h)} | cache.cached(names))
 
     def purge_audit(self) -> int:
         days = self.guard.limits.audit_retention_days
@@ -177,6 +186,7 @@ class PortHousekeeping:
         return removed
 
     def _run(self) -> None:
+        self.refresh_trusted()  # resolves the source host names (start did not wait for DNS)
         now = time.monotonic()
         next_flush = now + self.guard.limits.audit_window_s
         next_refresh = now + self.TRUSTED_REFRESH_S

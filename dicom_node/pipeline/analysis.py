@@ -57,18 +57,18 @@ def resolve_model_dir(settings: Settings) -> Path:
 
 def load_engine(settings: Settings, device: str | None = None) -> Engine:
     """Load the engine once (per worker process, after fork)."""
-    from inference.engine import Engine
+    from inference.engine import Engine, EngineOptions
     from inference.prompt import system_prompt_text
 
     model_dir = resolve_model_dir(settings)
-    engine = Engine.load(
-        model_dir,
+    options = EngineOptions(
         backend=settings.model.backend,
         device=device or settings.model.device,
         max_new_tokens=settings.model.max_new_tokens,
         stop_at_end_of_turn=settings.model.stop_at_end_of_turn,
         system_prompt=system_prompt_text(settings.model.system_prompt),
     )
+    engine = Engine.load(model_dir, options)
     LOG.info("model loaded from %s on %s (demo=%s)", model_dir, device or settings.model.device, engine.identity.demo)
     return engine
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
+from dicom_node.store.hosts import HostAddresses
+
 Role = Literal["source", "destination", "both"]
 
 #: Study states, in order; ``failed`` can follow any active state.
@@ -31,6 +33,10 @@ class StoreError(RuntimeError):
 
 class StoreUnavailable(StoreError):
     """The database cannot be reached or refused the write (transient: retry later)."""
+
+
+class SourceHostPending(StoreError):
+    """A source's host name is still being resolved in the background (transient: retry shortly)."""
 
 
 class StoreConflict(StoreError):
@@ -221,6 +227,14 @@ class RoutingRuleRecord:
 class Store(abc.ABC):
     """State store. Implementations: :class:`SqliteStore`, :class:`PostgresStore`."""
 
+    @property
+    def host_addresses(self) -> HostAddresses:
+        """This process's cache of source host names -> addresses (:mod:`dicom_node.store.hosts`)."""
+        cache = self.__dict__.get("_host_addresses")
+        if cache is None:
+            cache = self.__dict__.setdefault("_host_addresses", HostAddresses())
+        return cache
+
     # ---- lifecycle -------------------------------------------------------------------------------
     @abc.abstractmethod
     def migrate(self) -> int:
@@ -254,7 +268,12 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def find_source(self, ae_title: str, host: str | None) -> RemoteNode | None:
-        """The source node with this AE title whose host matches (a node with host '*' or '' matches any)."""
+        """The source node with this AE title whose host matches (a node with host '*' or '' matches any).
+
+        Raises:
+            SourceHostPending: a candidate's host name has not been resolved yet (transient).
+            StoreUnavailable: the database cannot be reached.
+        """
 
     # ---- instances and studies ------------------------------------------------------------------
     @abc.abstractmethod

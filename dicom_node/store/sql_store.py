@@ -14,9 +14,7 @@ The unique index on (sop_instance_uid, sha256) backs the duplicate rule up.
 from __future__ import annotations
 
 import abc
-import ipaddress
 import json
-import socket
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any
@@ -35,12 +33,14 @@ from dicom_node.store.base import (
     RecordOutcome,
     RemoteNode,
     RoutingRuleRecord,
+    SourceHostPending,
     Store,
     StoreConflict,
     StoreError,
     StudyRecord,
 )
 from dicom_node.store.console_queries import ConsoleSql
+from dicom_node.store.hosts import is_ip_literal
 from dicom_node.store.schema import load_migrations
 from dicom_node.store.sql_common import placeholders, require_aware, utc_now
 
@@ -222,6 +222,8 @@ class SqlStore(ConsoleSql, ApiAccountSql, Store):
         Preference: a node naming exactly this host (case-insensitive), then one whose host name
         resolves to this address, then a wildcard node (host ``*`` or empty). ``host=None`` means
         the peer address is not checked: any source with this AE title, wildcard ones first.
+        Host names are looked up in :attr:`host_addresses` (resolved off the accept path); a name
+        never resolved whose resolution is still running raises :class:`SourceHostPending`.
         """
         with self._transaction(write=False) as tx:
             rows = tx.all(
@@ -235,9 +237,17 @@ class SqlStore(ConsoleSql, ApiAccountSql, Store):
         exact = [n for n in nodes if n.host.lower() == host.lower()]
         if exact:
             return exact[0]
+        pending = []
         for node in nodes:
-            if node not in wildcard and _host_resolves_to(node.host, host):
+            if node in wildcard or is_ip_literal(node.host):
+                continue  # an IP literal that did not match exactly
+            addresses = self.host_addresses.lookup(node.host)
+            if addresses is None:
+                pending.append(node.host)
+            elif host in addresses:
                 return node
+        if pending:  # it may be the one: let the sender retry rather than refuse it for good
+            raise SourceHostPending(f"source host {pending[0]!r} is still being resolved")
         return wildcard[0] if wildcard else None
 
     # ---- instances and studies ------------------------------------------------------------------
@@ -813,19 +823,3 @@ def _undelivered_guard(states: tuple[str, ...]) -> str:
         "AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.study_instance_uid = studies.study_instance_uid "
         "AND d.status IN ('failed', 'dead')) "
     )
-
-
-def _host_resolves_to(configured: str, address: str) -> bool:
-    """True when the configured host *name* resolves to the peer's address (IP literals never do)."""
-    try:
-        ipaddress.ip_address(configured)
-        return False  # an IP literal that did not match exactly
-    except ValueError:
-        pass
-    try:
-        infos = socket.getaddrinfo(configured, None, proto=socket.IPPROTO_TCP)
-    except (socket.gaierror, UnicodeError):
-        return False  # an unresolvable name matches nothing
-    return any(info[4][0] == address for info in infos)
-
-

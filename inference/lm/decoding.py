@@ -20,6 +20,7 @@ mask (``q - k < sliding_window`` on local layers), the same rule as ``transforme
 
 from __future__ import annotations
 
+import enum
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -220,6 +221,53 @@ def decode_rows_one_by_one(
     return torch.cat(rows, dim=0)
 
 
+class DecodeStrategy(enum.Enum):
+    """How a decode step advances the rows; chosen once, explicitly (:meth:`for_device`)."""
+
+    #: Every row in one eager step (:func:`decode_one_token`): a GPU without compilation.
+    BATCHED = "batched"
+    #: Every row in one step compiled into CUDA graphs (:func:`compile_decode_step`); the cache
+    #: tensors must keep their addresses (``KVCache.mark_static``).
+    COMPILED = "compiled"
+    #: B single-row steps (:func:`decode_rows_one_by_one`): each row's result independent of the
+    #: batch (the CPU choice, where batching buys little).
+    ROW_BY_ROW = "row_by_row"
+
+    @classmethod
+    def for_device(cls, device: torch.device, compile_decode: bool = False) -> DecodeStrategy:
+        if device.type == "cuda":
+            return cls.COMPILED if compile_decode else cls.BATCHED
+        return cls.ROW_BY_ROW
+
+
+@dataclass(frozen=True)
+class DecodeStep:
+    """A decode step and the strategy it implements (build one with :meth:`build`, once per
+    engine: a compiled step keeps its graphs for as long as the object lives)."""
+
+    strategy: DecodeStrategy
+    run: Callable[..., torch.Tensor]
+
+    @classmethod
+    def build(cls, strategy: DecodeStrategy) -> DecodeStep:
+        if strategy is DecodeStrategy.COMPILED:
+            return cls(strategy, compile_decode_step())
+        if strategy is DecodeStrategy.ROW_BY_ROW:
+            return cls(strategy, decode_rows_one_by_one)
+        return cls(strategy, decode_one_token)
+
+    @property
+    def static_cache(self) -> bool:
+        """Whether the cache it runs over must keep its tensors' addresses (CUDA graphs)."""
+        return self.strategy is DecodeStrategy.COMPILED
+
+    def __call__(
+        self, decoder: Gemma3ForCausalLM, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+        injection: TokenInjection | None = None,
+    ) -> torch.Tensor:
+        return self.run(decoder, tokens, positions, cache, injection)
+
+
 @dataclass
 class Generation:
     """Greedy output per row (prompt excluded; stop token excluded) and where the time went."""
@@ -236,7 +284,8 @@ class Generation:
         return sum(len(row) for row in self.tokens)
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); nothing to wait for on the CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -251,7 +300,7 @@ def generate_greedy(
     prompts: Sequence[torch.Tensor],
     max_new_tokens: int,
     stop_ids: Sequence[int] = (),
-    decode_step: Callable[..., torch.Tensor] | None = None,
+    decode_step: DecodeStep | None = None,
     cache_multiple: int = 256,
     cache: KVCache | None = None,
     injection: TokenInjection | None = None,
@@ -259,8 +308,8 @@ def generate_greedy(
     """Greedy decoding for a batch of prompt embeddings (each ``[L_b, H]``, lengths may differ).
 
     Rows stop at the first id in ``stop_ids`` (empty: always ``max_new_tokens``, like the reference).
-    ``decode_step`` replaces :func:`decode_one_token` (a compiled version, or
-    :func:`decode_rows_one_by_one` for batch-independent results on CPU); the cache length is rounded
+    ``decode_step`` (default: :attr:`DecodeStrategy.BATCHED`, eager) says how each step runs: compiled,
+    or row by row for batch-independent results on CPU; the cache length is rounded
     up to ``cache_multiple`` so compiled graphs are reused across calls. A ``cache`` of exactly that
     shape is reused (zeroed) instead of allocating one: a compiled step keeps its CUDA graph only
     while the cache tensors keep their addresses. ``Generation.cache`` returns the one used.
@@ -274,17 +323,17 @@ def generate_greedy(
         cache.zero_()
     else:
         cache = KVCache.allocate(decoder, batch, max_len)
-    step = decode_step or decode_one_token
-    if decode_step is not None and decode_step is not decode_rows_one_by_one:
+    step = decode_step or DecodeStep.build(DecodeStrategy.BATCHED)
+    if step.static_cache:
         cache.mark_static()
 
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     first = torch.empty(batch, dtype=torch.long, device=device)
     for row, embeds in enumerate(prompts):
         logits = prefill(decoder, embeds[None].to(device), cache.rows(row, row + 1))
         first[row] = logits.argmax(dim=-1)[0]
-    _sync(device)
+    synchronize(device)
     prefill_s = time.perf_counter() - start
 
     stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
@@ -306,7 +355,7 @@ def generate_greedy(
             finished = finished | torch.isin(tokens, stops)
         positions = positions + 1
         steps += 1
-    _sync(device)
+    synchronize(device)
     decode_s = time.perf_counter() - start
 
     matrix = torch.stack(out, dim=1).tolist()
@@ -323,5 +372,9 @@ def generate_greedy(
 
 
 def compile_decode_step() -> Callable[..., torch.Tensor]:
-    """``decode_one_token`` compiled for CUDA graphs (static shapes, static cache addresses)."""
-    return torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=False, dynamic=False)
+    """``decode_one_token`` compiled for CUDA graphs (static shapes, static cache addresses).
+
+    ``fullgraph=True``: a graph break (a Python-side value read, an unsupported op after a library
+    upgrade) is an error when the step first runs, never a silent fall back to eager pieces; the CPU
+    test that compiles this step (tests/inference/test_lm.py) fails on one."""
+    return torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True, dynamic=False)

@@ -7,6 +7,8 @@ node's processes run (the subprocess node is exercised in tests/integration and 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 
 from collections.abc import Iterator
@@ -22,7 +24,8 @@ from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 
 from dicom_node.pipeline.assembly import close_studies_at_release
 from dicom_node.audit.trail import open_audit_trail
-from dicom_node.net.scp import StorageScp, build_ae
+from dicom_node.net import negotiation
+from dicom_node.net.scp import StorageScp, accept_unlisted_classes_in_this_process, build_ae
 from dicom_node.settings import Settings
 from dicom_node.store import open_store
 from dicom_node.store.base import RemoteNode, Store
@@ -214,7 +217,16 @@ PRIVATE_CLASS = "1.3.12.2.1107.5.9.1"
 UNKNOWN_PUBLIC_CLASS = "1.2.840.10008.5.1.4.1.1.9999"
 
 
+@pytest.fixture
+def unlisted_negotiation() -> Iterator[None]:
+    """What ``serve`` does once in each SCP process (process-wide): undone after the test."""
+    accept_unlisted_classes_in_this_process()
+    yield
+    negotiation.restore()
+
+
 @pytest.mark.parametrize("sop_class", [PRIVATE_CLASS, UNKNOWN_PUBLIC_CLASS], ids=["private", "unknown-public"])
+@pytest.mark.usefixtures("unlisted_negotiation")
 def test_unlisted_storage_class_is_accepted_stored_and_recorded(scp: RunningScp, tmp_path: Path, sop_class: str) -> None:
     study = "1.2.826.0.1.3680043.8.498.8"
     ds = synthetic_cr(study, study + ".1.1", sop_class_uid=sop_class)
@@ -228,6 +240,7 @@ def test_unlisted_storage_class_is_accepted_stored_and_recorded(scp: RunningScp,
     assert instance.sop_class_uid == sop_class
 
 
+@pytest.mark.usefixtures("unlisted_negotiation")
 def test_unlisted_class_in_an_undecodable_syntax_is_refused_per_context(scp: RunningScp) -> None:
     """The private class gets our syntax list, not the sender's first choice (JPEG XL here)."""
     jpeg_xl = "1.2.840.10008.1.2.4.110"
@@ -244,3 +257,49 @@ def test_unlisted_class_in_an_undecodable_syntax_is_refused_per_context(scp: Run
         assert sorted(cx.result for cx in assoc.rejected_contexts) == [0x04, 0x04]
     finally:
         assoc.release()
+
+
+def test_building_the_scp_ae_does_not_patch_pynetdicom(tmp_path: Path) -> None:
+    """build_ae leaves pynetdicom's negotiation alone (a fresh process, nothing installed before)."""
+    code = (
+        "import pynetdicom.acse, pynetdicom.presentation\n"
+        "from pynetdicom import _config\n"
+        "from dicom_node.net.scp import build_ae\n"
+        "from dicom_node.settings import Settings\n"
+        "build_ae(Settings())\n"
+        "assert pynetdicom.acse.negotiate_unrestricted is pynetdicom.presentation.negotiate_unrestricted\n"
+        "assert _config.UNRESTRICTED_STORAGE_SERVICE is False\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[2])
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_an_scp_ae_without_the_serve_step_refuses_a_private_class(scp: RunningScp) -> None:
+    """Nothing installed in this process: the SCP's AE negotiates as plain pynetdicom (no private class)."""
+    assert not negotiation.is_installed()
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(PRIVATE_CLASS, ["1.2.840.10008.1.2.1"])
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="ANATOMIX")
+    try:
+        assert assoc.is_established
+        assert [str(cx.abstract_syntax) for cx in assoc.accepted_contexts] == [Verification]
+    finally:
+        assoc.release()
+
+
+def test_installing_the_negotiation_is_idempotent_and_restorable() -> None:
+    import pynetdicom.acse
+    import pynetdicom.presentation
+
+    original = pynetdicom.acse.negotiate_unrestricted
+    try:
+        assert accept_unlisted_classes_in_this_process() is True
+        assert accept_unlisted_classes_in_this_process() is False  # the second call changes nothing
+        assert negotiation.is_installed() and _config.UNRESTRICTED_STORAGE_SERVICE
+    finally:
+        negotiation.restore()
+    # pynetdicom's own hook came back, not ours (a second install must not save ours as "original")
+    assert pynetdicom.acse.negotiate_unrestricted is original is pynetdicom.presentation.negotiate_unrestricted
+    assert _config.UNRESTRICTED_STORAGE_SERVICE is False

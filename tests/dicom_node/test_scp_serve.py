@@ -94,3 +94,38 @@ def test_a_killed_scp_process_is_restarted(tmp_path: Path) -> None:
             assert echoscu(node.port, "MODALITY", "ANATOMIX").returncode == 0
     finally:
         node.stop()
+
+
+def test_serve_accepts_a_private_storage_class_and_the_test_process_stays_unpatched(tmp_path: Path) -> None:
+    """The negotiation patch is serve's step: the real node accepts and stores a vendor-private
+    class, while this process (which imported and built nothing of the SCP's) negotiates as plain
+    pynetdicom."""
+    from pynetdicom import AE, _config
+
+    from dicom_node.net import negotiation
+    from tests.support.corpus import synthetic_cr
+
+    assert not negotiation.is_installed() and _config.UNRESTRICTED_STORAGE_SERVICE is False
+    study = "1.2.826.0.1.3680043.8.498.77"
+    ds = synthetic_cr(study, study + ".1.1", sop_class_uid="1.3.12.2.1107.5.9.1")  # Siemens CSA Non-Image
+    ds.Modality = "OT"
+    path = tmp_path / "private.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    node = NodeProcess(tmp_path / "node")
+    node.add_source("modality", "MODALITY")
+    node.start()
+    try:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context("1.3.12.2.1107.5.9.1", ["1.2.840.10008.1.2.1"])
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="ANATOMIX")
+        assert assoc.is_established
+        try:
+            assert [str(cx.abstract_syntax) for cx in assoc.accepted_contexts] == ["1.3.12.2.1107.5.9.1"]
+            assert assoc.send_c_store(ds).Status == 0x0000
+        finally:
+            assoc.release()
+        assert len(node.spooled_files()) == 1
+    finally:
+        node.stop()
+    assert not negotiation.is_installed()

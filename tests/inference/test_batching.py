@@ -9,7 +9,7 @@ import pytest
 from inference.batching import ContinuousBatcher
 from inference.demo_apm import synthetic_chest_radiograph
 from inference.demo_weights import write_demo_model_dir
-from inference.engine import Engine
+from inference.engine import Engine, EngineOptions
 from inference.preprocess import prepare_array
 
 TASKS = ["report", "abnormality_detection", "anatomy_grounding_lm:Right lung", "grounded_captioning"]
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory) -> Engine:
     model_dir: Path = write_demo_model_dir(tmp_path_factory.mktemp("batching") / "model", "tiny", seed=1)
-    return Engine.load(model_dir, max_new_tokens=12)
+    return Engine.load(model_dir, EngineOptions(max_new_tokens=12))
 
 
 @pytest.fixture(scope="module")

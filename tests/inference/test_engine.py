@@ -12,7 +12,7 @@ from pydicom.data import get_testdata_file
 
 from inference.demo_apm import synthetic_chest_radiograph
 from inference.demo_weights import write_demo_model_dir
-from inference.engine import Engine, ModelLoadError
+from inference.engine import Engine, EngineOptions, ModelLoadError
 from inference.preprocess import prepare_array
 from inference.result import REGION_NAMES, AnalysisResult
 
@@ -29,7 +29,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def engine(model_dir) -> Engine:
-    return Engine.load(model_dir, max_new_tokens=16)
+    return Engine.load(model_dir, EngineOptions(max_new_tokens=16))
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,7 @@ def test_analyze_dataset_from_dicom(engine) -> None:
 
 
 def test_reference_mode_decodes_max_new_tokens(model_dir, images) -> None:
-    engine = Engine.load(model_dir, max_new_tokens=6, stop_at_end_of_turn=False)
+    engine = Engine.load(model_dir, EngineOptions(max_new_tokens=6, stop_at_end_of_turn=False))
     (result,) = engine.analyze(images[:1], ["report"])
     assert result.answers[0].generated_tokens == 6
 
@@ -127,7 +127,7 @@ def test_incomplete_model_dir_is_refused_with_what_is_missing(tmp_path, model_di
     with pytest.raises(ModelLoadError, match="CUDA is not available"):
         if torch.cuda.is_available():
             raise ModelLoadError("CUDA is not available (forced on a GPU host)")
-        Engine.load(model_dir, device="cuda")
+        Engine.load(model_dir, EngineOptions(device="cuda"))
 
 
 def test_system_prompt_setting_reaches_the_prompt(model_dir, engine, images, monkeypatch) -> None:
@@ -154,3 +154,56 @@ def test_system_prompt_setting_reaches_the_prompt(model_dir, engine, images, mon
     engine.analyze(images[:1], ["report"])
     assert seen[0].startswith(f"<bos><start_of_turn>user\n{TRAINING_SYSTEM_PROMPT}\n\nImage:")
     assert seen[1].startswith("<bos><start_of_turn>user\n\n\nImage:")
+
+
+def test_the_decode_strategy_is_an_explicit_option(model_dir, engine, images) -> None:
+    """None picks by device (row by row on the CPU); an explicit choice is used, by the engine and
+    by the continuous batcher alike."""
+    from inference.batching import ContinuousBatcher
+    from inference.lm.decoding import DecodeStrategy
+
+    assert engine.options.decode is None and engine.decode_step.strategy is DecodeStrategy.ROW_BY_ROW
+    batched = Engine.load(model_dir, EngineOptions(max_new_tokens=4, decode=DecodeStrategy.BATCHED))
+    assert batched.decode_step.strategy is DecodeStrategy.BATCHED and not batched.decode_step.static_cache
+    batcher = ContinuousBatcher(batched, ["report"], slots=2)
+    for index, image in enumerate(images[:2]):
+        batcher.submit(index, image)
+    done = {}
+    while not batcher.idle:
+        done.update(batcher.step())
+    assert batcher.peak_rows == 2 and set(done) == {0, 1}
+    # the same images, each alone through analyze with that strategy: the tokens agree
+    alone = [batched.analyze([image], ["report"])[0] for image in images[:2]]
+    assert [r.answers[0].generated_tokens for r in alone] == [done[i].answers[0].generated_tokens for i in (0, 1)]
+
+
+def test_stage_timing_never_synchronises_cuda_for_a_cpu_engine(engine, images, monkeypatch) -> None:
+    """A CPU engine on a host that also has a GPU (faked here: only the two probes) must not wait for
+    that GPU's queue after every stage."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
+    (result,) = engine.analyze(images[:1], ["anatomy_grounding"])
+    assert result.timings["apm"] > 0 and result.timings["retrieval"] >= 0
+    assert calls == []
+
+
+def test_the_engine_names_no_task_the_task_table_holds_the_flags() -> None:
+    """Task knowledge lives in inference.tasks.LM_TASKS: the engine tests flags, never names."""
+    import inference.engine as engine_module
+    from inference.result import TASKS
+    from inference.tasks import ANSWER_KINDS, LM_TASKS
+
+    source = Path(engine_module.__file__).read_text()
+    kinds = {flags.answer for flags in LM_TASKS.values()}  # "report" is an answer kind too
+    named = [task for task in TASKS if task not in kinds and (f'"{task}"' in source or f"'{task}'" in source)]
+    assert named == []
+    assert set(LM_TASKS) <= set(TASKS) and ANSWER_KINDS == {t: f.answer for t, f in LM_TASKS.items()}
+    assert {t for t, f in LM_TASKS.items() if f.labels_asked_boxes} == {"grounded_diagnosis", "grounded_captioning"}
+    assert [t for t, f in LM_TASKS.items() if f.region_answer] == ["anatomy_grounding_lm"]
+
+
+def test_load_takes_the_options_object(model_dir) -> None:
+    options = EngineOptions(max_new_tokens=3, stop_at_end_of_turn=False)
+    loaded = Engine.load(model_dir, options)
+    assert loaded.options is options

@@ -17,6 +17,8 @@ import torch
 
 from inference.demo_weights import write_demo_model_dir
 from inference.lm.decoding import (
+    DecodeStep,
+    DecodeStrategy,
     KVCache,
     TokenInjection,
     compile_decode_step,
@@ -142,7 +144,7 @@ def test_greedy_output_after_a_generated_obj_token_follows_the_reference(setup):
             out.append(int(reference_next_logits(lm, embeds, out, inject).argmax()))
     assert reference[0] == obj and reference.count(obj) <= steps
     injection = TokenInjection(lm.injection_slots(), injected[None])
-    for step in (None, decode_rows_one_by_one):
+    for step in (None, DecodeStep.build(DecodeStrategy.ROW_BY_ROW)):
         ours = generate_greedy(decoder, [embeds], steps, decode_step=step, injection=injection)
         assert ours.tokens[0] == reference, step
     assert generate_greedy(decoder, [embeds], steps).tokens[0] == plain_reference

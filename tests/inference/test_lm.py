@@ -10,7 +10,7 @@ import torch
 
 from inference.demo_weights import write_demo_model_dir
 from inference.lm.config import bf16_embed_scale, build_text_config
-from inference.lm.decoding import KVCache, decode_one_token, decode_rows_one_by_one, generate_greedy, prefill
+from inference.lm.decoding import DecodeStep, DecodeStrategy, KVCache, decode_one_token, decode_rows_one_by_one, generate_greedy, prefill
 from inference.lm.layout import PEFT_EMBED, PEFT_LM_HEAD, base_key_shapes, core_key_shapes, lora_key, wrapper_key_shapes
 from inference.lm.loader import LMCheckpointError, build_meta_decoder, load_lm, match_lm_checkpoint
 from inference.lm.model import InjectionError
@@ -144,7 +144,7 @@ def test_batch_of_n_is_bit_identical_to_n_single_calls(loaded, tokenizer, token_
     assert len({p.shape[0] for p in prompts}) > 1  # different lengths, no padding involved
     singles = [generate_greedy(lm.decoder, [p], max_new_tokens=10).tokens[0] for p in prompts]
     # the CPU schedule (rows stepped one by one on a shared cache) and the batched GPU schedule
-    assert generate_greedy(lm.decoder, prompts, max_new_tokens=10, decode_step=decode_rows_one_by_one).tokens == singles
+    assert generate_greedy(lm.decoder, prompts, max_new_tokens=10, decode_step=DecodeStep.build(DecodeStrategy.ROW_BY_ROW)).tokens == singles
     assert generate_greedy(lm.decoder, prompts, max_new_tokens=10).tokens == singles
     with torch.inference_mode():
         cache = KVCache.allocate(lm.decoder, 3, 4096)
@@ -257,12 +257,10 @@ def test_full_size_layout_matches_on_the_meta_device() -> None:
 def test_cuda_bf16_path_with_compiled_decode(model_dir, token_ids, tokenizer) -> None:
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device on this machine: the bf16 / compiled decode path is tested only on a GPU host")
-    from inference.lm.decoding import compile_decode_step
-
     lm, _ = load_lm(model_dir / "medgemma", model_dir / "lm.pt", token_ids, device="cuda", dtype=torch.bfloat16)
     prompts = prompt_embeds(lm, tokenizer, token_ids, 2)
     eager = generate_greedy(lm.decoder, prompts, max_new_tokens=8)
-    compiled = generate_greedy(lm.decoder, prompts, max_new_tokens=8, decode_step=compile_decode_step())
+    compiled = generate_greedy(lm.decoder, prompts, max_new_tokens=8, decode_step=DecodeStep.build(DecodeStrategy.COMPILED))
     assert eager.tokens == compiled.tokens
 
 
