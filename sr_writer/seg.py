@@ -25,9 +25,10 @@ Speed (46 full-size segments of 1955x1841 is 165 M mask pixels): the masks are 0
 segment-major memory, exposed as highdicom's (1, rows, columns, segments) view, so each frame highdicom
 encodes is a contiguous plane (no strided per-segment copy). highdicom's generic pixel checks scan the
 whole array twice to learn that values are 0/1 and whether segments overlap; for box masks we know
-both by construction (overlap = some pair of boxes intersects), so :class:`BoxSegmentation` answers
-them from the boxes (:class:`sr_writer._highdicom_compat.BoxSegmentation`). That halves the SEG's cost; ``tests/sr_writer`` reads the result back through
-``hd.seg.segread`` and checks every mask pixel-exactly.
+both by construction (overlap = some pair of boxes intersects), so
+:class:`sr_writer._highdicom_compat.BoxSegmentation` answers them from the boxes. That halves the SEG's
+cost; ``tests/sr_writer`` reads the result back through ``hd.seg.segread`` and checks every mask
+pixel-exactly.
 """
 
 from __future__ import annotations
