@@ -33,6 +33,9 @@ Construct, then patch (attributes the constructors do not offer, or write differ
    after construction.
 7. ``sr_writer.seg.segment_description``: ``SegmentDescription`` takes no laterality modifier; it is
    added to the property type (regions) or anatomic region (findings) item after construction.
+8. ``sr_writer.tid1500.build_tid1500_sr``: ``MeasurementReport`` insists on at least one measurement
+   group; a result with no box is built around a placeholder group whose container is then removed.
+   (Left in place: it edits the content tree, not highdicom's output.)
 """
 
 from __future__ import annotations
