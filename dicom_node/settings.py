@@ -17,16 +17,22 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+from dicom_node.store.base import FINAL_STUDY_STATES
+from inference.result import APM_BACKENDS
+from inference.tasks import TaskError, TaskRequest
+from sr_writer.kinds import SEND_ORDER
+from sr_writer.uids import check_uid_root
+
 CONFIG_FILE_NAME = "anatomix-node.toml"
 ENV_PREFIX = "ANATOMIX_"
 #: A system install (FHS), as deploy/systemd expects it: the config in /etc, the data in /var/lib.
 SYSTEM_CONFIG_DIR = Path("/etc/anatomix")
 SYSTEM_DATA_DIR = Path("/var/lib/anatomix")
 
-#: Result object kinds that sr_writer can build; profiles are subsets of these.
-OBJECT_KINDS = ("sr", "text_sr", "seg", "gsps", "sc", "kos")
-#: Study states a retention policy may purge (work in progress never is).
-RETENTION_STATES = ("done", "failed")
+#: Result object kinds that sr_writer can build (its kinds table, in send order); profiles are subsets.
+OBJECT_KINDS = SEND_ORDER
+#: Study states a retention policy may purge: the final ones (work in progress never is).
+RETENTION_STATES = tuple(state for state in FINAL_STUDY_STATES if state != "purged")
 
 DEFAULT_PROFILES: dict[str, tuple[str, ...]] = {
     "full": ("sr", "text_sr", "seg", "gsps", "sc"),
@@ -44,13 +50,17 @@ class SettingsError(ValueError):
 
 @dataclass(frozen=True)
 class NodeSettings:
+    """The DICOM port: who we are and where senders reach us."""
+
+    #: Our AE title (1-16 characters). Senders must call it; results are sent with it as calling AE.
     ae_title: str = "ANATOMIX"
+    #: DICOM port we listen on.
     port: int = 11112
     #: Loopback by default: a site opens the port to its network on purpose (``0.0.0.0`` = every interface).
     bind_address: str = "127.0.0.1"
     #: Largest PDU we accept; 0 means unlimited.
     max_pdu: int = 131072
-    #: Demo only: accept associations from any calling AE.
+    #: Demo only: accept associations from any calling AE (otherwise add sources with ``anatomix-node ae add``).
     accept_unknown_sources: bool = False
     #: Number of SCP processes sharing the listening socket (ingest scales with processes).
     scp_processes: int = 1
@@ -60,7 +70,10 @@ class NodeSettings:
 
 @dataclass(frozen=True)
 class StorageSettings:
+    """Where the node keeps what it receives and produces, and for how long."""
+
     #: Root of everything the node writes: spool, embedded database, results, broker files.
+    #: A relative path is relative to this file.
     data_dir: Path = Path("var")
     #: Answer 0xA700 (out of resources) when the spool's file system has less free space than this.
     min_free_bytes: int = 512 * 1024 * 1024
@@ -68,7 +81,7 @@ class StorageSettings:
     #: reached one of ``retention_states`` and stayed unchanged (a tombstone row remains, and a
     #: late instance reopens it). 0 keeps everything (the default: deleting is the admin's choice).
     retention_days: float = 0.0
-    #: Study states the retention policy may purge: ``done``, and ``failed`` if wanted.
+    #: Study states the retention policy may purge: ``done``, and ``failed`` if wanted (e.g. ["done", "failed"]).
     retention_states: tuple[str, ...] = ("done",)
 
     @property
@@ -82,19 +95,26 @@ class StorageSettings:
 
 @dataclass(frozen=True)
 class DatabaseSettings:
-    #: ``sqlite:///path/to/file.db`` (embedded default) or ``postgresql://host:port/dbname``.
+    """The state store."""
+
+    #: ``sqlite:///path/to/file.db`` or ``postgresql://host:port/dbname``
+    #: (production, e.g. "postgresql://anatomix@db-host:5432/anatomix").
     #: Empty means SQLite in ``<data_dir>/anatomix.db``.
     url: str = ""
 
 
 @dataclass(frozen=True)
 class QueueSettings:
+    """The task queue between the node and its analyze and deliver workers."""
+
     #: Celery broker. Empty means the embedded local transport (no server needed);
     #: ``redis://127.0.0.1:6379/0`` in production.
     broker_url: str = ""
     #: Seconds before the broker redelivers an unacknowledged task (must exceed the task time limit).
     visibility_timeout_s: int = 3600
+    #: Seconds one analysis (all images of a study) may take before its worker is stopped.
     analyze_time_limit_s: int = 1800
+    #: Seconds one delivery task may take before its worker is stopped.
     deliver_time_limit_s: int = 600
     #: Seconds a worker's claim on a study lasts without a heartbeat; after that the node's dispatch
     #: loop re-queues the work (a worker that died, a broker that lost its messages).
@@ -105,24 +125,32 @@ class QueueSettings:
 
 @dataclass(frozen=True)
 class AssemblySettings:
-    #: A study is stable when no instance arrived for this long (overridable per source AE).
+    """When a study is complete enough to analyse."""
+
+    #: A study is stable when no instance arrived for this many seconds (per source: ``ae add --quiet-period``).
     quiet_period_s: float = 10.0
     #: A study still receiving after this long is closed anyway.
     hard_cap_s: float = 600.0
+    #: How often (seconds) the node looks for studies that became stable.
     poll_interval_s: float = 1.0
 
 
 @dataclass(frozen=True)
 class ModelSettings:
-    #: Directory holding the APM .pth, lm.pt, the MedGemma base and the retrieval DB.
+    """The AnatomiX model and how the analyze workers run it."""
+
+    #: Directory holding the APM .pth, lm.pt, the MedGemma base and the retrieval DB (e.g. "/srv/anatomix/model").
     dir: Path | None = None
-    #: Generate (once, cached under data_dir) and use tiny demo weights.
+    #: Generate (once, cached under data_dir) and use tiny demo weights; every result made with them says so.
     demo_weights: bool = False
     #: ``torch``, ``onnxruntime`` (APM) or ``tensorrt`` (APM).
     backend: str = "torch"
     #: ``cpu``, ``cuda`` or ``cuda:N``.
     device: str = "cpu"
+    #: What the model does per image: task names, or ``name:argument``
+    #: (e.g. "vqa:Is there a pleural effusion?"; the names are ``inference.result.TASKS``).
     tasks: tuple[str, ...] = ("report", "anatomy_grounding", "abnormality_detection")
+    #: Longest answer the language model may generate, in tokens.
     max_new_tokens: int = 350
     #: Stop at <end_of_turn>/<eos> (fast) instead of always decoding max_new_tokens like the reference.
     stop_at_end_of_turn: bool = True
@@ -138,11 +166,16 @@ class ModelSettings:
 
 @dataclass(frozen=True)
 class OutputSettings:
-    #: UID root for everything we create (deterministic UIDs hang under it).
+    """What the node produces: object kinds per destination profile (README: "Output profiles")."""
+
+    #: UID root for everything we create (digits and dots, ending in a dot; deterministic UIDs hang under it).
     uid_root: str = "1.2.826.0.1.3680043.10.1431."
+    #: Profile of a destination without its own: a built-in profile or one of ``profiles``.
     default_profile: str = "full"
+    #: Institution Name written into every result object (empty: none).
     institution_name: str = ""
-    #: Named profiles: name -> object kinds; merged over DEFAULT_PROFILES.
+    #: Named profiles: name -> object kinds, merged over the built-in ones
+    #: (e.g. profiles = { my-pacs = ["gsps", "text_sr"] }).
     profiles: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def profile(self, name: str) -> tuple[str, ...]:
@@ -155,8 +188,11 @@ class OutputSettings:
 
 @dataclass(frozen=True)
 class DeliverySettings:
+    """Sending results to destinations: retries with capped exponential backoff, then dead letters."""
+
     #: An extra cap on tries per destination; the retry window below is what normally ends retrying.
     max_attempts: int = 1000
+    #: Seconds before the first retry; each further retry waits twice as long (with jitter).
     backoff_base_s: float = 2.0
     #: Retries back off exponentially (with jitter) up to this many seconds between tries.
     backoff_max_s: float = 300.0
@@ -170,6 +206,9 @@ class DeliverySettings:
 
 @dataclass(frozen=True)
 class LoggingSettings:
+    """Log level and the optional audit file."""
+
+    #: DEBUG, INFO, WARNING or ERROR.
     level: str = "INFO"
     #: Append-only audit trail (JSON lines) in addition to the database's audit table; empty = none.
     audit_file: str = ""
@@ -220,6 +259,7 @@ class HttpSettings:
     session_ttl_s: float = 8 * 3600.0
     #: Failed logins per user name (and per client address) within login_window_s before 429.
     max_failed_logins: int = 5
+    #: Seconds over which failed logins are counted.
     login_window_s: float = 300.0
     #: Mark the session cookie Secure (set when a TLS proxy fronts the API).
     secure_cookies: bool = False
@@ -238,22 +278,27 @@ class AuditSettings:
     Retention of the trail itself is ``limits.audit_retention_days`` (unforwarded events are kept).
     """
 
+    #: Host of the audit record repository (e.g. "audit.hospital.example"); empty = no forwarding.
     syslog_host: str = ""
     #: 0 = the transport's registered port (6514 for tls, 601 for tcp).
     syslog_port: int = 0
     #: ``tcp`` (RFC 6587 octet counting) or ``tls`` (RFC 5425).
     transport: str = "tls"
-    #: TLS: CA bundle that signs the repository's certificate (empty = the system's), client certificate and key.
+    #: TLS: CA bundle that signs the repository's certificate (empty = the system's).
     ca_file: str = ""
+    #: TLS: client certificate (PEM), if the repository asks for one; goes with ``key_file``.
     cert_file: str = ""
+    #: TLS: the client certificate's private key (PEM).
     key_file: str = ""
-    #: RFC 5424 APP-NAME and the DICOM AuditSourceID (empty = node.ae_title).
+    #: RFC 5424 APP-NAME.
     app_name: str = "anatomix-node"
+    #: The DICOM AuditSourceID (empty = node.ae_title).
     audit_source_id: str = ""
     #: AuditEnterpriseSiteID (e.g. the hospital's identifier); empty = not sent.
     enterprise_site_id: str = ""
-    #: Events per connection; retry back-off after a failure grows to this many seconds.
+    #: Events per connection.
     batch_size: int = 200
+    #: Retry back-off after a failure grows to this many seconds.
     retry_max_s: float = 60.0
     #: Seconds to wait for the repository to connect / confirm a batch.
     timeout_s: float = 10.0
@@ -266,15 +311,17 @@ class TlsSettings:
     See the README section "DICOM TLS". Per remote node TLS (as SCU) is set with ``ae add --tls``.
     """
 
+    #: Listen for DICOM over TLS.
     enabled: bool = False
     #: The TLS port (2762 is DICOM's registered port for DICOM over TLS).
     port: int = 2762
     #: Also listen without TLS on ``node.port`` (false: TLS only).
     plain_port: bool = True
-    #: PEM certificate (chain) and its private key, presented to every client.
+    #: PEM certificate (chain) presented to every client (e.g. "/etc/anatomix/tls/node.crt").
     certificate: Path | None = None
+    #: The certificate's PEM private key (e.g. "/etc/anatomix/tls/node.key").
     private_key: Path | None = None
-    #: PEM file of the CAs whose client certificates are trusted.
+    #: PEM file of the CAs whose client certificates are trusted (e.g. "/etc/anatomix/tls/clients-ca.crt").
     ca_certificates: Path | None = None
     #: Refuse clients that present no certificate signed by ``ca_certificates`` (false: optional).
     require_client_certificate: bool = True
@@ -359,13 +406,14 @@ def load_settings(path: str | Path | None = None, env: dict[str, str] | None = N
     return settings
 
 
-def _section_types() -> dict[str, type]:
+def section_types() -> dict[str, type]:
+    """Section name -> its settings dataclass, in file order (``source`` is bookkeeping, not a section)."""
     hints = get_type_hints(Settings)
     return {f.name: hints[f.name] for f in fields(Settings) if f.name != "source"}
 
 
 def _apply_env(raw: dict[str, Any], env: dict[str, str]) -> None:
-    sections = _section_types()
+    sections = section_types()
     for key, value in env.items():
         if not key.startswith(ENV_PREFIX):
             continue
@@ -380,7 +428,7 @@ def _apply_env(raw: dict[str, Any], env: dict[str, str]) -> None:
 
 
 def _build(raw: dict[str, Any], source: str) -> Settings:
-    sections = _section_types()
+    sections = section_types()
     unknown = set(raw) - set(sections)
     if unknown:
         raise SettingsError(f"{source}: unknown section(s) {', '.join(sorted(unknown))}; known: {', '.join(sections)}")
@@ -517,8 +565,8 @@ def validate(settings: Settings) -> None:
             f"assembly.hard_cap_s = {assembly.hard_cap_s}: must be >= quiet_period_s ({assembly.quiet_period_s}) and both >= 0"
         )
     model = settings.model
-    if model.backend not in ("torch", "onnxruntime", "tensorrt"):
-        raise SettingsError(f"model.backend = {model.backend!r}: use torch, onnxruntime or tensorrt")
+    if model.backend not in APM_BACKENDS:
+        raise SettingsError(f"model.backend = {model.backend!r}: use {', '.join(APM_BACKENDS[:-1])} or {APM_BACKENDS[-1]}")
     if not re.fullmatch(r"cpu|cuda(:\d+)?", model.device):
         raise SettingsError(f"model.device = {model.device!r}: use cpu, cuda or cuda:N")
     if model.max_new_tokens < 1:
@@ -529,15 +577,16 @@ def validate(settings: Settings) -> None:
         raise SettingsError(f"model.max_batch = {model.max_batch}: must be between 1 and 256")
     if not 0 <= model.batch_wait_ms <= 60_000:
         raise SettingsError(f"model.batch_wait_ms = {model.batch_wait_ms}: must be between 0 and 60000")
-    from inference.result import TASKS  # pure-data module, no heavy imports
-
-    for task in model.tasks:
-        name = task.partition(":")[0]  # a task may carry an argument: "vqa:Is there an effusion?"
-        if name not in TASKS:
-            raise SettingsError(f"model.tasks contains {task!r}; known tasks: {', '.join(TASKS)}")
+    for task in model.tasks:  # the engine's own parser: "name" or "name:argument"
+        try:
+            TaskRequest.parse(task)
+        except TaskError as exc:
+            raise SettingsError(f"model.tasks contains {task!r}: {exc}") from None
     output = settings.output
-    if not re.fullmatch(r"[1-9]\d*(\.(0|[1-9]\d*))*\.", output.uid_root) or len(output.uid_root) > 40:
-        raise SettingsError(f"output.uid_root = {output.uid_root!r}: digits and dots, ending in '.', at most 40 characters")
+    try:
+        check_uid_root(output.uid_root)  # the rule the writer applies
+    except ValueError as exc:
+        raise SettingsError(f"output.uid_root = {output.uid_root!r}: {exc}") from None
     for name, kinds in output.profiles.items():
         for kind in kinds:
             if kind not in OBJECT_KINDS:

@@ -171,6 +171,15 @@ class TaskAnswer:
     generated_tokens: int = 0
 
 
+#: APM backends (``inference.backends``), named here so settings can check one without importing torch.
+APM_BACKENDS: tuple[str, ...] = ("torch", "onnxruntime", "tensorrt")
+
+#: Manufacturer (0008,0070) of every object the node creates, and the model's manufacturer by default.
+#: Defined here because sr_writer and dicom_node may import this module and it imports neither;
+#: read it as ``sr_writer.identity.MANUFACTURER``.
+NODE_MANUFACTURER = "AnatomiX Node"
+
+
 @dataclass(frozen=True)
 class ModelIdentity:
     """Which model made the result. ``device_uid`` changes whenever the weights change."""
@@ -182,7 +191,7 @@ class ModelIdentity:
     demo: bool
     backend: str = "torch"
     device: str = "cpu"
-    manufacturer: str = "AnatomiX Node"
+    manufacturer: str = NODE_MANUFACTURER
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,9 @@
 Task names are :data:`inference.result.TASKS`. A task may take an argument (a region, a phrase, a
 question, boxes); on the command line or in settings it is written ``name`` or ``name:argument``
 (for example ``vqa:Is there a pleural effusion?`` or ``anatomy_grounding_lm:Right lung``).
+:meth:`TaskRequest.parse` is the one reader of that syntax: the engine and ``dicom_node.settings``
+both call it, so a task the settings accept is one the engine runs. This module imports nothing
+heavy at import time (the tokenizer-side prompt helpers are imported when an instruction is built).
 """
 
 from __future__ import annotations
@@ -10,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from inference.prompt import format_boxes
 from inference.result import CHEXPERT_LABELS, REGION_NAMES, TASKS
 
 REPORT_INSTRUCTION = "Generate findings and impressions:\n"
@@ -73,6 +75,8 @@ class TaskRequest:
             raise TaskError(f"unknown task {request.task!r}; known tasks: {', '.join(TASKS)}")
         if request.task == "anatomy_grounding_lm" and request.argument:
             region_name(request.argument)  # validate early
+        if request.task in ("grounded_diagnosis", "grounded_captioning") and request.argument:
+            _parse_box_argument(request.argument)
         return request
 
     @property
@@ -103,10 +107,14 @@ def phrase_grounding_instruction(phrase: str) -> str:
 
 
 def grounded_diagnosis_instruction(boxes_xyxy_model: Sequence[Sequence[float]]) -> str:
+    from inference.prompt import format_boxes  # transformers: only where an instruction is built
+
     return f"Please give the corresponding diagnosis for the following region(s): {format_boxes(boxes_xyxy_model)}"
 
 
 def grounded_captioning_instruction(boxes_xyxy_model: Sequence[Sequence[float]]) -> str:
+    from inference.prompt import format_boxes  # transformers: only where an instruction is built
+
     return f"Please generate a caption for the following region(s): {format_boxes(boxes_xyxy_model)}"
 
 
@@ -181,5 +189,8 @@ def _parse_box_argument(argument: str) -> list[tuple[int, int, int, int]]:
         values = [v for v in part.replace("(", " ").replace(")", " ").replace(",", " ").split() if v]
         if len(values) != 4:
             raise TaskError(f"box {part!r} needs 4 numbers x1,y1,x2,y2 (model-frame pixels)")
-        boxes.append(tuple(int(float(v)) for v in values))
+        try:
+            boxes.append(tuple(int(float(v)) for v in values))
+        except ValueError:
+            raise TaskError(f"box {part!r} needs 4 numbers x1,y1,x2,y2 (model-frame pixels)") from None
     return boxes

@@ -20,31 +20,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import pydicom
-from pydicom.uid import UID
+from pydicom.uid import Comprehensive3DSRStorage as COMPREHENSIVE_3D_SR
+from pydicom.uid import ComprehensiveSRStorage as COMPREHENSIVE_SR
 
 from inference.result import AnalysisResult
 from sr_writer.context import BundleContext, make_context
-from sr_writer.gsps import build_gsps
-from sr_writer.kos import build_kos
-from sr_writer.sc import build_sc
-from sr_writer.seg import build_seg
-from sr_writer.text_sr import build_text_sr
-from sr_writer.tid1500 import build_tid1500_sr
+from sr_writer.kinds import KINDS, SEND_ORDER
 
 log = logging.getLogger(__name__)
 
-#: Every kind sr_writer can build, in send order.
-SEND_ORDER: tuple[str, ...] = ("sr", "seg", "text_sr", "gsps", "sc", "kos")
-COMPREHENSIVE_3D_SR = UID("1.2.840.10008.5.1.4.1.1.88.34")
-COMPREHENSIVE_SR = UID("1.2.840.10008.5.1.4.1.1.88.33")
-
-_BUILDERS: dict[str, Callable[[BundleContext], pydicom.Dataset]] = {
-    "sr": build_tid1500_sr,
-    "seg": build_seg,
-    "text_sr": build_text_sr,
-    "gsps": build_gsps,
-    "sc": build_sc,
-}
+#: Kind -> builder, read from the kinds table (imported here, once).
+_BUILDERS: dict[str, Callable[..., pydicom.Dataset]] = {name: kind.builder() for name, kind in KINDS.items()}
 
 
 @dataclass(frozen=True)
@@ -96,17 +82,21 @@ def assemble_bundle(
     ctx = make_context(source, result, uid_root=uid_root, analysis_version=analysis_version, institution_name=institution_name)
     warnings = list(ctx.warnings)
     buildable = []
+    referencing = []
     for kind in ordered:
-        if kind == "text_sr" and result.report is None:
-            warnings.append("text_sr skipped: the result has no report")
-        elif kind in ("seg", "gsps", "sc") and not ctx.boxed:
+        needs = KINDS[kind].needs
+        if needs == "report" and result.report is None:
+            warnings.append(f"{kind} skipped: the result has no report")
+        elif needs == "boxes" and not ctx.boxed:
             warnings.append(f"{kind} skipped: the result has no box inside the image")
-        elif kind != "kos":
+        elif needs == "results":
+            referencing.append(kind)
+        else:
             buildable.append(kind)
     built = build_objects(ctx, buildable)
     objects = [BuiltObject(kind, built[kind]) for kind in buildable]
-    if "kos" in ordered:
-        objects.append(BuiltObject("kos", build_kos(ctx, [o.dataset for o in objects])))
+    for kind in referencing:  # last in the send order: they reference every object built before
+        objects.append(BuiltObject(kind, _BUILDERS[kind](ctx, [o.dataset for o in objects])))
     return Bundle(tuple(objects), tuple(warnings))
 
 

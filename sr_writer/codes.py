@@ -239,7 +239,7 @@ def region_site(index: int) -> AnatomicSite:
 
 def as_coded_concept(code: Code) -> CodedConcept:
     """highdicom's dataset form of a pydicom Code."""
-    return CodedConcept(code.value, code.scheme_designator, code.meaning)
+    return CodedConcept.from_code(code)
 
 
 def uses_private_scheme(code: Code) -> bool:

@@ -45,6 +45,15 @@ FINDING_COLOURS: tuple[RGB, ...] = (
     (0, 255, 160),  # spring green
 )
 
+#: Findings the model did not localise (one text line each, no box), in the GSPS whole-image layer and
+#: the SC legend: a red like the findings', but its own value, since every GSPS layer needs its own colour.
+WHOLE_IMAGE_FINDINGS_RGB: RGB = (255, 64, 64)
+#: The GSPS layer of the regions no finding is grounded to (switchable context): muted grey-green.
+ANATOMY_RGB: RGB = (150, 170, 150)
+#: The burned-in SC only: banner text, and the outline around label text.
+BANNER_TEXT_RGB: RGB = (255, 220, 0)
+OUTLINE_RGB: RGB = (0, 0, 0)
+
 _KEY = re.compile(r"^(region|finding)-(\d+)")
 
 

@@ -21,23 +21,10 @@ from pydicom.sr.coding import Code
 
 from inference.result import REGION_NAMES, AnalysisResult, Box
 from sr_writer import codes
+from sr_writer.identity import DEMO_MARK, MANUFACTURER
+from sr_writer.kinds import KINDS
 from sr_writer.text import character_set_for, clean_model_text, truncate, usable_model_text
 from sr_writer.uids import check_uid_root, derive_series_uid, derive_uid, is_valid_uid
-
-#: Manufacturer (0008,0070) of every object we create; selection uses it to skip our own output.
-MANUFACTURER = "AnatomiX Node"
-
-DEMO_MARK = "DEMO WEIGHTS - NOT FOR CLINICAL USE"
-#: Series numbers of our objects in the source study (fixed per kind, so viewers sort them stably).
-SERIES_NUMBERS = {"sr": 9901, "text_sr": 9902, "seg": 9903, "gsps": 9904, "sc": 9905, "kos": 9906}
-SERIES_TITLES = {
-    "sr": "AI findings (TID 1500 SR)",
-    "text_sr": "AI draft report",
-    "seg": "AI regions (SEG)",
-    "gsps": "AI overlay (GSPS)",
-    "sc": "AI overlay image",
-    "kos": "AI key objects",
-}
 
 
 @dataclass(frozen=True)
@@ -125,7 +112,7 @@ class BundleContext:
         return derive_series_uid(self.uid_root, self.study_instance_uid, model.device_uid, self.analysis_version, kind)
 
     def series_number(self, kind: str) -> int:
-        return SERIES_NUMBERS[kind]
+        return KINDS[kind].series_number
 
     def new_instance_identity(self, kind: str) -> dict[str, object]:
         """Keyword arguments every highdicom constructor gets: own series, deterministic UIDs, us."""
@@ -141,8 +128,8 @@ class BundleContext:
         """LO (64): "AnatomiX: AI findings (TID 1500 SR) v2", or the demo warning first when demo."""
         version = f" v{self.analysis_version}" if self.analysis_version > 1 else ""
         if self.demo:
-            return truncate(f"{DEMO_MARK} {SERIES_TITLES[kind]}", "LO")
-        return truncate(f"AnatomiX: {SERIES_TITLES[kind]}{version}", "LO")
+            return truncate(f"{DEMO_MARK} {KINDS[kind].title}", "LO")
+        return truncate(f"AnatomiX: {KINDS[kind].title}{version}", "LO")
 
     def content_description(self, what: str) -> str:
         text = f"{DEMO_MARK}: {what}" if self.demo else f"AnatomiX {what}, AI generated, not verified"

@@ -1,18 +1,21 @@
 """IHE AIR identification shared by all objects: Contributing Equipment, coding schemes, manufacturer.
 
 highdicom's ``ContributingEquipment`` accepts only CID 7005 purposes and has no Device UID, so the
-sequence is written here after each object is constructed, together with the Coding Scheme
+sequence is written here after each object is constructed (``sr_writer._highdicom_compat``, 6), together with the Coding Scheme
 Identification Sequence that declares our private designators.
 """
 
 from __future__ import annotations
 
 import pydicom
+from highdicom.sr import DeviceObserverIdentifyingAttributes, ObserverContext
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
+from pydicom.sr.codedict import codes as dcm_codes
 
 from sr_writer import codes
-from sr_writer.context import DEMO_MARK, MANUFACTURER, BundleContext
+from sr_writer.context import BundleContext
+from sr_writer.identity import DEMO_MARK, MANUFACTURER
 from sr_writer.text import truncate
 
 #: Value for Device Serial Number (type 1 in SEG/GSPS): the software has no serial, so name the install kind.
@@ -21,19 +24,11 @@ DEVICE_SERIAL_NUMBER = "SOFTWARE"
 STUDY_LEVEL_COPIED = ("StudyDescription", "StudyID", "AccessionNumber", "ReferringPhysicianName", "StudyDate", "StudyTime")
 
 
-def code_item(code: pydicom.sr.coding.Code) -> Dataset:
-    item = Dataset()
-    item.CodeValue = code.value
-    item.CodingSchemeDesignator = code.scheme_designator
-    item.CodeMeaning = code.meaning
-    return item
-
-
 def contributing_equipment_item(ctx: BundleContext) -> Dataset:
     """One (0018,A001) item for the model: 99IHE purpose, names, versions, Device UID (AIR)."""
     model = ctx.result.model
     item = Dataset()
-    item.PurposeOfReferenceCodeSequence = Sequence([code_item(codes.PROCESSING_ALGORITHM)])
+    item.PurposeOfReferenceCodeSequence = Sequence([codes.as_coded_concept(codes.PROCESSING_ALGORITHM)])
     item.Manufacturer = truncate(model.manufacturer or MANUFACTURER, "LO")
     item.ManufacturerModelName = ctx.algorithm_name
     item.SoftwareVersions = ctx.algorithm_version
@@ -45,6 +40,16 @@ def contributing_equipment_item(ctx: BundleContext) -> Dataset:
         description = f"{DEMO_MARK}; {description}"
     item.ContributionDescription = truncate(description, "ST")
     return item
+
+
+def device_observer(ctx: BundleContext) -> ObserverContext:
+    """The observer of every SR and KOS we write: a Device (the model), identified by its Device UID."""
+    return ObserverContext(
+        observer_type=dcm_codes.cid270.Device,
+        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+            uid=ctx.result.model.device_uid, name=ctx.algorithm_name, manufacturer_name=MANUFACTURER, model_name=ctx.algorithm_version
+        ),
+    )
 
 
 def coding_scheme_identification() -> Sequence:

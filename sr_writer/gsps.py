@@ -21,7 +21,7 @@ from __future__ import annotations
 import highdicom as hd
 from pydicom.dataset import Dataset
 
-from sr_writer.colours import colour_for_key
+from sr_writer.colours import ANATOMY_RGB, WHOLE_IMAGE_FINDINGS_RGB, colour_for_key
 from sr_writer.context import Annotation, BundleContext
 from sr_writer.equipment import DEVICE_SERIAL_NUMBER, apply_common_attributes
 from sr_writer.overlay import drawn_annotations, place_labels
@@ -30,8 +30,6 @@ from sr_writer.tid1500 import box_polyline
 
 WHOLE_IMAGE_LAYER = "WHOLE_IMAGE"
 ANATOMY_LAYER = "ANATOMY"
-FINDINGS_RGB = (255, 64, 64)
-ANATOMY_RGB = (150, 170, 150)
 
 
 def text_height(rows: int) -> float:
@@ -136,7 +134,7 @@ def build_gsps(ctx: BundleContext, kind: str = "gsps") -> Dataset:
     order = len(groups) + 2
     unboxed_texts = whole_image_texts(ctx)
     if unboxed_texts:
-        layer = hd.pr.GraphicLayer(layer_name=WHOLE_IMAGE_LAYER, order=order, description="Findings without a box (AI)", display_color=hd.color.CIELabColor.from_rgb(*FINDINGS_RGB))
+        layer = hd.pr.GraphicLayer(layer_name=WHOLE_IMAGE_LAYER, order=order, description="Findings without a box (AI)", display_color=hd.color.CIELabColor.from_rgb(*WHOLE_IMAGE_FINDINGS_RGB))
         layers.append(layer)
         annotations.append(hd.pr.GraphicAnnotation(referenced_images=[ctx.source], graphic_layer=layer, text_objects=unboxed_texts))
     for number, (name, description, rgb, members) in enumerate(groups):

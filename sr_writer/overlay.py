@@ -23,12 +23,9 @@ import pydicom
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-from sr_writer.colours import colour_for_key
+from sr_writer.colours import BANNER_TEXT_RGB, OUTLINE_RGB, WHOLE_IMAGE_FINDINGS_RGB, colour_for_key
 from sr_writer.context import Annotation
 
-BANNER_TEXT_RGB = (255, 220, 0)
-PANEL_RGB = (0, 0, 0)
-OUTLINE_RGB = (0, 0, 0)
 MIN_FONT = 9
 
 Rect = tuple[int, int, int, int]  # left, top, right, bottom (inclusive)
@@ -203,7 +200,7 @@ def layout(annotations: tuple[Annotation, ...], rows: int, columns: int, banner:
         leaders.append((start, anchor))
     legend = [a.label for a, label in zip(drawn, labels) if label is None] + list(footer_lines)
     legend_colours = [colour_for_key(a.key) for a, label in zip(drawn, labels) if label is None]
-    legend_colours += [(255, 64, 64)] * len(footer_lines)
+    legend_colours += [WHOLE_IMAGE_FINDINGS_RGB] * len(footer_lines)
     legend_size = font_size
     while legend and legend_size > MIN_FONT and max(text_size(line, legend_size)[0] for line in legend) > columns - 8:
         legend_size -= 1

@@ -20,8 +20,9 @@ from pydicom.encaps import generate_fragments
 from pydicom.sequence import Sequence
 from pydicom.uid import JPEGBaseline8Bit
 
-from sr_writer.context import DEMO_MARK, BundleContext
+from sr_writer.context import BundleContext
 from sr_writer.equipment import apply_common_attributes, apply_lossy_history
+from sr_writer.identity import DEMO_MARK
 from sr_writer.overlay import render_overlay
 from sr_writer.text import code_string, truncate
 

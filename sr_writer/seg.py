@@ -2,7 +2,8 @@
 
 Regions overlap (the lung contains its zones), so each segment has its own frame, full size. Tracking UIDs are the same as in the SR and GSPS.
 
-Additions after construction, for viewers and validators (see shared/dicom-results.md):
+Additions after construction, for viewers and validators (see shared/dicom-results.md; the steps that
+rely on highdicom's behaviour live in :mod:`sr_writer._highdicom_compat`):
 ``PatientOrientation`` copied from the source; ``PlaneOrientationSequence`` and ``PixelMeasuresSequence``
 in the Shared Functional Groups (OHIF 3.12/3.13 crashes without them on projection images), with spacing
 from PixelSpacing when it is calibrated and non-zero, else ImagerPixelSpacing, else 1\\1: a SEG of ours
@@ -24,9 +25,10 @@ Speed (46 full-size segments of 1955x1841 is 165 M mask pixels): the masks are 0
 segment-major memory, exposed as highdicom's (1, rows, columns, segments) view, so each frame highdicom
 encodes is a contiguous plane (no strided per-segment copy). highdicom's generic pixel checks scan the
 whole array twice to learn that values are 0/1 and whether segments overlap; for box masks we know
-both by construction (overlap = some pair of boxes intersects), so :class:`BoxSegmentation` answers
-them from the boxes. That halves the SEG's cost; ``tests/sr_writer`` reads the result back through
-``hd.seg.segread`` and checks every mask pixel-exactly.
+both by construction (overlap = some pair of boxes intersects), so
+:class:`sr_writer._highdicom_compat.BoxSegmentation` answers them from the boxes. That halves the SEG's
+cost; ``tests/sr_writer`` reads the result back through ``hd.seg.segread`` and checks every mask
+pixel-exactly.
 """
 
 from __future__ import annotations
@@ -36,23 +38,18 @@ from concurrent.futures import ThreadPoolExecutor
 from itertools import combinations
 
 import highdicom as hd
-import highdicom.image as hd_image
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.sequence import Sequence
 from pydicom.uid import JPEGLSLossless, RLELossless
 
 from inference.result import Box
 from sr_writer import codes
+from sr_writer._highdicom_compat import BOX_OVERLAP, BoxSegmentation, install_frame_encoder, set_projection_geometry
 from sr_writer.colours import colour_for_key
 from sr_writer.context import Annotation, BundleContext
-from sr_writer.equipment import DEVICE_SERIAL_NUMBER, apply_common_attributes, apply_lossy_history, code_item
+from sr_writer.equipment import DEVICE_SERIAL_NUMBER, apply_common_attributes, apply_lossy_history
 from sr_writer.text import code_string
 
-
-
-#: The SegmentsOverlap value of the build in progress (a ContextVar: builds may run in threads).
-_BOX_OVERLAP: contextvars.ContextVar[str] = contextvars.ContextVar("box_segments_overlap")
 #: Set while one of our SEGs is built: highdicom's frame encoder then uses :func:`rle_encode_frame`.
 _FAST_RLE: contextvars.ContextVar[bool] = contextvars.ContextVar("box_fast_rle", default=False)
 
@@ -111,35 +108,12 @@ def _packbits_row(row: np.ndarray) -> bytes:
     return bytes(out)
 
 
-_highdicom_encode_frame = hd_image.encode_frame
+def _use_fast_rle(array: np.ndarray, kwargs: dict) -> bool:
+    """Our SEG's frames while it is built with RLE Lossless (see sr_writer._highdicom_compat, 2)."""
+    return _FAST_RLE.get() and kwargs.get("transfer_syntax_uid") == RLELossless and array.dtype == np.uint8 and array.ndim == 2
 
 
-def _encode_frame(array: np.ndarray, **kwargs: object) -> bytes:
-    if _FAST_RLE.get() and kwargs.get("transfer_syntax_uid") == RLELossless and array.dtype == np.uint8 and array.ndim == 2:
-        return rle_encode_frame(array)
-    return _highdicom_encode_frame(array, **kwargs)
-
-
-# highdicom encodes SEG frames through this module-level name; ours take the fast path only while
-# _FAST_RLE is set (inside build_seg); every other use of highdicom is unchanged.
-hd_image.encode_frame = _encode_frame
-
-
-class BoxSegmentation(hd.seg.Segmentation):
-    """highdicom's Segmentation for masks built by :func:`box_masks` (0/1 uint8, one box per segment)."""
-
-    @classmethod
-    def _check_and_cast_pixel_array(cls, pixel_array, segment_numbers, segmentation_type, dtype):  # noqa: ANN001, ANN206
-        overlap = _BOX_OVERLAP.get(None)
-        is_box_stack = (
-            isinstance(pixel_array, np.ndarray)
-            and pixel_array.dtype == np.uint8
-            and pixel_array.ndim == 4
-            and pixel_array.shape[-1] == len(segment_numbers)
-        )
-        if overlap is None or not is_box_stack or segmentation_type != hd.seg.SegmentationTypeValues.FRACTIONAL:
-            return super()._check_and_cast_pixel_array(pixel_array, segment_numbers, segmentation_type, dtype)
-        return pixel_array, hd.seg.SegmentsOverlapValues(overlap)
+install_frame_encoder(_use_fast_rle, rle_encode_frame)
 
 
 def boxes_overlap(slices: list[tuple[slice, slice]]) -> bool:
@@ -194,7 +168,7 @@ def segment_description(number: int, annotation: Annotation, algorithm: hd.Algor
     )
     if site is not None and site.laterality is not None:
         # Laterality of a paired structure: a modifier of the property type (regions) or anatomic region (findings).
-        modifier = Sequence([code_item(site.laterality)])
+        modifier = [codes.as_coded_concept(site.laterality)]
         if annotation.is_region:
             description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = modifier
         else:
@@ -221,15 +195,15 @@ def build_seg(ctx: BundleContext, kind: str = "seg") -> Dataset:
     )
     descriptions = [segment_description(n, a, algorithm) for n, a in enumerate(annotations, start=1)]
     slices = [box_pixel_slice(a.box, ctx.rows, ctx.columns) for a in annotations]
-    token = _BOX_OVERLAP.set("YES" if boxes_overlap(slices) else "NO")
+    token = BOX_OVERLAP.set("YES" if boxes_overlap(slices) else "NO")
     rle = _FAST_RLE.set(True)
     try:
         seg = _construct(ctx, kind, annotations, descriptions)
     finally:
         _FAST_RLE.reset(rle)
-        _BOX_OVERLAP.reset(token)
+        BOX_OVERLAP.reset(token)
     seg.SeriesDescription = ctx.series_description(kind)
-    add_projection_geometry(seg, ctx.source)
+    set_projection_geometry(seg, ctx.source, pixel_spacing_for(ctx.source))
     apply_lossy_history(seg, ctx.source)
     return apply_common_attributes(seg, ctx)
 
@@ -265,18 +239,3 @@ def _construct_with(ctx: BundleContext, kind: str, annotations: tuple[Annotation
         content_description=ctx.content_description("region boxes"),
         omit_empty_frames=False,
     )
-
-
-def add_projection_geometry(seg: Dataset, source: Dataset) -> None:
-    """PatientOrientation and the shared plane orientation / pixel measures that OHIF needs."""
-    if "PatientOrientation" in source:
-        seg.PatientOrientation = source.PatientOrientation
-    shared = seg.SharedFunctionalGroupsSequence[0]
-    orientation = Dataset()
-    orientation.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    shared.PlaneOrientationSequence = Sequence([orientation])
-    # Always replace: highdicom copies the source's PixelSpacing even when it is 0\0 (RG1).
-    measures = Dataset()
-    measures.PixelSpacing = pixel_spacing_for(source)
-    measures.SliceThickness = 1  # projection images have no slab; a nominal positive value
-    shared.PixelMeasuresSequence = Sequence([measures])

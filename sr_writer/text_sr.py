@@ -27,21 +27,18 @@ import highdicom as hd
 from highdicom.sr import (
     ContainerContentItem,
     ContentSequence,
-    DeviceObserverIdentifyingAttributes,
     LanguageOfContentItemAndDescendants,
     ObservationContext,
-    ObserverContext,
     TextContentItem,
 )
 from pydicom.dataset import Dataset
-from pydicom.sr.codedict import codes as dcm_codes
-from pydicom.uid import UID
 
 from sr_writer import codes
-from sr_writer.context import DEMO_MARK, BundleContext
-from sr_writer.equipment import MANUFACTURER, apply_common_attributes
+from sr_writer._highdicom_compat import as_basic_text_sr
+from sr_writer.context import BundleContext
+from sr_writer.equipment import apply_common_attributes, device_observer
+from sr_writer.identity import DEMO_MARK
 
-BASIC_TEXT_SR = UID("1.2.840.10008.5.1.4.1.1.88.11")
 AI_NOTE = "AI-generated draft, not verified by a radiologist."
 
 
@@ -92,15 +89,9 @@ def report_texts(ctx: BundleContext) -> tuple[str, str]:
 
 def build_text_sr(ctx: BundleContext, kind: str = "text_sr") -> Dataset:
     findings_text, impression_text = report_texts(ctx)
-    model = ctx.result.model
     root = ContainerContentItem(name=codes.DIAGNOSTIC_IMAGING_REPORT, template_id="2000")
     items: list = list(LanguageOfContentItemAndDescendants(hd.sr.CodedConcept("en-US", "RFC5646", "English (United States)")))
-    observer = ObserverContext(
-        observer_type=dcm_codes.cid270.Device,
-        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
-            uid=model.device_uid, name=ctx.algorithm_name, manufacturer_name=MANUFACTURER, model_name=ctx.algorithm_version
-        ),
-    )
+    observer = device_observer(ctx)
     items.extend(ObservationContext(observer_device_context=observer))
     items.append(section(codes.FINDINGS_SECTION, codes.FINDING, findings_text))
     items.append(section(codes.IMPRESSIONS_SECTION, codes.IMPRESSION, impression_text))
@@ -121,7 +112,6 @@ def build_text_sr(ctx: BundleContext, kind: str = "text_sr") -> Dataset:
         # of ~0.02 s on the shared machine (benchmarks/writer.py); attached here, 0.03-0.05 s. The section's
         # items were built and checked by highdicom's content item classes and reference no instance.
         sr.ContentSequence.append(outputs)
-    sr.SOPClassUID = BASIC_TEXT_SR
-    sr.file_meta.MediaStorageSOPClassUID = BASIC_TEXT_SR
+    as_basic_text_sr(sr)
     sr.SeriesDescription = ctx.series_description(kind)
     return apply_common_attributes(sr, ctx)

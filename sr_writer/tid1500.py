@@ -57,14 +57,12 @@ from highdicom.sr import (
     AlgorithmIdentification,
     ContainerContentItem,
     ContentSequence,
-    DeviceObserverIdentifyingAttributes,
     FindingSite,
     ImageRegion,
     Measurement,
     MeasurementReport,
     MeasurementsAndQualitativeEvaluations,
     ObservationContext,
-    ObserverContext,
     PlanarROIMeasurementsAndQualitativeEvaluations,
     QualitativeEvaluation,
     SourceImageForRegion,
@@ -72,12 +70,13 @@ from highdicom.sr import (
     TrackingIdentifier,
 )
 from pydicom.dataset import Dataset
-from pydicom.sr.codedict import codes as dcm_codes
 
 from inference.result import Box
 from sr_writer import codes
-from sr_writer.context import DEMO_MARK, Annotation, BundleContext, ImageLabel
-from sr_writer.equipment import MANUFACTURER, apply_common_attributes
+from sr_writer._highdicom_compat import attach_content
+from sr_writer.context import Annotation, BundleContext, ImageLabel
+from sr_writer.equipment import apply_common_attributes, device_observer
+from sr_writer.identity import DEMO_MARK
 
 
 def box_polyline(box: Box) -> np.ndarray:
@@ -110,13 +109,7 @@ def build_tid1500_sr(ctx: BundleContext, kind: str = "sr", sr_class: type = hd.s
         if annotation.is_region and annotation.text:
             group[0].ContentSequence.append(retrieved_sentence_item(annotation.text))
         groups.append(group)
-    model = ctx.result.model
-    observer = ObserverContext(
-        observer_type=dcm_codes.cid270.Device,
-        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
-            uid=model.device_uid, name=ctx.algorithm_name, manufacturer_name=MANUFACTURER, model_name=ctx.algorithm_version
-        ),
-    )
+    observer = device_observer(ctx)
     evaluations = qualitative_evaluations_container(ctx)
     if not groups and evaluations is None:
         raise ValueError("result has no located region, no finding and no image label: a TID 1500 report would be empty")
@@ -147,8 +140,7 @@ def build_tid1500_sr(ctx: BundleContext, kind: str = "sr", sr_class: type = hd.s
         is_final=False,  # PRELIMINARY: AI output awaits a radiologist
         is_verified=False,  # UNVERIFIED
     )
-    for element in report[0]:
-        sr[element.tag] = element
+    attach_content(sr, report[0])
     sr.SeriesDescription = ctx.series_description(kind)
     return apply_common_attributes(sr, ctx)
 

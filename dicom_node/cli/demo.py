@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pydicom
 from pydicom.data import get_testdata_file
+from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage, SegmentationStorage
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
@@ -30,6 +31,7 @@ from dicom_node.ops.errors import UserError
 from dicom_node.cli.pipeline import node_command
 from dicom_node.settings import Settings, load_settings
 from dicom_node.store.base import RemoteNode
+from sr_writer.identity import DEMO_MARK
 
 DEMO_PACS_AE = "DEMO_PACS"
 NODE_AE = "ANATOMIX"
@@ -49,7 +51,7 @@ class DemoPacs:
         self.folder.mkdir(parents=True, exist_ok=True)
         ae = AE(ae_title=DEMO_PACS_AE)
         ae.supported_contexts = AllStoragePresentationContexts
-        for uid in ("1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.66.4"):
+        for uid in (Comprehensive3DSRStorage, SegmentationStorage):
             ae.add_supported_context(uid)
         ae.add_supported_context(Verification)
         self.server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
@@ -180,7 +182,7 @@ def write_preview(received: list[Path], out: Path) -> Path | None:
 
     for path in received:
         ds = pydicom.dcmread(path)
-        if str(ds.SOPClassUID) == "1.2.840.10008.5.1.4.1.1.7":
+        if ds.SOPClassUID == SecondaryCaptureImageStorage:
             image = Image.fromarray(ds.pixel_array)
             image.thumbnail((1024, 1024))
             target = out / "preview.png"
@@ -214,7 +216,7 @@ def print_summary(settings: Settings, study, out: Path, received: list[Path], pr
             continue
         result = AnalysisResult.from_json(record.result_json)
         (out / "result.json").write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
-        print(f"  model: {result.model.name} {result.model.version}" + ("  [DEMO WEIGHTS - NOT FOR CLINICAL USE]" if result.model.demo else ""))
+        print(f"  model: {result.model.name} {result.model.version}" + (f"  [{DEMO_MARK}]" if result.model.demo else ""))
         print(f"  {len(result.regions)} anatomical regions located, {len(result.findings)} grounded findings")
         for finding in result.findings[:8]:
             print(f"    - {finding.label}: {finding.text[:90]} ({len(finding.boxes)} box(es))")

@@ -20,7 +20,7 @@ from typing import Any
 from dicom_node.audit.trail import AuditTrail, Peer
 from dicom_node.ops.errors import UserError
 from dicom_node.settings import Settings
-from dicom_node.store.base import InstanceRecord, RemoteNode, Store, StudyRecord
+from dicom_node.store.base import FINAL_STUDY_STATES, InstanceRecord, RemoteNode, Store, StudyRecord
 
 #: The analysis found no image to analyse (a CT, a lateral): a normal outcome, recorded in the error column.
 NOTHING_TO_ANALYSE = "nothing to analyse"
@@ -103,14 +103,14 @@ def stage_durations(
     state_times: dict[str, datetime] | tuple[tuple[str, datetime], ...], current: str, now: datetime
 ) -> list[dict[str, Any]]:
     """Each state entered, in order, with how long it lasted (the current one: until now;
-    a final state, done or failed: None). Takes the study's full history or its state -> time map."""
+    a final state, done, failed or purged: None). Takes the study's full history or its state -> time map."""
     entries = state_times.items() if isinstance(state_times, dict) else state_times
     ordered = sorted(entries, key=lambda item: item[1])
     stages = []
     for index, (state, entered) in enumerate(ordered):
         if index + 1 < len(ordered):
             seconds: float | None = (ordered[index + 1][1] - entered).total_seconds()
-        elif state == current and state not in ("done", "failed"):
+        elif state == current and state not in FINAL_STUDY_STATES:
             seconds = (now - entered).total_seconds()
         else:
             seconds = None

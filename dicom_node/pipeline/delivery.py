@@ -29,6 +29,8 @@ from typing import Literal
 
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.uid import Comprehensive3DSRStorage as COMPREHENSIVE_3D_SR
+from pydicom.uid import ComprehensiveSRStorage as COMPREHENSIVE_SR
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.presentation import build_context
@@ -37,15 +39,12 @@ from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 from dicom_node.audit import trail as audit
 from dicom_node.settings import DeliverySettings, Settings
 from dicom_node.store.base import DeliveryRecord, RemoteNode, Store, StudyRecord
+from sr_writer.kinds import send_rank
 
 LOG = logging.getLogger(__name__)
 
-COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
-COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
 SOP_CLASS_NOT_SUPPORTED = 0x0122
 
-#: Send order by object kind: SR and SEG before the GSPS/SC/KOS that reference them.
-KIND_ORDER = ("sr", "text_sr", "seg", "gsps", "sc", "kos")
 
 Outcome = Literal["sent", "transient", "permanent"]
 
@@ -109,9 +108,8 @@ def backoff_delay(attempt: int, policy: DeliverySettings, rng: random.Random | N
 
 
 def sort_for_sending(objects: Sequence[OutgoingObject]) -> list[OutgoingObject]:
-    """SR/SEG first, then the objects that reference them (stable within a kind)."""
-    rank = {kind: i for i, kind in enumerate(KIND_ORDER)}
-    return sorted(objects, key=lambda o: rank.get(o.kind, len(rank)))
+    """In the send order of :mod:`sr_writer.kinds` (SR/SEG first, then the objects that reference them; stable within a kind)."""
+    return sorted(objects, key=lambda o: send_rank(o.kind))
 
 
 # ---- C-STORE SCU -------------------------------------------------------------------------------

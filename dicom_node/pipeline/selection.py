@@ -2,7 +2,7 @@
 
 Rules, in the order they are checked (the first that fails names the reason):
 
-1. **Not our own output.** Manufacturer "AnatomiX Node", a Contributing Equipment item from us,
+1. **Not our own output.** Manufacturer ``sr_writer.identity.MANUFACTURER``, a Contributing Equipment item from us,
    or a SOP Instance / Series Instance UID under ``output.uid_root``: never analyse results.
 2. **SOP class.** CR (1.2.840.10008.5.1.4.1.1.1) and DX For Presentation (…1.1.1). DX For
    Processing (…1.1.1.1) is raw detector data; every other class (SR, SEG, GSPS, SC, CT, …) is
@@ -26,13 +26,14 @@ import re
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
+from pydicom.uid import ComputedRadiographyImageStorage as CR_IMAGE_STORAGE
+from pydicom.uid import DigitalXRayImageStorageForPresentation as DX_FOR_PRESENTATION
+from pydicom.uid import DigitalXRayImageStorageForProcessing as DX_FOR_PROCESSING
 
-#: What our result objects put in (0008,0070) Manufacturer.
-OUR_MANUFACTURER = "AnatomiX Node"
+from sr_writer.identity import MANUFACTURER
 
-CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
-DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
-DX_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
+#: What our result objects put in (0008,0070) Manufacturer: the writer's own constant.
+OUR_MANUFACTURER = MANUFACTURER
 ANALYSABLE_SOP_CLASSES = {CR_IMAGE_STORAGE: "CR", DX_FOR_PRESENTATION: "DX For Presentation"}
 
 CHEST_BODY_PARTS = {"CHEST", "THORAX", "LUNG", "LUNGS", "TORAX", "THORAX_CHEST"}

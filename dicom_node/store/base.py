@@ -22,6 +22,8 @@ Role = Literal["source", "destination", "both"]
 #: Study states, in order; ``failed`` can follow any active state.
 #: ``purged``: the retention policy removed the study's files and rows; the row stays as a tombstone.
 STUDY_STATES = ("receiving", "stable", "queued", "analyzing", "analyzed", "delivering", "done", "failed", "purged")
+#: States a study stays in until something new happens (new instances, resend, reanalysis).
+FINAL_STUDY_STATES = ("done", "failed", "purged")
 #: Per-instance analysis outcome.
 INSTANCE_STATES = ("received", "selected", "skipped", "analyzed", "failed")
 DELIVERY_STATES = ("pending", "sent", "retrying", "failed", "dead")

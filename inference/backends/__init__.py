@@ -20,8 +20,7 @@ from inference.apm.model import AnatomyPerceptionModule
 from inference.backends.onnx_runner import OnnxAPMRunner, export_apm_onnx
 from inference.backends.tensorrt_runner import BackendUnavailableError, TensorRTAPMRunner
 from inference.backends.torch_runner import TorchAPMRunner
-
-APM_BACKENDS: tuple[str, ...] = ("torch", "onnxruntime", "tensorrt")
+from inference.result import APM_BACKENDS
 
 
 class APMRunner(Protocol):
