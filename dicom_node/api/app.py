@@ -2,8 +2,8 @@
 
 Everything under ``/api`` needs an account: an API token (``Authorization: Bearer axn_...``) or a
 console session cookie (``POST /api/auth/login``; state-changing requests must then echo the
-session's CSRF token in ``X-CSRF-Token``). ``/healthz``, ``/readyz`` and ``/metrics`` answer
-without. Roles: ``viewer`` reads, ``operator`` also echoes, resends and reanalyses, ``admin``
+session's CSRF token in ``X-CSRF-Token``). ``/healthz`` and ``/readyz`` answer without, and so does
+``/metrics`` unless ``http.metrics_token_file`` is set (then it needs that token as a Bearer token). Roles: ``viewer`` reads, ``operator`` also echoes, resends and reanalyses, ``admin``
 also changes remote nodes and accounts. Errors are RFC 9457 problem details
 (``application/problem+json``) whose ``detail`` says what was wrong.
 
@@ -146,7 +146,7 @@ class NodeIn(BaseModel):
     host: str = Field(min_length=1, max_length=253, pattern=HOST_PATTERN)
     port: int = Field(ge=1, le=65535)
     role: NodeRole
-    profile: str | None = Field(default=None, max_length=64)
+    profile: str | None = Field(default=None, max_length=64, description="an output profile (GET /api/profiles); default: output.default_profile")
     quiet_period_s: float | None = Field(default=None, ge=0, le=86400)
     complete_on_release: bool = False
     default_destination: bool = False
@@ -274,6 +274,9 @@ def create_app(settings: Settings, store: Store) -> FastAPI:
     from dicom_node.api.rules import router as routing_rules  # imports this module's role checks
 
     app.include_router(routing_rules)
+    from dicom_node.api.profiles import router as profiles
+
+    app.include_router(profiles)
     from dicom_node.console import mount  # the web console (/console), built on this API
 
     mount(app)
@@ -431,11 +434,22 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 (one place that lists the API)
         ready = all(c["ok"] for c in checks.values())
         return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 
-    @app.get("/metrics", tags=["health"], summary="Prometheus metrics (anatomix_*)", response_class=PlainTextResponse)
+    @app.get("/metrics", tags=["health"], summary="Prometheus metrics (anatomix_*)", response_class=PlainTextResponse,
+             description="Open, unless `http.metrics_token_file` is set: then `Authorization: Bearer <the file's token>` is needed.",
+             responses={401: {"description": "a metrics token is configured and was not sent, or is wrong"},
+                        503: {"description": "the metrics token file cannot be read"}})  # fmt: skip
     def metrics(request: Request) -> Response:
-        from dicom_node.api.metrics import render
+        from dicom_node.api.metrics import MetricsTokenUnreadable, metrics_token_matches, render
 
         ctx = ctx_of(request)
+        try:
+            allowed = metrics_token_matches(ctx.settings, request.headers.get("authorization"))
+        except MetricsTokenUnreadable as exc:
+            log.error("/metrics refused: %s", exc)
+            raise Problem(503, "Metrics token unreadable", str(exc)) from None
+        if not allowed:
+            raise Problem(401, "Unauthorized", "/metrics needs the metrics token: Authorization: Bearer <token from http.metrics_token_file>",
+                          {"WWW-Authenticate": "Bearer"})  # fmt: skip
         body, content_type = render(ctx.settings, ctx.store, ctx.queue_depths)
         return Response(body, media_type=content_type)
 

@@ -99,6 +99,43 @@ def count_audit_event(row: AuditEvent) -> None:
         _metric("rejected").labels(ae, reason).inc()
 
 
+# ---- the optional scrape token --------------------------------------------------------------------
+
+
+class MetricsTokenUnreadable(RuntimeError):
+    """``http.metrics_token_file`` is set but cannot be read, or is empty."""
+
+
+def metrics_token(settings: Settings) -> str | None:
+    """The token /metrics requires (the first line of ``http.metrics_token_file``), or None when unset.
+
+    Read at each scrape: replacing the file rotates the token without a restart.
+    """
+    if settings.http.metrics_token_file is None:
+        return None
+    from dicom_node.net.tls import resolve_path
+
+    path = resolve_path(settings, settings.http.metrics_token_file)
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeError) as exc:
+        raise MetricsTokenUnreadable(f"http.metrics_token_file {path}: cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
+    if not token:
+        raise MetricsTokenUnreadable(f"http.metrics_token_file {path}: is empty")
+    return token
+
+
+def metrics_token_matches(settings: Settings, authorization: str | None) -> bool:
+    """True when no token is configured, or the ``Authorization`` header is ``Bearer <the token>``."""
+    import hmac
+
+    expected = metrics_token(settings)
+    if expected is None:
+        return True
+    scheme, _, sent = (authorization or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(sent.strip().encode(), expected.encode())
+
+
 # ---- at scrape ----------------------------------------------------------------------------------------
 
 
