@@ -150,6 +150,9 @@ class NodeIn(BaseModel):
     quiet_period_s: float | None = Field(default=None, ge=0, le=86400)
     complete_on_release: bool = False
     default_destination: bool = False
+    tls_client_certificate: Literal["optional", "required"] | None = Field(
+        default=None, description="as a source: required = its associations are refused unless it presents a trusted client "
+        "certificate on the DICOM TLS port (default optional: the port's own rule)")  # fmt: skip
 
 
 class NodePatch(BaseModel):
@@ -161,6 +164,9 @@ class NodePatch(BaseModel):
     quiet_period_s: float | None = Field(default=None, ge=0, le=86400)
     complete_on_release: bool | None = None
     default_destination: bool | None = None
+    tls_client_certificate: Literal["optional", "required"] | None = Field(
+        default=None, description="as a source: required = its associations are refused unless it presents a trusted client "
+        "certificate on the DICOM TLS port (default optional: the port's own rule)")  # fmt: skip
 
 
 class NodeOut(BaseModel):
@@ -174,6 +180,9 @@ class NodeOut(BaseModel):
     complete_on_release: bool
     default_destination: bool
     tls: bool
+    tls_verify_peer: bool = Field(description="as SCU over TLS: its certificate chain is verified")
+    tls_check_hostname: bool = Field(description="as SCU over TLS: its certificate must name its host")
+    tls_client_certificate: Literal["optional", "required"]
 
 
 class EchoIn(BaseModel):
@@ -581,7 +590,7 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 (one place that lists the API)
               responses={409: {"model": ProblemModel}})  # fmt: skip
     def add_node(request: Request, who: Admin, body: NodeIn) -> NodeOut:
         ctx = ctx_of(request)
-        node = _validated_node(ctx.settings, body.model_dump())
+        node = replace(_validated_node(ctx.settings, body.model_dump()), tls_client_certificate=body.tls_client_certificate or "optional")
         try:
             ctx.store.add_remote_node(node)
         except StoreConflict:
@@ -596,7 +605,9 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 (one place that lists the API)
         current = _require_node(ctx.store, name)
         changes = body.model_dump(exclude_unset=True)
         merged = {**asdict(current), **{k: v for k, v in changes.items() if v is not None or k in ("quiet_period_s", "profile")}}
-        node = replace(_validated_node(ctx.settings, merged), tls=current.tls)
+        tls_kept = {k: getattr(current, k) for k in ("tls", "tls_ca_file", "tls_cert_file", "tls_key_file", "tls_verify_peer", "tls_check_hostname")}
+        node = replace(_validated_node(ctx.settings, merged), **tls_kept,
+                       tls_client_certificate=changes.get("tls_client_certificate") or current.tls_client_certificate)  # fmt: skip
         if node != current:
             ctx.store.update_remote_node(node)
             before = {k: v for k, v in asdict(current).items() if getattr(node, k) != v}

@@ -91,3 +91,34 @@ def test_metrics_need_the_token_from_the_file_once_it_is_set(site):
     token_file.write_text(TOKEN)
     # /healthz and /readyz stay open.
     assert anonymous.get("/healthz").status_code == 200 and anonymous.get("/readyz").status_code in (200, 503)
+
+
+def test_a_node_s_client_certificate_rule_is_an_api_field_and_a_patch_keeps_its_tls_files(site):
+    node, accounts, _ = site
+    admin, viewer = client(node, accounts.tokens["admin"]), client(node, accounts.tokens["viewer"])
+    body = {"name": "ct", "ae_title": "CT1", "host": "127.0.0.1", "port": 104, "role": "source", "tls_client_certificate": "required"}
+    added = admin.post("/api/nodes", json=body)
+    assert added.status_code == 201 and added.json()["tls_client_certificate"] == "required", added.text
+    assert viewer.get("/api/nodes/ct").json()["tls_client_certificate"] == "required"
+    assert admin.post("/api/nodes", json={**body, "name": "ct2", "tls_client_certificate": "sometimes"}).status_code == 422
+    assert admin.patch("/api/nodes/ct", json={"port": 105}).json()["tls_client_certificate"] == "required"
+    patched = admin.patch("/api/nodes/ct", json={"tls_client_certificate": "optional"})
+    assert patched.status_code == 200 and patched.json()["tls_client_certificate"] == "optional", patched.text
+    store = node.open_store()
+    try:
+        assert store.get_remote_node("ct").tls_client_certificate == "optional"
+        from dataclasses import replace
+
+        store.update_remote_node(replace(store.get_remote_node("pacs"), tls=True, tls_ca_file="/etc/ca.pem", tls_check_hostname=False))
+    finally:
+        store.close()
+    pacs = admin.patch("/api/nodes/pacs", json={"port": 4242}).json()
+    assert (pacs["tls"], pacs["tls_check_hostname"], pacs["tls_verify_peer"]) == (True, False, True)
+    store = node.open_store()
+    try:
+        assert store.get_remote_node("pacs").tls_ca_file == "/etc/ca.pem"
+        changes = [e.detail for e in store.list_audit_events("api_change") if e.detail.get("target") == "ct"]
+    finally:
+        store.close()
+    update = next(d for d in changes if d["action"] == "node_updated" and "tls_client_certificate" in d["before"])
+    assert update["before"]["tls_client_certificate"] == "required" and update["after"]["tls_client_certificate"] == "optional"
