@@ -435,7 +435,7 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 (one place that lists the API)
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["health"], summary="ready to work: store, broker and spool disk",
+    @app.get("/readyz", tags=["health"], summary="ready to work: store, broker, spool disk, and a worker with a usable model",
              responses={503: {"description": "not ready: the failing checks say why"}})  # fmt: skip
     def readyz(request: Request) -> JSONResponse:
         ctx = ctx_of(request)
@@ -802,7 +802,7 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 (one place that lists the API)
             "backend": m.backend, "device": m.device, "tasks": list(m.tasks), "last_used": _last_model_identity(ctx.store),
         }  # fmt: skip
 
-    @app.get("/api/status", tags=["node"], summary="node status: identity, disk, studies by state, queue depths, dead letters")
+    @app.get("/api/status", tags=["node"], summary="node status: identity, disk, studies by state, queue depths, dead letters, workers seen")
     def status(request: Request, who: Viewer) -> dict[str, Any]:
         ctx = ctx_of(request)
         s = ctx.settings
@@ -813,6 +813,7 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 (one place that lists the API)
             "disk": _disk(s), "studies_by_state": counts, "queue_depths": ctx.queue_depths(),
             "dead_letters": len(ctx.store.list_deliveries(statuses=("dead",))),
             "api_uptime_s": round(time.monotonic() - ctx.started, 1), "hostname": socket.gethostname(),
+            "workers": _workers(ctx),
         }  # fmt: skip
 
 
@@ -937,6 +938,13 @@ def _last_model_identity(store: Store) -> dict[str, Any] | None:
     return None
 
 
+def _workers(ctx: ApiContext) -> list[dict[str, Any]]:
+    """Workers seen (their reports, most recent first; ``live`` within http.worker_report_max_age_s)."""
+    now = datetime.now(timezone.utc)
+    max_age = ctx.settings.http.worker_report_max_age_s
+    return [worker_out(r, now, max_age) for r in ctx.store.list_worker_reports()]  # type: ignore[attr-defined]
+
+
 def _disk(settings: Settings) -> dict[str, Any]:
     path = settings.storage.spool_dir
     try:
@@ -967,4 +975,49 @@ def readiness(ctx: ApiContext) -> dict[str, dict[str, Any]]:
         checks["spool_disk"] = {"ok": free > watermark, "free_bytes": free, "min_free_bytes": watermark}
     except OSError as exc:
         checks["spool_disk"] = {"ok": False, "detail": str(exc)}
+    checks["model"] = model_readiness(ctx)
     return checks
+
+
+def worker_out(report: Any, now: datetime, max_age_s: float) -> dict[str, Any]:
+    """One worker as /api/status shows it; ``model``: loaded, loading, failed, or none (not analysing)."""
+    age = (now - report.last_seen_at).total_seconds()
+    analyses = "analyze" in report.queues
+    model = "loaded" if report.model_ok else "failed" if report.error else "loading" if analyses else "none"
+    return {
+        "name": report.name, "hostname": report.hostname, "pid": report.pid, "queues": list(report.queues),
+        "started_at": report.started_at.isoformat(), "last_seen_at": report.last_seen_at.isoformat(),
+        "seen_s_ago": round(age, 1), "live": age <= max_age_s, "model": model, "model_ok": report.model_ok,
+        "model_name": report.model_name, "model_version": report.model_version, "model_digest": report.model_digest,
+        "demo_weights": report.demo_weights, "device": report.device, "load_seconds": report.load_seconds, "error": report.error,
+    }  # fmt: skip
+
+
+def model_readiness(ctx: ApiContext) -> dict[str, Any]:
+    """Ready when some live analyze worker (a report within ``http.worker_report_max_age_s``) has loaded
+    the model; else why not. Without a configured model nothing is analysed, and that is not a fault."""
+    from dicom_node.pipeline.dispatch import model_configured
+
+    if not model_configured(ctx.settings):
+        return {"ok": True, "detail": "no model configured: studies are received and not analysed"}
+    max_age = ctx.settings.http.worker_report_max_age_s
+    try:
+        reports = [r for r in ctx.store.list_worker_reports() if "analyze" in r.queues]  # type: ignore[attr-defined]
+    except StoreError as exc:
+        return {"ok": False, "detail": f"worker reports unreadable: {exc}"}
+    now = datetime.now(timezone.utc)
+    live = [r for r in reports if (now - r.last_seen_at).total_seconds() <= max_age]
+    usable = [r for r in live if r.model_ok]
+    if usable:
+        newest = usable[0]
+        return {"ok": True, "workers": [r.name for r in usable], "model_name": newest.model_name, "model_version": newest.model_version,
+                "model_digest": newest.model_digest, "demo_weights": newest.demo_weights, "load_seconds": newest.load_seconds}  # fmt: skip
+    if not live:
+        last = f"; the last report came from {reports[0].name} {(now - reports[0].last_seen_at).total_seconds():.0f} s ago" if reports else ""
+        detail = f"no analyze worker has reported in the last {max_age:g} s (http.worker_report_max_age_s){last}"
+    elif any(r.error for r in live):
+        failed = next(r for r in live if r.error)
+        detail = f"no live worker has a usable model: {failed.name} could not load it ({failed.error})"
+    else:
+        detail = f"no live worker has a usable model yet: {', '.join(r.name for r in live)} still loading it"
+    return {"ok": False, "detail": detail}

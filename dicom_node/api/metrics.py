@@ -203,6 +203,7 @@ class StoreCollector:
         yield tries
 
         yield from self._stage_histograms(studies)
+        yield from self._workers()
 
         disk = GaugeMetricFamily("anatomix_spool_free_bytes", "Free bytes on the spool's file system")
         try:
@@ -216,6 +217,30 @@ class StoreCollector:
                 if value is not None:
                     depth.add_metric([name], value)
             yield depth
+
+    def _workers(self) -> Iterator[Any]:
+        """Per live worker (reported within http.worker_report_max_age_s): its model's load time and state."""
+        from datetime import timezone
+
+        from prometheus_client.core import GaugeMetricFamily
+
+        try:
+            reports = self.store.list_worker_reports()  # type: ignore[attr-defined]
+        except StoreError:
+            return
+        now = datetime.now(timezone.utc)
+        live = [r for r in reports if (now - r.last_seen_at).total_seconds() <= self.settings.http.worker_report_max_age_s]
+        load = GaugeMetricFamily("anatomix_model_load_seconds", "Seconds the worker's model took to load at warm-up",
+                                 labels=["worker", "model_version"])  # fmt: skip
+        ok = GaugeMetricFamily("anatomix_worker_model_ok", "1 when the live worker reports a usable model (analyze workers)",
+                               labels=["worker"])  # fmt: skip
+        for report in live:
+            if report.load_seconds is not None and report.model_ok:
+                load.add_metric([report.name, report.model_version or ""], report.load_seconds)
+            if "analyze" in report.queues:
+                ok.add_metric([report.name], 1 if report.model_ok else 0)
+        yield load
+        yield ok
 
     def _stage_histograms(self, studies: list[Any]) -> Iterator[Any]:
         from prometheus_client.core import HistogramMetricFamily
