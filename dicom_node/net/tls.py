@@ -276,4 +276,8 @@ def log_certificate_expiry(settings: Settings, nodes=()) -> list[CertificateStat
             log.warning("TLS: %s", warning)
         else:
             log.info("TLS: %s %s valid until %s (%.0f days)", status.role, status.path, status.not_after, status.days_left)
+    for node in nodes:
+        if getattr(node, "tls_client_certificate", "optional") == "required" and settings.tls.ca_certificates is None:
+            log.warning("TLS: source %s requires a client certificate, but tls.ca_certificates is not set, so the TLS port asks "
+                        "for none: every association of %s will be refused", node.name, node.name)  # fmt: skip
     return statuses

@@ -114,3 +114,17 @@ def test_the_hostname_check_can_be_skipped_while_the_chain_is_still_verified(tls
     assert untrusted.status is None and untrusted.outcome == "transient", untrusted
     (sent,) = send(no_hostname_check, objects)
     assert sent.status == 0x0000, sent
+
+
+def test_start_up_warns_when_a_source_requires_a_certificate_the_port_never_asks_for(
+    tmp_path: Path, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    from dicom_node.net.tls import log_certificate_expiry
+
+    source = RemoteNode(name="ct", ae_title="CT", host="127.0.0.1", port=104, role="source", tls_client_certificate="required")
+    caplog.set_level(logging.INFO, logger="dicom_node.net.tls")
+    log_certificate_expiry(tls_settings(tmp_path, pki), [source])
+    assert not [r for r in caplog.records if "requires a client certificate" in r.getMessage()]
+    log_certificate_expiry(tls_settings(tmp_path, pki, ca_certificates=None, require_client_certificate=False), [source])
+    [warning] = [r for r in caplog.records if "requires a client certificate" in r.getMessage()]
+    assert warning.levelname == "WARNING" and "tls.ca_certificates" in warning.getMessage()
