@@ -267,6 +267,11 @@ class HttpSettings:
     readiness_min_free_bytes: int = -1
     #: The web console shows times in this IANA time zone (e.g. "Europe/Berlin").
     time_zone: str = "UTC"
+    #: A file holding the token /metrics then requires (``Authorization: Bearer <token>``); unset: open.
+    #: Read at each scrape, so it can be replaced without a restart.
+    metrics_token_file: Path | None = None
+    #: /readyz needs a worker report of a loaded model at most this old; workers report every third of it.
+    worker_report_max_age_s: float = 90.0
 
 
 @dataclass(frozen=True)
@@ -528,6 +533,8 @@ def validate(settings: Settings) -> None:
     if settings.http.max_failed_logins < 1 or settings.http.login_window_s <= 0 or settings.http.session_ttl_s <= 0:
         raise SettingsError("http.max_failed_logins must be >= 1, http.login_window_s and http.session_ttl_s > 0")
     _validate_time_zone(settings.http.time_zone)
+    if not 3 <= settings.http.worker_report_max_age_s <= 86400:
+        raise SettingsError(f"http.worker_report_max_age_s = {settings.http.worker_report_max_age_s}: must be 3-86400 seconds")
     if not 1 <= node.port <= 65535:
         raise SettingsError(f"node.port = {node.port}: must be 1-65535")
     if node.max_pdu != 0 and node.max_pdu < 4096:

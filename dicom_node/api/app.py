@@ -2,8 +2,8 @@
 
 Everything under ``/api`` needs an account: an API token (``Authorization: Bearer axn_...``) or a
 console session cookie (``POST /api/auth/login``; state-changing requests must then echo the
-session's CSRF token in ``X-CSRF-Token``). ``/healthz``, ``/readyz`` and ``/metrics`` answer
-without. Roles: ``viewer`` reads, ``operator`` also echoes, resends and reanalyses, ``admin``
+session's CSRF token in ``X-CSRF-Token``). ``/healthz`` and ``/readyz`` answer without, and so does
+``/metrics`` unless ``http.metrics_token_file`` is set (then it needs that token as a Bearer token). Roles: ``viewer`` reads, ``operator`` also echoes, resends and reanalyses, ``admin``
 also changes remote nodes and accounts. Errors are RFC 9457 problem details
 (``application/problem+json``) whose ``detail`` says what was wrong.
 
@@ -146,10 +146,13 @@ class NodeIn(BaseModel):
     host: str = Field(min_length=1, max_length=253, pattern=HOST_PATTERN)
     port: int = Field(ge=1, le=65535)
     role: NodeRole
-    profile: str | None = Field(default=None, max_length=64)
+    profile: str | None = Field(default=None, max_length=64, description="an output profile (GET /api/profiles); default: output.default_profile")
     quiet_period_s: float | None = Field(default=None, ge=0, le=86400)
     complete_on_release: bool = False
     default_destination: bool = False
+    tls_client_certificate: Literal["optional", "required"] | None = Field(
+        default=None, description="as a source: required = its associations are refused unless it presents a trusted client "
+        "certificate on the DICOM TLS port (default optional: the port's own rule)")  # fmt: skip
 
 
 class NodePatch(BaseModel):
@@ -161,6 +164,9 @@ class NodePatch(BaseModel):
     quiet_period_s: float | None = Field(default=None, ge=0, le=86400)
     complete_on_release: bool | None = None
     default_destination: bool | None = None
+    tls_client_certificate: Literal["optional", "required"] | None = Field(
+        default=None, description="as a source: required = its associations are refused unless it presents a trusted client "
+        "certificate on the DICOM TLS port (default optional: the port's own rule)")  # fmt: skip
 
 
 class NodeOut(BaseModel):
@@ -174,6 +180,9 @@ class NodeOut(BaseModel):
     complete_on_release: bool
     default_destination: bool
     tls: bool
+    tls_verify_peer: bool = Field(description="as SCU over TLS: its certificate chain is verified")
+    tls_check_hostname: bool = Field(description="as SCU over TLS: its certificate must name its host")
+    tls_client_certificate: Literal["optional", "required"]
 
 
 class EchoIn(BaseModel):
@@ -274,6 +283,9 @@ def create_app(settings: Settings, store: Store) -> FastAPI:
     from dicom_node.api.rules import router as routing_rules  # imports this module's role checks
 
     app.include_router(routing_rules)
+    from dicom_node.api.profiles import router as profiles
+
+    app.include_router(profiles)
     from dicom_node.console import mount  # the web console (/console), built on this API
 
     mount(app)
@@ -423,7 +435,7 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 (one place that lists the API)
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["health"], summary="ready to work: store, broker and spool disk",
+    @app.get("/readyz", tags=["health"], summary="ready to work: store, broker, spool disk, and a worker with a usable model",
              responses={503: {"description": "not ready: the failing checks say why"}})  # fmt: skip
     def readyz(request: Request) -> JSONResponse:
         ctx = ctx_of(request)
@@ -431,11 +443,22 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 (one place that lists the API)
         ready = all(c["ok"] for c in checks.values())
         return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 
-    @app.get("/metrics", tags=["health"], summary="Prometheus metrics (anatomix_*)", response_class=PlainTextResponse)
+    @app.get("/metrics", tags=["health"], summary="Prometheus metrics (anatomix_*)", response_class=PlainTextResponse,
+             description="Open, unless `http.metrics_token_file` is set: then `Authorization: Bearer <the file's token>` is needed.",
+             responses={401: {"description": "a metrics token is configured and was not sent, or is wrong"},
+                        503: {"description": "the metrics token file cannot be read"}})  # fmt: skip
     def metrics(request: Request) -> Response:
-        from dicom_node.api.metrics import render
+        from dicom_node.api.metrics import MetricsTokenUnreadable, metrics_token_matches, render
 
         ctx = ctx_of(request)
+        try:
+            allowed = metrics_token_matches(ctx.settings, request.headers.get("authorization"))
+        except MetricsTokenUnreadable as exc:
+            log.error("/metrics refused: %s", exc)
+            raise Problem(503, "Metrics token unreadable", str(exc)) from None
+        if not allowed:
+            raise Problem(401, "Unauthorized", "/metrics needs the metrics token: Authorization: Bearer <token from http.metrics_token_file>",
+                          {"WWW-Authenticate": "Bearer"})  # fmt: skip
         body, content_type = render(ctx.settings, ctx.store, ctx.queue_depths)
         return Response(body, media_type=content_type)
 
@@ -567,7 +590,7 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 (one place that lists the API)
               responses={409: {"model": ProblemModel}})  # fmt: skip
     def add_node(request: Request, who: Admin, body: NodeIn) -> NodeOut:
         ctx = ctx_of(request)
-        node = _validated_node(ctx.settings, body.model_dump())
+        node = replace(_validated_node(ctx.settings, body.model_dump()), tls_client_certificate=body.tls_client_certificate or "optional")
         try:
             ctx.store.add_remote_node(node)
         except StoreConflict:
@@ -582,7 +605,9 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 (one place that lists the API)
         current = _require_node(ctx.store, name)
         changes = body.model_dump(exclude_unset=True)
         merged = {**asdict(current), **{k: v for k, v in changes.items() if v is not None or k in ("quiet_period_s", "profile")}}
-        node = replace(_validated_node(ctx.settings, merged), tls=current.tls)
+        tls_kept = {k: getattr(current, k) for k in ("tls", "tls_ca_file", "tls_cert_file", "tls_key_file", "tls_verify_peer", "tls_check_hostname")}
+        node = replace(_validated_node(ctx.settings, merged), **tls_kept,
+                       tls_client_certificate=changes.get("tls_client_certificate") or current.tls_client_certificate)  # fmt: skip
         if node != current:
             ctx.store.update_remote_node(node)
             before = {k: v for k, v in asdict(current).items() if getattr(node, k) != v}
@@ -777,7 +802,7 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 (one place that lists the API)
             "backend": m.backend, "device": m.device, "tasks": list(m.tasks), "last_used": _last_model_identity(ctx.store),
         }  # fmt: skip
 
-    @app.get("/api/status", tags=["node"], summary="node status: identity, disk, studies by state, queue depths, dead letters")
+    @app.get("/api/status", tags=["node"], summary="node status: identity, disk, studies by state, queue depths, dead letters, workers seen")
     def status(request: Request, who: Viewer) -> dict[str, Any]:
         ctx = ctx_of(request)
         s = ctx.settings
@@ -788,6 +813,7 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 (one place that lists the API)
             "disk": _disk(s), "studies_by_state": counts, "queue_depths": ctx.queue_depths(),
             "dead_letters": len(ctx.store.list_deliveries(statuses=("dead",))),
             "api_uptime_s": round(time.monotonic() - ctx.started, 1), "hostname": socket.gethostname(),
+            "workers": _workers(ctx),
         }  # fmt: skip
 
 
@@ -912,6 +938,13 @@ def _last_model_identity(store: Store) -> dict[str, Any] | None:
     return None
 
 
+def _workers(ctx: ApiContext) -> list[dict[str, Any]]:
+    """Workers seen (their reports, most recent first; ``live`` within http.worker_report_max_age_s)."""
+    now = datetime.now(timezone.utc)
+    max_age = ctx.settings.http.worker_report_max_age_s
+    return [worker_out(r, now, max_age) for r in ctx.store.list_worker_reports()]  # type: ignore[attr-defined]
+
+
 def _disk(settings: Settings) -> dict[str, Any]:
     path = settings.storage.spool_dir
     try:
@@ -942,4 +975,49 @@ def readiness(ctx: ApiContext) -> dict[str, dict[str, Any]]:
         checks["spool_disk"] = {"ok": free > watermark, "free_bytes": free, "min_free_bytes": watermark}
     except OSError as exc:
         checks["spool_disk"] = {"ok": False, "detail": str(exc)}
+    checks["model"] = model_readiness(ctx)
     return checks
+
+
+def worker_out(report: Any, now: datetime, max_age_s: float) -> dict[str, Any]:
+    """One worker as /api/status shows it; ``model``: loaded, loading, failed, or none (not analysing)."""
+    age = (now - report.last_seen_at).total_seconds()
+    analyses = "analyze" in report.queues
+    model = "loaded" if report.model_ok else "failed" if report.error else "loading" if analyses else "none"
+    return {
+        "name": report.name, "hostname": report.hostname, "pid": report.pid, "queues": list(report.queues),
+        "started_at": report.started_at.isoformat(), "last_seen_at": report.last_seen_at.isoformat(),
+        "seen_s_ago": round(age, 1), "live": age <= max_age_s, "model": model, "model_ok": report.model_ok,
+        "model_name": report.model_name, "model_version": report.model_version, "model_digest": report.model_digest,
+        "demo_weights": report.demo_weights, "device": report.device, "load_seconds": report.load_seconds, "error": report.error,
+    }  # fmt: skip
+
+
+def model_readiness(ctx: ApiContext) -> dict[str, Any]:
+    """Ready when some live analyze worker (a report within ``http.worker_report_max_age_s``) has loaded
+    the model; else why not. Without a configured model nothing is analysed, and that is not a fault."""
+    from dicom_node.pipeline.dispatch import model_configured
+
+    if not model_configured(ctx.settings):
+        return {"ok": True, "detail": "no model configured: studies are received and not analysed"}
+    max_age = ctx.settings.http.worker_report_max_age_s
+    try:
+        reports = [r for r in ctx.store.list_worker_reports() if "analyze" in r.queues]  # type: ignore[attr-defined]
+    except StoreError as exc:
+        return {"ok": False, "detail": f"worker reports unreadable: {exc}"}
+    now = datetime.now(timezone.utc)
+    live = [r for r in reports if (now - r.last_seen_at).total_seconds() <= max_age]
+    usable = [r for r in live if r.model_ok]
+    if usable:
+        newest = usable[0]
+        return {"ok": True, "workers": [r.name for r in usable], "model_name": newest.model_name, "model_version": newest.model_version,
+                "model_digest": newest.model_digest, "demo_weights": newest.demo_weights, "load_seconds": newest.load_seconds}  # fmt: skip
+    if not live:
+        last = f"; the last report came from {reports[0].name} {(now - reports[0].last_seen_at).total_seconds():.0f} s ago" if reports else ""
+        detail = f"no analyze worker has reported in the last {max_age:g} s (http.worker_report_max_age_s){last}"
+    elif any(r.error for r in live):
+        failed = next(r for r in live if r.error)
+        detail = f"no live worker has a usable model: {failed.name} could not load it ({failed.error})"
+    else:
+        detail = f"no live worker has a usable model yet: {', '.join(r.name for r in live)} still loading it"
+    return {"ok": False, "detail": detail}

@@ -99,6 +99,43 @@ def count_audit_event(row: AuditEvent) -> None:
         _metric("rejected").labels(ae, reason).inc()
 
 
+# ---- the optional scrape token --------------------------------------------------------------------
+
+
+class MetricsTokenUnreadable(RuntimeError):
+    """``http.metrics_token_file`` is set but cannot be read, or is empty."""
+
+
+def metrics_token(settings: Settings) -> str | None:
+    """The token /metrics requires (the first line of ``http.metrics_token_file``), or None when unset.
+
+    Read at each scrape: replacing the file rotates the token without a restart.
+    """
+    if settings.http.metrics_token_file is None:
+        return None
+    from dicom_node.net.tls import resolve_path
+
+    path = resolve_path(settings, settings.http.metrics_token_file)
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeError) as exc:
+        raise MetricsTokenUnreadable(f"http.metrics_token_file {path}: cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
+    if not token:
+        raise MetricsTokenUnreadable(f"http.metrics_token_file {path}: is empty")
+    return token
+
+
+def metrics_token_matches(settings: Settings, authorization: str | None) -> bool:
+    """True when no token is configured, or the ``Authorization`` header is ``Bearer <the token>``."""
+    import hmac
+
+    expected = metrics_token(settings)
+    if expected is None:
+        return True
+    scheme, _, sent = (authorization or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(sent.strip().encode(), expected.encode())
+
+
 # ---- at scrape ----------------------------------------------------------------------------------------
 
 
@@ -166,6 +203,7 @@ class StoreCollector:
         yield tries
 
         yield from self._stage_histograms(studies)
+        yield from self._workers()
 
         disk = GaugeMetricFamily("anatomix_spool_free_bytes", "Free bytes on the spool's file system")
         try:
@@ -179,6 +217,30 @@ class StoreCollector:
                 if value is not None:
                     depth.add_metric([name], value)
             yield depth
+
+    def _workers(self) -> Iterator[Any]:
+        """Per live worker (reported within http.worker_report_max_age_s): its model's load time and state."""
+        from datetime import timezone
+
+        from prometheus_client.core import GaugeMetricFamily
+
+        try:
+            reports = self.store.list_worker_reports()  # type: ignore[attr-defined]
+        except StoreError:
+            return
+        now = datetime.now(timezone.utc)
+        live = [r for r in reports if (now - r.last_seen_at).total_seconds() <= self.settings.http.worker_report_max_age_s]
+        load = GaugeMetricFamily("anatomix_model_load_seconds", "Seconds the worker's model took to load at warm-up",
+                                 labels=["worker", "model_version"])  # fmt: skip
+        ok = GaugeMetricFamily("anatomix_worker_model_ok", "1 when the live worker reports a usable model (analyze workers)",
+                               labels=["worker"])  # fmt: skip
+        for report in live:
+            if report.load_seconds is not None and report.model_ok:
+                load.add_metric([report.name, report.model_version or ""], report.load_seconds)
+            if "analyze" in report.queues:
+                ok.add_metric([report.name], 1 if report.model_ok else 0)
+        yield load
+        yield ok
 
     def _stage_histograms(self, studies: list[Any]) -> Iterator[Any]:
         from prometheus_client.core import HistogramMetricFamily

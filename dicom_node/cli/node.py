@@ -32,7 +32,7 @@ from dicom_node.settings import (
     CONFIG_FILE_NAME, SYSTEM_CONFIG_DIR, SYSTEM_DATA_DIR, Settings, load_settings, settings_as_dict,
 )
 from dicom_node.store import open_store
-from dicom_node.store.base import STUDY_STATES, RemoteNode, Store, StoreConflict
+from dicom_node.store.base import CLIENT_CERTIFICATE_RULES, STUDY_STATES, RemoteNode, Store, StoreConflict
 
 #: How the shared validation's messages name each field: by its ``ae add`` option.
 CLI_LABELS = {"name": "name", "ae_title": "--ae-title", "host": "--host", "port": "--port", "quiet_period_s": "--quiet-period"}
@@ -131,6 +131,13 @@ def _add_tls_options(parser: argparse.ArgumentParser, update: bool) -> None:
     else:
         parser.add_argument("--no-tls-verify", dest="tls_verify", action="store_const", const=False, default=None,
                             help="do not verify its certificate and host name (default: verify)")  # fmt: skip
+    hostname: dict[str, Any] = {"action": argparse.BooleanOptionalAction} if update else \
+        {"dest": "tls_hostname_check", "action": "store_const", "const": False}  # fmt: skip
+    parser.add_argument("--tls-hostname-check" if update else "--no-tls-hostname-check", default=None, **hostname,
+                        help="check that its certificate names --host (off: the certificate chain is still verified)")  # fmt: skip
+    parser.add_argument("--tls-client-certificate", choices=CLIENT_CERTIFICATE_RULES, default=None,
+                        help="as a source: required = refuse its associations unless it presents a trusted client "
+                        "certificate on the TLS port (default optional: the port's rule)")  # fmt: skip
 
 
 def _tls_fields(args: argparse.Namespace, current: RemoteNode | None) -> dict[str, Any]:
@@ -139,6 +146,8 @@ def _tls_fields(args: argparse.Namespace, current: RemoteNode | None) -> dict[st
     values: dict[str, Any] = {
         "tls": base.tls if args.tls is None else args.tls,
         "tls_verify_peer": base.tls_verify_peer if args.tls_verify is None else args.tls_verify,
+        "tls_check_hostname": base.tls_check_hostname if args.tls_hostname_check is None else args.tls_hostname_check,
+        "tls_client_certificate": args.tls_client_certificate or base.tls_client_certificate,
     }
     for option, key in (("tls_ca", "tls_ca_file"), ("tls_cert", "tls_cert_file"), ("tls_key", "tls_key_file")):
         given = getattr(args, option)

@@ -184,6 +184,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
         pool = ["--pool=solo"]
     # Expanded here (Celery would expand %h itself, but our own log line would show it raw).
     name = (args.name or f"{'+'.join(queues)}-{os.getpid()}@%h").replace("%h", socket.gethostname())
+    from dicom_node.pipeline.worker_report import attach_worker_reporter  # /readyz, /api/status and metrics read it
+
+    attach_worker_reporter(app, context, name, tuple(queues), analyze=ANALYZE_QUEUE in queues)
     quiet = [] if level.upper() == "DEBUG" else ["--quiet"]  # no banner in an admin's log
     argv = [*quiet, "worker", f"--queues={','.join(queues)}", *pool, f"--hostname={name}",
             f"--loglevel={level.upper()}", "--without-mingle", "--without-gossip", "--without-heartbeat"]  # fmt: skip

@@ -11,6 +11,8 @@ Acceptance (EVT_REQUESTED, before any negotiation):
 - calling AE (and host, when the source has one) must be a configured source
   (``store.find_source``), else permanent / service-user / 0x03 "calling AE title not
   recognised", unless ``node.accept_unknown_sources``;
+- a matched source with ``tls_client_certificate = required`` must have presented a trusted client
+  certificate (TLS port), else permanent / service-user / 0x03, audited and logged with the reason;
 - state store unreachable: transient / service-user / no reason given (the sender retries);
 - a source's host name not resolved yet (``SourceHostPending``: names are resolved off the accept
   path, :mod:`dicom_node.store.hosts`): transient as well.
@@ -56,6 +58,7 @@ from dicom_node.net.dataset import (
 from dicom_node.settings import Settings
 from dicom_node.store.spool import SpoolFull, check_free_space, ensure_spooled, remove_instance, write_instance
 from dicom_node.store.base import InstanceRecord, RemoteNode, SourceHostPending, Store, StoreError, StoreUnavailable
+from dicom_node.net.tls import client_certificate_refusal
 from dicom_node.net.transfer_syntaxes import accepted_transfer_syntaxes
 
 log = logging.getLogger(__name__)
@@ -165,6 +168,9 @@ class StorageScp:
                 f"calling AE title '{peer.calling_ae}' from {host} is not a configured source "
                 "(add it with `anatomix-node ae add NAME --ae-title T --host H --port P --role source`)",
             )
+            return
+        if source is not None and (refusal := client_certificate_refusal(source, assoc)) is not None:
+            self._reject(assoc, peer, REJECT_CALLING_AE, refusal)
             return
         with self._sessions_lock:
             # Not yet "accepted": pynetdicom may still reject it (slot limit); see handle_accepted/rejected.

@@ -92,8 +92,10 @@ def server_context(settings: Settings) -> ssl.SSLContext:
 def client_tls_args(node, settings: Settings | None = None) -> tuple[ssl.SSLContext, str] | None:
     """pynetdicom ``tls_args`` for a remote node (``RemoteNode``), or None when it has no TLS.
 
-    Its certificate is verified against ``tls_ca_file`` (else the system's CAs) and its host name
-    checked, unless ``tls_verify_peer`` is off; our client certificate is presented when set.
+    Its certificate is verified against ``tls_ca_file`` (else the system's CAs) unless
+    ``tls_verify_peer`` is off, and then its host name is checked too unless ``tls_check_hostname`` is
+    off (a certificate that does not name the address we connect to, still signed by a trusted CA);
+    our client certificate is presented when set.
     """
     if not node.tls:
         return None
@@ -102,7 +104,7 @@ def client_tls_args(node, settings: Settings | None = None) -> tuple[ssl.SSLCont
     _harden(context, tls.min_version, tls.ciphers, "tls.ciphers")
     what = f"remote node {node.name}:"
     if node.tls_verify_peer:
-        context.check_hostname = True
+        context.check_hostname = bool(getattr(node, "tls_check_hostname", True))
         context.verify_mode = ssl.CERT_REQUIRED
         if node.tls_ca_file:
             _load_cas(context, _node_path(settings, node.tls_ca_file), what)
@@ -173,6 +175,28 @@ def peer_subject(tls_sock: ssl.SSLSocket) -> str | None:
     if not cert:
         return None
     return ",".join(f"{key}={value}" for rdn in cert.get("subject", ()) for key, value in rdn)
+
+
+def association_client_certificate(assoc) -> str | None:
+    """The subject of the trusted client certificate the association's peer presented, else None
+    (a plain-port association, or a TLS one without a certificate: the port asks for one only when
+    ``tls.ca_certificates`` is set, and a certificate it asked for was verified in the handshake)."""
+    transport = getattr(getattr(assoc, "dul", None), "socket", None)
+    sock = getattr(transport, "socket", None)
+    return peer_subject(sock) if isinstance(sock, ssl.SSLSocket) else None
+
+
+def client_certificate_refusal(source, assoc) -> str | None:
+    """Why an association of ``source`` (a matched ``RemoteNode``) must be refused for want of a
+    client certificate (its ``tls_client_certificate`` is ``required``), or None when it may go on."""
+    if getattr(source, "tls_client_certificate", "optional") != "required":
+        return None
+    if association_client_certificate(assoc) is not None:
+        return None
+    transport = getattr(getattr(assoc, "dul", None), "socket", None)
+    how = "over TLS" if isinstance(getattr(transport, "socket", None), ssl.SSLSocket) else "without TLS (on the plain port)"
+    return (f"source {source.name} requires a client certificate (tls_client_certificate = required) and it connected {how} "
+            "presenting none")  # fmt: skip
 
 
 # ---- certificate expiry ------------------------------------------------------------------------------
@@ -252,4 +276,8 @@ def log_certificate_expiry(settings: Settings, nodes=()) -> list[CertificateStat
             log.warning("TLS: %s", warning)
         else:
             log.info("TLS: %s %s valid until %s (%.0f days)", status.role, status.path, status.not_after, status.days_left)
+    for node in nodes:
+        if getattr(node, "tls_client_certificate", "optional") == "required" and settings.tls.ca_certificates is None:
+            log.warning("TLS: source %s requires a client certificate, but tls.ca_certificates is not set, so the TLS port asks "
+                        "for none: every association of %s will be refused", node.name, node.name)  # fmt: skip
     return statuses

@@ -43,6 +43,8 @@ class WorkerContext:
         self._engine_lock = threading.Lock()
         #: Called with the reason when the warm-up finds the model unusable (``worker`` stops itself).
         self.on_unusable: Callable[[str], None] | None = None
+        #: Called when the warm-up starts loading, then with (engine, seconds) or (None, seconds, reason) when it ends.
+        self.on_warm_up: Callable[..., None] | None = None
 
     def store(self) -> Store:
         if self._store is None:
@@ -67,15 +69,21 @@ class WorkerContext:
         loads again and records the error."""
 
         def load() -> None:
+            started = time.monotonic()
             try:
-                self.engine()
+                engine = self.engine()
             except Exception as exc:  # thread boundary: reported, never a traceback in the admin's log
                 reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:500]
                 LOG.debug("model warm-up failed", exc_info=True)
+                if self.on_warm_up is not None:
+                    self.on_warm_up(None, time.monotonic() - started, reason)
                 if self.on_unusable is None:
                     LOG.error("model warm-up failed (%s); the first analysis will try again", reason)
                 else:
                     self.on_unusable(reason)
+                return
+            if self.on_warm_up is not None:
+                self.on_warm_up(engine, time.monotonic() - started)
 
         threading.Thread(target=load, name="model-warm-up", daemon=True).start()
 

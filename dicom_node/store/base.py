@@ -69,6 +69,11 @@ class RemoteNode:
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
     tls_verify_peer: bool = True
+    #: With ``tls_verify_peer``: also check that its certificate names ``host`` (off: the chain alone).
+    tls_check_hostname: bool = True
+    #: As a source: ``required`` = its associations are refused unless it presented a trusted client
+    #: certificate (on the TLS port); ``optional`` = the TLS port's own rule (``tls.require_client_certificate``).
+    tls_client_certificate: str = "optional"
 
     @property
     def is_source(self) -> bool:
@@ -493,6 +498,50 @@ class ApiSession:
     csrf_token: str
     created_at: datetime
     expires_at: datetime
+
+
+#: Values of ``RemoteNode.tls_client_certificate``.
+CLIENT_CERTIFICATE_RULES = ("optional", "required")
+
+
+@dataclass(frozen=True)
+class WorkerReport:
+    """What one worker process last said about itself and its model (``worker_reports``).
+
+    ``name`` is unique per process (Celery node name and pool process id). ``model_ok`` is True once
+    the model loaded (with its identity and load time), False with ``error`` when it could not.
+    """
+
+    name: str
+    hostname: str
+    pid: int
+    queues: tuple[str, ...]
+    model_ok: bool
+    started_at: datetime
+    last_seen_at: datetime
+    model_name: str | None = None
+    model_version: str | None = None
+    model_digest: str | None = None
+    demo_weights: bool | None = None
+    device: str | None = None
+    load_seconds: float | None = None
+    error: str | None = None
+
+
+class WorkerReportStore(abc.ABC):
+    """Worker reports (mixed into :class:`SqlStore`)."""
+
+    @abc.abstractmethod
+    def record_worker_report(self, report: WorkerReport) -> None:
+        """Insert or replace the report of ``report.name``."""
+
+    @abc.abstractmethod
+    def list_worker_reports(self) -> list[WorkerReport]:
+        """Every report, most recently seen first."""
+
+    @abc.abstractmethod
+    def remove_worker_reports(self, seen_before: datetime) -> int:
+        """Forget workers not seen since ``seen_before``; how many were removed."""
 
 
 class ApiAccountStore(abc.ABC):

@@ -43,11 +43,12 @@ from dicom_node.store.console_queries import ConsoleSql
 from dicom_node.store.hosts import is_ip_literal
 from dicom_node.store.schema import load_migrations
 from dicom_node.store.sql_common import placeholders, require_aware, utc_now
+from dicom_node.store.workers import WorkerReportSql
 
 #: A late instance reopens a study in these states as a new analysis version.
 REOPEN_STATES = ("queued", "analyzing", "analyzed", "delivering", "done", "failed", "purged")
 
-_NODE_COLUMNS = "name, ae_title, host, port, role, profile, quiet_period_s, complete_on_release, default_destination, tls, tls_ca_file, tls_cert_file, tls_key_file, tls_verify_peer"
+_NODE_COLUMNS = "name, ae_title, host, port, role, profile, quiet_period_s, complete_on_release, default_destination, tls, tls_ca_file, tls_cert_file, tls_key_file, tls_verify_peer, tls_check_hostname, tls_client_certificate"
 _INSTANCE_COLUMNS = (
     "id, sop_instance_uid, sop_class_uid, study_instance_uid, series_instance_uid, transfer_syntax_uid, "
     "path, size, sha256, calling_ae, received_at, study_version, state, reason"
@@ -103,7 +104,7 @@ class _DuplicateFound(Exception):
         self.row = row
 
 
-class SqlStore(ConsoleSql, ApiAccountSql, Store):
+class SqlStore(ConsoleSql, ApiAccountSql, WorkerReportSql, Store):
     """Everything but connections, transactions and value conversions. See the module docstring."""
 
     #: ``sqlite`` or ``postgres``: picks the migration folder.
@@ -167,12 +168,13 @@ class SqlStore(ConsoleSql, ApiAccountSql, Store):
 
     # ---- remote nodes ----------------------------------------------------------------------------
     def _node(self, row: tuple) -> RemoteNode:
-        name, ae_title, host, port, role, profile, quiet, on_release, default_dest, tls, ca, cert, key, verify = row
+        name, ae_title, host, port, role, profile, quiet, on_release, default_dest, tls, ca, cert, key, verify, hostname, client_cert = row
         return RemoteNode(
             name=name, ae_title=ae_title, host=host, port=int(port), role=role, profile=profile,
             quiet_period_s=None if quiet is None else float(quiet), complete_on_release=bool(on_release),
             default_destination=bool(default_dest), tls=bool(tls),
             tls_ca_file=ca, tls_cert_file=cert, tls_key_file=key, tls_verify_peer=bool(verify),
+            tls_check_hostname=bool(hostname), tls_client_certificate=client_cert,
         )  # fmt: skip
 
     def _node_params(self, node: RemoteNode) -> tuple:
@@ -180,6 +182,7 @@ class SqlStore(ConsoleSql, ApiAccountSql, Store):
             node.ae_title, node.host, node.port, node.role, node.profile, node.quiet_period_s,
             bool(node.complete_on_release), bool(node.default_destination), bool(node.tls),
             node.tls_ca_file, node.tls_cert_file, node.tls_key_file, bool(node.tls_verify_peer),
+            bool(node.tls_check_hostname), node.tls_client_certificate,
         )  # fmt: skip
 
     def add_remote_node(self, node: RemoteNode) -> None:
@@ -188,7 +191,7 @@ class SqlStore(ConsoleSql, ApiAccountSql, Store):
             if tx.one("SELECT 1 FROM remote_nodes WHERE name = ?", (node.name,)):
                 raise StoreConflict(f"a remote node named {node.name!r} already exists")
             tx.execute(
-                f"INSERT INTO remote_nodes ({_NODE_COLUMNS}, created_at, updated_at) VALUES ({placeholders(16)})",
+                f"INSERT INTO remote_nodes ({_NODE_COLUMNS}, created_at, updated_at) VALUES ({placeholders(18)})",
                 (node.name, *self._node_params(node), now, now),
             )
 
@@ -197,7 +200,7 @@ class SqlStore(ConsoleSql, ApiAccountSql, Store):
             changed = tx.execute(
                 "UPDATE remote_nodes SET ae_title = ?, host = ?, port = ?, role = ?, profile = ?, quiet_period_s = ?, "
                 "complete_on_release = ?, default_destination = ?, tls = ?, tls_ca_file = ?, tls_cert_file = ?, tls_key_file = ?, "
-                "tls_verify_peer = ?, updated_at = ? WHERE name = ?",
+                "tls_verify_peer = ?, tls_check_hostname = ?, tls_client_certificate = ?, updated_at = ? WHERE name = ?",
                 (*self._node_params(node), self._db_time(utc_now()), node.name),
             )
         if changed == 0:

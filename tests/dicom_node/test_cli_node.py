@@ -83,6 +83,7 @@ def test_ae_add_list_remove(site: Path) -> None:
         "name": "ct-room", "ae_title": "CR01", "host": "*", "port": 104, "role": "source", "profile": "full",
         "quiet_period_s": 5.0, "complete_on_release": True, "default_destination": False, "tls": False,
         "tls_ca_file": None, "tls_cert_file": None, "tls_key_file": None, "tls_verify_peer": True,
+        "tls_check_hostname": True, "tls_client_certificate": "optional",
     }  # fmt: skip
     assert (nodes["pacs"]["profile"], nodes["pacs"]["default_destination"]) == ("ohif", True)
     table = node(site, "ae", "list").stdout
@@ -107,6 +108,7 @@ def test_ae_update_changes_only_what_is_given(site: Path) -> None:
         "name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 4343, "role": "both", "profile": "ohif",
         "quiet_period_s": None, "complete_on_release": False, "default_destination": False, "tls": False,
         "tls_ca_file": None, "tls_cert_file": None, "tls_key_file": None, "tls_verify_peer": True,
+        "tls_check_hostname": True, "tls_client_certificate": "optional",
     }  # fmt: skip
     assert "nothing to change" in node(site, "ae", "update", "pacs", "--port", "4343").stdout
     assert_one_line_error(node(site, "ae", "update", "nobody", "--port", "1"), "no remote node named 'nobody'")

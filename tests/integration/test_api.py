@@ -36,6 +36,9 @@ ROLE_TABLE = [
     ("GET", "/api/audit", None, "viewer"),
     ("GET", "/api/model", None, "viewer"),
     ("GET", "/api/status", None, "viewer"),
+    ("GET", "/api/profiles", None, "viewer"),
+    ("GET", "/api/profiles/full", None, "viewer"),
+    ("GET", "/api/profile-references", None, "viewer"),
     ("POST", "/api/nodes/pacs/echo", {"timeout_s": 5}, "operator"),
     ("POST", "/api/studies/1.2.3/resend", {}, "operator"),
     ("POST", "/api/studies/1.2.3/reanalyze", {}, "operator"),
@@ -104,7 +107,7 @@ def test_health_ready_metrics_and_openapi_answer_without_auth_everything_else_40
     assert anonymous.get("/healthz").json() == {"status": "ok"}
     ready = anonymous.get("/readyz")
     assert ready.status_code == 200 and ready.json()["ready"] is True
-    assert set(ready.json()["checks"]) == {"store", "broker", "spool_disk"}
+    assert set(ready.json()["checks"]) == {"store", "broker", "spool_disk", "model"}
     assert "anatomix_studies" in anonymous.get("/metrics").text
     schema = anonymous.get("/openapi.json").json()
     operations = [(m.upper(), p) for p, item in schema["paths"].items() for m in item if p.startswith("/api/") and p != "/api/auth/login"]
