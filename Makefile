@@ -27,8 +27,15 @@ peers:
 demo: install
 	$(BIN)/anatomix-node demo
 
-test: install-test peers
+# Formatter, linter, type checker and the package layering ([tool.ruff], [tool.mypy] and
+# [tool.importlinter] in pyproject.toml); `make test` runs it before the tests.
+lint: install-test
+	$(BIN)/ruff format --check
+	$(BIN)/ruff check
+	$(BIN)/mypy
 	$(BIN)/lint-imports
+
+test: install-test peers lint
 	$(BIN)/pytest
 
 bench: install-test peers
