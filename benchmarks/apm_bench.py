@@ -24,16 +24,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from inference.apm import APMConfig, build_apm  # noqa: E402
-from inference.backends import BackendUnavailableError, make_apm_runner  # noqa: E402
-from inference.demo_apm import (  # noqa: E402
+from inference.apm import APMConfig, build_apm
+from inference.backends import BackendUnavailableError, make_apm_runner
+from inference.demo_apm import (
     initialise_backbone,
     initialise_spatial_queries,
     initialise_transformer,
     synthetic_chest_radiograph,
 )
-from inference.preprocess import images_to_tensor, prepare_array  # noqa: E402
-from inference.retrieval import RegionIndex, RetrievalDB  # noqa: E402
+from inference.preprocess import images_to_tensor, prepare_array
+from inference.retrieval import RegionIndex, RetrievalDB
 
 
 @dataclass
@@ -101,8 +101,16 @@ def bench_retrieval(sentences: int = 60_000, batch: int = 8, repeats: int = 5) -
     db = RetrievalDB(regions)
     tokens = torch.randn(batch, 36, 16)
     seconds = time_call(lambda: db.lookup(tokens), repeats, 1, sync=False)
-    return BenchRow("retrieval", "numpy", device_label("cpu"), batch, seconds * 1e3, seconds * 1e3 / batch, batch / seconds,
-                    note=f"one region {sentences:,} sentences, others 2,000")
+    return BenchRow(
+        "retrieval",
+        "numpy",
+        device_label("cpu"),
+        batch,
+        seconds * 1e3,
+        seconds * 1e3 / batch,
+        batch / seconds,
+        note=f"one region {sentences:,} sentences, others 2,000",
+    )
 
 
 def bench_apm(
@@ -131,13 +139,12 @@ def bench_apm(
             continue
         for batch in batch_sizes:
             tensor = images_to_tensor(images[:batch], device=device)
-            seconds = time_call(lambda: runner.run(tensor), repeats, warmup, sync=device.startswith("cuda"))
+            seconds = time_call(lambda runner=runner, tensor=tensor: runner.run(tensor), repeats, warmup, sync=device.startswith("cuda"))
             ms = seconds * 1e3
             if backend == "torch":
                 torch_ms[batch] = ms
             ratio = torch_ms[batch] / ms if batch in torch_ms else None
-            precision = "fp32" if not device.startswith("cuda") or backend == "onnxruntime" else (
-                "bf16 autocast" if backend == "torch" else "fp16")
+            precision = "fp32" if not device.startswith("cuda") or backend == "onnxruntime" else ("bf16 autocast" if backend == "torch" else "fp16")
             rows.append(BenchRow(f"APM {size}", backend, label, batch, ms, ms / batch, batch / seconds, ratio, precision))
     return rows
 
@@ -148,8 +155,7 @@ def print_table(rows: list[BenchRow]) -> None:
     print("-" * len(header))
     for row in rows:
         ratio = f"{row.vs_torch:.2f}" if row.vs_torch is not None else "-"
-        print(f"{row.stage:<22}{row.backend:<13}{row.batch:>6}{row.ms_per_batch:>11.1f}{row.ms_per_image:>10.1f}"
-              f"{row.images_per_s:>9.2f}{ratio:>9}  {row.note}")
+        print(f"{row.stage:<22}{row.backend:<13}{row.batch:>6}{row.ms_per_batch:>11.1f}{row.ms_per_image:>10.1f}{row.images_per_s:>9.2f}{ratio:>9}  {row.note}")
     devices = OrderedDict((row.device, None) for row in rows)
     print(f"devices: {', '.join(devices)}; torch {torch.__version__}")
 
@@ -161,9 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backends", nargs="+", default=["torch", "onnxruntime"])
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 4])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=0,
-                        help="CPU threads for torch and onnxruntime (0: library default). On a shared, "
-                             "oversubscribed host 1 thread avoids OpenMP spin-wait collapse.")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads for torch and onnxruntime (0: library default). On a shared, oversubscribed host 1 thread avoids OpenMP spin-wait collapse.",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -21,7 +21,7 @@ import statistics
 import tempfile
 import time
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -51,10 +51,12 @@ def write_headers(spool: Path) -> None:
 def fill(url: str, count: int) -> None:
     import psycopg
 
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     with psycopg.connect(url) as conn:
         with conn.cursor() as cur:
-            with cur.copy("COPY studies (study_instance_uid, version, state, source_ae, created_at, updated_at, last_received_at, error, source_node) FROM STDIN") as copy:
+            with cur.copy(
+                "COPY studies (study_instance_uid, version, state, source_ae, created_at, updated_at, last_received_at, error, source_node) FROM STDIN"
+            ) as copy:
                 for i in range(count):
                     at = now - timedelta(seconds=30 * (count - i))
                     state = STATES[i % len(STATES)]
@@ -65,7 +67,10 @@ def fill(url: str, count: int) -> None:
                     at = now - timedelta(seconds=30 * (count - i))
                     for step, state in enumerate(("receiving", "stable", "analyzing", STATES[i % len(STATES)])):
                         copy.write_row((f"1.2.826.0.1.3680043.10.1431.{i}", 1, state, at + timedelta(seconds=5 * step)))
-            with cur.copy("COPY instances (sop_instance_uid, sop_class_uid, study_instance_uid, series_instance_uid, transfer_syntax_uid, path, size, sha256, calling_ae, received_at, study_version, state) FROM STDIN") as copy:
+            with cur.copy(
+                "COPY instances (sop_instance_uid, sop_class_uid, study_instance_uid, series_instance_uid, transfer_syntax_uid, path, size, "
+                "sha256, calling_ae, received_at, study_version, state) FROM STDIN"
+            ) as copy:
                 for i in range(count):
                     at = now - timedelta(seconds=30 * (count - i))
                     copy.write_row((f"1.2.826.0.1.3680043.10.1431.{i}.1.1", "1.2.840.10008.5.1.4.1.1.1", f"1.2.826.0.1.3680043.10.1431.{i}",

@@ -24,9 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dicom_node.store.base import RemoteNode  # noqa: E402
-from tests.support.orthanc import Orthanc  # noqa: E402
-from tests.support.workers import NodeSite, make_chest_studies, storescu  # noqa: E402
+from dicom_node.store.base import RemoteNode
+from tests.support.orthanc import Orthanc
+from tests.support.workers import NodeSite, make_chest_studies, storescu
 
 STAGES = (
     ("stable", "queued", "dispatch"),
@@ -64,8 +64,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=1, help="analyze workers (redis mode)")
     parser.add_argument("--profile", default="full", help="output profile sent to the PACS")
     parser.add_argument("--max-new-tokens", type=int, default=24)
-    parser.add_argument("--tasks", default="report,anatomy_grounding,abnormality_detection",
-                        help="engine tasks (anatomy_grounding alone: APM only, no language model)")
+    parser.add_argument(
+        "--tasks", default="report,anatomy_grounding,abnormality_detection", help="engine tasks (anatomy_grounding alone: APM only, no language model)"
+    )
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--batch-sizes", default="1", help="model.max_batch values, one run each (e.g. 1,4,8)")
     parser.add_argument("--batch-wait-ms", type=int, default=50, help="model.batch_wait_ms")
@@ -82,9 +83,14 @@ def run_once(args: argparse.Namespace, max_batch: int) -> dict:
 
         redis = RedisServer(root / "redis").start()
         broker = redis.url
-    site = NodeSite(root / "site", broker_url=broker, overrides={"model": {"max_new_tokens": args.max_new_tokens, "tasks": args.tasks.split(","),
-                                                                        "max_batch": max_batch, "batch_wait_ms": args.batch_wait_ms},
-                                                              "queue": {"lease_s": 60.0}})
+    site = NodeSite(
+        root / "site",
+        broker_url=broker,
+        overrides={
+            "model": {"max_new_tokens": args.max_new_tokens, "tasks": args.tasks.split(","), "max_batch": max_batch, "batch_wait_ms": args.batch_wait_ms},
+            "queue": {"lease_s": 60.0},
+        },
+    )
     orthanc = Orthanc(root / "orthanc").start()
     site.add_remote(RemoteNode("modality", "MODALITY", "127.0.0.1", 104, role="source"))
     site.add_remote(RemoteNode("pacs", orthanc.aet, "127.0.0.1", orthanc.dicom_port, role="destination",
@@ -104,9 +110,7 @@ def run_once(args: argparse.Namespace, max_batch: int) -> dict:
         pushed = time.monotonic()
         storescu(site.port, site.ae_title, files)
         push_s = time.monotonic() - pushed
-        studies = site.wait_for(
-            lambda s: len(s) == args.studies + 1 and all(x.state in ("done", "failed") for x in s), args.timeout, "all studies"
-        )
+        studies = site.wait_for(lambda s: len(s) == args.studies + 1 and all(x.state in ("done", "failed") for x in s), args.timeout, "all studies")
     finally:
         site.stop()
         orthanc.stop()

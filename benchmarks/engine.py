@@ -74,8 +74,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="CUDA: also measure the torch.compile'd decode step")
     parser.add_argument("--bandwidth-gbps", type=float, help="HBM bandwidth for the bound (default: by GPU name)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (tiny matrices: 1 is fastest on a shared CPU)")
-    parser.add_argument("--continuous", type=int, default=0, metavar="N",
-                        help="also run the continuous batcher over N images at each --batch-sizes slot count")
+    parser.add_argument("--continuous", type=int, default=0, metavar="N", help="also run the continuous batcher over N images at each --batch-sizes slot count")
     parser.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "anatomix-bench")
     args = parser.parse_args()
 
@@ -134,7 +133,7 @@ def main() -> None:
             inputs = embeds[None].expand(batch, -1, -1).contiguous()
             mask = torch.ones(batch, length, dtype=torch.long, device=device)
 
-            def hf(n: int) -> None:
+            def hf(n: int, inputs=inputs, mask=mask) -> None:
                 decoder.generate(inputs_embeds=inputs, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
 
             hf(2)
@@ -167,10 +166,7 @@ def main() -> None:
             bytes_step = info.decode_weight_bytes + kv_bytes_per_token * (length + args.decode_tokens) * batch
             bound = f"{100 * (bytes_step / (bandwidth * 1e9)) / step_s:.0f}%"
         per_image = apm_s + prefill_s + args.output_tokens * step_s / batch
-        print(
-            f"| {batch} | {name} | {step_s * 1e3:.2f} | {tokens_s:,.0f} | {hf_by_batch[batch] / step_s:.2f}x | {bound or 'n/a'} |"
-            f" {3600 / per_image:,.0f} |"
-        )
+        print(f"| {batch} | {name} | {step_s * 1e3:.2f} | {tokens_s:,.0f} | {hf_by_batch[batch] / step_s:.2f}x | {bound or 'n/a'} | {3600 / per_image:,.0f} |")
     if args.continuous:
         continuous_table(engine, device, [int(b) for b in args.batch_sizes.split(",")], args.continuous)
 
@@ -181,7 +177,7 @@ def continuous_table(engine: Engine, device: torch.device, slot_counts: list[int
     from inference.batching import ContinuousBatcher
 
     images = [prepare_array(synthetic_chest_radiograph(900 + 7 * i, 800, seed=i)) for i in range(images_per_run)]
-    print(f"\n| slots | images | images/s | latency p50 s | latency max s | decode rows max |\n|---|---|---|---|---|---|")
+    print("\n| slots | images | images/s | latency p50 s | latency max s | decode rows max |\n|---|---|---|---|---|---|")
     for slots in slot_counts:
         batcher = ContinuousBatcher(engine, ["report"], slots=slots)
         sync(device)

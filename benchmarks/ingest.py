@@ -109,7 +109,9 @@ def send_concurrently(port: int, called: str, files: list[Path], senders: int) -
     processes = [
         subprocess.Popen(
             [dcmtk("storescu"), "-aet", "BENCH", "-aec", called, "--max-pdu", "131072", "127.0.0.1", str(port), *map(str, share)],
-            env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            env=dcmtk_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
         for share in shares
     ]
@@ -157,7 +159,9 @@ def run_node(files: list[Path], senders: int, processes: int, workdir: Path, pos
     shutil.rmtree(node_dir, ignore_errors=True)
     database_url = fresh_postgres_database(postgres_admin_url) if postgres_admin_url else ""
     node = NodeProcess(
-        node_dir, scp_processes=processes, database_url=database_url,
+        node_dir,
+        scp_processes=processes,
+        database_url=database_url,
         settings={"assembly": {"quiet_period_s": 600.0, "hard_cap_s": 3600.0}},
     )
     node.add_source("bench", "BENCH")
@@ -181,8 +185,12 @@ def main() -> int:
     parser.add_argument("--small", type=int, default=300)
     parser.add_argument("--senders", default="1,4")
     parser.add_argument("--processes", default="1,4", help="node.scp_processes values to run (comma separated)")
-    parser.add_argument("--postgres", default="", metavar="ADMIN_URL",
-                        help="also run the node on PostgreSQL (a fresh database per run), e.g. postgresql://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument(
+        "--postgres",
+        default="",
+        metavar="ADMIN_URL",
+        help="also run the node on PostgreSQL (a fresh database per run), e.g. postgresql://postgres@127.0.0.1:5432/postgres",
+    )
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "anatomix-bench-ingest")
     args = parser.parse_args()
     if args.workdir.resolve() == REPO_ROOT:

@@ -101,10 +101,24 @@ class StoreScpTarget(Target):
         self.log_path = workdir / "storescp.log"
         self.log = open(self.log_path, "wb")
         self.process = __import__("subprocess").Popen(
-            [dcmtk("storescp"), "--fork", "--aetitle", self.called, "--max-pdu", "131072", "--acse-timeout", str(DEADLINE_S),
-             "--socket-timeout", str(DEADLINE_S),
-             "-od", str(workdir), str(self.port)],
-            env=dcmtk_env(), stdout=self.log, stderr=self.log,
+            [
+                dcmtk("storescp"),
+                "--fork",
+                "--aetitle",
+                self.called,
+                "--max-pdu",
+                "131072",
+                "--acse-timeout",
+                str(DEADLINE_S),
+                "--socket-timeout",
+                str(DEADLINE_S),
+                "-od",
+                str(workdir),
+                str(self.port),
+            ],
+            env=dcmtk_env(),
+            stdout=self.log,
+            stderr=self.log,
         )
         wait_for_port(self.port, timeout=30)
 
@@ -190,8 +204,11 @@ def scenario_flood(target: Target, files: list[Path]) -> dict[str, str]:
         left = wait_closed(sock, max(opened + 60 - time.monotonic(), 0.01))
         closed.append(time.monotonic() - opened if left is not None else float("inf"))  # inf: still open after 60 s
         sock.close()
-    return {"C-ECHO under flood (s)": f"{echo_s:.2f}", "10-instance push under flood (s)": f"{push_s:.2f}",
-            "stalled sockets closed after (s, max)": f"{max(closed):.1f}"}
+    return {
+        "C-ECHO under flood (s)": f"{echo_s:.2f}",
+        "10-instance push under flood (s)": f"{push_s:.2f}",
+        "stalled sockets closed after (s, max)": f"{max(closed):.1f}",
+    }
 
 
 def _blast(sock: socket.socket, header: bytes, total: int) -> int:
@@ -244,10 +261,12 @@ def scenario_oversize(target: Target) -> dict[str, str]:
     time.sleep(0.5)
     stop.set()
     sampler.join()
-    return {"256 MiB A-ASSOCIATE-RQ: most bytes taken (MB)": f"{max(results['rq']) / 1e6:.1f}",
-            "128 MiB P-DATA-TF: most bytes taken (MB)": f"{max(results['pdata']) / 1e6:.1f}",
-            "10 oversize clients done in (s)": f"{seconds:.1f}",
-            "server RSS peak growth (MB)": f"{(peak[0] - baseline) / 1e6:.1f}"}
+    return {
+        "256 MiB A-ASSOCIATE-RQ: most bytes taken (MB)": f"{max(results['rq']) / 1e6:.1f}",
+        "128 MiB P-DATA-TF: most bytes taken (MB)": f"{max(results['pdata']) / 1e6:.1f}",
+        "10 oversize clients done in (s)": f"{seconds:.1f}",
+        "server RSS peak growth (MB)": f"{(peak[0] - baseline) / 1e6:.1f}",
+    }
 
 
 def scenario_unknown_ae(target: Target, attempts: int) -> dict[str, str]:
@@ -270,8 +289,7 @@ def scenario_unknown_ae(target: Target, attempts: int) -> dict[str, str]:
     for thread in threads:
         thread.join(600)
     seconds = time.monotonic() - started
-    return {f"{attempts} unknown-AE attempts (s)": f"{seconds:.1f}",
-            "log bytes written during them": str(target.log_bytes() - log_before)}
+    return {f"{attempts} unknown-AE attempts (s)": f"{seconds:.1f}", "log bytes written during them": str(target.log_bytes() - log_before)}
 
 
 def scenario_idle(target: Target, count: int, seconds: float) -> dict[str, str]:

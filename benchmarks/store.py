@@ -16,7 +16,7 @@ import os
 import tempfile
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psycopg
@@ -33,7 +33,7 @@ def record_batch(url: str, worker: int, count: int, start: multiprocessing.Event
         store.record_instance(InstanceRecord(
             sop_instance_uid=f"{study}.{worker}.{n}", sop_class_uid="1.2.840.10008.5.1.4.1.1.1", study_instance_uid=study,
             series_instance_uid=study + ".1", transfer_syntax_uid="1.2.840.10008.1.2.1", path=f"{worker}/{n}.dcm",
-            size=1000, sha256=f"{worker:032x}{n:032x}", calling_ae="BENCH", received_at=datetime.now(timezone.utc),
+            size=1000, sha256=f"{worker:032x}{n:032x}", calling_ae="BENCH", received_at=datetime.now(UTC),
         ))  # fmt: skip
     store.close()
 

@@ -99,10 +99,4 @@ def render_config_template() -> str:
 
 def undocumented_fields() -> list[str]:
     """``section.key`` of every settings field without a ``#:`` comment (the test wants none)."""
-    return [
-        f"{section}.{field.name}"
-        for section, cls in section_types().items()
-        for field in fields(cls)
-        if field.name not in field_docs(cls)
-    ]
-
+    return [f"{section}.{field.name}" for section, cls in section_types().items() for field in fields(cls) if field.name not in field_docs(cls)]

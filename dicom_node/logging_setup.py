@@ -96,9 +96,7 @@ def quiet_root_warning(announce: bool = True) -> None:
         return
     warnings.filterwarnings("ignore", category=SecurityWarning)
     if announce and hasattr(os, "geteuid") and os.geteuid() == 0:
-        logging.getLogger("dicom_node.worker").warning(
-            "running as root: run the node as its own user (the systemd units in deploy/systemd use `anatomix`)"
-        )
+        logging.getLogger("dicom_node.worker").warning("running as root: run the node as its own user (the systemd units in deploy/systemd use `anatomix`)")
 
 
 def quiet_worker_console(level: str) -> None:

@@ -422,7 +422,7 @@ def _apply_env(raw: dict[str, Any], env: dict[str, str]) -> None:
     for key, value in env.items():
         if not key.startswith(ENV_PREFIX):
             continue
-        rest = key[len(ENV_PREFIX):].lower()
+        rest = key[len(ENV_PREFIX) :].lower()
         section, _, name = rest.partition("_")
         if section not in sections or not name:
             continue  # other ANATOMIX_* variables (e.g. for tests) are not settings
@@ -547,9 +547,7 @@ def validate(settings: Settings) -> None:
         raise SettingsError(f"storage.retention_days = {settings.storage.retention_days}: must be >= 0 (0 keeps everything)")
     for state in settings.storage.retention_states:
         if state not in RETENTION_STATES:
-            raise SettingsError(
-                f"storage.retention_states contains {state!r}: only {' and '.join(RETENTION_STATES)} studies may be purged"
-            )
+            raise SettingsError(f"storage.retention_states contains {state!r}: only {' and '.join(RETENTION_STATES)} studies may be purged")
     url = settings.database.url
     if url and not url.startswith(("sqlite:///", "postgresql://", "postgres://")):
         raise SettingsError(f"database.url = {url!r}: use sqlite:///PATH or postgresql://HOST:PORT/DB")
@@ -568,9 +566,7 @@ def validate(settings: Settings) -> None:
     if assembly.quiet_period_s < 0:
         raise SettingsError(f"assembly.quiet_period_s = {assembly.quiet_period_s}: must be >= 0 seconds")
     if assembly.hard_cap_s < assembly.quiet_period_s:
-        raise SettingsError(
-            f"assembly.hard_cap_s = {assembly.hard_cap_s}: must be >= quiet_period_s ({assembly.quiet_period_s}) and both >= 0"
-        )
+        raise SettingsError(f"assembly.hard_cap_s = {assembly.hard_cap_s}: must be >= quiet_period_s ({assembly.quiet_period_s}) and both >= 0")
     model = settings.model
     if model.backend not in APM_BACKENDS:
         raise SettingsError(f"model.backend = {model.backend!r}: use {', '.join(APM_BACKENDS[:-1])} or {APM_BACKENDS[-1]}")
@@ -637,9 +633,7 @@ def validate_limits(limits: LimitsSettings) -> None:
     if limits.max_connections < 1:
         raise SettingsError(f"limits.max_connections = {limits.max_connections}: must be >= 1")
     if not 0 <= limits.reserved_connections < limits.max_connections:
-        raise SettingsError(
-            f"limits.reserved_connections = {limits.reserved_connections}: must be >= 0 and below max_connections ({limits.max_connections})"
-        )
+        raise SettingsError(f"limits.reserved_connections = {limits.reserved_connections}: must be >= 0 and below max_connections ({limits.max_connections})")
     if limits.max_connections_per_host < 1:
         raise SettingsError(f"limits.max_connections_per_host = {limits.max_connections_per_host}: must be >= 1")
     for entry in limits.trusted_hosts:

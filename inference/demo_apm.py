@@ -24,28 +24,65 @@ import torch
 from inference.apm.config import APMConfig
 from inference.apm.model import AnatomyPerceptionModule
 from inference.apm.position import interleave_sin_cos
-from inference.preprocess import prepare_array, images_to_tensor
+from inference.preprocess import images_to_tensor, prepare_array
 from inference.result import REGION_NAMES
 
 #: Typical normalised (x1, y1, x2, y2) of each region in a letterboxed PA chest image (image left =
 #: patient right). Used only to make demo boxes plausible.
 DEMO_REGION_BOXES: tuple[tuple[float, float, float, float], ...] = (
-    (0.15, 0.72, 0.85, 0.98), (0.50, 0.25, 0.62, 0.35), (0.55, 0.12, 0.82, 0.25), (0.18, 0.12, 0.45, 0.25),
-    (0.38, 0.42, 0.72, 0.72), (0.50, 0.30, 0.60, 0.70), (0.55, 0.35, 0.68, 0.50), (0.32, 0.35, 0.45, 0.50),
-    (0.52, 0.15, 0.85, 0.25), (0.55, 0.65, 0.88, 0.75), (0.55, 0.52, 0.88, 0.72), (0.52, 0.12, 0.88, 0.72),
-    (0.55, 0.35, 0.86, 0.52), (0.55, 0.12, 0.84, 0.35), (0.40, 0.20, 0.62, 0.70), (0.35, 0.50, 0.48, 0.68),
-    (0.33, 0.48, 0.42, 0.68), (0.15, 0.15, 0.48, 0.25), (0.12, 0.62, 0.45, 0.72), (0.12, 0.50, 0.45, 0.70),
-    (0.12, 0.12, 0.48, 0.70), (0.14, 0.35, 0.45, 0.50), (0.16, 0.12, 0.45, 0.35), (0.45, 0.33, 0.55, 0.40),
-    (0.60, 0.45, 0.74, 0.70), (0.55, 0.72, 0.88, 0.95), (0.12, 0.70, 0.45, 0.95), (0.42, 0.18, 0.58, 0.35),
-    (0.40, 0.22, 0.48, 0.42), (0.44, 0.10, 0.56, 0.40), (0.45, 0.05, 0.55, 0.95), (0.38, 0.40, 0.46, 0.48),
-    (0.62, 0.62, 0.72, 0.72), (0.80, 0.62, 0.90, 0.75), (0.33, 0.60, 0.43, 0.70), (0.10, 0.60, 0.20, 0.72),
+    (0.15, 0.72, 0.85, 0.98),
+    (0.50, 0.25, 0.62, 0.35),
+    (0.55, 0.12, 0.82, 0.25),
+    (0.18, 0.12, 0.45, 0.25),
+    (0.38, 0.42, 0.72, 0.72),
+    (0.50, 0.30, 0.60, 0.70),
+    (0.55, 0.35, 0.68, 0.50),
+    (0.32, 0.35, 0.45, 0.50),
+    (0.52, 0.15, 0.85, 0.25),
+    (0.55, 0.65, 0.88, 0.75),
+    (0.55, 0.52, 0.88, 0.72),
+    (0.52, 0.12, 0.88, 0.72),
+    (0.55, 0.35, 0.86, 0.52),
+    (0.55, 0.12, 0.84, 0.35),
+    (0.40, 0.20, 0.62, 0.70),
+    (0.35, 0.50, 0.48, 0.68),
+    (0.33, 0.48, 0.42, 0.68),
+    (0.15, 0.15, 0.48, 0.25),
+    (0.12, 0.62, 0.45, 0.72),
+    (0.12, 0.50, 0.45, 0.70),
+    (0.12, 0.12, 0.48, 0.70),
+    (0.14, 0.35, 0.45, 0.50),
+    (0.16, 0.12, 0.45, 0.35),
+    (0.45, 0.33, 0.55, 0.40),
+    (0.60, 0.45, 0.74, 0.70),
+    (0.55, 0.72, 0.88, 0.95),
+    (0.12, 0.70, 0.45, 0.95),
+    (0.42, 0.18, 0.58, 0.35),
+    (0.40, 0.22, 0.48, 0.42),
+    (0.44, 0.10, 0.56, 0.40),
+    (0.45, 0.05, 0.55, 0.95),
+    (0.38, 0.40, 0.46, 0.48),
+    (0.62, 0.62, 0.72, 0.72),
+    (0.80, 0.62, 0.90, 0.75),
+    (0.33, 0.60, 0.43, 0.70),
+    (0.10, 0.60, 0.20, 0.72),
 )
 assert len(DEMO_REGION_BOXES) == len(REGION_NAMES)
 
 #: Findings used to write template sentences in the demo retrieval DB.
 DEMO_FINDINGS: tuple[str, ...] = (
-    "atelectasis", "consolidation", "opacity", "effusion", "edema", "a nodule", "scarring",
-    "pneumothorax", "calcification", "enlargement", "a support device", "linear atelectasis",
+    "atelectasis",
+    "consolidation",
+    "opacity",
+    "effusion",
+    "edema",
+    "a nodule",
+    "scarring",
+    "pneumothorax",
+    "calcification",
+    "enlargement",
+    "a support device",
+    "linear atelectasis",
 )
 
 
@@ -151,7 +188,7 @@ def initialise_positional_memory(module: AnatomyPerceptionModule, image_gain: fl
         b_q[row] = offset
         w_k[row] = direction
     attention.in_proj_weight[:d] = w_q
-    attention.in_proj_weight[d: 2 * d] = w_k
+    attention.in_proj_weight[d : 2 * d] = w_k
     attention.in_proj_bias[: 2 * d] = torch.cat([b_q, torch.zeros(d)])
     for layer in transformer.encoder.layers[1:]:
         layer.self_attn.out_proj.weight.mul_(0.1)
@@ -185,13 +222,11 @@ def initialise_spatial_queries(module: AnatomyPerceptionModule, sharpness: float
     for index, (x1, y1, x2, y2) in enumerate(DEMO_REGION_BOXES[: config.num_queries]):
         centre = ((x1 + x2) / 2, (y1 + y2) / 2)
         points = ((x1, y1), (x2, y2), centre, centre)
-        module.query_embed.weight[index] = torch.cat(
-            [point_code(*points[head % len(points)], pairs, half, config.feature_size) for head in range(heads)]
-        )
+        module.query_embed.weight[index] = torch.cat([point_code(*points[head % len(points)], pairs, half, config.feature_size) for head in range(heads)])
     for layer in module.transformer.decoder.layers:
         attention = layer.multihead_attn
         attention.in_proj_weight[:d] = w_q
-        attention.in_proj_weight[d: 2 * d] = w_k
+        attention.in_proj_weight[d : 2 * d] = w_k
         attention.in_proj_bias[: 2 * d] = 0.0
 
 
@@ -220,8 +255,7 @@ def fit_box_head(module: AnatomyPerceptionModule, ridge: float = 1e-4) -> None:
     hs, _, _ = module.encode_decode(images_to_tensor(images))
     hidden = module.bbox_embed.hidden(hs).double().reshape(-1, hs.shape[-1])  # [N * Q, D]
     xyxy = torch.tensor(DEMO_REGION_BOXES, dtype=torch.float64)[: hs.shape[1]].repeat(len(images), 1)
-    cxcywh = torch.stack([(xyxy[:, 0] + xyxy[:, 2]) / 2, (xyxy[:, 1] + xyxy[:, 3]) / 2,
-                          xyxy[:, 2] - xyxy[:, 0], xyxy[:, 3] - xyxy[:, 1]], dim=1)
+    cxcywh = torch.stack([(xyxy[:, 0] + xyxy[:, 2]) / 2, (xyxy[:, 1] + xyxy[:, 3]) / 2, xyxy[:, 2] - xyxy[:, 0], xyxy[:, 3] - xyxy[:, 1]], dim=1)
     target = torch.logit(cxcywh)
     h_mean, t_mean = hidden.mean(0, keepdim=True), target.mean(0, keepdim=True)
     hc, tc = hidden - h_mean, target - t_mean
@@ -237,18 +271,26 @@ def write_demo_apm_checkpoint(path: str | Path, config: APMConfig, seed: int) ->
     ``text_model.*``), optimizer/scheduler states, ``epoch``, ``args`` (a Namespace holding a
     PosixPath) and ``best_loss``."""
     module = build_demo_apm(config, seed)
-    model: OrderedDict[str, torch.Tensor] = OrderedDict(
-        (f"vis_model.{key}", value.detach().clone().contiguous()) for key, value in module.state_dict().items()
-    )
+    model: OrderedDict[str, torch.Tensor] = OrderedDict((f"vis_model.{key}", value.detach().clone().contiguous()) for key, value in module.state_dict().items())
     generator = torch.Generator().manual_seed(seed + 1)
-    for key, shape in (("text_model.projection_head.0.weight", (512, 768)), ("text_model.projection_head.0.bias", (512,)),
-                       ("text_model.projection_head.2.weight", (config.token_dim, 512)),
-                       ("text_model.projection_head.2.bias", (config.token_dim,))):
+    for key, shape in (
+        ("text_model.projection_head.0.weight", (512, 768)),
+        ("text_model.projection_head.0.bias", (512,)),
+        ("text_model.projection_head.2.weight", (config.token_dim, 512)),
+        ("text_model.projection_head.2.bias", (config.token_dim,)),
+    ):
         model[key] = torch.randn(shape, generator=generator) * 0.02
     args = argparse.Namespace(
-        model=argparse.Namespace(hidden_dim=config.d_model, nheads=config.num_heads, enc_layers=config.encoder_layers,
-                                 dec_layers=config.decoder_layers, dim_feedforward=config.ffn_dim,
-                                 num_queries=config.num_queries, proj_dim=config.token_dim, pre_norm=False),
+        model=argparse.Namespace(
+            hidden_dim=config.d_model,
+            nheads=config.num_heads,
+            enc_layers=config.encoder_layers,
+            dec_layers=config.decoder_layers,
+            dim_feedforward=config.ffn_dim,
+            num_queries=config.num_queries,
+            proj_dim=config.token_dim,
+            pre_norm=False,
+        ),
         output_dir=pathlib.PosixPath("outputs/apm_demo"),
         demo=True,
         seed=seed,

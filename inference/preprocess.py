@@ -130,9 +130,7 @@ def prepare_array(pixels: np.ndarray, sop_instance_uid: str | None = None) -> Pr
     return PreparedImage(pixels=resized, letterbox=letterbox, sop_instance_uid=sop_instance_uid)
 
 
-def images_to_tensor(
-    images: Sequence[PreparedImage], device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
+def images_to_tensor(images: Sequence[PreparedImage], device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Stack prepared images into the APM input ``[B, 1, 1024, 1024]`` with values in [0, 1]."""
     if not images:
         raise PreprocessError("no images to stack")

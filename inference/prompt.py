@@ -57,12 +57,9 @@ def format_boxes(boxes: Sequence[Sequence[float]]) -> str:
 def context_lines(boxes_xyxy_model: Sequence[Sequence[float]], sentences: Sequence[str]) -> str:
     """The 36 ``emb:<emb><obj_i></emb> box:<box>..</box> {sentence}`` lines, joined by newlines."""
     if len(boxes_xyxy_model) != NUM_OBJECT_TOKENS or len(sentences) != NUM_OBJECT_TOKENS:
-        raise PromptError(
-            f"need {NUM_OBJECT_TOKENS} region boxes and sentences, got {len(boxes_xyxy_model)} boxes and {len(sentences)} sentences"
-        )
+        raise PromptError(f"need {NUM_OBJECT_TOKENS} region boxes and sentences, got {len(boxes_xyxy_model)} boxes and {len(sentences)} sentences")
     return "\n".join(
-        f"emb:<emb><obj_{i}></emb> box:<box>{format_box(box)}</box> {sentence}"
-        for i, (box, sentence) in enumerate(zip(boxes_xyxy_model, sentences))
+        f"emb:<emb><obj_{i}></emb> box:<box>{format_box(box)}</box> {sentence}" for i, (box, sentence) in enumerate(zip(boxes_xyxy_model, sentences))
     )
 
 

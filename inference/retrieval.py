@@ -68,9 +68,7 @@ class RetrievalDB:
         if not isinstance(raw, Mapping):
             raise RetrievalDBError(f"retrieval DB must be a dict of regions, got {type(raw).__name__}")
         if len(raw) != NUM_REGIONS:
-            raise RetrievalDBError(
-                f"retrieval DB must hold exactly {NUM_REGIONS} regions (one per APM query), got {len(raw)}"
-            )
+            raise RetrievalDBError(f"retrieval DB must hold exactly {NUM_REGIONS} regions (one per APM query), got {len(raw)}")
         return cls([build_region_index(name, raw[name]) for name in sorted(raw.keys())], sha256=sha256, path=path)
 
     @property

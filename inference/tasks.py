@@ -21,6 +21,7 @@ NO_ABNORMALITY_ANSWER = "No abnormalities detected."
 #: Default region for ``anatomy_grounding_lm`` without an argument.
 DEFAULT_LM_REGION = "Cardiac shadow viewed radiologically or Heart"
 
+
 @dataclass(frozen=True)
 class TaskFlags:
     """What the engine needs to know about one LM task (it tests these, never task names)."""

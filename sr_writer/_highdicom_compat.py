@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextvars
 from collections.abc import Callable
+from typing import Any
 
 import highdicom as hd
 import highdicom.image as hd_image
@@ -63,13 +64,10 @@ class BoxSegmentation(hd.seg.Segmentation):
     while :data:`BOX_OVERLAP` holds their SegmentsOverlap ("YES"/"NO"); anything else goes to highdicom."""
 
     @classmethod
-    def _check_and_cast_pixel_array(cls, pixel_array, segment_numbers, segmentation_type, dtype):  # noqa: ANN001, ANN206
+    def _check_and_cast_pixel_array(cls, pixel_array, segment_numbers, segmentation_type, dtype):
         overlap = BOX_OVERLAP.get(None)
         is_box_stack = (
-            isinstance(pixel_array, np.ndarray)
-            and pixel_array.dtype == np.uint8
-            and pixel_array.ndim == 4
-            and pixel_array.shape[-1] == len(segment_numbers)
+            isinstance(pixel_array, np.ndarray) and pixel_array.dtype == np.uint8 and pixel_array.ndim == 4 and pixel_array.shape[-1] == len(segment_numbers)
         )
         if overlap is None or not is_box_stack or segmentation_type != hd.seg.SegmentationTypeValues.FRACTIONAL:
             return super()._check_and_cast_pixel_array(pixel_array, segment_numbers, segmentation_type, dtype)
@@ -85,12 +83,12 @@ HIGHDICOM_ENCODE_FRAME = hd_image.encode_frame
 def install_frame_encoder(use: Callable[[np.ndarray, dict], bool], encode: Callable[[np.ndarray], bytes]) -> None:
     """Route the frames for which ``use(array, kwargs)`` is true to ``encode(array)``; idempotent."""
 
-    def encode_frame(array: np.ndarray, **kwargs: object) -> bytes:
+    def encode_frame(array: np.ndarray, **kwargs: Any) -> bytes:
         if use(array, kwargs):
             return encode(array)
         return HIGHDICOM_ENCODE_FRAME(array, **kwargs)
 
-    hd_image.encode_frame = encode_frame
+    hd_image.encode_frame = encode_frame  # type: ignore[assignment]  # highdicom passes everything by keyword
 
 
 # ---- 3.-5. construct, then patch --------------------------------------------------------------

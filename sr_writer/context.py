@@ -176,9 +176,7 @@ def make_context(
     if not isinstance(result, AnalysisResult):
         raise ValueError(f"result must be an inference.result.AnalysisResult, got {type(result).__name__}")
     if result.sop_instance_uid != str(source.SOPInstanceUID):
-        raise ValueError(
-            f"result.sop_instance_uid {result.sop_instance_uid!r} does not match source SOPInstanceUID {str(source.SOPInstanceUID)!r}"
-        )
+        raise ValueError(f"result.sop_instance_uid {result.sop_instance_uid!r} does not match source SOPInstanceUID {str(source.SOPInstanceUID)!r}")
     if (result.rows, result.columns) != (int(source.Rows), int(source.Columns)):
         raise ValueError(f"result image size {result.rows}x{result.columns} (rows x columns) does not match source {source.Rows}x{source.Columns}")
     if not is_valid_uid(result.model.device_uid):

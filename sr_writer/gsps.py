@@ -87,7 +87,9 @@ def whole_image_texts(ctx: BundleContext) -> list[hd.pr.TextObject]:
     return texts
 
 
-def graphic_annotation(ctx: BundleContext, layer: hd.pr.GraphicLayer, annotations: tuple[Annotation, ...], taken: list, always: bool = False) -> hd.pr.GraphicAnnotation:
+def graphic_annotation(
+    ctx: BundleContext, layer: hd.pr.GraphicLayer, annotations: tuple[Annotation, ...], taken: list, always: bool = False
+) -> hd.pr.GraphicAnnotation:
     graphics = []
     for a in annotations:
         graphic = hd.pr.GraphicObject(
@@ -134,16 +136,26 @@ def build_gsps(ctx: BundleContext, kind: str = "gsps") -> Dataset:
     order = len(groups) + 2
     unboxed_texts = whole_image_texts(ctx)
     if unboxed_texts:
-        layer = hd.pr.GraphicLayer(layer_name=WHOLE_IMAGE_LAYER, order=order, description="Findings without a box (AI)", display_color=hd.color.CIELabColor.from_rgb(*WHOLE_IMAGE_FINDINGS_RGB))
+        layer = hd.pr.GraphicLayer(
+            layer_name=WHOLE_IMAGE_LAYER,
+            order=order,
+            description="Findings without a box (AI)",
+            display_color=hd.color.CIELabColor.from_rgb(*WHOLE_IMAGE_FINDINGS_RGB),
+        )
         layers.append(layer)
         annotations.append(hd.pr.GraphicAnnotation(referenced_images=[ctx.source], graphic_layer=layer, text_objects=unboxed_texts))
     for number, (name, description, rgb, members) in enumerate(groups):
-        layer = hd.pr.GraphicLayer(layer_name=name, order=order - 1 - number, description=truncate(description, "LO"), display_color=hd.color.CIELabColor.from_rgb(*rgb))
+        layer = hd.pr.GraphicLayer(
+            layer_name=name, order=order - 1 - number, description=truncate(description, "LO"), display_color=hd.color.CIELabColor.from_rgb(*rgb)
+        )
         layers.append(layer)
         annotations.append(graphic_annotation(ctx, layer, members, taken, always=name.startswith("FINDING")))
     if anatomy:
         layer = hd.pr.GraphicLayer(
-            layer_name=ANATOMY_LAYER, order=1, description="All other anatomical regions (AI): switch on for context", display_color=hd.color.CIELabColor.from_rgb(*ANATOMY_RGB)
+            layer_name=ANATOMY_LAYER,
+            order=1,
+            description="All other anatomical regions (AI): switch on for context",
+            display_color=hd.color.CIELabColor.from_rgb(*ANATOMY_RGB),
         )
         layers.append(layer)
         annotations.append(graphic_annotation(ctx, layer, anatomy, taken))

@@ -190,9 +190,7 @@ def build_seg(ctx: BundleContext, kind: str = "seg") -> Dataset:
     annotations = ctx.boxed
     if not annotations:
         raise ValueError("result has no box inside the image: nothing to segment")
-    algorithm = hd.AlgorithmIdentificationSequence(
-        name=ctx.algorithm_name, family=codes.ARTIFICIAL_INTELLIGENCE, version=ctx.algorithm_version
-    )
+    algorithm = hd.AlgorithmIdentificationSequence(name=ctx.algorithm_name, family=codes.ARTIFICIAL_INTELLIGENCE, version=ctx.algorithm_version)
     descriptions = [segment_description(n, a, algorithm) for n, a in enumerate(annotations, start=1)]
     slices = [box_pixel_slice(a.box, ctx.rows, ctx.columns) for a in annotations]
     token = BOX_OVERLAP.set("YES" if boxes_overlap(slices) else "NO")
@@ -221,7 +219,7 @@ def _construct(ctx: BundleContext, kind: str, annotations: tuple[Annotation, ...
         return _construct_with(ctx, kind, annotations, descriptions, pool)
 
 
-def _construct_with(ctx: BundleContext, kind: str, annotations: tuple[Annotation, ...], descriptions: list, workers) -> Dataset:  # noqa: ANN001
+def _construct_with(ctx: BundleContext, kind: str, annotations: tuple[Annotation, ...], descriptions: list, workers) -> Dataset:
     return BoxSegmentation(
         source_images=[ctx.source],
         pixel_array=box_masks(annotations, ctx.rows, ctx.columns),

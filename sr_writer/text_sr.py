@@ -69,7 +69,7 @@ def model_outputs_section(ctx: BundleContext) -> ContainerContentItem | None:
 
 
 def model_output_lines(ctx: BundleContext) -> list[str]:
-    """"<label>: probability 0.91" (descending, then by label) and "<region>: <sentence>" (region order)."""
+    """ "<label>: probability 0.91" (descending, then by label) and "<region>: <sentence>" (region order)."""
     labels = sorted(ctx.image_labels, key=lambda label: (-label.probability, label.label))
     lines = [f"{label.label}: probability {label.probability:.2f}" for label in labels]
     lines += [f"{region.name}: {region.sentence}" for region in ctx.region_sentences]

@@ -130,7 +130,9 @@ def build_tid1500_sr(ctx: BundleContext, kind: str = "sr", sr_class: type = hd.s
     # evidence (~1 s for 46 ROI groups). The templates above already validated every item, and the
     # only referenced instance is the source, which is the evidence; so construct the document around
     # the small header-only report and then attach the full content tree.
-    skeleton = MeasurementReport(observation_context=observation_context, procedure_reported=ctx.procedure_reported(), imaging_measurements=groups[:1] or placeholder)
+    skeleton = MeasurementReport(
+        observation_context=observation_context, procedure_reported=ctx.procedure_reported(), imaging_measurements=groups[:1] or placeholder
+    )
     sr = sr_class(
         evidence=[ctx.source],
         content=skeleton[0],
@@ -167,7 +169,7 @@ def site_concept(site: codes.AnatomicSite) -> hd.sr.CodedConcept:
 
 
 def lateral_meaning(site: codes.AnatomicSite) -> str:
-    """"Right costophrenic angle" for (Costophrenic angle, Right); the plain meaning without laterality."""
+    """ "Right costophrenic angle" for (Costophrenic angle, Right); the plain meaning without laterality."""
     meaning = site.structure.meaning
     if site.laterality is None or site.laterality.meaning.lower() in meaning.lower().split():
         return meaning  # no side, or the meaning already names it ("Left border of cardiac silhouette")

@@ -3,8 +3,8 @@
 Everything under ``/api`` needs an account: an API token (``Authorization: Bearer axn_...``) or a
 console session cookie (``POST /api/auth/login``; state-changing requests must then echo the
 session's CSRF token in ``X-CSRF-Token``). ``/healthz`` and ``/readyz`` answer without, and so does
-``/metrics`` unless ``http.metrics_token_file`` is set (then it needs that token as a Bearer token). Roles: ``viewer`` reads, ``operator`` also echoes, resends and reanalyses, ``admin``
-also changes remote nodes and accounts. Errors are RFC 9457 problem details
+``/metrics`` unless ``http.metrics_token_file`` is set (then it needs that token as a Bearer token).
+Roles: ``viewer`` reads, ``operator`` also echoes, resends and reanalyses, ``admin`` also changes remote nodes and accounts. Errors are RFC 9457 problem details
 (``application/problem+json``) whose ``detail`` says what was wrong.
 
 The endpoints call the same functions as the CLI (``cli_node``: node validation, echo, the
@@ -21,7 +21,7 @@ import socket
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import Body, Depends, FastAPI, Path, Query, Request, Response
@@ -71,7 +71,10 @@ Name = Annotated[str, Path(min_length=1, max_length=64)]
 
 
 #: A host name (labels of 1-63 letters, digits, '-', '_'), an IPv4/IPv6 literal, or '*' (any host, sources only).
-HOST_PATTERN = r"^(\*|[0-9]{1,3}(\.[0-9]{1,3}){3}|[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*|([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?)$"
+HOST_PATTERN = (
+    r"^(\*|[0-9]{1,3}(\.[0-9]{1,3}){3}|[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*"
+    r"|([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?)$"
+)
 #: Printable ASCII without backslash, not only spaces (the settings' validate_ae_title checks the rest).
 AE_TITLE_PATTERN = r"^[ -\[\]-~]*[!-\[\]-~][ -\[\]-~]*$"
 
@@ -305,7 +308,7 @@ def problem_responses_in_schema(schema: dict[str, Any]) -> dict[str, Any]:
     ``/api`` operation but the login may answer 401 and 403."""
     problem = {PROBLEM_TYPE: {"schema": {"$ref": "#/components/schemas/ProblemModel"}}}
     for path, item in schema.get("paths", {}).items():
-        for method, operation in item.items():
+        for _method, operation in item.items():
             responses = operation.setdefault("responses", {})
             if path.startswith("/api/") and path != "/api/auth/login":
                 responses.setdefault("401", {"description": "no or bad credentials"})
@@ -381,7 +384,7 @@ def authenticate(
     cookie: Annotated[str | None, Depends(_cookie)],
 ) -> Principal:
     ctx = ctx_of(request)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     unauthorized = Problem(401, "Unauthorized", "", {"WWW-Authenticate": "Bearer"})
     if bearer is not None:
         token = ctx.store.find_api_token(auth.secret_hash(bearer.credentials), now) if bearer.credentials.startswith(auth.TOKEN_PREFIX) else None
@@ -429,7 +432,7 @@ def audit_change(request: Request, who: Principal, action: str, target: str, bef
 # ---- routes ----------------------------------------------------------------------------------------------
 
 
-def _routes(app: FastAPI) -> None:  # noqa: C901 (one place that lists the API)
+def _routes(app: FastAPI) -> None:
     # ---- health and metrics (no auth) -------------------------------------------------------------
     @app.get("/healthz", tags=["health"], summary="the HTTP process is alive")
     def healthz() -> dict[str, str]:
@@ -515,7 +518,7 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 (one place that lists the API)
     @app.post("/api/tokens", tags=["auth"], status_code=201, summary="create an API token for yourself (the secret is shown once)")
     def create_token(request: Request, who: Viewer, body: TokenIn) -> TokenCreated:
         secret = auth.new_secret(auth.TOKEN_PREFIX)
-        token = ctx_of(request).store.add_api_token(who.user, body.label, auth.secret_hash(secret), datetime.now(timezone.utc))
+        token = ctx_of(request).store.add_api_token(who.user, body.label, auth.secret_hash(secret), datetime.now(UTC))
         audit_change(request, who, "token_created", who.user, after={"id": token.id, "label": token.label})
         return TokenCreated(**_token_out(token).model_dump(), token=secret)
 
@@ -524,7 +527,7 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 (one place that lists the API)
     def revoke_token(request: Request, who: Viewer, token_id: Annotated[int, Path(ge=1, le=2**62)]) -> Response:
         store = ctx_of(request).store
         token = next((t for t in store.list_api_tokens(None if who.role == "admin" else who.user) if t.id == token_id), None)
-        if token is None or token.revoked_at is not None or not store.revoke_api_token(token_id, datetime.now(timezone.utc)):
+        if token is None or token.revoked_at is not None or not store.revoke_api_token(token_id, datetime.now(UTC)):
             raise Problem(404, "No such token", f"no unrevoked token {token_id}" + ("" if who.role == "admin" else " of yours"))
         audit_change(request, who, "token_revoked", token.user_name, before={"id": token.id, "label": token.label})
         return Response(status_code=204)
@@ -642,7 +645,8 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 (one place that lists the API)
     # ---- studies -----------------------------------------------------------------------------------
     @app.get("/api/studies", tags=["studies"], summary="studies, newest first: state, counts, skip reasons, stage timings, deliveries")
     def list_studies(
-        request: Request, who: Viewer,
+        request: Request,
+        who: Viewer,
         state: Annotated[list[Literal[STUDY_STATES]] | None, Query(description="repeatable")] = None,  # type: ignore[valid-type]
         source: Annotated[str | None, Query(max_length=64, description="calling AE title or remote node name")] = None,
         since: Annotated[datetime | None, Query(description="last instance received at or after (ISO 8601)")] = None,
@@ -653,7 +657,7 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 (one place that lists the API)
 
         ctx = ctx_of(request)
         since, until = _aware(since), _aware(until)
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         chosen = []
         for study in ctx.store.list_studies(tuple(state) if state else None, limit=100_000):
             if source and source not in (study.source_ae, study.source_node):
@@ -678,7 +682,7 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 (one place that lists the API)
 
         ctx = ctx_of(request)
         study = _require_study(ctx.store, study_instance_uid)
-        summary = study_summary(study, ctx.store, datetime.now(timezone.utc))
+        summary = study_summary(study, ctx.store, datetime.now(UTC))
         summary["source_node"] = study.source_node
         summary["source_host"] = study.source_host
         summary["deliveries"] = delivery_summary(ctx.store, ctx.settings, study)
@@ -762,7 +766,8 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 (one place that lists the API)
     # ---- audit ----------------------------------------------------------------------------------------
     @app.get("/api/audit", tags=["audit"], summary="audit events, newest first")
     def audit_query(
-        request: Request, who: Viewer,
+        request: Request,
+        who: Viewer,
         event: Annotated[str | None, Query(max_length=64)] = None,
         since: Annotated[datetime | None, Query()] = None,
         study_instance_uid: Annotated[str | None, Query(max_length=64)] = None,
@@ -773,7 +778,8 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 (one place that lists the API)
     @app.get("/api/audit/export", tags=["audit"], summary="audit events as JSON lines, oldest first (admin; the export is audited)",
              response_class=StreamingResponse, responses={200: {"content": {"application/x-ndjson": {}}}})  # fmt: skip
     def audit_export(
-        request: Request, who: Admin,
+        request: Request,
+        who: Admin,
         event: Annotated[str | None, Query(max_length=64)] = None,
         since: Annotated[datetime | None, Query()] = None,
         limit: Annotated[int, Query(ge=1, le=1_000_000)] = 100_000,
@@ -823,7 +829,7 @@ def _routes(app: FastAPI) -> None:  # noqa: C901 (one place that lists the API)
 def _aware(value: datetime | None) -> datetime | None:
     if value is None:
         return None
-    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def _token_out(token: Any) -> TokenOut:
@@ -940,7 +946,7 @@ def _last_model_identity(store: Store) -> dict[str, Any] | None:
 
 def _workers(ctx: ApiContext) -> list[dict[str, Any]]:
     """Workers seen (their reports, most recent first; ``live`` within http.worker_report_max_age_s)."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     max_age = ctx.settings.http.worker_report_max_age_s
     return [worker_out(r, now, max_age) for r in ctx.store.list_worker_reports()]  # type: ignore[attr-defined]
 
@@ -1005,7 +1011,7 @@ def model_readiness(ctx: ApiContext) -> dict[str, Any]:
         reports = [r for r in ctx.store.list_worker_reports() if "analyze" in r.queues]  # type: ignore[attr-defined]
     except StoreError as exc:
         return {"ok": False, "detail": f"worker reports unreadable: {exc}"}
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     live = [r for r in reports if (now - r.last_seen_at).total_seconds() <= max_age]
     usable = [r for r in live if r.model_ok]
     if usable:

@@ -18,7 +18,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from dicom_node.store.base import API_ROLES, ApiSession, ApiUser
 
@@ -91,14 +91,14 @@ def role_at_least(role: str, needed: str) -> bool:
 
 
 def new_user(name: str, role: str, password: str) -> ApiUser:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     return ApiUser(name=name, role=role, password_hash=hash_password(password), disabled=False, created_at=now, password_changed_at=now)
 
 
 def new_session(user_name: str, ttl_s: float) -> tuple[str, ApiSession]:
     """(cookie value, session row)."""
     cookie = new_secret()
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     return cookie, ApiSession(secret_hash(cookie), user_name, secrets.token_urlsafe(32), now, now + timedelta(seconds=ttl_s))
 
 

@@ -23,7 +23,7 @@ import logging
 import os
 import shutil
 from collections.abc import Iterable, Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +68,9 @@ def _metric(name: str) -> Any:
         from prometheus_client import Counter
 
         _counters.update(
-            associations=Counter("anatomix_associations", "DICOM associations by calling AE and outcome "
-                                 "(rejected, released, aborted)", ["calling_ae", "outcome"]),  # fmt: skip
+            associations=Counter(
+                "anatomix_associations", "DICOM associations by calling AE and outcome (rejected, released, aborted)", ["calling_ae", "outcome"]
+            ),  # fmt: skip
             received=Counter("anatomix_instances_received", "Instances stored (acknowledged), by calling AE", ["calling_ae"]),
             duplicates=Counter("anatomix_instances_duplicate", "Exact duplicates acknowledged and not stored again", ["calling_ae"]),
             rejected=Counter("anatomix_instances_rejected", "Instances refused, by calling AE and reason", ["calling_ae", "reason"]),
@@ -220,7 +221,6 @@ class StoreCollector:
 
     def _workers(self) -> Iterator[Any]:
         """Per live worker (reported within http.worker_report_max_age_s): its model's load time and state."""
-        from datetime import timezone
 
         from prometheus_client.core import GaugeMetricFamily
 
@@ -228,7 +228,7 @@ class StoreCollector:
             reports = self.store.list_worker_reports()  # type: ignore[attr-defined]
         except StoreError:
             return
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         live = [r for r in reports if (now - r.last_seen_at).total_seconds() <= self.settings.http.worker_report_max_age_s]
         load = GaugeMetricFamily("anatomix_model_load_seconds", "Seconds the worker's model took to load at warm-up",
                                  labels=["worker", "model_version"])  # fmt: skip
@@ -250,7 +250,8 @@ class StoreCollector:
             for stage, seconds in stage_durations(study.history or tuple(study.state_times.items())).items():
                 samples.setdefault(stage, []).append(seconds)
         stages = HistogramMetricFamily(
-            "anatomix_stage_seconds", f"Stage latencies over the newest {RECENT_STUDIES} studies (from their state history)",
+            "anatomix_stage_seconds",
+            f"Stage latencies over the newest {RECENT_STUDIES} studies (from their state history)",
             labels=["stage"],
         )
         for stage in ("receive_to_stable", "stable_to_analyzed", "analysis", "delivery"):

@@ -23,8 +23,7 @@ from dicom_node.store.base import Store
 router = APIRouter(tags=["profiles"])
 
 EDITED_IN_CONFIG = (
-    "Profiles are edited in the settings file (`[output] profiles`, `default_profile`), not through the API; "
-    "a change takes effect when the node restarts."
+    "Profiles are edited in the settings file (`[output] profiles`, `default_profile`), not through the API; a change takes effect when the node restarts."
 )
 
 

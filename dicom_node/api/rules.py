@@ -150,7 +150,8 @@ def rules_remove(request: Request, who: Admin, name: Annotated[str, _RULE_NAME])
 
 @router.post("/api/routing-rules/dry-run", summary="which rule a study matches and why, and where its results would go",
              responses={404: {"model": ProblemModel}})  # fmt: skip
-def rules_dry_run(request: Request, who: Viewer, body: Annotated[DryRunIn, Body()] = DryRunIn()) -> dict[str, Any]:
+def rules_dry_run(request: Request, who: Viewer, body: Annotated[DryRunIn | None, Body()] = None) -> dict[str, Any]:
+    body = body or DryRunIn()
     store = ctx_of(request).store
     if body.study_instance_uid:
         study = store.get_study(body.study_instance_uid)

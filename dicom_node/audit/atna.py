@@ -19,10 +19,11 @@ import json
 import socket
 import xml.etree.ElementTree as ET
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from dicom_node.store.base import AuditEvent
 
@@ -145,7 +146,7 @@ class _Message:
     def __init__(self, action: str, when: datetime, outcome: str, event_id: Code, types: list[Code], description: str | None) -> None:
         self.root = ET.Element("AuditMessage")
         ident = ET.SubElement(self.root, "EventIdentification", {
-            "EventActionCode": action, "EventDateTime": when.astimezone(timezone.utc).isoformat(timespec="milliseconds"),
+            "EventActionCode": action, "EventDateTime": when.astimezone(UTC).isoformat(timespec="milliseconds"),
             "EventOutcomeIndicator": outcome,
         })  # fmt: skip
         _coded(ident, "EventID", event_id)
@@ -257,9 +258,7 @@ _API_EVENTS = {"api_login": "login", "api_login_failed": "login_failed", "api_lo
                "api_logout": "logout", "api_change": "admin_change"}  # fmt: skip
 
 
-def audit_message(
-    event: AuditEvent, info: SourceInfo, patients: Callable[[str], tuple[str, str] | None] | None = None
-) -> tuple[bytes, int]:
+def audit_message(event: AuditEvent, info: SourceInfo, patients: Callable[[str], tuple[str, str] | None] | None = None) -> tuple[bytes, int]:
     """The PS3.15 A.5 XML of one audit row and its syslog severity."""
     d = event.detail or {}
     name = _API_EVENTS.get(event.event, event.event)
@@ -389,7 +388,7 @@ def _sd_value(value: str) -> str:
 def syslog_message(event: AuditEvent, xml: bytes, severity: int, hostname: str, app_name: str, procid: int | None = None) -> bytes:
     """One RFC 5424 message: ``<PRI>1 TIMESTAMP HOST APP PROCID MSGID [SD] BOM XML``."""
     pri = FACILITY_AUTHPRIV * 8 + severity
-    timestamp = event.at.astimezone(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    timestamp = event.at.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
     sd = f'[{SD_ID} eventId="{event.id}" event="{_sd_value(event.event)}"]'
     header = (
         f"<{pri}>1 {timestamp} {_header_field(hostname, 255)} {_header_field(app_name, 48)} "

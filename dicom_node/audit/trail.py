@@ -25,10 +25,10 @@ import logging
 import os
 import socket
 import threading
-from dataclasses import asdict, dataclass, field, is_dataclass
-from datetime import datetime, timezone
-from pathlib import Path
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, is_dataclass
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from dicom_node.logging_setup import escape_controls
@@ -122,7 +122,7 @@ class AuditTrail:
     ) -> None:
         """Write one event. A store failure is logged (the audit must not break ingest), the file still gets it."""
         row = AuditEvent(
-            at=datetime.now(timezone.utc),
+            at=datetime.now(UTC),
             event=event,
             calling_ae=peer.calling_ae if peer else None,
             called_ae=peer.called_ae if peer else None,
@@ -233,11 +233,17 @@ class AggregatedAudit:
         for host, summary in sorted(suppressed.items()):
             log.warning(
                 "%d further association(s) from %s rejected in %s (not recorded one by one; calling AE titles %s)",
-                summary["count"], host, window, ", ".join(summary["calling_aes"]),
+                summary["count"],
+                host,
+                window,
+                ", ".join(summary["calling_aes"]),
             )
             self.trail.record(
-                ASSOCIATIONS_REJECTED_SUMMARY, Peer(None, None, host), count=summary["count"],
-                calling_aes=summary["calling_aes"], window_s=self.window_s,
+                ASSOCIATIONS_REJECTED_SUMMARY,
+                Peer(None, None, host),
+                count=summary["count"],
+                calling_aes=summary["calling_aes"],
+                window_s=self.window_s,
             )
         return len(connections) + len(suppressed)
 
@@ -256,54 +262,74 @@ def trail_for(store: Store, settings: Any) -> AuditTrail:
 
 
 def record_authentication(
-    store: Store, settings: Any, user: str, success: bool, host: str | None = None, method: str = "password",
-    reason: str | None = None, logout: bool = False,
+    store: Store,
+    settings: Any,
+    user: str,
+    success: bool,
+    host: str | None = None,
+    method: str = "password",
+    reason: str | None = None,
+    logout: bool = False,
 ) -> None:
     """A login (``success``), a failed login (with ``reason``: unknown user, bad password, rate
     limited, revoked token) or a logout, by an account of the HTTP API or console."""
     event = LOGOUT if logout else (LOGIN if success else LOGIN_FAILED)
     extra = {"reason": reason} if reason else {}
-    trail_for(store, settings).record(
-        event, Peer(None, None, host), user=printable(user, 128), method=method, success=bool(success), **extra
-    )
+    trail_for(store, settings).record(event, Peer(None, None, host), user=printable(user, 128), method=method, success=bool(success), **extra)
 
 
 def record_admin_change(
-    store: Store, settings: Any, user: str, what: str, target: str, before: Any, after: Any,
-    host: str | None = None, via: str = "cli",
+    store: Store,
+    settings: Any,
+    user: str,
+    what: str,
+    target: str,
+    before: Any,
+    after: Any,
+    host: str | None = None,
+    via: str = "cli",
 ) -> None:
     """A configuration change: ``what`` (e.g. ``remote_node.add``, ``settings``, ``account.role``) on
     ``target``, with the state ``before`` and ``after`` (None for a creation / removal). No secrets:
     the caller passes what may be shown (password hashes and tokens never)."""
     trail_for(store, settings).record(
-        ADMIN_CHANGE, Peer(None, None, host or socket.gethostname()), user=user, what=what, target=target,
-        before=_jsonable(before), after=_jsonable(after), via=via,
+        ADMIN_CHANGE,
+        Peer(None, None, host or socket.gethostname()),
+        user=user,
+        what=what,
+        target=target,
+        before=_jsonable(before),
+        after=_jsonable(after),
+        via=via,
     )
 
 
-def record_audit_export(
-    store: Store, settings: Any, user: str, filters: dict[str, Any], count: int, host: str | None = None, via: str = "cli"
-) -> None:
+def record_audit_export(store: Store, settings: Any, user: str, filters: dict[str, Any], count: int, host: str | None = None, via: str = "cli") -> None:
     """The trail was queried or exported (itself audited: ATNA Audit Log Used)."""
     trail_for(store, settings).record(
-        AUDIT_EXPORTED, Peer(None, None, host or socket.gethostname()), user=user, filters=_jsonable(filters),
-        count=count, via=via,
+        AUDIT_EXPORTED,
+        Peer(None, None, host or socket.gethostname()),
+        user=user,
+        filters=_jsonable(filters),
+        count=count,
+        via=via,
     )
 
 
-def record_study_analysed(
-    store: Store, settings: Any, study_instance_uid: str, version: int, outcome: str, summary: str | None = None
-) -> None:
+def record_study_analysed(store: Store, settings: Any, study_instance_uid: str, version: int, outcome: str, summary: str | None = None) -> None:
     try:
-        trail_for(store, settings).record(
-            STUDY_ANALYSED, None, study_instance_uid=study_instance_uid, version=version, outcome=outcome, summary=summary
-        )
+        trail_for(store, settings).record(STUDY_ANALYSED, None, study_instance_uid=study_instance_uid, version=version, outcome=outcome, summary=summary)
     except OSError as exc:  # the audit file; the row is written (or its failure logged) already
         log.error("audit file not written: %s", exc)
 
 
 def record_objects_sent(
-    store: Store, settings: Any, study_instance_uid: str, version: int, destination: Any, outcomes: list[Any] | None,
+    store: Store,
+    settings: Any,
+    study_instance_uid: str,
+    version: int,
+    destination: Any,
+    outcomes: list[Any] | None,
     sop_class_uids: dict[str, str] | None = None,
 ) -> None:
     """One delivery attempt to one destination: ``outcomes`` None when it begins (Begin Transferring),
@@ -318,8 +344,13 @@ def record_objects_sent(
         sent = [o.sop_instance_uid for o in outcomes if o.outcome == "sent"]
         failed = {o.sop_instance_uid: o.error or "not sent" for o in outcomes if o.outcome != "sent"}
         trail.record(
-            OBJECTS_SENT, peer, study_instance_uid=study_instance_uid, sent=sent, failed=failed,
-            sop_classes=sop_class_uids or {}, **base,
+            OBJECTS_SENT,
+            peer,
+            study_instance_uid=study_instance_uid,
+            sent=sent,
+            failed=failed,
+            sop_classes=sop_class_uids or {},
+            **base,
         )
     except OSError as exc:
         log.error("audit file not written: %s", exc)

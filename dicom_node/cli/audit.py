@@ -13,7 +13,7 @@ import json
 import re
 import sys
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import IO, Any
 
 from dicom_node.audit import trail as audit
@@ -47,12 +47,12 @@ def parse_when(text: str | None, now: datetime | None = None) -> datetime | None
         return None
     match = _RELATIVE.match(text.strip())
     if match:
-        return (now or datetime.now(timezone.utc)) - timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+        return (now or datetime.now(UTC)) - timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
     try:
         when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
         raise UserError(f"{text!r}: give an ISO 8601 time (2026-11-30T08:00:00Z) or an age like 30m, 12h, 7d") from None
-    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def event_types(values: list[str]) -> tuple[str, ...]:
@@ -60,8 +60,14 @@ def event_types(values: list[str]) -> tuple[str, ...]:
 
 
 def query_audit(
-    store: Store, since: datetime | None = None, until: datetime | None = None, events: tuple[str, ...] = (),
-    ae: str | None = None, user: str | None = None, study: str | None = None, limit: int | None = None,
+    store: Store,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    events: tuple[str, ...] = (),
+    ae: str | None = None,
+    user: str | None = None,
+    study: str | None = None,
+    limit: int | None = None,
 ) -> Iterator[AuditEvent]:
     """Matching events, oldest first, fetched page by page (an export of millions stays in bounded memory)."""
     if since and until and since >= until:
@@ -85,9 +91,7 @@ def event_as_dict(event: AuditEvent) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def export_audit_jsonl(
-    store: Store, settings: Any, out: IO[str], by: str, host: str | None = None, via: str = "cli", **filters: Any
-) -> int:
+def export_audit_jsonl(store: Store, settings: Any, out: IO[str], by: str, host: str | None = None, via: str = "cli", **filters: Any) -> int:
     """Write the matching events as JSON lines to ``out``; record the export by ``by`` (ATNA Audit
     Log Used); returns the count. ``filters`` are :func:`query_audit`'s."""
     count = 0

@@ -117,7 +117,10 @@ def run_info(args: argparse.Namespace) -> int:
         print(f"  weights digest  {digest}")
         print(f"  device UID      {info['device_uid']}")
         print(f"  <image>..</ref> token ids {token_ids.image}..{token_ids.ref_end}")
-        print(f"  APM {directory.apm.name}: missing {len(apm_report.missing)}, unexpected {len(apm_report.unexpected)}, text_model tensors ignored {apm_report.ignored}")
+        print(
+            f"  APM {directory.apm.name}: missing {len(apm_report.missing)}, unexpected {len(apm_report.unexpected)}, "
+            f"text_model tensors ignored {apm_report.ignored}"
+        )
         print(f"  LM  {directory.lm.name}: {lm_report.summary()}")
         for key in lm_report.missing + lm_report.mismatched:
             print(f"    problem: {key}")

@@ -17,19 +17,29 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from dicom_node.audit import trail as audit
 from dicom_node.ops.errors import UserError
 from dicom_node.ops.remotes import (
-    SOURCE_DEFAULT_PORT, describe_remote, echo_remote, remote_node_warnings, require_remote_node, unknown_node_message,
+    SOURCE_DEFAULT_PORT,
+    describe_remote,
+    echo_remote,
+    remote_node_warnings,
+    require_remote_node,
+    unknown_node_message,
     validated_remote_node,
 )
 from dicom_node.ops.studies import acting_user, delivery_summary, study_summary
 from dicom_node.settings import (
-    CONFIG_FILE_NAME, SYSTEM_CONFIG_DIR, SYSTEM_DATA_DIR, Settings, load_settings, settings_as_dict,
+    CONFIG_FILE_NAME,
+    SYSTEM_CONFIG_DIR,
+    SYSTEM_DATA_DIR,
+    Settings,
+    load_settings,
+    settings_as_dict,
 )
 from dicom_node.store import open_store
 from dicom_node.store.base import CLIENT_CERTIFICATE_RULES, STUDY_STATES, RemoteNode, Store, StoreConflict
@@ -63,8 +73,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add.add_argument("name", help="a short name for the node (letters, digits, . _ -)")
     add.add_argument("--ae-title", required=True, help="its AE title (1-16 characters)")
     add.add_argument("--host", required=True, help="its host name or IP address ('*' = any host, sources only)")
-    add.add_argument("--port", default=None,
-                     help=f"its DICOM port, 1-65535 (needed for a destination; a source's is used only by `echo`, default {SOURCE_DEFAULT_PORT})")
+    add.add_argument(
+        "--port", default=None, help=f"its DICOM port, 1-65535 (needed for a destination; a source's is used only by `echo`, default {SOURCE_DEFAULT_PORT})"
+    )
     add.add_argument("--role", required=True, choices=("source", "destination", "both"))
     add.add_argument("--profile", default=None, help="output profile for results sent to it (default: output.default_profile)")
     add.add_argument("--quiet-period", type=float, default=None, metavar="S", help="seconds of silence that end a study from this source")
@@ -107,12 +118,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     studies.add_argument("--limit", type=int, default=100, help="at most this many studies, newest first (default 100)")
     studies.set_defaults(func=run_studies)
 
-    purge = subparsers.add_parser(
-        "purge", help="remove finished studies older than the retention period (images, results, rows; a tombstone stays)"
-    )
+    purge = subparsers.add_parser("purge", help="remove finished studies older than the retention period (images, results, rows; a tombstone stays)")
     _add_config_option(purge)
-    purge.add_argument("--older-than-days", type=float, default=None, metavar="DAYS",
-                       help="retention period for this run (default: storage.retention_days)")
+    purge.add_argument("--older-than-days", type=float, default=None, metavar="DAYS", help="retention period for this run (default: storage.retention_days)")
     purge.add_argument("--dry-run", action="store_true", help="only list the studies that would be purged")
     purge.add_argument("--limit", type=int, default=500, help="at most this many studies per run (default 500)")
     purge.set_defaults(func=run_purge)
@@ -206,8 +214,7 @@ def opened_store(settings: Settings) -> Iterator[Store]:
     path = sqlite_path(settings.database_url)
     if path is not None and not path.is_file():
         raise UserError(
-            f"no state store at {path} (settings: {settings_origin(settings)}); "
-            "give --config FILE of your node, or set up a new one with `anatomix-node init`"
+            f"no state store at {path} (settings: {settings_origin(settings)}); give --config FILE of your node, or set up a new one with `anatomix-node init`"
         )
     store = open_store(settings.database_url)
     try:
@@ -382,8 +389,16 @@ def run_ae_update(args: argparse.Namespace) -> int:
 def remote_node_from_args(args: argparse.Namespace, settings: Settings) -> RemoteNode:
     """The ``ae add`` arguments as a checked RemoteNode; UserError naming the bad option."""
     return validated_remote_node(
-        settings, name=args.name, ae_title=args.ae_title, host=args.host, port=args.port, role=args.role, profile=args.profile,
-        quiet_period_s=args.quiet_period, complete_on_release=args.complete_on_release, default_destination=args.default_destination,
+        settings,
+        name=args.name,
+        ae_title=args.ae_title,
+        host=args.host,
+        port=args.port,
+        role=args.role,
+        profile=args.profile,
+        quiet_period_s=args.quiet_period,
+        complete_on_release=args.complete_on_release,
+        default_destination=args.default_destination,
         labels=CLI_LABELS,
     )
 
@@ -420,9 +435,7 @@ def run_ae_remove(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_table(
-    rows: list[tuple[str, ...]], max_width: int | None = None, shrinkable: tuple[int, ...] = (), keep_tail: tuple[int, ...] = ()
-) -> str:
+def format_table(rows: list[tuple[str, ...]], max_width: int | None = None, shrinkable: tuple[int, ...] = (), keep_tail: tuple[int, ...] = ()) -> str:
     """Aligned columns. With ``max_width``, the ``shrinkable`` columns (in that order) are clipped
     with an ellipsis until a line fits (``keep_tail`` ones keep their end: a UID's distinct part);
     the others keep their width."""
@@ -469,7 +482,7 @@ def run_studies(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     if args.limit < 1:
         raise UserError(f"--limit {args.limit}: must be at least 1")
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     with opened_store(settings) as store:
         studies = store.list_studies(tuple(args.state) if args.state else None, limit=args.limit)
         sources = {node.ae_title: node.name for node in store.list_remote_nodes() if node.is_source}

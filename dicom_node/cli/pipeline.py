@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -158,11 +158,10 @@ def _stop_when_the_model_is_unusable(context: Any) -> Path:
 
 def cmd_worker(args: argparse.Namespace) -> int:
 
-    from dicom_node.pipeline.queue import ANALYZE_QUEUE, create_app
-    from dicom_node.store import open_store
-    from dicom_node.pipeline.tasks import WorkerContext, register_tasks
-
     from dicom_node.logging_setup import configure_logging, quiet_root_warning, quiet_worker_console
+    from dicom_node.pipeline.queue import ANALYZE_QUEUE, create_app
+    from dicom_node.pipeline.tasks import WorkerContext, register_tasks
+    from dicom_node.store import open_store
 
     settings = _settings_with(args, demo_weights=args.demo_weights, device=args.device)
     level = args.log_level or settings.logging.level
@@ -390,7 +389,7 @@ def parse_since(text: str | None) -> datetime | None:
         value = datetime.fromisoformat(text)
     except ValueError:
         raise UserError(f"--since {text!r}: use a UTC date or time, e.g. 2026-11-30 or 2026-11-30T08:00") from None
-    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def cmd_resend(args: argparse.Namespace) -> int:

@@ -10,11 +10,21 @@ import socket
 from dataclasses import replace
 from typing import Any
 
-from dicom_node.ops.errors import UserError
 from dicom_node.cli.node import _add_config_option, _missing_action, describe_store, format_table, opened_store
+from dicom_node.ops.errors import UserError
 from dicom_node.pipeline.routing import (
-    CONDITION_FIELDS, RoutingRule, RuleValidationError, add_rule, audit_rule_change, decide_routes, get_rule, list_rules, move_rule,
-    parse_rule, remove_rule, update_rule,
+    CONDITION_FIELDS,
+    RoutingRule,
+    RuleValidationError,
+    add_rule,
+    audit_rule_change,
+    decide_routes,
+    get_rule,
+    list_rules,
+    move_rule,
+    parse_rule,
+    remove_rule,
+    update_rule,
 )  # fmt: skip
 from dicom_node.settings import load_settings
 from dicom_node.store.base import StoreConflict

@@ -27,20 +27,20 @@ from pathlib import Path
 from typing import IO
 
 from dicom_node.audit import trail as audit
-from dicom_node.pipeline.assembly import OnStable, close_studies_at_release, run_assembly
-from dicom_node.audit.trail import AuditTrail, open_audit_trail
 from dicom_node.audit.forward import configure_forwarding
-from dicom_node.ops.errors import UserError
+from dicom_node.audit.trail import AuditTrail, open_audit_trail
 from dicom_node.cli.pipeline import run_node_pipeline
 from dicom_node.logging_setup import configure_logging
 from dicom_node.net.scp import StorageScp, accept_unlisted_classes_in_this_process
 from dicom_node.net.server import PortInUse, ScpSupervisor, make_scp_servers, open_listening_socket, serve_until_stopped
-from dicom_node.settings import Settings, load_settings
+from dicom_node.ops.errors import UserError
+from dicom_node.pipeline.assembly import OnStable, close_studies_at_release, run_assembly
 from dicom_node.pipeline.reconcile import reconcile_spool
 from dicom_node.pipeline.retention import run_retention
-from dicom_node.store.spool import prepare_spool
+from dicom_node.settings import Settings, load_settings
 from dicom_node.store import open_store
 from dicom_node.store.base import Store
+from dicom_node.store.spool import prepare_spool
 
 log = logging.getLogger("dicom_node.serve")
 
@@ -109,7 +109,8 @@ def lock_data_dir(data_dir: Path) -> IO[str]:
         handle.close()
         raise UserError(
             f"data directory {data_dir} is in use by another node (anatomix-node serve, pid {holder}); "
-            "one node per data directory: stop that one, or give this one its own storage.data_dir", code=1
+            "one node per data directory: stop that one, or give this one its own storage.data_dir",
+            code=1,
         ) from None
     try:  # the pid is for the refusal message; the lock itself is what counts
         handle.seek(0)
@@ -176,7 +177,9 @@ def make_scp_child(settings: Settings, listen_sockets: list[tuple[socket.socket,
         store = open_store(settings.database_url, migrate=False)
         trail = open_audit_trail(store, settings.logging.audit_file)
         scp = StorageScp(
-            settings, store, trail,
+            settings,
+            store,
+            trail,
             on_release=lambda source, uids: close_studies_at_release(store, settings, source, uids, trail),
         )
         from dicom_node.net.tls import server_context  # each process its own context (nothing OpenSSL across fork)
@@ -292,8 +295,13 @@ def run_serve(args: argparse.Namespace) -> int:
     store_kind = "PostgreSQL" if settings.database_url.startswith("postgres") else "SQLite"
     log.info(
         "AnatomiX node listening: AE %s, %s, %d SCP process(es), store %s, spool %s, model: %s, config: %s",
-        settings.node.ae_title, describe_ports(settings), settings.node.scp_processes, store_kind,
-        settings.storage.spool_dir, describe_model(settings), settings.source,
+        settings.node.ae_title,
+        describe_ports(settings),
+        settings.node.scp_processes,
+        store_kind,
+        settings.storage.spool_dir,
+        describe_model(settings),
+        settings.source,
     )
     try:
         while not stop.wait(0.5):

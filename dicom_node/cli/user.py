@@ -13,7 +13,7 @@ import os
 import re
 import socket
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from dicom_node.ops.errors import UserError
 from dicom_node.settings import load_settings
@@ -155,7 +155,7 @@ def cmd_token(args: argparse.Namespace) -> int:
     store, trail = _open(args)
     try:
         try:
-            token = store.add_api_token(args.name, args.label, auth.secret_hash(secret), datetime.now(timezone.utc))
+            token = store.add_api_token(args.name, args.label, auth.secret_hash(secret), datetime.now(UTC))
         except KeyError:
             raise UserError(f"no account named {args.name!r}; see `anatomix-node user list`") from None
         _audit(trail, "token_created", args.name, after={"id": token.id, "label": token.label})

@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import json
 from collections import Counter, OrderedDict
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -45,7 +45,7 @@ def short_uid(value: str | None, keep: int = 10) -> str:
     return value if len(value) <= 2 * keep + 1 else f"{value[:keep]}…{value[-keep:]}"
 
 
-def install(app: FastAPI) -> None:  # noqa: C901 (one place that lists the pages)
+def install(app: FastAPI) -> None:
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     env = templates.env
     env.filters["short_uid"] = short_uid
@@ -84,7 +84,9 @@ def install(app: FastAPI) -> None:  # noqa: C901 (one place that lists the pages
 
         can = {r: bool(who and auth.role_at_least(who.role, r)) for r in ("viewer", "operator", "admin")}
         response = templates.TemplateResponse(
-            request, name, {"who": who, "can": can, "local": local, "time_zone": str(tz), "path": request.url.path, **context},
+            request,
+            name,
+            {"who": who, "can": can, "local": local, "time_zone": str(tz), "path": request.url.path, **context},
             status_code=status,
         )
         response.headers["Cache-Control"] = "no-store"
@@ -105,7 +107,7 @@ def install(app: FastAPI) -> None:  # noqa: C901 (one place that lists the pages
         return RedirectResponse("/console/", 303)
 
     @app.get("/console/login", include_in_schema=False)
-    def login_page(request: Request, next: str = "/console/") -> HTMLResponse:  # noqa: A002
+    def login_page(request: Request, next: str = "/console/") -> HTMLResponse:
         safe_next = next if next.startswith("/console/") and not next.startswith("//") else "/console/"
         return render(request, "login.html", None, next=safe_next)
 
@@ -128,7 +130,7 @@ def install(app: FastAPI) -> None:  # noqa: C901 (one place that lists the pages
         demo = bool(m.demo_weights or (identity or {}).get("demo"))
         failures = sorted(ctx.store.list_deliveries(statuses=("failed", "dead")), key=lambda d: d.updated_at, reverse=True)[:10]
         failed_studies = ctx.store.list_studies(("failed",), limit=10)
-        charts = _charts(ctx.store, datetime.now(timezone.utc))
+        charts = _charts(ctx.store, datetime.now(UTC))
         return render(request, "dashboard.html", who, counts=counts, checks=checks, disk=usage, used_pct=used_pct, disk_ok=disk.get("ok"),
                       model=m, identity=identity, demo=demo, failures=failures, failed_studies=failed_studies, charts=charts,
                       queue_depths=ctx.queue_depths())  # fmt: skip
@@ -153,7 +155,7 @@ def install(app: FastAPI) -> None:  # noqa: C901 (one place that lists the pages
         rows = ctx.store.page_studies(states or None, source, search, before, PAGE_SIZE + 1)  # type: ignore[attr-defined]
         more = len(rows) > PAGE_SIZE
         rows = rows[:PAGE_SIZE]
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         counts = ctx.store.instance_state_counts([(s.study_instance_uid, s.version) for s in rows])  # type: ignore[attr-defined]
         studies = []
         for study in rows:
@@ -192,7 +194,7 @@ def install(app: FastAPI) -> None:  # noqa: C901 (one place that lists the pages
         study = ctx.store.get_study(uid)
         if study is None:
             return {"study": None, "uid": uid}
-        summary = study_summary(study, ctx.store, datetime.now(timezone.utc), spool_dir=ctx.settings.storage.spool_dir)
+        summary = study_summary(study, ctx.store, datetime.now(UTC), spool_dir=ctx.settings.storage.spool_dir)
         summary["deliveries"] = delivery_summary(ctx.store, ctx.settings, study)
         objects = ctx.store.list_produced_objects(uid)
         analyses = ctx.store.list_analyses(uid, study.version)
@@ -368,7 +370,7 @@ def _parse_local(value: str | None, tz: ZoneInfo) -> datetime | None:
     if not value or not value.strip():
         return None
     at = datetime.fromisoformat(value.strip())
-    return (at.replace(tzinfo=tz) if at.tzinfo is None else at).astimezone(timezone.utc)
+    return (at.replace(tzinfo=tz) if at.tzinfo is None else at).astimezone(UTC)
 
 
 def _report_text(result: dict[str, Any]) -> str | None:

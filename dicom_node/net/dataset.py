@@ -141,9 +141,7 @@ class _Walker:
                 return inner.walk_items(value_at, end, depth + 1, fragments=False, delimited=True)
             return self.walk_items(value_at, end, depth + 1, fragments=False, delimited=True)
         if value_at + length > end:
-            raise self.fail(
-                offset, f"element ({tag[0]:04X},{tag[1]:04X}) declares {length} bytes but only {end - value_at} remain"
-            )
+            raise self.fail(offset, f"element ({tag[0]:04X},{tag[1]:04X}) declares {length} bytes but only {end - value_at} remain")
         if vr == b"SQ" and length:
             self.walk_items(value_at, value_at + length, depth + 1, fragments=False, delimited=False)
         if tag == (0x7FE0, 0x0010) and depth == 0:
@@ -215,8 +213,15 @@ def check_structure(dataset_bytes: bytes, transfer_syntax: UID) -> tuple[str, in
 # ---- pass 2: identifying attributes -------------------------------------------------------------
 
 _HEADER_TAGS = [
-    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
-    "Rows", "Columns", "BitsAllocated", "SamplesPerPixel", "NumberOfFrames",
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "Rows",
+    "Columns",
+    "BitsAllocated",
+    "SamplesPerPixel",
+    "NumberOfFrames",
 ]
 
 _HEADER_TAG_NUMBERS = [Tag(keyword) for keyword in _HEADER_TAGS]
@@ -244,7 +249,6 @@ def check_pixel_data(dataset: pydicom.Dataset, pixel_data: tuple[str, int] | Non
     return None
 
 
-
 def _read_uid(dataset: pydicom.Dataset, keyword: str) -> str:
     try:
         value = dataset.get(keyword)
@@ -263,9 +267,7 @@ def _is_bulk_data(tag: BaseTag, vr: str | None, length: int) -> bool:
     return tag >= 0x7FE00008  # Float/Double Float/Pixel Data and anything after: not needed here
 
 
-def parse_instance_header(
-    dataset_bytes: bytes, transfer_syntax: UID, affected_sop_class_uid: str, affected_sop_instance_uid: str
-) -> InstanceHeader:
+def parse_instance_header(dataset_bytes: bytes, transfer_syntax: UID, affected_sop_class_uid: str, affected_sop_instance_uid: str) -> InstanceHeader:
     """Read the identifying UIDs (no pixel data) and check them against the C-STORE request."""
     plain = inflate_dataset(dataset_bytes, transfer_syntax)
     pixel_data = check_structure(plain, transfer_syntax)

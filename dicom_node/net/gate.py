@@ -140,7 +140,7 @@ def read_exact(sock: socket.socket, size: int, deadline: float) -> bytearray:
         try:
             sock.settimeout(remaining)
             count = sock.recv_into(view[got:], min(size - got, 1 << 20))
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             raise ReadFailed("timeout", got) from None
         except OSError:
             raise ReadFailed("closed", got) from None

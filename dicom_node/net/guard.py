@@ -68,9 +68,7 @@ log = logging.getLogger(__name__)
 class GuardedSocket(AssociationSocket):
     """pynetdicom's AssociationSocket with the first PDU pre-read, per-PDU caps and a blocking wait."""
 
-    def __init__(
-        self, assoc: Association, client_socket: socket.socket, first_pdu: bytes, limits: LimitsSettings, wake_fd: int
-    ) -> None:
+    def __init__(self, assoc: Association, client_socket: socket.socket, first_pdu: bytes, limits: LimitsSettings, wake_fd: int) -> None:
         super().__init__(assoc, client_socket=client_socket)
         self._prebuffer = bytearray(first_pdu)
         self._limits = limits
@@ -168,16 +166,14 @@ class GuardedSocket(AssociationSocket):
         """Add the PDVs to their message's running size; False (and aborted) past ``max_message_bytes``."""
         offset = 0
         while offset + 6 <= len(body):
-            item_length = int.from_bytes(body[offset:offset + 4], "big")
+            item_length = int.from_bytes(body[offset : offset + 4], "big")
             control = body[offset + 5]
             if item_length < 2:
                 return True  # malformed: pynetdicom's decoder rejects it
             kind = control & 0x01
             self._message_bytes[kind] += item_length - 2
             if self._message_bytes[kind] > self._limits.max_message_bytes:
-                self._refuse(
-                    f"DIMSE message over the size cap ({self._limits.max_message_bytes} bytes)", ABORT_INVALID_PARAMETER
-                )
+                self._refuse(f"DIMSE message over the size cap ({self._limits.max_message_bytes} bytes)", ABORT_INVALID_PARAMETER)
                 return False
             if control & 0x02:
                 self._message_bytes[kind] = 0

@@ -40,11 +40,5 @@ def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid
 
     The UIDs must be ASCII (the caller validates them before they reach the spool).
     """
-    body = (
-        _VERSION
-        + _ui(0x0002, sop_class_uid)
-        + _ui(0x0003, sop_instance_uid)
-        + _ui(0x0010, transfer_syntax_uid)
-        + _IMPLEMENTATION
-    )
+    body = _VERSION + _ui(0x0002, sop_class_uid) + _ui(0x0003, sop_instance_uid) + _ui(0x0010, transfer_syntax_uid) + _IMPLEMENTATION
     return PREAMBLE + struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body)) + body

@@ -35,7 +35,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from pydicom.dataset import Dataset
@@ -46,8 +46,6 @@ from pynetdicom.sop_class import Verification
 
 from dicom_node.audit import trail as audit
 from dicom_node.audit.trail import AggregatedAudit, AuditTrail, Peer, printable
-from dicom_node.net.negotiation import accept_unlisted_storage_classes
-from dicom_node.net.part10 import part10_header
 from dicom_node.net.dataset import (
     STATUS_OUT_OF_RESOURCES,
     STATUS_PROCESSING_FAILURE,
@@ -55,11 +53,13 @@ from dicom_node.net.dataset import (
     MalformedDataset,
     parse_instance_header,
 )
-from dicom_node.settings import Settings
-from dicom_node.store.spool import SpoolFull, check_free_space, ensure_spooled, remove_instance, write_instance
-from dicom_node.store.base import InstanceRecord, RemoteNode, SourceHostPending, Store, StoreError, StoreUnavailable
+from dicom_node.net.negotiation import accept_unlisted_storage_classes
+from dicom_node.net.part10 import part10_header
 from dicom_node.net.tls import client_certificate_refusal
 from dicom_node.net.transfer_syntaxes import accepted_transfer_syntaxes
+from dicom_node.settings import Settings
+from dicom_node.store.base import InstanceRecord, RemoteNode, SourceHostPending, Store, StoreError, StoreUnavailable
+from dicom_node.store.spool import SpoolFull, check_free_space, ensure_spooled, remove_instance, write_instance
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +104,7 @@ def failure_status(status: int, comment: str) -> Dataset:
 class StorageScp:
     """Event handlers of the node's SCP (one instance per process)."""
 
-    def __init__(
-        self, settings: Settings, store: Store, audit_trail: AuditTrail, on_release: ReleaseCallback | None = None
-    ) -> None:
+    def __init__(self, settings: Settings, store: Store, audit_trail: AuditTrail, on_release: ReleaseCallback | None = None) -> None:
         self.settings = settings
         self.store = store
         self.audit = audit_trail
@@ -115,9 +113,7 @@ class StorageScp:
         self._sessions: dict[int, AssociationSession] = {}
         self._sessions_lock = threading.Lock()
         limits = settings.limits
-        self.aggregate = AggregatedAudit(
-            audit_trail, limits.audit_window_s, limits.audit_rejections_per_host, limits.audit_hosts_per_window
-        )
+        self.aggregate = AggregatedAudit(audit_trail, limits.audit_window_s, limits.audit_rejections_per_host, limits.audit_hosts_per_window)
 
     # ---- wiring -------------------------------------------------------------------------------
     def event_handlers(self) -> list[tuple]:
@@ -164,7 +160,9 @@ class StorageScp:
             return
         if source is None and not self.settings.node.accept_unknown_sources:
             self._reject(
-                assoc, peer, REJECT_CALLING_AE,
+                assoc,
+                peer,
+                REJECT_CALLING_AE,
                 f"calling AE title '{peer.calling_ae}' from {host} is not a configured source "
                 "(add it with `anatomix-node ae add NAME --ae-title T --host H --port P --role source`)",
             )
@@ -182,7 +180,9 @@ class StorageScp:
             return
         source = session.source
         log.info(
-            "association accepted from %s@%s (source %s)", session.peer.calling_ae, session.peer.host,
+            "association accepted from %s@%s (source %s)",
+            session.peer.calling_ae,
+            session.peer.host,
             source.name if source else "unknown, accepted by accept_unknown_sources",
         )
         self.audit.record(audit.ASSOCIATION_ACCEPTED, session.peer, source=source.name if source else None)
@@ -241,19 +241,23 @@ class StorageScp:
         transfer_syntax = UID(event.context.transfer_syntax)
         dataset_bytes = event.encoded_dataset(include_meta=False)
         try:
-            header = parse_instance_header(
-                dataset_bytes, transfer_syntax, str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID)
-            )
+            header = parse_instance_header(dataset_bytes, transfer_syntax, str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID))
         except MalformedDataset as exc:
             if session:
                 session.rejected += 1
             log.warning(
                 "C-STORE of %s from %s refused with 0x%04X: %s",
-                str(request.AffectedSOPInstanceUID)[:64], peer.calling_ae, exc.status, exc.reason,
+                str(request.AffectedSOPInstanceUID)[:64],
+                peer.calling_ae,
+                exc.status,
+                exc.reason,
             )
             self.audit.record(
-                audit.INSTANCE_REJECTED, peer, sop_instance_uid=str(request.AffectedSOPInstanceUID)[:64],
-                status=exc.status, reason=exc.reason,
+                audit.INSTANCE_REJECTED,
+                peer,
+                sop_instance_uid=str(request.AffectedSOPInstanceUID)[:64],
+                status=exc.status,
+                reason=exc.reason,
             )
             return failure_status(exc.status, exc.reason)
 
@@ -277,13 +281,11 @@ class StorageScp:
             size=spooled.size,
             sha256=spooled.sha256,
             calling_ae=peer.calling_ae or "",
-            received_at=datetime.now(timezone.utc),
+            received_at=datetime.now(UTC),
         )
         try:
             # The node matched at acceptance (AE title and host): results go back to it, not to a namesake.
-            outcome = self.store.record_instance(
-                record, source_node=session.source.name if session and session.source else None, source_host=peer.host
-            )
+            outcome = self.store.record_instance(record, source_node=session.source.name if session and session.source else None, source_host=peer.host)
         except StoreUnavailable as exc:
             if spooled.created:
                 # Not acknowledged, so not kept: the sender retries and we write it again.
@@ -313,21 +315,26 @@ class StorageScp:
                 log.error("could not flag instance %s: %s", header.sop_instance_uid, exc)
             log.warning("instance %s from %s stored but flagged: %s", header.sop_instance_uid, peer.calling_ae, header.pixel_problem)
             self.audit.record(
-                audit.INSTANCE_FLAGGED, peer, study_instance_uid=header.study_instance_uid,
-                sop_instance_uid=header.sop_instance_uid, reason=header.pixel_problem,
+                audit.INSTANCE_FLAGGED,
+                peer,
+                study_instance_uid=header.study_instance_uid,
+                sop_instance_uid=header.sop_instance_uid,
+                reason=header.pixel_problem,
             )
         if outcome.kind == "new_version":
             log.info("instance %s received again with different content: kept as a new version", header.sop_instance_uid)
             self.audit.record(
-                audit.INSTANCE_NEW_VERSION, peer, study_instance_uid=header.study_instance_uid,
-                sop_instance_uid=header.sop_instance_uid, sha256=spooled.sha256, path=spooled.relative_path,
+                audit.INSTANCE_NEW_VERSION,
+                peer,
+                study_instance_uid=header.study_instance_uid,
+                sop_instance_uid=header.sop_instance_uid,
+                sha256=spooled.sha256,
+                path=spooled.relative_path,
             )
         log.debug("stored %s (%s, %d bytes, %s)", header.sop_instance_uid, transfer_syntax.name, spooled.size, outcome.kind)
         return STATUS_SUCCESS
 
-    def _out_of_resources(
-        self, session: AssociationSession | None, sop_instance_uid: str, peer: Peer, detail: str, comment: str
-    ) -> Dataset:
+    def _out_of_resources(self, session: AssociationSession | None, sop_instance_uid: str, peer: Peer, detail: str, comment: str) -> Dataset:
         if session:
             session.failed_resources += 1
         log.error("C-STORE of %s from %s answered 0xA700 (out of resources): %s", sop_instance_uid, peer.calling_ae, detail)
@@ -359,17 +366,32 @@ class StorageScp:
         seconds = time.monotonic() - session.started
         log.info(
             "association from %s@%s ended (%s): %d stored, %d duplicate, %d new version, %d refused, %d out-of-resources, %.1f MB in %.1f s",
-            session.peer.calling_ae, session.peer.host, event_name.removeprefix("association_"), session.received,
-            session.duplicates, session.new_versions, session.rejected, session.failed_resources,
-            session.bytes_received / 1e6, seconds,
+            session.peer.calling_ae,
+            session.peer.host,
+            event_name.removeprefix("association_"),
+            session.received,
+            session.duplicates,
+            session.new_versions,
+            session.rejected,
+            session.failed_resources,
+            session.bytes_received / 1e6,
+            seconds,
         )
         extra = {"reason": reason} if reason else {}
         if reason:
             log.warning("association from %s@%s aborted by the node: %s", session.peer.calling_ae, session.peer.host, reason)
         self.audit.record(
-            event_name, session.peer, received=session.received, duplicates=session.duplicates,
-            new_versions=session.new_versions, refused=session.rejected, out_of_resources=session.failed_resources,
-            bytes=session.bytes_received, seconds=round(seconds, 3), studies=sorted(session.study_uids), **extra,
+            event_name,
+            session.peer,
+            received=session.received,
+            duplicates=session.duplicates,
+            new_versions=session.new_versions,
+            refused=session.rejected,
+            out_of_resources=session.failed_resources,
+            bytes=session.bytes_received,
+            seconds=round(seconds, 3),
+            studies=sorted(session.study_uids),
+            **extra,
         )
 
 

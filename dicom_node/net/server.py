@@ -28,8 +28,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from pynetdicom.transport import ThreadedAssociationServer
@@ -63,8 +62,7 @@ def open_listening_socket(bind_address: str, port: int, backlog: int = 128) -> s
         if exc.errno in (errno.EADDRINUSE, errno.EACCES):
             raise PortInUse(
                 exc.errno,
-                f"cannot listen on {bind_address}:{port}: {os.strerror(exc.errno)}; stop the program using it "
-                "or choose another port (--port or node.port)",
+                f"cannot listen on {bind_address}:{port}: {os.strerror(exc.errno)}; stop the program using it or choose another port (--port or node.port)",
             ) from None
         raise
     sock.listen(backlog)
@@ -86,8 +84,13 @@ class InheritedSocketServer(ThreadedAssociationServer):
     """
 
     def __init__(
-        self, *args, listen_socket: socket.socket, guard: PortGuard | None = None,
-        housekeeping: PortHousekeeping | None = None, tls_context: ssl.SSLContext | None = None, **kwargs,
+        self,
+        *args,
+        listen_socket: socket.socket,
+        guard: PortGuard | None = None,
+        housekeeping: PortHousekeeping | None = None,
+        tls_context: ssl.SSLContext | None = None,
+        **kwargs,
     ) -> None:
         if tls_context is not None and guard is None:
             raise ValueError("a TLS port needs the guarded handler (it does the handshake)")
@@ -177,7 +180,7 @@ class PortHousekeeping:
         if days <= 0:
             return 0
         try:
-            removed = self.scp.store.purge_audit_events(datetime.now(timezone.utc) - timedelta(days=days))
+            removed = self.scp.store.purge_audit_events(datetime.now(UTC) - timedelta(days=days))
         except StoreError as exc:
             log.error("audit retention: could not delete old audit rows: %s", exc)
             return 0
@@ -209,9 +212,7 @@ def make_scp_server(settings: Settings, scp: StorageScp, listen_socket: socket.s
     return make_scp_servers(settings, scp, [(listen_socket, None)])[0]
 
 
-def make_scp_servers(
-    settings: Settings, scp: StorageScp, listen_sockets: list[tuple[socket.socket, ssl.SSLContext | None]]
-) -> list[InheritedSocketServer]:
+def make_scp_servers(settings: Settings, scp: StorageScp, listen_sockets: list[tuple[socket.socket, ssl.SSLContext | None]]) -> list[InheritedSocketServer]:
     """One guarded server per listening socket (plain, TLS with its context) of one SCP process.
 
     They share the AE, the connection limits (per process, both ports together) and the housekeeping.
@@ -241,15 +242,10 @@ def set_parent_death_signal(signum: int = signal.SIGTERM) -> None:
         log.debug("prctl(PR_SET_PDEATHSIG) not available; orphaned SCP children stop only on SIGTERM")
 
 
-def serve_until_stopped(
-    server: ThreadedAssociationServer | list[ThreadedAssociationServer], stop: threading.Event, drain_s: float
-) -> None:
+def serve_until_stopped(server: ThreadedAssociationServer | list[ThreadedAssociationServer], stop: threading.Event, drain_s: float) -> None:
     """Run the accept loop(s) until ``stop``; then let running associations finish for up to ``drain_s``."""
     servers = server if isinstance(server, list) else [server]
-    loops = [
-        threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.2}, name=f"scp-accept-{i}", daemon=True)
-        for i, s in enumerate(servers)
-    ]
+    loops = [threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.2}, name=f"scp-accept-{i}", daemon=True) for i, s in enumerate(servers)]
     for loop in loops:
         loop.start()
     while not stop.wait(0.5):

@@ -19,7 +19,7 @@ import socket
 import ssl
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from dicom_node.settings import Settings, TlsSettings
@@ -227,7 +227,7 @@ def read_certificates(path: Path, role: str, now: datetime | None = None) -> lis
     """Every certificate in a PEM file with its subject and expiry (one error entry if unreadable)."""
     from cryptography import x509
 
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     try:
         certificates = x509.load_pem_x509_certificates(path.read_bytes())
     except OSError as exc:

@@ -11,11 +11,11 @@ import re
 import socket
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, get_args
 
 from dicom_node.ops.errors import UserError
 from dicom_node.settings import Settings, SettingsError, validate_ae_title
-from dicom_node.store.base import RemoteNode, Store
+from dicom_node.store.base import RemoteNode, Role, Store
 
 _NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 #: The port recorded for a source added without --port (DICOM's well-known port).
@@ -23,13 +23,24 @@ SOURCE_DEFAULT_PORT = 104
 
 
 def validated_remote_node(
-    settings: Settings, *, name: str, ae_title: str, host: str, port: int | str | None, role: str, profile: str | None = None,
-    quiet_period_s: float | None = None, complete_on_release: bool = False, default_destination: bool = False,
+    settings: Settings,
+    *,
+    name: str,
+    ae_title: str,
+    host: str,
+    port: int | str | None,
+    role: str,
+    profile: str | None = None,
+    quiet_period_s: float | None = None,
+    complete_on_release: bool = False,
+    default_destination: bool = False,
     labels: Mapping[str, str] | None = None,
 ) -> RemoteNode:
     """A :class:`RemoteNode` from its fields, checked; UserError naming the bad one by ``labels[field]``
     (the field name itself when not given). A source without a port gets :data:`SOURCE_DEFAULT_PORT`."""
     label = {"name": "name", "ae_title": "ae_title", "host": "host", "port": "port", "quiet_period_s": "quiet_period_s", **(labels or {})}
+    if role not in get_args(Role):
+        raise UserError(f"role {role!r}: use one of {', '.join(get_args(Role))}")
     if not _NODE_NAME.match(name):
         raise UserError(f"{label['name']} {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
     try:
@@ -51,8 +62,15 @@ def validated_remote_node(
     if quiet_period_s is not None and quiet_period_s < 0:
         raise UserError(f"{label['quiet_period_s']} {quiet_period_s}: must be >= 0 seconds")
     return RemoteNode(
-        name=name, ae_title=ae_title, host=clean_host, port=port, role=role, profile=profile, quiet_period_s=quiet_period_s,
-        complete_on_release=complete_on_release, default_destination=default_destination,
+        name=name,
+        ae_title=ae_title,
+        host=clean_host,
+        port=port,
+        role=role,  # type: ignore[arg-type]  # checked against Role above
+        profile=profile,
+        quiet_period_s=quiet_period_s,
+        complete_on_release=complete_on_release,
+        default_destination=default_destination,
     )
 
 
@@ -70,7 +88,6 @@ def validated_port(value: int | str, label: str = "port") -> int:
 def describe_remote(node: RemoteNode) -> str:
     """``AE@host:port``; a source-only node without a port of its own shows none."""
     return f"{node.ae_title}@{node.host}" + ("" if node.role == "source" and node.port == SOURCE_DEFAULT_PORT else f":{node.port}")
-
 
 
 def remote_node_warnings(node: RemoteNode, others: list[RemoteNode]) -> list[str]:
@@ -92,10 +109,8 @@ def remote_node_warnings(node: RemoteNode, others: list[RemoteNode]) -> list[str
     return warnings
 
 
-
 def unknown_node_message(name: str) -> str:
     return f"no remote node named {name!r}; see `anatomix-node ae list`"
-
 
 
 def require_remote_node(store: Store, name: str) -> RemoteNode:
@@ -105,7 +120,6 @@ def require_remote_node(store: Store, name: str) -> RemoteNode:
     return node
 
 
-
 def echo_remote(calling_ae: str, node: RemoteNode, timeout: float) -> float:
     """Associate, C-ECHO, release; return milliseconds from association request to response.
 
@@ -113,14 +127,14 @@ def echo_remote(calling_ae: str, node: RemoteNode, timeout: float) -> float:
     reason, abort, or a non-success status).
     """
     from pynetdicom import AE, evt
-    from pynetdicom.sop_class import Verification
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # the module sets its classes at import
 
     where = f"{node.name} ({node.ae_title}@{node.host}:{node.port})"
     ae = AE(ae_title=calling_ae)
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
     seen: dict[str, Any] = {}
-    handlers = [
+    handlers: list[Any] = [
         (evt.EVT_CONN_OPEN, lambda event: seen.setdefault("connected", True)),
         (evt.EVT_ACSE_RECV, lambda event: seen.setdefault("response", event.primitive)),
     ]
@@ -155,7 +169,6 @@ def echo_remote(calling_ae: str, node: RemoteNode, timeout: float) -> float:
     if status.Status != 0x0000:
         raise UserError(f"echo {where}: C-ECHO failed with status 0x{status.Status:04X}")
     return elapsed_ms
-
 
 
 def _connect_failure(host: str, port: int, timeout: float) -> str:

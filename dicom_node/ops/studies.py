@@ -54,9 +54,7 @@ def read_study_header(spool_dir: Path, instances: list[InstanceRecord]) -> dict[
     return dict.fromkeys(STUDY_HEADER_FIELDS, "")
 
 
-def study_summary(
-    study: StudyRecord, store: Store, now: datetime, spool_dir: Path | None = None, sources: dict[str, str] | None = None
-) -> dict[str, Any]:
+def study_summary(study: StudyRecord, store: Store, now: datetime, spool_dir: Path | None = None, sources: dict[str, str] | None = None) -> dict[str, Any]:
     """A JSON-ready view of one study: counts of its current version, skip reasons, stage times."""
     instances = store.list_instances(study.study_instance_uid, version=study.version)
     outcome = study_outcome(study)
@@ -99,9 +97,7 @@ def delivery_summary(store: Store, settings: Any, study: StudyRecord) -> list[di
     ]  # fmt: skip
 
 
-def stage_durations(
-    state_times: dict[str, datetime] | tuple[tuple[str, datetime], ...], current: str, now: datetime
-) -> list[dict[str, Any]]:
+def stage_durations(state_times: dict[str, datetime] | tuple[tuple[str, datetime], ...], current: str, now: datetime) -> list[dict[str, Any]]:
     """Each state entered, in order, with how long it lasted (the current one: until now;
     a final state, done, failed or purged: None). Takes the study's full history or its state -> time map."""
     entries = state_times.items() if isinstance(state_times, dict) else state_times
@@ -162,13 +158,21 @@ class ActionResult:
     lines: tuple[str, ...] = ()
 
 
-def _record(trail: AuditTrail, event: str, study: StudyRecord, user: str, via: str, **detail: object) -> None:
+def _record(trail: AuditTrail, event: str, study: StudyRecord, user: str, via: str, **detail: Any) -> None:
     trail.record(event, Peer(None, None, socket.gethostname()), study_instance_uid=study.study_instance_uid, user=user, via=via, **detail)
 
 
 def resend_study(
-    store: Store, settings: Settings, app: object, trail: AuditTrail, study: StudyRecord, target: RemoteNode | None, *,
-    bulk: bool, user: str, via: str,
+    store: Store,
+    settings: Settings,
+    app: object,
+    trail: AuditTrail,
+    study: StudyRecord,
+    target: RemoteNode | None,
+    *,
+    bulk: bool,
+    user: str,
+    via: str,
 ) -> ActionResult:
     """Send one study's current results again (to ``target``, or to its routed destinations).
     ``ok`` is False when a destination ended without everything; what is left is retried by the
@@ -191,8 +195,9 @@ def resend_study(
         raise UserError(f"study {uid} has no destinations: name one")
     # Appends delivering (and later done/failed) to the history; the first delivery's entries stay.
     store.transition_study(uid, study.version, ("done", "failed", "analyzed"), "delivering", error=study.error)
-    study = store.get_study(uid)
-    assert study is not None
+    current = store.get_study(uid)
+    assert current is not None
+    study = current
     summary = deliver_study_version(store, settings, study, fallback=comprehensive_sr_fallback, destinations=targets, resend=True)
     _record(trail, RESEND_EVENT, study, user, via, version=study.version, destinations=[t.name for t in targets], sent=summary.sent,
             retrying=summary.retrying, failed=summary.failed, dead=summary.dead, bulk=bulk)  # fmt: skip

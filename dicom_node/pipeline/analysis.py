@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -91,7 +91,7 @@ def prepare_source(ds: Dataset) -> Any:
     from inference.preprocess import PreprocessError, prepare_dataset
 
     try:
-        ds.pixel_array  # decode first, so a decoder failure is reported as such
+        _ = ds.pixel_array  # decode first, so a decoder failure is reported as such
     except Exception as exc:  # decoder plugins raise many types; this image fails, the others go on
         raise ImageUnusable(f"pixel data cannot be decoded: {type(exc).__name__}: {exc}") from None
     try:
@@ -247,7 +247,7 @@ def analyze_study_version(store: Store, settings: Settings, engine: Engine, stud
         for obj in write_result_objects(source, outcome.result, kinds, settings, version, out_dir):
             store.record_produced_object(
                 ProducedObject(uid, version, instance.sop_instance_uid, obj.kind, obj.sop_instance_uid, obj.sop_class_uid,
-                               str(obj.path.relative_to(settings.storage.results_dir)), datetime.now(timezone.utc))
+                               str(obj.path.relative_to(settings.storage.results_dir)), datetime.now(UTC))
             )  # fmt: skip
             report.objects += 1
         report.analyzed.append(instance.sop_instance_uid)
@@ -258,7 +258,7 @@ def record_analysis(store: Store, instance: InstanceRecord, version: int, result
     status = "analyzed" if result is not None else "failed"
     store.save_analysis(
         AnalysisRecord(instance.study_instance_uid, version, instance.sop_instance_uid, status,
-                       result.to_json() if result is not None else None, error, datetime.now(timezone.utc))
+                       result.to_json() if result is not None else None, error, datetime.now(UTC))
     )  # fmt: skip
     if instance.id is not None:
         store.set_instance_state(instance.id, status, error)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pydicom
@@ -105,9 +105,7 @@ def select_study_instances(store: Store, settings: Settings, study_instance_uid:
     return selected, skipped
 
 
-def close_study(
-    store: Store, settings: Settings, study_instance_uid: str, version: int, why: str, audit_trail: AuditTrail | None = None
-) -> bool:
+def close_study(store: Store, settings: Settings, study_instance_uid: str, version: int, why: str, audit_trail: AuditTrail | None = None) -> bool:
     """receiving -> stable (compare-and-set), then selection. False if someone else changed it first."""
     if not store.transition_study(study_instance_uid, version, ("receiving",), "stable"):
         return False
@@ -118,11 +116,9 @@ def close_study(
     return True
 
 
-def close_stable_studies(
-    store: Store, settings: Settings, now: datetime | None = None, audit_trail: AuditTrail | None = None
-) -> list[tuple[str, int]]:
+def close_stable_studies(store: Store, settings: Settings, now: datetime | None = None, audit_trail: AuditTrail | None = None) -> list[tuple[str, int]]:
     """Close every receiving study whose quiet period or hard cap has passed; return (uid, version) closed."""
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     receiving = store.list_studies(states=("receiving",), limit=100_000)
     if not receiving:
         return []
@@ -176,7 +172,9 @@ def run_assembly(
     """Poll until ``stop_event``; store outages are logged and retried at the next poll."""
     log.info(
         "assembly loop: quiet period %g s, hard cap %g s, poll every %g s",
-        settings.assembly.quiet_period_s, settings.assembly.hard_cap_s, settings.assembly.poll_interval_s,
+        settings.assembly.quiet_period_s,
+        settings.assembly.hard_cap_s,
+        settings.assembly.poll_interval_s,
     )
     while not stop_event.is_set():
         try:

@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -216,7 +216,7 @@ class BatchRun:
         for obj in write_result_objects(source, result, work.kinds, self.settings, version, work.out_dir):
             self.store.record_produced_object(
                 ProducedObject(uid, version, instance.sop_instance_uid, obj.kind, obj.sop_instance_uid, obj.sop_class_uid,
-                               str(obj.path.relative_to(self.settings.storage.results_dir)), datetime.now(timezone.utc))
+                               str(obj.path.relative_to(self.settings.storage.results_dir)), datetime.now(UTC))
             )  # fmt: skip
             work.report.objects += 1
         work.report.analyzed.append(instance.sop_instance_uid)

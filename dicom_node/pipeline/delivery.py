@@ -23,7 +23,7 @@ import logging
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal
 
@@ -163,9 +163,7 @@ def _associate(ae: AE, destination: RemoteNode, contexts: list, timeout_s: float
     if assoc.is_rejected:
         transient = rejection.get("result") == 0x02
         kind = "transient" if transient else "permanent"
-        raise AssociationFailure(
-            f"association rejected ({kind}) by {where}: {rejection.get('reason', 'no reason given')}", transient=transient
-        )
+        raise AssociationFailure(f"association rejected ({kind}) by {where}: {rejection.get('reason', 'no reason given')}", transient=transient)
     if assoc.is_aborted and not assoc.accepted_contexts and assoc.rejected_contexts:
         raise AssociationFailure(f"{where} accepted none of the SOP classes we send", transient=False)
     raise AssociationFailure(f"no association with {where}: connection refused, aborted or timed out", transient=True)
@@ -364,9 +362,7 @@ def route_destinations(store: Store, study: StudyRecord, settings: Settings) -> 
     return [route.node for route in decide_routes(store, settings, study).routes]
 
 
-def objects_for_destination(
-    store: Store, settings: Settings, study_instance_uid: str, version: int, destination: RemoteNode
-) -> list[OutgoingObject]:
+def objects_for_destination(store: Store, settings: Settings, study_instance_uid: str, version: int, destination: RemoteNode) -> list[OutgoingObject]:
     """The produced objects this destination's output profile asks for."""
     kinds = set(settings.output.profile(destination.profile))
     return [
@@ -429,9 +425,7 @@ def deliver_study_version(
                 summary.next_attempt_in = _earliest(summary.next_attempt_in, (hold_until - now).total_seconds())
                 continue
         audit.record_objects_sent(store, settings, uid, version, destination, None, {o.sop_instance_uid: o.sop_class_uid for o in owed})
-        outcomes = send_objects(
-            destination, owed, calling_ae=settings.node.ae_title, timeout_s=policy.timeout_s, fallback=fallback
-        )
+        outcomes = send_objects(destination, owed, calling_ae=settings.node.ae_title, timeout_s=policy.timeout_s, fallback=fallback)
         audit.record_objects_sent(store, settings, uid, version, destination, outcomes, {o.sop_instance_uid: o.sop_class_uid for o in owed})
         # This try's number and the start of the window, from the objects being tried (a resend starts afresh).
         tried = [] if resend else [r for r in (records[o.sop_instance_uid] for o in owed) if r is not None]
@@ -515,4 +509,4 @@ def _status_after(outcome: StoreOutcome, give_up: bool) -> str:
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)

@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from celery import Celery
@@ -190,7 +190,7 @@ def requeue_lost_deliveries(store: Store, app: Celery, settings: Settings, repor
 
 def dispatch_once(store: Store, app: Celery, settings: Settings, now: datetime | None = None) -> DispatchReport:
     """One pass of the loop described in the module docstring."""
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     report = DispatchReport()
     requeue_lost_analyses(store, app, settings, report, now)
     requeue_lost_deliveries(store, app, settings, report, now)

@@ -108,6 +108,4 @@ def send_analyze(app: Celery, study_instance_uid: str, version: int) -> None:
 
 
 def send_deliver(app: Celery, study_instance_uid: str, version: int, countdown: float | None = None) -> None:
-    app.send_task(
-        DELIVER_TASK, args=[study_instance_uid, version], queue=DELIVER_QUEUE, routing_key=DELIVER_QUEUE, countdown=countdown
-    )
+    app.send_task(DELIVER_TASK, args=[study_instance_uid, version], queue=DELIVER_QUEUE, routing_key=DELIVER_QUEUE, countdown=countdown)

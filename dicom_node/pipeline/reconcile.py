@@ -19,15 +19,15 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pydicom
 
 from dicom_node.audit import trail as audit
 from dicom_node.audit.trail import AuditTrail
-from dicom_node.store.spool import TEMP_DIR_NAME, instance_relative_path, is_valid_uid
 from dicom_node.store.base import InstanceRecord, Store
+from dicom_node.store.spool import TEMP_DIR_NAME, instance_relative_path, is_valid_uid
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def _recover(spool_dir: Path, path: Path, store: Store, trail: AuditTrail | None
             series_instance_uid=str(ds.SeriesInstanceUID),
             transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
         )
-    except Exception as exc:  # noqa: BLE001 (any parse failure: the file is not what the SCP wrote)
+    except Exception as exc:
         _quarantine(spool_dir, path, f"header unreadable: {exc}", report)
         return
     sha256 = _sha256(path)
@@ -83,7 +83,7 @@ def _recover(spool_dir: Path, path: Path, store: Store, trail: AuditTrail | None
         size=path.stat().st_size,
         sha256=sha256,
         calling_ae="",  # unknown: the association that sent it ended without a Success
-        received_at=datetime.fromtimestamp(path.stat().st_mtime, timezone.utc),
+        received_at=datetime.fromtimestamp(path.stat().st_mtime, UTC),
         **record_fields,
     )
     outcome = store.record_instance(record)
@@ -114,7 +114,10 @@ def reconcile_spool(spool_dir: Path, store: Store, trail: AuditTrail | None = No
     if report.recovered or report.quarantined:
         log.warning(
             "spool reconciliation: %d study directories checked, %d file(s) recovered, %d quarantined, %.2f s",
-            report.studies_checked, len(report.recovered), len(report.quarantined), report.seconds,
+            report.studies_checked,
+            len(report.recovered),
+            len(report.quarantined),
+            report.seconds,
         )
     else:
         log.info("spool reconciliation: %d study directories checked, all recorded (%.2f s)", report.studies_checked, report.seconds)

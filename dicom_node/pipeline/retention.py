@@ -21,7 +21,7 @@ import shutil
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from dicom_node.audit import trail as audit
 from dicom_node.audit.trail import AuditTrail
@@ -81,7 +81,7 @@ def purge_expired(
     days = settings.storage.retention_days if days is None else days
     if days < 0:
         raise ValueError(f"retention of {days} days: must be >= 0")
-    cutoff = (now or datetime.now(timezone.utc)) - timedelta(days=days)
+    cutoff = (now or datetime.now(UTC)) - timedelta(days=days)
     states = tuple(settings.storage.retention_states)
     report = PurgeReport(cutoff=cutoff, candidates=store.list_purge_candidates(states, cutoff, limit=limit))
     if dry_run:
@@ -94,14 +94,24 @@ def purge_expired(
         report.purged.append(purged)
         if trail is not None:
             trail.record(
-                audit.STUDY_PURGED, None, study_instance_uid=uid, version=purged.version, instances=purged.instances,
-                produced_objects=purged.produced_objects, bytes=purged.bytes, retention_days=days,
+                audit.STUDY_PURGED,
+                None,
+                study_instance_uid=uid,
+                version=purged.version,
+                instances=purged.instances,
+                produced_objects=purged.produced_objects,
+                bytes=purged.bytes,
+                retention_days=days,
             )
     report.seconds = time.monotonic() - started
     if report.purged:
         log.info(
             "retention: purged %d studies older than %g days (%d instances, %.1f MB) in %.2f s",
-            len(report.purged), days, sum(p.instances for p in report.purged), report.bytes / 1e6, report.seconds,
+            len(report.purged),
+            days,
+            sum(p.instances for p in report.purged),
+            report.bytes / 1e6,
+            report.seconds,
         )
     return report
 
@@ -110,7 +120,9 @@ def run_retention(settings: Settings, store: Store, trail: AuditTrail, stop_even
     """``serve``'s retention loop (only started when ``storage.retention_days > 0``)."""
     log.info(
         "retention: studies %s for more than %g days are purged, checked every %g s",
-        " or ".join(settings.storage.retention_states), settings.storage.retention_days, RETENTION_INTERVAL_S,
+        " or ".join(settings.storage.retention_states),
+        settings.storage.retention_days,
+        RETENTION_INTERVAL_S,
     )
     while not stop_event.is_set():
         try:
@@ -118,4 +130,3 @@ def run_retention(settings: Settings, store: Store, trail: AuditTrail, stop_even
         except (StoreError, OSError) as exc:
             log.error("retention pass failed (retrying in %g s): %s", RETENTION_INTERVAL_S, exc)
         stop_event.wait(RETENTION_INTERVAL_S)
-

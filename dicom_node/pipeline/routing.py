@@ -314,6 +314,7 @@ def audit_rule_change(
         before=before.as_dict() if before else None, after=after.as_dict() if after else None,
     )  # fmt: skip
 
+
 # ---- what is known about a study -----------------------------------------------------------------------
 
 
@@ -447,9 +448,15 @@ class RoutingDecision:
         return {
             "study": self.facts.as_dict(),
             "rule": self.rule.name if self.rule else None,
-            "rules": [{"name": c.rule.name, "position": c.rule.position, "outcome": c.outcome,
-                       "conditions": [{"field": x.field, "patterns": list(x.patterns), "values": list(x.values), "held": x.held}
-                                      for x in c.checks]} for c in self.checks],  # fmt: skip
+            "rules": [
+                {
+                    "name": c.rule.name,
+                    "position": c.rule.position,
+                    "outcome": c.outcome,
+                    "conditions": [{"field": x.field, "patterns": list(x.patterns), "values": list(x.values), "held": x.held} for x in c.checks],
+                }
+                for c in self.checks
+            ],  # fmt: skip
             "destinations": [{"name": r.node.name, "profile": r.node.profile, "reason": r.reason} for r in self.routes],
             "warnings": list(self.warnings),
             "explanation": self.explain(),
@@ -482,9 +489,7 @@ def sender_destinations(study: StudyRecord | StudyFacts, destinations: Sequence[
     return same_title if len(same_title) == 1 else []
 
 
-def evaluate_rules(
-    rules: Sequence[RoutingRule], facts: StudyFacts, nodes: Sequence[RemoteNode], output: OutputSettings | None = None
-) -> RoutingDecision:
+def evaluate_rules(rules: Sequence[RoutingRule], facts: StudyFacts, nodes: Sequence[RemoteNode], output: OutputSettings | None = None) -> RoutingDecision:
     """The first enabled rule that matches decides; none: the default. Pure: no I/O."""
     decision = RoutingDecision(facts, None)
     for rule in rules:

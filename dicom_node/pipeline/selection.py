@@ -26,6 +26,7 @@ import re
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 from pydicom.uid import ComputedRadiographyImageStorage as CR_IMAGE_STORAGE
 from pydicom.uid import DigitalXRayImageStorageForPresentation as DX_FOR_PRESENTATION
 from pydicom.uid import DigitalXRayImageStorageForProcessing as DX_FOR_PROCESSING
@@ -152,6 +153,6 @@ def select_instance(dataset: Dataset, uid_root: str) -> SelectionDecision:
         reason = check(dataset)
         if reason:
             return SelectionDecision(False, reason)
-    kind = ANALYSABLE_SOP_CLASSES[_text(dataset, "SOPClassUID")]
+    kind = ANALYSABLE_SOP_CLASSES[UID(_text(dataset, "SOPClassUID"))]
     view = _text(dataset, "ViewPosition").upper() or "frontal (from View Code Sequence)"
     return SelectionDecision(True, f"{kind} chest {view}")

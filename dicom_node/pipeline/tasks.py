@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from celery import Celery
 from kombu.exceptions import OperationalError
 
 from dicom_node.audit import trail as audit
-
 from dicom_node.pipeline import queue
 from dicom_node.pipeline.dispatch import Heartbeat, clear_lease, write_lease
 from dicom_node.settings import Settings
@@ -132,7 +131,9 @@ def finish_analysis(store: Store, settings: Settings, app: Celery, study_instanc
     """Move an analysed study version on (analyzed + queue delivery, failed, or done) once every
     image has its result recorded; returns the outcome."""
     LOG.info("analyze %s v%d: %s in %.1f s", study_instance_uid, version, report.summary(), time.monotonic() - started)
-    audit.record_study_analysed(store, settings, study_instance_uid, version, "analyzed" if report.analyzed else ("failed" if report.failed else "nothing"), report.summary())
+    audit.record_study_analysed(
+        store, settings, study_instance_uid, version, "analyzed" if report.analyzed else ("failed" if report.failed else "nothing"), report.summary()
+    )
     note = report.summary() if (report.failed or report.skipped) else None
     if report.analyzed:
         store.transition_study(study_instance_uid, version, ("analyzing",), "analyzed", error=note)

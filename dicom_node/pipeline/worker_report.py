@@ -17,7 +17,7 @@ import os
 import socket
 import threading
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from dicom_node.settings import Settings
@@ -30,7 +30,7 @@ FORGET_AFTER = timedelta(days=1)
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class WorkerReporter:

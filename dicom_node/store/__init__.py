@@ -27,7 +27,7 @@ def open_store(url: str, migrate: bool = True) -> Store:
     if url.startswith("sqlite:///"):
         from dicom_node.store.sqlite import SqliteStore
 
-        path, _, query = url[len("sqlite:///"):].partition("?")
+        path, _, query = url[len("sqlite:///") :].partition("?")
         if not path or path == ":memory:":
             raise StoreError(f"database url {url!r}: name a file, e.g. sqlite:///var/anatomix.db (several processes share it)")
         store = SqliteStore(path, synchronous=_sqlite_synchronous(url, query))

@@ -58,9 +58,7 @@ class ApiAccountSql(ApiAccountStore):
         with self._transaction(write=False) as tx:
             return [self._user(row) for row in tx.all(f"SELECT {_USER_COLUMNS} FROM api_users ORDER BY name")]
 
-    def update_api_user(
-        self, name: str, role: str | None = None, disabled: bool | None = None, password_hash: str | None = None
-    ) -> bool:
+    def update_api_user(self, name: str, role: str | None = None, disabled: bool | None = None, password_hash: str | None = None) -> bool:
         if role is not None and role not in API_ROLES:
             raise ValueError(f"role {role!r}: use one of {', '.join(API_ROLES)}")
         sets: list[str] = []

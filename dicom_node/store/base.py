@@ -237,9 +237,10 @@ class Store(abc.ABC):
     @property
     def host_addresses(self) -> HostAddresses:
         """This process's cache of source host names -> addresses (:mod:`dicom_node.store.hosts`)."""
-        cache = self.__dict__.get("_host_addresses")
+        cache: HostAddresses | None = self.__dict__.get("_host_addresses")
         if cache is None:
             cache = self.__dict__.setdefault("_host_addresses", HostAddresses())
+            assert isinstance(cache, HostAddresses)
         return cache
 
     # ---- lifecycle -------------------------------------------------------------------------------
@@ -284,9 +285,7 @@ class Store(abc.ABC):
 
     # ---- instances and studies ------------------------------------------------------------------
     @abc.abstractmethod
-    def record_instance(
-        self, instance: InstanceRecord, source_node: str | None = None, source_host: str | None = None
-    ) -> RecordOutcome:
+    def record_instance(self, instance: InstanceRecord, source_node: str | None = None, source_host: str | None = None) -> RecordOutcome:
         """Record a spooled instance and create/touch its study, in one transaction.
 
         ``source_node``/``source_host``: the configured remote node that sent it and its address; kept
@@ -316,18 +315,14 @@ class Store(abc.ABC):
         """Studies, newest first, optionally only in the given states."""
 
     @abc.abstractmethod
-    def transition_study(
-        self, study_instance_uid: str, version: int, from_states: tuple[str, ...], to_state: str, error: str | None = None
-    ) -> bool:
+    def transition_study(self, study_instance_uid: str, version: int, from_states: tuple[str, ...], to_state: str, error: str | None = None) -> bool:
         """Compare-and-set the study's state (only if at this version and in one of from_states).
 
         Records the time of entering ``to_state``. Returns False (and changes nothing) otherwise.
         """
 
     @abc.abstractmethod
-    def requeue_for_analysis(
-        self, study_instance_uid: str, version: int, from_states: tuple[str, ...], new_version: bool
-    ) -> int | None:
+    def requeue_for_analysis(self, study_instance_uid: str, version: int, from_states: tuple[str, ...], new_version: bool) -> int | None:
         """Put a finished study back in ``queued`` for the admin's ``reanalyze``; return the version to analyse.
 
         Only if the study is at ``version`` and in one of ``from_states`` (else None, nothing changed).
@@ -378,7 +373,12 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def claim_deliveries(
-        self, study_instance_uid: str, version: int, destination: str, sop_instance_uids: list[str], now: datetime,
+        self,
+        study_instance_uid: str,
+        version: int,
+        destination: str,
+        sop_instance_uids: list[str],
+        now: datetime,
         hold_until: datetime,
     ) -> bool:
         """Take the next try of these objects to this destination (compare-and-set), so that two deliver
@@ -388,9 +388,7 @@ class Store(abc.ABC):
         changed, when any of them is not due or not owed."""
 
     @abc.abstractmethod
-    def list_deliveries(
-        self, study_instance_uid: str | None = None, statuses: tuple[str, ...] | None = None
-    ) -> list[DeliveryRecord]: ...
+    def list_deliveries(self, study_instance_uid: str | None = None, statuses: tuple[str, ...] | None = None) -> list[DeliveryRecord]: ...
 
     # ---- audit ----------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -406,9 +404,15 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def query_audit_events(
-        self, since: datetime | None = None, until: datetime | None = None, events: tuple[str, ...] = (),
-        ae: str | None = None, user: str | None = None, study_instance_uid: str | None = None,
-        after_id: int = 0, limit: int = 10000,
+        self,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        events: tuple[str, ...] = (),
+        ae: str | None = None,
+        user: str | None = None,
+        study_instance_uid: str | None = None,
+        after_id: int = 0,
+        limit: int = 10000,
     ) -> list[AuditEvent]:
         """Oldest first, ids above ``after_id`` (for paging); ``ae`` matches calling or called AE."""
 
@@ -458,6 +462,7 @@ class Store(abc.ABC):
     def move_routing_rule(self, name: str, position: int) -> RoutingRuleRecord:
         """Put the rule at ``position`` (1-based, clamped to 1..n), the others keeping their order;
         KeyError if unknown. Returns the rule as stored."""
+
 
 # ==== Operations API: accounts, tokens, sessions (issue 10; migration 0003) ===================
 
@@ -558,9 +563,7 @@ class ApiAccountStore(abc.ABC):
     def list_api_users(self) -> list[ApiUser]: ...
 
     @abc.abstractmethod
-    def update_api_user(
-        self, name: str, role: str | None = None, disabled: bool | None = None, password_hash: str | None = None
-    ) -> bool:
+    def update_api_user(self, name: str, role: str | None = None, disabled: bool | None = None, password_hash: str | None = None) -> bool:
         """Change the given fields; False if no such user. A new password or disabling ends the user's sessions."""
 
     @abc.abstractmethod

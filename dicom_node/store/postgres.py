@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
@@ -26,10 +26,7 @@ MIGRATION_LOCK_KEY = 0x414E41544F4D4958 >> 1  # "ANATOMIX", fits a signed bigint
 class PostgresStore(SqlStore):
     dialect = "postgres"
     lock_row_sql = " FOR UPDATE"
-    schema_version_ddl = (
-        "CREATE TABLE IF NOT EXISTS schema_version "
-        "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TIMESTAMPTZ NOT NULL)"
-    )
+    schema_version_ddl = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TIMESTAMPTZ NOT NULL)"
 
     def __init__(self, url: str, connect_timeout_s: int = 5) -> None:
         try:
@@ -85,10 +82,10 @@ class PostgresStore(SqlStore):
             raise StoreError(f"PostgreSQL at {redact_url(self.url)}: {_first_line(exc)}") from exc
 
     def _db_time(self, value: datetime) -> datetime:
-        return value.astimezone(timezone.utc)
+        return value.astimezone(UTC)
 
     def _py_time(self, value: datetime) -> datetime:
-        return value.astimezone(timezone.utc)
+        return value.astimezone(UTC)
 
     def close(self) -> None:
         self._connections.close_all()

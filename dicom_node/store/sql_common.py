@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 
 def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def require_aware(name: str, value: datetime) -> datetime:
     """``value`` in UTC; ValueError naming ``name`` when it is naive (the store takes aware UTC times)."""
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError(f"{name} = {value!r}: the store takes timezone-aware UTC times")
-    return value.astimezone(timezone.utc)
+    return value.astimezone(UTC)
 
 
 def placeholders(count: int) -> str:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import abc
 import json
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from dicom_node.store.api_accounts import ApiAccountSql
@@ -48,21 +48,19 @@ from dicom_node.store.workers import WorkerReportSql
 #: A late instance reopens a study in these states as a new analysis version.
 REOPEN_STATES = ("queued", "analyzing", "analyzed", "delivering", "done", "failed", "purged")
 
-_NODE_COLUMNS = "name, ae_title, host, port, role, profile, quiet_period_s, complete_on_release, default_destination, tls, tls_ca_file, tls_cert_file, tls_key_file, tls_verify_peer, tls_check_hostname, tls_client_certificate"
+_NODE_COLUMNS = (
+    "name, ae_title, host, port, role, profile, quiet_period_s, complete_on_release, default_destination, "
+    "tls, tls_ca_file, tls_cert_file, tls_key_file, tls_verify_peer, tls_check_hostname, tls_client_certificate"
+)
 _INSTANCE_COLUMNS = (
     "id, sop_instance_uid, sop_class_uid, study_instance_uid, series_instance_uid, transfer_syntax_uid, "
     "path, size, sha256, calling_ae, received_at, study_version, state, reason"
 )
-_STUDY_COLUMNS = (
-    "study_instance_uid, version, state, source_ae, created_at, updated_at, last_received_at, error, source_node, source_host"
-)
+_STUDY_COLUMNS = "study_instance_uid, version, state, source_ae, created_at, updated_at, last_received_at, error, source_node, source_host"
 _ANALYSIS_COLUMNS = "study_instance_uid, study_version, sop_instance_uid, status, result_json, error, created_at"
-_PRODUCED_COLUMNS = (
-    "study_instance_uid, study_version, source_sop_instance_uid, kind, sop_instance_uid, sop_class_uid, path, created_at"
-)
+_PRODUCED_COLUMNS = "study_instance_uid, study_version, source_sop_instance_uid, kind, sop_instance_uid, sop_class_uid, path, created_at"
 _DELIVERY_COLUMNS = (
-    "study_instance_uid, study_version, destination, sop_instance_uid, status, attempts, last_status, error, updated_at, "
-    "first_attempt_at, next_attempt_at"
+    "study_instance_uid, study_version, destination, sop_instance_uid, status, attempts, last_status, error, updated_at, first_attempt_at, next_attempt_at"
 )
 _IN_CHUNK = 500
 _RULE_COLUMNS = "name, position, match_json, action_json, description, enabled, updated_at"
@@ -262,9 +260,7 @@ class SqlStore(ConsoleSql, ApiAccountSql, WorkerReportSql, Store):
             received_at=self._py_time(received_at), study_version=int(version), state=state, reason=reason, id=int(id_),
         )  # fmt: skip
 
-    def record_instance(
-        self, instance: InstanceRecord, source_node: str | None = None, source_host: str | None = None
-    ) -> RecordOutcome:
+    def record_instance(self, instance: InstanceRecord, source_node: str | None = None, source_host: str | None = None) -> RecordOutcome:
         received_at = require_aware("received_at", instance.received_at)
         try:
             with self._transaction(write=True) as tx:
@@ -272,9 +268,7 @@ class SqlStore(ConsoleSql, ApiAccountSql, WorkerReportSql, Store):
         except _DuplicateFound as found:
             return RecordOutcome("duplicate", self._instance(found.row))
 
-    def _record_instance(
-        self, tx: Tx, instance: InstanceRecord, received_at: datetime, source_node: str | None, source_host: str | None
-    ) -> RecordOutcome:
+    def _record_instance(self, tx: Tx, instance: InstanceRecord, received_at: datetime, source_node: str | None, source_host: str | None) -> RecordOutcome:
         """Three statements on the common path (the SCP's per-instance commit is on the sender's clock):
         upsert + lock the study, read the rows of this SOP Instance UID, insert the instance."""
         uid = instance.study_instance_uid
@@ -381,7 +375,7 @@ class SqlStore(ConsoleSql, ApiAccountSql, WorkerReportSql, Store):
         history: dict[tuple[str, int], list[tuple[str, datetime]]] = {}
         uids = [row[0] for row in rows]
         for start in range(0, len(uids), _IN_CHUNK):  # SQLite caps the number of bound parameters
-            chunk = uids[start:start + _IN_CHUNK]
+            chunk = uids[start : start + _IN_CHUNK]
             entries = tx.all(
                 "SELECT study_instance_uid, version, state, entered_at FROM study_state_history "
                 f"WHERE study_instance_uid IN ({placeholders(len(chunk))}) ORDER BY id",
@@ -393,18 +387,24 @@ class SqlStore(ConsoleSql, ApiAccountSql, WorkerReportSql, Store):
                 history.setdefault((uid, int(version)), []).append((state, at))
         return [
             StudyRecord(
-                study_instance_uid=uid, version=int(version), state=state, source_ae=source_ae,
-                created_at=self._py_time(created), updated_at=self._py_time(updated),
-                last_received_at=self._py_time(last), instance_count=int(count), error=error,
-                state_times=times.get((uid, int(version)), {}), source_node=source_node, source_host=source_host,
+                study_instance_uid=uid,
+                version=int(version),
+                state=state,
+                source_ae=source_ae,
+                created_at=self._py_time(created),
+                updated_at=self._py_time(updated),
+                last_received_at=self._py_time(last),
+                instance_count=int(count),
+                error=error,
+                state_times=times.get((uid, int(version)), {}),
+                source_node=source_node,
+                source_host=source_host,
                 history=tuple(history.get((uid, int(version)), ())),
             )  # fmt: skip
             for uid, version, state, source_ae, created, updated, last, error, source_node, source_host, count in rows
         ]
 
-    def transition_study(
-        self, study_instance_uid: str, version: int, from_states: tuple[str, ...], to_state: str, error: str | None = None
-    ) -> bool:
+    def transition_study(self, study_instance_uid: str, version: int, from_states: tuple[str, ...], to_state: str, error: str | None = None) -> bool:
         if to_state not in STUDY_STATES:
             raise ValueError(f"study state {to_state!r}; known: {', '.join(STUDY_STATES)}")
         if not from_states:
@@ -420,9 +420,7 @@ class SqlStore(ConsoleSql, ApiAccountSql, WorkerReportSql, Store):
                 self._add_history(tx, study_instance_uid, version, to_state, now)
         return changed > 0
 
-    def requeue_for_analysis(
-        self, study_instance_uid: str, version: int, from_states: tuple[str, ...], new_version: bool
-    ) -> int | None:
+    def requeue_for_analysis(self, study_instance_uid: str, version: int, from_states: tuple[str, ...], new_version: bool) -> int | None:
         uid = study_instance_uid
         with self._transaction(write=True) as tx:
             row = tx.one(f"SELECT version, state FROM studies WHERE study_instance_uid = ?{self.lock_row_sql}", (uid,))
@@ -438,13 +436,10 @@ class SqlStore(ConsoleSql, ApiAccountSql, WorkerReportSql, Store):
             else:
                 target = version
                 tx.execute(
-                    "UPDATE instances SET state = 'selected', reason = NULL "
-                    "WHERE study_instance_uid = ? AND study_version = ? AND state = 'failed'",
+                    "UPDATE instances SET state = 'selected', reason = NULL WHERE study_instance_uid = ? AND study_version = ? AND state = 'failed'",
                     (uid, version),
                 )
-                tx.execute(
-                    "DELETE FROM analyses WHERE study_instance_uid = ? AND study_version = ? AND status = 'failed'", (uid, version)
-                )
+                tx.execute("DELETE FROM analyses WHERE study_instance_uid = ? AND study_version = ? AND status = 'failed'", (uid, version))
             now = utc_now()
             tx.execute(
                 "UPDATE studies SET version = ?, state = 'queued', error = NULL, updated_at = ? WHERE study_instance_uid = ?",
@@ -477,9 +472,7 @@ class SqlStore(ConsoleSql, ApiAccountSql, WorkerReportSql, Store):
             row = tx.one(f"SELECT version, state, updated_at FROM studies WHERE study_instance_uid = ?{self.lock_row_sql}", (uid,))
             if row is None or row[1] not in states or not self._py_time(row[2]) < cutoff:
                 return None
-            if _undelivered_guard(states) and tx.one(
-                "SELECT 1 FROM deliveries WHERE study_instance_uid = ? AND status IN ('failed', 'dead')", (uid,)
-            ):
+            if _undelivered_guard(states) and tx.one("SELECT 1 FROM deliveries WHERE study_instance_uid = ? AND status IN ('failed', 'dead')", (uid,)):
                 return None  # a destination still lacks its results: purged only with the failed studies
             version = int(row[0])
             instances = tx.all("SELECT path, size FROM instances WHERE study_instance_uid = ?", (uid,))
@@ -512,13 +505,11 @@ class SqlStore(ConsoleSql, ApiAccountSql, WorkerReportSql, Store):
     def list_analyses(self, study_instance_uid: str, version: int) -> list[AnalysisRecord]:
         with self._transaction(write=False) as tx:
             rows = tx.all(
-                f"SELECT {_ANALYSIS_COLUMNS} FROM analyses WHERE study_instance_uid = ? AND study_version = ? "
-                "ORDER BY sop_instance_uid",
+                f"SELECT {_ANALYSIS_COLUMNS} FROM analyses WHERE study_instance_uid = ? AND study_version = ? ORDER BY sop_instance_uid",
                 (study_instance_uid, version),
             )
         return [
-            AnalysisRecord(uid, int(v), sop, status, result_json, error, self._py_time(created))
-            for uid, v, sop, status, result_json, error, created in rows
+            AnalysisRecord(uid, int(v), sop, status, result_json, error, self._py_time(created)) for uid, v, sop, status, result_json, error, created in rows
         ]
 
     def record_produced_object(self, obj: ProducedObject) -> None:
@@ -566,7 +557,12 @@ class SqlStore(ConsoleSql, ApiAccountSql, WorkerReportSql, Store):
             )  # fmt: skip
 
     def claim_deliveries(
-        self, study_instance_uid: str, version: int, destination: str, sop_instance_uids: list[str], now: datetime,
+        self,
+        study_instance_uid: str,
+        version: int,
+        destination: str,
+        sop_instance_uids: list[str],
+        now: datetime,
         hold_until: datetime,
     ) -> bool:
         now_db = self._db_time(require_aware("now", now))
@@ -590,19 +586,20 @@ class SqlStore(ConsoleSql, ApiAccountSql, WorkerReportSql, Store):
                             "AND destination = ? AND sop_instance_uid = ?",
                             (hold_db, *key, sop),
                         )
-                    elif tx.execute(
-                        f"INSERT INTO deliveries ({_DELIVERY_COLUMNS}) VALUES ({placeholders(11)}) "
-                        "ON CONFLICT (study_instance_uid, study_version, destination, sop_instance_uid) DO NOTHING",
-                        (*key, sop, "pending", 0, None, None, now_db, None, hold_db),
-                    ) == 0:
+                    elif (
+                        tx.execute(
+                            f"INSERT INTO deliveries ({_DELIVERY_COLUMNS}) VALUES ({placeholders(11)}) "
+                            "ON CONFLICT (study_instance_uid, study_version, destination, sop_instance_uid) DO NOTHING",
+                            (*key, sop, "pending", 0, None, None, now_db, None, hold_db),
+                        )
+                        == 0
+                    ):
                         raise _NotClaimed  # another task inserted it meanwhile
         except _NotClaimed:
             return False
         return True
 
-    def list_deliveries(
-        self, study_instance_uid: str | None = None, statuses: tuple[str, ...] | None = None
-    ) -> list[DeliveryRecord]:
+    def list_deliveries(self, study_instance_uid: str | None = None, statuses: tuple[str, ...] | None = None) -> list[DeliveryRecord]:
         clauses, params = [], []
         if study_instance_uid is not None:
             clauses.append("study_instance_uid = ?")
@@ -613,14 +610,22 @@ class SqlStore(ConsoleSql, ApiAccountSql, WorkerReportSql, Store):
         where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
         with self._transaction(write=False) as tx:
             rows = tx.all(
-                f"SELECT {_DELIVERY_COLUMNS} FROM deliveries{where} "
-                "ORDER BY updated_at, study_instance_uid, destination, sop_instance_uid",
+                f"SELECT {_DELIVERY_COLUMNS} FROM deliveries{where} ORDER BY updated_at, study_instance_uid, destination, sop_instance_uid",
                 params,
             )
         return [
             DeliveryRecord(
-                uid, int(v), dest, sop, status, int(attempts), last_status, error, self._py_time(updated),
-                None if first is None else self._py_time(first), None if next_at is None else self._py_time(next_at),
+                uid,
+                int(v),
+                dest,
+                sop,
+                status,
+                int(attempts),
+                last_status,
+                error,
+                self._py_time(updated),
+                None if first is None else self._py_time(first),
+                None if next_at is None else self._py_time(next_at),
             )  # fmt: skip
             for uid, v, dest, sop, status, attempts, last_status, error, updated, first, next_at in rows
         ]
@@ -643,9 +648,7 @@ class SqlStore(ConsoleSql, ApiAccountSql, WorkerReportSql, Store):
         )  # fmt: skip
         assert row is not None
         # Queued for the ATNA forwarder in the same transaction, whichever process records it.
-        tx.execute(
-            "INSERT INTO audit_outbox (event_id) SELECT ? WHERE EXISTS (SELECT 1 FROM audit_forwarding)", (int(row[0]),)
-        )
+        tx.execute("INSERT INTO audit_outbox (event_id) SELECT ? WHERE EXISTS (SELECT 1 FROM audit_forwarding)", (int(row[0]),))
 
     def purge_audit_events(self, before: datetime) -> int:
         with self._transaction(write=True) as tx:
@@ -669,9 +672,15 @@ class SqlStore(ConsoleSql, ApiAccountSql, WorkerReportSql, Store):
         )  # fmt: skip
 
     def query_audit_events(
-        self, since: datetime | None = None, until: datetime | None = None, events: tuple[str, ...] = (),
-        ae: str | None = None, user: str | None = None, study_instance_uid: str | None = None,
-        after_id: int = 0, limit: int = 10000,
+        self,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        events: tuple[str, ...] = (),
+        ae: str | None = None,
+        user: str | None = None,
+        study_instance_uid: str | None = None,
+        after_id: int = 0,
+        limit: int = 10000,
     ) -> list[AuditEvent]:
         clauses, params = ["id > ?"], [int(after_id)]
         if since is not None:
@@ -693,9 +702,7 @@ class SqlStore(ConsoleSql, ApiAccountSql, WorkerReportSql, Store):
             clauses.append("study_instance_uid = ?")
             params.append(study_instance_uid)
         with self._transaction(write=False) as tx:
-            rows = tx.all(
-                f"SELECT {_AUDIT_COLUMNS} FROM audit_events WHERE {' AND '.join(clauses)} ORDER BY id LIMIT {int(limit)}", params
-            )
+            rows = tx.all(f"SELECT {_AUDIT_COLUMNS} FROM audit_events WHERE {' AND '.join(clauses)} ORDER BY id LIMIT {int(limit)}", params)
         return [self._audit_row(row) for row in rows]
 
     def set_audit_forwarding(self, target: str | None) -> None:
@@ -706,16 +713,13 @@ class SqlStore(ConsoleSql, ApiAccountSql, WorkerReportSql, Store):
                 tx.execute("DELETE FROM audit_forwarding")
                 tx.execute(
                     "INSERT INTO audit_forwarding (target, enabled_at) VALUES (?, ?)",
-                    (target, self._db_time(datetime.now(timezone.utc))),
+                    (target, self._db_time(datetime.now(UTC))),
                 )
 
     def audit_outbox(self, limit: int = 100) -> list[AuditEvent]:
         columns = ", ".join(f"e.{c.strip()}" for c in _AUDIT_COLUMNS.split(","))
         with self._transaction(write=False) as tx:
-            rows = tx.all(
-                f"SELECT {columns} FROM audit_outbox o JOIN audit_events e ON e.id = o.event_id "
-                f"ORDER BY o.event_id LIMIT {int(limit)}"
-            )
+            rows = tx.all(f"SELECT {columns} FROM audit_outbox o JOIN audit_events e ON e.id = o.event_id ORDER BY o.event_id LIMIT {int(limit)}")
         return [self._audit_row(row) for row in rows]
 
     def audit_outbox_done(self, event_ids: list[int]) -> int:
@@ -729,8 +733,7 @@ class SqlStore(ConsoleSql, ApiAccountSql, WorkerReportSql, Store):
             return
         with self._transaction(write=True) as tx:
             tx.execute(
-                f"UPDATE audit_outbox SET attempts = attempts + 1, last_error = ? "
-                f"WHERE event_id IN ({placeholders(len(event_ids))})",
+                f"UPDATE audit_outbox SET attempts = attempts + 1, last_error = ? WHERE event_id IN ({placeholders(len(event_ids))})",
                 (error[:500], *event_ids),
             )
 
@@ -738,7 +741,6 @@ class SqlStore(ConsoleSql, ApiAccountSql, WorkerReportSql, Store):
         with self._transaction(write=False) as tx:
             row = tx.one("SELECT COUNT(*) FROM audit_outbox")
         return int(row[0]) if row else 0
-
 
     # ---- routing rules ----------------------------------------------------------------------------
     def _rule(self, row: tuple) -> RoutingRuleRecord:
@@ -770,8 +772,7 @@ class SqlStore(ConsoleSql, ApiAccountSql, WorkerReportSql, Store):
             index = len(before) if position is None else min(max(position, 1), len(before) + 1) - 1
             order = before[:index] + [rule.name] + before[index:]
             tx.execute(
-                "INSERT INTO routing_rules (name, position, match_json, action_json, description, enabled, created_at, "
-                f"updated_at) VALUES ({placeholders(8)})",
+                f"INSERT INTO routing_rules (name, position, match_json, action_json, description, enabled, created_at, updated_at) VALUES ({placeholders(8)})",
                 (rule.name, index + 1, json.dumps(rule.match), json.dumps(rule.action), rule.description, bool(rule.enabled), now, now),
             )
             self._renumber_rules(tx, order, before + [rule.name])
@@ -817,12 +818,10 @@ class SqlStore(ConsoleSql, ApiAccountSql, WorkerReportSql, Store):
             row = tx.one(f"SELECT {_RULE_COLUMNS} FROM routing_rules WHERE name = ?", (name,))
         return self._rule(row)
 
+
 def _undelivered_guard(states: tuple[str, ...]) -> str:
     """SQL keeping a ``done`` study whose results some destination never got (dead letter, refusal)
     from a purge that does not also take ``failed`` studies: those results may still be re-sent."""
     if "failed" in states:
         return ""
-    return (
-        "AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.study_instance_uid = studies.study_instance_uid "
-        "AND d.status IN ('failed', 'dead')) "
-    )
+    return "AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.study_instance_uid = studies.study_instance_uid AND d.status IN ('failed', 'dead')) "

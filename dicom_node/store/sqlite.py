@@ -15,7 +15,7 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from dicom_node.store.base import StoreConflict, StoreError, StoreUnavailable
@@ -28,9 +28,7 @@ _TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%f+00:00"  # fixed width, so text order is tim
 class SqliteStore(SqlStore):
     dialect = "sqlite"
     lock_row_sql = ""  # BEGIN IMMEDIATE already holds the only write lock
-    schema_version_ddl = (
-        "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
-    )
+    schema_version_ddl = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
 
     def __init__(self, path: str | Path, busy_timeout_s: float = 15.0, synchronous: str = "full") -> None:
         if synchronous not in ("full", "normal"):
@@ -108,10 +106,10 @@ class SqliteStore(SqlStore):
             raise StoreError(f"SQLite database {self.path}: {exc}") from exc
 
     def _db_time(self, value: datetime) -> str:
-        return value.astimezone(timezone.utc).strftime(_TIME_FORMAT)
+        return value.astimezone(UTC).strftime(_TIME_FORMAT)
 
     def _py_time(self, value: str) -> datetime:
-        return datetime.fromisoformat(value).astimezone(timezone.utc)
+        return datetime.fromisoformat(value).astimezone(UTC)
 
     def close(self) -> None:
         self._connections.close_all()

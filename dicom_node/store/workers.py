@@ -10,6 +10,7 @@ so the store, which they all reach, is where this meets. Portable SQL mixed into
 from __future__ import annotations
 
 from datetime import datetime
+from typing import TYPE_CHECKING, Any
 
 from dicom_node.store.base import WorkerReport, WorkerReportStore
 from dicom_node.store.sql_common import placeholders
@@ -21,6 +22,11 @@ _COLUMNS = ("name", "hostname", "pid", "queues", "model_ok", "model_name", "mode
 class WorkerReportSql(WorkerReportStore):
     """Portable SQL for :class:`~dicom_node.store.base.WorkerReportStore`."""
 
+    if TYPE_CHECKING:  # SqlStore's value conversion hooks, which this mixin uses
+
+        def _db_time(self, value: datetime) -> Any: ...
+        def _py_time(self, value: Any) -> datetime: ...
+
     def record_worker_report(self, report: WorkerReport) -> None:
         values = (
             report.name, report.hostname, report.pid, ",".join(report.queues), bool(report.model_ok), report.model_name,
@@ -30,8 +36,7 @@ class WorkerReportSql(WorkerReportStore):
         updates = ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS[1:])
         with self._transaction(write=True) as tx:  # type: ignore[attr-defined]
             tx.execute(
-                f"INSERT INTO worker_reports ({', '.join(_COLUMNS)}) VALUES ({placeholders(len(_COLUMNS))}) "
-                f"ON CONFLICT (name) DO UPDATE SET {updates}",
+                f"INSERT INTO worker_reports ({', '.join(_COLUMNS)}) VALUES ({placeholders(len(_COLUMNS))}) ON CONFLICT (name) DO UPDATE SET {updates}",
                 values,
             )
 

@@ -123,8 +123,16 @@ def fold_conv_bn(conv: nn.Conv2d, bn: FrozenBatchNorm2d) -> nn.Conv2d:
     different order of operations, which deep stacks amplify (see ``TorchAPMRunner``)."""
     scale = bn.weight.double() * (bn.running_var.double() + bn.eps).rsqrt()
     shift = bn.bias.double() - bn.running_mean.double() * scale
-    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
-                      padding=conv.padding, bias=True, device=conv.weight.device, dtype=conv.weight.dtype)
+    fused = nn.Conv2d(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        bias=True,
+        device=conv.weight.device,
+        dtype=conv.weight.dtype,
+    )
     with torch.no_grad():
         fused.weight.copy_(conv.weight.double() * scale.reshape(-1, 1, 1, 1))
         fused.bias.copy_(shift if conv.bias is None else conv.bias.double() * scale + shift)

@@ -72,13 +72,10 @@ def load_apm(path: str | Path, device: str | torch.device = "cpu") -> tuple[Anat
     unexpected = tuple(key for key in state if key not in expected)
     if missing:
         raise CheckpointError(
-            f"{path.name}: {len(missing)} APM weight(s) missing, the model cannot run: {', '.join(missing[:20])}"
-            + (" ..." if len(missing) > 20 else "")
+            f"{path.name}: {len(missing)} APM weight(s) missing, the model cannot run: {', '.join(missing[:20])}" + (" ..." if len(missing) > 20 else "")
         )
     if bad_shapes:
-        raise CheckpointError(
-            f"{path.name}: {len(bad_shapes)} APM weight(s) with the wrong shape: {'; '.join(bad_shapes[:20])}"
-        )
+        raise CheckpointError(f"{path.name}: {len(bad_shapes)} APM weight(s) with the wrong shape: {'; '.join(bad_shapes[:20])}")
     for key in unexpected:
         log.warning("APM checkpoint %s: unexpected key %s ignored", path.name, key)
     tensors = {key: state[key].to(torch.float32) for key in expected}
@@ -180,9 +177,7 @@ def count_indices(state: dict[str, Tensor], pattern: str) -> int:
     return max(found) + 1 if found else 0
 
 
-def choose_config(
-    state: dict[str, Tensor], args: Any
-) -> tuple[APMConfig, AnatomyPerceptionModule, tuple[str, ...], tuple[str, ...]]:
+def choose_config(state: dict[str, Tensor], args: Any) -> tuple[APMConfig, AnatomyPerceptionModule, tuple[str, ...], tuple[str, ...]]:
     """Pick the APM shape that explains the file best: the one inferred from its tensors, or the
     known ``full``/``tiny`` shapes. Comparing candidates means one corrupted tensor is named itself
     instead of skewing the inferred shape and blaming its neighbours.

@@ -31,9 +31,7 @@ class APMConfig:
 
     def __post_init__(self) -> None:
         if self.d_model % self.num_heads or self.d_model % self.token_heads:
-            raise ValueError(
-                f"d_model {self.d_model} must be divisible by num_heads {self.num_heads} and token_heads {self.token_heads}"
-            )
+            raise ValueError(f"d_model {self.d_model} must be divisible by num_heads {self.num_heads} and token_heads {self.token_heads}")
         if self.d_model % 2:
             raise ValueError(f"d_model {self.d_model} must be even (sine position embedding: half per axis)")
         if self.image_size % 32:

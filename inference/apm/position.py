@@ -8,9 +8,7 @@ import torch
 from torch import Tensor
 
 
-def sine_position_embedding(
-    height: int, width: int, d_model: int, device: torch.device | str = "cpu", temperature: float = 10000.0
-) -> Tensor:
+def sine_position_embedding(height: int, width: int, d_model: int, device: torch.device | str = "cpu", temperature: float = 10000.0) -> Tensor:
     """Position code for a ``height x width`` feature map, row-major: [height * width, d_model].
 
     Channels are the y code (d_model / 2) then the x code, each interleaving sin (even) and cos (odd)

@@ -67,8 +67,7 @@ class OnnxAPMRunner:
 
     name = "onnxruntime"
 
-    def __init__(self, onnx_path: str | Path, providers: Sequence[str] | None = None,
-                 intra_op_threads: int | None = None) -> None:
+    def __init__(self, onnx_path: str | Path, providers: Sequence[str] | None = None, intra_op_threads: int | None = None) -> None:
         import onnxruntime as ort  # heavy import, only when this backend is chosen
 
         self.onnx_path = Path(onnx_path)

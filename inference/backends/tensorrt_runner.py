@@ -51,8 +51,15 @@ class TensorRTAPMRunner:
 
     name = "tensorrt"
 
-    def __init__(self, onnx_path: str | Path, cache_dir: str | Path, image_size: int = 1024,
-                 max_batch: int = 16, precision: str = "fp16", device: str | torch.device = "cuda") -> None:
+    def __init__(
+        self,
+        onnx_path: str | Path,
+        cache_dir: str | Path,
+        image_size: int = 1024,
+        max_batch: int = 16,
+        precision: str = "fp16",
+        device: str | torch.device = "cuda",
+    ) -> None:
         trt = import_tensorrt()
         self.trt = trt
         if not torch.cuda.is_available():
@@ -62,8 +69,9 @@ class TensorRTAPMRunner:
         self.device = torch.device(device)
         self.image_size, self.max_batch, self.precision = image_size, max_batch, precision
         onnx_bytes = Path(onnx_path).read_bytes()
-        name = engine_cache_name(torch.cuda.get_device_name(self.device), trt.__version__, image_size, max_batch,
-                                 precision, hashlib.sha256(onnx_bytes).hexdigest())
+        name = engine_cache_name(
+            torch.cuda.get_device_name(self.device), trt.__version__, image_size, max_batch, precision, hashlib.sha256(onnx_bytes).hexdigest()
+        )
         self.engine_path = Path(cache_dir) / name
         self.logger = trt.Logger(trt.Logger.WARNING)
         serialized = self.load_or_build(onnx_bytes)
@@ -72,7 +80,8 @@ class TensorRTAPMRunner:
             raise BackendUnavailableError(f"TensorRT could not deserialize engine {self.engine_path}; delete it to rebuild")
         self.context = self.engine.create_execution_context()
         self.output_names = [
-            self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)
+            self.engine.get_tensor_name(i)
+            for i in range(self.engine.num_io_tensors)
             if self.engine.get_tensor_mode(self.engine.get_tensor_name(i)) == trt.TensorIOMode.OUTPUT
         ]
 

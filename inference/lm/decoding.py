@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from transformers import Gemma3ForCausalLM
 from transformers.models.gemma3.modeling_gemma3 import apply_rotary_pos_emb
 
-
 #: Decode steps between checks whether every row has stopped.
 STOP_CHECK_INTERVAL = 8
 #: Row-by-row (CPU) steps attend over the row's positions rounded up to this many slots.
@@ -118,9 +117,7 @@ def attention_mask(positions: torch.Tensor, max_len: int, window: int | None, dt
     return torch.zeros(visible.shape, dtype=dtype, device=positions.device).masked_fill_(~visible, float("-inf"))
 
 
-def forward_hidden(
-    decoder: Gemma3ForCausalLM, hidden: torch.Tensor, positions: torch.Tensor, cache: KVCache, kv_len: int | None = None
-) -> torch.Tensor:
+def forward_hidden(decoder: Gemma3ForCausalLM, hidden: torch.Tensor, positions: torch.Tensor, cache: KVCache, kv_len: int | None = None) -> torch.Tensor:
     """Run every decoder layer on ``hidden [B, T, H]`` at ``positions [B, T]``, writing K/V into the
     cache slots given by the positions; returns the final-norm hidden states ``[B, T, H]``.
 
@@ -132,9 +129,7 @@ def forward_hidden(
     batch, steps, _ = hidden.shape
     rows = torch.arange(batch, device=hidden.device)[:, None].expand(batch, steps)
     masks = {
-        layer_type: attention_mask(
-            positions, kv_len, config.sliding_window if layer_type == "sliding_attention" else None, hidden.dtype
-        )
+        layer_type: attention_mask(positions, kv_len, config.sliding_window if layer_type == "sliding_attention" else None, hidden.dtype)
         for layer_type in set(config.layer_types)
     }
     rope = {layer_type: model.rotary_emb(hidden, positions, layer_type) for layer_type in set(config.layer_types)}
@@ -212,7 +207,10 @@ def decode_rows_one_by_one(
     """
     rows = [
         decode_one_token(
-            decoder, tokens[row : row + 1], positions[row : row + 1], cache.rows(row, row + 1),
+            decoder,
+            tokens[row : row + 1],
+            positions[row : row + 1],
+            cache.rows(row, row + 1),
             None if injection is None else injection.rows(row, row + 1),
             kv_len=min(cache.max_len, round_up(int(positions[row]) + 1, ROW_KV_MULTIPLE)),
         )
@@ -262,7 +260,11 @@ class DecodeStep:
         return self.strategy is DecodeStrategy.COMPILED
 
     def __call__(
-        self, decoder: Gemma3ForCausalLM, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+        self,
+        decoder: Gemma3ForCausalLM,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
         injection: TokenInjection | None = None,
     ) -> torch.Tensor:
         return self.run(decoder, tokens, positions, cache, injection)

@@ -42,9 +42,7 @@ IGNORED_BASE_PREFIXES = (
     "model.vision_tower.",
     "model.multi_modal_projector.",
 )
-_LORA_KEY = re.compile(
-    r"^base_model\.model\.model\.language_model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.lora_([AB])\.default\.weight$"
-)
+_LORA_KEY = re.compile(r"^base_model\.model\.model\.language_model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.lora_([AB])\.default\.weight$")
 
 Shape = tuple[int, ...]
 

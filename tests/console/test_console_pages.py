@@ -8,7 +8,7 @@ import json
 import re
 import sqlite3
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -21,10 +21,10 @@ from dicom_node.settings import HttpSettings, Settings, SettingsError, StorageSe
 from dicom_node.store import open_store
 from dicom_node.store.base import AnalysisRecord, InstanceRecord, RemoteNode
 
-T0 = datetime(2026, 11, 30, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 
 
-def seed(store, db: Path, count: int, same_time_every: int = 3) -> list[str]:  # noqa: ANN001
+def seed(store, db: Path, count: int, same_time_every: int = 3) -> list[str]:
     """``count`` studies; every ``same_time_every`` share one created_at (keyset ties on the UID)."""
     uids = []
     for i in range(count):
@@ -44,7 +44,7 @@ def seed(store, db: Path, count: int, same_time_every: int = 3) -> list[str]:  #
 
 
 @pytest.fixture
-def app_and_store(tmp_path: Path):  # noqa: ANN201
+def app_and_store(tmp_path: Path):
     settings = replace(Settings(), storage=replace(StorageSettings(), data_dir=tmp_path), http=replace(HttpSettings(), time_zone="America/New_York"))
     db = tmp_path / "state.db"
     store = open_store(f"sqlite:///{db}")
@@ -57,13 +57,13 @@ def app_and_store(tmp_path: Path):  # noqa: ANN201
     store.close()
 
 
-def logged_in(app, role: str, passwords: dict[str, str]) -> TestClient:  # noqa: ANN001
+def logged_in(app, role: str, passwords: dict[str, str]) -> TestClient:
     client = TestClient(app)
     assert client.post("/api/auth/login", json={"username": role, "password": passwords[role]}).status_code == 200
     return client
 
 
-def test_pages_need_a_session_and_send_to_the_login_with_the_way_back(app_and_store) -> None:  # noqa: ANN001
+def test_pages_need_a_session_and_send_to_the_login_with_the_way_back(app_and_store) -> None:
     app, _, _, _ = app_and_store
     client = TestClient(app)
     answer = client.get("/console/studies?state=done", follow_redirects=False)
@@ -73,7 +73,7 @@ def test_pages_need_a_session_and_send_to_the_login_with_the_way_back(app_and_st
     assert client.get("/console/static/console.js").status_code == 200
 
 
-def test_keyset_pages_cover_every_study_once_in_order_with_ties(app_and_store) -> None:  # noqa: ANN001
+def test_keyset_pages_cover_every_study_once_in_order_with_ties(app_and_store) -> None:
     app, store, passwords, db = app_and_store
     uids = seed(store, db, 130)
     seen: list[str] = []
@@ -104,7 +104,7 @@ def test_keyset_pages_cover_every_study_once_in_order_with_ties(app_and_store) -
     assert "not valid" in client.get("/console/studies?before=garbage").text
 
 
-def test_times_in_the_site_zone_and_uids_shortened_with_the_whole_value_in_title(app_and_store) -> None:  # noqa: ANN001
+def test_times_in_the_site_zone_and_uids_shortened_with_the_whole_value_in_title(app_and_store) -> None:
     app, store, passwords, db = app_and_store
     uid = seed(store, db, 1)[0]
     page = logged_in(app, "viewer", passwords).get("/console/studies").text
@@ -113,7 +113,7 @@ def test_times_in_the_site_zone_and_uids_shortened_with_the_whole_value_in_title
     assert short_uid("1.2.3") == "1.2.3"
 
 
-def test_role_pages_and_buttons(app_and_store) -> None:  # noqa: ANN001
+def test_role_pages_and_buttons(app_and_store) -> None:
     app, store, passwords, db = app_and_store
     store.add_remote_node(RemoteNode("pacs", "PACS", "127.0.0.1", 11112, role="destination"))
     uid = seed(store, db, 1)[0]
@@ -143,7 +143,7 @@ def test_time_zone_setting_is_validated(tmp_path: Path) -> None:
     assert load_settings(config, env={}).http.time_zone == "Europe/Berlin"
 
 
-def test_study_page_shows_a_degenerate_model_text_as_not_usable_never_as_itself(app_and_store) -> None:  # noqa: ANN001
+def test_study_page_shows_a_degenerate_model_text_as_not_usable_never_as_itself(app_and_store) -> None:
     """A repetition loop from the model ("4444...") is what the demo weights write: the study page
     says it is not usable and why, as the DICOM results do, and keeps usable text as it is."""
     app, store, passwords, db = app_and_store

@@ -26,7 +26,7 @@ from tests.support.console_browser import axe_violations, install_axe, launch
 pytestmark = pytest.mark.timeout(600)
 
 
-def login(page, base: str, user: str, password: str) -> None:  # noqa: ANN001
+def login(page, base: str, user: str, password: str) -> None:
     page.goto(base + "/console/rules")
     assert "/console/login" in page.url
     page.get_by_label("User name").fill(user)
@@ -35,11 +35,11 @@ def login(page, base: str, user: str, password: str) -> None:  # noqa: ANN001
     page.wait_for_url(lambda url: urlparse(url).path == "/console/rules")
 
 
-def rule_names(page) -> list[str]:  # noqa: ANN001
+def rule_names(page) -> list[str]:
     return page.locator("tr[data-rule]").evaluate_all("rows => rows.map(r => r.dataset.rule)")
 
 
-def no_serious_violations(page, axe: Path, what: str) -> None:  # noqa: ANN001
+def no_serious_violations(page, axe: Path, what: str) -> None:
     problems = axe_violations(page, axe)
     assert not problems, f"{what}: axe-core found serious/critical violations: {problems}"
 

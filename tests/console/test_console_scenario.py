@@ -55,14 +55,14 @@ class Pages:
         self.output_dir, self.axe = output_dir, axe
         self.checked: list[str] = []
 
-    def check(self, page, name: str) -> None:  # noqa: ANN001
+    def check(self, page, name: str) -> None:
         page.screenshot(path=str(self.output_dir / f"console-{name}.png"), full_page=True)
         problems = axe_violations(page, self.axe)
         assert not problems, f"{name}: axe-core found serious/critical violations: {problems}"
         self.checked.append(name)
 
 
-def login(page, base: str, user: str, password: str, pages: Pages | None = None) -> None:  # noqa: ANN001
+def login(page, base: str, user: str, password: str, pages: Pages | None = None) -> None:
     page.goto(base + "/console/studies")
     assert "/console/login" in page.url  # not logged in: the login page, with the way back
     if pages:
@@ -188,7 +188,8 @@ def test_console_scenario_in_chromium(tmp_path: Path, output_dir: Path) -> None:
             delivered = page.locator("[data-deliveries]")
             expect(delivered).to_contain_text("pacs:", timeout=60_000)
             page.wait_for_function(
-                "() => { const t = document.querySelector('[data-deliveries]').innerText; const m = t.match(/(\\d+)\\/(\\d+) sent/); return m && m[1] === m[2]; }",
+                "() => { const t = document.querySelector('[data-deliveries]').innerText; "
+                "const m = t.match(/(\\d+)\\/(\\d+) sent/); return m && m[1] === m[2]; }",
                 timeout=120_000,
             )
             assert any((tmp_path / "pacs-in-2").iterdir()), "the destination received nothing after the resend"

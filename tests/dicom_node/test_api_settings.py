@@ -17,7 +17,7 @@ def test_http_defaults_env_and_the_serve_option(tmp_path):
     assert (defaults.http.port, defaults.http.bind_address) == (8080, "127.0.0.1")
     assert load_settings(None, env={"ANATOMIX_HTTP_PORT": "9090"}).http.port == 9090
     config = tmp_path / "anatomix-node.toml"
-    config.write_text("[http]\nport = 8181\nbind_address = \"0.0.0.0\"\n")
+    config.write_text('[http]\nport = 8181\nbind_address = "0.0.0.0"\n')
     args = build_parser().parse_args(["serve", "--config", str(config), "--http-port", "0"])
     settings = load_serve_settings(args)
     assert (settings.http.port, settings.http.bind_address) == (0, "0.0.0.0")

@@ -7,16 +7,16 @@ import io
 import threading
 import time
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from dicom_node.pipeline.assembly import assemble_once, close_stable_studies, run_assembly
 from dicom_node.settings import Settings
-from dicom_node.store.spool import prepare_spool, write_instance
 from dicom_node.store import open_store
 from dicom_node.store.base import InstanceRecord, RemoteNode, Store
+from dicom_node.store.spool import prepare_spool, write_instance
 from tests.support.corpus import synthetic_cr
 
 STUDY = "1.2.826.0.1.3680043.8.498.30"
@@ -24,9 +24,7 @@ STUDY = "1.2.826.0.1.3680043.8.498.30"
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    settings = Settings().with_overrides(
-        storage={"data_dir": tmp_path / "var"}, assembly={"quiet_period_s": 10.0, "hard_cap_s": 60.0, "poll_interval_s": 0.05}
-    )
+    settings = Settings().with_overrides(storage={"data_dir": tmp_path / "var"}, assembly={"quiet_period_s": 10.0, "hard_cap_s": 60.0, "poll_interval_s": 0.05})
     prepare_spool(settings.storage.spool_dir)
     return settings
 
@@ -47,16 +45,22 @@ def receive(store: Store, settings: Settings, study: str, number: int, calling_a
     ds.save_as(buffer, enforce_file_format=True)
     spooled = write_instance(settings.storage.spool_dir, study, ds.SOPInstanceUID, [buffer.getvalue()], fsync=False)
     record = InstanceRecord(
-        sop_instance_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID, study_instance_uid=study,
-        series_instance_uid=ds.SeriesInstanceUID, transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
-        path=spooled.relative_path, size=spooled.size, sha256=spooled.sha256, calling_ae=calling_ae,
-        received_at=datetime.now(timezone.utc),
+        sop_instance_uid=ds.SOPInstanceUID,
+        sop_class_uid=ds.SOPClassUID,
+        study_instance_uid=study,
+        series_instance_uid=ds.SeriesInstanceUID,
+        transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
+        path=spooled.relative_path,
+        size=spooled.size,
+        sha256=spooled.sha256,
+        calling_ae=calling_ae,
+        received_at=datetime.now(UTC),
     )
     return store.record_instance(record).instance
 
 
 def later(seconds: float) -> datetime:
-    return datetime.now(timezone.utc) + timedelta(seconds=seconds)
+    return datetime.now(UTC) + timedelta(seconds=seconds)
 
 
 def test_quiet_period_closes_and_records_selection(store: Store, settings: Settings) -> None:
@@ -124,7 +128,8 @@ def test_run_assembly_loop_closes_a_study_and_stops(store: Store, settings: Sett
     stop = threading.Event()
     handed: list[tuple[str, int]] = []
     loop = threading.Thread(
-        target=run_assembly, args=(store, fast, stop),
+        target=run_assembly,
+        args=(store, fast, stop),
         kwargs={"on_stable": lambda uid, version: (handed.append((uid, version)), store.transition_study(uid, version, ("stable",), "queued"))},
     )
     loop.start()

@@ -13,14 +13,14 @@ from __future__ import annotations
 import subprocess
 import time
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from dicom_node.audit.atna import MSGID, SD_ID
-from dicom_node.audit.trail import AuditTrail, Peer
 from dicom_node.audit.forward import AuditForwarder
+from dicom_node.audit.trail import AuditTrail, Peer
 from dicom_node.settings import load_settings
 from dicom_node.store import open_store
 from tests.support.atna_schema import audit_message_errors
@@ -222,8 +222,9 @@ def test_forwarding_over_tls_rfc5425(tmp_path: Path) -> None:
         listener.stop()
     messages = _parsed(listener)
     assert [m.structured_data[SD_ID]["eventId"] for m in messages] == ["1", "2", "3", "4", "5"]
-    assert listener.framing_errors == [] or all("certificate" in e.lower() or "unknown ca" in e.lower() or "alert" in e.lower()
-                                                for e in listener.framing_errors)
+    assert listener.framing_errors == [] or all(
+        "certificate" in e.lower() or "unknown ca" in e.lower() or "alert" in e.lower() for e in listener.framing_errors
+    )
 
 
 @pytest.mark.parametrize("bad", [{"transport": "udp"}, {"syslog_port": 70000}, {"cert_file": "/x.pem"}, {"app_name": "has space"}])
@@ -244,7 +245,7 @@ def test_the_outbox_spans_processes(tmp_path: Path) -> None:
         first.set_audit_forwarding("tcp://repo:601")
         AuditTrail(second).record("admin_change", None, user="bob", what="remote_node.add", target="x")
         assert [e.event for e in first.audit_outbox()] == ["admin_change"]
-        assert first.audit_outbox()[0].at <= datetime.now(timezone.utc)
+        assert first.audit_outbox()[0].at <= datetime.now(UTC)
     finally:
         first.close()
         second.close()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -24,10 +24,20 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
 
 
 def test_purge_audit_events_deletes_only_older_rows(store: Store) -> None:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     for age_days in (400, 31, 29, 0):
-        store.audit(AuditEvent(at=now - timedelta(days=age_days), event="probe", calling_ae=None, called_ae=None,
-                               peer_host=None, study_instance_uid=None, sop_instance_uid=None, detail={"age": age_days}))
+        store.audit(
+            AuditEvent(
+                at=now - timedelta(days=age_days),
+                event="probe",
+                calling_ae=None,
+                called_ae=None,
+                peer_host=None,
+                study_instance_uid=None,
+                sop_instance_uid=None,
+                detail={"age": age_days},
+            )
+        )
     assert store.purge_audit_events(now - timedelta(days=30)) == 2
     assert sorted(r.detail["age"] for r in store.list_audit_events("probe")) == [0, 29]
     assert store.purge_audit_events(now - timedelta(days=30)) == 0

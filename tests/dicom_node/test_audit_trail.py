@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -43,7 +43,7 @@ def _event(at: datetime, name: str, **kw) -> AuditEvent:
 
 
 def test_query_filters_time_event_ae_user_study(store: Store) -> None:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     store.audit(_event(now - timedelta(hours=3), "association_rejected", calling_ae="EVIL", called_ae="ANATOMIX", detail={"reason": "unknown AE"}))
     store.audit(_event(now - timedelta(hours=2), "association_accepted", calling_ae="MODALITY", called_ae="ANATOMIX"))
     store.audit(_event(now - timedelta(hours=1), "study_analysed", study_instance_uid="1.2.3"))
@@ -52,10 +52,8 @@ def test_query_filters_time_event_ae_user_study(store: Store) -> None:
     audit.record_admin_change(store, SETTINGS, "bob", "remote_node.update", "pacs", {"port": 104}, {"port": 11112})
 
     names = lambda rows: [r.event for r in rows]  # noqa: E731
-    assert names(store.query_audit_events()) == [
-        "association_rejected", "association_accepted", "study_analysed", "login_failed", "login", "admin_change"]
-    assert names(store.query_audit_events(since=now - timedelta(minutes=150), until=now - timedelta(minutes=30))) == [
-        "association_accepted", "study_analysed"]
+    assert names(store.query_audit_events()) == ["association_rejected", "association_accepted", "study_analysed", "login_failed", "login", "admin_change"]
+    assert names(store.query_audit_events(since=now - timedelta(minutes=150), until=now - timedelta(minutes=30))) == ["association_accepted", "study_analysed"]
     assert names(store.query_audit_events(events=("login", "login_failed"))) == ["login_failed", "login"]
     assert names(store.query_audit_events(ae="EVIL")) == ["association_rejected"]
     assert names(store.query_audit_events(ae="ANATOMIX")) == ["association_rejected", "association_accepted"]
@@ -71,7 +69,7 @@ def test_query_filters_time_event_ae_user_study(store: Store) -> None:
 
 def test_outbox_queues_only_while_forwarding_and_retention_keeps_unforwarded(store: Store) -> None:
     trail = AuditTrail(store)
-    old = datetime.now(timezone.utc) - timedelta(days=90)
+    old = datetime.now(UTC) - timedelta(days=90)
     store.audit(_event(old, "before_forwarding"))
     assert store.audit_outbox_size() == 0
     store.set_audit_forwarding("tcp://repo:601")
@@ -82,7 +80,7 @@ def test_outbox_queues_only_while_forwarding_and_retention_keeps_unforwarded(sto
     store.audit_outbox_failed([queued[0].id], "connection refused")
     assert store.audit_outbox_size() == 2  # a failed try keeps them
     # Retention deletes the old forwarded-or-never-queued row, not the one still waiting.
-    assert store.purge_audit_events(datetime.now(timezone.utc) - timedelta(days=30)) == 1
+    assert store.purge_audit_events(datetime.now(UTC) - timedelta(days=30)) == 1
     assert [e.event for e in store.audit_outbox()] == ["old_unforwarded", "association_accepted"]
     assert store.audit_outbox_done([e.id for e in queued]) == 2
     assert store.audit_outbox_size() == 0
@@ -113,8 +111,10 @@ def _all_kinds(tmp_path: Path) -> list[AuditEvent]:
     destination = RemoteNode("pacs", "PACS", "127.0.0.1", 11112, role="destination")
     classes = {"9.1": "1.2.840.10008.5.1.4.1.1.88.34", "9.2": "1.2.840.10008.5.1.4.1.1.66.4"}
     audit.record_objects_sent(store, SETTINGS, "1.2.3", 1, destination, None, classes)
-    outcomes = [SimpleNamespace(sop_instance_uid="9.1", outcome="sent", error=None),
-                SimpleNamespace(sop_instance_uid="9.2", outcome="transient", error="association rejected")]
+    outcomes = [
+        SimpleNamespace(sop_instance_uid="9.1", outcome="sent", error=None),
+        SimpleNamespace(sop_instance_uid="9.2", outcome="transient", error="association rejected"),
+    ]
     audit.record_objects_sent(store, SETTINGS, "1.2.3", 1, destination, outcomes, classes)
     audit.record_admin_change(store, SETTINGS, "bob", "remote_node.add", "pacs", None, destination)
     audit.record_authentication(store, SETTINGS, "alice", True, host="10.0.0.9")
@@ -166,7 +166,7 @@ def test_every_kind_of_row_is_a_valid_dicom_audit_message(tmp_path: Path) -> Non
 
 
 def test_the_schema_checks_catch_broken_messages() -> None:
-    row = _event(datetime.now(timezone.utc), "association_rejected", calling_ae="EVIL", peer_host="10.0.0.1")
+    row = _event(datetime.now(UTC), "association_rejected", calling_ae="EVIL", peer_host="10.0.0.1")
     xml = audit_message(row, SOURCE)[0]
     assert audit_message_errors(xml) == []
     broken = {
@@ -240,7 +240,7 @@ def test_init_is_an_audited_settings_change_with_passwords_masked(tmp_path: Path
 def test_the_operations_apis_events_are_the_same_dicom_audit_messages() -> None:
     """The HTTP API records its own event names (api_login, api_login_failed, api_change): on the
     ATNA wire they are User Authentication and Security Alert messages, as the CLI's are."""
-    at = datetime(2026, 11, 30, 12, 0, tzinfo=timezone.utc)
+    at = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 
     def row(name: str, **detail) -> AuditEvent:
         return AuditEvent(at=at, event=name, calling_ae=None, called_ae=None, peer_host="10.0.0.9", study_instance_uid=None,

@@ -6,20 +6,19 @@ Each test checks the exit status, the one line printed and that no traceback app
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from dicom_node.pipeline.analysis import StudyAnalysis
 from dicom_node.cli.main import build_parser
+from dicom_node.pipeline.analysis import StudyAnalysis
 from dicom_node.settings import CONFIG_FILE_NAME, load_settings
 from dicom_node.store import open_store
 from dicom_node.store.base import InstanceRecord
@@ -217,7 +216,7 @@ def test_systemd_units_and_example_configs_agree_with_the_system_defaults() -> N
 def test_studies_shows_a_study_with_nothing_to_analyse_as_skipped(site: Path) -> None:
     store = open_store(load_settings(site / CONFIG_FILE_NAME, env={}).database_url)
     reason = "lateral view (ViewPosition LL)"
-    t0 = datetime.now(timezone.utc) - timedelta(minutes=1)
+    t0 = datetime.now(UTC) - timedelta(minutes=1)
     for n in range(2):
         record = InstanceRecord(f"{STUDY}.{n}", "1.2.840.10008.5.1.4.1.1.1", STUDY, STUDY + ".1", "1.2.840.10008.1.2.1",
                                 f"spool/{n}.dcm", 100, f"{n:064x}", "CR01", t0 + timedelta(seconds=n))  # fmt: skip
@@ -336,7 +335,7 @@ def write_spooled(spool: Path, relative: str, **header: str) -> InstanceRecord:
     target.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(target, enforce_file_format=True)
     return InstanceRecord(str(ds.SOPInstanceUID), str(ds.SOPClassUID), STUDY, str(ds.SeriesInstanceUID), "1.2.840.10008.1.2.1",
-                          relative, target.stat().st_size, "0" * 64, "CR01", datetime.now(timezone.utc))  # fmt: skip
+                          relative, target.stat().st_size, "0" * 64, "CR01", datetime.now(UTC))  # fmt: skip
 
 
 def test_studies_shows_patient_accession_date_description_and_source_within_the_terminal(site: Path) -> None:

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -121,7 +121,10 @@ def test_ae_update_changes_only_what_is_given(site: Path) -> None:
     ("args", "fragments"),
     [
         (("ae", "add", "pacs", "--ae-title", "PACS", "--host", "127.0.0.1", "--port", "4242", "--role", "both"), ("'pacs' already exists",)),
-        (("ae", "add", "x", "--ae-title", "WAY_TOO_LONG_AE_TITLE", "--host", "h", "--port", "104", "--role", "source"), ("--ae-title", "WAY_TOO_LONG_AE_TITLE")),
+        (
+            ("ae", "add", "x", "--ae-title", "WAY_TOO_LONG_AE_TITLE", "--host", "h", "--port", "104", "--role", "source"),
+            ("--ae-title", "WAY_TOO_LONG_AE_TITLE"),
+        ),
         (("ae", "add", "x", "--ae-title", "A", "--host", "h", "--port", "70000", "--role", "source"), ("--port 70000", "1-65535")),
         (("ae", "add", "x", "--ae-title", "A", "--host", "h", "--port", "abc", "--role", "source"), ("--port 'abc'",)),
         (("ae", "add", "x", "--ae-title", "A", "--host", "*", "--port", "104", "--role", "destination"), ("'*' only suits a source",)),
@@ -222,7 +225,7 @@ def test_echo_reports_rejection_and_refusal_in_one_line(site: Path) -> None:
 
 def test_studies_json_shows_state_counts_reasons_and_stage_times(site: Path) -> None:
     store = open_store(load_settings(site / "anatomix-node.toml", env={}).database_url)
-    t0 = datetime.now(timezone.utc) - timedelta(minutes=1)
+    t0 = datetime.now(UTC) - timedelta(minutes=1)
     ids = []
     for n in range(3):
         record = InstanceRecord(f"{STUDY}.{n}", "1.2.840.10008.5.1.4.1.1.1", STUDY, STUDY + ".1", "1.2.840.10008.1.2.1",

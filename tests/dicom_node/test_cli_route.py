@@ -12,7 +12,7 @@ from tests.dicom_node.test_cli_node import assert_one_line_error, node, site  # 
 from tests.dicom_node.test_store import T0
 
 
-def add_nodes(site: Path) -> None:  # noqa: F811
+def add_nodes(site: Path) -> None:
     for args in (("ward", "--ae-title", "WARD", "--host", "127.0.0.1", "--role", "source"),
                  ("pacs-dx", "--ae-title", "PACSDX", "--host", "127.0.0.1", "--port", "11120", "--role", "destination"),
                  ("pacs-cr", "--ae-title", "PACSCR", "--host", "127.0.0.1", "--port", "11121", "--role", "destination")):  # fmt: skip
@@ -20,13 +20,13 @@ def add_nodes(site: Path) -> None:  # noqa: F811
         assert result.returncode == 0, result.stderr
 
 
-def rules(site: Path) -> list[dict]:  # noqa: F811
+def rules(site: Path) -> list[dict]:
     result = node(site, "route", "list", "--json")
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
 
-def test_add_list_update_move_remove(site: Path) -> None:  # noqa: F811
+def test_add_list_update_move_remove(site: Path) -> None:
     add_nodes(site)
     assert "no routing rules" in node(site, "route", "list").stdout
     added = node(site, "route", "add", "dx", "--source", "ward", "--modality", "DX", "--modality", "D?", "--to", "pacs-dx")
@@ -51,14 +51,13 @@ def test_add_list_update_move_remove(site: Path) -> None:  # noqa: F811
         events = list(reversed(store.list_audit_events("routing_rule_changed")))
     finally:
         store.close()
-    assert [(e.detail["change"], e.detail["rule"]) for e in events] == [
-        ("add", "dx"), ("add", "cr"), ("update", "dx"), ("move", "dx"), ("remove", "cr")]
+    assert [(e.detail["change"], e.detail["rule"]) for e in events] == [("add", "dx"), ("add", "cr"), ("update", "dx"), ("move", "dx"), ("remove", "cr")]
     update = events[2].detail
     assert update["before"]["enabled"] is True and update["after"]["enabled"] is False and update["user"]
     assert events[4].detail["after"] is None and events[4].detail["before"]["action"]["profile"] == "sr-only"
 
 
-def test_mistakes_are_one_line_naming_the_field(site: Path) -> None:  # noqa: F811
+def test_mistakes_are_one_line_naming_the_field(site: Path) -> None:
     add_nodes(site)
     assert_one_line_error(node(site, "route", "add", "x", "--to", "pacs-dx"), "routing rule not saved", "match: a rule needs at least one condition")
     assert_one_line_error(node(site, "route", "add", "x", "--modality", "[DX", "--to", "pacs-dx"), "match.modality[0]", "never closed")
@@ -77,7 +76,7 @@ def test_mistakes_are_one_line_naming_the_field(site: Path) -> None:  # noqa: F8
     assert rules(site)[0]["action"]["destinations"] == ["pacs-dx"]  # the failed update changed nothing
 
 
-def test_dry_run_without_rules_explains_the_default(site: Path) -> None:  # noqa: F811
+def test_dry_run_without_rules_explains_the_default(site: Path) -> None:
     add_nodes(site)
     settings = load_settings(site / "anatomix-node.toml", env={})
     store = open_store(settings.database_url)

@@ -52,9 +52,7 @@ def test_the_template_loads_to_exactly_the_defaults(tmp_path: Path) -> None:
 def test_uncommenting_every_key_changes_nothing(tmp_path: Path) -> None:
     uncommented = uncomment_keys(DEFAULT_CONFIG_TOML)
     raw = tomllib.loads(uncommented)
-    assert {section: set(values) for section, values in raw.items()} == {
-        section: {f.name for f in fields(cls)} for section, cls in section_types().items()
-    }
+    assert {section: set(values) for section, values in raw.items()} == {section: {f.name for f in fields(cls)} for section, cls in section_types().items()}
     assert load(tmp_path, uncommented) == Settings()
 
 

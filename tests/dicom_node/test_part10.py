@@ -22,9 +22,7 @@ from dicom_node.net.part10 import PREAMBLE, part10_header
     ],
 )
 def test_header_is_byte_identical_to_pynetdicoms(sop_class: str, sop_instance: str, syntax: str) -> None:
-    expected = PREAMBLE + encode_file_meta(
-        create_file_meta(sop_class_uid=UID(sop_class), sop_instance_uid=UID(sop_instance), transfer_syntax=UID(syntax))
-    )
+    expected = PREAMBLE + encode_file_meta(create_file_meta(sop_class_uid=UID(sop_class), sop_instance_uid=UID(sop_instance), transfer_syntax=UID(syntax)))
     assert part10_header(sop_class, sop_instance, syntax) == expected
 
 

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC
 from pathlib import Path
 from unittest import mock
 
@@ -21,9 +22,9 @@ from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 from dicom_node.audit import trail as audit
 from dicom_node.audit.trail import AggregatedAudit, open_audit_trail
 from dicom_node.logging_setup import escape_controls
-from dicom_node.net.scp import StorageScp
 from dicom_node.net.gate import ConnectionGate
 from dicom_node.net.guard import GuardedSocket, IdleCheckpoint
+from dicom_node.net.scp import StorageScp
 from dicom_node.net.server import InheritedSocketServer, make_scp_server, open_listening_socket
 from dicom_node.settings import LimitsSettings, Settings, SettingsError
 from dicom_node.store import open_store
@@ -143,9 +144,7 @@ def test_aggregated_audit_bounds_rows_per_window(tmp_path: Path) -> None:
                 aggregate.note_connection(host, "closed_before_association")
         assert aggregate.flush() == 1 + 3  # one rejection summary; two named hosts + "other hosts"
         summaries = store.list_audit_events(audit.CONNECTIONS_SUMMARY)
-        assert sorted((r.peer_host, r.detail["count"]) for r in summaries) == [
-            ("(other hosts)", 20), ("203.0.113.1", 10), ("203.0.113.2", 10)
-        ]
+        assert sorted((r.peer_host, r.detail["count"]) for r in summaries) == [("(other hosts)", 20), ("203.0.113.1", 10), ("203.0.113.2", 10)]
         (rejected,) = store.list_audit_events(audit.ASSOCIATIONS_REJECTED_SUMMARY)
         assert rejected.detail["count"] == 97 and len(rejected.detail["calling_aes"]) == 10
         assert all("\n" not in ae for ae in rejected.detail["calling_aes"])
@@ -276,15 +275,25 @@ def test_idle_association_wakes_tens_not_thousands_of_times_a_second(guarded: Gu
 
 
 def test_audit_retention_deletes_only_rows_older_than_the_limit(tmp_path: Path) -> None:
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timedelta
 
     running = start_guarded(tmp_path, audit_retention_days=30)
     try:
         running.server.housekeeping.stop()  # its own hourly purge must not race the one we call
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         for age_days in (400, 31, 29, 0):
-            running.store.audit(audit.AuditEvent(at=now - timedelta(days=age_days), event="probe", calling_ae=None, called_ae=None,
-                                                 peer_host=None, study_instance_uid=None, sop_instance_uid=None, detail={"age": age_days}))
+            running.store.audit(
+                audit.AuditEvent(
+                    at=now - timedelta(days=age_days),
+                    event="probe",
+                    calling_ae=None,
+                    called_ae=None,
+                    peer_host=None,
+                    study_instance_uid=None,
+                    sop_instance_uid=None,
+                    detail={"age": age_days},
+                )
+            )
         assert running.server.housekeeping.purge_audit() == 2
         assert sorted(r.detail["age"] for r in running.audit_rows("probe")) == [0, 29]
     finally:

@@ -21,7 +21,7 @@ import errno
 import os
 import time
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pydicom
@@ -31,10 +31,11 @@ from dicom_node.audit.trail import open_audit_trail
 from dicom_node.pipeline.reconcile import reconcile_spool
 from dicom_node.pipeline.retention import purge_expired
 from dicom_node.settings import Settings
-from dicom_node.store.spool import ensure_spooled, write_instance
 from dicom_node.store import open_store
 from dicom_node.store.base import STUDY_STATES, InstanceRecord, ProducedObject, Store
-from tests.dicom_node.test_cli_node import assert_one_line_error, node as run_cli
+from dicom_node.store.spool import ensure_spooled, write_instance
+from tests.dicom_node.test_cli_node import assert_one_line_error
+from tests.dicom_node.test_cli_node import node as run_cli
 from tests.faults.test_kill_and_disk import send_statuses
 from tests.support.corpus import write_synthetic_set
 from tests.support.node import NodeProcess
@@ -64,7 +65,7 @@ def test_serve_purges_an_expired_study_at_start_up_and_a_late_instance_reopens_i
         result_file = site.data_dir / "results" / OLD / "v1" / "sr.dcm"
         result_file.parent.mkdir(parents=True)
         result_file.write_bytes(b"result object")
-        store.record_produced_object(ProducedObject(OLD, 1, "x", "sr", "5.9", "1.2.840.10008.5.1.4.1.1.88.34", f"{OLD}/v1/sr.dcm", datetime.now(timezone.utc)))
+        store.record_produced_object(ProducedObject(OLD, 1, "x", "sr", "5.9", "1.2.840.10008.5.1.4.1.1.88.34", f"{OLD}/v1/sr.dcm", datetime.now(UTC)))
         spooled_old = [site.spool_dir / i.path for i in store.list_instances(OLD)]
         assert len(spooled_old) == 2 and all(p.exists() for p in spooled_old)
         old_bytes = sum(p.stat().st_size for p in spooled_old)
@@ -117,7 +118,7 @@ def test_a_duplicate_resent_while_its_study_is_purged_is_written_again(tmp_path:
                 sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID), study_instance_uid=OLD,
                 series_instance_uid=str(ds.SeriesInstanceUID), transfer_syntax_uid="1.2.840.10008.1.2.1",
                 path=spooled.relative_path, size=spooled.size, sha256=spooled.sha256, calling_ae="MODALITY",
-                received_at=datetime.now(timezone.utc),
+                received_at=datetime.now(UTC),
             )  # fmt: skip
 
         first = write_instance(settings.storage.spool_dir, OLD, str(ds.SOPInstanceUID), parts)
@@ -126,7 +127,7 @@ def test_a_duplicate_resent_while_its_study_is_purged_is_written_again(tmp_path:
 
         again = write_instance(settings.storage.spool_dir, OLD, str(ds.SOPInstanceUID), parts)  # the re-send
         assert not again.created  # the SCP found the file already there
-        report = purge_expired(settings, store, open_audit_trail(store, None), days=0, now=datetime.now(timezone.utc) + timedelta(seconds=1))
+        report = purge_expired(settings, store, open_audit_trail(store, None), days=0, now=datetime.now(UTC) + timedelta(seconds=1))
         assert [p.study_instance_uid for p in report.purged] == [OLD]
         target = settings.storage.spool_dir / again.relative_path
         assert not target.exists()  # the purge removed the file the re-send relies on
@@ -149,7 +150,7 @@ def test_purge_command_dry_run_real_run_and_refusal(tmp_path: Path) -> None:
         spooled = write_instance(site.spool_dir, OLD, str(ds.SOPInstanceUID), [path.read_bytes()])
         store.record_instance(InstanceRecord(
             str(ds.SOPInstanceUID), str(ds.SOPClassUID), OLD, str(ds.SeriesInstanceUID), "1.2.840.10008.1.2.1",
-            spooled.relative_path, spooled.size, spooled.sha256, "MODALITY", datetime.now(timezone.utc),
+            spooled.relative_path, spooled.size, spooled.sha256, "MODALITY", datetime.now(UTC),
         ))  # fmt: skip
         finish(store, OLD)
     finally:
@@ -210,14 +211,14 @@ def policy_site(tmp_path: Path, store_url: str) -> Iterator[tuple[Settings, Stor
             spooled = write_instance(settings.storage.spool_dir, study, str(ds.SOPInstanceUID), [source.read_bytes()])
             store.record_instance(InstanceRecord(
                 str(ds.SOPInstanceUID), str(ds.SOPClassUID), study, str(ds.SeriesInstanceUID), "1.2.840.10008.1.2.1",
-                spooled.relative_path, spooled.size, spooled.sha256, "MODALITY", datetime.now(timezone.utc),
+                spooled.relative_path, spooled.size, spooled.sha256, "MODALITY", datetime.now(UTC),
             ))  # fmt: skip
             result = settings.storage.results_dir / study / "v1" / "sr.dcm"
             result.parent.mkdir(parents=True)
             result.write_bytes(b"result object")
             store.record_produced_object(ProducedObject(
                 study, 1, str(ds.SOPInstanceUID), "sr", study + ".9", "1.2.840.10008.5.1.4.1.1.88.34",
-                f"{study}/v1/sr.dcm", datetime.now(timezone.utc),
+                f"{study}/v1/sr.dcm", datetime.now(UTC),
             ))  # fmt: skip
             for to_state in path:
                 assert store.transition_study(study, 1, tuple(STUDY_STATES), to_state)
@@ -240,17 +241,13 @@ def state_of_the_site(settings: Settings, store: Store, studies: dict[str, str])
     return seen
 
 
-@pytest.mark.parametrize(
-    "retention_states", [("done",), ("done", "failed")], ids=["done-only", "done-and-failed"]
-)
-def test_retention_purges_exactly_the_states_of_the_policy(
-    policy_site: tuple[Settings, Store, dict[str, str]], retention_states: tuple[str, ...]
-) -> None:
+@pytest.mark.parametrize("retention_states", [("done",), ("done", "failed")], ids=["done-only", "done-and-failed"])
+def test_retention_purges_exactly_the_states_of_the_policy(policy_site: tuple[Settings, Store, dict[str, str]], retention_states: tuple[str, ...]) -> None:
     settings, store, studies = policy_site
     settings = settings.with_overrides(storage={"retention_days": 1.0, "retention_states": list(retention_states)})
     assert settings.storage.retention_states == retention_states
     # Every study is older than the cutoff: only the policy's states may decide.
-    later = datetime.now(timezone.utc) + timedelta(days=2)
+    later = datetime.now(UTC) + timedelta(days=2)
     dry = purge_expired(settings, store, now=later, dry_run=True)
     assert sorted(dry.candidates) == sorted(studies[s] for s in retention_states)
 
@@ -262,9 +259,7 @@ def test_retention_purges_exactly_the_states_of_the_policy(
             assert after[state] == ("purged", 0, 0, False), state
         else:  # kept on purpose: the same state, its rows, its image and its result
             assert after[state] == (state, 1, 1, True), state
-    assert sorted(e.study_instance_uid for e in store.list_audit_events("study_purged")) == sorted(
-        studies[s] for s in retention_states
-    )
+    assert sorted(e.study_instance_uid for e in store.list_audit_events("study_purged")) == sorted(studies[s] for s in retention_states)
 
 
 def test_a_file_that_cannot_be_removed_fails_the_pass_and_the_next_pass_completes_it(
@@ -286,7 +281,7 @@ def test_a_file_that_cannot_be_removed_fails_the_pass_and_the_next_pass_complete
             raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
         return real_unlink(path, *args, **kwargs)
 
-    later = datetime.now(timezone.utc) + timedelta(days=2)
+    later = datetime.now(UTC) + timedelta(days=2)
     trail = open_audit_trail(store, None)
     monkeypatch.setattr(os, "unlink", failing_unlink)
     with pytest.raises(OSError) as raised:

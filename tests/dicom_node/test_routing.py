@@ -7,15 +7,28 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_node.pipeline.delivery import route_destinations
 from dicom_node.pipeline.routing import (
-    RouteAction, RouteMatch, RoutingRule, RuleValidationError, StudyFacts, add_rule, decide_routes, evaluate_rules,
-    glob_problem, list_rules, matches, move_rule, parse_rule, remove_rule, update_rule, validate_rule,
+    RouteAction,
+    RouteMatch,
+    RoutingRule,
+    RuleValidationError,
+    StudyFacts,
+    add_rule,
+    decide_routes,
+    evaluate_rules,
+    glob_problem,
+    list_rules,
+    matches,
+    move_rule,
+    parse_rule,
+    remove_rule,
+    update_rule,
+    validate_rule,
 )  # fmt: skip
 from dicom_node.settings import OutputSettings, load_settings
 from dicom_node.store.base import RemoteNode, RoutingRuleRecord, Store, StoreConflict
@@ -151,7 +164,9 @@ def test_a_disabled_rule_is_skipped() -> None:
 def test_no_rule_matching_keeps_todays_default_the_sender_and_default_destinations() -> None:
     decision = evaluate_rules([replace(rule("cr", modality="CR"), position=1)], facts(("DX",)), NODES)
     assert [(r.node.name, r.node.profile, r.reason) for r in decision.routes] == [
-        ("ward-a", "sr-only", "sender"), ("archive", "pacs-basic", "default destination")]
+        ("ward-a", "sr-only", "sender"),
+        ("archive", "pacs-basic", "default destination"),
+    ]
     # A namesake on another host is not the sender; an unknown sender on a known destination's host is.
     assert [r.node.name for r in evaluate_rules([], facts(source="ward-b", host="127.0.0.2"), NODES).routes] == ["archive"]
     assert [r.node.name for r in evaluate_rules([], facts(source=None, host="127.0.0.1"), NODES).routes] == ["ward-a", "archive"]

@@ -10,7 +10,6 @@ import json
 import subprocess
 import sys
 import time
-
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +21,10 @@ from pynetdicom import AE, _config
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 
-from dicom_node.pipeline.assembly import close_studies_at_release
 from dicom_node.audit.trail import open_audit_trail
 from dicom_node.net import negotiation
 from dicom_node.net.scp import StorageScp, accept_unlisted_classes_in_this_process, build_ae
+from dicom_node.pipeline.assembly import close_studies_at_release
 from dicom_node.settings import Settings
 from dicom_node.store import open_store
 from dicom_node.store.base import RemoteNode, Store
@@ -47,9 +46,7 @@ class RunningScp:
 
 def start_scp(tmp_path: Path, **node: object) -> RunningScp:
     port = free_port()
-    settings = Settings().with_overrides(
-        node={"port": port, **node}, storage={"data_dir": tmp_path / "var", "min_free_bytes": 0}
-    )
+    settings = Settings().with_overrides(node={"port": port, **node}, storage={"data_dir": tmp_path / "var", "min_free_bytes": 0})
     (tmp_path / "var" / "spool" / ".tmp").mkdir(parents=True)
     store = open_store(f"sqlite:///{tmp_path / 'var' / 'anatomix.db'}")
     store.add_remote_node(RemoteNode(name="modality", ae_title="MODALITY", host="127.0.0.1", port=104, role="source", complete_on_release=True))

@@ -7,7 +7,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,7 +23,10 @@ def test_port_in_use_is_one_clear_line_and_non_zero_exit(tmp_path: Path) -> None
         blocker.listen()
         result = subprocess.run(
             [*NODE_COMMAND, "serve", "--config", str(node.config_path)],
-            cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
@@ -41,7 +43,10 @@ def test_overrides_start_up_line_and_clean_shutdown(tmp_path: Path) -> None:
     log = open(tmp_path / "serve.log", "wb")
     process = subprocess.Popen(
         [*NODE_COMMAND, "serve", "--config", str(node.config_path), "--port", str(port), "--ae-title", "OTHER_AE"],
-        cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=REPO_ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 60

@@ -217,9 +217,7 @@ def other_connection(url: str) -> Iterator[Store]:
 # ---- the store fails exactly when the instance is recorded --------------------------------------------
 
 
-def test_store_failing_when_the_instance_is_recorded_answers_out_of_resources_and_leaves_nothing(
-    scp: HookedScp, tmp_path: Path
-) -> None:
+def test_store_failing_when_the_instance_is_recorded_answers_out_of_resources_and_leaves_nothing(scp: HookedScp, tmp_path: Path) -> None:
     first, second = write_synthetic_set(tmp_path / "push", 2, study_uid=STUDY)
     scp.store.before_record, scp.store.after_record = fail_the_backend(scp)
     with Sender(scp.port) as sender:
@@ -264,9 +262,7 @@ def test_store_failing_for_a_resent_duplicate_keeps_the_acknowledged_file(scp: H
 # ---- no answer before the recording ----------------------------------------------------------------------
 
 
-def test_success_is_not_answered_before_the_instance_is_recorded(
-    scp: HookedScp, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_success_is_not_answered_before_the_instance_is_recorded(scp: HookedScp, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The recording is held on an event. While it is held the sender has no answer; when the
     Success arrives, the row is already committed (seen from another connection at that moment);
     and every durability step of the spool write came before the recording.

@@ -25,7 +25,9 @@ def test_defaults_without_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 
 def test_toml_values_are_read_and_typed(tmp_path: Path) -> None:
-    config = write_config(tmp_path, """
+    config = write_config(
+        tmp_path,
+        """
 [node]
 ae_title = "NODE1"
 port = 11113
@@ -44,7 +46,8 @@ tasks = ["report"]
 default_profile = "mine"
 [output.profiles]
 mine = ["sr", "seg"]
-""")
+""",
+    )
     settings = load_settings(config, env={})
     assert (settings.node.ae_title, settings.node.port, settings.node.accept_unknown_sources) == ("NODE1", 11113, True)
     assert settings.storage.data_dir == tmp_path.resolve() / "data"  # relative to the config file

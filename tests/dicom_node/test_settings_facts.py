@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -89,7 +89,7 @@ def test_settings_and_the_writer_apply_one_uid_root_rule(root: str) -> None:
 def test_final_states_include_purged_everywhere() -> None:
     assert set(FINAL_STUDY_STATES) <= set(STUDY_STATES) and "purged" in FINAL_STUDY_STATES
     assert set(RETENTION_STATES) == set(FINAL_STUDY_STATES) - {"purged"}
-    now = datetime(2026, 11, 30, 12, tzinfo=timezone.utc)
+    now = datetime(2026, 11, 30, 12, tzinfo=UTC)
     for final in FINAL_STUDY_STATES:
         history = {"receiving": now - timedelta(hours=2), final: now - timedelta(hours=1)}
         stages = stage_durations(history, final, now)

@@ -40,9 +40,7 @@ def test_write_is_content_addressed_and_a_repeat_is_not_rewritten(tmp_path: Path
     assert (tmp_path / first.relative_path).stat().st_mtime_ns == mtime
     other = write_instance(tmp_path, STUDY, SOP, [b"META", b"OTHER"])
     assert other.created and other.relative_path != first.relative_path  # a second version, both kept
-    assert sorted(p.name for p in (tmp_path / STUDY).iterdir()) == sorted(
-        Path(r).name for r in (first.relative_path, other.relative_path)
-    )
+    assert sorted(p.name for p in (tmp_path / STUDY).iterdir()) == sorted(Path(r).name for r in (first.relative_path, other.relative_path))
     assert list((tmp_path / ".tmp").iterdir()) == []
 
 
@@ -145,6 +143,7 @@ class OsCallRecorder:
                 path = Path(os.readlink(f"/proc/self/fd/{fd}"))
                 real(fd)
                 self._note(OsCall("sync", path, size=info.st_size, is_dir=stat.S_ISDIR(info.st_mode)))
+
             return sync
 
         def renamed(real):
@@ -153,6 +152,7 @@ class OsCallRecorder:
                 existed = target.exists()
                 real(src, dst, *args, **kwargs)
                 self._note(OsCall("rename", source, target=target, target_existed=existed))
+
             return rename
 
         monkeypatch.setattr(os, "fsync", synced(real_fsync))

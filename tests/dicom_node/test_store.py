@@ -6,7 +6,7 @@ import multiprocessing
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
@@ -33,7 +33,7 @@ from tests.support.postgres import postgres_server, postgres_url, start_private_
 STUDY = "1.2.826.0.1.3680043.10.1431.9.1"
 CR = "1.2.840.10008.5.1.4.1.1.1"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
-T0 = datetime(2026, 1, 31, 12, 0, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 1, 31, 12, 0, 0, tzinfo=UTC)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -373,7 +373,7 @@ def _finished_study(store: Store) -> None:
 
 def test_purge_removes_a_finished_study_and_keeps_a_tombstone(store: Store) -> None:
     _finished_study(store)
-    later = datetime.now(timezone.utc) + timedelta(seconds=1)
+    later = datetime.now(UTC) + timedelta(seconds=1)
     assert store.list_purge_candidates(("done",), later) == [STUDY]
     assert store.list_purge_candidates(("failed",), later) == []
     assert store.list_purge_candidates(("done",), later - timedelta(days=1)) == []
@@ -394,7 +394,7 @@ def test_purge_removes_a_finished_study_and_keeps_a_tombstone(store: Store) -> N
 
 def test_purge_leaves_studies_that_are_not_eligible(store: Store) -> None:
     _finished_study(store)
-    later = datetime.now(timezone.utc) + timedelta(seconds=1)
+    later = datetime.now(UTC) + timedelta(seconds=1)
     calls: list[object] = []
     assert store.purge_study(STUDY, ("done",), later - timedelta(days=1), calls.append) is None  # changed too recently
     assert store.purge_study(STUDY, ("failed",), later, calls.append) is None  # not in a purgeable state
@@ -424,7 +424,7 @@ def test_an_instance_arriving_during_a_purge_waits_and_reopens_the_study(store: 
     sender = threading.Thread(target=late_sender)
     sender.start()
     try:
-        purged = store.purge_study(STUDY, ("done",), datetime.now(timezone.utc) + timedelta(seconds=1), slow_removal)
+        purged = store.purge_study(STUDY, ("done",), datetime.now(UTC) + timedelta(seconds=1), slow_removal)
         sender.join(30)
     finally:
         other.close()
@@ -459,7 +459,7 @@ def test_unreachable_postgres_message_hides_the_password() -> None:
     assert "secret" not in str(caught.value) and "***" in str(caught.value)
 
 
-def test_postgres_going_away_is_store_unavailable_then_recovers(postgres_url: str, postgres_server) -> None:  # noqa: F811
+def test_postgres_going_away_is_store_unavailable_then_recovers(postgres_url: str, postgres_server) -> None:
     store = open_store(postgres_url)
     store.ping()
     with psycopg.connect(postgres_server.url("postgres"), autocommit=True) as admin:

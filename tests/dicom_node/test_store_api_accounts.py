@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -11,7 +11,7 @@ from dicom_node.store.base import ApiSession, ApiUser, StoreConflict
 from tests.dicom_node.test_store import store, store_url  # noqa: F401 (fixtures: both backends)
 from tests.support.postgres import postgres_server, postgres_url  # noqa: F401 (fixtures)
 
-T0 = datetime(2026, 11, 30, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 
 
 def test_users_roles_and_removal_with_their_tokens_and_sessions(store):
@@ -26,11 +26,11 @@ def test_users_roles_and_removal_with_their_tokens_and_sessions(store):
     assert "a long password" not in user.password_hash and user.password_hash.startswith("$argon2id$")
 
     token = store.add_api_token("alice", "ci", "h1", T0)
-    store.add_api_session(ApiSession("s1", "alice", "csrf", T0, datetime.now(timezone.utc) + timedelta(hours=1)))
-    assert store.get_api_session("s1", datetime.now(timezone.utc)).csrf_token == "csrf"
+    store.add_api_session(ApiSession("s1", "alice", "csrf", T0, datetime.now(UTC) + timedelta(hours=1)))
+    assert store.get_api_session("s1", datetime.now(UTC)).csrf_token == "csrf"
     assert store.update_api_user("alice", role="operator", disabled=True)
     assert (store.get_api_user("alice").role, store.get_api_user("alice").disabled) == ("operator", True)
-    assert store.get_api_session("s1", datetime.now(timezone.utc)) is None  # a change of role or state ends sessions
+    assert store.get_api_session("s1", datetime.now(UTC)) is None  # a change of role or state ends sessions
     assert not store.update_api_user("nobody", role="viewer")
     assert store.find_api_token("h1", T0 + timedelta(minutes=1)).id == token.id
     assert store.list_api_tokens("alice")[0].last_used_at == T0 + timedelta(minutes=1)

@@ -4,7 +4,7 @@ reanalysis, and no purge of results a destination never got."""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from dicom_node.store.base import STUDY_STATES, AnalysisRecord, DeliveryRecord, Store
 from tests.dicom_node.test_store import STUDY, T0, _finished_study, instance, store, store_url  # noqa: F401 (fixtures)
@@ -37,7 +37,7 @@ def test_history_is_append_only_across_a_resend(store: Store) -> None:
     assert store.transition_study(STUDY, 1, ("done",), "delivering")
     assert store.transition_study(STUDY, 1, ("delivering",), "done")
     history = store.get_study(STUDY).history
-    assert history[: len(first)] == first and [s for s, _ in history[len(first):]] == ["delivering", "done"]
+    assert history[: len(first)] == first and [s for s, _ in history[len(first) :]] == ["delivering", "done"]
     assert [at for _, at in history] == sorted(at for _, at in history)
 
 
@@ -79,7 +79,7 @@ def test_requeue_for_analysis_same_version_and_new_version(store: Store) -> None
 def test_a_done_study_with_a_dead_letter_is_purged_only_with_the_failed_ones(store: Store) -> None:
     _finished_study(store)
     store.upsert_delivery(DeliveryRecord(STUDY, 1, "pacs-down", "5.1", "dead", 9, None, "dead-lettered", T0))
-    later = datetime.now(timezone.utc) + timedelta(seconds=1)
+    later = datetime.now(UTC) + timedelta(seconds=1)
     assert store.list_purge_candidates(("done",), later) == []
     assert store.purge_study(STUDY, ("done",), later, lambda *_: None) is None
     assert store.list_purge_candidates(("done", "failed"), later) == [STUDY]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -13,7 +13,7 @@ from dicom_node.store import open_store
 from dicom_node.store.base import RemoteNode, Store, WorkerReport
 from tests.support.postgres import postgres_server, postgres_url, start_private_server  # noqa: F401 (fixtures)
 
-T0 = datetime(2026, 11, 30, 12, 0, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 11, 30, 12, 0, 0, tzinfo=UTC)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -22,13 +22,13 @@ import pytest
 
 from dicom_node.audit import trail as audit
 from dicom_node.audit.trail import open_audit_trail
-from dicom_node.pipeline.delivery import OutgoingObject, send_objects
 from dicom_node.net.scp import StorageScp
 from dicom_node.net.server import InheritedSocketServer, make_scp_servers, open_listening_socket
+from dicom_node.net.tls import TlsConfigError, certificate_status, client_tls_args, server_context
+from dicom_node.pipeline.delivery import OutgoingObject, send_objects
 from dicom_node.settings import Settings, SettingsError
 from dicom_node.store import open_store
 from dicom_node.store.base import RemoteNode, Store
-from dicom_node.net.tls import TlsConfigError, certificate_status, client_tls_args, server_context
 from tests.support.corpus import write_synthetic_set
 from tests.support.dcmtk import StoreScp, run_dcmtk
 from tests.support.net import free_port
@@ -259,7 +259,11 @@ def test_delivery_over_tls_fails_without_our_certificate_or_with_an_untrusted_re
 
 def node_cli(site: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [*NODE_COMMAND, *args, "--config", str(site / "anatomix-node.toml")], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+        [*NODE_COMMAND, *args, "--config", str(site / "anatomix-node.toml")],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 

@@ -52,9 +52,7 @@ def optional_tls_scp(tmp_path: Path, pki: Pki) -> Iterator[TlsScp]:
     running.store.close()
 
 
-def test_a_source_that_requires_a_client_certificate_is_refused_without_one(
-    optional_tls_scp: TlsScp, pki: Pki, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_a_source_that_requires_a_client_certificate_is_refused_without_one(optional_tls_scp: TlsScp, pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
     scp = optional_tls_scp
     anonymous = ("+tla", "+cf", str(pki.ca.cert_path))
     caplog.set_level(logging.WARNING, logger="dicom_node.net.scp")
@@ -116,9 +114,7 @@ def test_the_hostname_check_can_be_skipped_while_the_chain_is_still_verified(tls
     assert sent.status == 0x0000, sent
 
 
-def test_start_up_warns_when_a_source_requires_a_certificate_the_port_never_asks_for(
-    tmp_path: Path, pki: Pki, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_start_up_warns_when_a_source_requires_a_certificate_the_port_never_asks_for(tmp_path: Path, pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
     from dicom_node.net.tls import log_certificate_expiry
 
     source = RemoteNode(name="ct", ae_title="CT", host="127.0.0.1", port=104, role="source", tls_client_certificate="required")

@@ -207,8 +207,9 @@ def mount_tmpfs(target: Path, options: str) -> None:
     target.mkdir(parents=True, exist_ok=True)
     result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)], capture_output=True, text=True)
     if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip() or 'mount failed'}; needs root or CAP_SYS_ADMIN); "
-                    "the watermark test covers 0xA700 without it")
+        pytest.skip(
+            f"cannot mount a tmpfs here ({result.stderr.strip() or 'mount failed'}; needs root or CAP_SYS_ADMIN); the watermark test covers 0xA700 without it"
+        )
 
 
 def test_full_spool_file_system_answers_out_of_resources_without_partial_files(tmp_path: Path) -> None:

@@ -91,7 +91,16 @@ def build_cases() -> list[Case]:
     own_uid = str(pydicom.dcmread(get_testdata_file("badVR.dcm"), stop_before_pixels=True).SOPInstanceUID)
     cases.append(Case("badVR.dcm (bad IS value, stored)", data, 0x0000, str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID), own_uid))
     # Its File Meta names another SOP Instance UID than its data set: sent under that one, a mismatch.
-    cases.append(Case("badVR.dcm under its meta's other UID", data, 0xA900, str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID), str(meta.MediaStorageSOPInstanceUID)))
+    cases.append(
+        Case(
+            "badVR.dcm under its meta's other UID",
+            data,
+            0xA900,
+            str(meta.MediaStorageSOPClassUID),
+            str(meta.TransferSyntaxUID),
+            str(meta.MediaStorageSOPInstanceUID),
+        )
+    )
     no_meta = Path(get_testdata_file("no_meta.dcm")).read_bytes()  # implicit VR bytes, no meta
     cases.append(Case("no_meta.dcm sent as explicit VR", no_meta, 0xC000, CT, EXPLICIT_LE, "1.2.826.0.1.3680043.8.498.9.900"))
     big = Path(get_testdata_file("ExplVR_BigEndNoMeta.dcm")).read_bytes()
@@ -112,11 +121,11 @@ def build_cases() -> list[Case]:
     ]
     # Wrong VRs and impossible lengths in an otherwise good header.
     at = element_offset(good, 0x0008, 0x0018)  # SOP Instance UID
-    cases.append(Case("VR bytes zeroed", good[:at + 4] + b"\x00\x00" + good[at + 6:], 0xC000, sop_instance_uid=uid1))
+    cases.append(Case("VR bytes zeroed", good[: at + 4] + b"\x00\x00" + good[at + 6 :], 0xC000, sop_instance_uid=uid1))
     at_name = element_offset(good, 0x0010, 0x0010)  # Patient's Name, PN with 2-byte length
-    cases.append(Case("text element relabelled SQ", good[:at_name + 4] + b"SQ" + good[at_name + 6:], 0xC000, sop_instance_uid=uid1))
+    cases.append(Case("text element relabelled SQ", good[: at_name + 4] + b"SQ" + good[at_name + 6 :], 0xC000, sop_instance_uid=uid1))
     at_pixels = element_offset(good, 0x7FE0, 0x0010)
-    huge = good[:at_pixels + 8] + struct.pack("<L", 0x7FFFFFF0) + good[at_pixels + 12:]
+    huge = good[: at_pixels + 8] + struct.pack("<L", 0x7FFFFFF0) + good[at_pixels + 12 :]
     cases.append(Case("pixel length beyond the data", huge, 0xC000, sop_instance_uid=uid1))
     noise = bytearray(good)
     noise[200:264] = random.Random(2).randbytes(64)
@@ -162,7 +171,7 @@ def test_malformed_inputs_get_proper_statuses_while_another_sender_succeeds(node
     sent_valid: list[Path] = []
 
     def keep_sending() -> None:
-        chunks = [valid_files[i:i + 3] for i in range(0, len(valid_files), 3)]
+        chunks = [valid_files[i : i + 3] for i in range(0, len(valid_files), 3)]
         for chunk in chunks:
             result = storescu(node.port, chunk, "STORESCU", "ANATOMIX")
             sender_codes.append(result.returncode)

@@ -64,9 +64,7 @@ class RunningScp:
 @pytest.fixture
 def scp(tmp_path: Path, slow_resolver: SlowResolver) -> Iterator[RunningScp]:
     port = free_port()
-    settings = Settings().with_overrides(
-        node={"port": port, "bind_address": "127.0.0.1"}, storage={"data_dir": tmp_path / "var", "min_free_bytes": 0}
-    )
+    settings = Settings().with_overrides(node={"port": port, "bind_address": "127.0.0.1"}, storage={"data_dir": tmp_path / "var", "min_free_bytes": 0})
     (tmp_path / "var" / "spool" / ".tmp").mkdir(parents=True)
     setup = open_store(f"sqlite:///{tmp_path / 'var' / 'anatomix.db'}")
     setup.add_remote_node(RemoteNode(name="modality", ae_title="MODALITY", host="127.0.0.1", port=104, role="source"))

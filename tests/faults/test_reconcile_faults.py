@@ -17,9 +17,9 @@ import pydicom
 import pytest
 
 from dicom_node.pipeline.reconcile import QUARANTINE_DIR_NAME, reconcile_spool
-from dicom_node.store.spool import prepare_spool, write_instance
 from dicom_node.store import open_store
 from dicom_node.store.base import InstanceRecord, StoreUnavailable
+from dicom_node.store.spool import prepare_spool, write_instance
 from dicom_node.store.sqlite import SqliteStore
 from tests.dicom_node.test_scp_store_faults import HookedStore
 from tests.support.corpus import write_synthetic_set

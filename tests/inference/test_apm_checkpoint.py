@@ -67,8 +67,9 @@ def test_full_shape_demo_checkpoint_loads_with_zero_missing_and_unexpected(tmp_p
     assert report.config == APMConfig.full()
     assert sum(p.numel() for p in module.parameters()) == 31_759_714
     # Corrupt one tensor's shape in the full-size file: the loader names exactly that key.
-    bad = rewrite(path, tmp_path / "bad.pth", lambda raw: raw["model"].__setitem__(
-        "vis_model.transformer.encoder.layers.0.linear1.weight", torch.zeros(1000, 256)))
+    bad = rewrite(
+        path, tmp_path / "bad.pth", lambda raw: raw["model"].__setitem__("vis_model.transformer.encoder.layers.0.linear1.weight", torch.zeros(1000, 256))
+    )
     path.unlink()
     with pytest.raises(CheckpointError, match=r"transformer\.encoder\.layers\.0\.linear1\.weight \(file \(1000, 256\)"):
         load_apm(bad)
@@ -76,8 +77,12 @@ def test_full_shape_demo_checkpoint_loads_with_zero_missing_and_unexpected(tmp_p
 
 @pytest.mark.parametrize(
     "key",
-    ["vis_model.backbone.0.body.layer3.5.bn2.running_var", "vis_model.query_embed.weight",
-     "vis_model.backbone.0.body.conv1.weight", "vis_model.anat_obj_embs.linear.bias"],
+    [
+        "vis_model.backbone.0.body.layer3.5.bn2.running_var",
+        "vis_model.query_embed.weight",
+        "vis_model.backbone.0.body.conv1.weight",
+        "vis_model.anat_obj_embs.linear.bias",
+    ],
 )
 def test_dropping_one_key_names_it(tiny_checkpoint, tmp_path, key):
     bad = rewrite(tiny_checkpoint, tmp_path / "dropped.pth", lambda raw: raw["model"].pop(key))
@@ -88,12 +93,14 @@ def test_dropping_one_key_names_it(tiny_checkpoint, tmp_path, key):
 
 @pytest.mark.parametrize(
     ("key", "shape"),
-    [("vis_model.input_proj.weight", (64, 256, 1, 2)), ("vis_model.backbone.0.body.conv1.weight", (8, 3, 7, 7)),
-     ("vis_model.bbox_embed.layers.2.weight", (5, 64))],
+    [
+        ("vis_model.input_proj.weight", (64, 256, 1, 2)),
+        ("vis_model.backbone.0.body.conv1.weight", (8, 3, 7, 7)),
+        ("vis_model.bbox_embed.layers.2.weight", (5, 64)),
+    ],
 )
 def test_wrong_shape_names_the_key(tiny_checkpoint, tmp_path, key, shape):
-    bad = rewrite(tiny_checkpoint, tmp_path / "shape.pth",
-                  lambda raw: raw["model"].__setitem__(key, torch.zeros(shape)))
+    bad = rewrite(tiny_checkpoint, tmp_path / "shape.pth", lambda raw: raw["model"].__setitem__(key, torch.zeros(shape)))
     with pytest.raises(CheckpointError, match="wrong shape") as error:
         load_apm(bad)
     message = str(error.value)
@@ -102,16 +109,16 @@ def test_wrong_shape_names_the_key(tiny_checkpoint, tmp_path, key, shape):
 
 
 def test_unexpected_key_is_reported_not_fatal(tiny_checkpoint, tmp_path):
-    extra = rewrite(tiny_checkpoint, tmp_path / "extra.pth",
-                    lambda raw: raw["model"].__setitem__("vis_model.class_embed.weight", torch.zeros(3, 64)))
+    extra = rewrite(tiny_checkpoint, tmp_path / "extra.pth", lambda raw: raw["model"].__setitem__("vis_model.class_embed.weight", torch.zeros(3, 64)))
     _, report = load_apm(extra)
     assert report.unexpected == ("class_embed.weight",)
     assert report.missing == ()
 
 
 def test_num_batches_tracked_is_dropped(tiny_checkpoint, tmp_path):
-    path = rewrite(tiny_checkpoint, tmp_path / "nbt.pth", lambda raw: raw["model"].__setitem__(
-        "vis_model.backbone.0.body.bn1.num_batches_tracked", torch.tensor(7)))
+    path = rewrite(
+        tiny_checkpoint, tmp_path / "nbt.pth", lambda raw: raw["model"].__setitem__("vis_model.backbone.0.body.bn1.num_batches_tracked", torch.tensor(7))
+    )
     _, report = load_apm(path)
     assert report.dropped_num_batches_tracked == 1 and report.unexpected == ()
 

@@ -197,8 +197,7 @@ def test_cuda_autocast_matches_cpu(chest_batch, dtype):
     # Boxes: the demo box head amplifies reduced-precision rounding (see the CPU bf16 test): mean only.
     box_error = float((actual["boxes"].cpu() - expected["boxes"]).abs().mean())
     assert box_error < {torch.float32: 1e-3, torch.float16: 0.03, torch.bfloat16: 0.15}[dtype], box_error
-    torch.testing.assert_close(actual["anatomy_tokens"].cpu(), expected["anatomy_tokens"], atol=4 * tolerance,
-                               rtol=4 * tolerance)
+    torch.testing.assert_close(actual["anatomy_tokens"].cpu(), expected["anatomy_tokens"], atol=4 * tolerance, rtol=4 * tolerance)
     single = torch.cat([runner.run(chest_batch[i : i + 1])["boxes"] for i in range(chest_batch.shape[0])])
     assert float((single - actual["boxes"]).abs().mean()) < tolerance
 

@@ -26,10 +26,7 @@ def engine(tmp_path_factory) -> Engine:
 @pytest.fixture(scope="module")
 def images():
     shapes = [(900, 700), (600, 1000), (512, 512), (700, 701), (1000, 800), (640, 480)]
-    return [
-        prepare_array(synthetic_chest_radiograph(r, c, seed=i), f"1.2.826.0.1.3680043.10.1431.9.{i}")
-        for i, (r, c) in enumerate(shapes)
-    ]
+    return [prepare_array(synthetic_chest_radiograph(r, c, seed=i), f"1.2.826.0.1.3680043.10.1431.9.{i}") for i, (r, c) in enumerate(shapes)]
 
 
 def without_timings(result) -> dict:

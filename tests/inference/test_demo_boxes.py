@@ -60,9 +60,8 @@ def demo_apm(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def chest_images(rg1_corpus) -> dict[str, PreparedImage]:  # noqa: F811 (fixture)
-    images = {name: prepare_dataset(pydicom.dcmread(rg1_corpus[name].path))
-              for name in ("explicit_le", "j2k_lossy", "jpeg_ls_near_lossless")}
+def chest_images(rg1_corpus) -> dict[str, PreparedImage]:
+    images = {name: prepare_dataset(pydicom.dcmread(rg1_corpus[name].path)) for name in ("explicit_le", "j2k_lossy", "jpeg_ls_near_lossless")}
     rg1 = display_values_from_dataset(pydicom.dcmread(rg1_corpus["explicit_le"].path))
     images["rg1_narrow_crop"] = prepare_array(rg1[100:1900:3, 300:1500:4])  # 600 x 300 px, other aspect
     images["synthetic_chest"] = prepare_array(synthetic_chest_radiograph(1400, 1100, seed=9))

@@ -66,10 +66,7 @@ def reference_embedding(lm, token: int, injected: torch.Tensor) -> torch.Tensor:
 @torch.inference_mode()
 def reference_next_logits(lm, embeds: torch.Tensor, generated: list[int], injected: torch.Tensor | None) -> torch.Tensor:
     """The reference's step: the full sequence again, generated tokens embedded by its rule (or plain)."""
-    extra = [
-        reference_embedding(lm, t, injected) if injected is not None else lm.decoder.model.embed_tokens(torch.tensor([[t]]))[0, 0]
-        for t in generated
-    ]
+    extra = [reference_embedding(lm, t, injected) if injected is not None else lm.decoder.model.embed_tokens(torch.tensor([[t]]))[0, 0] for t in generated]
     sequence = torch.cat([embeds, torch.stack(extra)]) if extra else embeds
     return lm.decoder(inputs_embeds=sequence[None]).logits[0, -1].float()
 
@@ -118,7 +115,7 @@ def test_every_decode_path_embeds_generated_obj_and_image_tokens(setup):
     compiled = compile_decode_step()(decoder, tokens.clone(), positions.clone(), cache, injection)
     torch._dynamo.reset()
     for name, logits in (("eager", eager), ("row by row", rowwise), ("compiled", compiled)):
-        torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
         assert torch.equal(logits.argmax(-1), expected.argmax(-1)), name
     without = decode_one_token(decoder, tokens, positions, fresh_cache())
     torch.testing.assert_close(without, plain, rtol=1e-4, atol=1e-4)

@@ -18,7 +18,6 @@ from inference.prompt import build_prompt_text, encode_prompt
 from inference.result import REGION_NAMES
 from inference.tokens import TokenIds, load_tokenizer
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

@@ -40,10 +40,7 @@ def test_boxes_are_clipped_to_the_image() -> None:
 
 def test_labels_come_from_the_last_ref_since_the_previous_box() -> None:
     letterbox = Letterbox.for_shape(1024, 1024)
-    text = (
-        "<ref>Cardiomegaly</ref><ref>Effusion</ref><box>(1,2),(30,40)</box><box>(50,60),(70,80)</box>"
-        " then Nodule in the left lung <box>(5,5),(9,9)</box>"
-    )
+    text = "<ref>Cardiomegaly</ref><ref>Effusion</ref><box>(1,2),(30,40)</box><box>(50,60),(70,80)</box> then Nodule in the left lung <box>(5,5),(9,9)</box>"
     parsed = parse_grounded_answer(text, letterbox)
     assert [b.label for b in parsed.boxes] == ["Effusion", "Effusion", "then Nodule in the left lung"]
 

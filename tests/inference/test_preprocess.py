@@ -21,7 +21,6 @@ from inference.preprocess import (
     resize_bilinear_uint8,
 )
 
-
 # --- independent reference implementations (plain numpy) -------------------------------------
 
 
@@ -58,14 +57,13 @@ def reference_prepare(display: np.ndarray) -> np.ndarray:
 
 def dicom_linear_window(x: np.ndarray, center: float, width: float) -> np.ndarray:
     """DICOM PS3.3 C.11.2.1.2.1 LINEAR, output range [0, 1]."""
-    y = ((x - (center - 0.5)) / (width - 1) + 0.5)
+    y = (x - (center - 0.5)) / (width - 1) + 0.5
     y[x <= center - 0.5 - (width - 1) / 2] = 0.0
     y[x > center - 0.5 + (width - 1) / 2] = 1.0
     return y
 
 
-def make_dataset(pixels: np.ndarray, photometric: str = "MONOCHROME2", bits_stored: int | None = None,
-                 signed: bool = False) -> Dataset:
+def make_dataset(pixels: np.ndarray, photometric: str = "MONOCHROME2", bits_stored: int | None = None, signed: bool = False) -> Dataset:
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -196,8 +194,7 @@ def test_resize_is_not_antialiased():
     import torch
     import torch.nn.functional as F
 
-    smooth = F.interpolate(torch.from_numpy(board).float()[None, None], size=(1024, 1024), mode="bilinear",
-                           align_corners=False, antialias=True)
+    smooth = F.interpolate(torch.from_numpy(board).float()[None, None], size=(1024, 1024), mode="bilinear", align_corners=False, antialias=True)
     assert ours.mean() < 1 and float(smooth.mean()) > 80
 
 

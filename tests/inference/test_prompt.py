@@ -28,7 +28,9 @@ def tokenizer():
 def test_prompt_string_follows_the_training_layout() -> None:
     text = build_prompt_text("Generate findings and impressions:\n", BOXES, SENTENCES)
     assert text.startswith(f"<bos><start_of_turn>user\n{TRAINING_SYSTEM_PROMPT}\n\nImage: \n\n<image_start><image>")
-    assert "<image>" * 1024 + "<image_end>\n\n\nLikely findings:\nemb:<emb><obj_0></emb> box:<box>(-3,20),(300,400)</box> Abdominal cavity is healthy.\n" in text
+    assert (
+        "<image>" * 1024 + "<image_end>\n\n\nLikely findings:\nemb:<emb><obj_0></emb> box:<box>(-3,20),(300,400)</box> Abdominal cavity is healthy.\n" in text
+    )
     # lines joined by newlines, then the task; the template trims the instruction's trailing newline
     assert text.endswith("Right costodiaphragmatic recess is healthy.\nTask: Generate findings and impressions:<end_of_turn>\n<start_of_turn>model\n")
 
@@ -64,9 +66,7 @@ def test_context_needs_36_regions() -> None:
 
 
 def test_boxes_are_sorted_by_x1_then_y1_and_truncated() -> None:
-    assert format_boxes([(50, 1, 60, 9), (10.9, 5, 20, 30.7), (10, 2, 11, 3)]) == (
-        "<box>(10,2),(11,3)</box><box>(10,5),(20,30)</box><box>(50,1),(60,9)</box>"
-    )
+    assert format_boxes([(50, 1, 60, 9), (10.9, 5, 20, 30.7), (10, 2, 11, 3)]) == ("<box>(10,2),(11,3)</box><box>(10,5),(20,30)</box><box>(50,1),(60,9)</box>")
 
 
 def test_system_prompt_setting_names_the_two_prompts_and_defaults_to_the_evaluation_one() -> None:

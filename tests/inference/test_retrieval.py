@@ -19,10 +19,7 @@ def random_db(rng: np.random.Generator, sizes: list[int], dim: int = 16) -> Orde
     order = rng.permutation(36)  # insertion order differs from sorted order
     db = OrderedDict()
     for i in order:
-        db[names[i]] = OrderedDict(
-            (f"{names[i]} sentence {j}", torch.from_numpy(rng.standard_normal((1, dim)).astype(np.float32)))
-            for j in range(sizes[i])
-        )
+        db[names[i]] = OrderedDict((f"{names[i]} sentence {j}", torch.from_numpy(rng.standard_normal((1, dim)).astype(np.float32))) for j in range(sizes[i]))
     return db
 
 
@@ -73,8 +70,7 @@ def test_ties_go_to_the_first_index():
         base = torch.zeros(1, 16)
         base[0, i % 16] = 1.0
         # same direction three times (different lengths): equal cosine, the first must win
-        db[f"r{i:02d}"] = OrderedDict([("a first", base * 2.0), ("b second", base.clone()), ("c third", base * 5.0),
-                                        ("d other", torch.ones(1, 16))])
+        db[f"r{i:02d}"] = OrderedDict([("a first", base * 2.0), ("b second", base.clone()), ("c third", base * 5.0), ("d other", torch.ones(1, 16))])
     retrieval = RetrievalDB.from_mapping(db)
     tokens = torch.stack([db[name]["b second"].reshape(-1) * 0.5 for name in sorted(db)])[None]
     assert retrieval.lookup(tokens)[0] == ["a first"] * 36
@@ -129,8 +125,7 @@ def test_sixty_thousand_sentences_in_a_region():
     start = time.perf_counter()
     result = retrieval.lookup(tokens)
     lookup_s = time.perf_counter() - start
-    print(f"\nretrieval: build {build_s * 1e3:.0f} ms, lookup of 8 images with 60k sentences in one region "
-          f"{lookup_s * 1e3:.1f} ms")
+    print(f"\nretrieval: build {build_s * 1e3:.0f} ms, lookup of 8 images with 60k sentences in one region {lookup_s * 1e3:.1f} ms")
     # correctness on the big region against a vectorised float64 reference
     name = sorted(db)[11]
     matrix = np.stack([v.numpy().reshape(-1) for v in db[name].values()]).astype(np.float64)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from inference.result import TASKS
 from inference.tasks import (
     ANSWER_KINDS,
     TaskError,
@@ -11,7 +12,6 @@ from inference.tasks import (
     classification_instruction,
     instruction_for,
 )
-from inference.result import TASKS
 
 
 def test_every_task_is_known_and_lm_tasks_have_an_answer_kind() -> None:
@@ -25,7 +25,10 @@ def test_every_task_is_known_and_lm_tasks_have_an_answer_kind() -> None:
         ("anatomy_grounding_lm:right lung", "Where is the Right lung located in this Chest X-ray?"),
         ("anatomy_grounding_lm:4", "Where is the Cardiac shadow viewed radiologically or Heart located in this Chest X-ray?"),
         ("phrase_grounding:left pleural effusion", "Please locate the following phrase: left pleural effusion"),
-        ("grounded_diagnosis:50,60,70,80;10,20,30,40", "Please give the corresponding diagnosis for the following region(s): <box>(10,20),(30,40)</box><box>(50,60),(70,80)</box>"),
+        (
+            "grounded_diagnosis:50,60,70,80;10,20,30,40",
+            "Please give the corresponding diagnosis for the following region(s): <box>(10,20),(30,40)</box><box>(50,60),(70,80)</box>",
+        ),
         ("grounded_captioning:1,2,3,4", "Please generate a caption for the following region(s): <box>(1,2),(3,4)</box>"),
         ("abnormality_detection", "Detect abnormalities in the given image."),
         ("vqa:Is there a pneumothorax? [yes/no]", "Is there a pneumothorax? Options:\n(A) yes\n(B) no"),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -18,7 +18,7 @@ from dicom_node.cli.pipeline import node_command
 from dicom_node.settings import load_settings
 from dicom_node.store.base import DeliveryRecord, RemoteNode
 from tests.integration.test_delivery import seed_study
-from tests.support.api import api_node, client, http_url, make_accounts, wait_for_http
+from tests.support.api import api_node, client, make_accounts, wait_for_http
 from tests.support.node import REPO_ROOT
 from tests.support.receivers import StorageReceiver
 
@@ -207,7 +207,7 @@ def test_tokens_are_shown_once_stored_hashed_and_revocable(site):
     assert {t["label"] for t in listed} == {"tests", "grafana"} and all("token" not in t for t in listed)
     store = node.open_store()
     try:
-        with store._transaction(write=False) as tx:  # noqa: SLF001 - checking what is at rest
+        with store._transaction(write=False) as tx:
             stored = [row[0] for row in tx.all("SELECT token_hash FROM api_tokens")]
     finally:
         store.close()
@@ -306,14 +306,14 @@ def test_studies_dead_letters_resend_and_reanalyze(site):
         seed_study(store, settings, uid, 2)
         assert store.transition_study(uid, 1, ("delivering",), "done")
         store.upsert_delivery(DeliveryRecord(uid, 1, "pacs", "1.2.9.9", "dead", 7, 0xA700, "out of resources at the PACS",
-                                             datetime.now(timezone.utc)))  # fmt: skip
+                                             datetime.now(UTC)))  # fmt: skip
     finally:
         store.close()
 
     listed = viewer.get("/api/studies", params={"state": "done", "source": "MODALITY"}).json()
     assert [s["study_instance_uid"] for s in listed] == [uid]
     assert viewer.get("/api/studies", params={"source": "ELSEWHERE"}).json() == []
-    assert viewer.get("/api/studies", params={"since": (datetime.now(timezone.utc) + timedelta(hours=1)).isoformat()}).json() == []
+    assert viewer.get("/api/studies", params={"since": (datetime.now(UTC) + timedelta(hours=1)).isoformat()}).json() == []
     assert_problem(viewer.get("/api/studies", params={"state": "sleeping"}), 422, "state")
     assert_problem(viewer.get("/api/studies", params={"limit": 0}), 422, "limit")
     detail = viewer.get(f"/api/studies/{uid}").json()
@@ -410,7 +410,9 @@ def test_routing_rules_crud_validation_dry_run_and_audit(site):
     second = admin.post("/api/routing-rules", json={"name": "from-modality", "match": {"calling_ae": ["MODAL*"]},
                                                     "action": {"destinations": ["pacs"], "profile": "sr-only"}})  # fmt: skip
     assert second.status_code == 201 and second.json()["position"] == first.json()["position"] + 1, second.text
-    assert_problem(admin.post("/api/routing-rules", json={"name": "cr-to-pacs", "match": {"modality": ["DX"]}, "action": {"destinations": ["pacs"]}}), 409, "PUT")
+    assert_problem(
+        admin.post("/api/routing-rules", json={"name": "cr-to-pacs", "match": {"modality": ["DX"]}, "action": {"destinations": ["pacs"]}}), 409, "PUT"
+    )
     changed = admin.put("/api/routing-rules/from-modality", json={**second.json(), "description": "the ward's modality"})
     assert changed.status_code == 200 and changed.json()["description"] == "the ward's modality", changed.text
     moved = admin.post("/api/routing-rules/from-modality/move", json={"position": 1})

@@ -7,11 +7,9 @@ Production mode (a private Redis, SQLite, real ``serve`` and ``worker`` processe
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pydicom
 import pytest
 

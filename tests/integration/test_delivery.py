@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import random
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
-import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -166,7 +165,7 @@ def test_no_listener_is_transient_and_refused_ae_is_permanent(tmp_path):
 
 def seed_study(store, settings: Settings, study_uid: str, count: int) -> list[OutgoingObject]:
     """A stored study in state delivering with ``count`` produced SR objects on disk."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     store.record_instance(
         InstanceRecord(generate_uid(), "1.2.840.10008.5.1.4.1.1.1", study_uid, generate_uid(), ExplicitVRLittleEndian,
                        "x.dcm", 1, "0" * 64, "MODALITY", now)
@@ -186,9 +185,7 @@ def seed_study(store, settings: Settings, study_uid: str, count: int) -> list[Ou
 
 
 def test_destination_down_then_back_retries_and_stores_one_copy(tmp_path):
-    settings = Settings().with_overrides(
-        storage={"data_dir": tmp_path / "data"}, delivery={"max_attempts": 5, "backoff_base_s": 0.1, "backoff_max_s": 0.5}
-    )
+    settings = Settings().with_overrides(storage={"data_dir": tmp_path / "data"}, delivery={"max_attempts": 5, "backoff_base_s": 0.1, "backoff_max_s": 0.5})
     store = open_store(settings.database_url)
     orthanc = Orthanc(tmp_path / "orthanc")
     node = RemoteNode("pacs", orthanc.aet, "127.0.0.1", orthanc.dicom_port, role="both", profile="sr-only", default_destination=True)
@@ -220,9 +217,7 @@ def test_destination_down_then_back_retries_and_stores_one_copy(tmp_path):
 
 
 def test_retry_budget_exhausted_is_dead_lettered(tmp_path):
-    settings = Settings().with_overrides(
-        storage={"data_dir": tmp_path / "data"}, delivery={"max_attempts": 2, "backoff_base_s": 0.1, "backoff_max_s": 0.2}
-    )
+    settings = Settings().with_overrides(storage={"data_dir": tmp_path / "data"}, delivery={"max_attempts": 2, "backoff_base_s": 0.1, "backoff_max_s": 0.2})
     store = open_store(settings.database_url)
     store.add_remote_node(RemoteNode("gone", "GONE", "127.0.0.1", free_port(), role="destination", profile="sr-only", default_destination=True))
     study_uid = generate_uid()
@@ -267,7 +262,7 @@ def test_real_bundle_reaches_a_pacs_that_only_knows_comprehensive_sr(tmp_path):
 def seed_objects(store, settings: Settings, study_uid: str, sop_classes: list[str]) -> list[OutgoingObject]:
     """A study in state delivering whose produced objects are one SR-family instance per SOP class given."""
     seed_study(store, settings, study_uid, 0)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     objects = []
     for i, sop_class in enumerate(sop_classes):
         obj = make_sr(settings.storage.results_dir / study_uid / "v1" / f"obj-{i}.dcm", sop_class, study_uid)

@@ -15,10 +15,10 @@ from pydicom.uid import generate_uid
 
 from dicom_node.cli.main import main
 from dicom_node.pipeline.delivery import deliver_study_version, destination_states
+from dicom_node.pipeline.tasks import finish_delivery
 from dicom_node.settings import Settings
 from dicom_node.store import open_store
 from dicom_node.store.base import RemoteNode
-from dicom_node.pipeline.tasks import finish_delivery
 from tests.integration.test_delivery import seed_study, to_comprehensive
 from tests.support.net import free_port
 from tests.support.postgres import postgres_server, postgres_url  # noqa: F401 (fixtures)

@@ -60,9 +60,7 @@ def echo(port: int, *options: str) -> subprocess.CompletedProcess:
     return run_dcmtk("echoscu", *options, "-to", "20", "-aet", "MODALITY", "-aec", "ANATOMIX", "127.0.0.1", str(port), timeout=60)
 
 
-def test_storescu_and_echoscu_tls_with_a_trusted_certificate_beside_the_plain_port(
-    node: NodeProcess, ca: TestCa, client: Issued, tmp_path: Path
-) -> None:
+def test_storescu_and_echoscu_tls_with_a_trusted_certificate_beside_the_plain_port(node: NodeProcess, ca: TestCa, client: Issued, tmp_path: Path) -> None:
     from tests.support.corpus import write_synthetic_set
 
     files = write_synthetic_set(tmp_path / "in", 3, study_uid=STUDY)
@@ -74,9 +72,7 @@ def test_storescu_and_echoscu_tls_with_a_trusted_certificate_beside_the_plain_po
     assert echo(node.port).returncode == 0  # plain DICOM on node.port, side by side
 
 
-def test_clients_without_a_trusted_certificate_are_refused_and_the_node_keeps_serving(
-    node: NodeProcess, ca: TestCa, client: Issued, tmp_path: Path
-) -> None:
+def test_clients_without_a_trusted_certificate_are_refused_and_the_node_keeps_serving(node: NodeProcess, ca: TestCa, client: Issued, tmp_path: Path) -> None:
     rogue = TestCa(tmp_path / "rogue", "Rogue CA").issue("intruder", server=False)
     assert echo(tls_port(node), *dcmtk_tls(ca, None)).returncode != 0  # no client certificate
     assert echo(tls_port(node), *dcmtk_tls(ca, rogue)).returncode != 0  # one from a CA the node does not trust

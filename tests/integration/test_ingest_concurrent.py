@@ -27,7 +27,9 @@ def push_concurrently(port: int, shares: list[list[Path]]) -> list[int]:
     processes = [
         subprocess.Popen(
             [dcmtk("storescu"), "-aet", "MODALITY", "-aec", "ANATOMIX", "--max-pdu", "131072", "127.0.0.1", str(port), *map(str, share)],
-            env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            env=dcmtk_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
         for share in shares
     ]

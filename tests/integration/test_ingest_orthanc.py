@@ -5,7 +5,6 @@ asserts the syntax that actually arrived, the bytes, the single DB row and decod
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pydicom
 import pytest
@@ -37,9 +36,7 @@ def test_orthanc_echo_reaches_the_node(node_and_orthanc: tuple[NodeProcess, Orth
     orthanc.post("/modalities/node/echo", {})  # raises HTTPError unless the C-ECHO succeeded
 
 
-def test_orthanc_push_arrives_in_the_syntax_stored_bit_identical(
-    node_and_orthanc: tuple[NodeProcess, Orthanc], rg1_corpus: dict[str, CorpusFile]
-) -> None:
+def test_orthanc_push_arrives_in_the_syntax_stored_bit_identical(node_and_orthanc: tuple[NodeProcess, Orthanc], rg1_corpus: dict[str, CorpusFile]) -> None:
     node, orthanc = node_and_orthanc
     for name in PUSHED:
         item = rg1_corpus[name]

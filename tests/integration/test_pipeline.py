@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pydicom
-import pytest
 from pydicom.data import get_testdata_file
 
 from dicom_node.store.base import RemoteNode

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import subprocess
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pydicom
 import pytest
@@ -60,7 +60,7 @@ def test_resend_appends_to_the_history_and_is_audited_one_study_and_bulk(tmp_pat
         assert history[:-2] == stages[:-2] and [state for state, _ in history[-2:]] == ["delivering", "done"]
         assert "pacs: 2/2 sent" in resent.stdout
 
-        since = (datetime.now(timezone.utc) - timedelta(hours=1)).isoformat()
+        since = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
         bulk = node(site, "resend", "--state", "done", "--since", since)
         assert bulk.returncode == 0, bulk.stderr
         assert all(f"{uid}  pacs: 2/2 sent" in bulk.stdout for uid in uids)

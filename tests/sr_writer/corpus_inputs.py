@@ -52,7 +52,20 @@ class CorpusCase:
 
 
 def corpus_cases() -> list[CorpusCase]:
-    sizes = [(250, 300), (300, 256), (256, 330), (400, 400), (512, 640), (800, 600), (1024, 1024), (1500, 1200), (2048, 1700), (700, 900), (2600, 2100), (4000, 3200)]
+    sizes = [
+        (250, 300),
+        (300, 256),
+        (256, 330),
+        (400, 400),
+        (512, 640),
+        (800, 600),
+        (1024, 1024),
+        (1500, 1200),
+        (2048, 1700),
+        (700, 900),
+        (2600, 2100),
+        (4000, 3200),
+    ]
     texts = list(DIRTY_TEXTS)
     cases = []
     combos = [
@@ -140,7 +153,12 @@ def make_source(case: CorpusCase, directory: Path, base: np.ndarray | None = Non
     plain = directory / f"{case.name}.plain.dcm"
     ds.save_as(plain, enforce_file_format=True)
     target = directory / f"{case.name}.dcm"
-    options = {"jpeg_baseline": ("dcmcjpeg", ("+eb",)), "jpeg_extended": ("dcmcjpeg", ("+ee",)), "jpeg_lossless": ("dcmcjpeg", ("+e1",)), "rle": ("dcmcrle", ())}
+    options = {
+        "jpeg_baseline": ("dcmcjpeg", ("+eb",)),
+        "jpeg_extended": ("dcmcjpeg", ("+ee",)),
+        "jpeg_lossless": ("dcmcjpeg", ("+e1",)),
+        "rle": ("dcmcrle", ()),
+    }
     if case.encoding == "explicit":
         plain.rename(target)
     else:

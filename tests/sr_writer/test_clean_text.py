@@ -76,7 +76,10 @@ def test_default_repertoire_objects_carry_no_specific_character_set() -> None:
     for built in bundle.objects:
         assert "SpecificCharacterSet" not in built.dataset, built.kind
     source.SpecificCharacterSet = "ISO_IR 6"  # not a defined term, but seen in the field: still left out
-    assert "SpecificCharacterSet" not in assemble_bundle(source, make_result(source, n_findings=2), ("sr",), uid_root=UID_ROOT, analysis_version=1).objects[0].dataset
+    assert (
+        "SpecificCharacterSet"
+        not in assemble_bundle(source, make_result(source, n_findings=2), ("sr",), uid_root=UID_ROOT, analysis_version=1).objects[0].dataset
+    )
 
 
 def test_gsps_and_seg_content_descriptions_are_whole_words() -> None:

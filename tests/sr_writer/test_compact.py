@@ -14,7 +14,7 @@ from tests.sr_writer.conftest import UID_ROOT, BuiltCase
 from tests.support.results import make_result, rg1_source
 
 
-def test_full_profile_for_rg1_is_a_fraction_of_what_it_was(tmp_path) -> None:  # noqa: ANN001
+def test_full_profile_for_rg1_is_a_fraction_of_what_it_was(tmp_path) -> None:
     source = rg1_source()
     bundle = assemble_bundle(source, make_result(source, n_findings=10), DEFAULT_PROFILES["full"], uid_root=UID_ROOT, analysis_version=1)
     sizes = {}

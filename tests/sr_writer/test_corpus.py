@@ -63,7 +63,7 @@ def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_every_object_of_the_bundle_passes_dciodvfy_and_holds_clean_text(case, corpus_dir: Path) -> None:  # noqa: ANN001
+def test_every_object_of_the_bundle_passes_dciodvfy_and_holds_clean_text(case, corpus_dir: Path) -> None:
     source_path = make_source(case, corpus_dir)
     source = pydicom.dcmread(source_path)
     result = dirty_result(source, case)

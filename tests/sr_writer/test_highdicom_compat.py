@@ -59,7 +59,7 @@ def test_segmentation_still_encodes_frames_through_the_module_name() -> None:
 
 
 @pytest.fixture(scope="module")
-def ctx():  # noqa: ANN201
+def ctx():
     source = dx_source()
     return make_context(source, make_result(source, n_findings=3), uid_root=UID_ROOT, analysis_version=1)
 
@@ -69,7 +69,7 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     calls: list[str] = []
     original = hd.seg.Segmentation.__dict__["_check_and_cast_pixel_array"].__func__
 
-    def recording(cls, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+    def recording(cls, *args, **kwargs):
         calls.append(cls.__name__)
         return original(cls, *args, **kwargs)
 
@@ -77,7 +77,7 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return calls
 
 
-def test_the_override_runs_and_answers_what_highdicom_would(ctx, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+def test_the_override_runs_and_answers_what_highdicom_would(ctx, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = spy(monkeypatch)
     ours = seg_module.build_seg(ctx)
     assert calls == [], "highdicom's pixel scan ran: the BoxSegmentation override was not used"
@@ -88,7 +88,7 @@ def test_the_override_runs_and_answers_what_highdicom_would(ctx, monkeypatch: py
     assert ours.SegmentsOverlap == overlap.value
 
 
-def test_the_fast_rle_path_runs_and_reads_back_exactly(ctx, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:  # noqa: ANN001
+def test_the_fast_rle_path_runs_and_reads_back_exactly(ctx, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     used: list[int] = []
     encode = seg_module.rle_encode_frame
     monkeypatch.setattr(seg_module, "SEG_TRANSFER_SYNTAX", pydicom.uid.RLELossless)
@@ -112,7 +112,7 @@ def _written(dataset: pydicom.Dataset, directory: Path) -> Path:
     return path
 
 
-def test_the_patched_geometry_is_what_highdicoms_typed_helpers_write(ctx) -> None:  # noqa: ANN001
+def test_the_patched_geometry_is_what_highdicoms_typed_helpers_write(ctx) -> None:
     """Workaround 3: our own spacing (never 0\\0) and a plane orientation, in highdicom's typed form."""
     shared = seg_module.build_seg(ctx).SharedFunctionalGroupsSequence[0]
     assert [float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing] == seg_module.pixel_spacing_for(ctx.source)

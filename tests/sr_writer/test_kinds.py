@@ -40,7 +40,7 @@ def test_settings_delivery_and_bundle_read_the_table() -> None:
     assert bundle.check_kinds(list(reversed(SEND_ORDER))) == list(SEND_ORDER)
 
 
-def test_each_object_carries_the_series_number_and_title_of_its_kind(case) -> None:  # noqa: ANN001
+def test_each_object_carries_the_series_number_and_title_of_its_kind(case) -> None:
     for built in case.bundle.objects:
         assert built.dataset.SeriesNumber == KINDS[built.kind].series_number
         assert KINDS[built.kind].title in built.dataset.SeriesDescription

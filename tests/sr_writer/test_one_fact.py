@@ -22,7 +22,7 @@ PACKAGES = ("sr_writer", "dicom_node", "inference")
 _SOP_CLASS = re.compile(r"^1\.2\.840\.10008\.5\.1\.4\.[\d.]+$")
 
 
-def string_constants(package: str):  # noqa: ANN201
+def string_constants(package: str):
     for path in sorted((REPO / package).rglob("*.py")):
         tree = ast.parse(path.read_text(encoding="utf-8"))
         docstrings = {
@@ -50,7 +50,7 @@ def test_the_demo_banner_and_the_manufacturer_are_written_once() -> None:
     assert ModelIdentity("m", "1", "d", "1.2.3", False).manufacturer == MANUFACTURER
 
 
-def test_selection_recognises_every_object_of_a_bundle_as_ours(case) -> None:  # noqa: ANN001
+def test_selection_recognises_every_object_of_a_bundle_as_ours(case) -> None:
     for built in case.bundle.objects:
         assert built.dataset.Manufacturer == MANUFACTURER
         # Even under another UID root, the Manufacturer alone says it is ours.
@@ -60,7 +60,7 @@ def test_selection_recognises_every_object_of_a_bundle_as_ours(case) -> None:  #
             assert built.dataset.SeriesDescription.startswith(DEMO_MARK[:40]), built.kind
 
 
-def test_every_sr_and_kos_names_the_same_device_observer(case) -> None:  # noqa: ANN001
+def test_every_sr_and_kos_names_the_same_device_observer(case) -> None:
     calls = [where for package in ("sr_writer",) for path in sorted((REPO / package).rglob("*.py"))
              for where in [f"{path.relative_to(REPO)}"] if "DeviceObserverIdentifyingAttributes(" in path.read_text()]  # fmt: skip
     assert calls == ["sr_writer/equipment.py"], calls
@@ -68,13 +68,15 @@ def test_every_sr_and_kos_names_the_same_device_observer(case) -> None:  # noqa:
     for built in case.bundle.objects:
         if built.kind in ("sr", "text_sr", "kos"):
             items = list(_walk(built.dataset))
-            device = [i for i in items if i.get("ConceptNameCodeSequence") and i.ConceptNameCodeSequence[0].CodeValue in ("121012", "121013", "121014", "121015")]
+            device = [
+                i for i in items if i.get("ConceptNameCodeSequence") and i.ConceptNameCodeSequence[0].CodeValue in ("121012", "121013", "121014", "121015")
+            ]
             observers[built.kind] = sorted((i.ConceptNameCodeSequence[0].CodeValue, str(i.get("UID", i.get("TextValue", "")))) for i in device)
     assert len(observers) == 3 and observers["sr"] and observers["sr"] == observers["text_sr"] == observers["kos"], observers
     assert ("121012", case.result.model.device_uid) in observers["sr"]
 
 
-def _walk(dataset):  # noqa: ANN001, ANN202
+def _walk(dataset):
     for item in dataset.get("ContentSequence", []):
         yield item
         yield from _walk(item)
@@ -86,7 +88,7 @@ def _lab(rgb: tuple[int, int, int]) -> list[int]:
     return list(hd.color.CIELabColor.from_rgb(*rgb).value)
 
 
-def test_gsps_seg_and_sc_take_their_colours_from_the_one_table(case) -> None:  # noqa: ANN001
+def test_gsps_seg_and_sc_take_their_colours_from_the_one_table(case) -> None:
     seg, gsps = case.dataset("seg"), case.dataset("gsps")
     segment_colour = {s.TrackingID.split()[0]: list(s.RecommendedDisplayCIELabValue) for s in seg.SegmentSequence}
     layer_colour = {layer.GraphicLayer: list(layer.GraphicLayerRecommendedDisplayCIELabValue) for layer in gsps.GraphicLayerSequence}
@@ -96,7 +98,7 @@ def test_gsps_seg_and_sc_take_their_colours_from_the_one_table(case) -> None:  #
     assert layer_colour["WHOLE_IMAGE"] == _lab(WHOLE_IMAGE_FINDINGS_RGB)
     ctx = make_context(case.source, case.result, uid_root=UID_ROOT, analysis_version=1)
     geometry = layout(ctx.annotations, ctx.rows, ctx.columns, banner_text(ctx), footer_lines(ctx))
-    assert footer_lines(ctx) and geometry.legend_colours[-len(footer_lines(ctx)):] == (WHOLE_IMAGE_FINDINGS_RGB,) * len(footer_lines(ctx))
+    assert footer_lines(ctx) and geometry.legend_colours[-len(footer_lines(ctx)) :] == (WHOLE_IMAGE_FINDINGS_RGB,) * len(footer_lines(ctx))
 
 
 def test_colour_literals_live_in_the_colour_table() -> None:

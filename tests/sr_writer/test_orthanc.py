@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pynetdicom import AE
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
 
 from sr_writer.bundle import comprehensive_sr_fallback
 from tests.sr_writer.conftest import BuiltCase
@@ -15,7 +15,7 @@ from tests.support.orthanc import Orthanc
 
 
 @pytest.fixture()
-def orthanc(tmp_path: Path):  # noqa: ANN201
+def orthanc(tmp_path: Path):
     pacs = Orthanc(workdir=tmp_path / "orthanc").start()
     try:
         yield pacs

@@ -28,11 +28,11 @@ def rg1() -> pydicom.Dataset:
     return rg1_source()
 
 
-def build(source, result, kinds=SEND_ORDER, **kwargs):  # noqa: ANN001, ANN201
+def build(source, result, kinds=SEND_ORDER, **kwargs):
     return assemble_bundle(source, result, kinds, uid_root=kwargs.pop("uid_root", UID_ROOT), analysis_version=kwargs.pop("analysis_version", 1), **kwargs)
 
 
-def with_findings(result, *findings):  # noqa: ANN001, ANN202
+def with_findings(result, *findings):
     return dataclasses.replace(result, findings=tuple(findings))
 
 
@@ -174,7 +174,7 @@ def test_text_the_source_set_cannot_hold_switches_to_utf8(rg1: pydicom.Dataset, 
         (lambda r: dataclasses.replace(r, model=dataclasses.replace(r.model, device_uid="weights-v1")), "device_uid"),
     ],
 )
-def test_unrepresentable_results_raise_value_error_naming_the_argument(rg1: pydicom.Dataset, change, message: str) -> None:  # noqa: ANN001
+def test_unrepresentable_results_raise_value_error_naming_the_argument(rg1: pydicom.Dataset, change, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         build(rg1, change(make_result(rg1, n_findings=2)))
 
@@ -301,7 +301,7 @@ def test_labels_alone_give_the_section_without_region_lines_and_no_demo_mark_for
 def test_image_label_tracking_uids_are_deterministic_and_change_with_version_and_device(rg1: pydicom.Dataset) -> None:
     result = make_result(rg1, n_findings=1)
 
-    def uids(res, version=1):  # noqa: ANN001, ANN202
+    def uids(res, version=1):
         return [label.tracking_uid for label in make_context(rg1, res, uid_root=UID_ROOT, analysis_version=version).image_labels]
 
     first = uids(result)

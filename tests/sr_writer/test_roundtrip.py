@@ -15,19 +15,19 @@ from sr_writer.seg import box_pixel_slice
 from tests.sr_writer.conftest import UID_ROOT, BuiltCase
 
 
-def expected_annotations(case: BuiltCase):  # noqa: ANN201
+def expected_annotations(case: BuiltCase):
     return make_context(case.source, case.result, uid_root=UID_ROOT, analysis_version=1).annotations
 
 
-def expected_image_labels(case: BuiltCase):  # noqa: ANN201
+def expected_image_labels(case: BuiltCase):
     return make_context(case.source, case.result, uid_root=UID_ROOT, analysis_version=1).image_labels
 
 
-def is_image_label_group(group) -> bool:  # noqa: ANN001
+def is_image_label_group(group) -> bool:
     return str(group.tracking_identifier).startswith("image-label ")
 
 
-def comment_texts(group) -> list[str]:  # noqa: ANN001
+def comment_texts(group) -> list[str]:
     return [item.value for item in find_content_items(group[0], name=codes.COMMENT, value_type="TEXT")]
 
 
@@ -56,7 +56,7 @@ def test_sr_roundtrip_boxes_codes_and_tracking_uids(case: BuiltCase) -> None:
     assert not sr.content.get_image_measurement_groups()
 
 
-def qualitative_evaluation_texts(sr) -> list[tuple[str, str, str]]:  # noqa: ANN001
+def qualitative_evaluation_texts(sr) -> list[tuple[str, str, str]]:
     """(code value, scheme, text) of each TEXT item in the SR's Qualitative Evaluations container."""
     [container] = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == codes.QUALITATIVE_EVALUATIONS.value]
     return [(i.ConceptNameCodeSequence[0].CodeValue, i.ConceptNameCodeSequence[0].CodingSchemeDesignator, i.TextValue) for i in container.ContentSequence]
@@ -219,7 +219,7 @@ def test_text_sr_is_basic_text_tid2000_with_the_report(case: BuiltCase) -> None:
     assert case.result.report.findings in sections["59776-5"].ContentSequence[0].TextValue
     assert case.result.report.impression in sections["19005-8"].ContentSequence[0].TextValue
 
-    def value_types(items):  # noqa: ANN001, ANN202
+    def value_types(items):
         for item in items:
             yield item.ValueType
             yield from value_types(item.get("ContentSequence", []))

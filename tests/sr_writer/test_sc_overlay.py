@@ -21,7 +21,7 @@ from tests.sr_writer.corpus_inputs import CorpusCase, make_source
 from tests.support.results import make_result
 
 
-def geometry_for(case_source: pydicom.Dataset, result) -> tuple:  # noqa: ANN001
+def geometry_for(case_source: pydicom.Dataset, result) -> tuple:
     ctx = make_context(case_source, result, uid_root=UID_ROOT, analysis_version=1)
     return ctx, layout(ctx.annotations, ctx.rows, ctx.columns, banner_text(ctx), footer_lines(ctx))
 

@@ -21,7 +21,7 @@ def coded(item: pydicom.Dataset) -> tuple[str, str]:
     return (str(item.CodeValue), str(item.CodingSchemeDesignator))
 
 
-def code_of(code) -> tuple[str, str]:  # noqa: ANN001 (pydicom/highdicom Code)
+def code_of(code) -> tuple[str, str]:
     return (str(code.value), str(code.scheme_designator))
 
 

@@ -75,13 +75,17 @@ def test_building_twice_gives_identical_uids_and_other_version_or_device_differs
     source = rg1_source()
     result = make_result(source, n_findings=3)
 
-    def uids(res, version):  # noqa: ANN001, ANN202
+    def uids(res, version):
         bundle = assemble_bundle(source, res, ("sr", "text_sr", "gsps", "kos"), uid_root=UID_ROOT, analysis_version=version)
         return [(o.kind, o.sop_instance_uid, str(o.dataset.SeriesInstanceUID)) for o in bundle.objects]
 
     first = uids(result, 1)
     assert first == uids(result, 1)
-    tracking = lambda: [g.TrackingUID for a in assemble_bundle(source, result, ("gsps",), uid_root=UID_ROOT, analysis_version=1).objects[0].dataset.GraphicAnnotationSequence for g in a.GraphicObjectSequence]  # noqa: E731
+
+    def tracking() -> list[str]:
+        gsps = assemble_bundle(source, result, ("gsps",), uid_root=UID_ROOT, analysis_version=1).objects[0].dataset
+        return [g.TrackingUID for a in gsps.GraphicAnnotationSequence for g in a.GraphicObjectSequence]
+
     assert tracking() == tracking()
     second_version = uids(result, 2)
     other_device = uids(dataclasses.replace(result, model=model_identity(device_uid="1.2.826.0.1.3680043.10.1431.1.2")), 1)

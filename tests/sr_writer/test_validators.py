@@ -61,7 +61,7 @@ def test_pixelmed_sr_validator_only_reports_known_false_positives(case: BuiltCas
     assert len(model_output_lines) == expected, report.describe()
 
 
-def test_comprehensive_sr_fallback_validates(case: BuiltCase, tmp_path) -> None:  # noqa: ANN001
+def test_comprehensive_sr_fallback_validates(case: BuiltCase, tmp_path) -> None:
     fallback = comprehensive_sr_fallback(case.dataset("sr"))
     path = tmp_path / "sr-88.33.dcm"
     fallback.save_as(path, enforce_file_format=True)
@@ -71,7 +71,7 @@ def test_comprehensive_sr_fallback_validates(case: BuiltCase, tmp_path) -> None:
     assert not split_model_output_problems(pixelmed)[0], pixelmed.describe()
 
 
-def test_results_without_image_labels_or_sentences_validate_and_add_nothing(tmp_path) -> None:  # noqa: ANN001
+def test_results_without_image_labels_or_sentences_validate_and_add_nothing(tmp_path) -> None:
     """An empty label dict and regions without sentences: no extra content, no error, no new problem."""
     source = rg1_source()
     base = make_result(source, n_findings=3, image_labels={})
@@ -88,7 +88,7 @@ def test_results_without_image_labels_or_sentences_validate_and_add_nothing(tmp_
         assert "Comment" not in run_dsrdump(path).output
 
 
-def test_sr_of_image_labels_alone_validates_and_text_sr_keeps_unlocated_regions_sentences(tmp_path) -> None:  # noqa: ANN001
+def test_sr_of_image_labels_alone_validates_and_text_sr_keeps_unlocated_regions_sentences(tmp_path) -> None:
     """No region located and no finding: the labels alone make a valid SR (no box, so no SEG/GSPS/SC),
     and the text SR still lists the sentences of regions the model did not locate."""
     source = rg1_source()

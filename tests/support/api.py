@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -56,7 +56,7 @@ def make_accounts(node: NodeProcess, roles: tuple[str, ...] = ("viewer", "operat
             password = auth.generate_password()
             store.add_api_user(auth.new_user(role, role, password))
             secret = auth.new_secret(auth.TOKEN_PREFIX)
-            store.add_api_token(role, "tests", auth.secret_hash(secret), datetime.now(timezone.utc))
+            store.add_api_token(role, "tests", auth.secret_hash(secret), datetime.now(UTC))
             accounts.tokens[role], accounts.passwords[role] = secret, password
     finally:
         store.close()

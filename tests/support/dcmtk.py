@@ -8,7 +8,6 @@ every call (without it DCMTK stalls ~44 ms per message on loopback).
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -42,15 +41,35 @@ def echoscu(port: int, calling: str, called: str) -> subprocess.CompletedProcess
 def dcmsend(port: int, files: list[Path], calling: str, called: str, *extra: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """dcmsend picks the presentation context per file, so one call can carry mixed transfer syntaxes."""
     return run_dcmtk(
-        "dcmsend", "-aet", calling, "-aec", called, "--max-pdu", "131072", *extra, "127.0.0.1", str(port),
-        *[str(f) for f in files], timeout=timeout,
+        "dcmsend",
+        "-aet",
+        calling,
+        "-aec",
+        called,
+        "--max-pdu",
+        "131072",
+        *extra,
+        "127.0.0.1",
+        str(port),
+        *[str(f) for f in files],
+        timeout=timeout,
     )
 
 
 def storescu(port: int, files: list[Path], calling: str, called: str, *extra: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return run_dcmtk(
-        "storescu", "-aet", calling, "-aec", called, "--max-pdu", "131072", *extra, "127.0.0.1", str(port),
-        *[str(f) for f in files], timeout=timeout,
+        "storescu",
+        "-aet",
+        calling,
+        "-aec",
+        called,
+        "--max-pdu",
+        "131072",
+        *extra,
+        "127.0.0.1",
+        str(port),
+        *[str(f) for f in files],
+        timeout=timeout,
     )
 
 
@@ -76,7 +95,7 @@ def listening_ports(pid: int) -> set[int]:
             except OSError:
                 continue
             if target.startswith("socket:["):
-                inodes.add(target[len("socket:["):-1])
+                inodes.add(target[len("socket:[") : -1])
     except OSError:
         return set()  # the process is gone
     ports = set()

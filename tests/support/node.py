@@ -103,7 +103,10 @@ class NodeProcess:
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [*NODE_COMMAND, "serve", "--config", str(self.config_path)],
-            cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=REPO_ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
             env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
         )
         start_offset = self.log_path.stat().st_size if self.log_path.exists() else 0

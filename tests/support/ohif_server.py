@@ -97,7 +97,7 @@ class OhifServer:
             def log_message(self, *args: object) -> None:  # quiet
                 return
 
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 if self.path.startswith("/dicom-web/"):
                     self._proxy()
                     return

@@ -8,7 +8,7 @@ unencrypted PEM key, as DCMTK (``+tls KEY CERT``) and Python's ``ssl`` read them
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from ipaddress import ip_address
 from pathlib import Path
 
@@ -42,7 +42,7 @@ class TestCa:
         self.directory = directory
         self.name = name
         self.key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         self.cert = (
             x509.CertificateBuilder()
             .subject_name(_name(name)).issuer_name(_name(name))
@@ -59,7 +59,7 @@ class TestCa:
 
     def issue(self, common_name: str, server: bool, days: float = 365) -> Issued:
         key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         not_after = (now + timedelta(days=days)).replace(microsecond=0)
         usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
         builder = (
@@ -72,9 +72,7 @@ class TestCa:
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False)
         )  # fmt: skip
         if server:
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ip_address("127.0.0.1"))]), critical=False
-            )
+            builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ip_address("127.0.0.1"))]), critical=False)
         cert = builder.sign(self.key, hashes.SHA256())
         slug = common_name.lower().replace(" ", "-")
         cert_path, key_path = self.directory / f"{slug}.crt.pem", self.directory / f"{slug}.key.pem"

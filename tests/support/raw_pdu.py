@@ -29,8 +29,13 @@ def associate_rq(calling: str | bytes, called: str = "ANATOMIX", max_pdu: int = 
     presentation = bytes([1, 0, 0, 0]) + _item(0x30, VERIFICATION.encode()) + _item(0x40, IMPLICIT_LE.encode())
     user_info = _item(0x51, struct.pack(">L", max_pdu)) + _item(0x52, b"1.2.826.0.1.3680043.9.9999")
     body = (
-        struct.pack(">HH", 1, 0) + _ae(called) + _ae(calling) + bytes(32)
-        + _item(0x10, APPLICATION_CONTEXT.encode()) + _item(0x20, presentation) + _item(0x50, user_info)
+        struct.pack(">HH", 1, 0)
+        + _ae(called)
+        + _ae(calling)
+        + bytes(32)
+        + _item(0x10, APPLICATION_CONTEXT.encode())
+        + _item(0x20, presentation)
+        + _item(0x50, user_info)
     )
     return struct.pack(">BBL", 0x01, 0, len(body)) + body
 
@@ -90,7 +95,7 @@ def wait_closed(sock: socket.socket, timeout: float) -> float | None:
                 return time.monotonic() - start
         except (ConnectionResetError, BrokenPipeError):
             return time.monotonic() - start
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             return None
 
 

@@ -125,7 +125,9 @@ def make_result(
     findings (cycled), a report and the 14 image labels (``image_labels``, default :data:`IMAGE_LABELS`)."""
     rows, columns = int(source.Rows), int(source.Columns)
     regions = tuple(
-        Region(index=i, name=REGION_NAMES[i], box=scaled_box(REGION_FRACTIONS[i], columns, rows), score=0.9, retrieved_sentence=f"{REGION_NAMES[i]} is healthy.")
+        Region(
+            index=i, name=REGION_NAMES[i], box=scaled_box(REGION_FRACTIONS[i], columns, rows), score=0.9, retrieved_sentence=f"{REGION_NAMES[i]} is healthy."
+        )
         for i in range(len(REGION_NAMES))
     )
     findings = []

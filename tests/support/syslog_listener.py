@@ -76,7 +76,7 @@ class SyslogListener:
         while not self._stop.is_set():
             try:
                 conn, address = self._server.accept()
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 continue
             except OSError:
                 return
@@ -127,8 +127,8 @@ class SyslogListener:
             if len(buffer) < start + length:
                 return buffer
             with self._lock:
-                self.frames.append(Frame(buffer[start:start + length], peer))
-            buffer = buffer[start + length:]
+                self.frames.append(Frame(buffer[start : start + length], peer))
+            buffer = buffer[start + length :]
         return buffer
 
 
@@ -175,7 +175,7 @@ def parse_rfc5424(raw: bytes) -> Rfc5424Message:
     timestamp = header["timestamp"].decode("ascii")
     if not _TIMESTAMP.match(timestamp):
         raise ValueError(f"TIMESTAMP {timestamp!r} is not RFC 3339 as RFC 5424 restricts it")
-    rest = raw[header.end():]
+    rest = raw[header.end() :]
     sd: dict[str, dict[str, str]] = {}
     if rest.startswith(b"-"):
         rest = rest[1:]
@@ -184,18 +184,22 @@ def parse_rfc5424(raw: bytes) -> Rfc5424Message:
             element = re.match(rb"\[(" + _SD_NAME + rb")((?:" + _SD_PARAM + rb")*)\]", rest)
             if element is None:
                 raise ValueError(f"malformed STRUCTURED-DATA: {rest[:120]!r}")
-            params = {
-                name.decode(): re.sub(rb'\\(["\\\]])', rb"\1", value).decode("utf-8")
-                for name, value in re.findall(_SD_PARAM, element.group(2))
-            }
+            params = {name.decode(): re.sub(rb'\\(["\\\]])', rb"\1", value).decode("utf-8") for name, value in re.findall(_SD_PARAM, element.group(2))}
             sd[element.group(1).decode()] = params
-            rest = rest[element.end():]
+            rest = rest[element.end() :]
         if not sd:
             raise ValueError(f"no STRUCTURED-DATA: {rest[:80]!r}")
     if rest and not rest.startswith(b" "):
         raise ValueError(f"no SP before MSG: {rest[:40]!r}")
     msg = rest[1:]
     return Rfc5424Message(
-        pri, int(header["version"]), timestamp, header["hostname"].decode(), header["app"].decode(),
-        header["procid"].decode(), header["msgid"].decode(), sd, msg,
+        pri,
+        int(header["version"]),
+        timestamp,
+        header["hostname"].decode(),
+        header["app"].decode(),
+        header["procid"].decode(),
+        header["msgid"].decode(),
+        sd,
+        msg,
     )

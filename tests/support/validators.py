@@ -30,10 +30,16 @@ PIXELMED_FALSE_POSITIVES = (
     re.compile(r"^Warning: .*/CONTAINER \(125007,DCM,\"Measurement Group\"\)/CODE \(121052,DCM,\"Presence of property\"\): Content Item not in template$"),
     # TID 2000 sections are included through TID 2001/2002 in the current standard; this build's TID 2000
     # table does not follow the include, so the Findings/Impressions sections and their TEXT look foreign.
-    re.compile(r"^Warning: .*/CONTAINER \(18748-4,LN,\"Diagnostic Imaging Report\"\)/CONTAINER \((59776-5|19005-8),LN,\"(Findings|Impressions)\"\)(/TEXT \((121071|121073),DCM,\"(Finding|Impression)\"\))?: Content Item not in template$"),
+    re.compile(
+        r"^Warning: .*/CONTAINER \(18748-4,LN,\"Diagnostic Imaging Report\"\)/CONTAINER \((59776-5|19005-8),LN,\"(Findings|Impressions)\"\)"
+        r"(/TEXT \((121071|121073),DCM,\"(Finding|Impression)\"\))?: Content Item not in template$"
+    ),
     # TID 1500 row 4 "Procedure reported" is a DCID (extensible) of CID 100; IHE AIR requires the imaging
     # procedure (the study's code, else LOINC 36554-4), which CID 100 does not list. Only that code.
-    re.compile(r"^Error: Template 1500 MeasurementReport/.*\(121058,DCM,\"Procedure reported\"\).*Code \(36554-4,LN,\"XR Chest Single view\"\) not found in context group 100$"),
+    re.compile(
+        r"^Error: Template 1500 MeasurementReport/.*\(121058,DCM,\"Procedure reported\"\).*"
+        r"Code \(36554-4,LN,\"XR Chest Single view\"\) not found in context group 100$"
+    ),
 )
 
 

@@ -34,7 +34,7 @@ CRASH_MARKERS = ("Something went wrong", "Cannot read properties of undefined", 
 
 
 @pytest.fixture(scope="module")
-def viewer(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+def viewer(tmp_path_factory: pytest.TempPathFactory):
     if shutil.which("node") is None:
         pytest.fail("node is not installed (Debian nodejs): the OHIF test drives chromium from a node script")
     dist = install_viewer()
@@ -111,7 +111,7 @@ def hue_clusters(rgb: np.ndarray, mask: np.ndarray) -> int:
 
 
 @pytest.mark.parametrize("name", ["cr", "dx"])
-def test_ohif_shows_the_image_sr_boxes_and_seg_segments_without_crashing(viewer, name: str, tmp_path: Path, output_dir: Path) -> None:  # noqa: ANN001
+def test_ohif_shows_the_image_sr_boxes_and_seg_segments_without_crashing(viewer, name: str, tmp_path: Path, output_dir: Path) -> None:
     pacs, server = viewer
     source = cr_source() if name == "cr" else dx_with_spacing()
     series = load_study(pacs, source, tmp_path / name)
