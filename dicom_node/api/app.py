@@ -7,8 +7,8 @@ session's CSRF token in ``X-CSRF-Token``). ``/healthz`` and ``/readyz`` answer w
 Roles: ``viewer`` reads, ``operator`` also echoes, resends and reanalyses, ``admin`` also changes remote nodes and accounts. Errors are RFC 9457 problem details
 (``application/problem+json``) whose ``detail`` says what was wrong.
 
-The endpoints call the same functions as the CLI (``cli_node``: node validation, echo, the
-``studies`` view; ``cli_pipeline``: study selection, resend), so both behave alike.
+The endpoints call the same functions as the CLI and the console (:mod:`dicom_node.ops`: node
+validation, echo, the ``studies`` view, study selection, resend, reanalysis), so all behave alike.
 """
 
 from __future__ import annotations
