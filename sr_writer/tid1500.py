@@ -96,6 +96,7 @@ def build_tid1500_sr(ctx: BundleContext, kind: str = "sr", sr_class: type = hd.s
     source_image = SourceImageForRegion.from_source_image(ctx.source)
     groups: list = []
     for annotation in ctx.boxed:
+        assert annotation.box is not None  # ctx.boxed holds only annotations with a box
         group = PlanarROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=TrackingIdentifier(uid=annotation.tracking_uid, identifier=annotation.tracking_id),
             referenced_region=ImageRegion(graphic_type="POLYLINE", graphic_data=box_polyline(annotation.box), source_image=source_image),

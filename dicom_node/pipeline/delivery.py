@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -33,7 +33,8 @@ from pydicom.uid import Comprehensive3DSRStorage as COMPREHENSIVE_3D_SR
 from pydicom.uid import ComprehensiveSRStorage as COMPREHENSIVE_SR
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
-from pynetdicom.presentation import build_context
+from pynetdicom.association import Association
+from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
 from dicom_node.audit import trail as audit
@@ -104,7 +105,7 @@ def backoff_delay(attempt: int, policy: DeliverySettings, rng: random.Random | N
     """
     rng = rng or random.Random()
     step = min(policy.backoff_max_s, policy.backoff_base_s * (2 ** max(0, attempt - 1)))
-    return step / 2 + rng.uniform(0, step / 2)
+    return float(step / 2 + rng.uniform(0, step / 2))
 
 
 def sort_for_sending(objects: Sequence[OutgoingObject]) -> list[OutgoingObject]:
@@ -115,7 +116,7 @@ def sort_for_sending(objects: Sequence[OutgoingObject]) -> list[OutgoingObject]:
 # ---- C-STORE SCU -------------------------------------------------------------------------------
 
 
-def _contexts_for(datasets: Sequence[Dataset]) -> list:
+def _contexts_for(datasets: Sequence[Dataset]) -> list[PresentationContext]:
     """One presentation context per SOP class (plus 88.33 whenever 88.34 is sent, for the fallback).
 
     A compressed object (our SC is JPEG baseline, our SEG RLE) gets its own context proposing just its
@@ -140,7 +141,7 @@ def _contexts_for(datasets: Sequence[Dataset]) -> list:
     return contexts + [build_context(sop_class, transfer_syntaxes) for sop_class, transfer_syntaxes in syntaxes.items()]
 
 
-def _associate(ae: AE, destination: RemoteNode, contexts: list, timeout_s: float):
+def _associate(ae: AE, destination: RemoteNode, contexts: list[PresentationContext], timeout_s: float) -> Association:
     """Open the association or raise AssociationFailure saying why and whether it is transient."""
     rejection: dict[str, object] = {}
 
@@ -169,7 +170,7 @@ def _associate(ae: AE, destination: RemoteNode, contexts: list, timeout_s: float
     raise AssociationFailure(f"no association with {where}: connection refused, aborted or timed out", transient=True)
 
 
-def _tls_args(destination: RemoteNode):
+def _tls_args(destination: RemoteNode) -> Any:
     """pynetdicom tls_args for a TLS destination; its unusable TLS files are a permanent failure."""
     from dicom_node.net.tls import TlsConfigError, client_tls_args
 
@@ -179,7 +180,7 @@ def _tls_args(destination: RemoteNode):
         raise AssociationFailure(str(exc), transient=False) from None
 
 
-def _in_an_accepted_syntax(assoc, ds: Dataset, sop_class: str) -> Dataset:
+def _in_an_accepted_syntax(assoc: Association, ds: Dataset, sop_class: str) -> Dataset:
     """``ds``, or a decompressed copy when the destination accepted none of its compressed syntax.
 
     Our SC is JPEG baseline and our SEG RLE Lossless (compact in the PACS); a destination that accepts
@@ -198,7 +199,7 @@ def _in_an_accepted_syntax(assoc, ds: Dataset, sop_class: str) -> Dataset:
     return plain
 
 
-def _send_one(assoc, ds: Dataset, fallback: Callable[[Dataset], Dataset]) -> StoreOutcome:
+def _send_one(assoc: Association, ds: Dataset, fallback: Callable[[Dataset], Dataset]) -> StoreOutcome:
     """C-STORE one dataset on an open association, falling back 88.34 -> 88.33 where needed."""
     uid = str(ds.SOPInstanceUID)
     accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
@@ -412,7 +413,7 @@ def deliver_study_version(
         due = [r.next_attempt_at for r in records.values() if r is not None and r.status == "retrying" and r.next_attempt_at]
         if owed and not resend and due and min(due) > now:  # backing off: not this destination's turn yet
             state.retrying += len(owed)
-            state.attempts = max([state.attempts] + [records[o.sop_instance_uid].attempts for o in owed if records[o.sop_instance_uid]])
+            state.attempts = max([state.attempts] + [r.attempts for o in owed if (r := records[o.sop_instance_uid]) is not None])
             state.next_attempt_at = min(due)
             summary.next_attempt_in = _earliest(summary.next_attempt_in, (state.next_attempt_at - now).total_seconds())
             continue
