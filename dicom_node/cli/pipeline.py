@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dicom_node.ops.errors import UserError
+from dicom_node.ops.studies import ACTIONABLE_STATES
 from dicom_node.settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -54,7 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     resend = subparsers.add_parser("resend", help="send results again (same UIDs: the PACS keeps one copy); one study or many")
     resend.add_argument("study_instance_uid", metavar="STUDY_UID", nargs="?", help="one study (or select many with the options below)")
     resend.add_argument("--to", dest="destination", help="destination name (default: the study's usual destinations)")
-    resend.add_argument("--state", action="append", choices=("done", "failed"), help="every study in this state (repeatable)")
+    resend.add_argument("--state", action="append", choices=ACTIONABLE_STATES, help="every study in this state (repeatable)")
     resend.add_argument("--undelivered", action="store_true", help="every study with a failed or dead-lettered delivery")
     resend.add_argument("--since", help="with --state/--undelivered: only studies changed since this UTC time (2026-11-30 or 2026-11-30T08:00)")
     resend.add_argument("--config", help="anatomix-node.toml")
@@ -62,7 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     reanalyze = subparsers.add_parser("reanalyze", help="analyse a study again (e.g. received before a model was configured)")
     reanalyze.add_argument("study_instance_uid", metavar="STUDY_UID", nargs="?", help="one study (or select many with --state)")
-    reanalyze.add_argument("--state", action="append", choices=("done", "failed"), help="every study in this state (repeatable)")
+    reanalyze.add_argument("--state", action="append", choices=ACTIONABLE_STATES, help="every study in this state (repeatable)")
     reanalyze.add_argument("--since", help="with --state: only studies changed since this UTC time (2026-11-30 or 2026-11-30T08:00)")
     reanalyze.add_argument("--new-version", action="store_true",
                            help="also studies that already have results: analysed again as a new version (new result UIDs)")  # fmt: skip

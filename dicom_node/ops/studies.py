@@ -29,6 +29,12 @@ STUDY_HEADER_FIELDS = {
     "patient_id": "PatientID", "accession_number": "AccessionNumber",
     "study_date": "StudyDate", "study_description": "StudyDescription",
 }  # fmt: skip
+#: The states from which a study's results may be sent again, or the study analysed again (by state
+#: selection in bulk): it has finished, well or not, and still has its files (not purged).
+ACTIONABLE_STATES = ("done", "failed")
+#: A study can be resent also while its first delivery is under way.
+RESENDABLE_STATES = (*ACTIONABLE_STATES, "analyzed", "delivering")
+
 #: Audit events of the admin commands.
 RESEND_EVENT = "study_resent"
 REANALYZE_EVENT = "study_reanalysis_requested"
@@ -133,7 +139,7 @@ def select_studies(store: Store, uid: str | None, states: list[str] | None, sinc
     if undelivered:
         for record in store.list_deliveries(statuses=("failed", "dead")):
             study = chosen.get(record.study_instance_uid) or store.get_study(record.study_instance_uid)
-            if study is not None and study.version == record.study_version and study.state in ("done", "failed"):
+            if study is not None and study.version == record.study_version and study.state in ACTIONABLE_STATES:
                 chosen[study.study_instance_uid] = study
     studies = [s for s in chosen.values() if since is None or s.updated_at >= since]
     return sorted(studies, key=lambda s: s.updated_at)
@@ -185,7 +191,7 @@ def resend_study(
     uid = study.study_instance_uid
     if study.state == "purged":
         raise UserError(f"study {uid} was purged by the retention policy: its results are gone")
-    if study.state not in ("done", "failed", "analyzed", "delivering"):
+    if study.state not in RESENDABLE_STATES:
         raise UserError(f"study {uid} is {study.state}: it has no results to send yet")
     if not store.list_produced_objects(uid, study.version):
         raise UserError(f"study {uid} v{study.version} has no results to send (state {study.state}); "
@@ -194,7 +200,7 @@ def resend_study(
     if not targets:
         raise UserError(f"study {uid} has no destinations: name one")
     # Appends delivering (and later done/failed) to the history; the first delivery's entries stay.
-    store.transition_study(uid, study.version, ("done", "failed", "analyzed"), "delivering", error=study.error)
+    store.transition_study(uid, study.version, (*ACTIONABLE_STATES, "analyzed"), "delivering", error=study.error)
     current = store.get_study(uid)
     assert current is not None
     study = current
@@ -218,12 +224,12 @@ def reanalyze_study(store: Store, app: object, trail: AuditTrail, study: StudyRe
 
     uid = study.study_instance_uid
     has_results = bool(store.list_produced_objects(uid, study.version))
-    if study.state not in ("done", "failed"):
+    if study.state not in ACTIONABLE_STATES:
         return ActionResult(uid, False, f"study {uid} is {study.state}: only done or failed studies are analysed again")
     if has_results and not new_version:
         return ActionResult(uid, False, f"study {uid} v{study.version} already has results: analyse it again as a new version "
                                         "(new result UIDs) with --new-version (API: new_version)")  # fmt: skip
-    version = store.requeue_for_analysis(uid, study.version, ("done", "failed"), new_version=has_results)
+    version = store.requeue_for_analysis(uid, study.version, ACTIONABLE_STATES, new_version=has_results)
     if version is None:
         now = store.get_study(uid)
         return ActionResult(uid, False, f"study {uid} changed meanwhile (now {now.state if now else 'gone'})")
