@@ -309,9 +309,9 @@ def test_ae_add_tls_refuses_a_missing_file(site: Path) -> None:
 
 def test_tls_status_lists_not_after_and_warns_within_30_days(site: Path, pki: Pki) -> None:
     short = pki.ca.issue("expiring node", server=True, days=10)
-    with open(site / "anatomix-node.toml", "a") as config:
-        config.write(f'\n[tls]\nenabled = true\nport = {free_port()}\ncertificate = "{short.certificate}"\n'
-                     f'private_key = "{short.key}"\nca_certificates = "{pki.ca.cert_path}"\n')  # fmt: skip
+    config = site / "anatomix-node.toml"  # init wrote a [tls] table (all keys commented): set keys in it
+    config.write_text(config.read_text().replace("\n[tls]\n", f'\n[tls]\nenabled = true\nport = {free_port()}\ncertificate = "{short.certificate}"\n'
+                                                 f'private_key = "{short.key}"\nca_certificates = "{pki.ca.cert_path}"\n', 1))  # fmt: skip
     assert node_cli(site, "ae", "add", "pacs", "--ae-title", "PACS", "--host", "localhost", "--port", "104", "--role", "destination",
                     "--tls", "--tls-cert", str(pki.client.certificate), "--tls-key", str(pki.client.key)).returncode == 0  # fmt: skip
     result = node_cli(site, "tls", "status", "--json")
