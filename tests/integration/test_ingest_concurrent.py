@@ -63,7 +63,7 @@ def run_concurrent_ingest(node: NodeProcess, files: list[Path]) -> None:
         finally:
             store.close()
         # The work was spread: more than one SCP process logged a finished association.
-        pids = set(re.findall(r"\[(\d+)\] dicom_node\.scp: association from MODALITY", node.log_text()))
+        pids = set(re.findall(r"\[(\d+)\] dicom_node\.net\.scp: association from MODALITY", node.log_text()))
         assert len(pids) >= 2, f"all associations went to one process: {pids}"
     finally:
         node.stop()
