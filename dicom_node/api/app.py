@@ -729,7 +729,7 @@ def _routes(app: FastAPI) -> None:
         try:
             studies = select_studies(ctx.store, None, list(body.states) or None, _aware(body.since), body.undelivered)
         except UserError as exc:
-            raise Problem(422, "Invalid request", str(exc).replace("--state", "states").replace("--undelivered", "undelivered")) from None
+            raise Problem(422, "Invalid request", str(exc)) from None
         results = [_resend(ctx, who, s, target, bulk=True) for s in studies]
         audit_change(request, who, "bulk_resend", f"{len(studies)} studies", selection=body.model_dump(mode="json"),
                      ok=sum(r.ok for r in results))  # fmt: skip
@@ -757,7 +757,7 @@ def _routes(app: FastAPI) -> None:
         try:
             studies = select_studies(ctx.store, None, list(body.states) or None, _aware(body.since))
         except UserError as exc:
-            raise Problem(422, "Invalid request", str(exc).replace("--state", "states")) from None
+            raise Problem(422, "Invalid request", str(exc)) from None
         results = [_reanalyze(ctx, who, s, body.new_version) for s in studies]
         audit_change(request, who, "bulk_reanalyze", f"{len(studies)} studies", selection=body.model_dump(mode="json"),
                      ok=sum(r.ok for r in results))  # fmt: skip

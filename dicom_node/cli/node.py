@@ -362,18 +362,11 @@ def run_ae_update(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     with opened_store(settings) as store:
         current = require_remote_node(store, args.name)
-        merged = argparse.Namespace(
-            name=current.name,
-            ae_title=current.ae_title if args.ae_title is None else args.ae_title,
-            host=current.host if args.host is None else args.host,
-            port=str(current.port) if args.port is None else args.port,
-            role=current.role if args.role is None else args.role,
-            profile=current.profile if args.profile is None else args.profile,
-            quiet_period=current.quiet_period_s if args.quiet_period is None else args.quiet_period,
-            complete_on_release=current.complete_on_release if args.complete_on_release is None else args.complete_on_release,
-            default_destination=current.default_destination if args.default_destination is None else args.default_destination,
-        )
-        node = replace(remote_node_from_args(merged, settings), **_tls_fields(args, current))
+        given = {"ae_title": args.ae_title, "host": args.host, "port": args.port, "role": args.role, "profile": args.profile,
+                 "quiet_period_s": args.quiet_period, "complete_on_release": args.complete_on_release,
+                 "default_destination": args.default_destination}  # fmt: skip
+        fields = {key: getattr(current, key) if value is None else value for key, value in given.items()}
+        node = replace(validated_remote_node(settings, name=current.name, labels=CLI_LABELS, **fields), **_tls_fields(args, current))
         if node == current:
             print(f"{node.name}: nothing to change")
             return 0

@@ -17,16 +17,15 @@ import sys
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dicom_node.ops.errors import UserError
 from dicom_node.ops.studies import ACTIONABLE_STATES
 from dicom_node.settings import Settings, load_settings
 
-if TYPE_CHECKING:
-    pass
-
 LOG = logging.getLogger(__name__)
+#: How the study selection's messages name each option of ``resend``/``reanalyze``.
+SELECTION_LABELS = {"uid": "STUDY_UID", "states": "--state", "since": "--since", "undelivered": "--undelivered"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -402,7 +401,7 @@ def cmd_resend(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     store = open_store(settings.database_url)
     try:
-        studies = select_studies(store, args.study_instance_uid, args.state, parse_since(args.since), args.undelivered)
+        studies = select_studies(store, args.study_instance_uid, args.state, parse_since(args.since), args.undelivered, SELECTION_LABELS)
         if not studies:
             print("no study matches")
             return 0
@@ -443,7 +442,7 @@ def cmd_reanalyze(args: argparse.Namespace) -> int:
         raise UserError(f"nothing can be analysed: {NO_MODEL_ERROR}")
     store = open_store(settings.database_url)
     try:
-        studies = select_studies(store, args.study_instance_uid, args.state, parse_since(args.since))
+        studies = select_studies(store, args.study_instance_uid, args.state, parse_since(args.since), labels=SELECTION_LABELS)
         app = create_app(settings)
         trail, user = open_audit_trail(store, settings.logging.audit_file), acting_user()
         for study in studies:

@@ -12,6 +12,7 @@ import getpass
 import os
 import socket
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -121,17 +122,20 @@ def stage_durations(state_times: dict[str, datetime] | tuple[tuple[str, datetime
 
 
 def select_studies(store: Store, uid: str | None, states: list[str] | None, since: datetime | None,
-                   undelivered: bool = False) -> list[StudyRecord]:  # fmt: skip
-    """The study named, or every study matching the bulk options (oldest change first)."""
+                   undelivered: bool = False, labels: Mapping[str, str] | None = None) -> list[StudyRecord]:  # fmt: skip
+    """The study named, or every study matching the bulk options (oldest change first). UserError
+    names the options by ``labels`` (the field names ``states``, ``since``... when not given)."""
+    label = {"uid": "study_instance_uid", "states": "states", "since": "since", "undelivered": "undelivered", **(labels or {})}
     if uid is not None:
         if states or since or undelivered:
-            raise UserError("give either STUDY_UID or the bulk options (--state, --since, --undelivered), not both")
+            raise UserError(f"give either {label['uid']} or the bulk options ({label['states']}, {label['since']}, "
+                            f"{label['undelivered']}), not both")  # fmt: skip
         study = store.get_study(uid)
         if study is None:
             raise UserError(f"no study {uid} in the state store (see `anatomix-node studies`)")
         return [study]
     if not states and not undelivered:
-        raise UserError("name a STUDY_UID, or select studies with --state (and --since)")
+        raise UserError(f"name a {label['uid']}, or select studies with {label['states']} (and {label['since']})")
     chosen: dict[str, StudyRecord] = {}
     if states:
         for study in store.list_studies(states=tuple(states), limit=1_000_000):

@@ -253,6 +253,7 @@ def test_full_size_layout_matches_on_the_meta_device() -> None:
     assert report.missing == [f"lm.pt:{lora_key(33, 'down_proj', 'A')}"]
 
 
+@pytest.mark.gpu
 def test_cuda_bf16_path_with_compiled_decode(model_dir, token_ids, tokenizer) -> None:
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device on this machine: the bf16 / compiled decode path is tested only on a GPU host")
