@@ -75,7 +75,16 @@ def test_overrides_start_up_line_and_clean_shutdown(tmp_path: Path) -> None:
 def scp_children(node: NodeProcess) -> set[int]:
     """PIDs of the live SCP processes, from the supervisor's "started" log lines."""
     started = {int(pid) for pid in re.findall(r"SCP process \d+ started \(pid (\d+)\)", node.log_text())}
-    return {pid for pid in started if Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()}
+    return {pid for pid in started if _alive(pid)}
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie; a process reaped between two reads is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "zombie" not in status.lower()
 
 
 def test_a_killed_scp_process_is_restarted(tmp_path: Path) -> None:
