@@ -20,7 +20,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 from dicom_node.store.base import FINAL_STUDY_STATES
 from inference.result import APM_BACKENDS
 from inference.tasks import TaskError, TaskRequest
-from sr_writer.kinds import SEND_ORDER
+from sr_writer.kinds import SEND_ORDER, SR_ANATOMY_MODES
 from sr_writer.uids import check_uid_root
 
 CONFIG_FILE_NAME = "anatomix-node.toml"
@@ -174,6 +174,9 @@ class OutputSettings:
     default_profile: str = "full"
     #: Institution Name written into every result object (empty: none).
     institution_name: str = ""
+    #: Regions in the TID 1500 SR besides the findings: "grounded" (only those a finding is grounded
+    #: to, what a viewer should draw) or "all" (every located region, for machine readers).
+    sr_anatomy: str = "grounded"
     #: Named profiles: name -> object kinds, merged over the built-in ones
     #: (e.g. profiles = { my-pacs = ["gsps", "text_sr"] }).
     profiles: dict[str, tuple[str, ...]] = field(default_factory=dict)
@@ -594,6 +597,8 @@ def validate(settings: Settings) -> None:
         for kind in kinds:
             if kind not in OBJECT_KINDS:
                 raise SettingsError(f"output.profiles.{name} contains {kind!r}; object kinds: {', '.join(OBJECT_KINDS)}")
+    if output.sr_anatomy not in SR_ANATOMY_MODES:
+        raise SettingsError(f"output.sr_anatomy = {output.sr_anatomy!r}: must be one of {', '.join(SR_ANATOMY_MODES)}")
     if output.default_profile not in {**DEFAULT_PROFILES, **output.profiles}:
         known = ", ".join(sorted({**DEFAULT_PROFILES, **output.profiles}))
         raise SettingsError(f"output.default_profile = {output.default_profile!r}: not a profile; known profiles: {known}")

@@ -76,10 +76,11 @@ def assemble_bundle(
     uid_root: str,
     analysis_version: int,
     institution_name: str = "",
+    sr_anatomy: str = "grounded",
 ) -> Bundle:
     """Build the requested objects and return them with the warnings (nothing is logged here)."""
     ordered = check_kinds(kinds)
-    ctx = make_context(source, result, uid_root=uid_root, analysis_version=analysis_version, institution_name=institution_name)
+    ctx = make_context(source, result, uid_root=uid_root, analysis_version=analysis_version, institution_name=institution_name, sr_anatomy=sr_anatomy)
     warnings = list(ctx.warnings)
     buildable = []
     referencing = []
@@ -118,9 +119,12 @@ def build_bundle(
     uid_root: str,
     analysis_version: int,
     institution_name: str = "",
+    sr_anatomy: str = "grounded",
 ) -> list[BuiltObject]:
     """The result objects for one source image, in send order; warnings are logged (no patient data)."""
-    bundle = assemble_bundle(source, result, kinds, uid_root=uid_root, analysis_version=analysis_version, institution_name=institution_name)
+    bundle = assemble_bundle(
+        source, result, kinds, uid_root=uid_root, analysis_version=analysis_version, institution_name=institution_name, sr_anatomy=sr_anatomy
+    )
     for warning in bundle.warnings:
         log.warning("sr_writer: image %s: %s", result.sop_instance_uid, warning)
     return list(bundle.objects)

@@ -22,7 +22,7 @@ from pydicom.sr.coding import Code
 from inference.result import REGION_NAMES, AnalysisResult, Box
 from sr_writer import codes
 from sr_writer.identity import DEMO_MARK, MANUFACTURER
-from sr_writer.kinds import KINDS
+from sr_writer.kinds import KINDS, SR_ANATOMY_MODES
 from sr_writer.text import character_set_for, clean_model_text, truncate, usable_model_text
 from sr_writer.uids import check_uid_root, derive_series_uid, derive_uid, is_valid_uid
 
@@ -85,6 +85,8 @@ class BundleContext:
     #: The report's findings and impression as they may go into DICOM (cleaned, or "model output not usable").
     report_findings: str = ""
     report_impression: str = ""
+    #: Which regions the TID 1500 SR's measurement groups hold: one of ``kinds.SR_ANATOMY_MODES``.
+    sr_anatomy: str = "grounded"
 
     # ---- identity ------------------------------------------------------------------------------
     @property
@@ -148,6 +150,20 @@ class BundleContext:
         return tuple(a for a in self.annotations if a.box is not None)
 
     @property
+    def sr_boxed(self) -> tuple[Annotation, ...]:
+        """The boxes the TID 1500 SR's measurement groups hold (``sr_anatomy``), in ``boxed`` order."""
+        if self.sr_anatomy == "all":
+            return self.boxed
+        kept = {a.key for a in grounded_annotations(self.annotations)}
+        return tuple(a for a in self.boxed if a.key in kept)
+
+    @property
+    def grounded_regions(self) -> tuple[Annotation, ...]:
+        """Located regions some finding is grounded to (:func:`grounded_annotations`), in ``boxed`` order."""
+        kept = {a.key for a in grounded_annotations(self.annotations)}
+        return tuple(a for a in self.boxed if a.is_region and a.key in kept)
+
+    @property
     def unboxed_findings(self) -> tuple[Annotation, ...]:
         return tuple(a for a in self.annotations if a.box is None and not a.is_region)
 
@@ -168,8 +184,11 @@ def make_context(
     uid_root: str,
     analysis_version: int,
     institution_name: str = "",
+    sr_anatomy: str = "grounded",
 ) -> BundleContext:
     """Check the inputs and build the shared annotations; ValueError names what is wrong."""
+    if sr_anatomy not in SR_ANATOMY_MODES:
+        raise ValueError(f"sr_anatomy {sr_anatomy!r} must be one of {', '.join(SR_ANATOMY_MODES)}")
     check_source(source)
     source = normalised_source(source)
     check_uid_root(uid_root)
@@ -211,7 +230,17 @@ def make_context(
         region_sentences=region_sentences,
         report_findings=report_findings,
         report_impression=report_impression,
+        sr_anatomy=sr_anatomy,
     )
+
+
+def grounded_annotations(annotations: tuple[Annotation, ...]) -> tuple[Annotation, ...]:
+    """Findings with a box, and the located regions findings are grounded to (a region whose first
+    site is a site of any finding, located or not); anatomy first, findings after. The one rule for
+    "anatomy only where grounded" that the SC, the GSPS and the TID 1500 SR follow."""
+    grounded_sites = {site for a in annotations if not a.is_region for site in a.sites}
+    regions = [a for a in annotations if a.is_region and a.box is not None and a.sites and a.sites[0] in grounded_sites]
+    return tuple(regions + [a for a in annotations if not a.is_region and a.box is not None])
 
 
 #: Patient/study attributes our objects must carry (type 2: present, possibly empty). Real sources

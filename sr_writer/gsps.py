@@ -24,7 +24,7 @@ from pydicom.dataset import Dataset
 from sr_writer.colours import ANATOMY_RGB, WHOLE_IMAGE_FINDINGS_RGB, colour_for_key
 from sr_writer.context import Annotation, BundleContext
 from sr_writer.equipment import DEVICE_SERIAL_NUMBER, apply_common_attributes
-from sr_writer.overlay import drawn_annotations, place_labels
+from sr_writer.overlay import place_labels
 from sr_writer.text import code_string, truncate
 from sr_writer.tid1500 import box_polyline
 
@@ -121,7 +121,7 @@ def build_gsps(ctx: BundleContext, kind: str = "gsps") -> Dataset:
     if not ctx.boxed:
         raise ValueError("result has no box inside the image: a presentation state would draw nothing")
     findings = tuple(a for a in ctx.boxed if not a.is_region)
-    grounded = tuple(a for a in drawn_annotations(ctx.boxed) if a.is_region)
+    grounded = ctx.grounded_regions
     anatomy = tuple(a for a in ctx.boxed if a.is_region and a not in grounded)
     # Label spots, findings first: lower layers never put a label over a finding's or the whole-image lines.
     taken: list = [tuple(int(v) for v in box) for box in whole_image_text_boxes(len(ctx.unboxed_findings), ctx.rows, ctx.columns)]

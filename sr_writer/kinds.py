@@ -59,6 +59,13 @@ KINDS: dict[str, ObjectKind] = {kind.name: kind for kind in sorted(_KINDS, key=l
 SEND_ORDER: tuple[str, ...] = tuple(KINDS)
 
 
+#: What the TID 1500 SR's measurement groups hold besides the findings' boxes. "grounded": only the
+#: regions a located finding is grounded to (what a viewer such as OHIF should draw: it draws every
+#: group, so 36 region boxes bury the findings); "all": every located region. The full anatomy is in
+#: the SEG and in the GSPS's ANATOMY layer either way, and every region sentence in the text SR.
+SR_ANATOMY_MODES: tuple[str, ...] = ("grounded", "all")
+
+
 def send_rank(name: str) -> int:
     """Where a kind goes in the send order; an unknown kind goes after every known one."""
     kind = KINDS.get(name)

@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from sr_writer.colours import BANNER_TEXT_RGB, OUTLINE_RGB, WHOLE_IMAGE_FINDINGS_RGB, colour_for_key
-from sr_writer.context import Annotation
+from sr_writer.context import Annotation, grounded_annotations
 
 MIN_FONT = 9
 
@@ -118,11 +118,8 @@ def fit_banner(text: str, columns: int, preferred: int) -> tuple[tuple[str, ...]
 
 
 def drawn_annotations(annotations: tuple[Annotation, ...]) -> tuple[Annotation, ...]:
-    """Findings with a box, and the regions those findings are grounded to; anatomy first, findings on top."""
-    findings = [a for a in annotations if not a.is_region and a.box is not None]
-    grounded_sites = {site for a in annotations if not a.is_region for site in a.sites}
-    regions = [a for a in annotations if a.is_region and a.box is not None and a.sites and a.sites[0] in grounded_sites]
-    return tuple(regions + findings)
+    """What the SC draws: :func:`sr_writer.context.grounded_annotations` (anatomy first, findings on top)."""
+    return grounded_annotations(annotations)
 
 
 def _overlaps(a: Rect, b: Rect, margin: int = 2) -> bool:

@@ -6,14 +6,16 @@ Content tree::
       Procedure Reported: the study's procedure, else LOINC 36554-4
       Observer: device (the model, UID = model Device UID)
       Imaging Measurements
-        TID 1410 Planar ROI group per region box and per finding box:
+        TID 1410 Planar ROI group per finding box and per region box the SR shows (``sr_anatomy``:
+        by default only the regions a finding is grounded to; "all": every located region):
           Tracking Identifier / Tracking UID, Finding Type, TID 4019 Algorithm Identification,
           Finding Site (+ Laterality), Image Region = closed 5-point POLYLINE SCOORD (column, row),
           Presence = Present, Probability (finding, when known),
           TEXT Comment (DCM 121106) = the region's retrieved sentence (region groups, when it has one)
       Qualitative Evaluations (UMLS C0034375, TID 1500 row "Qualitative Evaluations"), when the result
-        has image-level labels or findings without a box:
-          TEXT Comment (DCM 121106): what the items are
+        has image-level labels or findings without a box, or regions were left out:
+          TEXT Comment (DCM 121106): what the items are, and how many located regions are left out
+            and where they are (the SEG, the GSPS's ANATOMY layer, the text SR's region sentences)
           TEXT per image-level label, sorted by label, named by the label's finding type code:
             "<label>: image-level probability 0.55 (image classifier; not a statement that it is present)"
           TEXT per finding without a box, named by its finding type code:
@@ -27,6 +29,13 @@ Qualitative Evaluations container holds exactly such whole-image statements, is 
 OHIF ignores it (it reads only the Imaging Measurements container). Every fact stays: each label's
 probability (two decimals, as everywhere else we show it), each unlocalised finding's label, probability,
 sites and text; the text SR lists them too.
+
+Why only the grounded anatomy by default: OHIF draws every measurement group with its label, so 36
+region boxes with their labels stacked over each other bury the findings the radiologist opened the
+SR for (``test-output/ohif-*-sr.png`` showed it). The SC and the GSPS already follow the rule "anatomy
+only where a finding is grounded to it"; the SR now does too, and says in its Qualitative Evaluations
+comment how many regions it left out and where the full anatomy is. ``output.sr_anatomy = "all"``
+keeps every region for machine readers that want the whole anatomy from the SR alone.
 
 Finding Site labels for OHIF: OHIF labels an SR box with the Code Meaning of its first Finding Site and
 ignores the nested laterality modifier. The code value and the laterality modifier stay as they are (the
@@ -95,8 +104,8 @@ def build_tid1500_sr(ctx: BundleContext, kind: str = "sr", sr_class: type = hd.s
     algorithm = AlgorithmIdentification(name=ctx.algorithm_name, version=ctx.algorithm_version)
     source_image = SourceImageForRegion.from_source_image(ctx.source)
     groups: list = []
-    for annotation in ctx.boxed:
-        assert annotation.box is not None  # ctx.boxed holds only annotations with a box
+    for annotation in ctx.sr_boxed:
+        assert annotation.box is not None  # ctx.sr_boxed holds only annotations with a box
         group = PlanarROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=TrackingIdentifier(uid=annotation.tracking_uid, identifier=annotation.tracking_id),
             referenced_region=ImageRegion(graphic_type="POLYLINE", graphic_data=box_polyline(annotation.box), source_image=source_image),
@@ -185,11 +194,15 @@ def probability_measurements(annotation: Annotation) -> list[Measurement] | None
 
 
 def qualitative_evaluations_container(ctx: BundleContext) -> ContainerContentItem | None:
-    """TID 1500 "Qualitative Evaluations": image-level labels and unlocalised findings; None when neither."""
+    """TID 1500 "Qualitative Evaluations": image-level labels, unlocalised findings and a note of the
+    regions left out of the measurement groups; None when there is none of these."""
     labels, unboxed = ctx.image_labels, ctx.unboxed_findings
-    if not labels and not unboxed:
+    left_out = sum(1 for a in ctx.boxed if a.is_region) - sum(1 for a in ctx.sr_boxed if a.is_region)
+    if not labels and not unboxed and not left_out:
         return None
     parts = []
+    if left_out:
+        parts.append(left_out_regions_text(left_out, ctx.grounded_regions))
     if labels:
         parts.append("image-level probabilities from the model's image classifier (a probability, not a statement that the finding is present)")
     if unboxed:
@@ -202,6 +215,16 @@ def qualitative_evaluations_container(ctx: BundleContext) -> ContainerContentIte
     container = ContainerContentItem(name=codes.QUALITATIVE_EVALUATIONS, relationship_type="CONTAINS")
     container.ContentSequence = ContentSequence(items)
     return container
+
+
+def left_out_regions_text(left_out: int, grounded: tuple[Annotation, ...]) -> str:
+    """Why the SR draws fewer regions than the model located, and where they are."""
+    shown = f"the {len(grounded)} a finding is grounded to are" if grounded else "no finding is grounded to any, so none is"
+    return (
+        f"{left_out} located anatomical regions are not measurement groups here ({shown} shown); "
+        "the AnatomiX segmentation (SEG) and presentation state (GSPS ANATOMY layer), where produced, "
+        "hold every region's box, and the AnatomiX draft report (text SR) every region's description"
+    )
 
 
 def image_label_text(label: ImageLabel) -> str:

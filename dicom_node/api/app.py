@@ -35,6 +35,7 @@ from dicom_node.api import auth
 from dicom_node.api.auth import CSRF_HEADER, SESSION_COOKIE, LoginLimiter, Principal
 from dicom_node.audit.trail import AuditTrail, Peer, open_audit_trail
 from dicom_node.ops.errors import UserError
+from dicom_node.ops.studies import ACTIONABLE_STATES
 from dicom_node.settings import Settings
 from dicom_node.store.base import STUDY_STATES, RemoteNode, Store, StoreConflict, StoreError, StoreUnavailable
 
@@ -208,7 +209,7 @@ class ReanalyzeIn(BaseModel):
 
 
 class BulkSelect(BaseModel):
-    states: list[Literal["done", "failed"]] = Field(default_factory=list, max_length=2)
+    states: list[Literal[ACTIONABLE_STATES]] = Field(default_factory=list, max_length=len(ACTIONABLE_STATES))  # type: ignore[valid-type]
     since: datetime | None = None
 
 

@@ -149,6 +149,7 @@ def write_result_objects(
         uid_root=settings.output.uid_root,
         analysis_version=version,
         institution_name=settings.output.institution_name,
+        sr_anatomy=settings.output.sr_anatomy,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []

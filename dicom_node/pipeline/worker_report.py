@@ -5,7 +5,9 @@ when the warm-up has loaded the model (identity, weights digest, load time) or f
 and again every third of ``http.worker_report_max_age_s`` while it lives; a deliver-only worker
 writes one without a model. The operations API reads the rows: ``/readyz`` is ready only while some
 analyze worker reported a usable model within ``http.worker_report_max_age_s``, ``/api/status`` lists
-the workers seen, ``/metrics`` has ``anatomix_model_load_seconds`` per worker. The store is where
+the workers seen, ``/metrics`` has ``anatomix_model_load_seconds`` per worker. A process that stops
+cleanly (worker shutdown, a recycled pool process) removes its row; one that dies leaves it to age out
+of ``/readyz`` and be forgotten after :data:`FORGET_AFTER`. The store is where
 workers on any host meet the API; a report that cannot be written is logged and tried again at the
 next beat, never an error of the worker.
 """
@@ -81,8 +83,19 @@ class WorkerReporter:
         if engine is not None:
             LOG.info("model ready in %.1f s (reported as %s)", seconds, self._report.name)
 
-    def stop(self) -> None:
+    def stop(self, **_: Any) -> None:
+        """At a clean exit of the process: stop beating and remove this worker's row (it is not "seen" any more)."""
         self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)  # a beat in progress must not write the row back after the removal
+        with self._lock:
+            report = self._report
+        if report is None:
+            return
+        try:
+            self._store_of().remove_worker_report(report.name)
+        except StoreError as exc:  # it ages out of /readyz and is forgotten later
+            LOG.warning("worker report of %s not removed at shutdown (state store: %s)", report.name, exc)
 
     def _beat(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -108,12 +121,14 @@ class WorkerReporter:
 def attach_worker_reporter(app: Any, context: Any, node_name: str, queues: tuple[str, ...], analyze: bool) -> WorkerReporter:
     """Wire a reporter into a worker: the pool process reports at its start and after the warm-up
     (analyze workers, ``worker_process_init``); a deliver-only worker reports when it is ready."""
-    from celery.signals import worker_process_init, worker_ready
+    from celery.signals import worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
 
     reporter = WorkerReporter(context.settings, context.store, node_name, queues)
     if analyze:
         context.on_warm_up = reporter.warm_up_done
         worker_process_init.connect(reporter.start, weak=False)
+        worker_process_shutdown.connect(reporter.stop, weak=False)
     else:
         worker_ready.connect(reporter.start, weak=False)
+        worker_shutdown.connect(reporter.stop, weak=False)
     return reporter

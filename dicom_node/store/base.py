@@ -548,6 +548,10 @@ class WorkerReportStore(abc.ABC):
     def remove_worker_reports(self, seen_before: datetime) -> int:
         """Forget workers not seen since ``seen_before``; how many were removed."""
 
+    @abc.abstractmethod
+    def remove_worker_report(self, name: str) -> bool:
+        """Forget the worker ``name`` (it stopped cleanly); whether it had a report."""
+
 
 class ApiAccountStore(abc.ABC):
     """Account methods of the store (mixed into :class:`SqlStore`)."""

@@ -49,6 +49,10 @@ class WorkerReportSql(WorkerReportStore):
         with self._transaction(write=True) as tx:  # type: ignore[attr-defined]
             return tx.execute("DELETE FROM worker_reports WHERE last_seen_at < ?", (self._db_time(seen_before),))
 
+    def remove_worker_report(self, name: str) -> bool:
+        with self._transaction(write=True) as tx:  # type: ignore[attr-defined]
+            return bool(tx.execute("DELETE FROM worker_reports WHERE name = ?", (name,)))
+
     def _worker_report(self, row: tuple) -> WorkerReport:
         (name, hostname, pid, queues, ok, model_name, model_version, digest, demo, device, load_s, error, started, seen) = row
         return WorkerReport(

@@ -123,6 +123,7 @@ BAD_VALUES = [
     ('[output]\nuid_root = "1.2.3"', "output.uid_root", "1.2.3"),
     ('[output]\ndefault_profile = "nope"', "output.default_profile", "nope"),
     ('[output.profiles]\nmine = ["sr", "pdf"]', "output.profiles.mine", "pdf"),
+    ('[output]\nsr_anatomy = "some"', "output.sr_anatomy", "some"),
     ("[delivery]\nmax_attempts = 0", "delivery.max_attempts", "0"),
     ('[logging]\nlevel = "LOUD"', "logging.level", "LOUD"),
     ("[node]\nportt = 1", "portt", "[node]"),

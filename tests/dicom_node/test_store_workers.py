@@ -39,6 +39,9 @@ def test_worker_reports_are_upserted_listed_newest_first_and_forgotten_when_old(
     assert store.list_worker_reports() == [seen_again, failed]
     assert store.remove_worker_reports(T0 + timedelta(seconds=10)) == 1
     assert store.list_worker_reports() == [seen_again]
+    assert store.remove_worker_report(failed.name) is False  # already forgotten
+    assert store.remove_worker_report(loaded.name) is True
+    assert store.list_worker_reports() == []
 
 
 def test_remote_node_client_certificate_rule_and_hostname_check_round_trip(store: Store) -> None:

@@ -4,6 +4,7 @@ and reports; ``/readyz`` is ready only while a live worker has a usable model (a
 
 from __future__ import annotations
 
+import signal
 import time
 
 import httpx
@@ -77,6 +78,28 @@ def test_readyz_needs_a_live_worker_with_a_loaded_model_and_status_and_metrics_s
         families = {f.name: f for f in text_string_to_metric_families(httpx.get(base + "/metrics", timeout=30).text)}
         assert families["anatomix_model_load_seconds"].samples == []
     finally:
+        site.stop()
+
+
+def test_a_worker_that_stops_cleanly_removes_its_report(tmp_path, redis_server):
+    """SIGTERM (warm shutdown): the pool process and the deliver-only worker remove their rows, so
+    /api/status lists no worker that is known to be gone."""
+    site = NodeSite(tmp_path / "site", broker_url=redis_server.url, overrides={"http": {"worker_report_max_age_s": 60.0}})
+    store = site.store()
+    try:
+        analyze = site.worker("analyze,deliver", name="gpu-b@testhost")
+        deliver = site.worker("deliver", name="out-b@testhost")
+        reports = wait_until(lambda: (r := store.list_worker_reports()) and len(r) == 2 and any(w.model_ok for w in r) and r, 240,
+                             "both workers' reports", site)  # fmt: skip
+        assert sorted(w.name.split("/")[0] for w in reports) == ["gpu-b@testhost", "out-b@testhost"]
+        site.kill(analyze, signal.SIGTERM)
+        assert analyze.returncode == 0, site.logs()
+        [left] = wait_until(lambda: (r := store.list_worker_reports()) and len(r) == 1 and r, 30, "the analyze worker's row to go", site)
+        assert left.name.startswith("out-b@testhost/")
+        site.kill(deliver, signal.SIGTERM)
+        wait_until(lambda: store.list_worker_reports() == [], 30, "the deliver worker's row to go", site)
+    finally:
+        store.close()
         site.stop()
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import highdicom as hd
 import numpy as np
 import pydicom
@@ -9,14 +11,19 @@ import pytest
 from highdicom.sr.utils import find_content_items
 
 from sr_writer import codes
+from sr_writer.bundle import assemble_bundle
 from sr_writer.context import display_region_name, make_context
 from sr_writer.sc import SC_MAX_SIDE
 from sr_writer.seg import box_pixel_slice
 from tests.sr_writer.conftest import UID_ROOT, BuiltCase
 
 
+def expected_context(case: BuiltCase):
+    return make_context(case.source, case.result, uid_root=UID_ROOT, analysis_version=1)
+
+
 def expected_annotations(case: BuiltCase):
-    return make_context(case.source, case.result, uid_root=UID_ROOT, analysis_version=1).annotations
+    return expected_context(case).annotations
 
 
 def expected_image_labels(case: BuiltCase):
@@ -31,11 +38,65 @@ def comment_texts(group) -> list[str]:
     return [item.value for item in find_content_items(group[0], name=codes.COMMENT, value_type="TEXT")]
 
 
+def finding_sites(annotations) -> set:
+    """Every (structure, laterality) site a finding names, located or not."""
+    return {site for a in annotations if not a.is_region for site in a.sites}
+
+
+def test_sr_holds_every_finding_box_and_only_the_regions_a_finding_is_grounded_to(case: BuiltCase) -> None:
+    """OHIF draws every measurement group: 36 region boxes would bury the findings. The default SR
+    holds each located finding and each located region whose site a finding names; its Qualitative
+    Evaluations comment counts the regions left out and says where they are."""
+    sr = hd.sr.srread(case.paths["sr"])
+    uids = {str(g.tracking_uid) for g in sr.content.get_planar_roi_measurement_groups()}
+    annotations = expected_annotations(case)
+    findings = [a for a in annotations if not a.is_region and a.box is not None]
+    regions = [a for a in annotations if a.is_region and a.box is not None]
+    assert len(findings) == sum(len(f.boxes) for f in case.result.findings) and len(regions) == 36
+    assert {a.tracking_uid for a in findings} <= uids
+    sites = finding_sites(annotations)
+    grounded = [a for a in regions if a.sites[0] in sites]
+    assert 0 < len(grounded) < 36, "the factory result grounds findings to some regions, not all"
+    assert uids == {a.tracking_uid for a in findings + grounded}
+    [comment] = [text for value, _, text in qualitative_evaluation_texts(sr) if value == codes.COMMENT.value]
+    assert f"{36 - len(grounded)} located anatomical regions are not measurement groups here (the {len(grounded)} a finding" in comment
+    assert "segmentation (SEG)" in comment
+    seg_uids = {str(s.TrackingUID) for s in pydicom.dcmread(case.paths["seg"]).SegmentSequence}
+    assert {a.tracking_uid for a in regions} <= seg_uids, "the SEG keeps the full anatomy"
+
+
+def sr_with_all_anatomy(case: BuiltCase, directory) -> hd.sr.Comprehensive3DSR:
+    """The case's SR built with ``sr_anatomy = "all"``, read back."""
+    bundle = assemble_bundle(case.source, case.result, ["sr"], uid_root=UID_ROOT, analysis_version=1, sr_anatomy="all")
+    path = directory / "sr-all.dcm"
+    bundle.objects[0].dataset.save_as(path, enforce_file_format=True)
+    return hd.sr.srread(path)
+
+
+def test_sr_anatomy_all_keeps_every_region(case: BuiltCase, tmp_path) -> None:
+    sr = sr_with_all_anatomy(case, tmp_path)
+    boxed = [a for a in expected_annotations(case) if a.box is not None]
+    assert len(sr.content.get_planar_roi_measurement_groups()) == len(boxed) == 36 + sum(len(f.boxes) for f in case.result.findings)
+    assert not any("not measurement groups" in text for _, _, text in qualitative_evaluation_texts(sr))
+
+
+def test_sr_of_a_result_without_findings_says_where_the_anatomy_is(case: BuiltCase, tmp_path) -> None:
+    """No finding: nothing for a viewer to draw, and the report still builds (its comment is the content)."""
+    result = replace(case.result, findings=(), image_labels={})
+    [built] = assemble_bundle(case.source, result, ["sr"], uid_root=UID_ROOT, analysis_version=1).objects
+    assert not [i for i in built.dataset.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010"]
+    [(value, _, text)] = qualitative_evaluation_texts(built.dataset)
+    assert value == codes.COMMENT.value
+    assert "36 located anatomical regions are not measurement groups here (no finding is grounded to any, so none is shown)" in text
+    with pytest.raises(ValueError, match="sr_anatomy 'none' must be one of grounded, all"):
+        assemble_bundle(case.source, result, ["sr"], uid_root=UID_ROOT, analysis_version=1, sr_anatomy="none")
+
+
 def test_sr_roundtrip_boxes_codes_and_tracking_uids(case: BuiltCase) -> None:
     sr = hd.sr.srread(case.paths["sr"])
     groups = sr.content.get_planar_roi_measurement_groups()
-    boxed = [a for a in expected_annotations(case) if a.box is not None]
-    assert len(groups) == len(boxed) == 36 + sum(len(f.boxes) for f in case.result.findings)
+    boxed = list(expected_context(case).sr_boxed)
+    assert len(groups) == len(boxed)
     by_uid = {str(g.tracking_uid): g for g in groups}
     for annotation in boxed:
         group = by_uid[annotation.tracking_uid]
@@ -91,9 +152,9 @@ def test_sr_keeps_image_labels_and_unlocalised_findings_outside_the_measurement_
         assert annotation.text in text
 
 
-def test_sr_finding_site_meaning_names_the_side_and_keeps_the_laterality_modifier(case: BuiltCase) -> None:
+def test_sr_finding_site_meaning_names_the_side_and_keeps_the_laterality_modifier(case: BuiltCase, tmp_path) -> None:
     """OHIF labels a box with its first Finding Site's Code Meaning and ignores nested modifiers."""
-    sr = hd.sr.srread(case.paths["sr"])
+    sr = sr_with_all_anatomy(case, tmp_path)  # every region, so the three named below are all there
     meanings = {}
     for group in sr.content.get_planar_roi_measurement_groups():
         site = group.finding_sites[0]
@@ -107,7 +168,9 @@ def test_sr_roundtrip_finds_each_region_sentence_in_its_region_group(case: Built
     sr = hd.sr.srread(case.paths["sr"])
     sentences = {case.result.regions[i].index: case.result.regions[i].retrieved_sentence for i in range(len(case.result.regions))}
     assert all(sentences.values()) and len(sentences) == 36
-    regions = {a.tracking_uid: a for a in expected_annotations(case) if a.is_region}
+    regions = {a.tracking_uid: a for a in expected_context(case).sr_boxed if a.is_region}
+    sentences = {index: s for index, s in sentences.items() if any(a.key == f"region-{index:02d}" for a in regions.values())}
+    assert sentences, "some region is grounded"
     found = {}
     for group in sr.content.get_planar_roi_measurement_groups():
         annotation = regions.get(str(group.tracking_uid))

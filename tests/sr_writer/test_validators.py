@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 
 from sr_writer.bundle import SEND_ORDER, assemble_bundle, comprehensive_sr_fallback
+from sr_writer.context import make_context
 from tests.sr_writer.conftest import UID_ROOT, BuiltCase
 from tests.sr_writer.false_positives import split_model_output_problems
 from tests.support.results import make_result, rg1_source
@@ -55,9 +56,12 @@ def test_pixelmed_sr_validator_only_reports_known_false_positives(case: BuiltCas
     problems, model_output_lines = split_model_output_problems(report)
     assert not problems, report.describe()
     assert "Root Template Validation Complete" in report.output
-    # The model-output allow-list is used by exactly the items we add, one line per item: the 36 region
-    # sentences in the SR; in the text SR the section, its note and one line per label and per sentence.
-    expected = 36 if kind == "sr" else 1 + 1 + len(case.result.image_labels) + 36
+    # The model-output allow-list is used by exactly the items we add, one line per item: the sentences
+    # of the regions the SR holds (those a finding is grounded to); in the text SR the section, its note
+    # and one line per label and per sentence (all 36).
+    ctx = make_context(case.source, case.result, uid_root=UID_ROOT, analysis_version=1)
+    expected = sum(1 for a in ctx.sr_boxed if a.is_region) if kind == "sr" else 1 + 1 + len(case.result.image_labels) + 36
+    assert expected > 0
     assert len(model_output_lines) == expected, report.describe()
 
 
@@ -72,11 +76,12 @@ def test_comprehensive_sr_fallback_validates(case: BuiltCase, tmp_path) -> None:
 
 
 def test_results_without_image_labels_or_sentences_validate_and_add_nothing(tmp_path) -> None:
-    """An empty label dict and regions without sentences: no extra content, no error, no new problem."""
+    """An empty label dict and regions without sentences: no extra content, no error, no new problem
+    (every region in the SR, so that no note of regions left out is written either)."""
     source = rg1_source()
     base = make_result(source, n_findings=3, image_labels={})
     result = dataclasses.replace(base, regions=tuple(dataclasses.replace(r, retrieved_sentence=None) for r in base.regions))
-    bundle = assemble_bundle(source, result, ("sr", "text_sr"), uid_root=UID_ROOT, analysis_version=1)
+    bundle = assemble_bundle(source, result, ("sr", "text_sr"), uid_root=UID_ROOT, analysis_version=1, sr_anatomy="all")
     for built in bundle.objects:
         path = tmp_path / f"{built.kind}.dcm"
         built.dataset.save_as(path, enforce_file_format=True)

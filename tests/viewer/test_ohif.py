@@ -30,6 +30,8 @@ from tests.support.results import dx_source, make_result, rg1_source
 
 UID_ROOT = "1.2.826.0.1.3680043.10.1431."
 SCRIPT = Path(__file__).with_name("ohif_check.mjs")
+#: OHIF labels an SR box "<Finding Site concept code>: <site meaning>".
+FINDING_SITE = "363698007"
 CRASH_MARKERS = ("Something went wrong", "Cannot read properties of undefined", "TypeError")
 
 
@@ -60,8 +62,9 @@ def dx_with_spacing() -> pydicom.Dataset:
     return ds
 
 
-def load_study(pacs: Orthanc, source: pydicom.Dataset, directory: Path) -> dict[str, str]:
-    """Upload the source and its bundle; return series UID per kind ("image" for the source)."""
+def load_study(pacs: Orthanc, source: pydicom.Dataset, directory: Path) -> tuple[dict[str, str], int]:
+    """Upload the source and its bundle; return series UID per kind ("image" for the source) and
+    how many measurement groups (boxes) the TID 1500 SR holds."""
     result = make_result(source, n_findings=8)
     bundle = assemble_bundle(source, result, SEND_ORDER, uid_root=UID_ROOT, analysis_version=1)
     directory.mkdir(parents=True, exist_ok=True)
@@ -74,7 +77,9 @@ def load_study(pacs: Orthanc, source: pydicom.Dataset, directory: Path) -> dict[
         built.dataset.save_as(path, enforce_file_format=True)
         assert pacs.upload(path)["Status"] in ("Success", "AlreadyStored"), built.kind
         series[built.kind] = str(built.dataset.SeriesInstanceUID)
-    return series
+    sr = next(o.dataset for o in bundle.objects if o.kind == "sr")
+    [measurements] = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010"]
+    return series, len(measurements.ContentSequence)
 
 
 def open_in_ohif(server: OhifServer, study: str, series: str, name: str, output_dir: Path, settle_ms: int = 9000) -> tuple[np.ndarray, dict]:
@@ -114,7 +119,7 @@ def hue_clusters(rgb: np.ndarray, mask: np.ndarray) -> int:
 def test_ohif_shows_the_image_sr_boxes_and_seg_segments_without_crashing(viewer, name: str, tmp_path: Path, output_dir: Path) -> None:
     pacs, server = viewer
     source = cr_source() if name == "cr" else dx_with_spacing()
-    series = load_study(pacs, source, tmp_path / name)
+    series, sr_groups = load_study(pacs, source, tmp_path / name)
     study = str(source.StudyInstanceUID)
 
     image, report = open_in_ohif(server, study, series["image"], f"{name}-image", output_dir)
@@ -128,6 +133,9 @@ def test_ohif_shows_the_image_sr_boxes_and_seg_segments_without_crashing(viewer,
     assert coloured_pixels(sr).mean() > base_colour + 0.002, "no SR box was drawn"
     text = report["bodyText"]
     assert "Right costophrenic angle" in text or "Right lung" in text or "Left lung" in text, text[:2000]
+    # One site label per box, and only the findings and the anatomy they are grounded to: 36 region
+    # boxes and their labels stacked over each other buried the findings.
+    assert sr_groups < 36 and text.count(f"{FINDING_SITE}: ") == sr_groups, text[-2500:]
 
     # OHIF 3.13's whole-instance SEG fetch rejects a pixel data length padded to even (43 frames of
     # 1955 x 1841 is odd) and falls back to one request per frame, which takes longer: wait for it.
