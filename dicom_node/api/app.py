@@ -820,7 +820,7 @@ def _routes(app: FastAPI) -> None:
             "disk": _disk(s), "studies_by_state": counts, "queue_depths": ctx.queue_depths(),
             "dead_letters": len(ctx.store.list_deliveries(statuses=("dead",))),
             "api_uptime_s": round(time.monotonic() - ctx.started, 1), "hostname": socket.gethostname(),
-            "workers": _workers(ctx),
+            "workers": _workers(ctx), "certificates": _certificates(ctx),
         }  # fmt: skip
 
 
@@ -950,6 +950,19 @@ def _workers(ctx: ApiContext) -> list[dict[str, Any]]:
     now = datetime.now(UTC)
     max_age = ctx.settings.http.worker_report_max_age_s
     return [worker_out(r, now, max_age) for r in ctx.store.list_worker_reports()]  # type: ignore[attr-defined]
+
+
+def _certificates(ctx: ApiContext) -> list[dict[str, Any]]:
+    """The TLS certificates in use (the SCP's, its trusted CAs, each TLS remote node's files): expiry,
+    days left and the warning the start-up log gives (expired, within tls.expiry_warning_days, unreadable)."""
+    from dicom_node.net.tls import certificate_status
+
+    warn_days = ctx.settings.tls.expiry_warning_days
+    return [
+        {"role": c.role, "path": c.path, "subject": c.subject, "not_after": c.not_after,
+         "days_left": None if c.days_left is None else round(c.days_left, 1), "error": c.error, "warning": c.warning(warn_days)}
+        for c in certificate_status(ctx.settings, ctx.store.list_remote_nodes())
+    ]  # fmt: skip
 
 
 def _disk(settings: Settings) -> dict[str, Any]:

@@ -205,6 +205,7 @@ class StoreCollector:
 
         yield from self._stage_histograms(studies)
         yield from self._workers()
+        yield from self._certificates()
 
         disk = GaugeMetricFamily("anatomix_spool_free_bytes", "Free bytes on the spool's file system")
         try:
@@ -241,6 +242,29 @@ class StoreCollector:
                 ok.add_metric([report.name], 1 if report.model_ok else 0)
         yield load
         yield ok
+
+    def _certificates(self) -> Iterator[Any]:
+        """Each TLS certificate in use: its expiry as a Unix time (alert on ``... - time() < 30 * 86400``),
+        and 1 for a configured file that cannot be read."""
+        from prometheus_client.core import GaugeMetricFamily
+
+        from dicom_node.net.tls import certificate_status
+
+        try:
+            statuses = certificate_status(self.settings, self.store.list_remote_nodes())
+        except StoreError:
+            return
+        expiry = GaugeMetricFamily("anatomix_tls_certificate_expiry_timestamp_seconds",
+                                   "When each TLS certificate in use expires (Unix time)", labels=["role", "subject"])  # fmt: skip
+        unreadable = GaugeMetricFamily("anatomix_tls_certificate_unreadable", "1 for a configured certificate file that cannot be read",
+                                       labels=["role", "path"])  # fmt: skip
+        for status in statuses:
+            if status.error is not None or status.not_after is None:
+                unreadable.add_metric([status.role, status.path], 1)
+            else:
+                expiry.add_metric([status.role, status.subject or ""], datetime.fromisoformat(status.not_after).timestamp())
+        yield expiry
+        yield unreadable
 
     def _stage_histograms(self, studies: list[Any]) -> Iterator[Any]:
         from prometheus_client.core import HistogramMetricFamily

@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
+import httpx
 import pydicom
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support.api import http_url, make_accounts, wait_for_http
 from tests.support.dcmtk import run_dcmtk
 from tests.support.net import free_port
 from tests.support.node import NodeProcess
@@ -32,7 +37,7 @@ def client(ca: TestCa) -> Issued:
 
 def tls_node(workdir: Path, ca: TestCa, server: Issued, **tls: object) -> NodeProcess:
     node = NodeProcess(workdir, scp_processes=2, settings={
-        "assembly": {"quiet_period_s": 600, "hard_cap_s": 600},
+        "assembly": {"quiet_period_s": 600, "hard_cap_s": 600}, "http": {"port": free_port()},
         "tls": {"enabled": True, "port": free_port(), "certificate": str(server.certificate), "private_key": str(server.key),
                 "ca_certificates": str(ca.cert_path), **tls},
     })  # fmt: skip
@@ -86,6 +91,26 @@ def test_start_up_logs_each_certificate_and_warns_within_30_days(node: NodeProce
     warnings = [line for line in text.splitlines() if "WARNING" in line and "TLS: scp certificate" in line]
     assert len(warnings) == 1 and "expires in" in warnings[0], text[-2000:]
     assert "TLS: scp trusted CA" in text and "Traceback" not in text
+
+
+def test_certificate_expiry_is_in_the_status_api_and_the_metrics(node: NodeProcess) -> None:
+    """The SCP certificate (20 days left) and the CA: /api/status gives days left and the start-up
+    log's warning, /metrics the expiry time per certificate for an alert rule."""
+    wait_for_http(node)
+    token = make_accounts(node, ("viewer",)).tokens["viewer"]
+    status = httpx.get(http_url(node) + "/api/status", headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    assert status.status_code == 200, status.text
+    by_role = {c["role"]: c for c in status.json()["certificates"]}
+    assert set(by_role) == {"scp certificate", "scp trusted CA"}, by_role
+    scp = by_role["scp certificate"]
+    assert 19 <= scp["days_left"] <= 20 and "anatomix node" in scp["subject"] and "expires in" in scp["warning"], scp
+    assert by_role["scp trusted CA"]["warning"] is None and by_role["scp trusted CA"]["days_left"] > 300
+    metrics = {f.name: f for f in text_string_to_metric_families(httpx.get(http_url(node) + "/metrics", timeout=30).text)}
+    expiry = {s.labels["role"]: s.value for s in metrics["anatomix_tls_certificate_expiry_timestamp_seconds"].samples}
+    assert set(expiry) == {"scp certificate", "scp trusted CA"}
+    assert abs(expiry["scp certificate"] - datetime.fromisoformat(scp["not_after"]).timestamp()) < 1
+    assert 19 * 86400 <= expiry["scp certificate"] - time.time() <= 20 * 86400
+    assert metrics["anatomix_tls_certificate_unreadable"].samples == []
 
 
 def test_tls_only_node_does_not_listen_on_the_plain_port(tmp_path: Path, ca: TestCa, client: Issued) -> None:
