@@ -194,6 +194,11 @@ class ModelIdentity:
     manufacturer: str = NODE_MANUFACTURER
 
 
+#: Entries of ``AnalysisResult.timings`` that are counts or rates, not seconds: images in the batch,
+#: tokens generated, tokens per second of decode, most sequences decoded together.
+TIMING_COUNTS: tuple[str, ...] = ("batch_size", "decode_tokens", "decode_tokens_per_s", "decode_rows_max")
+
+
 @dataclass(frozen=True)
 class AnalysisResult:
     """Everything the engine produced for one source image."""
@@ -207,7 +212,8 @@ class AnalysisResult:
     model: ModelIdentity
     image_labels: dict[str, float] = field(default_factory=dict)
     answers: tuple[TaskAnswer, ...] = ()
-    #: Seconds per stage, e.g. ``{"preprocess": 0.05, "apm": 0.4, "prefill": 1.2, "decode": 3.0}``.
+    #: Seconds per stage, e.g. ``{"preprocess": 0.05, "apm": 0.4, "prefill": 1.2, "decode": 3.0}``,
+    #: and the counts and rates named in :data:`TIMING_COUNTS` (not seconds).
     timings: dict[str, float] = field(default_factory=dict)
     #: Non-fatal problems (malformed model text, dropped boxes...), human readable.
     warnings: tuple[str, ...] = ()

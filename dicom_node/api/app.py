@@ -798,15 +798,20 @@ def _routes(app: FastAPI) -> None:
                                  headers={"Content-Disposition": 'attachment; filename="anatomix-audit.jsonl"'})  # fmt: skip
 
     # ---- model and node status ---------------------------------------------------------------------
-    @app.get("/api/model", tags=["node"], summary="the model in use: configuration and the identity recorded by the newest analysis")
+    @app.get("/api/model", tags=["node"],
+             summary="the model in use: settings, the model each live analyze worker loaded, the identity the newest analysis recorded")  # fmt: skip
     def model(request: Request, who: Viewer) -> dict[str, Any]:
         from dicom_node.pipeline.dispatch import model_configured
 
         ctx = ctx_of(request)
         m = ctx.settings.model
+        now, max_age = datetime.now(UTC), ctx.settings.http.worker_report_max_age_s
+        keys = ("name", "model", "model_name", "model_version", "model_digest", "demo_weights", "device", "load_seconds", "error")
+        loaded = [{k: w[k] for k in keys} for w in (worker_out(r, now, max_age) for r in ctx.store.list_worker_reports())  # type: ignore[attr-defined]
+                  if w["live"] and "analyze" in w["queues"]]  # fmt: skip
         return {
             "configured": model_configured(ctx.settings), "demo_weights": m.demo_weights, "dir": str(m.dir) if m.dir else None,
-            "backend": m.backend, "device": m.device, "tasks": list(m.tasks), "last_used": _last_model_identity(ctx.store),
+            "backend": m.backend, "device": m.device, "tasks": list(m.tasks), "workers": loaded, "last_used": _last_model_identity(ctx.store),
         }  # fmt: skip
 
     @app.get("/api/status", tags=["node"], summary="node status: identity, disk, studies by state, queue depths, dead letters, workers seen")

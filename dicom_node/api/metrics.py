@@ -29,6 +29,7 @@ from typing import Any
 
 from dicom_node.settings import Settings
 from dicom_node.store.base import STUDY_STATES, AuditEvent, Store, StoreError
+from inference.result import TIMING_COUNTS
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +298,7 @@ class StoreCollector:
                 except ValueError:
                     continue
                 for task, seconds in timings.items():
-                    if isinstance(seconds, (int, float)):
+                    if isinstance(seconds, (int, float)) and task not in TIMING_COUNTS:
                         tasks.setdefault(str(task), []).append(float(seconds))
         engine = HistogramMetricFamily("anatomix_engine_seconds", "Engine time per task/stage of the newest analysed images "
                                        "(the engine's own timings)", labels=["task"])  # fmt: skip

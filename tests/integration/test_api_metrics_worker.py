@@ -20,6 +20,7 @@ from pydicom.uid import generate_uid
 
 from dicom_node.settings import DEFAULT_PROFILES
 from dicom_node.store.base import RemoteNode
+from inference.result import TIMING_COUNTS
 from tests.support.dcmtk import StoreScp, echoscu, storescu
 from tests.support.net import free_port
 from tests.support.redis import redis_server  # noqa: F401 (fixture)
@@ -151,6 +152,7 @@ def test_metrics_after_a_real_push_analysis_and_delivery_per_ae_and_stage(tmp_pa
         engine = {lab["task"]: v for lab, v in samples(families, "anatomix_engine_seconds_count")}
         assert engine and all(v >= 1 for v in engine.values()), engine
         assert engine.get("total") == studies, engine  # one image per study (inference/engine.py times each "total")
+        assert {"preprocess", "decode"} <= set(engine) and not set(engine) & set(TIMING_COUNTS), engine  # seconds only: no counts or rates
         for task, count in engine.items():
             assert value(families, "anatomix_engine_seconds_bucket", task=task, le="+Inf") == count, task
 

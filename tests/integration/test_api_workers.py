@@ -59,6 +59,11 @@ def test_readyz_needs_a_live_worker_with_a_loaded_model_and_status_and_metrics_s
         assert seen["name"] == model["workers"][0] and seen["queues"] == ["analyze", "deliver"], seen
         assert seen["live"] is True and seen["model"] == "loaded" and seen["model_ok"] is True and seen["error"] is None
         assert seen["model_digest"] == model["model_digest"] and seen["load_seconds"] == model["load_seconds"]
+        in_use = httpx.get(base + "/api/model", headers={"Authorization": f"Bearer {token}"}, timeout=30).json()
+        assert in_use["configured"] is True and in_use["demo_weights"] is True, in_use
+        [loaded] = in_use["workers"]
+        assert loaded["name"] == seen["name"] and loaded["model"] == "loaded" and loaded["model_digest"] == seen["model_digest"], loaded
+        assert loaded["demo_weights"] is True and loaded["model_name"] == seen["model_name"] and loaded["model_name"]
 
         families = {f.name: f for f in text_string_to_metric_families(httpx.get(base + "/metrics", timeout=30).text)}
         [load] = families["anatomix_model_load_seconds"].samples
@@ -75,6 +80,7 @@ def test_readyz_needs_a_live_worker_with_a_loaded_model_and_status_and_metrics_s
         assert "no analyze worker has reported" in model["detail"] and "gpu-a@testhost/" in model["detail"], model
         status = httpx.get(base + "/api/status", headers={"Authorization": f"Bearer {token}"}, timeout=30).json()
         assert [w["live"] for w in status["workers"]] == [False]
+        assert httpx.get(base + "/api/model", headers={"Authorization": f"Bearer {token}"}, timeout=30).json()["workers"] == []
         families = {f.name: f for f in text_string_to_metric_families(httpx.get(base + "/metrics", timeout=30).text)}
         assert families["anatomix_model_load_seconds"].samples == []
     finally:
