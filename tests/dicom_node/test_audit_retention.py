@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 
-from dicom_node.store import open_store
 from dicom_node.store.base import AuditEvent, Store
 from tests.support.postgres import postgres_server, postgres_url  # noqa: F401 (fixtures)
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    url = f"sqlite:///{tmp_path / 'anatomix.db'}" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
-    opened = open_store(url)
-    try:
-        yield opened
-    finally:
-        opened.close()
+from tests.support.stores import store, store_url  # noqa: F401 (fixtures)
 
 
 def test_purge_audit_events_deletes_only_older_rows(store: Store) -> None:

@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
-
-import pytest
 
 from dicom_node.audit import trail as audit
 from dicom_node.audit.atna import SourceInfo, audit_message
@@ -21,19 +18,10 @@ from dicom_node.store.base import AuditEvent, RemoteNode, Store
 from tests.support.atna_schema import audit_message_errors
 from tests.support.node import NODE_COMMAND, REPO_ROOT, NodeProcess
 from tests.support.postgres import postgres_server, postgres_url  # noqa: F401 (fixtures)
+from tests.support.stores import store, store_url  # noqa: F401 (fixtures)
 
 SETTINGS = SimpleNamespace(logging=SimpleNamespace(audit_file=""))
 SOURCE = SourceInfo(audit_source_id="ANATOMIX", ae_title="ANATOMIX", hostname="node.example", enterprise_site_id="SITE-1")
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    url = f"sqlite:///{tmp_path / 'anatomix.db'}" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
-    opened = open_store(url)
-    try:
-        yield opened
-    finally:
-        opened.close()
 
 
 def _event(at: datetime, name: str, **kw) -> AuditEvent:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import multiprocessing
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -29,27 +28,12 @@ from dicom_node.store.base import (
 from dicom_node.store.schema import load_migrations
 from tests.support.net import free_port
 from tests.support.postgres import postgres_server, postgres_url, start_private_server  # noqa: F401 (fixtures)
+from tests.support.stores import store, store_url  # noqa: F401 (fixtures)
 
 STUDY = "1.2.826.0.1.3680043.10.1431.9.1"
 CR = "1.2.840.10008.5.1.4.1.1.1"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 T0 = datetime(2026, 1, 31, 12, 0, 0, tzinfo=UTC)
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'state' / 'anatomix.db'}"
-    return request.getfixturevalue("postgres_url")
-
-
-@pytest.fixture
-def store(store_url: str) -> Iterator[Store]:
-    opened = open_store(store_url)
-    try:
-        yield opened
-    finally:
-        opened.close()
 
 
 def instance(sop: str, sha: str = "a" * 64, study: str = STUDY, at: datetime = T0, calling_ae: str = "MODALITY") -> InstanceRecord:

@@ -2,28 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
-import pytest
-
-from dicom_node.store import open_store
 from dicom_node.store.base import RemoteNode, Store, WorkerReport
 from tests.support.postgres import postgres_server, postgres_url, start_private_server  # noqa: F401 (fixtures)
+from tests.support.stores import store, store_url  # noqa: F401 (fixtures)
 
 T0 = datetime(2026, 11, 30, 12, 0, 0, tzinfo=UTC)
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    url = f"sqlite:///{tmp_path / 'anatomix.db'}" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
-    opened = open_store(url)
-    try:
-        yield opened
-    finally:
-        opened.close()
 
 
 def test_worker_reports_are_upserted_listed_newest_first_and_forgotten_when_old(store: Store) -> None:

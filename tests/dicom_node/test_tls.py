@@ -36,6 +36,7 @@ from tests.support.node import NODE_COMMAND, REPO_ROOT
 from tests.support.pki import Issued, TestCa
 from tests.support.postgres import postgres_server, postgres_url, start_private_server  # noqa: F401 (fixtures)
 from tests.support.raw_pdu import wait_closed
+from tests.support.stores import store_url  # noqa: F401 (fixtures)
 
 STUDY = "1.2.826.0.1.3680043.10.1431.77"
 
@@ -358,13 +359,6 @@ def test_tls_settings_are_checked(tmp_path: Path, pki: Pki) -> None:
     args = client_tls_args(destination(104, pki))
     assert args is not None and args[1] == "localhost" and args[0].check_hostname
     assert client_tls_args(replace(destination(104, pki), tls=False)) is None
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'state' / 'anatomix.db'}"
-    return request.getfixturevalue("postgres_url")
 
 
 def test_remote_node_tls_columns_round_trip(store_url: str, pki: Pki) -> None:

@@ -10,7 +10,6 @@ from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
-import pytest
 from pydicom.uid import generate_uid
 
 from dicom_node.cli.main import main
@@ -23,13 +22,7 @@ from tests.integration.test_delivery import seed_study, to_comprehensive
 from tests.support.net import free_port
 from tests.support.postgres import postgres_server, postgres_url  # noqa: F401 (fixtures)
 from tests.support.receivers import StorageReceiver
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'state' / 'anatomix.db'}"
-    return request.getfixturevalue("postgres_url")
+from tests.support.stores import store_url  # noqa: F401 (fixtures)
 
 
 def site_settings(tmp_path: Path, store_url: str, **delivery: object) -> Settings:

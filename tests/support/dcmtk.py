@@ -40,37 +40,17 @@ def echoscu(port: int, calling: str, called: str) -> subprocess.CompletedProcess
 
 def dcmsend(port: int, files: list[Path], calling: str, called: str, *extra: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """dcmsend picks the presentation context per file, so one call can carry mixed transfer syntaxes."""
-    return run_dcmtk(
-        "dcmsend",
-        "-aet",
-        calling,
-        "-aec",
-        called,
-        "--max-pdu",
-        "131072",
-        *extra,
-        "127.0.0.1",
-        str(port),
-        *[str(f) for f in files],
-        timeout=timeout,
-    )
+    return _send("dcmsend", port, files, calling, called, *extra, timeout=timeout)
 
 
 def storescu(port: int, files: list[Path], calling: str, called: str, *extra: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return run_dcmtk(
-        "storescu",
-        "-aet",
-        calling,
-        "-aec",
-        called,
-        "--max-pdu",
-        "131072",
-        *extra,
-        "127.0.0.1",
-        str(port),
-        *[str(f) for f in files],
-        timeout=timeout,
-    )
+    return _send("storescu", port, files, calling, called, *extra, timeout=timeout)
+
+
+def _send(tool: str, port: int, files: list[Path], calling: str, called: str, *extra: str, timeout: float) -> subprocess.CompletedProcess:
+    """``tool`` (a DCMTK sender) from ``calling`` to ``called`` at 127.0.0.1:``port``, 128 KiB PDUs."""
+    addressing = ("-aet", calling, "-aec", called, "--max-pdu", "131072")
+    return run_dcmtk(tool, *addressing, *extra, "127.0.0.1", str(port), *[str(f) for f in files], timeout=timeout)
 
 
 def transcode(tool: str, source: Path, target: Path, *options: str) -> Path:
