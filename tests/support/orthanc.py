@@ -15,18 +15,22 @@ from typing import Any
 from tests.support.net import free_port, wait_for_port
 from tests.support.processes import stop_process
 
-PLUGINS = ("/usr/share/orthanc/plugins/libOrthancDicomWeb.so", "/usr/share/orthanc/plugins/libOrthancGdcm.so")
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+GDCM_PLUGIN = "/usr/share/orthanc/plugins/libOrthancGdcm.so"
+PLUGINS = (DICOMWEB_PLUGIN, GDCM_PLUGIN)
 
 
 @dataclass
 class Orthanc:
-    """One Orthanc process. ``modalities`` maps a name to (AET, port) on 127.0.0.1."""
+    """One Orthanc process. ``modalities`` maps a name to (AET, port) on 127.0.0.1; ``plugins``: the
+    plugin libraries it loads (those installed)."""
 
     workdir: Path
     aet: str = "ORTHANC"
     modalities: dict[str, tuple[str, int]] = field(default_factory=dict)
     http_port: int = field(default_factory=free_port)
     dicom_port: int = field(default_factory=free_port)
+    plugins: tuple[str, ...] = PLUGINS
     process: subprocess.Popen | None = None
 
     @property
@@ -47,7 +51,7 @@ class Orthanc:
             "DicomCheckCalledAet": True,
             "StableAge": 2,
             "SaveJobs": False,
-            "Plugins": [p for p in PLUGINS if Path(p).exists()],
+            "Plugins": [p for p in self.plugins if Path(p).exists()],
             "DicomModalities": {name: {"AET": aet, "Host": "127.0.0.1", "Port": port} for name, (aet, port) in self.modalities.items()},
         }
         path = self.workdir / "orthanc.json"

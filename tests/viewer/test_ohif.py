@@ -25,7 +25,7 @@ from PIL import Image
 
 from sr_writer.bundle import SEND_ORDER, assemble_bundle
 from tests.support.ohif_server import CACHE, OhifServer, install_viewer
-from tests.support.orthanc import Orthanc
+from tests.support.orthanc import DICOMWEB_PLUGIN, Orthanc
 from tests.support.results import dx_source, make_result, rg1_source
 
 UID_ROOT = "1.2.826.0.1.3680043.10.1431."
@@ -40,7 +40,10 @@ def viewer(tmp_path_factory: pytest.TempPathFactory):
     if shutil.which("node") is None:
         pytest.fail("node is not installed (Debian nodejs): the OHIF test drives chromium from a node script")
     dist = install_viewer()
-    pacs = Orthanc(workdir=tmp_path_factory.mktemp("ohif-orthanc")).start()
+    # Without the GDCM plugin: Orthanc core (DCMTK) decodes the SEG's JPEG-LS frames for OHIF's per-frame
+    # requests. With it, the Debian GDCM plugin (1.5, gdcm 3.0.21) now and then overflows the stack of
+    # Orthanc's HTTP worker thread while decoding them in parallel (a segfault in libgdcmMSFF, seen in CI).
+    pacs = Orthanc(workdir=tmp_path_factory.mktemp("ohif-orthanc"), plugins=(DICOMWEB_PLUGIN,)).start()
     server = OhifServer(dist, pacs.http_port).start()
     try:
         yield pacs, server
@@ -140,6 +143,7 @@ def test_ohif_shows_the_image_sr_boxes_and_seg_segments_without_crashing(viewer,
     # OHIF 3.13's whole-instance SEG fetch rejects a pixel data length padded to even (43 frames of
     # 1955 x 1841 is odd) and falls back to one request per frame, which takes longer: wait for it.
     seg, report = open_in_ohif(server, study, series["seg"], f"{name}-seg", output_dir, settle_ms=30000)
+    assert pacs.process is not None and pacs.process.poll() is None, f"Orthanc died (exit {pacs.process.returncode}) while OHIF loaded the SEG"
     assert not crash_lines(report), crash_lines(report)
     mask = coloured_pixels(seg)
     assert mask.mean() > base_colour + 0.01, "no SEG segment was drawn"
