@@ -154,8 +154,8 @@ class BundleContext:
         """The boxes the TID 1500 SR's measurement groups hold (``sr_anatomy``), in ``boxed`` order."""
         if self.sr_anatomy == "all":
             return self.boxed
-        kept = {a.key for a in grounded_annotations(self.annotations)}
-        return tuple(a for a in self.boxed if a.key in kept)
+        grounded = self.grounded_regions
+        return tuple(a for a in self.boxed if not a.is_region or a in grounded)
 
     @property
     def grounded_regions(self) -> tuple[Annotation, ...]:

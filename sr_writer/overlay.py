@@ -117,11 +117,6 @@ def fit_banner(text: str, columns: int, preferred: int) -> tuple[tuple[str, ...]
     return tuple(lines), size
 
 
-def drawn_annotations(annotations: tuple[Annotation, ...]) -> tuple[Annotation, ...]:
-    """What the SC draws: :func:`sr_writer.context.grounded_annotations` (anatomy first, findings on top)."""
-    return grounded_annotations(annotations)
-
-
 def _overlaps(a: Rect, b: Rect, margin: int = 2) -> bool:
     return not (a[2] + margin < b[0] or b[2] + margin < a[0] or a[3] + margin < b[1] or b[3] + margin < a[1])
 
@@ -168,7 +163,7 @@ def place_labels(
 
 def layout(annotations: tuple[Annotation, ...], rows: int, columns: int, banner: str, footer_lines: tuple[str, ...] = ()) -> OverlayLayout:
     """Where boxes, labels, leader lines, the banner and the legend go (sizes scale with the image)."""
-    drawn = drawn_annotations(annotations)
+    drawn = grounded_annotations(annotations)  # anatomy first, findings on top
     base = max(10, round(min(rows, columns * 1.2) / 55))
     line_width = max(2, round(min(rows, columns) / 400))
     banner_lines, banner_size = fit_banner(banner, columns, base)
@@ -229,7 +224,7 @@ def render_overlay(
     gray = display_pixels(source)
     rows, columns = gray.shape
     geometry = layout(annotations, rows, columns, banner, footer_lines)
-    drawn = drawn_annotations(annotations)
+    drawn = grounded_annotations(annotations)  # anatomy first, findings on top
     canvas = np.zeros((geometry.total_rows, columns, 3), dtype=np.uint8)
     canvas[geometry.image_top : geometry.image_top + rows] = gray[:, :, np.newaxis]
     image = Image.fromarray(canvas, mode="RGB")

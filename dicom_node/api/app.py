@@ -805,10 +805,8 @@ def _routes(app: FastAPI) -> None:
 
         ctx = ctx_of(request)
         m = ctx.settings.model
-        now, max_age = datetime.now(UTC), ctx.settings.http.worker_report_max_age_s
         keys = ("name", "model", "model_name", "model_version", "model_digest", "demo_weights", "device", "load_seconds", "error")
-        loaded = [{k: w[k] for k in keys} for w in (worker_out(r, now, max_age) for r in ctx.store.list_worker_reports())  # type: ignore[attr-defined]
-                  if w["live"] and "analyze" in w["queues"]]  # fmt: skip
+        loaded = [{k: w[k] for k in keys} for w in _workers(ctx) if w["live"] and "analyze" in w["queues"]]
         return {
             "configured": model_configured(ctx.settings), "demo_weights": m.demo_weights, "dir": str(m.dir) if m.dir else None,
             "backend": m.backend, "device": m.device, "tasks": list(m.tasks), "workers": loaded, "last_used": _last_model_identity(ctx.store),

@@ -13,8 +13,8 @@ from PIL import Image
 
 from sr_writer.bundle import assemble_bundle
 from sr_writer.colours import colour_for_key
-from sr_writer.context import make_context
-from sr_writer.overlay import BANNER_TEXT_RGB, display_pixels, drawn_annotations, layout, render_overlay, text_size
+from sr_writer.context import grounded_annotations, make_context
+from sr_writer.overlay import BANNER_TEXT_RGB, display_pixels, layout, render_overlay, text_size
 from sr_writer.sc import SC_MAX_SIDE, banner_text, downscale, footer_lines
 from tests.sr_writer.conftest import UID_ROOT, BuiltCase
 from tests.sr_writer.corpus_inputs import CorpusCase, make_source
@@ -36,7 +36,7 @@ def test_sc_draws_findings_and_their_anatomy_where_the_result_says(case: BuiltCa
     stored = downscale(rgb)
     assert sc.pixel_array.shape == stored.shape and max(stored.shape[:2]) <= SC_MAX_SIDE
     assert np.abs(sc.pixel_array.astype(int) - stored.astype(int)).mean() < 6
-    drawn = drawn_annotations(ctx.annotations)
+    drawn = grounded_annotations(ctx.annotations)
     assert [a.is_region for a in drawn].count(False) == len([a for a in ctx.boxed if not a.is_region])  # every finding box
     grounded = {site for a in ctx.annotations if not a.is_region for site in a.sites}
     assert {a.sites[0] for a in drawn if a.is_region} == grounded - {None}  # anatomy only where a finding is grounded
