@@ -40,7 +40,7 @@ from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification  
 
 from dicom_node.store import open_store  # noqa: E402
 from tests.support.corpus import write_synthetic_set  # noqa: E402
-from tests.support.dcmtk import dcmtk, dcmtk_env  # noqa: E402
+from tests.support.dcmtk import dcmtk_env, server_command  # noqa: E402
 from tests.support.net import free_port, wait_for_port  # noqa: E402
 from tests.support.node import NodeProcess  # noqa: E402
 from tests.support.processes import stop_process  # noqa: E402
@@ -101,25 +101,14 @@ class StoreScpTarget(Target):
         self.log_path = workdir / "storescp.log"
         self.log = open(self.log_path, "wb")
         self.process = __import__("subprocess").Popen(
-            [
-                dcmtk("storescp"),
-                "--fork",
-                "--aetitle",
-                self.called,
-                "--max-pdu",
-                "131072",
-                "--acse-timeout",
-                str(DEADLINE_S),
-                "--socket-timeout",
-                str(DEADLINE_S),
-                "-od",
-                str(workdir),
-                str(self.port),
-            ],
+            server_command(
+                "storescp", "--fork", "--aetitle", self.called, "--max-pdu", "131072",
+                "--acse-timeout", str(DEADLINE_S), "--socket-timeout", str(DEADLINE_S), "-od", str(workdir), str(self.port),
+            ),
             env=dcmtk_env(),
             stdout=self.log,
             stderr=self.log,
-        )
+        )  # fmt: skip
         wait_for_port(self.port, timeout=30)
 
     def pids(self) -> list[int]:
