@@ -9,6 +9,7 @@ SCU. Every loop and wait is bounded; deadlines are generous where the issue fixe
 from __future__ import annotations
 
 import re
+import selectors
 import threading
 import time
 from collections import Counter
@@ -295,3 +296,100 @@ def test_unknown_ae_flood_gives_bounded_aggregated_escaped_audit(tmp_path: Path,
         assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", text), "a raw control character reached the log or audit file"
     assert not any(line.startswith("FORGED") for line in log_text.splitlines())
     assert len(audit_file.read_text().splitlines()) == len(all_rows)
+
+
+# ---- 4. idle sockets from the known source's own address never starve it (issue 26) ------------------------
+
+REFRESHER_SOCKETS = 70
+REFRESHER_SECONDS = 40.0
+
+
+class Refresher:
+    """``count`` idle sockets from ``host``, each re-opened as soon as the node closes it (one thread, bounded)."""
+
+    def __init__(self, host: str, port: int, count: int) -> None:
+        self.host, self.port, self.count = host, port, count
+        self.reopened = 0
+        self.failed_connects = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="refresher", daemon=True)
+
+    def start(self) -> Refresher:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        assert not self._thread.is_alive(), "the refresher did not stop"
+
+    def _open(self, selector) -> None:
+        try:
+            sock = connect_from(self.host, self.port, timeout=5)
+        except OSError:
+            self.failed_connects += 1
+            return
+        selector.register(sock, selectors.EVENT_READ)
+
+    def _run(self) -> None:
+        with selectors.DefaultSelector() as selector:
+            for _ in range(self.count):
+                self._open(selector)
+            while not self._stop.is_set():
+                for key, _ in selector.select(timeout=0.2):
+                    sock = key.fileobj
+                    try:
+                        data = sock.recv(4096)
+                    except OSError:
+                        data = b""
+                    if data:
+                        continue  # an A-ABORT or the like: wait for the close
+                    selector.unregister(sock)
+                    sock.close()
+                    self.reopened += 1
+                    self._open(selector)
+                missing = self.count - len(selector.get_map())
+                for _ in range(missing):  # connects that failed: try again (never more than ``count`` open)
+                    self._open(selector)
+            for key in list(selector.get_map().values()):
+                key.fileobj.close()
+
+
+def test_idle_sockets_from_the_sources_own_address_never_starve_it(tmp_path: Path) -> None:
+    """70 idle sockets from 127.0.0.1 (more than max_connections, 64), each re-opened at once when the
+    node closes it, for 40 s: the configured source on 127.0.0.1 gets every C-ECHO and C-STORE answered,
+    each association (connect, request, release) within 2 s."""
+    files = write_synthetic_set(tmp_path / "in", 4, study_uid="1.2.826.0.1.3680043.9.7777.26", rows=256, columns=256)
+    node = start_node(tmp_path / "node")
+    refresher = Refresher("127.0.0.1", node.port, REFRESHER_SOCKETS)
+    durations: list[tuple[str, float]] = []
+    failures: list[str] = []
+    try:
+        refresher.start()
+        time.sleep(2.0)  # the refresher holds every slot before the source's first request
+        end = time.monotonic() + REFRESHER_SECONDS - 2.0
+        turn = 0
+        while time.monotonic() < end:
+            what = "C-ECHO" if turn % 2 == 0 else "C-STORE"
+            try:
+                seconds = timed_echo(node.port) if what == "C-ECHO" else timed_push(node.port, [files[turn % len(files)]])
+                durations.append((what, seconds))
+            except AssertionError as failed:
+                failures.append(f"{what} at {REFRESHER_SECONDS - (end - time.monotonic()):.1f} s: {failed}")
+            turn += 1
+            time.sleep(0.25)
+        reopened = refresher.reopened
+    finally:
+        refresher.stop()
+        node.stop()
+    print(f"requests {len(durations)}, slowest {max((s for _, s in durations), default=0):.2f} s, refresher re-opened {reopened}")
+    assert not failures, failures[:5]
+    assert len(durations) >= 20 and {what for what, _ in durations} == {"C-ECHO", "C-STORE"}
+    slow = [(what, round(seconds, 2)) for what, seconds in durations if seconds >= 2.0]
+    assert not slow, slow
+    assert reopened >= REFRESHER_SOCKETS  # the attack was live: its sockets were closed and came back
+    # Shed connections are counted, aggregated: one row per host and kind (a window is 60 s).
+    shed = [r for r in summaries(node, "connections_summary") if r.detail["kind"] == "evicted_before_association"]
+    assert {r.peer_host for r in shed} == {"127.0.0.1"} and 1 <= len(shed) <= 3
+    lines = [line for line in node.log_text().splitlines() if "from 127.0.0.1 " in line and "connection(s)" in line]
+    assert len(lines) <= 8, lines
