@@ -9,7 +9,6 @@ SCU. Every loop and wait is bounded; deadlines are generous where the issue fixe
 from __future__ import annotations
 
 import re
-import selectors
 import threading
 import time
 from collections import Counter
@@ -22,7 +21,7 @@ from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 from dicom_node.store import open_store
 from tests.support.corpus import write_synthetic_set
 from tests.support.node import NodeProcess
-from tests.support.raw_pdu import associate_rq, child_pids, connect_from, pdu_header, read_pdu, vm_rss_bytes, wait_closed
+from tests.support.raw_pdu import Refresher, associate_rq, child_pids, connect_from, pdu_header, read_pdu, vm_rss_bytes, wait_closed
 
 A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ABORT = 0x02, 0x03, 0x07
 ESTABLISH_TIMEOUT_S = 4.0
@@ -302,57 +301,6 @@ def test_unknown_ae_flood_gives_bounded_aggregated_escaped_audit(tmp_path: Path,
 
 REFRESHER_SOCKETS = 70
 REFRESHER_SECONDS = 40.0
-
-
-class Refresher:
-    """``count`` idle sockets from ``host``, each re-opened as soon as the node closes it (one thread, bounded)."""
-
-    def __init__(self, host: str, port: int, count: int) -> None:
-        self.host, self.port, self.count = host, port, count
-        self.reopened = 0
-        self.failed_connects = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="refresher", daemon=True)
-
-    def start(self) -> Refresher:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
-        assert not self._thread.is_alive(), "the refresher did not stop"
-
-    def _open(self, selector) -> None:
-        try:
-            sock = connect_from(self.host, self.port, timeout=5)
-        except OSError:
-            self.failed_connects += 1
-            return
-        selector.register(sock, selectors.EVENT_READ)
-
-    def _run(self) -> None:
-        with selectors.DefaultSelector() as selector:
-            for _ in range(self.count):
-                self._open(selector)
-            while not self._stop.is_set():
-                for key, _ in selector.select(timeout=0.2):
-                    sock = key.fileobj
-                    try:
-                        data = sock.recv(4096)
-                    except OSError:
-                        data = b""
-                    if data:
-                        continue  # an A-ABORT or the like: wait for the close
-                    selector.unregister(sock)
-                    sock.close()
-                    self.reopened += 1
-                    self._open(selector)
-                missing = self.count - len(selector.get_map())
-                for _ in range(missing):  # connects that failed: try again (never more than ``count`` open)
-                    self._open(selector)
-            for key in list(selector.get_map().values()):
-                key.fileobj.close()
 
 
 def test_idle_sockets_from_the_sources_own_address_never_starve_it(tmp_path: Path) -> None:
