@@ -16,6 +16,10 @@ Loopback only. Attackers are raw sockets bound to other 127.x addresses; the kno
   wall time, log bytes written, audit rows (node).
 - idle: ``--idle`` open, silent associations held ``--idle-seconds``: CPU seconds per second the
   server spends (node default ``idle_poll_s`` 0.05, and 0.001 which is pynetdicom's own 1 ms polling).
+- refresher (issue 26): 70 idle sockets from the known source's own address (127.0.0.1), each
+  re-opened as soon as the server closes it, for ``--refresher-seconds``, while the source alternates
+  a C-ECHO and a one-instance C-STORE, each its own association, every 0.25 s: requests answered,
+  the slowest and the median, re-opens per second, and the server's CPU meanwhile.
 
 Prints one Markdown table; the README's "Limits on the DICOM port" quotes a run.
 """
@@ -40,11 +44,11 @@ from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification  
 
 from dicom_node.store import open_store  # noqa: E402
 from tests.support.corpus import write_synthetic_set  # noqa: E402
-from tests.support.dcmtk import dcmtk, dcmtk_env  # noqa: E402
+from tests.support.dcmtk import dcmtk_env, server_command  # noqa: E402
 from tests.support.net import free_port, wait_for_port  # noqa: E402
 from tests.support.node import NodeProcess  # noqa: E402
 from tests.support.processes import stop_process  # noqa: E402
-from tests.support.raw_pdu import associate_rq, child_pids, connect_from, pdu_header, read_pdu, vm_rss_bytes, wait_closed  # noqa: E402
+from tests.support.raw_pdu import Refresher, associate_rq, child_pids, connect_from, pdu_header, read_pdu, vm_rss_bytes, wait_closed  # noqa: E402
 
 DEADLINE_S = 4
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -101,25 +105,14 @@ class StoreScpTarget(Target):
         self.log_path = workdir / "storescp.log"
         self.log = open(self.log_path, "wb")
         self.process = __import__("subprocess").Popen(
-            [
-                dcmtk("storescp"),
-                "--fork",
-                "--aetitle",
-                self.called,
-                "--max-pdu",
-                "131072",
-                "--acse-timeout",
-                str(DEADLINE_S),
-                "--socket-timeout",
-                str(DEADLINE_S),
-                "-od",
-                str(workdir),
-                str(self.port),
-            ],
+            server_command(
+                "storescp", "--fork", "--aetitle", self.called, "--max-pdu", "131072",
+                "--acse-timeout", str(DEADLINE_S), "--socket-timeout", str(DEADLINE_S), "-od", str(workdir), str(self.port),
+            ),
             env=dcmtk_env(),
             stdout=self.log,
             stderr=self.log,
-        )
+        )  # fmt: skip
         wait_for_port(self.port, timeout=30)
 
     def pids(self) -> list[int]:
@@ -311,12 +304,45 @@ def scenario_idle(target: Target, count: int, seconds: float) -> dict[str, str]:
     return {f"{count} idle associations: CPU (cores)": f"{used / seconds:.3f}"}
 
 
+def scenario_refresher(target: Target, files: list[Path], seconds: float, sockets: int = 70) -> dict[str, str]:
+    refresher = Refresher("127.0.0.1", target.port, sockets).start()
+    answered: list[float] = []
+    asked = 0
+    try:
+        time.sleep(2.0)  # the refresher holds what it can before the source's first request
+        pids = target.pids()
+        cpu_before, reopened_before, started = cpu_seconds(pids), refresher.reopened, time.monotonic()
+        end = started + seconds
+        while time.monotonic() < end:
+            took = timed(target, None if asked % 2 == 0 else [files[asked % len(files)]])
+            asked += 1
+            if took == took:  # not NaN: answered
+                answered.append(took)
+            time.sleep(0.25)
+        elapsed = time.monotonic() - started
+        cpu = (cpu_seconds(target.pids()) - cpu_before) / elapsed
+        reopen_rate = (refresher.reopened - reopened_before) / elapsed
+    finally:
+        refresher.stop()
+    answered.sort()
+    return {
+        f"{sockets} idle sockets from the source's address, re-opened at once: requests answered": f"{len(answered)}/{asked}",
+        "... slowest / median answered request (s)": f"{answered[-1]:.2f} / {answered[len(answered) // 2]:.2f}" if answered else "-",
+        "... attacker re-opens per second": f"{reopen_rate:.0f}",
+        "... server CPU meanwhile (cores)": f"{cpu:.2f}",
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--idle", type=int, default=30)
     parser.add_argument("--idle-seconds", type=float, default=10.0)
     parser.add_argument("--unknown", type=int, default=1000)
+    parser.add_argument("--refresher-seconds", type=float, default=40.0)
+    parser.add_argument("--only", choices=("flood", "oversize", "unknown", "idle", "refresher"), action="append",
+                        help="run only these scenarios (repeatable); default: all")  # fmt: skip
     args = parser.parse_args()
+    run = set(args.only or ("flood", "oversize", "unknown", "idle", "refresher"))
     rows: dict[str, dict[str, str]] = {}
     with tempfile.TemporaryDirectory(prefix="port-hostile-") as tmp:
         work = Path(tmp)
@@ -325,10 +351,16 @@ def main() -> int:
             target = make()
             try:
                 results: dict[str, str] = {}
-                results |= scenario_flood(target, files)
-                results |= scenario_oversize(target)
-                results |= scenario_unknown_ae(target, args.unknown)
-                results |= scenario_idle(target, args.idle, args.idle_seconds)
+                if "flood" in run:
+                    results |= scenario_flood(target, files)
+                if "oversize" in run:
+                    results |= scenario_oversize(target)
+                if "unknown" in run:
+                    results |= scenario_unknown_ae(target, args.unknown)
+                if "idle" in run:
+                    results |= scenario_idle(target, args.idle, args.idle_seconds)
+                if "refresher" in run:
+                    results |= scenario_refresher(target, files, args.refresher_seconds)
                 rows[target.name] = results
             finally:
                 target.stop()
@@ -336,11 +368,12 @@ def main() -> int:
             results["audit rows for the whole run (after stop)"] = "-" if rows_after is None else str(rows_after)
             results["log bytes for the whole run"] = str(target.log_bytes())
             print(f"{target.name}: done", file=sys.stderr)
-        slow = NodeTarget(work / "node-1ms", idle_poll_s=0.001)
-        try:
-            rows[slow.name] = scenario_idle(slow, args.idle, args.idle_seconds)
-        finally:
-            slow.stop()
+        if "idle" in run:
+            slow = NodeTarget(work / "node-1ms", idle_poll_s=0.001)
+            try:
+                rows[slow.name] = scenario_idle(slow, args.idle, args.idle_seconds)
+            finally:
+                slow.stop()
     names = list(rows)
     keys = list(dict.fromkeys(k for r in rows.values() for k in r))
     print(f"{platform.node()} {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}\n")

@@ -242,8 +242,12 @@ class LimitsSettings:
     audit_window_s: float = 60.0
     #: Rejected associations recorded one by one per host and window; the rest go into one summary row.
     audit_rejections_per_host: int = 5
-    #: Hosts named individually in one window's summaries; the rest are counted together.
+    #: Hosts named individually in one window's summaries, the costliest first; the rest are counted together.
     audit_hosts_per_window: int = 50
+    #: A host whose cost in a window reaches this (one unit per connection event or rejection, per second
+    #: a connection held a slot before association, per 64 KiB sent before it) gets its summary written
+    #: at once and is named whatever the window's budget.
+    audit_host_threshold: float = 100.0
     #: Audit rows older than this many days are deleted (0 keeps them all).
     audit_retention_days: int = 0
     #: Longest an idle association's loops sleep between checks (pynetdicom polls every 1 ms).
@@ -650,10 +654,11 @@ def validate_limits(limits: LimitsSettings) -> None:
         raise SettingsError(f"limits.max_associate_rq_bytes = {limits.max_associate_rq_bytes}: must be >= 1024")
     if limits.max_message_bytes < 65536:
         raise SettingsError(f"limits.max_message_bytes = {limits.max_message_bytes}: must be >= 65536")
-    if limits.audit_window_s <= 0 or limits.audit_rejections_per_host < 0 or limits.audit_hosts_per_window < 1:
+    if limits.audit_window_s <= 0 or limits.audit_rejections_per_host < 0 or limits.audit_hosts_per_window < 1 or limits.audit_host_threshold <= 0:
         raise SettingsError(
             f"limits.audit_window_s = {limits.audit_window_s}, audit_rejections_per_host = {limits.audit_rejections_per_host}, "
-            f"audit_hosts_per_window = {limits.audit_hosts_per_window}: window > 0, rejections >= 0, hosts >= 1"
+            f"audit_hosts_per_window = {limits.audit_hosts_per_window}, audit_host_threshold = {limits.audit_host_threshold}: "
+            "window > 0, rejections >= 0, hosts >= 1, threshold > 0"
         )
     if limits.audit_retention_days < 0:
         raise SettingsError(f"limits.audit_retention_days = {limits.audit_retention_days}: must be >= 0 (0 keeps everything)")

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,6 +44,9 @@ REJECT_REASONS = {0xA700: "out_of_resources", 0xA900: "dataset_does_not_match_so
                   0xC211: "processing_failure"}  # fmt: skip
 
 _counters: dict[str, Any] = {}
+#: Held while the counters are created: the first audit events of a fresh SCP process arrive on
+#: several threads at once, and a second registration of a name raises ``Duplicated timeseries``.
+_counters_lock = threading.Lock()
 
 
 def metrics_dir(settings: Settings) -> Path:
@@ -64,20 +68,26 @@ def prepare_multiprocess(settings: Settings) -> Path:
 
 
 def _metric(name: str) -> Any:
-    """The process's counters, created on first use (after the environment names the directory)."""
+    """The process's counters, created once on first use (after the environment names the directory)."""
     if not _counters:
-        from prometheus_client import Counter
-
-        _counters.update(
-            associations=Counter(
-                "anatomix_associations", "DICOM associations by calling AE and outcome (rejected, released, aborted)", ["calling_ae", "outcome"]
-            ),  # fmt: skip
-            received=Counter("anatomix_instances_received", "Instances stored (acknowledged), by calling AE", ["calling_ae"]),
-            duplicates=Counter("anatomix_instances_duplicate", "Exact duplicates acknowledged and not stored again", ["calling_ae"]),
-            rejected=Counter("anatomix_instances_rejected", "Instances refused, by calling AE and reason", ["calling_ae", "reason"]),
-            bytes=Counter("anatomix_received_bytes", "Bytes of instances received, by calling AE", ["calling_ae"]),
-        )
+        with _counters_lock:
+            if not _counters:
+                _counters.update(_new_counters())
     return _counters[name]
+
+
+def _new_counters() -> dict[str, Any]:
+    from prometheus_client import Counter
+
+    return dict(
+        associations=Counter(
+            "anatomix_associations", "DICOM associations by calling AE and outcome (rejected, released, aborted)", ["calling_ae", "outcome"]
+        ),  # fmt: skip
+        received=Counter("anatomix_instances_received", "Instances stored (acknowledged), by calling AE", ["calling_ae"]),
+        duplicates=Counter("anatomix_instances_duplicate", "Exact duplicates acknowledged and not stored again", ["calling_ae"]),
+        rejected=Counter("anatomix_instances_rejected", "Instances refused, by calling AE and reason", ["calling_ae", "reason"]),
+        bytes=Counter("anatomix_received_bytes", "Bytes of instances received, by calling AE", ["calling_ae"]),
+    )
 
 
 def count_audit_event(row: AuditEvent) -> None:

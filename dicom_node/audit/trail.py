@@ -12,9 +12,10 @@ instance.
 
 Under attack the trail stays bounded (:class:`AggregatedAudit`): connection-level events (closed
 before association, timed out, refused for a connection limit, oversize PDU) are counted per host
-and written once per window as one row and one log line; rejected associations are recorded one by
-one only up to ``limits.audit_rejections_per_host`` per host and window, the rest as one summary
-row. Text a peer chose (AE titles) is escaped with :func:`printable` before it reaches a row or a
+and written as one row and one log line per host and kind, once per window, and at once for a host
+whose cost passes ``limits.audit_host_threshold``; rejected associations are recorded one by one
+only up to ``limits.audit_rejections_per_host`` per host and window, the rest as one summary row.
+The hosts named are the costliest, not the first to arrive. Text a peer chose (AE titles) is escaped with :func:`printable` before it reaches a row or a
 log line.
 """
 
@@ -79,6 +80,7 @@ CONNECTION_KINDS = {
     "invalid_pdu": "sent something other than a valid A-ASSOCIATE-RQ and were aborted",
     "tls_handshake_timed_out": "did not complete the TLS handshake within the deadline and were closed",
     "tls_handshake_failed": "failed the TLS handshake (no or an untrusted client certificate, no common protocol or cipher)",
+    "evicted_before_association": "were shed for a newer connection (a connection limit was reached and they had not sent a whole A-ASSOCIATE-RQ)",
 }
 
 
@@ -167,85 +169,181 @@ class AuditTrail:
                 handle.write(line + "\n")
 
 
-class AggregatedAudit:
-    """Counts what floods would otherwise write row by row; :meth:`flush` writes one summary per window.
+#: Cost units (see :class:`AggregatedAudit`): one per event, one per second a connection held a
+#: slot before association, one per this many bytes it sent before association.
+COST_BYTES = 65536
 
-    Thread-safe; one per SCP process. Rows per window are bounded by
-    ``hosts_per_window x (len(CONNECTION_KINDS) + rejections_per_host + 1)`` plus one row for all
-    other hosts together.
+
+@dataclass
+class _Tally:
+    """One host's window: what it cost and what is not yet written."""
+
+    connections: dict[str, int] = field(default_factory=dict)  # kind -> count not yet written
+    individual: int = 0  # rejections recorded one by one
+    suppressed: int = 0  # rejections not recorded one by one and not yet written in a summary
+    calling_aes: list[str] = field(default_factory=list)
+    cost: float = 0.0  # this host's own, this window
+    rank: float = 0.0  # cost plus what it inherited from the host whose place it took
+    throttled: bool = False
+
+    def add_ae(self, calling_ae: str | None) -> None:
+        ae = printable(calling_ae, 16)
+        if ae is not None and ae not in self.calling_aes and len(self.calling_aes) < 10:
+            self.calling_aes.append(ae)
+
+    def absorb(self, other: _Tally) -> None:
+        for kind, count in other.connections.items():
+            self.connections[kind] = self.connections.get(kind, 0) + count
+        self.suppressed += other.suppressed
+        for ae in other.calling_aes:
+            self.add_ae(ae)
+        self.cost += other.cost
+        self.rank += other.cost
+
+    def take(self) -> _Tally:
+        """What is not yet written (moved out; the cost stays)."""
+        out = _Tally(connections=self.connections, suppressed=self.suppressed, calling_aes=self.calling_aes, cost=self.cost)
+        self.connections, self.suppressed, self.calling_aes = {}, 0, []
+        return out
+
+
+class AggregatedAudit:
+    """Counts what floods would otherwise write row by row; summaries per host, named by cost.
+
+    Thread-safe; one per SCP process. Per window (``window_s``):
+
+    - each host's **cost** is one unit per event (connection refused, closed, timed out, shed,
+      association rejected), plus one per second its connections held a slot before association,
+      plus one per :data:`COST_BYTES` bytes they sent before it;
+    - at most ``4 x hosts_per_window`` hosts are tracked; a new host beyond that takes the place of
+      the tracked host with the lowest rank (whose counts go to "(other hosts)") and inherits that
+      rank, so a crowd of one-shot hosts cannot push out one that keeps spending (any host that
+      spends more than the window's total divided by the table size stays tracked);
+    - a host whose cost reaches ``host_threshold`` is **throttled**: its summary rows (and log lines)
+      are written at once, it is named for the rest of the window whatever the budget, and its later
+      events are summarised at the window's end;
+    - at the window's end (:meth:`flush`) the ``hosts_per_window`` costliest hosts and every
+      throttled one are named; the rest are counted together under "(other hosts)".
+
+    Rows per window are bounded: rejections recorded one by one, at most ``rejections_per_host`` per
+    host and ``hosts_per_window x rejections_per_host`` in all; summaries, at most one row per kind
+    (:data:`CONNECTION_KINDS`) plus one rejection summary, for each of at most ``4 x hosts_per_window``
+    named hosts twice (at the threshold and at the end) and once for "(other hosts)".
     """
 
     OTHER_HOSTS = "(other hosts)"
+    TRACKED_PER_NAMED = 4
 
-    def __init__(self, trail: AuditTrail, window_s: float, rejections_per_host: int, hosts_per_window: int) -> None:
+    def __init__(self, trail: AuditTrail, window_s: float, rejections_per_host: int, hosts_per_window: int, host_threshold: float = 100.0) -> None:
         self.trail = trail
         self.window_s = window_s
         self.rejections_per_host = rejections_per_host
         self.hosts_per_window = hosts_per_window
+        self.host_threshold = host_threshold
+        self.tracked_hosts = self.TRACKED_PER_NAMED * hosts_per_window
         self._lock = threading.Lock()
-        self._connections: dict[tuple[str, str], int] = {}
-        self._rejected: dict[str, int] = {}  # host -> rejections seen this window
-        self._suppressed: dict[str, dict[str, Any]] = {}  # host -> {count, calling_aes}
-        self._hosts: set[str] = set()
+        self._tallies: dict[str, _Tally] = {}
+        self._other = _Tally()
+        self._individual = 0
 
-    def _bucket(self, host: str) -> str:
-        """The host itself, or OTHER_HOSTS once a window has named ``hosts_per_window`` hosts."""
-        if host in self._hosts:
-            return host
-        if len(self._hosts) < self.hosts_per_window:
-            self._hosts.add(host)
-            return host
-        return self.OTHER_HOSTS
+    def _tally(self, host: str) -> tuple[str, _Tally]:
+        tally = self._tallies.get(host)
+        if tally is not None:
+            return host, tally
+        if len(self._tallies) >= self.tracked_hosts:
+            lowest = min(((t.rank, h) for h, t in self._tallies.items() if not t.throttled), default=None)
+            if lowest is None:  # every tracked host is throttled (each spent the threshold this window)
+                return self.OTHER_HOSTS, self._other
+            self._other.absorb(self._tallies.pop(lowest[1]))
+            tally = self._tallies[host] = _Tally(rank=lowest[0])
+            return host, tally
+        tally = self._tallies[host] = _Tally()
+        return host, tally
 
-    def note_connection(self, host: str, kind: str) -> None:
+    def _spend(self, host: str, tally: _Tally, cost: float) -> tuple[str, _Tally] | None:
+        """Add ``cost``; the host's unwritten summary when this crosses the threshold (throttled now)."""
+        tally.cost += cost
+        tally.rank += cost
+        if host == self.OTHER_HOSTS or tally.throttled or tally.cost < self.host_threshold:
+            return None
+        tally.throttled = True
+        return host, tally.take()
+
+    def note_connection(self, host: str, kind: str, held_s: float = 0.0, received: int = 0) -> None:
+        """One connection that never became an association: ``held_s`` seconds in a slot, ``received`` bytes."""
         if kind not in CONNECTION_KINDS:
             raise ValueError(f"unknown connection event kind {kind!r}")
         with self._lock:
-            key = (self._bucket(host), kind)
-            self._connections[key] = self._connections.get(key, 0) + 1
+            name, tally = self._tally(host)
+            tally.connections[kind] = tally.connections.get(kind, 0) + 1
+            due = self._spend(name, tally, 1 + max(held_s, 0.0) + received / COST_BYTES)
+        if due is not None:
+            self._write([due], throttled=True)
 
     def allow_rejection(self, host: str, calling_ae: str | None) -> bool:
         """True if this rejection is recorded individually; else it is counted for the window's summary."""
         with self._lock:
-            bucket = self._bucket(host)
-            seen = self._rejected.get(bucket, 0)
-            self._rejected[bucket] = seen + 1
-            if seen < self.rejections_per_host and bucket != self.OTHER_HOSTS:
-                return True
-            summary = self._suppressed.setdefault(bucket, {"count": 0, "calling_aes": []})
-            summary["count"] += 1
-            ae = printable(calling_ae, 16)
-            if ae is not None and ae not in summary["calling_aes"] and len(summary["calling_aes"]) < 10:
-                summary["calling_aes"].append(ae)
-            return False
+            name, tally = self._tally(host)
+            allowed = (
+                name != self.OTHER_HOSTS and tally.individual < self.rejections_per_host and self._individual < self.hosts_per_window * self.rejections_per_host
+            )
+            if allowed:
+                tally.individual += 1
+                self._individual += 1
+            else:
+                tally.suppressed += 1
+                tally.add_ae(calling_ae)
+            due = self._spend(name, tally, 1)
+        if due is not None:
+            self._write([due], throttled=True)
+        return allowed
 
     def flush(self) -> int:
         """Write this window's summaries (one row and one log line each); returns the rows written."""
         with self._lock:
-            connections, self._connections = self._connections, {}
-            suppressed, self._suppressed = self._suppressed, {}
-            self._rejected = {}
-            self._hosts = set()
-        window = f"the last {self.window_s:.0f} s" if self.window_s != 60 else "the last minute"
-        for (host, kind), count in sorted(connections.items()):
-            log.warning("%d connection(s) from %s %s in %s", count, host, CONNECTION_KINDS[kind], window)
-            self.trail.record(CONNECTIONS_SUMMARY, Peer(None, None, host), kind=kind, count=count, window_s=self.window_s)
-        for host, summary in sorted(suppressed.items()):
-            log.warning(
-                "%d further association(s) from %s rejected in %s (not recorded one by one; calling AE titles %s)",
-                summary["count"],
-                host,
-                window,
-                ", ".join(summary["calling_aes"]),
-            )
-            self.trail.record(
-                ASSOCIATIONS_REJECTED_SUMMARY,
-                Peer(None, None, host),
-                count=summary["count"],
-                calling_aes=summary["calling_aes"],
-                window_s=self.window_s,
-            )
-        return len(connections) + len(suppressed)
+            tallies, other = self._tallies, self._other
+            self._tallies, self._other, self._individual = {}, _Tally(), 0
+        named: list[tuple[str, _Tally]] = []
+        for place, (host, tally) in enumerate(sorted(tallies.items(), key=lambda item: (-item[1].cost, item[0]))):
+            if tally.throttled or place < self.hosts_per_window:
+                named.append((host, tally))
+            else:
+                other.absorb(tally)
+        named.append((self.OTHER_HOSTS, other))
+        return self._write(named, throttled=False)
+
+    def _write(self, summaries: list[tuple[str, _Tally]], throttled: bool) -> int:
+        if throttled:
+            window = "so far in this window (the host passed the audit threshold; the rest at the window's end)"
+        else:
+            window = f"in the last {self.window_s:.0f} s" if self.window_s != 60 else "in the last minute"
+        rows = 0
+        for host, tally in summaries:
+            extra: dict[str, Any] = {"at_threshold": True} if throttled else {}
+            for kind, count in sorted(tally.connections.items()):
+                log.warning("%d connection(s) from %s %s %s", count, host, CONNECTION_KINDS[kind], window)
+                self.trail.record(CONNECTIONS_SUMMARY, Peer(None, None, host), kind=kind, count=count, window_s=self.window_s,
+                                  host_cost=round(tally.cost, 1), **extra)  # fmt: skip
+                rows += 1
+            if tally.suppressed:
+                log.warning(
+                    "%d further association(s) from %s rejected %s (not recorded one by one; calling AE titles %s)",
+                    tally.suppressed,
+                    host,
+                    window,
+                    ", ".join(tally.calling_aes),
+                )
+                self.trail.record(
+                    ASSOCIATIONS_REJECTED_SUMMARY,
+                    Peer(None, None, host),
+                    count=tally.suppressed,
+                    calling_aes=tally.calling_aes,
+                    window_s=self.window_s,
+                    host_cost=round(tally.cost, 1),
+                    **extra,
+                )
+                rows += 1
+        return rows
 
 
 def open_audit_trail(store: Store, audit_file: str) -> AuditTrail:

@@ -288,8 +288,8 @@ class PortGuard:
     def __post_init__(self) -> None:
         self.gate = ConnectionGate(self.limits)
 
-    def admit(self, request: socket.socket, host: str) -> bool:
-        outcome = self.gate.admit(host)
+    def admit(self, request: socket.socket, host: str, tls: bool = False) -> bool:
+        outcome = self.gate.admit(host, request, tls=tls)
         if isinstance(outcome, str):
             self.aggregate.note_connection(host, outcome)
             return False
@@ -310,6 +310,16 @@ class GuardedRequestHandler(RequestHandler):
         ticket = guard.take_ticket(self.request)
         host = str(self.client_address[0])
         handed_over = False
+
+        def failed(kind: str) -> None:
+            """Count a connection that never became an association (with what it held and sent)."""
+            held_s, received = 0.0, 0
+            if ticket is not None:
+                held_s, received = time.monotonic() - ticket.opened, ticket.received
+                if ticket.evicted:
+                    kind = "evicted_before_association"
+            guard.aggregate.note_connection(host, kind, held_s=held_s, received=received)
+
         try:
             deadline = time.monotonic() + guard.limits.establish_timeout_s
             tls_context = getattr(self.server, "tls_context", None)
@@ -318,12 +328,15 @@ class GuardedRequestHandler(RequestHandler):
 
                 tls_socket, kind = handshake(self.request, tls_context, deadline)
                 if tls_socket is None:
-                    guard.aggregate.note_connection(host, kind)
+                    failed(kind)
                     return
                 self.request = tls_socket
-            first_pdu, kind = read_associate_rq(self.request, deadline, guard.limits.max_associate_rq_bytes)
+            first_pdu, kind = read_associate_rq(self.request, deadline, guard.limits.max_associate_rq_bytes, ticket)
             if first_pdu is None:
-                guard.aggregate.note_connection(host, kind)
+                failed(kind)
+                return
+            if ticket is not None and not ticket.associating():
+                failed("evicted_before_association")  # shed a moment before its last byte was read
                 return
             # Sends block at most the network timeout (a peer that stops reading is cut off).
             self.request.settimeout(float(self.ae.network_timeout or 60.0))

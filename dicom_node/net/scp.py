@@ -113,7 +113,9 @@ class StorageScp:
         self._sessions: dict[int, AssociationSession] = {}
         self._sessions_lock = threading.Lock()
         limits = settings.limits
-        self.aggregate = AggregatedAudit(audit_trail, limits.audit_window_s, limits.audit_rejections_per_host, limits.audit_hosts_per_window)
+        self.aggregate = AggregatedAudit(
+            audit_trail, limits.audit_window_s, limits.audit_rejections_per_host, limits.audit_hosts_per_window, limits.audit_host_threshold
+        )
 
     # ---- wiring -------------------------------------------------------------------------------
     def event_handlers(self) -> list[tuple]:

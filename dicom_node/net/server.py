@@ -106,7 +106,7 @@ class InheritedSocketServer(ThreadedAssociationServer):
         """Admit the connection under the connection limits; a refused one is closed at once."""
         if self.guard is None:
             return True
-        return self.guard.admit(request, str(client_address[0]))
+        return self.guard.admit(request, str(client_address[0]), tls=self.tls_context is not None)
 
     def server_bind(self) -> None:
         self.socket.close()  # the fresh socket socketserver made; we use the inherited one

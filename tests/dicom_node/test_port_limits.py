@@ -7,11 +7,12 @@ socket, real pynetdicom SCUs and raw sockets for the misbehaving clients.
 from __future__ import annotations
 
 import re
+import socket
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from unittest import mock
 
@@ -22,7 +23,7 @@ from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 from dicom_node.audit import trail as audit
 from dicom_node.audit.trail import AggregatedAudit, open_audit_trail
 from dicom_node.logging_setup import escape_controls
-from dicom_node.net.gate import ConnectionGate
+from dicom_node.net.gate import ConnectionGate, Ticket
 from dicom_node.net.guard import GuardedSocket, IdleCheckpoint
 from dicom_node.net.scp import StorageScp
 from dicom_node.net.server import InheritedSocketServer, make_scp_server, open_listening_socket
@@ -127,28 +128,119 @@ def test_gate_reserves_slots_for_trusted_hosts_and_limits_each_host() -> None:
     assert gate.open_connections == 0
 
 
+def test_gate_sheds_the_oldest_connection_without_a_whole_associate_rq_for_a_newcomer_at_a_limit() -> None:
+    """Issue 26: at a limit the newcomer takes the slot of the oldest connection it may displace that
+    has not sent a whole A-ASSOCIATE-RQ (read or waiting unread); none such: refused as before."""
+    gate = ConnectionGate(LimitsSettings(max_connections=4, reserved_connections=1, max_connections_per_host=2))
+    gate.set_trusted_ips({"127.0.0.1"})
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    opened: list[tuple[socket.socket, socket.socket]] = []
+
+    def connect(host: str, send: bytes = b"") -> tuple[socket.socket, Ticket | str]:
+        client = connect_from(host, port)
+        if send:
+            client.sendall(send)
+        server, _ = listener.accept()
+        opened.append((client, server))
+        time.sleep(0.05 if send else 0.001)  # loopback delivery of what was sent
+        return client, gate.admit(host, server)
+
+    try:
+        first, _ = connect("127.0.0.1")  # idle: the oldest
+        whole, _ = connect("127.0.0.1", associate_rq("MODALITY"))  # its whole RQ waits unread: safe
+        half, _ = connect("127.0.0.1", associate_rq("MODALITY")[:40])
+        fourth, _ = connect("127.0.0.1")
+        assert gate.open_connections == 4
+        _, newcomer = connect("127.0.0.1")  # at the total: the oldest idle one goes, not the one with a whole RQ
+        assert isinstance(newcomer, Ticket) and wait_closed(first, 5) is not None
+        _, again = connect("127.0.0.1")
+        assert isinstance(again, Ticket) and wait_closed(half, 5) is not None  # a half RQ is not a whole one
+        assert gate.open_connections == 4 and gate.pending_connections == 4
+        for ticket in (newcomer, again):
+            assert ticket.associating()  # read whole: never shed after this
+        _, third = connect("127.0.0.1")
+        assert isinstance(third, Ticket) and wait_closed(fourth, 5) is not None
+        # A host that is not a source never takes a source's slot: refused.
+        assert connect("127.0.0.9")[1] == "refused_total_limit"
+        assert wait_closed(whole, 0.2) is None  # still open: its RQ is all there
+    finally:
+        for client, server in opened:
+            client.close()
+            server.close()
+        listener.close()
+
+    # Hosts that are not sources: at the per-host limit only the same host's connections make room.
+    gate = ConnectionGate(LimitsSettings(max_connections=8, reserved_connections=2, max_connections_per_host=2))
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    try:
+        a1, _ = connect("127.0.0.2")
+        b1, _ = connect("127.0.0.3")
+        connect("127.0.0.2")
+        assert isinstance(connect("127.0.0.2")[1], Ticket) and wait_closed(a1, 5) is not None
+        assert wait_closed(b1, 0.2) is None
+    finally:
+        for client, server in opened:
+            client.close()
+            server.close()
+        listener.close()
+
+
 def test_escape_controls_leaves_no_control_character() -> None:
     escaped = escape_controls("EVIL\nFAKE\x1b[31m\x00\x7f\u2028ok")
     assert escaped == "EVIL\\x0aFAKE\\x1b[31m\\x00\\x7f\\u2028ok"
     assert not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in escaped)
 
 
-def test_aggregated_audit_bounds_rows_per_window(tmp_path: Path) -> None:
+def test_aggregated_audit_names_the_costliest_hosts_and_bounds_rows_per_window(tmp_path: Path) -> None:
     store = open_store(f"sqlite:///{tmp_path / 'a.db'}")
+
+    def rows(event: str = audit.CONNECTIONS_SUMMARY) -> list[tuple[str | None, str | None, int, bool]]:
+        found = store.list_audit_events(event, limit=100_000)
+        return sorted((r.peer_host, r.detail.get("kind"), r.detail["count"], bool(r.detail.get("at_threshold"))) for r in found)
+
     try:
-        aggregate = AggregatedAudit(open_audit_trail(store, ""), window_s=60, rejections_per_host=3, hosts_per_window=2)
+        # Named by cost, not by arrival: four hosts refused at accept come first, then two whose
+        # connections held slots until the deadline; a budget of two names goes to the two holders.
+        aggregate = AggregatedAudit(open_audit_trail(store, ""), window_s=60, rejections_per_host=3, hosts_per_window=2, host_threshold=1e9)
+        for host in ("203.0.113.1", "203.0.113.2", "203.0.113.3", "203.0.113.4"):
+            aggregate.note_connection(host, "refused_reserved")
+        for host in ("203.0.113.8", "203.0.113.9"):
+            aggregate.note_connection(host, "timed_out_before_association", held_s=10.0)
+        assert aggregate.flush() == 3
+        assert rows() == [("(other hosts)", "refused_reserved", 4, False), ("203.0.113.8", "timed_out_before_association", 1, False),
+                          ("203.0.113.9", "timed_out_before_association", 1, False)]  # fmt: skip
+        assert aggregate.flush() == 0  # a new window starts empty
+
+        # Past the threshold a host's summary is written at once, then the rest at the window's end.
+        store.purge_audit_events(datetime.now(UTC) + timedelta(days=1))
+        aggregate = AggregatedAudit(open_audit_trail(store, ""), window_s=60, rejections_per_host=3, hosts_per_window=2, host_threshold=50)
         allowed = [aggregate.allow_rejection("203.0.113.1", f"X{i}\n") for i in range(100)]
         assert allowed == [True] * 3 + [False] * 97
-        for host in ("203.0.113.1", "203.0.113.2", "203.0.113.3", "203.0.113.4"):
-            for _ in range(10):
-                aggregate.note_connection(host, "closed_before_association")
-        assert aggregate.flush() == 1 + 3  # one rejection summary; two named hosts + "other hosts"
-        summaries = store.list_audit_events(audit.CONNECTIONS_SUMMARY)
-        assert sorted((r.peer_host, r.detail["count"]) for r in summaries) == [("(other hosts)", 20), ("203.0.113.1", 10), ("203.0.113.2", 10)]
-        (rejected,) = store.list_audit_events(audit.ASSOCIATIONS_REJECTED_SUMMARY)
-        assert rejected.detail["count"] == 97 and len(rejected.detail["calling_aes"]) == 10
-        assert all("\n" not in ae for ae in rejected.detail["calling_aes"])
-        assert aggregate.flush() == 0  # a new window starts empty
+        (early,) = store.list_audit_events(audit.ASSOCIATIONS_REJECTED_SUMMARY)
+        assert early.detail["count"] == 47 and early.detail["at_threshold"] and len(early.detail["calling_aes"]) == 10
+        assert all("\n" not in ae for ae in early.detail["calling_aes"])
+        # A spray of 100 one-shot hosts cannot hide a host that keeps spending, nor can the two-name budget.
+        for index in range(100):
+            aggregate.note_connection(f"198.51.100.{index}", "closed_before_association")
+        for host in ("192.0.2.1", "192.0.2.2"):
+            for _ in range(60):
+                aggregate.note_connection(host, "invalid_pdu", received=100)
+        assert [r for r in rows() if r[0].startswith("192.0.2.")] == [("192.0.2.1", "invalid_pdu", 50, True), ("192.0.2.2", "invalid_pdu", 50, True)]
+        written = aggregate.flush()
+        named = {r[0] for r in rows() + rows(audit.ASSOCIATIONS_REJECTED_SUMMARY)}
+        assert named == {"192.0.2.1", "192.0.2.2", "203.0.113.1", "(other hosts)"}
+        assert sum(r[2] for r in rows() if r[0].startswith("192.0.2.")) == 120
+        assert sum(r[2] for r in rows() if r[1] == "closed_before_association") == 100
+        (late,) = [r for r in store.list_audit_events(audit.ASSOCIATIONS_REJECTED_SUMMARY) if not r.detail.get("at_threshold")]
+        assert late.detail["count"] == 50
+        assert written == 2 + 1 + 1  # two late rows for the flooders, one rejection summary, "(other hosts)"
+        # Memory and rows stay bounded: 4 x hosts_per_window hosts tracked, whatever the spray.
+        for index in range(5000):
+            aggregate.note_connection(f"10.0.{index // 250}.{index % 250}", "refused_reserved")
+        assert len(aggregate._tallies) == aggregate.tracked_hosts == 8
+        assert aggregate.flush() == 3  # two named, "(other hosts)"
     finally:
         store.close()
 
@@ -325,3 +417,36 @@ def test_configured_source_hosts_become_trusted_and_wildcards_do_not(guarded: Gu
     assert gate.is_trusted("127.0.0.1")  # the MODALITY source's host
     assert not gate.is_trusted("127.0.0.9")
     assert "*" not in guarded.server.housekeeping.guard.gate._trusted_ips
+
+
+def test_a_flood_after_a_hundred_host_spray_is_named_at_once(tmp_path: Path) -> None:
+    """Issue 27: idle sockets from 100 hosts use up the window's names; a flood from one more address
+    afterwards is still named, at once (at its threshold), not filed under "(other hosts)"."""
+    running = start_guarded(tmp_path, audit_window_s=3600)
+    spray = [connect_from(f"127.0.1.{index + 1}", running.port) for index in range(100)]
+    try:
+        deadline = running.settings.limits.establish_timeout_s
+        assert all(wait_closed(sock, deadline + 10) is not None for sock in spray)  # shed or timed out
+        assert wait_until(lambda: running.server.guard.gate.open_connections == 0)
+        flood = 150
+        for _ in range(flood):
+            with connect_from("127.0.0.7", running.port) as sock:
+                sock.sendall(pdu_header(0x04, 10) + bytes(10))  # P-DATA-TF before any association
+                reply = read_pdu(sock, timeout=10)
+                assert reply is not None and reply[0] == A_ABORT
+        assert wait_until(lambda: running.server.guard.gate.open_connections == 0)
+        early = [r for r in running.audit_rows(audit.CONNECTIONS_SUMMARY) if r.peer_host == "127.0.0.7"]
+        assert [(r.detail["kind"], r.detail["at_threshold"]) for r in early] == [("invalid_pdu", True)]
+        assert 90 <= early[0].detail["count"] <= 100
+        running.scp.aggregate.flush()
+        rows = running.audit_rows(audit.CONNECTIONS_SUMMARY)
+        assert sum(r.detail["count"] for r in rows if r.peer_host == "127.0.0.7") == flood
+        assert sum(r.detail["count"] for r in rows) == flood + 100
+        named = {r.peer_host for r in rows} - {"127.0.0.7", AggregatedAudit.OTHER_HOSTS}
+        assert len(named) == running.settings.limits.audit_hosts_per_window - 1  # the flooder took one of the 50
+    finally:
+        for sock in spray:
+            sock.close()
+        running.server.shutdown()
+        running.thread.join(timeout=10)
+        running.store.close()

@@ -136,3 +136,44 @@ def test_a_never_resolved_name_waits_at_most_first_wait(slow_resolver: SlowResol
     assert time.monotonic() - clock < 1.0
     assert cache.lookup("pacs.slow.test") is None  # the same background lookup, not a second one
     assert slow_resolver.calls == ["pacs.slow.test"]
+
+
+# ---- the tests' own DCMTK servers never ask DNS who called (issue 27) ----------------------------------
+
+#: Every DCMTK program that accepts associations (and so may look up its callers' names).
+DCMTK_SERVERS = ("storescp", "dcmqrscp", "wlmscpfs", "dcmrecv", "echoscp")
+
+
+def test_dcmtk_servers_in_tests_and_benchmarks_start_without_host_lookups(tmp_path: Path) -> None:
+    import re
+
+    from tests.support.dcmtk import NO_HOST_LOOKUP, REPO_ROOT_FOR_SCAN, StoreScp, run_dcmtk, server_command
+
+    # Each server's no-lookup option is one the installed DCMTK program documents.
+    for tool, option in NO_HOST_LOOKUP.items():
+        command = server_command(tool, "104")
+        assert command[1] == option and command[0].endswith(f"/{tool}")
+        assert re.search(rf"^\s*{re.escape(option)}\s+--disable-host-lookup\b", run_dcmtk(tool, "--help", timeout=30).stdout, re.M), tool
+    with pytest.raises(ValueError, match="echoscp"):
+        server_command("echoscp")  # a server without a known no-lookup option cannot be started through it
+
+    # The running reference receiver really has it on its command line.
+    scp = StoreScp(tmp_path / "in").start()
+    try:
+        assert scp.process is not None
+        argv = Path(f"/proc/{scp.process.pid}/cmdline").read_bytes().split(b"\0")
+        assert b"-dhl" in argv, argv
+    finally:
+        scp.stop()
+
+    # Nothing in tests/ or benchmarks/ starts a DCMTK server another way (a literal tool name passed
+    # to dcmtk()/run_dcmtk() or a /usr/bin path); only server_command builds their argument lists.
+    servers = "|".join(DCMTK_SERVERS)
+    pattern = re.compile(rf"""(?:dcmtk\(\s*|/usr/bin/)["']?({servers})\b""")
+    offenders = []
+    for folder in ("tests", "benchmarks"):
+        for path in sorted((REPO_ROOT_FOR_SCAN / folder).rglob("*.py")):
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if pattern.search(line) and "--help" not in line:
+                    offenders.append(f"{path.relative_to(REPO_ROOT_FOR_SCAN)}:{number}: {line.strip()}")
+    assert not offenders, offenders

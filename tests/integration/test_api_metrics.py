@@ -77,3 +77,63 @@ def test_metrics_count_a_real_push_per_calling_ae_across_two_scp_processes(tmp_p
         assert value(scrape(node), "anatomix_instances_received_total", calling_ae="MODA") is None
     finally:
         node.stop()
+
+
+def test_counters_are_complete_when_fresh_scp_processes_start_into_a_burst(tmp_path):
+    """Issue 27: the first audit events of a fresh SCP process arrive on many threads at once; the
+    counters must be created once (no ``Duplicated timeseries``, no ERROR) and count every row."""
+    import threading
+
+    from prometheus_client import CollectorRegistry, multiprocess
+
+    from tests.support.node import NodeProcess
+    from tests.support.raw_pdu import associate_rq, connect_from, read_pdu
+
+    node = NodeProcess(tmp_path / "node", scp_processes=2, settings={"limits": {"audit_rejections_per_host": 1000}})
+    node.add_source("moda", "MODA")
+    replies: list[int | None] = []
+    lock = threading.Lock()
+
+    def client(index: int, gate: threading.Barrier) -> None:
+        known = index % 2 == 0
+        gate.wait(timeout=30)
+        with connect_from("127.0.0.1" if known else f"127.0.5.{index + 1}", node.port, timeout=30) as sock:
+            sock.sendall(associate_rq("MODA" if known else "STRANGER"))
+            reply = read_pdu(sock, timeout=30)
+            if known and reply is not None and reply[0] == 0x02:
+                sock.sendall(bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0, 0]))  # A-ABORT from the service user
+                time.sleep(0.2)
+        with lock:
+            replies.append(reply[0] if reply else None)
+
+    rounds, burst = 1, 24
+    for done in range(rounds):  # each start forks fresh SCP processes, each with its counters still to create
+        node.start()
+        try:
+            gate = threading.Barrier(burst)
+            threads = [threading.Thread(target=client, args=(i, gate), daemon=True) for i in range(burst)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=60)
+            assert not any(thread.is_alive() for thread in threads)
+            store = node.open_store()
+            try:  # the aborted rows are written when the node notices the abort: wait for all of them
+                deadline = time.monotonic() + 30
+                while len(store.list_audit_events("association_aborted")) < (done + 1) * burst // 2 and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                # This start's rows (the store keeps the earlier rounds'; the counters start from zero).
+                rejected, aborted = (len(store.list_audit_events(e)) - done * burst // 2 for e in ("association_rejected", "association_aborted"))
+            finally:
+                store.close()
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry, path=str(node.data_dir / "metrics"))
+            samples = [s for m in registry.collect() for s in m.samples if s.name == "anatomix_associations_total"]
+            counted = {outcome: sum(s.value for s in samples if s.labels["outcome"] == outcome) for outcome in ("rejected", "aborted")}
+        finally:
+            node.stop()
+        assert (rejected, aborted) == (burst // 2, burst // 2), (rejected, aborted)
+        assert counted == {"rejected": rejected, "aborted": aborted}, counted
+    assert sorted(set(replies)) == [0x02, 0x03] and len(replies) == rounds * burst
+    errors = [line for line in node.log_text().splitlines() if " ERROR " in line or "Traceback" in line or "Duplicated" in line]
+    assert not errors, errors

@@ -17,6 +17,8 @@ from tests.support.net import free_port
 from tests.support.processes import stop_process
 
 DCMTK_BIN = Path("/usr/bin")
+#: The repository (tests scan tests/ and benchmarks/ for how DCMTK servers are started).
+REPO_ROOT_FOR_SCAN = Path(__file__).resolve().parents[2]
 
 
 def dcmtk(tool: str) -> str:
@@ -24,6 +26,24 @@ def dcmtk(tool: str) -> str:
     if not path.exists():
         raise RuntimeError(f"DCMTK tool {tool} is missing: install the Debian package dcmtk (make peers)")
     return str(path)
+
+
+#: DCMTK servers and the option that stops them looking up each caller's host name. Without it a
+#: server resolves the peer address of every association, and for an address not in /etc/hosts
+#: (127.0.0.2 and up) that is a DNS query off the machine; tests talk to nothing beyond loopback.
+NO_HOST_LOOKUP = {"storescp": "-dhl", "dcmqrscp": "-dhl", "wlmscpfs": "-dhl", "dcmrecv": "-dhl"}
+
+
+def server_command(tool: str, *args: str) -> list[str]:
+    """The argument list that starts DCMTK server ``tool`` with ``args``; never with host-name lookups."""
+    if tool not in NO_HOST_LOOKUP:
+        raise ValueError(f"{tool} is not a DCMTK server known to tests.support.dcmtk (add its no-lookup option to NO_HOST_LOOKUP)")
+    return [dcmtk(tool), NO_HOST_LOOKUP[tool], *args]
+
+
+def storescp_command(port: int, output_dir: Path, ae_title: str, *extra: str) -> list[str]:
+    """DCMTK storescp as the tests and benchmarks start it: 128 KiB PDUs, any transfer syntax, no DNS."""
+    return server_command("storescp", "--aetitle", ae_title, "--max-pdu", "131072", "+xa", "-od", str(output_dir), *extra, str(port))
 
 
 def dcmtk_env() -> dict[str, str]:
@@ -133,7 +153,7 @@ class StoreScp:
         for attempt in range(attempts):
             with open(log, "wb") as log_handle:  # storescp logs its bind failure on stderr
                 self.process = subprocess.Popen(
-                    [dcmtk("storescp"), "--aetitle", self.ae_title, "--max-pdu", "131072", "+xa", "-od", str(self.output_dir), *self.extra, str(self.port)],
+                    storescp_command(self.port, self.output_dir, self.ae_title, *self.extra),
                     env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=log_handle,
                 )  # fmt: skip
             try:

@@ -6,8 +6,10 @@ P-DATA-TF over the negotiated maximum; these helpers can. Encodings follow PS3.8
 
 from __future__ import annotations
 
+import selectors
 import socket
 import struct
+import threading
 import time
 
 VERIFICATION = "1.2.840.10008.1.1"
@@ -124,3 +126,55 @@ def _tasks(pid: int) -> list[str]:
     import os
 
     return os.listdir(f"/proc/{pid}/task")
+
+
+class Refresher:
+    """``count`` idle sockets from ``host``, each re-opened as soon as the node closes it (one thread, bounded)."""
+
+    def __init__(self, host: str, port: int, count: int) -> None:
+        self.host, self.port, self.count = host, port, count
+        self.reopened = 0
+        self.failed_connects = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="refresher", daemon=True)
+
+    def start(self) -> Refresher:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        if self._thread.is_alive():
+            raise RuntimeError("the refresher did not stop")
+
+    def _open(self, selector) -> None:
+        try:
+            sock = connect_from(self.host, self.port, timeout=5)
+        except OSError:
+            self.failed_connects += 1
+            return
+        selector.register(sock, selectors.EVENT_READ)
+
+    def _run(self) -> None:
+        with selectors.DefaultSelector() as selector:
+            for _ in range(self.count):
+                self._open(selector)
+            while not self._stop.is_set():
+                for key, _ in selector.select(timeout=0.2):
+                    sock = key.fileobj
+                    try:
+                        data = sock.recv(4096)
+                    except OSError:
+                        data = b""
+                    if data:
+                        continue  # an A-ABORT or the like: wait for the close
+                    selector.unregister(sock)
+                    sock.close()
+                    self.reopened += 1
+                    self._open(selector)
+                missing = self.count - len(selector.get_map())
+                for _ in range(missing):  # connects that failed: try again (never more than ``count`` open)
+                    self._open(selector)
+            for key in list(selector.get_map().values()):
+                key.fileobj.close()
