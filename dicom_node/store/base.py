@@ -24,6 +24,9 @@ Role = Literal["source", "destination", "both"]
 STUDY_STATES = ("receiving", "stable", "queued", "analyzing", "analyzed", "delivering", "done", "failed", "purged")
 #: States a study stays in until something new happens (new instances, resend, reanalysis).
 FINAL_STUDY_STATES = ("done", "failed", "purged")
+#: In a ``done`` study's note: its results went to no destination at all (its outcome is then
+#: ``undelivered``; the full note is :data:`dicom_node.pipeline.routing.NO_DESTINATION_NOTE`).
+NO_DESTINATION = "results went nowhere: no destination"
 #: Per-instance analysis outcome.
 INSTANCE_STATES = ("received", "selected", "skipped", "analyzed", "failed")
 DELIVERY_STATES = ("pending", "sent", "retrying", "failed", "dead")
@@ -551,6 +554,54 @@ class WorkerReportStore(abc.ABC):
     @abc.abstractmethod
     def remove_worker_report(self, name: str) -> bool:
         """Forget the worker ``name`` (it stopped cleanly); whether it had a report."""
+
+
+@dataclass(frozen=True)
+class DestinationHealth:
+    """How one destination fares (``destination_health`` plus its deliveries of current study versions).
+
+    ``last_success_at``/``last_failure_at``: the last association attempt that stored at least one
+    object / that failed for at least one (with ``last_failure_reason``). ``waiting``: objects still
+    to send (pending or retrying), the earliest due at ``next_attempt_at``; ``given_up``: objects
+    dead-lettered or refused for good (``dead`` and ``failed``), which only a resend sends again.
+    """
+
+    destination: str
+    last_success_at: datetime | None = None
+    last_failure_at: datetime | None = None
+    last_failure_reason: str | None = None
+    waiting: int = 0
+    given_up: int = 0
+    next_attempt_at: datetime | None = None
+
+    @property
+    def failing(self) -> bool:
+        """The last attempt failed (no success since the last failure)."""
+        return self.last_failure_at is not None and (self.last_success_at is None or self.last_failure_at >= self.last_success_at)
+
+    @property
+    def state(self) -> str:
+        """One word for tables and gauges: ``down`` (failing with objects waiting), ``failing``, ``ok`` or ``unused``."""
+        if self.failing:
+            return "down" if self.waiting else "failing"
+        return "ok" if self.last_success_at is not None else "unused"
+
+
+class DestinationHealthStore(abc.ABC):
+    """Destination health (mixed into :class:`SqlStore`)."""
+
+    @abc.abstractmethod
+    def record_destination_attempt(self, destination: str, at: datetime, *, stored: bool, failure: str | None) -> None:
+        """After one association attempt: ``stored`` when it stored at least one object, ``failure``
+        (the reason) when at least one object was not stored. Both may be set (a partial success)."""
+
+    @abc.abstractmethod
+    def list_destination_health(self) -> list[DestinationHealth]:
+        """Every destination that was ever tried or has objects of current study versions, by name."""
+
+    @abc.abstractmethod
+    def count_undelivered_studies(self) -> int:
+        """Studies ``done`` whose results went to no destination (:data:`NO_DESTINATION` in their note)."""
 
 
 class ApiAccountStore(abc.ABC):
