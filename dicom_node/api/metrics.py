@@ -210,11 +210,11 @@ class StoreCollector:
         for (dest, status), count in sorted(per_dest.items()):
             objects.add_metric([dest, status], count)
         yield objects
-        tries = GaugeMetricFamily("anatomix_delivery_attempts", "C-STORE attempts made for current study versions, by destination",
-                                  labels=["destination"])  # fmt: skip
+        attempt_gauge = GaugeMetricFamily("anatomix_delivery_attempts", "C-STORE attempts made for current study versions, by destination",
+                                          labels=["destination"])  # fmt: skip
         for dest, count in sorted(attempts.items()):
-            tries.add_metric([dest], count)
-        yield tries
+            attempt_gauge.add_metric([dest], count)
+        yield attempt_gauge
 
         yield from self._stage_histograms(studies)
         yield from self._workers()
@@ -239,8 +239,8 @@ class StoreCollector:
         from prometheus_client.core import GaugeMetricFamily
 
         try:
-            health = self.store.list_destination_health()  # type: ignore[attr-defined]
-            undelivered = self.store.count_undelivered_studies()  # type: ignore[attr-defined]
+            health = self.store.list_destination_health()
+            undelivered = self.store.count_undelivered_studies()
             nodes = [n.name for n in self.store.list_remote_nodes() if n.is_destination]
         except StoreError:
             return

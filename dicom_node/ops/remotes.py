@@ -166,7 +166,7 @@ def destination_health(store: Store) -> list[dict[str, Any]]:
     from dicom_node.store.base import DestinationHealth
 
     nodes = {node.name: node for node in store.list_remote_nodes() if node.is_destination}
-    health = {h.destination: h for h in store.list_destination_health()}  # type: ignore[attr-defined]
+    health = {h.destination: h for h in store.list_destination_health()}
     rows = []
     for name in sorted(set(nodes) | set(health)):
         h = health.get(name) or DestinationHealth(name)
