@@ -96,6 +96,11 @@ def test_no_destination_then_pacs_down_then_up_in_chromium(tmp_path: Path, outpu
             page.goto(base + "/console/failures")
             expect(page.locator("[data-undelivered]")).to_be_visible()
             expect(page.locator('tr[data-destination="pacs"]')).to_contain_text("unused")
+            api = page.request  # the same session, through the operations API
+            assert api.get(f"{base}/api/studies/{first}").json()["outcome"] == "undelivered"
+            truth = api.get(f"{base}/api/destinations").json()
+            assert truth["undelivered_studies"] == 1 and "pacs is a destination but not a default one" in truth["results_go_nowhere"]
+            assert api.get(f"{base}/api/status").json()["undelivered_studies"] == 1
 
             # ---- the PACS made the default while it is down: "down", objects waiting, within minutes ------
             store = site.store()
@@ -113,6 +118,13 @@ def test_no_destination_then_pacs_down_then_up_in_chromium(tmp_path: Path, outpu
             waiting = int(down.locator('td[data-label="Waiting"]').inner_text())
             assert waiting >= 1
             expect(page.locator("[data-nowhere]")).to_have_count(0)  # pacs is the default now
+            [health] = api.get(f"{base}/api/destinations").json()["destinations"]
+            assert (health["name"], health["state"], health["last_success_at"]) == ("pacs", "down", None)
+            assert health["waiting"] >= 1 and health["next_attempt_at"] and "no association" in health["last_failure_reason"]
+            assert api.get(f"{base}/api/nodes/pacs").json()["health"]["state"] == "down"
+            assert api.get(f"{base}/api/status").json()["destinations_down"] == ["pacs"]
+            waiting_rows = api.get(f"{base}/api/dead-letters?waiting=true").json()
+            assert waiting_rows and {r["status"] for r in waiting_rows} <= {"pending", "retrying"}
             shots(page, pages, "failures-pacs-down")
             page.goto(base + "/console/")
             expect(page.locator('tr[data-destination="pacs"]')).to_contain_text("down")

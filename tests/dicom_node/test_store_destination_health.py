@@ -3,7 +3,7 @@ its reason, objects waiting and given up over current study versions, the next t
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 from dicom_node.store.base import STUDY_STATES, DeliveryRecord, DestinationHealth, Store
 from tests.dicom_node.test_store import STUDY, T0, instance, store, store_url  # noqa: F401 (fixtures)
@@ -43,3 +43,29 @@ def test_attempts_and_current_deliveries_make_each_destinations_health(store: St
     assert (pacs.last_success_at, pacs.last_failure_at, pacs.last_failure_reason) == (
         T0 + timedelta(minutes=5), T0, "no association with pacs: connection refused")  # fmt: skip
     assert (pacs.failing, pacs.state) == (False, "ok")
+
+
+def test_a_resend_does_not_count_as_a_second_done_on_the_dashboard(store: Store) -> None:
+    from tests.dicom_node.test_store import _finished_study
+
+    since = datetime.now(UTC) - timedelta(minutes=5)
+    _finished_study(store)
+    assert store.transition_study(STUDY, 1, ("done",), "delivering")  # a resend: delivering and done again
+    assert store.transition_study(STUDY, 1, ("delivering",), "done")
+    assert [s for s, _ in store.get_study(STUDY).history].count("done") == 2  # the history keeps both
+    entries = store.state_entries_since(since)
+    assert [s for s, _ in entries].count("done") == 1 and [s for s, _ in entries].count("delivering") == 1
+
+
+def test_done_studies_whose_results_went_nowhere_are_counted(store: Store) -> None:
+    from dicom_node.pipeline.routing import NO_DESTINATION_NOTE
+
+    assert store.count_undelivered_studies() == 0
+    store.record_instance(instance("1.1"))
+    for to_state in ("stable", "queued", "analyzing", "analyzed", "delivering"):
+        assert store.transition_study(STUDY, 1, tuple(STUDY_STATES), to_state)
+    assert store.transition_study(STUDY, 1, ("delivering",), "done", error="1 failed (bad pixels); " + NO_DESTINATION_NOTE)
+    assert store.count_undelivered_studies() == 1
+    assert store.transition_study(STUDY, 1, ("done",), "delivering")
+    assert store.transition_study(STUDY, 1, ("delivering",), "done", error=None)  # resent once a destination was set
+    assert store.count_undelivered_studies() == 0

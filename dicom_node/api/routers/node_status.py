@@ -40,6 +40,9 @@ def status(request: Request, who: Viewer) -> dict[str, Any]:
         "store": "postgresql" if s.database_url.startswith("postgres") else "sqlite", "embedded": s.embedded,
         "disk": spool_disk(s), "studies_by_state": counts, "queue_depths": ctx.queue_depths(),
         "dead_letters": len(ctx.store.list_deliveries(statuses=("dead",))),
+        # Issue 21: results that went nowhere, and destinations whose last attempt failed with objects waiting.
+        "undelivered_studies": ctx.store.count_undelivered_studies(),
+        "destinations_down": [h.destination for h in ctx.store.list_destination_health() if h.state == "down"],
         "api_uptime_s": round(time.monotonic() - ctx.started, 1), "hostname": socket.gethostname(),
         "workers": workers(ctx.settings, ctx.store), "certificates": certificates(ctx.settings, ctx.store),
     }  # fmt: skip

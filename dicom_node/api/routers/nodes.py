@@ -56,6 +56,21 @@ class NodePatch(BaseModel):
         "certificate on the DICOM TLS port (default optional: the port's own rule)")  # fmt: skip
 
 
+class DestinationHealthOut(BaseModel):
+    name: str
+    configured: bool = Field(description="false: a destination removed since, with deliveries left")
+    default_destination: bool
+    state: Literal["down", "failing", "ok", "unused"] = Field(
+        description="down: the last attempt failed and objects are waiting; failing: it failed, nothing waiting; unused: never tried"
+    )
+    last_success_at: str | None
+    last_failure_at: str | None
+    last_failure_reason: str | None
+    waiting: int = Field(description="objects still to send (pending or retrying)")
+    given_up: int = Field(description="objects dead-lettered or refused for good (only a resend sends them)")
+    next_attempt_at: str | None
+
+
 class NodeOut(BaseModel):
     name: str
     ae_title: str
@@ -70,6 +85,14 @@ class NodeOut(BaseModel):
     tls_verify_peer: bool = Field(description="as SCU over TLS: its certificate chain is verified")
     tls_check_hostname: bool = Field(description="as SCU over TLS: its certificate must name its host")
     tls_client_certificate: Literal["optional", "required"]
+    health: DestinationHealthOut | None = Field(default=None, description="a destination's health (GET /api/destinations)")
+    warnings: list[str] = Field(default_factory=list, description="after a change: e.g. a destination that will receive no results")
+
+
+class DestinationsOut(BaseModel):
+    destinations: list[DestinationHealthOut]
+    results_go_nowhere: str | None = Field(description="set when no destination would get any study's results, with how to fix it")
+    undelivered_studies: int = Field(description="studies done whose results went to no destination")
 
 
 class EchoIn(BaseModel):
@@ -83,14 +106,41 @@ class EchoOut(BaseModel):
     error: str | None
 
 
-@router.get("/api/nodes", summary="remote DICOM nodes")
+@router.get("/api/nodes", summary="remote DICOM nodes (a destination with its health)")
 def list_nodes(request: Request, who: Viewer) -> list[NodeOut]:
-    return [NodeOut(**asdict(n)) for n in ctx_of(request).store.list_remote_nodes()]
+    store = ctx_of(request).store
+    health = _health(store)
+    return [NodeOut(**asdict(n), health=health.get(n.name) if n.is_destination else None) for n in store.list_remote_nodes()]
 
 
 @router.get("/api/nodes/{name}", responses={404: {"model": ProblemModel}})
 def get_node(request: Request, who: Viewer, name: Name) -> NodeOut:
-    return NodeOut(**asdict(_require_node(ctx_of(request).store, name)))
+    store = ctx_of(request).store
+    node = _require_node(store, name)
+    return NodeOut(**asdict(node), health=_health(store).get(node.name) if node.is_destination else None)
+
+
+@router.get("/api/destinations", summary="each destination's health: last success, last failure and why, objects waiting, next try")
+def destinations(request: Request, who: Viewer) -> DestinationsOut:
+    from dicom_node.ops.remotes import where_results_go
+
+    store = ctx_of(request).store
+    _, nowhere = where_results_go(store.list_remote_nodes(), store.list_routing_rules())
+    return DestinationsOut(destinations=list(_health(store).values()), results_go_nowhere=nowhere,
+                           undelivered_studies=store.count_undelivered_studies())  # fmt: skip
+
+
+def _health(store: Store) -> dict[str, DestinationHealthOut]:
+    from dicom_node.ops.remotes import destination_health
+
+    return {row["name"]: DestinationHealthOut(**row) for row in destination_health(store)}
+
+
+def _unreached(store: Store, node: RemoteNode) -> list[str]:
+    from dicom_node.ops.remotes import unreached_destination_warning
+
+    warning = unreached_destination_warning(node, store.list_routing_rules())
+    return [warning] if warning else []
 
 
 @router.post("/api/nodes", status_code=201, summary="add a remote node (admin)",
@@ -103,7 +153,7 @@ def add_node(request: Request, who: Admin, body: NodeIn) -> NodeOut:
     except StoreConflict:
         raise Problem(409, "Node exists", f"a remote node named {node.name!r} already exists") from None
     audit_change(request, who, "node_added", node.name, after=asdict(node))
-    return NodeOut(**asdict(node))
+    return NodeOut(**asdict(node), warnings=_unreached(ctx.store, node))
 
 
 @router.patch("/api/nodes/{name}", summary="change some settings of a remote node (admin)",
@@ -120,7 +170,7 @@ def update_node(request: Request, who: Admin, name: Name, body: NodePatch) -> No
         ctx.store.update_remote_node(node)
         before = {k: v for k, v in asdict(current).items() if getattr(node, k) != v}
         audit_change(request, who, "node_updated", name, before=before, after={k: getattr(node, k) for k in before})
-    return NodeOut(**asdict(node))
+    return NodeOut(**asdict(node), warnings=_unreached(ctx.store, node))
 
 
 @router.delete("/api/nodes/{name}", status_code=204, summary="remove a remote node (admin)",

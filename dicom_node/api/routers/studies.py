@@ -110,10 +110,13 @@ def get_study(request: Request, who: Viewer, study_instance_uid: Annotated[str, 
     return summary
 
 
-@router.get("/api/dead-letters", summary="result objects a destination did not get (failed or dead-lettered)")
-def dead_letters(request: Request, who: Viewer, destination: Annotated[str | None, Query(max_length=64)] = None) -> list[dict[str, Any]]:
+@router.get("/api/dead-letters", summary="result objects a destination did not get: given up (failed or dead-lettered) and, "
+            "with waiting=true, those still being retried (pending, retrying); GET /api/destinations sums them up per destination")  # fmt: skip
+def dead_letters(request: Request, who: Viewer, destination: Annotated[str | None, Query(max_length=64)] = None,
+                 waiting: Annotated[bool, Query(description="also the objects still waiting (pending, retrying)")] = False,
+                 ) -> list[dict[str, Any]]:  # fmt: skip
     store = ctx_of(request).store
-    rows = store.list_deliveries(statuses=("failed", "dead"))
+    rows = store.list_deliveries(statuses=("failed", "dead", "pending", "retrying") if waiting else ("failed", "dead"))
     return [_delivery_out(d) for d in rows if destination in (None, d.destination)]
 
 
