@@ -148,6 +148,9 @@ def select_studies(store: Store, uid: str | None, states: list[str] | None, sinc
             study = chosen.get(record.study_instance_uid) or store.get_study(record.study_instance_uid)
             if study is not None and study.version == record.study_version and study.state in ACTIONABLE_STATES:
                 chosen[study.study_instance_uid] = study
+        for study in store.list_studies(states=("done",), limit=1_000_000):  # results that went to no destination at all
+            if study_outcome(study) == "undelivered":
+                chosen[study.study_instance_uid] = study
     studies = [s for s in chosen.values() if since is None or s.updated_at >= since]
     return sorted(studies, key=lambda s: s.updated_at)
 

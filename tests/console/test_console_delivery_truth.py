@@ -12,6 +12,8 @@ Screenshots at 1366 and 390 px wide in test-output/console-truth-*.png; axe-core
 
 from __future__ import annotations
 
+import re
+import subprocess
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -20,12 +22,13 @@ import pydicom
 import pytest
 
 from dicom_node.api import auth
+from dicom_node.cli.pipeline import node_command
 from dicom_node.store.base import RemoteNode
 from tests.console.test_console_scenario import Pages, login, wait_http
 from tests.support.console_browser import install_axe, launch
 from tests.support.dcmtk import StoreScp
 from tests.support.net import free_port
-from tests.support.workers import NodeSite, make_chest_studies, storescu
+from tests.support.workers import REPO, NodeSite, make_chest_studies, storescu
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -41,6 +44,12 @@ def shots(page, pages: Pages, name: str) -> None:
     width = page.evaluate("document.documentElement.scrollWidth")
     assert width <= PHONE["width"] + 1, f"{name}: the page scrolls sideways on a phone ({width} px wide)"
     page.set_viewport_size(WIDE)
+
+
+def cli(site: NodeSite, *args: str) -> str:
+    done = subprocess.run(node_command(*args, "--config", str(site.config_path)), cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
 
 
 def test_no_destination_then_pacs_down_then_up_in_chromium(tmp_path: Path, output_dir: Path) -> None:
@@ -125,6 +134,11 @@ def test_no_destination_then_pacs_down_then_up_in_chromium(tmp_path: Path, outpu
             assert api.get(f"{base}/api/status").json()["destinations_down"] == ["pacs"]
             waiting_rows = api.get(f"{base}/api/dead-letters?waiting=true").json()
             assert waiting_rows and {r["status"] for r in waiting_rows} <= {"pending", "retrying"}
+            # The CLI says the same: `studies` flags the first study, `ae list` shows pacs DOWN and why.
+            studies = cli(site, "studies")
+            assert "done (undelivered)" in studies and f"{first}: UNDELIVERED: results went nowhere" in studies
+            listed = cli(site, "ae", "list")
+            assert re.search(r"^pacs +DOWN +- +\S+ \S+ +\d+ +0 ", listed, re.M) and "no association with pacs" in listed, listed
             shots(page, pages, "failures-pacs-down")
             page.goto(base + "/console/")
             expect(page.locator('tr[data-destination="pacs"]')).to_contain_text("down")

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 from dicom_node.api.metrics import StoreCollector, stage_durations
 from dicom_node.ops.remotes import unreached_destination_warning, where_results_go
-from dicom_node.ops.studies import study_outcome
+from dicom_node.ops.studies import select_studies, study_outcome
 from dicom_node.pipeline.delivery import DeliveryRound
 from dicom_node.pipeline.routing import NO_DESTINATION_NOTE
 from dicom_node.pipeline.tasks import finish_delivery
@@ -75,6 +75,8 @@ def test_no_destination_ends_done_flagged_undelivered_with_a_warning(store: Stor
     done = store.get_study(STUDY)
     assert done.state == "done" and done.error == NO_DESTINATION_NOTE and study_outcome(done) == "undelivered"
     assert [r.levelname for r in caplog.records] == ["WARNING"] and f"study {STUDY} v1 undelivered" in caplog.text
+    # `resend --undelivered` (and the console's "Resend all undelivered") picks it up once a destination is set.
+    assert [s.study_instance_uid for s in select_studies(store, None, None, None, undelivered=True)] == [STUDY]
 
 
 def test_destination_gauges_and_the_undelivered_count(store: Store, tmp_path) -> None:
