@@ -12,6 +12,7 @@ Screenshots at 1366 and 390 px wide in test-output/console-truth-*.png; axe-core
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import time
@@ -47,7 +48,9 @@ def shots(page, pages: Pages, name: str) -> None:
 
 
 def cli(site: NodeSite, *args: str) -> str:
-    done = subprocess.run(node_command(*args, "--config", str(site.config_path)), cwd=REPO, capture_output=True, text=True, timeout=120)
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}  # whole lines, not clipped to a terminal
+    done = subprocess.run(node_command(*args, "--config", str(site.config_path)), cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr
     return done.stdout
 
