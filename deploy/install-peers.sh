@@ -9,6 +9,8 @@ command -v Orthanc >/dev/null || need+=(orthanc)
 [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
 [ -e /usr/share/java/pixelmed.jar ] || need+=(libpixelmed-java)
 command -v ojph_compress >/dev/null || need+=(openjph-tools)
+# promtool checks the example alerting rules in deploy/prometheus (tests/dicom_node/test_alert_rules.py).
+command -v promtool >/dev/null || need+=(prometheus)
 # The OHIF viewer test (tests/viewer): headless chromium, node and npm (deploy/install-viewer.sh fetches OHIF).
 command -v chromium >/dev/null || need+=(chromium)
 command -v node >/dev/null || need+=(nodejs)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.settings import Settings
-from dicom_node.store.base import STUDY_STATES, AuditEvent, Store, StoreError
+from dicom_node.store.base import NO_DESTINATION, STUDY_STATES, AuditEvent, Store, StoreError
 from inference.result import TIMING_COUNTS
 
 log = logging.getLogger(__name__)
@@ -151,22 +151,33 @@ def metrics_token_matches(settings: Settings, authorization: str | None) -> bool
 # ---- at scrape ----------------------------------------------------------------------------------------
 
 
-def stage_durations(history: Iterable[tuple[str, datetime]]) -> dict[str, float]:
-    """Stage latencies of one study version from its state history (first entry of each state)."""
+def stage_durations(history: Iterable[tuple[str, datetime]], delivered: bool = True) -> dict[str, float]:
+    """Stage latencies of one study version from its state history (first entry of each state).
+
+    ``delivery`` is the last delivery pass (its last ``delivering`` to the final state after it: a
+    resend's pass replaces an earlier one), and none when ``delivered`` is False (results went to
+    no destination: that pass sent nothing and must not pass for a fast delivery).
+    """
+    entries = sorted(history, key=lambda entry: entry[1])
     first: dict[str, datetime] = {}
-    for state, at in history:
+    for state, at in entries:
         first.setdefault(state, at)
     spans = {
         "receive_to_stable": ("receiving", "stable"),
         "stable_to_analyzed": ("stable", "analyzed"),
         "analysis": ("analyzing", "analyzed"),
-        "delivery": ("delivering", next((s for s in ("done", "failed") if s in first), "done")),
     }
-    return {
+    durations = {
         name: (first[end] - first[start]).total_seconds()
         for name, (start, end) in spans.items()
         if start in first and end in first and first[end] >= first[start]
     }
+    starts = [i for i, (state, _) in enumerate(entries) if state == "delivering"]
+    if delivered and starts:
+        ends = [at for state, at in entries[starts[-1] + 1 :] if state in ("done", "failed")]
+        if ends:
+            durations["delivery"] = (ends[0] - entries[starts[-1]][1]).total_seconds()
+    return durations
 
 
 class StoreCollector:
@@ -197,6 +208,7 @@ class StoreCollector:
         for state, count in {**{state: 0 for state in STUDY_STATES}, **by_state_counts}.items():
             by_state.add_metric([state], count)
         yield by_state
+        yield from self._destinations()
 
         per_dest: dict[tuple[str, str], int] = {}
         attempts: dict[str, int] = {}
@@ -208,11 +220,11 @@ class StoreCollector:
         for (dest, status), count in sorted(per_dest.items()):
             objects.add_metric([dest, status], count)
         yield objects
-        tries = GaugeMetricFamily("anatomix_delivery_attempts", "C-STORE attempts made for current study versions, by destination",
-                                  labels=["destination"])  # fmt: skip
+        attempt_gauge = GaugeMetricFamily("anatomix_delivery_attempts", "C-STORE attempts made for current study versions, by destination",
+                                          labels=["destination"])  # fmt: skip
         for dest, count in sorted(attempts.items()):
-            tries.add_metric([dest], count)
-        yield tries
+            attempt_gauge.add_metric([dest], count)
+        yield attempt_gauge
 
         yield from self._stage_histograms(studies)
         yield from self._workers()
@@ -230,6 +242,43 @@ class StoreCollector:
                 if value is not None:
                     depth.add_metric([name], value)
             yield depth
+
+    def _destinations(self) -> Iterator[Any]:
+        """Destination health (issue 21): last success and failure, objects waiting and given up, the
+        next try, 1/0 for up; and the done studies whose results went to no destination."""
+        from prometheus_client.core import GaugeMetricFamily
+
+        try:
+            health = self.store.list_destination_health()
+            undelivered = self.store.count_undelivered_studies()
+            nodes = [n.name for n in self.store.list_remote_nodes() if n.is_destination]
+        except StoreError:
+            return
+        gauges = {
+            "up": GaugeMetricFamily("anatomix_destination_up", "0 while the last delivery attempt to the destination failed, else 1", labels=["destination"]),
+            "waiting": GaugeMetricFamily("anatomix_destination_waiting_objects", "Result objects still to send (pending or retrying)", labels=["destination"]),
+            "given_up": GaugeMetricFamily("anatomix_destination_given_up_objects", "Result objects dead-lettered or refused for good (dead, failed)",
+                                          labels=["destination"]),
+            "success": GaugeMetricFamily("anatomix_destination_last_success_timestamp_seconds", "When an attempt last stored objects (Unix time)",
+                                         labels=["destination"]),
+            "failure": GaugeMetricFamily("anatomix_destination_last_failure_timestamp_seconds", "When an attempt last failed (Unix time)",
+                                         labels=["destination"]),
+            "next": GaugeMetricFamily("anatomix_destination_next_attempt_timestamp_seconds", "When the next try is due (Unix time)",
+                                      labels=["destination"]),
+        }  # fmt: skip
+        by_name = {h.destination: h for h in health}
+        for name in sorted(set(nodes) | set(by_name)):
+            h = by_name.get(name)
+            gauges["up"].add_metric([name], 0 if h is not None and h.failing else 1)
+            gauges["waiting"].add_metric([name], h.waiting if h else 0)
+            gauges["given_up"].add_metric([name], h.given_up if h else 0)
+            for key, at in (("success", h and h.last_success_at), ("failure", h and h.last_failure_at), ("next", h and h.next_attempt_at)):
+                if at:
+                    gauges[key].add_metric([name], at.timestamp())
+        yield from gauges.values()
+        flagged = GaugeMetricFamily("anatomix_studies_undelivered", "Studies done whose results went to no destination (no route, no default)")
+        flagged.add_metric([], undelivered)
+        yield flagged
 
     def _workers(self) -> Iterator[Any]:
         """Per live worker (reported within http.worker_report_max_age_s): its model's load time and state."""
@@ -282,7 +331,8 @@ class StoreCollector:
 
         samples: dict[str, list[float]] = {}
         for study in studies:
-            for stage, seconds in stage_durations(study.history or tuple(study.state_times.items())).items():
+            delivered = NO_DESTINATION not in (study.error or "") if study.state == "done" else True
+            for stage, seconds in stage_durations(study.history or tuple(study.state_times.items()), delivered).items():
                 samples.setdefault(stage, []).append(seconds)
         stages = HistogramMetricFamily(
             "anatomix_stage_seconds",

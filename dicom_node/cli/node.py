@@ -26,11 +26,14 @@ from dicom_node.ops.errors import UserError
 from dicom_node.ops.remotes import (
     SOURCE_DEFAULT_PORT,
     describe_remote,
+    destination_health,
     echo_remote,
     remote_node_warnings,
     require_remote_node,
     unknown_node_message,
+    unreached_destination_warning,
     validated_remote_node,
+    where_results_go,
 )
 from dicom_node.ops.studies import acting_user, delivery_summary, study_summary
 from dicom_node.settings import (
@@ -289,12 +292,18 @@ def run_init(args: argparse.Namespace) -> int:
         store = open_store(settings.database_url)
         try:  # the settings file is configuration: who wrote it, and what it replaced (--force)
             audit.record_admin_change(store, settings, acting_user(), "settings.init", str(target.resolve()), replaced, text)
+            destinations, nowhere = where_results_go(store.list_remote_nodes(), store.list_routing_rules())
         finally:
             store.close()
     except OSError as exc:
         raise UserError(f"wrote {target}, but cannot create storage.data_dir {settings.storage.data_dir}: {exc.strerror or exc}") from None
     print(f"wrote {target}; data (spool, results, database) in {settings.storage.data_dir}")
+    for line in destinations:
+        print(f"results go to: {line}")
     print(f"next: anatomix-node ae add NAME --ae-title T --host H --role source --config {target}")
+    if nowhere:  # a fresh node: say where results will go before the first study is analysed
+        print("results: none will leave the node until a destination is set; add one with "
+              f"`anatomix-node ae add pacs --ae-title PACS --host H --port P --role destination --default-destination --config {target}`")  # fmt: skip
     return 0
 
 
@@ -348,8 +357,11 @@ def run_ae_add(args: argparse.Namespace) -> int:
         except StoreConflict:
             raise UserError(f"a remote node named {node.name!r} already exists; change it with `anatomix-node ae update {node.name}`") from None
         audit.record_admin_change(store, settings, acting_user(), "remote_node.add", node.name, None, node)
-    print(f"added {node.name}: {describe_remote(node)} ({node.role}, profile {node.profile})")
-    print_warnings(warnings)
+        rules = store.list_routing_rules()
+    unreached = unreached_destination_warning(node, rules)
+    print(f"added {node.name}: {describe_remote(node)} ({node.role}, profile {node.profile})"
+          + (": the default destination, results of every study go here" if node.is_destination and node.default_destination else ""))  # fmt: skip
+    print_warnings(warnings + ([unreached] if unreached else []))
     return 0
 
 
@@ -400,8 +412,10 @@ def run_ae_list(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     with opened_store(settings) as store:
         nodes = store.list_remote_nodes()
-    if args.json:
-        print(json.dumps([asdict(node) for node in nodes], indent=2))
+        health = {row["name"]: row for row in destination_health(store)}
+        _, nowhere = where_results_go(nodes, store.list_routing_rules())
+    if args.json:  # a destination carries its health: last success and failure, objects waiting, next try
+        print(json.dumps([asdict(node) | ({"health": health.get(node.name)} if node.is_destination else {}) for node in nodes], indent=2))
         return 0
     print(f"# {describe_store(settings)}")
     if not nodes:
@@ -414,7 +428,27 @@ def run_ae_list(args: argparse.Namespace) -> int:
         options += ["tls" + ("" if n.tls_verify_peer else " (unverified)")] * n.tls
         rows.append((n.name, n.ae_title, n.host, str(n.port), n.role, n.profile, ", ".join(options)))
     print(format_table(rows))
+    print_destination_health(list(health.values()))
+    if nowhere:
+        print(f"warning: {nowhere}")
     return 0
+
+
+def print_destination_health(health: list[dict[str, Any]]) -> None:
+    """The destinations' health under ``ae list``: state, last success, last failure and why, waiting, next try."""
+    if not health:
+        return
+
+    def when(value: str | None) -> str:
+        return value[:19].replace("T", " ") if value else "-"
+
+    rows = [("DESTINATION", "STATE", "LAST SUCCESS (UTC)", "LAST FAILURE (UTC)", "WAITING", "GIVEN UP", "NEXT TRY (UTC)", "LAST FAILURE REASON")]
+    for h in health:
+        rows.append((h["name"] + ("" if h["configured"] else " (removed)"), h["state"].upper() if h["state"] == "down" else h["state"],
+                     when(h["last_success_at"]), when(h["last_failure_at"]), str(h["waiting"]), str(h["given_up"]),
+                     when(h["next_attempt_at"]), h["last_failure_reason"] or ""))  # fmt: skip
+    print()
+    print(format_table(rows, max_width=terminal_width(), shrinkable=(7,)))
 
 
 def run_ae_remove(args: argparse.Namespace) -> int:
@@ -496,7 +530,7 @@ def run_studies(args: argparse.Namespace) -> int:
         stages = " > ".join(f"{st['state']} {_seconds(st['seconds'])}".rstrip() for st in s["stages"])
         date = s["study_date"]
         rows.append((
-            s["study_instance_uid"], s["state"] + (" (skipped)" if s["outcome"] == "skipped" else ""),
+            s["study_instance_uid"], s["state"] + (f" ({s['outcome']})" if s["outcome"] in ("skipped", "undelivered") else ""),
             s["patient_id"], s["accession_number"], f"{date[:4]}-{date[4:6]}-{date[6:8]}" if len(date) == 8 else date,
             s["study_description"], s["source"], str(s["version"]), str(s["instance_count"]),
             str(states.get("selected", 0) + states.get("analyzed", 0)), str(states.get("skipped", 0)),
@@ -528,7 +562,9 @@ def study_notes(summary: dict[str, Any]) -> str:
     if summary["outcome"] == "skipped":
         return f"skipped, nothing to analyse: {reasons or 'no images'}"
     parts = []
-    if summary["state"] == "failed" and summary["error"]:
+    if summary["outcome"] == "undelivered":
+        parts.append(f"UNDELIVERED: {summary['error']}")
+    elif summary["state"] == "failed" and summary["error"]:
         parts.append(f"error: {summary['error']}")
     elif summary["error"] and " failed (" in summary["error"]:
         parts.append(f"some images failed: {summary['error']}")

@@ -55,7 +55,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     resend.add_argument("study_instance_uid", metavar="STUDY_UID", nargs="?", help="one study (or select many with the options below)")
     resend.add_argument("--to", dest="destination", help="destination name (default: the study's usual destinations)")
     resend.add_argument("--state", action="append", choices=ACTIONABLE_STATES, help="every study in this state (repeatable)")
-    resend.add_argument("--undelivered", action="store_true", help="every study with a failed or dead-lettered delivery")
+    resend.add_argument(
+        "--undelivered", action="store_true", help="every study with a failed or dead-lettered delivery, or whose results went to no destination"
+    )
     resend.add_argument("--since", help="with --state/--undelivered: only studies changed since this UTC time (2026-11-30 or 2026-11-30T08:00)")
     resend.add_argument("--config", help="anatomix-node.toml")
     resend.set_defaults(func=cmd_resend)

@@ -39,7 +39,7 @@ from dicom_node.pipeline.reconcile import reconcile_spool
 from dicom_node.pipeline.retention import run_retention
 from dicom_node.settings import Settings, load_settings
 from dicom_node.store import open_store
-from dicom_node.store.base import Store
+from dicom_node.store.base import Store, StoreError
 from dicom_node.store.spool import prepare_spool
 
 log = logging.getLogger("dicom_node.serve")
@@ -236,6 +236,21 @@ def describe_ports(settings: Settings) -> str:
     return f"port {settings.node.port}, TLS port {settings.tls.port}"
 
 
+def log_where_results_go(store: Store) -> None:
+    """At start-up: one line per destination results will go to, or a warning that they go nowhere."""
+    from dicom_node.ops.remotes import where_results_go
+
+    try:
+        lines, nowhere = where_results_go(store.list_remote_nodes(), store.list_routing_rules())
+    except StoreError as exc:
+        log.warning("cannot say where results will go: the state store did not answer (%s)", exc)
+        return
+    for line in lines:
+        log.info("results go to %s", line)
+    if nowhere:
+        log.warning("%s", nowhere)
+
+
 def run_serve(args: argparse.Namespace) -> int:
     settings = load_serve_settings(args)
     configure_logging(args.log_level or settings.logging.level)
@@ -303,6 +318,7 @@ def run_serve(args: argparse.Namespace) -> int:
         describe_model(settings),
         settings.source,
     )
+    log_where_results_go(store)
     try:
         while not stop.wait(0.5):
             supervisor.poll()

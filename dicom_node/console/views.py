@@ -18,8 +18,9 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
 from dicom_node.api import auth
-from dicom_node.api.app import Problem, authenticate, ctx_of, readiness
 from dicom_node.api.auth import Principal
+from dicom_node.api.deps import Problem, authenticate, ctx_of
+from dicom_node.ops.node_status import last_model_identity, readiness, spool_disk
 from dicom_node.store.base import STUDY_STATES
 
 HERE = Path(__file__).resolve().parent
@@ -117,23 +118,21 @@ def install(app: FastAPI) -> None:
         who = need(request, "viewer", "see the dashboard")
         ctx = ctx_of(request)
         counts = {**{s: 0 for s in STUDY_STATES}, **ctx.store.count_studies_by_state()}  # type: ignore[attr-defined]
-        checks = readiness(ctx)
+        checks = readiness(ctx.settings, ctx.store, ctx.celery)
         disk = checks.get("spool_disk", {})
-        from dicom_node.api.app import _disk, _last_model_identity
-
-        usage = _disk(ctx.settings)
+        usage = spool_disk(ctx.settings)
         used_pct = None
         if "total_bytes" in usage and usage["total_bytes"]:
             used_pct = round(100 * (1 - usage["free_bytes"] / usage["total_bytes"]), 1)
         m = ctx.settings.model
-        identity = _last_model_identity(ctx.store)
+        identity = last_model_identity(ctx.store)
         demo = bool(m.demo_weights or (identity or {}).get("demo"))
         failures = sorted(ctx.store.list_deliveries(statuses=("failed", "dead")), key=lambda d: d.updated_at, reverse=True)[:10]
         failed_studies = ctx.store.list_studies(("failed",), limit=10)
         charts = _charts(ctx.store, datetime.now(UTC))
         return render(request, "dashboard.html", who, counts=counts, checks=checks, disk=usage, used_pct=used_pct, disk_ok=disk.get("ok"),
                       model=m, identity=identity, demo=demo, failures=failures, failed_studies=failed_studies, charts=charts,
-                      queue_depths=ctx.queue_depths())  # fmt: skip
+                      queue_depths=ctx.queue_depths(), **delivery_truth(ctx.store))  # fmt: skip
 
     # ---- studies ---------------------------------------------------------------------------------------
     def studies_context(request: Request) -> dict[str, Any]:
@@ -241,7 +240,8 @@ def install(app: FastAPI) -> None:
     @app.get("/console/nodes", include_in_schema=False)
     def nodes_page(request: Request) -> HTMLResponse:
         who = need(request, "viewer", "list remote nodes")
-        return render(request, "nodes.html", who, nodes=ctx_of(request).store.list_remote_nodes())
+        store = ctx_of(request).store
+        return render(request, "nodes.html", who, nodes=store.list_remote_nodes(), **delivery_truth(store))
 
     @app.get("/console/nodes/new", include_in_schema=False)
     def node_new(request: Request) -> HTMLResponse:
@@ -296,13 +296,14 @@ def install(app: FastAPI) -> None:
         ctx = ctx_of(request)
         by_study, count = undelivered_by_study(ctx.store)
         studies = ctx.store.list_studies(("failed",), limit=200)
-        return render(request, "failures.html", who, by_study=by_study, failed_studies=studies, count=count)
+        return render(request, "failures.html", who, by_study=by_study, failed_studies=studies, count=count, **delivery_truth(ctx.store))
 
     @app.get("/console/failures/live", include_in_schema=False)
     def failures_live(request: Request) -> HTMLResponse:
         who = need(request, "viewer", "see failures")
-        by_study, count = undelivered_by_study(ctx_of(request).store)
-        return render(request, "_failures_live.html", who, by_study=by_study, count=count)
+        store = ctx_of(request).store
+        by_study, count = undelivered_by_study(store)
+        return render(request, "_failures_live.html", who, by_study=by_study, count=count, **delivery_truth(store))
 
     # ---- audit ---------------------------------------------------------------------------------------------
     @app.get("/console/audit", include_in_schema=False)
@@ -442,6 +443,21 @@ def _charts(store: Any, now: datetime) -> dict[str, Any]:
     mean = [round(sum(v) / len(v), 1) if v else 0.0 for v in latency]
     return {"done": done, "latency": mean, "total_done": sum(done), "bucket_min": BUCKET_MIN,
             "done_max": max(done) or 1, "latency_max": max(mean) or 1.0, "counts": Counter(state for state, _ in entries)}  # fmt: skip
+
+
+def delivery_truth(store: Any) -> dict[str, Any]:
+    """Where results go and how each destination fares (dashboard, nodes and failures pages, issue 21):
+    ``destinations`` (health rows, see :func:`dicom_node.ops.remotes.destination_health`), ``nowhere``
+    (the warning when no destination would get results), ``waiting`` (objects still to send, all
+    destinations), ``undelivered`` (done studies whose results went nowhere: the newest, and how many)."""
+    from dicom_node.ops.remotes import destination_health, where_results_go
+    from dicom_node.store.base import NO_DESTINATION
+
+    destinations = destination_health(store)
+    _, nowhere = where_results_go(store.list_remote_nodes(), store.list_routing_rules())
+    undelivered = [s for s in store.list_studies(("done",), limit=200) if NO_DESTINATION in (s.error or "")][:20]
+    return {"destinations": destinations, "nowhere": nowhere, "waiting": sum(d["waiting"] for d in destinations),
+            "undelivered": undelivered, "undelivered_count": store.count_undelivered_studies()}  # fmt: skip
 
 
 def undelivered_by_study(store: Any) -> tuple[dict[str, list[Any]], int]:

@@ -15,7 +15,7 @@ from typing import Any, get_args
 
 from dicom_node.ops.errors import UserError
 from dicom_node.settings import Settings, SettingsError, validate_ae_title
-from dicom_node.store.base import RemoteNode, Role, Store
+from dicom_node.store.base import RemoteNode, Role, RoutingRuleRecord, Store
 
 _NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 #: The port recorded for a source added without --port (DICOM's well-known port).
@@ -107,6 +107,81 @@ def remote_node_warnings(node: RemoteNode, others: list[RemoteNode]) -> list[str
         except UnicodeError:
             warnings.append(f"host {node.host!r} is not a valid host name")
     return warnings
+
+
+def where_results_go(nodes: list[RemoteNode], rules: list[RoutingRuleRecord]) -> tuple[list[str], str | None]:
+    """Where results of analysed studies will go, one line per destination, and a warning when nowhere.
+
+    For ``init``, ``serve`` start-up and ``ae add``: default destinations get every study's results,
+    a node that is both source and destination gets back those of the studies it sends, an enabled
+    routing rule sends the studies it matches to the destinations it names. The warning (None when
+    some destination is reachable) says how to make one.
+    """
+    by_name = {node.name: node for node in nodes}
+    lines: list[str] = []
+    for node in nodes:
+        if node.is_destination and node.default_destination:
+            lines.append(f"{node.name} ({describe_remote(node)}, profile {node.profile}): every study's results (default destination)")
+        elif node.role == "both":
+            lines.append(f"{node.name} ({describe_remote(node)}, profile {node.profile}): results of the studies it sends")
+    for rule in rules:
+        if not rule.enabled:
+            continue
+        names = [str(name) for name in rule.action.get("destinations", ()) if str(name) in by_name]
+        sender = " and back to the sender" if rule.action.get("send_to_sender") else ""
+        if names or sender:
+            lines.append(f"routing rule {rule.name}: the studies it matches go to {', '.join(names) or 'no named node'}{sender}")
+    if lines:
+        return lines, None
+    destinations = [node.name for node in nodes if node.is_destination]
+    if destinations:
+        warning = (f"results go nowhere: {', '.join(destinations)} {'is a destination' if len(destinations) == 1 else 'are destinations'} "
+                   "but not a default one, and no routing rule names it; make one the default with "
+                   f"`anatomix-node ae update {destinations[0]} --default-destination` (or add a rule: `anatomix-node route add`)")  # fmt: skip
+    else:
+        warning = ("results go nowhere: no destination is configured; add one with `anatomix-node ae add pacs --ae-title PACS "
+                   "--host HOST --port PORT --role destination --default-destination`")  # fmt: skip
+    return [], warning
+
+
+def unreached_destination_warning(node: RemoteNode, rules: list[RoutingRuleRecord]) -> str | None:
+    """For ``ae add``/``ae update``: a destination that will receive no result (not a default
+    destination, not the sender's way back, named by no enabled routing rule), and how to fix it."""
+    if not node.is_destination or node.default_destination or node.role == "both":
+        return None
+    if any(rule.enabled and node.name in [str(n) for n in rule.action.get("destinations", ())] for rule in rules):
+        return None
+    return (f"{node.name} is a destination but will receive no results: it is not a default destination and no routing rule "
+            f"names it; make it the default with `anatomix-node ae update {node.name} --default-destination` "
+            "(or name it in a rule: `anatomix-node route add`)")  # fmt: skip
+
+
+def destination_health(store: Store) -> list[dict[str, Any]]:
+    """Each destination's health, JSON-ready (CLI ``ae list``, console, API): every configured
+    destination, plus any other name deliveries were made to (a node removed since).
+
+    ``state``: ``down`` (the last attempt failed and objects are waiting), ``failing`` (the last
+    attempt failed, nothing waiting), ``ok``, or ``unused`` (never tried).
+    """
+    from dicom_node.store.base import DestinationHealth
+
+    nodes = {node.name: node for node in store.list_remote_nodes() if node.is_destination}
+    health = {h.destination: h for h in store.list_destination_health()}
+    rows = []
+    for name in sorted(set(nodes) | set(health)):
+        h = health.get(name) or DestinationHealth(name)
+        node = nodes.get(name)
+        rows.append({
+            "name": name, "configured": node is not None, "default_destination": bool(node and node.default_destination),
+            "state": h.state, "last_success_at": _iso(h.last_success_at), "last_failure_at": _iso(h.last_failure_at),
+            "last_failure_reason": h.last_failure_reason, "waiting": h.waiting, "given_up": h.given_up,
+            "next_attempt_at": _iso(h.next_attempt_at),
+        })  # fmt: skip
+    return rows
+
+
+def _iso(value: Any) -> str | None:
+    return None if value is None else value.isoformat()
 
 
 def unknown_node_message(name: str) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 from dicom_node.audit.trail import AuditTrail, Peer
 from dicom_node.ops.errors import UserError
 from dicom_node.settings import Settings
-from dicom_node.store.base import FINAL_STUDY_STATES, InstanceRecord, RemoteNode, Store, StudyRecord
+from dicom_node.store.base import FINAL_STUDY_STATES, NO_DESTINATION, InstanceRecord, RemoteNode, Store, StudyRecord
 
 #: The analysis found no image to analyse (a CT, a lateral): a normal outcome, recorded in the error column.
 NOTHING_TO_ANALYSE = "nothing to analyse"
@@ -42,9 +42,12 @@ REANALYZE_EVENT = "study_reanalysis_requested"
 
 
 def study_outcome(study: StudyRecord) -> str:
-    """``skipped`` for a study finished with nothing to analyse, else its state."""
+    """``skipped`` for a study finished with nothing to analyse, ``undelivered`` for one finished
+    whose results went to no destination at all, else its state."""
     if study.state == "done" and (study.error or "").startswith(NOTHING_TO_ANALYSE):
         return "skipped"
+    if study.state == "done" and NO_DESTINATION in (study.error or ""):
+        return "undelivered"
     return study.state
 
 
@@ -144,6 +147,9 @@ def select_studies(store: Store, uid: str | None, states: list[str] | None, sinc
         for record in store.list_deliveries(statuses=("failed", "dead")):
             study = chosen.get(record.study_instance_uid) or store.get_study(record.study_instance_uid)
             if study is not None and study.version == record.study_version and study.state in ACTIONABLE_STATES:
+                chosen[study.study_instance_uid] = study
+        for study in store.list_studies(states=("done",), limit=1_000_000):  # results that went to no destination at all
+            if study_outcome(study) == "undelivered":
                 chosen[study.study_instance_uid] = study
     studies = [s for s in chosen.values() if since is None or s.updated_at >= since]
     return sorted(studies, key=lambda s: s.updated_at)

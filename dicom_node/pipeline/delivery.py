@@ -428,6 +428,9 @@ def deliver_study_version(
         audit.record_objects_sent(store, settings, uid, version, destination, None, {o.sop_instance_uid: o.sop_class_uid for o in owed})
         outcomes = send_objects(destination, owed, calling_ae=settings.node.ae_title, timeout_s=policy.timeout_s, fallback=fallback)
         audit.record_objects_sent(store, settings, uid, version, destination, outcomes, {o.sop_instance_uid: o.sop_class_uid for o in owed})
+        if outcomes:  # destination health: this attempt stored something, failed for something, or both
+            failure = next((o.error or "not stored" for o in outcomes if o.outcome != "sent"), None)
+            store.record_destination_attempt(destination.name, now, stored=any(o.outcome == "sent" for o in outcomes), failure=failure)
         # This try's number and the start of the window, from the objects being tried (a resend starts afresh).
         tried = [] if resend else [r for r in (records[o.sop_instance_uid] for o in owed) if r is not None]
         attempts = 1 + max([0] + [r.attempts for r in tried])

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dicom_node.store.base import InstanceRecord, RemoteNode, RoutingRuleRecord, Store, StudyRecord
+from dicom_node.store.base import NO_DESTINATION, InstanceRecord, RemoteNode, RoutingRuleRecord, Store, StudyRecord
 
 if TYPE_CHECKING:
     from dicom_node.settings import OutputSettings, Settings
@@ -50,6 +50,15 @@ LABELS = {"calling_ae": "calling AE", "source": "source", "modality": "modality"
 ACTION_FIELDS = ("destinations", "profile", "send_to_sender")
 RULE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _GLOB_CHARS = set("*?[")
+
+
+#: A ``done`` study's note when its results went to no destination at all (the study's outcome is
+#: then ``undelivered``: :func:`dicom_node.ops.studies.study_outcome`).
+NO_DESTINATION_NOTE = (
+    NO_DESTINATION + " (no routing rule names one, the sender is not a destination and no node is a default destination; "
+    "`anatomix-node route dry-run UID` explains; after `anatomix-node ae update NAME --default-destination`, "
+    "`anatomix-node resend UID` sends them)"
+)
 
 
 # ---- the model ----------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from kombu.exceptions import OperationalError
 from dicom_node.audit import trail as audit
 from dicom_node.pipeline import queue
 from dicom_node.pipeline.dispatch import Heartbeat, clear_lease, write_lease
+from dicom_node.pipeline.routing import NO_DESTINATION, NO_DESTINATION_NOTE
 from dicom_node.settings import Settings
 from dicom_node.store.base import Store, StoreUnavailable, StudyRecord
 
@@ -188,6 +189,9 @@ def finish_delivery(store: Store, study: StudyRecord, summary: DeliveryRound) ->
     missing = summary.outcome_text()
     error = "; ".join(filter(None, [analysis_note, missing])) or None
     final = "done" if any(d.complete for d in summary.destinations) or not summary.destinations else "failed"
+    if not summary.destinations:  # done, but flagged: the study's outcome is "undelivered"
+        error = "; ".join(filter(None, [analysis_note, NO_DESTINATION_NOTE]))
+        LOG.warning("study %s v%d undelivered: %s", uid, version, NO_DESTINATION_NOTE)
     store.transition_study(uid, version, ("delivering",), final, error=error)
     if missing:
         LOG.warning("study %s v%d %s: %s", uid, version, final, missing)
@@ -198,7 +202,7 @@ def _analysis_note(error: str | None) -> str | None:
     """The analysis part of a study's note, without the text of an earlier delivery (a resend replaces it)."""
     if not error:
         return None
-    found = [i for i in (error.find("not delivered to "), error.find("delivered to ")) if i >= 0]
+    found = [i for i in (error.find("not delivered to "), error.find("delivered to "), error.find(NO_DESTINATION)) if i >= 0]
     return error[: min(found)].rstrip("; ") or None if found else error
 
 

@@ -57,8 +57,15 @@ class ConsoleSql:
         return counts
 
     def state_entries_since(self, since: datetime) -> list[tuple[str, datetime]]:
-        """(state, entered_at) of every state entered at or after ``since``, oldest first."""
+        """(state, entered_at) of each state first entered by a study version at or after ``since``,
+        oldest first. A state entered again (a resend's second ``done``) is not counted again."""
+        at = self._db_time(since)  # type: ignore[attr-defined]
         with self._transaction(write=False) as tx:  # type: ignore[attr-defined]
-            rows = tx.all("SELECT state, entered_at FROM study_state_history WHERE entered_at >= ? ORDER BY entered_at",
-                          [self._db_time(since)])  # type: ignore[attr-defined]  # fmt: skip
+            rows = tx.all(
+                "SELECT h.state, MIN(h.entered_at) AS first_at FROM study_state_history h "
+                "JOIN (SELECT DISTINCT study_instance_uid, version FROM study_state_history WHERE entered_at >= ?) r "
+                "ON r.study_instance_uid = h.study_instance_uid AND r.version = h.version "
+                "GROUP BY h.study_instance_uid, h.version, h.state HAVING MIN(h.entered_at) >= ? ORDER BY first_at",
+                [at, at],
+            )
         return [(state, self._py_time(at)) for state, at in rows]  # type: ignore[attr-defined]

@@ -184,6 +184,9 @@ def test_init_data_dir_is_written_and_the_store_created_there(tmp_path: Path) ->
     result = node(tmp_path, "init", "--dir", "etc", "--data-dir", str(data))
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[0] == f"wrote etc/{CONFIG_FILE_NAME}; data (spool, results, database) in {data}"
+    # A fresh node says where results go (nowhere yet) and how to add a destination that gets them.
+    assert "results: none will leave the node until a destination is set" in result.stdout
+    assert "--role destination --default-destination --config etc/" in result.stdout
     settings = load_settings(tmp_path / "etc" / CONFIG_FILE_NAME, env={})
     assert settings.storage.data_dir == data and (data / "anatomix.db").is_file()
     assert not (tmp_path / "etc" / "var").exists()
@@ -282,8 +285,15 @@ def test_ae_add_warns_about_the_same_ae_and_host_and_an_unresolvable_host(site: 
     assert lost.returncode == 0
     [warning] = lost.stderr.strip().splitlines()
     assert "host 'no-such-host.invalid' does not resolve" in warning
-    quiet = node(site, "ae", "add", "pacs", "--ae-title", "PACS", "--host", "127.0.0.1", "--port", "4242", "--role", "destination")
+    # A destination nothing sends to (not a default one, no rule names it) is added, with a warning saying so and how to fix it.
+    unreached = node(site, "ae", "add", "pacs", "--ae-title", "PACS", "--host", "127.0.0.1", "--port", "4242", "--role", "destination")
+    assert unreached.returncode == 0
+    [warning] = unreached.stderr.strip().splitlines()
+    assert "pacs is a destination but will receive no results" in warning and "ae update pacs --default-destination" in warning
+    quiet = node(site, "ae", "add", "archive", "--ae-title", "ARCH", "--host", "127.0.0.1", "--port", "4243", "--role", "destination",
+                 "--default-destination")  # fmt: skip
     assert quiet.returncode == 0 and quiet.stderr == ""
+    assert "the default destination, results of every study go here" in quiet.stdout
 
 
 def test_a_duplicate_name_points_to_ae_update(site: Path) -> None:

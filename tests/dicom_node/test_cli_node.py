@@ -104,6 +104,10 @@ def test_ae_update_changes_only_what_is_given(site: Path) -> None:
     assert updated.returncode == 0, updated.stderr
     assert "port 4242 -> 4343" in updated.stdout and "default_destination True -> False" in updated.stdout
     [pacs] = json.loads(node(site, "ae", "list", "--json").stdout)
+    # A destination carries its health (never tried yet: unused, nothing waiting).
+    health = pacs.pop("health")
+    assert {k: health[k] for k in ("name", "state", "waiting", "last_success_at")} == {
+        "name": "pacs", "state": "unused", "waiting": 0, "last_success_at": None}  # fmt: skip
     assert pacs == {
         "name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 4343, "role": "both", "profile": "ohif",
         "quiet_period_s": None, "complete_on_release": False, "default_destination": False, "tls": False,
