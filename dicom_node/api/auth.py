@@ -19,6 +19,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Literal
 
 from dicom_node.store.base import API_ROLES, ApiSession, ApiUser
 
@@ -110,7 +111,7 @@ class Principal:
 
     user: str
     role: str
-    via: str
+    via: Literal["token", "session"]
     session_hash: str | None = None
     csrf_token: str | None = None
     token_id: int | None = None

@@ -198,11 +198,11 @@ class StoreCollector:
         for (dest, status), count in sorted(per_dest.items()):
             objects.add_metric([dest, status], count)
         yield objects
-        tries = GaugeMetricFamily("anatomix_delivery_attempts", "C-STORE attempts made for current study versions, by destination",
-                                  labels=["destination"])  # fmt: skip
+        attempt_gauge = GaugeMetricFamily("anatomix_delivery_attempts", "C-STORE attempts made for current study versions, by destination",
+                                          labels=["destination"])  # fmt: skip
         for dest, count in sorted(attempts.items()):
-            tries.add_metric([dest], count)
-        yield tries
+            attempt_gauge.add_metric([dest], count)
+        yield attempt_gauge
 
         yield from self._stage_histograms(studies)
         yield from self._workers()

@@ -253,7 +253,7 @@ _ADMIN_TYPES = {"remote_node": NETWORK_CONFIGURATION, "settings": SOFTWARE_CONFI
                 "role": SECURITY_ROLES_CHANGED, "token": USER_SECURITY_CHANGED, "tls": SECURITY_CONFIGURATION}  # fmt: skip
 
 
-#: The operations API's own event names (dicom_node.api.app) and the message each one is.
+#: The operations API's own event names (dicom_node.api.deps) and the message each one is.
 _API_EVENTS = {"api_login": "login", "api_login_failed": "login_failed", "api_login_rate_limited": "login_failed",
                "api_logout": "logout", "api_change": "admin_change"}  # fmt: skip
 

@@ -62,7 +62,7 @@ def _open(args: argparse.Namespace):
 
 
 def _audit(trail, action: str, name: str, **detail: object) -> None:
-    from dicom_node.api.app import API_CHANGE
+    from dicom_node.api.deps import API_CHANGE
     from dicom_node.audit.trail import Peer
 
     try:

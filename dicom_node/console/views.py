@@ -18,8 +18,9 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
 from dicom_node.api import auth
-from dicom_node.api.app import Problem, authenticate, ctx_of, readiness
 from dicom_node.api.auth import Principal
+from dicom_node.api.deps import Problem, authenticate, ctx_of
+from dicom_node.ops.node_status import last_model_identity, readiness, spool_disk
 from dicom_node.store.base import STUDY_STATES, ApiAccountStore
 
 HERE = Path(__file__).resolve().parent
@@ -176,16 +177,14 @@ def install(app: FastAPI) -> None:
         who = need(request, "viewer", "see the dashboard")
         ctx = ctx_of(request)
         counts = {**{s: 0 for s in STUDY_STATES}, **ctx.store.count_studies_by_state()}  # type: ignore[attr-defined]
-        checks = readiness(ctx)
+        checks = readiness(ctx.settings, ctx.store, ctx.celery)
         disk = checks.get("spool_disk", {})
-        from dicom_node.api.app import _disk, _last_model_identity
-
-        usage = _disk(ctx.settings)
+        usage = spool_disk(ctx.settings)
         used_pct = None
         if "total_bytes" in usage and usage["total_bytes"]:
             used_pct = round(100 * (1 - usage["free_bytes"] / usage["total_bytes"]), 1)
         m = ctx.settings.model
-        identity = _last_model_identity(ctx.store)
+        identity = last_model_identity(ctx.store)
         demo = bool(m.demo_weights or (identity or {}).get("demo"))
         failures = sorted(ctx.store.list_deliveries(statuses=("failed", "dead")), key=lambda d: d.updated_at, reverse=True)[:10]
         failed_studies = ctx.store.list_studies(("failed",), limit=10)

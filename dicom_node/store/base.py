@@ -231,7 +231,162 @@ class RoutingRuleRecord:
     updated_at: datetime | None = None
 
 
-class Store(abc.ABC):
+# ==== Operations API: accounts, tokens, sessions (issue 10; migration 0003) ===================
+
+#: Roles of API accounts, least to most privileged: viewer reads; operator also echoes, resends and
+#: reanalyses; admin also changes configuration and accounts.
+API_ROLES = ("viewer", "operator", "admin")
+
+
+@dataclass(frozen=True)
+class ApiUser:
+    name: str
+    role: str
+    #: argon2 hash (never the password).
+    password_hash: str
+    disabled: bool
+    created_at: datetime
+    password_changed_at: datetime
+    #: The password was generated (``user add``, a reset) and must be changed at the next login.
+    must_change_password: bool = False
+
+
+@dataclass(frozen=True)
+class ApiToken:
+    """An API token for automation; the secret is shown once, only its SHA-256 is kept."""
+
+    id: int
+    user_name: str
+    label: str
+    created_at: datetime
+    last_used_at: datetime | None = None
+    revoked_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class ApiSession:
+    """A console login: the cookie's SHA-256 and the CSRF token that state-changing requests must echo."""
+
+    id_hash: str
+    user_name: str
+    csrf_token: str
+    created_at: datetime
+    expires_at: datetime
+
+
+#: Values of ``RemoteNode.tls_client_certificate``.
+CLIENT_CERTIFICATE_RULES = ("optional", "required")
+
+
+@dataclass(frozen=True)
+class WorkerReport:
+    """What one worker process last said about itself and its model (``worker_reports``).
+
+    ``name`` is unique per process (Celery node name and pool process id). ``model_ok`` is True once
+    the model loaded (with its identity and load time), False with ``error`` when it could not.
+    """
+
+    name: str
+    hostname: str
+    pid: int
+    queues: tuple[str, ...]
+    model_ok: bool
+    started_at: datetime
+    last_seen_at: datetime
+    model_name: str | None = None
+    model_version: str | None = None
+    model_digest: str | None = None
+    demo_weights: bool | None = None
+    device: str | None = None
+    load_seconds: float | None = None
+    error: str | None = None
+
+
+class WorkerReportStore(abc.ABC):
+    """Worker reports (mixed into :class:`SqlStore`)."""
+
+    @abc.abstractmethod
+    def record_worker_report(self, report: WorkerReport) -> None:
+        """Insert or replace the report of ``report.name``."""
+
+    @abc.abstractmethod
+    def list_worker_reports(self) -> list[WorkerReport]:
+        """Every report, most recently seen first."""
+
+    @abc.abstractmethod
+    def remove_worker_reports(self, seen_before: datetime) -> int:
+        """Forget workers not seen since ``seen_before``; how many were removed."""
+
+    @abc.abstractmethod
+    def remove_worker_report(self, name: str) -> bool:
+        """Forget the worker ``name`` (it stopped cleanly); whether it had a report."""
+
+
+class ApiAccountStore(abc.ABC):
+    """Account methods of the store (mixed into :class:`SqlStore`)."""
+
+    @abc.abstractmethod
+    def add_api_user(self, user: ApiUser) -> None:
+        """StoreConflict if the name exists."""
+
+    @abc.abstractmethod
+    def get_api_user(self, name: str) -> ApiUser | None: ...
+
+    @abc.abstractmethod
+    def list_api_users(self) -> list[ApiUser]: ...
+
+    @abc.abstractmethod
+    def update_api_user(
+        self,
+        name: str,
+        role: str | None = None,
+        disabled: bool | None = None,
+        password_hash: str | None = None,
+        must_change_password: bool | None = None,
+        keep_session: str | None = None,
+    ) -> bool:
+        """Change the given fields; False if no such user. A new password or disabling ends the
+        user's sessions, but the one whose id hash is ``keep_session``."""
+
+    @abc.abstractmethod
+    def remove_api_user(self, name: str) -> bool:
+        """Remove the user with their tokens and sessions; False if no such user."""
+
+    @abc.abstractmethod
+    def add_api_token(self, user_name: str, label: str, token_hash: str, at: datetime) -> ApiToken: ...
+
+    @abc.abstractmethod
+    def find_api_token(self, token_hash: str, now: datetime) -> ApiToken | None:
+        """The unrevoked token with this hash (its last use set to ``now``), else None."""
+
+    @abc.abstractmethod
+    def list_api_tokens(self, user_name: str | None = None) -> list[ApiToken]: ...
+
+    @abc.abstractmethod
+    def revoke_api_token(self, token_id: int, at: datetime) -> bool:
+        """False if there is no such unrevoked token."""
+
+    @abc.abstractmethod
+    def add_api_session(self, session: ApiSession) -> None:
+        """Store a new session (expired ones are removed on the way)."""
+
+    @abc.abstractmethod
+    def get_api_session(self, id_hash: str, now: datetime) -> ApiSession | None:
+        """The session if it exists and has not expired."""
+
+    @abc.abstractmethod
+    def remove_api_session(self, id_hash: str) -> None: ...
+
+    # ---- cheap aggregates for /metrics and /api/status -------------------------------------------
+    @abc.abstractmethod
+    def count_studies_by_state(self) -> dict[str, int]: ...
+
+    @abc.abstractmethod
+    def count_current_deliveries(self) -> list[tuple[str, str, int, int]]:
+        """(destination, status, objects, attempts) over the deliveries of each study's current version."""
+
+
+class Store(ApiAccountStore, WorkerReportStore, abc.ABC):
     """State store. Implementations: :class:`SqliteStore`, :class:`PostgresStore`."""
 
     @property
@@ -462,158 +617,3 @@ class Store(abc.ABC):
     def move_routing_rule(self, name: str, position: int) -> RoutingRuleRecord:
         """Put the rule at ``position`` (1-based, clamped to 1..n), the others keeping their order;
         KeyError if unknown. Returns the rule as stored."""
-
-
-# ==== Operations API: accounts, tokens, sessions (issue 10; migration 0003) ===================
-
-#: Roles of API accounts, least to most privileged: viewer reads; operator also echoes, resends and
-#: reanalyses; admin also changes configuration and accounts.
-API_ROLES = ("viewer", "operator", "admin")
-
-
-@dataclass(frozen=True)
-class ApiUser:
-    name: str
-    role: str
-    #: argon2 hash (never the password).
-    password_hash: str
-    disabled: bool
-    created_at: datetime
-    password_changed_at: datetime
-    #: The password was generated (``user add``, a reset) and must be changed at the next login.
-    must_change_password: bool = False
-
-
-@dataclass(frozen=True)
-class ApiToken:
-    """An API token for automation; the secret is shown once, only its SHA-256 is kept."""
-
-    id: int
-    user_name: str
-    label: str
-    created_at: datetime
-    last_used_at: datetime | None = None
-    revoked_at: datetime | None = None
-
-
-@dataclass(frozen=True)
-class ApiSession:
-    """A console login: the cookie's SHA-256 and the CSRF token that state-changing requests must echo."""
-
-    id_hash: str
-    user_name: str
-    csrf_token: str
-    created_at: datetime
-    expires_at: datetime
-
-
-#: Values of ``RemoteNode.tls_client_certificate``.
-CLIENT_CERTIFICATE_RULES = ("optional", "required")
-
-
-@dataclass(frozen=True)
-class WorkerReport:
-    """What one worker process last said about itself and its model (``worker_reports``).
-
-    ``name`` is unique per process (Celery node name and pool process id). ``model_ok`` is True once
-    the model loaded (with its identity and load time), False with ``error`` when it could not.
-    """
-
-    name: str
-    hostname: str
-    pid: int
-    queues: tuple[str, ...]
-    model_ok: bool
-    started_at: datetime
-    last_seen_at: datetime
-    model_name: str | None = None
-    model_version: str | None = None
-    model_digest: str | None = None
-    demo_weights: bool | None = None
-    device: str | None = None
-    load_seconds: float | None = None
-    error: str | None = None
-
-
-class WorkerReportStore(abc.ABC):
-    """Worker reports (mixed into :class:`SqlStore`)."""
-
-    @abc.abstractmethod
-    def record_worker_report(self, report: WorkerReport) -> None:
-        """Insert or replace the report of ``report.name``."""
-
-    @abc.abstractmethod
-    def list_worker_reports(self) -> list[WorkerReport]:
-        """Every report, most recently seen first."""
-
-    @abc.abstractmethod
-    def remove_worker_reports(self, seen_before: datetime) -> int:
-        """Forget workers not seen since ``seen_before``; how many were removed."""
-
-    @abc.abstractmethod
-    def remove_worker_report(self, name: str) -> bool:
-        """Forget the worker ``name`` (it stopped cleanly); whether it had a report."""
-
-
-class ApiAccountStore(abc.ABC):
-    """Account methods of the store (mixed into :class:`SqlStore`)."""
-
-    @abc.abstractmethod
-    def add_api_user(self, user: ApiUser) -> None:
-        """StoreConflict if the name exists."""
-
-    @abc.abstractmethod
-    def get_api_user(self, name: str) -> ApiUser | None: ...
-
-    @abc.abstractmethod
-    def list_api_users(self) -> list[ApiUser]: ...
-
-    @abc.abstractmethod
-    def update_api_user(
-        self,
-        name: str,
-        role: str | None = None,
-        disabled: bool | None = None,
-        password_hash: str | None = None,
-        must_change_password: bool | None = None,
-        keep_session: str | None = None,
-    ) -> bool:
-        """Change the given fields; False if no such user. A new password or disabling ends the
-        user's sessions, but the one whose id hash is ``keep_session``."""
-
-    @abc.abstractmethod
-    def remove_api_user(self, name: str) -> bool:
-        """Remove the user with their tokens and sessions; False if no such user."""
-
-    @abc.abstractmethod
-    def add_api_token(self, user_name: str, label: str, token_hash: str, at: datetime) -> ApiToken: ...
-
-    @abc.abstractmethod
-    def find_api_token(self, token_hash: str, now: datetime) -> ApiToken | None:
-        """The unrevoked token with this hash (its last use set to ``now``), else None."""
-
-    @abc.abstractmethod
-    def list_api_tokens(self, user_name: str | None = None) -> list[ApiToken]: ...
-
-    @abc.abstractmethod
-    def revoke_api_token(self, token_id: int, at: datetime) -> bool:
-        """False if there is no such unrevoked token."""
-
-    @abc.abstractmethod
-    def add_api_session(self, session: ApiSession) -> None:
-        """Store a new session (expired ones are removed on the way)."""
-
-    @abc.abstractmethod
-    def get_api_session(self, id_hash: str, now: datetime) -> ApiSession | None:
-        """The session if it exists and has not expired."""
-
-    @abc.abstractmethod
-    def remove_api_session(self, id_hash: str) -> None: ...
-
-    # ---- cheap aggregates for /metrics and /api/status -------------------------------------------
-    @abc.abstractmethod
-    def count_studies_by_state(self) -> dict[str, int]: ...
-
-    @abc.abstractmethod
-    def count_current_deliveries(self) -> list[tuple[str, str, int, int]]:
-        """(destination, status, objects, attempts) over the deliveries of each study's current version."""

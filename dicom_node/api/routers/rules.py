@@ -13,7 +13,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Path, Request
 from pydantic import BaseModel, Field
 
-from dicom_node.api.app import Admin, Problem, ProblemModel, Viewer, client_host, ctx_of
+from dicom_node.api.deps import Admin, Problem, ProblemModel, Viewer, client_host, ctx_of
 from dicom_node.pipeline.routing import (
     RoutingRule,
     RuleValidationError,

@@ -15,7 +15,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Request
 from pydantic import BaseModel, Field
 
-from dicom_node.api.app import Problem, ProblemModel, Viewer, ctx_of
+from dicom_node.api.deps import Problem, ProblemModel, Viewer, ctx_of
 from dicom_node.pipeline.routing import list_rules
 from dicom_node.settings import DEFAULT_PROFILES, OBJECT_KINDS, Settings
 from dicom_node.store.base import Store

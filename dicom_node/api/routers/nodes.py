@@ -1,0 +1,171 @@
+"""Remote DICOM nodes: list, add, change and remove them (admin), and C-ECHO one (operator); validated as ``ae add`` validates."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, replace
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Body, Request, Response
+from pydantic import BaseModel, Field
+
+from dicom_node.api.deps import Admin, Name, Operator, Problem, ProblemModel, Viewer, audit_change, ctx_of
+from dicom_node.ops.errors import UserError
+from dicom_node.settings import Settings
+from dicom_node.store.base import RemoteNode, Store, StoreConflict
+
+router = APIRouter(tags=["nodes"])
+
+NodeRole = Literal["source", "destination", "both"]
+
+
+#: A host name (labels of 1-63 letters, digits, '-', '_'), an IPv4/IPv6 literal, or '*' (any host, sources only).
+HOST_PATTERN = (
+    r"^(\*|[0-9]{1,3}(\.[0-9]{1,3}){3}|[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*"
+    r"|([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?)$"
+)
+#: Printable ASCII without backslash, not only spaces (the settings' validate_ae_title checks the rest).
+AE_TITLE_PATTERN = r"^[ -\[\]-~]*[!-\[\]-~][ -\[\]-~]*$"
+
+
+class NodeIn(BaseModel):
+    name: str = Field(min_length=1, max_length=64)
+    ae_title: str = Field(min_length=1, max_length=16, pattern=AE_TITLE_PATTERN)
+    host: str = Field(min_length=1, max_length=253, pattern=HOST_PATTERN)
+    port: int = Field(ge=1, le=65535)
+    role: NodeRole
+    profile: str | None = Field(default=None, max_length=64, description="an output profile (GET /api/profiles); default: output.default_profile")
+    quiet_period_s: float | None = Field(default=None, ge=0, le=86400)
+    complete_on_release: bool = False
+    default_destination: bool = False
+    tls_client_certificate: Literal["optional", "required"] | None = Field(
+        default=None, description="as a source: required = its associations are refused unless it presents a trusted client "
+        "certificate on the DICOM TLS port (default optional: the port's own rule)")  # fmt: skip
+
+
+class NodePatch(BaseModel):
+    ae_title: str | None = Field(default=None, min_length=1, max_length=16, pattern=AE_TITLE_PATTERN)
+    host: str | None = Field(default=None, min_length=1, max_length=253, pattern=HOST_PATTERN)
+    port: int | None = Field(default=None, ge=1, le=65535)
+    role: NodeRole | None = None
+    profile: str | None = Field(default=None, max_length=64)
+    quiet_period_s: float | None = Field(default=None, ge=0, le=86400)
+    complete_on_release: bool | None = None
+    default_destination: bool | None = None
+    tls_client_certificate: Literal["optional", "required"] | None = Field(
+        default=None, description="as a source: required = its associations are refused unless it presents a trusted client "
+        "certificate on the DICOM TLS port (default optional: the port's own rule)")  # fmt: skip
+
+
+class NodeOut(BaseModel):
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    role: NodeRole
+    profile: str
+    quiet_period_s: float | None
+    complete_on_release: bool
+    default_destination: bool
+    tls: bool
+    tls_verify_peer: bool = Field(description="as SCU over TLS: its certificate chain is verified")
+    tls_check_hostname: bool = Field(description="as SCU over TLS: its certificate must name its host")
+    tls_client_certificate: Literal["optional", "required"]
+
+
+class EchoIn(BaseModel):
+    timeout_s: float | None = Field(default=None, gt=0, le=60)
+
+
+class EchoOut(BaseModel):
+    node: str
+    success: bool
+    rtt_ms: float | None
+    error: str | None
+
+
+@router.get("/api/nodes", summary="remote DICOM nodes")
+def list_nodes(request: Request, who: Viewer) -> list[NodeOut]:
+    return [NodeOut(**asdict(n)) for n in ctx_of(request).store.list_remote_nodes()]
+
+
+@router.get("/api/nodes/{name}", responses={404: {"model": ProblemModel}})
+def get_node(request: Request, who: Viewer, name: Name) -> NodeOut:
+    return NodeOut(**asdict(_require_node(ctx_of(request).store, name)))
+
+
+@router.post("/api/nodes", status_code=201, summary="add a remote node (admin)",
+             responses={409: {"model": ProblemModel}})  # fmt: skip
+def add_node(request: Request, who: Admin, body: NodeIn) -> NodeOut:
+    ctx = ctx_of(request)
+    node = replace(_validated_node(ctx.settings, body.model_dump()), tls_client_certificate=body.tls_client_certificate or "optional")
+    try:
+        ctx.store.add_remote_node(node)
+    except StoreConflict:
+        raise Problem(409, "Node exists", f"a remote node named {node.name!r} already exists") from None
+    audit_change(request, who, "node_added", node.name, after=asdict(node))
+    return NodeOut(**asdict(node))
+
+
+@router.patch("/api/nodes/{name}", summary="change some settings of a remote node (admin)",
+              responses={404: {"model": ProblemModel}})  # fmt: skip
+def update_node(request: Request, who: Admin, name: Name, body: NodePatch) -> NodeOut:
+    ctx = ctx_of(request)
+    current = _require_node(ctx.store, name)
+    changes = body.model_dump(exclude_unset=True)
+    merged = {**asdict(current), **{k: v for k, v in changes.items() if v is not None or k in ("quiet_period_s", "profile")}}
+    tls_kept = {k: getattr(current, k) for k in ("tls", "tls_ca_file", "tls_cert_file", "tls_key_file", "tls_verify_peer", "tls_check_hostname")}
+    node = replace(_validated_node(ctx.settings, merged), **tls_kept,
+                   tls_client_certificate=changes.get("tls_client_certificate") or current.tls_client_certificate)  # fmt: skip
+    if node != current:
+        ctx.store.update_remote_node(node)
+        before = {k: v for k, v in asdict(current).items() if getattr(node, k) != v}
+        audit_change(request, who, "node_updated", name, before=before, after={k: getattr(node, k) for k in before})
+    return NodeOut(**asdict(node))
+
+
+@router.delete("/api/nodes/{name}", status_code=204, summary="remove a remote node (admin)",
+               responses={404: {"model": ProblemModel}})  # fmt: skip
+def remove_node(request: Request, who: Admin, name: Name) -> Response:
+    store = ctx_of(request).store
+    node = _require_node(store, name)
+    store.remove_remote_node(name)
+    audit_change(request, who, "node_removed", name, before=asdict(node))
+    return Response(status_code=204)
+
+
+@router.post("/api/nodes/{name}/echo", summary="C-ECHO the node (operator): result and round-trip time",
+             responses={404: {"model": ProblemModel}})  # fmt: skip
+def echo_node(request: Request, who: Operator, name: Name, body: Annotated[EchoIn | None, Body()] = None) -> EchoOut:
+    from dicom_node.ops.remotes import echo_remote
+
+    ctx = ctx_of(request)
+    node = _require_node(ctx.store, name)
+    timeout = body.timeout_s if body and body.timeout_s else ctx.settings.delivery.timeout_s
+    try:
+        rtt = echo_remote(ctx.settings.node.ae_title, node, timeout)
+    except UserError as exc:
+        return EchoOut(node=name, success=False, rtt_ms=None, error=str(exc))
+    except (OSError, UnicodeError, ValueError) as exc:  # e.g. a host name the resolver cannot even encode
+        return EchoOut(node=name, success=False, rtt_ms=None, error=f"echo {name}: cannot connect to {node.host!r}: {exc}")
+    return EchoOut(node=name, success=True, rtt_ms=round(rtt, 2), error=None)
+
+
+def _require_node(store: Store, name: str) -> RemoteNode:
+    node = store.get_remote_node(name)
+    if node is None:
+        raise Problem(404, "No such node", f"no remote node named {name!r} (GET /api/nodes lists them)")
+    return node
+
+
+def _validated_node(settings: Settings, values: dict[str, Any]) -> RemoteNode:
+    """The shared remote node validation (as for ``ae add``); its errors, naming the field, as 422."""
+    from dicom_node.ops.remotes import validated_remote_node
+
+    try:
+        return validated_remote_node(
+            settings, name=values["name"], ae_title=values["ae_title"], host=values["host"], port=values["port"], role=values["role"],
+            profile=values.get("profile"), quiet_period_s=values.get("quiet_period_s"),
+            complete_on_release=bool(values.get("complete_on_release")), default_destination=bool(values.get("default_destination")),
+        )  # fmt: skip
+    except UserError as exc:
+        raise Problem(422, "Invalid request", str(exc)) from None
