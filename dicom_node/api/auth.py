@@ -115,6 +115,8 @@ class Principal:
     session_hash: str | None = None
     csrf_token: str | None = None
     token_id: int | None = None
+    #: A session of an account whose one-time password is not yet changed: it may only change it.
+    must_change_password: bool = False
 
 
 #: An address may fail this many times more often than one user name.

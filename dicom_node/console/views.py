@@ -117,10 +117,8 @@ def install(app: FastAPI) -> None:
 
     def need(request: Request, role: str, what: str, password_page: bool = False) -> Principal:
         who = principal(request)
-        if not password_page and who.via == "session":
-            user = accounts_of(request).get_api_user(who.user)
-            if user is not None and user.must_change_password:
-                raise MustChangePassword()
+        if who.must_change_password and not password_page:
+            raise MustChangePassword()
         if not auth.role_at_least(who.role, role):
             raise Forbidden(who, role, what)
         return who

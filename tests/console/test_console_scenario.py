@@ -202,7 +202,7 @@ def test_console_scenario_in_chromium(tmp_path: Path, output_dir: Path) -> None:
             expect(page.locator("svg.chart").first).to_be_visible()
             pages.check(page, "dashboard")
             page.goto(base + "/console/audit?event=api_change")
-            expect(page.locator("tbody")).to_contain_text("node_added")
+            expect(page.locator('li[data-audit="api_change"]').filter(has_text="Remote node added: pacs")).to_have_count(1)
             expect(page.get_by_role("link", name="Export (JSON lines)")).to_be_visible()
             pages.check(page, "audit")
             assert not errors, errors
