@@ -218,10 +218,16 @@ def test_admin_pages_in_chromium_at_desktop_and_phone_width(tmp_path: Path, outp
             page.get_by_role("button", name="Change password").click()
             page.wait_for_url(lambda url: urlparse(url).path == "/console/")
             assert not store.get_api_user("newbie").must_change_password
+            page.get_by_role("link", name="Your account: newbie (viewer)").click()
+            page.get_by_label("Label of a new token").fill("monitoring")
+            page.get_by_role("button", name="Create token").click()
+            expect(page.locator("[data-secret]")).to_contain_text('Token "monitoring", shown only now')
+            assert [t.label for t in store.list_api_tokens("newbie")] == ["monitoring"]
+            look(page, "account")
 
             assert page.request.get(base + "/favicon.ico").status == 200
             assert not errors, errors
             browser.close()
     finally:
         store.close()
-    assert shots == ["nodes", "studies", "study", "dashboard", "audit", "accounts", "node-form-error", "account-first-login"]
+    assert shots == ["nodes", "studies", "study", "dashboard", "audit", "accounts", "node-form-error", "account-first-login", "account"]
