@@ -114,7 +114,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         return 0
     for u in users:
         live = sum(1 for t in tokens if t.user_name == u.name and t.revoked_at is None)
-        print(f"{u.name}\t{u.role}\t{'disabled' if u.disabled else 'enabled'}\t{live} token(s)\tcreated {u.created_at:%Y-%m-%d %H:%M}")
+        state = ("disabled" if u.disabled else "enabled") + (", one-time password not yet changed" if u.must_change_password else "")
+        print(f"{u.name}\t{u.role}\t{state}\t{live} token(s)\tcreated {u.created_at:%Y-%m-%d %H:%M}")
     return 0
 
 

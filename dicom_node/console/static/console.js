@@ -59,6 +59,11 @@
     try {
       const r = await api(method, button.dataset.action, body);
       if (!r.ok) { show(target, problemText(r), false); return; }
+      if (button.hasAttribute('data-reload')) { window.location.reload(); return; }
+      // The self-updating regions reload before the outcome shows (the button leaves focus, which
+      // otherwise holds a region still), so no list on the page contradicts the outcome.
+      if (button.closest('[data-refresh]')) button.blur();
+      await Promise.all([...document.querySelectorAll('[data-refresh]')].map((region) => region.refreshNow && region.refreshNow()));
       if (button.hasAttribute('data-echo')) {
         const d = r.data;
         show(target, d.success ? `Echo OK: ${d.rtt_ms} ms` : `Echo failed: ${d.error}`, d.success);
@@ -72,11 +77,6 @@
       } else {
         show(target, 'Done.', true);
       }
-      if (button.hasAttribute('data-reload')) { window.location.reload(); return; }
-      // What the action changed shows at once: the self-updating regions reload now (the button
-      // leaves focus, which otherwise holds a region still), so no list contradicts the outcome.
-      if (button.closest('[data-refresh]')) button.blur();
-      await Promise.all([...document.querySelectorAll('[data-refresh]')].map((region) => region.refreshNow && region.refreshNow()));
     } catch (e) {
       show(target, 'The node did not answer: ' + e, false);
     } finally {
