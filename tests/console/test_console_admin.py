@@ -15,6 +15,8 @@ from dicom_node.api import auth
 from dicom_node.audit.trail import AuditTrail, Peer, text_diff, text_digest
 from dicom_node.store.base import DeliveryRecord, ProducedObject, RemoteNode
 from tests.console.test_console_pages import T0, app_and_store, logged_in, seed  # noqa: F401  (the shared fixture)
+from tests.dicom_node.test_store import store, store_url  # noqa: F401 (fixtures: both backends)
+from tests.support.postgres import postgres_server, postgres_url  # noqa: F401 (fixtures)
 
 UIDS = [f"1.2.826.0.1.3680043.10.1431.7.{i}" for i in range(6)]
 
@@ -131,3 +133,17 @@ def test_study_dates_and_dimse_statuses_in_words() -> None:
 
     assert dicom_date("20040826") == "2004-08-26" and dicom_date("2004") == "2004" and dicom_date("20041340") == "20041340"
     assert dimse_status(0xA7F1) == "refused: out of resources (0xA7F1)" and dimse_status(None) == ""
+
+
+def test_audit_pages_newest_first_with_filters_on_both_backends(store) -> None:
+    trail = AuditTrail(store)
+    for i in range(5):
+        trail.record("login" if i % 2 else "logout", Peer("AE" if i == 3 else None, None, "h"), user=f"u{i % 2}")
+    everything = store.page_audit_events(limit=10)
+    assert [e.id for e in everything] == sorted((e.id for e in everything), reverse=True) and len(everything) == 5
+    page = store.page_audit_events(limit=2)
+    assert [e.id for e in store.page_audit_events(before_id=page[-1].id, limit=10)] == [e.id for e in everything[2:]]
+    assert [e.user for e in store.page_audit_events(events=("login",), limit=10)] == ["u1", "u1"]
+    assert len(store.page_audit_events(user="u0", limit=10)) == 3 and len(store.page_audit_events(ae="AE", limit=10)) == 1
+    later = everything[0].at + timedelta(seconds=1)
+    assert store.page_audit_events(since=later, limit=10) == [] and len(store.page_audit_events(until=later, limit=10)) == 5
