@@ -518,8 +518,19 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
 
 
 def validate_ae_title(key: str, value: str) -> None:
-    if not _AE_TITLE.match(value) or not value.strip():
-        raise SettingsError(f"{key} = {value!r}: an AE title is 1-16 printable ASCII characters, no backslash, not all spaces")
+    """SettingsError saying what is wrong with an AE title (too long, a backslash, ...) and the rule."""
+    if _AE_TITLE.match(value) and value.strip():
+        return
+    if not value.strip():
+        why = "empty or only spaces"
+    elif len(value) > 16:
+        why = f"{len(value)} characters, at most 16 are allowed: choose a shorter title (nothing is cut off)"
+    elif "\\" in value:
+        why = "a backslash is not allowed (DICOM uses it to separate values)"
+    else:
+        bad = next(c for c in value if not " " <= c <= "~")
+        why = f"the character {bad!r} is not allowed"
+    raise SettingsError(f"{key} = {value!r}: {why} (an AE title is 1-16 printable ASCII characters)")
 
 
 def _validate_time_zone(name: str) -> None:

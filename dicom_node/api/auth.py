@@ -91,9 +91,11 @@ def role_at_least(role: str, needed: str) -> bool:
     return API_ROLES.index(role) >= API_ROLES.index(needed)
 
 
-def new_user(name: str, role: str, password: str) -> ApiUser:
+def new_user(name: str, role: str, password: str, must_change_password: bool = False) -> ApiUser:
+    """A new account; ``must_change_password`` for a generated (one-time) password."""
     now = datetime.now(UTC)
-    return ApiUser(name=name, role=role, password_hash=hash_password(password), disabled=False, created_at=now, password_changed_at=now)
+    return ApiUser(name=name, role=role, password_hash=hash_password(password), disabled=False, created_at=now, password_changed_at=now,
+                   must_change_password=must_change_password)  # fmt: skip
 
 
 def new_session(user_name: str, ttl_s: float) -> tuple[str, ApiSession]:
@@ -113,6 +115,8 @@ class Principal:
     session_hash: str | None = None
     csrf_token: str | None = None
     token_id: int | None = None
+    #: A session of an account whose one-time password is not yet changed: it may only change it.
+    must_change_password: bool = False
 
 
 #: An address may fail this many times more often than one user name.

@@ -204,13 +204,20 @@ def authenticate(
             if not hmac.compare_digest(sent.encode(), session.csrf_token.encode()):
                 raise Problem(403, "CSRF token missing or wrong",
                               f"a state-changing request with a session cookie must send the session's CSRF token in {CSRF_HEADER}")  # fmt: skip
-        return Principal(user.name, user.role, "session", session_hash=session.id_hash, csrf_token=session.csrf_token)
+        return Principal(user.name, user.role, "session", session_hash=session.id_hash, csrf_token=session.csrf_token,
+                         must_change_password=user.must_change_password)  # fmt: skip
     unauthorized.detail = "authentication required: an API token (Authorization: Bearer ...) or a session cookie (POST /api/auth/login)"
     raise unauthorized
 
 
+#: What a session logged in with a one-time password may do before it changes the password.
+PASSWORD_CHANGE_HINT = "change your one-time password first: POST /api/auth/password (the console opens its password page)"
+
+
 def role(needed: str) -> Any:
     def check(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
+        if principal.must_change_password:
+            raise Problem(403, "Password change required", f"{principal.user} logged in with a one-time password: {PASSWORD_CHANGE_HINT}")
         if not auth.role_at_least(principal.role, needed):
             raise Problem(403, "Forbidden", f"this needs the {needed} role; {principal.user} is {principal.role}")
         return principal
@@ -218,6 +225,8 @@ def role(needed: str) -> Any:
     return Depends(check)
 
 
+#: Any account, also one that must still change its one-time password (its own password, who am I, log out).
+Account = Annotated[Principal, Depends(authenticate)]
 Viewer = Annotated[Principal, role("viewer")]
 Operator = Annotated[Principal, role("operator")]
 Admin = Annotated[Principal, role("admin")]

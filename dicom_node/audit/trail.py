@@ -21,6 +21,8 @@ log line.
 
 from __future__ import annotations
 
+import difflib
+import hashlib
 import json
 import logging
 import os
@@ -399,6 +401,53 @@ def record_admin_change(
         before=_jsonable(before),
         after=_jsonable(after),
         via=via,
+    )
+
+
+#: At most this many lines of a settings file's diff go into its audit row.
+DIFF_MAX_LINES = 120
+
+
+def text_digest(text: str | None) -> dict[str, Any] | None:
+    """A file's identity for the audit (sha256, size, lines), instead of the file itself."""
+    if text is None:
+        return None
+    data = text.encode("utf-8")
+    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "lines": text.count("\n") + (not text.endswith("\n") and bool(text))}
+
+
+def text_diff(before: str | None, after: str | None, name: str = "file") -> str | None:
+    """A unified diff (bounded to :data:`DIFF_MAX_LINES`) of a text file that was replaced; None
+    when it was created or removed (the digest says what it is) or nothing changed."""
+    if before is None or after is None or before == after:
+        return None
+    a, b = before.splitlines(), after.splitlines()
+    lines = [f"--- {name} (before)", f"+++ {name} (after)"]
+    # No autojunk: a settings file repeats lines (comments, blank lines) that must still align.
+    for group in difflib.SequenceMatcher(None, a, b, autojunk=False).get_grouped_opcodes(1):
+        lines.append(f"@@ -{group[0][1] + 1},{group[-1][2] - group[0][1]} +{group[0][3] + 1},{group[-1][4] - group[0][3]} @@")
+        for tag, i1, i2, j1, j2 in group:
+            lines += [" " + line for line in a[i1:i2]] if tag == "equal" else []
+            lines += ["-" + line for line in a[i1:i2]] if tag in ("replace", "delete") else []
+            lines += ["+" + line for line in b[j1:j2]] if tag in ("replace", "insert") else []
+    if len(lines) > DIFF_MAX_LINES:
+        lines = [*lines[:DIFF_MAX_LINES], f"... {len(lines) - DIFF_MAX_LINES} more diff lines"]
+    return "\n".join(lines)
+
+
+def record_settings_file(store: Store, settings: Any, user: str, what: str, path: str, before: str | None, after: str | None) -> None:
+    """A settings file written (e.g. ``init``): its digest before and after and a diff, never the
+    whole file (the caller masks secrets in ``before``; the diff shows only changed lines)."""
+    trail_for(store, settings).record(
+        ADMIN_CHANGE,
+        Peer(None, None, socket.gethostname()),
+        user=user,
+        what=what,
+        target=path,
+        before=text_digest(before),
+        after=text_digest(after),
+        diff=text_diff(before, after, Path(path).name),
+        via="cli",
     )
 
 

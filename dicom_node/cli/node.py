@@ -291,7 +291,7 @@ def run_init(args: argparse.Namespace) -> int:
         settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
         store = open_store(settings.database_url)
         try:  # the settings file is configuration: who wrote it, and what it replaced (--force)
-            audit.record_admin_change(store, settings, acting_user(), "settings.init", str(target.resolve()), replaced, text)
+            audit.record_settings_file(store, settings, acting_user(), "settings.init", str(target.resolve()), replaced, text)
             destinations, nowhere = where_results_go(store.list_remote_nodes(), store.list_routing_rules())
         finally:
             store.close()

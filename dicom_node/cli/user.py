@@ -89,7 +89,7 @@ def cmd_add(args: argparse.Namespace) -> int:
     store, trail = _open(args)
     try:
         try:
-            store.add_api_user(auth.new_user(args.name, args.role, password))
+            store.add_api_user(auth.new_user(args.name, args.role, password, must_change_password=not args.password_stdin))
         except StoreConflict:
             raise UserError(f"an account named {args.name!r} already exists (`user password {args.name}` sets a new password)") from None
         _audit(trail, "user_added", args.name, after={"role": args.role})
@@ -98,7 +98,7 @@ def cmd_add(args: argparse.Namespace) -> int:
     print(f"added {args.name} ({args.role})")
     if not args.password_stdin:
         print(f"one-time password: {password}")
-        print("it is not shown again; log in with it (POST /api/auth/login) or set another with `anatomix-node user password`")
+        print("it is not shown again and must be changed at the first login (console, or POST /api/auth/password)")
     return 0
 
 
@@ -114,7 +114,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         return 0
     for u in users:
         live = sum(1 for t in tokens if t.user_name == u.name and t.revoked_at is None)
-        print(f"{u.name}\t{u.role}\t{'disabled' if u.disabled else 'enabled'}\t{live} token(s)\tcreated {u.created_at:%Y-%m-%d %H:%M}")
+        state = ("disabled" if u.disabled else "enabled") + (", one-time password not yet changed" if u.must_change_password else "")
+        print(f"{u.name}\t{u.role}\t{state}\t{live} token(s)\tcreated {u.created_at:%Y-%m-%d %H:%M}")
     return 0
 
 
@@ -137,7 +138,7 @@ def cmd_password(args: argparse.Namespace) -> int:
     password = _read_password(auth.password_problem) if args.password_stdin else auth.generate_password()
     store, trail = _open(args)
     try:
-        if not store.update_api_user(args.name, password_hash=auth.hash_password(password)):
+        if not store.update_api_user(args.name, password_hash=auth.hash_password(password), must_change_password=not args.password_stdin):
             raise UserError(f"no account named {args.name!r}; see `anatomix-node user list`")
         _audit(trail, "user_password_set", args.name)
     finally:
@@ -145,6 +146,7 @@ def cmd_password(args: argparse.Namespace) -> int:
     print(f"password of {args.name} changed; its sessions ended")
     if not args.password_stdin:
         print(f"one-time password: {password}")
+        print("it must be changed at the next login")
     return 0
 
 

@@ -8,7 +8,7 @@ import json
 from collections import Counter, OrderedDict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote, urlencode
 from zoneinfo import ZoneInfo
 
@@ -21,10 +21,11 @@ from dicom_node.api import auth
 from dicom_node.api.auth import Principal
 from dicom_node.api.deps import Problem, authenticate, ctx_of
 from dicom_node.ops.node_status import last_model_identity, readiness, spool_disk
-from dicom_node.store.base import STUDY_STATES
+from dicom_node.store.base import STUDY_STATES, ApiAccountStore
 
 HERE = Path(__file__).resolve().parent
 PAGE_SIZE = 50
+AUDIT_PAGE_SIZE = 50
 #: Minutes per bar of the dashboard's last-hour charts.
 BUCKET_MIN = 5
 
@@ -39,6 +40,49 @@ class NotLoggedIn(Exception):
     pass
 
 
+class MustChangePassword(Exception):
+    """The account logged in with a generated (one-time) password: only its password page opens."""
+
+
+def accounts_of(request: Request) -> ApiAccountStore:
+    """The state store's account half (the API's accounts, tokens and sessions)."""
+    return cast(ApiAccountStore, ctx_of(request).store)
+
+
+def auth_roles() -> tuple[str, ...]:
+    from dicom_node.store.base import API_ROLES
+
+    return tuple(API_ROLES)
+
+
+def dicom_date(value: str | None) -> str:
+    """A DICOM DA (``20040826``) as ``2004-08-26``; anything else as it is."""
+    text = (value or "").strip()
+    if len(text) == 8 and text.isdigit():
+        try:
+            return datetime.strptime(text, "%Y%m%d").date().isoformat()
+        except ValueError:
+            return text
+    return text
+
+
+#: DIMSE status codes a C-STORE answer may carry (PS3.4 B.2.3, PS3.7 C), in words.
+_DIMSE_STATUS = {0x0000: "success", 0xB000: "warning: coercion of data elements", 0xB007: "warning: data set does not match SOP class",
+                 0xB006: "warning: elements discarded", 0xA700: "refused: out of resources", 0xA900: "error: data set does not match SOP class",
+                 0xC000: "error: cannot understand", 0x0122: "refused: SOP class not supported", 0x0110: "processing failure",
+                 0x0117: "invalid object instance", 0x0124: "refused: not authorised", 0x0211: "unrecognised operation",
+                 0x0212: "mistyped argument"}  # fmt: skip
+
+
+def dimse_status(value: int | None) -> str:
+    """A DIMSE status as words with its code: ``success (0x0000)``, ``refused: out of resources (0xA700)``."""
+    if value is None:
+        return ""
+    words = _DIMSE_STATUS.get(value) or ("refused: out of resources" if 0xA700 <= value <= 0xA7FF else
+                                         "error: cannot understand" if 0xC000 <= value <= 0xCFFF else "status")  # fmt: skip
+    return f"{words} (0x{value:04X})"
+
+
 def short_uid(value: str | None, keep: int = 10) -> str:
     """``1.2.826.0…123456789`` for a long UID (the page puts the whole value in ``title``)."""
     if not value:
@@ -50,6 +94,9 @@ def install(app: FastAPI) -> None:
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     env = templates.env
     env.filters["short_uid"] = short_uid
+    env.filters["num"] = lambda v: f"{round(float(v), 1):g}"
+    env.filters["dicom_date"] = dicom_date
+    env.filters["dimse_status"] = dimse_status
     env.filters["seconds"] = lambda s: "" if s is None else (f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min")
 
     def zone(request: Request) -> ZoneInfo:
@@ -68,8 +115,10 @@ def install(app: FastAPI) -> None:
                 raise NotLoggedIn() from None
             raise
 
-    def need(request: Request, role: str, what: str) -> Principal:
+    def need(request: Request, role: str, what: str, password_page: bool = False) -> Principal:
         who = principal(request)
+        if who.must_change_password and not password_page:
+            raise MustChangePassword()
         if not auth.role_at_least(who.role, role):
             raise Forbidden(who, role, what)
         return who
@@ -98,6 +147,10 @@ def install(app: FastAPI) -> None:
     async def on_not_logged_in(request: Request, exc: NotLoggedIn) -> Response:
         return RedirectResponse("/console/login?next=" + quote(str(request.url.path) + (f"?{request.url.query}" if request.url.query else "")), 303)
 
+    @app.exception_handler(MustChangePassword)
+    async def on_must_change(request: Request, exc: MustChangePassword) -> Response:
+        return RedirectResponse("/console/account?first=1", 303)
+
     @app.exception_handler(Forbidden)
     async def on_forbidden(request: Request, exc: Forbidden) -> Response:
         return render(request, "forbidden.html", exc.who, 403, needed=exc.needed, what=exc.what)
@@ -106,6 +159,10 @@ def install(app: FastAPI) -> None:
     @app.get("/", include_in_schema=False)
     def root() -> Response:
         return RedirectResponse("/console/", 303)
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> Response:
+        return Response((HERE / "static" / "favicon.ico").read_bytes(), media_type="image/x-icon", headers={"Cache-Control": "public, max-age=86400"})
 
     @app.get("/console/login", include_in_schema=False)
     def login_page(request: Request, next: str = "/console/") -> HTMLResponse:
@@ -129,7 +186,7 @@ def install(app: FastAPI) -> None:
         demo = bool(m.demo_weights or (identity or {}).get("demo"))
         failures = sorted(ctx.store.list_deliveries(statuses=("failed", "dead")), key=lambda d: d.updated_at, reverse=True)[:10]
         failed_studies = ctx.store.list_studies(("failed",), limit=10)
-        charts = _charts(ctx.store, datetime.now(UTC))
+        charts = _charts(ctx.store, datetime.now(UTC), zone(request))
         return render(request, "dashboard.html", who, counts=counts, checks=checks, disk=usage, used_pct=used_pct, disk_ok=disk.get("ok"),
                       model=m, identity=identity, demo=demo, failures=failures, failed_studies=failed_studies, charts=charts,
                       queue_depths=ctx.queue_depths(), **delivery_truth(ctx.store))  # fmt: skip
@@ -207,8 +264,9 @@ def install(app: FastAPI) -> None:
             findings += _findings(result)
         deliveries = ctx.store.list_deliveries(uid)
         has_preview = any(o.kind == "sc" and o.study_version == study.version for o in objects)
+        kinds = {o.sop_instance_uid: _KIND_TITLES.get(o.kind, o.kind) for o in objects}
         return {"study": summary, "record": study, "uid": uid, "objects": objects, "deliveries": deliveries, "findings": findings,
-                "report": report, "analyses": analyses, "has_preview": has_preview,
+                "report": report, "analyses": analyses, "has_preview": has_preview, "kinds": kinds,
                 "instances": ctx.store.list_instances(uid, study.version)}  # fmt: skip
 
     @app.get("/console/studies/{uid}", include_in_schema=False)
@@ -305,33 +363,68 @@ def install(app: FastAPI) -> None:
         by_study, count = undelivered_by_study(store)
         return render(request, "_failures_live.html", who, by_study=by_study, count=count, **delivery_truth(store))
 
+    # ---- accounts ------------------------------------------------------------------------------------------
+    @app.get("/console/account", include_in_schema=False)
+    def account_page(request: Request) -> HTMLResponse:
+        who = need(request, "viewer", "see your account", password_page=True)
+        store = accounts_of(request)
+        user = store.get_api_user(who.user)
+        tokens = [t for t in store.list_api_tokens(who.user) if t.revoked_at is None]
+        return render(request, "account.html", who, user=user, tokens=tokens, first=bool(user and user.must_change_password),
+                      min_length=auth.MIN_PASSWORD_LENGTH)  # fmt: skip
+
+    @app.get("/console/accounts", include_in_schema=False)
+    def accounts_page(request: Request) -> HTMLResponse:
+        who = need(request, "admin", "manage accounts")
+        store = accounts_of(request)
+        tokens = store.list_api_tokens()
+        live = Counter(t.user_name for t in tokens if t.revoked_at is None)
+        return render(request, "accounts.html", who, users=store.list_api_users(), live=live,
+                      tokens=[t for t in tokens if t.revoked_at is None], roles=auth_roles())  # fmt: skip
+
     # ---- audit ---------------------------------------------------------------------------------------------
     @app.get("/console/audit", include_in_schema=False)
     def audit_page(request: Request) -> HTMLResponse:
+        from dicom_node.audit.describe import EVENT_LABELS, PROBLEM_EVENTS, details, sentence
+
         who = need(request, "viewer", "read the audit trail")
         ctx = ctx_of(request)
         q = request.query_params
-        event = (q.get("event") or "").strip()[:64] or None
-        user = (q.get("user") or "").strip()[:64] or None
+        events = tuple(e for e in q.getlist("event") if e.strip())[:40]
+        user = (q.get("user") or "").strip()[:128] or None
         ae = (q.get("ae") or "").strip()[:16] or None
-        since = until = None
+        study = (q.get("study") or "").strip()[:64] or None
+        since = until = before = None
         error = None
         try:
             since = _parse_local(q.get("since"), zone(request))
             until = _parse_local(q.get("until"), zone(request))
         except ValueError:
-            error = "since/until: use a date and time such as 2026-11-30 14:00"
-        rows = ctx.store.list_audit_events(event, limit=5000)
-        shown = [
-            e for e in rows
-            if (since is None or e.at >= since) and (until is None or e.at < until)
-            and (user is None or str((e.detail or {}).get("user", "")) == user)
-            and (ae is None or ae in (e.calling_ae, e.called_ae))
-        ][:200]  # fmt: skip
-        export = "/api/audit/export?" + urlencode([(k, v) for k, v in (("event", event), ("since", since.isoformat() if since else None)) if v])
-        return render(request, "audit.html", who, events=shown, event=event or "", user=user or "", ae=ae or "",
-                      since=q.get("since") or "", until=q.get("until") or "", error=error, export=export)  # fmt: skip
+            error = "From/Until: use a date and time such as 2026-11-30 14:00"
+        if q.get("before"):
+            try:
+                before = int(q["before"])
+            except ValueError:
+                error = "; ".join(filter(None, (error, "the page link is not valid: showing the newest events")))
+        rows = ctx.store.page_audit_events(since, until, events, ae, user, study, before, AUDIT_PAGE_SIZE + 1)  # type: ignore[attr-defined]
+        more = len(rows) > AUDIT_PAGE_SIZE
+        rows = rows[:AUDIT_PAGE_SIZE]
+        shown = [{"event": e, "label": EVENT_LABELS.get(e.event, e.event.replace("_", " ")), "sentence": sentence(e), "details": details(e),
+                  "problem": e.event in PROBLEM_EVENTS} for e in rows]  # fmt: skip
+        filters = [("event", e) for e in events] + [(k, v) for k, v in (("user", user), ("ae", ae), ("study", study),
+                   ("since", q.get("since")), ("until", q.get("until"))) if v]  # fmt: skip
+        next_url = "/console/audit?" + urlencode([*filters, ("before", str(rows[-1].id))]) if more and rows else None
+        export = "/api/audit/export?" + urlencode([(k, v) for k, v in (("event", events[0] if len(events) == 1 else None),
+                                                   ("since", since.isoformat() if since else None)) if v])  # fmt: skip
+        choices = {**EVENT_LABELS, **{e: e.replace("_", " ") for e in events if e not in EVENT_LABELS}}
+        return render(request, "audit.html", who, rows=shown, events=events, choices=choices, user=user or "", ae=ae or "", study=study or "",
+                      since=q.get("since") or "", until=q.get("until") or "", error=error, export=export, next_url=next_url,
+                      first_url="/console/audit?" + urlencode(filters) if before else None)  # fmt: skip
 
+
+#: Result object kinds in words (sr_writer.kinds' titles, with the DICOM object named).
+_KIND_TITLES = {"sr": "findings (SR)", "text_sr": "draft report (SR)", "seg": "regions (SEG)", "gsps": "overlay (GSPS)",
+                "sc": "overlay image (SC)", "kos": "key objects (KOS)"}  # fmt: skip
 
 #: The rule conditions the console shows: (field, label, hint); dicom_node.pipeline.routing.CONDITION_FIELDS in its order.
 _RULE_CONDITIONS = (
@@ -426,8 +519,19 @@ def _sc_png(path: Path, max_side: int = 1024) -> bytes:
     return out.getvalue()
 
 
-def _charts(store: Any, now: datetime) -> dict[str, Any]:
-    """Per 5 minutes of the last hour: studies finished (done) and their mean receive-to-done time."""
+def _nice_top(value: float) -> float:
+    """The y axis' top: 1, 2 or 5 times a power of ten, at least ``value`` (and 1 for an empty chart)."""
+    import math
+
+    if value <= 1:
+        return 1.0
+    power = 10 ** math.floor(math.log10(value))
+    return float(next(step * power for step in (1, 2, 5, 10) if step * power >= value))
+
+
+def _charts(store: Any, now: datetime, tz: ZoneInfo | None = None) -> dict[str, Any]:
+    """Per 5 minutes of the last hour: studies finished (done) and their mean receive-to-done time,
+    with each bar's start time (HH:MM in ``tz``) and round axis tops."""
     since = now - timedelta(hours=1)
     entries = store.state_entries_since(since)
     buckets = 60 // BUCKET_MIN
@@ -441,8 +545,11 @@ def _charts(store: Any, now: datetime) -> dict[str, Any]:
         at = s.state_times["done"]
         latency[min(buckets - 1, int((at - since).total_seconds() // (BUCKET_MIN * 60)))].append((at - s.created_at).total_seconds())
     mean = [round(sum(v) / len(v), 1) if v else 0.0 for v in latency]
-    return {"done": done, "latency": mean, "total_done": sum(done), "bucket_min": BUCKET_MIN,
-            "done_max": max(done) or 1, "latency_max": max(mean) or 1.0, "counts": Counter(state for state, _ in entries)}  # fmt: skip
+    zone = tz or ZoneInfo("UTC")
+    labels = [(since + timedelta(minutes=BUCKET_MIN * i)).astimezone(zone).strftime("%H:%M") for i in range(buckets)]
+    return {"done": done, "latency": mean, "total_done": sum(done), "bucket_min": BUCKET_MIN, "labels": labels,
+            "end_label": now.astimezone(zone).strftime("%H:%M"), "done_max": _nice_top(max(done)), "latency_max": _nice_top(max(mean)),
+            "counts": Counter(state for state, _ in entries)}  # fmt: skip
 
 
 def delivery_truth(store: Any) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from dicom_node.store.base import (
 )
 from dicom_node.store.sql_common import placeholders, require_aware, utc_now
 
-_USER_COLUMNS = "name, role, password_hash, disabled, created_at, password_changed_at"
+_USER_COLUMNS = "name, role, password_hash, disabled, created_at, password_changed_at, must_change_password"
 _TOKEN_COLUMNS = "id, user_name, label, created_at, last_used_at, revoked_at"
 
 
@@ -27,8 +27,8 @@ class ApiAccountSql(ApiAccountStore):
     """Portable SQL for :class:`~dicom_node.store.base.ApiAccountStore` (uses SqlStore's hooks)."""
 
     def _user(self, row: tuple) -> ApiUser:
-        name, role, password_hash, disabled, created, changed = row
-        return ApiUser(name, role, password_hash, bool(disabled), self._py_time(created), self._py_time(changed))
+        name, role, password_hash, disabled, created, changed, must_change = row
+        return ApiUser(name, role, password_hash, bool(disabled), self._py_time(created), self._py_time(changed), bool(must_change))
 
     def _token(self, row: tuple) -> ApiToken:
         id_, user, label, created, used, revoked = row
@@ -44,9 +44,9 @@ class ApiAccountSql(ApiAccountStore):
             if tx.one("SELECT 1 FROM api_users WHERE name = ?", (user.name,)):
                 raise StoreConflict(f"an account named {user.name!r} already exists")
             tx.execute(
-                f"INSERT INTO api_users ({_USER_COLUMNS}) VALUES ({placeholders(6)})",
+                f"INSERT INTO api_users ({_USER_COLUMNS}) VALUES ({placeholders(7)})",
                 (user.name, user.role, user.password_hash, bool(user.disabled), self._db_time(require_aware("created_at", user.created_at)),
-                 self._db_time(require_aware("password_changed_at", user.password_changed_at))),
+                 self._db_time(require_aware("password_changed_at", user.password_changed_at)), bool(user.must_change_password)),
             )  # fmt: skip
 
     def get_api_user(self, name: str) -> ApiUser | None:
@@ -58,7 +58,17 @@ class ApiAccountSql(ApiAccountStore):
         with self._transaction(write=False) as tx:
             return [self._user(row) for row in tx.all(f"SELECT {_USER_COLUMNS} FROM api_users ORDER BY name")]
 
-    def update_api_user(self, name: str, role: str | None = None, disabled: bool | None = None, password_hash: str | None = None) -> bool:
+    def update_api_user(
+        self,
+        name: str,
+        role: str | None = None,
+        disabled: bool | None = None,
+        password_hash: str | None = None,
+        must_change_password: bool | None = None,
+        keep_session: str | None = None,
+    ) -> bool:
+        """Change an account; a new password, a role or disabling ends its sessions (but the one
+        whose id hash is ``keep_session``: the user who changed their own password stays logged in)."""
         if role is not None and role not in API_ROLES:
             raise ValueError(f"role {role!r}: use one of {', '.join(API_ROLES)}")
         sets: list[str] = []
@@ -72,13 +82,16 @@ class ApiAccountSql(ApiAccountStore):
         if password_hash is not None:
             sets += ["password_hash = ?", "password_changed_at = ?"]
             params += [password_hash, self._db_time(utc_now())]
+        if must_change_password is not None:
+            sets.append("must_change_password = ?")
+            params.append(bool(must_change_password))
         with self._transaction(write=True) as tx:
             if tx.one("SELECT 1 FROM api_users WHERE name = ?", (name,)) is None:
                 return False
             if sets:
                 tx.execute(f"UPDATE api_users SET {', '.join(sets)} WHERE name = ?", (*params, name))
             if password_hash is not None or disabled or role is not None:
-                tx.execute("DELETE FROM api_sessions WHERE user_name = ?", (name,))
+                tx.execute("DELETE FROM api_sessions WHERE user_name = ? AND id_hash <> ?", (name, keep_session or ""))
             return True
 
     def remove_api_user(self, name: str) -> bool:

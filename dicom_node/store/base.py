@@ -250,6 +250,8 @@ class ApiUser:
     disabled: bool
     created_at: datetime
     password_changed_at: datetime
+    #: The password was generated (``user add``, a reset) and must be changed at the next login.
+    must_change_password: bool = False
 
 
 @dataclass(frozen=True)
@@ -337,8 +339,17 @@ class ApiAccountStore(abc.ABC):
     def list_api_users(self) -> list[ApiUser]: ...
 
     @abc.abstractmethod
-    def update_api_user(self, name: str, role: str | None = None, disabled: bool | None = None, password_hash: str | None = None) -> bool:
-        """Change the given fields; False if no such user. A new password or disabling ends the user's sessions."""
+    def update_api_user(
+        self,
+        name: str,
+        role: str | None = None,
+        disabled: bool | None = None,
+        password_hash: str | None = None,
+        must_change_password: bool | None = None,
+        keep_session: str | None = None,
+    ) -> bool:
+        """Change the given fields; False if no such user. A new password or disabling ends the
+        user's sessions, but the one whose id hash is ``keep_session``."""
 
     @abc.abstractmethod
     def remove_api_user(self, name: str) -> bool:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from dicom_node.store.base import StudyRecord
+from dicom_node.store.base import AuditEvent, StudyRecord
 
 
 class ConsoleSql:
@@ -69,3 +69,44 @@ class ConsoleSql:
                 [at, at],
             )
         return [(state, self._py_time(at)) for state, at in rows]  # type: ignore[attr-defined]
+
+    def page_audit_events(
+        self,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        events: tuple[str, ...] = (),
+        ae: str | None = None,
+        user: str | None = None,
+        study_instance_uid: str | None = None,
+        before_id: int | None = None,
+        limit: int = 50,
+    ) -> list[AuditEvent]:
+        """Audit events newest first (by id), at most ``limit``, with ids below ``before_id`` (the
+        previous page's last); the filters are ``query_audit_events``'s."""
+        from dicom_node.store.sql_store import _AUDIT_COLUMNS
+
+        clauses: list[str] = []
+        params: list[Any] = []
+        for column, op, value in (("at", ">=", since), ("at", "<", until)):
+            if value is not None:
+                clauses.append(f"{column} {op} ?")
+                params.append(self._db_time(value))  # type: ignore[attr-defined]
+        if events:
+            clauses.append(f"event IN ({', '.join('?' * len(events))})")
+            params += list(events)
+        if ae:
+            clauses.append("(calling_ae = ? OR called_ae = ?)")
+            params += [ae, ae]
+        if user:
+            clauses.append("user_name = ?")
+            params.append(user)
+        if study_instance_uid:
+            clauses.append("study_instance_uid = ?")
+            params.append(study_instance_uid)
+        if before_id is not None:
+            clauses.append("id < ?")
+            params.append(int(before_id))
+        where = ("WHERE " + " AND ".join(clauses) + " ") if clauses else ""
+        with self._transaction(write=False) as tx:  # type: ignore[attr-defined]
+            rows = tx.all(f"SELECT {_AUDIT_COLUMNS} FROM audit_events {where}ORDER BY id DESC LIMIT {int(limit)}", params)
+        return [self._audit_row(row) for row in rows]  # type: ignore[attr-defined]

@@ -4,6 +4,7 @@ the ``audit`` CLI with its JSON-lines export (itself audited), and the DICOM aud
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 from datetime import UTC, datetime, timedelta
@@ -220,9 +221,13 @@ def test_init_is_an_audited_settings_change_with_passwords_masked(tmp_path: Path
     out = cli("audit", "--event", "admin_change", "--jsonl", "--config", str(config))
     assert out.returncode == 0, out.stderr
     first, second = [json.loads(line)["detail"] for line in out.stdout.splitlines()]
-    assert first["what"] == second["what"] == "settings.init" and first["before"] is None
-    assert "postgresql://anx:***@db" in second["before"] and "s3cret" not in out.stdout
-    assert "[audit]" in second["after"]
+    assert first["what"] == second["what"] == "settings.init" and first["before"] is None and first["diff"] is None
+    # A digest and a diff, never the settings file itself (issue 21: an 11 KB row).
+    written = config.read_bytes()
+    assert second["after"] == {"sha256": hashlib.sha256(written).hexdigest(), "bytes": len(written), "lines": written.count(b"\n")}
+    assert second["before"]["bytes"] > second["after"]["bytes"]
+    assert '-# old = "postgresql://anx:***@db:5432/anatomix"' in second["diff"].splitlines() and "s3cret" not in out.stdout
+    assert "[audit]" not in out.stdout and max(len(line) for line in out.stdout.splitlines()) < 1500
 
 
 def test_the_operations_apis_events_are_the_same_dicom_audit_messages() -> None:

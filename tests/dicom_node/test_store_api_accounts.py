@@ -40,6 +40,21 @@ def test_users_roles_and_removal_with_their_tokens_and_sessions(store):
         store.add_api_token("alice", "ci", "h2", T0)
 
 
+def test_a_one_time_password_flag_and_a_password_change_that_keeps_its_own_session(store):
+    """Migration 0009: a generated password must be changed; changing it ends the other sessions only."""
+    store.add_api_user(auth.new_user("carol", "viewer", "generated password", must_change_password=True))
+    assert store.get_api_user("carol").must_change_password
+    later = datetime.now(UTC) + timedelta(hours=1)
+    for session in ("mine", "other"):
+        store.add_api_session(ApiSession(session, "carol", "c", T0, later))
+    assert store.update_api_user("carol", password_hash=auth.hash_password("carol's own password"), must_change_password=False, keep_session="mine")
+    user = store.get_api_user("carol")
+    assert not user.must_change_password and auth.verify_password(user.password_hash, "carol's own password")
+    assert store.get_api_session("mine", datetime.now(UTC)) is not None and store.get_api_session("other", datetime.now(UTC)) is None
+    assert store.update_api_user("carol", must_change_password=True) and store.get_api_user("carol").must_change_password
+    assert store.get_api_session("mine", datetime.now(UTC)) is not None  # the flag alone ends no session
+
+
 def test_tokens_revoke_once_and_sessions_expire(store):
     store.add_api_user(ApiUser("ops", "operator", "x", False, T0, T0))
     first, second = store.add_api_token("ops", "a", "ha", T0), store.add_api_token("ops", "b", "hb", T0)

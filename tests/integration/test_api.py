@@ -139,8 +139,20 @@ def test_cli_user_add_prints_a_one_time_password_that_logs_in_and_reads_one_from
                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert added.returncode == 0, added.stderr
     password = next(line.split(": ", 1)[1] for line in added.stdout.splitlines() if line.startswith("one-time password: "))
-    login = client(node).post("/api/auth/login", json={"username": "carol", "password": password})
-    assert login.status_code == 200 and login.json()["role"] == "operator", login.text
+    browser = client(node)
+    login = browser.post("/api/auth/login", json={"username": "carol", "password": password})
+    assert login.status_code == 200 and login.json()["role"] == "operator" and login.json()["must_change_password"] is True, login.text
+    # The one-time password opens nothing but its own change (issue 21).
+    csrf = {"X-CSRF-Token": login.json()["csrf_token"]}
+    assert_problem(browser.get("/api/studies"), 403, "one-time password")
+    assert browser.get("/api/auth/me").json()["must_change_password"] is True
+    change = "/api/auth/password"
+    assert_problem(browser.post(change, json={"current_password": "not it", "new_password": "a new long password"}, headers=csrf), 422, "not your current")
+    assert_problem(browser.post(change, json={"current_password": password, "new_password": "short"}, headers=csrf), 422, "at least 12")
+    assert_problem(browser.post(change, json={"current_password": password, "new_password": password}, headers=csrf), 422, "other than")
+    assert browser.post(change, json={"current_password": password, "new_password": "carol's own password"}, headers=csrf).status_code == 204
+    assert browser.get("/api/studies").status_code == 200  # the same session goes on
+    assert client(node).post("/api/auth/login", json={"username": "carol", "password": password}).status_code == 401
 
     chosen = "correct horse battery staple"
     piped = subprocess.run(node_command("user", "add", "dave", "--role", "viewer", "--password-stdin", "--config", str(node.config_path)),
@@ -156,7 +168,12 @@ def test_cli_user_add_prints_a_one_time_password_that_logs_in_and_reads_one_from
     token = subprocess.run(node_command("user", "token", "dave", "--label", "ci", "--config", str(node.config_path)),
                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert token.returncode == 0, token.stderr
-    assert client(node, token.stdout.strip().splitlines()[-1]).get("/api/auth/me").json() == {"user": "dave", "role": "viewer", "via": "token"}
+    assert client(node, token.stdout.strip().splitlines()[-1]).get("/api/auth/me").json() == {
+        "user": "dave",
+        "role": "viewer",
+        "via": "token",
+        "must_change_password": False,
+    }
     assert {e.detail["target"] for e in audit_events(node, "api_change") if e.detail.get("via") == "cli"} >= {"carol", "dave"}
 
 
@@ -184,7 +201,7 @@ def test_session_cookie_is_httponly_samesite_strict_and_state_changes_need_the_c
     cookie = login.headers["set-cookie"].lower()
     assert "anatomix_session=" in cookie and "httponly" in cookie and "samesite=strict" in cookie and "path=/" in cookie
     csrf = login.json()["csrf_token"]
-    assert browser.get("/api/auth/me").json() == {"user": "admin", "role": "admin", "via": "session"}
+    assert browser.get("/api/auth/me").json() == {"user": "admin", "role": "admin", "via": "session", "must_change_password": False}
     body = {"name": "csrf-test", "ae_title": "CSRF", "host": "127.0.0.1", "port": 104, "role": "source"}
     assert_problem(browser.post("/api/nodes", json=body), 403, "CSRF")
     assert_problem(browser.post("/api/nodes", json=body, headers={"X-CSRF-Token": "forged"}), 403, "CSRF")
@@ -227,8 +244,9 @@ def test_admin_manages_accounts_changes_are_audited_and_the_last_admin_stays(sit
     node, accounts, _ = site
     admin = client(node, accounts.tokens["admin"])
     made = admin.post("/api/users", json={"name": "frank", "role": "viewer"})
-    assert made.status_code == 201 and len(made.json()["password"]) == 20, made.text
-    assert client(node).post("/api/auth/login", json={"username": "frank", "password": made.json()["password"]}).status_code == 200
+    assert made.status_code == 201 and len(made.json()["password"]) == 20 and made.json()["must_change_password"] is True, made.text
+    first = client(node).post("/api/auth/login", json={"username": "frank", "password": made.json()["password"]})
+    assert first.status_code == 200 and first.json()["must_change_password"] is True
     assert admin.get("/api/users").json()[0].get("password") is None
     assert_problem(admin.post("/api/users", json={"name": "frank", "role": "viewer"}), 409, "already exists")
     assert_problem(admin.post("/api/users", json={"name": "bad name!", "role": "viewer"}), 422, "name")
@@ -236,6 +254,7 @@ def test_admin_manages_accounts_changes_are_audited_and_the_last_admin_stays(sit
     assert_problem(admin.post("/api/users", json={"name": "gina", "role": "viewer", "password": "short"}), 422, "12 characters")
     changed = admin.patch("/api/users/frank", json={"role": "operator", "reset_password": True})
     assert changed.status_code == 200 and changed.json()["role"] == "operator" and changed.json()["password"]
+    assert changed.json()["must_change_password"] is True  # a reset is a one-time password too
     assert_problem(client(node).post("/api/auth/login", json={"username": "frank", "password": made.json()["password"]}), 401)
     assert_problem(admin.patch("/api/users/admin", json={"role": "viewer"}), 409, "only enabled admin")
     assert_problem(admin.delete("/api/users/admin"), 409, "only enabled admin")
@@ -262,8 +281,14 @@ def test_remote_nodes_crud_validation_and_echo_with_round_trip_time(site):
     added = admin.post("/api/nodes", json=body)
     assert added.status_code == 201 and added.json()["profile"] == "full", added.text
     assert_problem(admin.post("/api/nodes", json=body), 409, "already exists")
-    assert_problem(admin.post("/api/nodes", json={**body, "name": "x", "ae_title": "BAD\\AE"}), 422, "ae_title")
-    assert_problem(admin.post("/api/nodes", json={**body, "name": "x", "port": 70000}), 422, "port")
+    assert_problem(admin.post("/api/nodes", json={**body, "name": "x", "ae_title": "BAD\\AE"}), 422, "ae_title", "a backslash is not allowed")
+    # The CLI's words, never pydantic's, and a title too long is refused, not cut (issue 21).
+    long_title = assert_problem(admin.post("/api/nodes", json={**body, "name": "x", "ae_title": "HOSPITAL_PACS_ARCHIVE"}), 422, "21 characters, at most 16")
+    assert long_title["errors"] == [{"where": "body.ae_title", "message": long_title["detail"]}]
+    assert_problem(admin.post("/api/nodes", json={**body, "name": "x", "port": 70000}), 422, "port 70000: out of range")
+    assert_problem(admin.post("/api/nodes", json={**body, "name": "x", "port": "eleven"}), 422, "port 'eleven': not a number")
+    assert admin.post("/api/nodes", json={**body, "name": "x", "port": str(node.port)}).status_code == 201
+    assert admin.delete("/api/nodes/x").status_code == 204
     assert_problem(admin.post("/api/nodes", json={**body, "name": "x", "host": "*", "role": "destination"}), 422, "host '*' only suits a source")
     assert_problem(admin.post("/api/nodes", json={**body, "name": "x", "profile": "nope"}), 422, "nope")
     assert_problem(admin.post("/api/nodes", json={**body, "name": "-x"}), 422, "name")

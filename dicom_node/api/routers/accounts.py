@@ -33,7 +33,8 @@ class UserOut(BaseModel):
     disabled: bool
     created_at: datetime
     password_changed_at: datetime
-    password: str | None = Field(default=None, description="a generated password, shown only in this answer")
+    must_change_password: bool = Field(default=False, description="a one-time password not yet changed by its owner")
+    password: str | None = Field(default=None, description="a generated one-time password, shown only in this answer; changed at the first login")
 
 
 @router.get("/api/users", summary="accounts (admin)")
@@ -48,7 +49,7 @@ def add_user(request: Request, who: Admin, body: UserIn) -> UserOut:
     if body.password is not None and (problem := auth.password_problem(body.password)):
         raise Problem(422, "Invalid request", f"password: {problem}")
     try:
-        ctx_of(request).store.add_api_user(auth.new_user(body.name, body.role, password))
+        ctx_of(request).store.add_api_user(auth.new_user(body.name, body.role, password, must_change_password=body.password is None))
     except StoreConflict:
         raise Problem(409, "Account exists", f"an account named {body.name!r} already exists") from None
     user = ctx_of(request).store.get_api_user(body.name)
@@ -67,7 +68,8 @@ def update_user(request: Request, who: Admin, name: Name, body: UserPatch) -> Us
     if before.role == "admin" and demoted and _admins(store) == [name]:
         raise Problem(409, "Last admin", f"{name} is the only enabled admin: add another admin first")
     password = auth.generate_password() if body.reset_password else None
-    store.update_api_user(name, role=body.role, disabled=body.disabled, password_hash=auth.hash_password(password) if password else None)
+    store.update_api_user(name, role=body.role, disabled=body.disabled, password_hash=auth.hash_password(password) if password else None,
+                          must_change_password=True if password else None)  # fmt: skip
     after = store.get_api_user(name)
     if after is None:  # removed meanwhile by another admin
         raise Problem(404, "No such account", f"no account named {name!r}")
@@ -92,7 +94,7 @@ def remove_user(request: Request, who: Admin, name: Name) -> Response:
 
 def _user_out(user: Any, password: str | None = None) -> UserOut:
     return UserOut(name=user.name, role=user.role, disabled=user.disabled, created_at=user.created_at,
-                   password_changed_at=user.password_changed_at, password=password)  # fmt: skip
+                   password_changed_at=user.password_changed_at, must_change_password=user.must_change_password, password=password)  # fmt: skip
 
 
 def _admins(store: Any) -> list[str]:

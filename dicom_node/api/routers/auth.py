@@ -14,6 +14,7 @@ from dicom_node.api.deps import (
     API_LOGIN,
     API_LOGIN_FAILED,
     API_LOGIN_RATE_LIMITED,
+    Account,
     Problem,
     ProblemModel,
     Role,
@@ -38,12 +39,19 @@ class LoginOut(BaseModel):
     role: Role
     csrf_token: str
     expires_at: datetime
+    must_change_password: bool = Field(default=False, description="logged in with a one-time password: POST /api/auth/password before anything else")
+
+
+class PasswordIn(BaseModel):
+    current_password: str = Field(min_length=1, max_length=1024)
+    new_password: str = Field(min_length=1, max_length=1024, description=f"at least {auth.MIN_PASSWORD_LENGTH} characters")
 
 
 class MeOut(BaseModel):
     user: str
     role: Role
     via: Literal["token", "session"]
+    must_change_password: bool = False
 
 
 class TokenIn(BaseModel):
@@ -89,11 +97,12 @@ def login(request: Request, response: Response, body: LoginIn) -> LoginOut:
     ctx.trail.record(API_LOGIN, peer, user=user.name, role=user.role)
     response.set_cookie(SESSION_COOKIE, cookie, max_age=int(ctx.settings.http.session_ttl_s), httponly=True, samesite="strict",
                         secure=ctx.settings.http.secure_cookies, path="/")  # fmt: skip
-    return LoginOut(user=user.name, role=as_role(user.role), csrf_token=session.csrf_token, expires_at=session.expires_at)
+    return LoginOut(user=user.name, role=as_role(user.role), csrf_token=session.csrf_token, expires_at=session.expires_at,
+                    must_change_password=user.must_change_password)  # fmt: skip
 
 
 @router.post("/api/auth/logout", status_code=204, summary="end this session")
-def logout(request: Request, who: Viewer) -> Response:
+def logout(request: Request, who: Account) -> Response:
     if who.session_hash:
         ctx_of(request).store.remove_api_session(who.session_hash)
     response = Response(status_code=204)
@@ -102,8 +111,33 @@ def logout(request: Request, who: Viewer) -> Response:
 
 
 @router.get("/api/auth/me", summary="who is calling")
-def me(who: Viewer) -> MeOut:
-    return MeOut(user=who.user, role=as_role(who.role), via=who.via)
+def me(who: Account) -> MeOut:
+    return MeOut(user=who.user, role=as_role(who.role), via=who.via, must_change_password=who.must_change_password)
+
+
+@router.post("/api/auth/password", status_code=204, summary="change your own password (also the one-time password of a first login)",
+             responses={401: {"model": ProblemModel}, 422: {"model": ProblemModel}, 429: {"model": ProblemModel}})  # fmt: skip
+def change_password(request: Request, who: Account, body: PasswordIn) -> Response:
+    """The current password is checked (failures count towards the login limit); the new one must
+    meet the password rule and differ from it. Ends the account's other sessions, keeps this one."""
+    ctx = ctx_of(request)
+    keys = [f"user:{who.user.lower()}", f"addr:{client_host(request) or '?'}"]
+    wait = ctx.limiter.retry_after(keys)
+    if wait > 0:
+        raise Problem(429, "Too many failed attempts", f"too many wrong passwords: try again in {wait:.0f} s", {"Retry-After": str(max(1, int(wait + 0.999)))})
+    user = ctx.store.get_api_user(who.user)
+    if user is None or not auth.verify_password(user.password_hash, body.current_password):
+        ctx.limiter.failed(keys)
+        raise Problem(422, "Invalid request", "current_password: this is not your current password",
+                      errors=[{"where": "body.current_password", "message": "This is not your current password."}])  # fmt: skip
+    problem = auth.password_problem(body.new_password)
+    if problem is None and body.new_password == body.current_password:
+        problem = "choose a password other than the current one"
+    if problem:
+        raise Problem(422, "Invalid request", f"new_password: {problem}", errors=[{"where": "body.new_password", "message": problem}])
+    ctx.store.update_api_user(who.user, password_hash=auth.hash_password(body.new_password), must_change_password=False, keep_session=who.session_hash)
+    audit_change(request, who, "password_changed", who.user, after={"one_time_password_replaced": user.must_change_password})
+    return Response(status_code=204)
 
 
 @router.get("/api/tokens", summary="API tokens: your own (admin: everyone's)")

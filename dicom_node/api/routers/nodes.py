@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, replace
 from typing import Annotated, Any, Literal
 
@@ -23,15 +24,19 @@ HOST_PATTERN = (
     r"^(\*|[0-9]{1,3}(\.[0-9]{1,3}){3}|[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*"
     r"|([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?)$"
 )
-#: Printable ASCII without backslash, not only spaces (the settings' validate_ae_title checks the rest).
-AE_TITLE_PATTERN = r"^[ -\[\]-~]*[!-\[\]-~][ -\[\]-~]*$"
+
+
+#: The AE title and the port are checked by the shared validation (``ae add``'s), which says what is
+#: wrong in words: a title longer than 16 characters is refused, never cut; a port may come as text.
+AE_TITLE_FIELD = Field(min_length=1, max_length=64, description="1-16 printable ASCII characters, no backslash, not all spaces")
+PORT_FIELD = Field(description="the DICOM port, 1-65535 (a number, or its digits as text)")
 
 
 class NodeIn(BaseModel):
     name: str = Field(min_length=1, max_length=64)
-    ae_title: str = Field(min_length=1, max_length=16, pattern=AE_TITLE_PATTERN)
+    ae_title: str = AE_TITLE_FIELD
     host: str = Field(min_length=1, max_length=253, pattern=HOST_PATTERN)
-    port: int = Field(ge=1, le=65535)
+    port: int | Annotated[str, Field(max_length=32)] = PORT_FIELD
     role: NodeRole
     profile: str | None = Field(default=None, max_length=64, description="an output profile (GET /api/profiles); default: output.default_profile")
     quiet_period_s: float | None = Field(default=None, ge=0, le=86400)
@@ -43,9 +48,9 @@ class NodeIn(BaseModel):
 
 
 class NodePatch(BaseModel):
-    ae_title: str | None = Field(default=None, min_length=1, max_length=16, pattern=AE_TITLE_PATTERN)
+    ae_title: str | None = Field(default=None, min_length=1, max_length=64, description=AE_TITLE_FIELD.description)
     host: str | None = Field(default=None, min_length=1, max_length=253, pattern=HOST_PATTERN)
-    port: int | None = Field(default=None, ge=1, le=65535)
+    port: int | Annotated[str, Field(max_length=32)] | None = Field(default=None, description=PORT_FIELD.description)
     role: NodeRole | None = None
     profile: str | None = Field(default=None, max_length=64)
     quiet_period_s: float | None = Field(default=None, ge=0, le=86400)
@@ -218,4 +223,7 @@ def _validated_node(settings: Settings, values: dict[str, Any]) -> RemoteNode:
             complete_on_release=bool(values.get("complete_on_release")), default_destination=bool(values.get("default_destination")),
         )  # fmt: skip
     except UserError as exc:
-        raise Problem(422, "Invalid request", str(exc)) from None
+        message = str(exc)
+        field = re.match(r"\w+", message)
+        where = f"body.{field.group(0)}" if field and field.group(0) in values else "body"
+        raise Problem(422, "Invalid request", message, errors=[{"where": where, "message": message}]) from None

@@ -59,18 +59,24 @@
     try {
       const r = await api(method, button.dataset.action, body);
       if (!r.ok) { show(target, problemText(r), false); return; }
+      if (button.hasAttribute('data-reload')) { window.location.reload(); return; }
+      // The self-updating regions reload before the outcome shows (the button leaves focus, which
+      // otherwise holds a region still), so no list on the page contradicts the outcome.
+      if (button.closest('[data-refresh]')) button.blur();
+      await Promise.all([...document.querySelectorAll('[data-refresh]')].map((region) => region.refreshNow && region.refreshNow()));
       if (button.hasAttribute('data-echo')) {
         const d = r.data;
         show(target, d.success ? `Echo OK: ${d.rtt_ms} ms` : `Echo failed: ${d.error}`, d.success);
       } else if (r.data && Array.isArray(r.data.results)) {
         const good = r.data.results.filter((x) => x.ok).length;
         show(target, `${r.data.matched} studies: ${good} done` + (r.data.results.length ? ' — ' + r.data.results.map((x) => x.message).join('; ') : ''), good === r.data.results.length);
+      } else if (r.data && r.data.password) {
+        show(target, `One-time password for ${r.data.name}, shown once: ${r.data.password}`, true);
       } else if (r.data && 'message' in r.data) {
         show(target, r.data.message, r.data.ok);
       } else {
         show(target, 'Done.', true);
       }
-      if (button.hasAttribute('data-reload')) window.location.reload();
     } catch (e) {
       show(target, 'The node did not answer: ' + e, false);
     } finally {
@@ -82,6 +88,7 @@
   function formBody(form) {
     const body = {};
     for (const field of form.querySelectorAll('input[name], select[name], textarea[name]')) {
+      if (field.hasAttribute('data-skip')) continue;
       const type = field.dataset.type;
       if (type === 'bool') { body[field.name] = field.checked; continue; }
       const value = field.value.trim();
@@ -141,11 +148,26 @@
       }
       const body = formBody(form);
       if (form.dataset.method === 'PATCH') delete body.name;
+      const repeat = form.elements.repeat_password;
+      if (repeat && repeat.value !== form.elements.new_password.value) {
+        place(form, 'repeat_password', 'The two new passwords differ: type the same one twice.');
+        repeat.focus();
+        return;
+      }
       const r = await api(form.dataset.method || 'POST', form.dataset.api, body);
       if (!r.ok) {
         showErrors(form, r);
         const bad = form.querySelector('[aria-invalid="true"]');
         if (bad) bad.focus();
+        return;
+      }
+      if (form.hasAttribute('data-show-secret')) {  // a token or one-time password: shown once, here
+        const out = form.querySelector('[data-secret]');
+        const secret = r.data && (r.data.token || r.data.password);
+        out.textContent = r.data.token ? `Token "${r.data.label}", shown only now: copy it: ${secret}`
+          : `Account ${r.data.name} added. One-time password, shown only now: ${secret}`;
+        out.hidden = false;
+        for (const field of form.querySelectorAll('input[name]')) field.value = '';
         return;
       }
       window.location.href = form.dataset.next || window.location.href;
@@ -254,8 +276,8 @@
   // ---- self-updating regions: data-refresh="URL" data-interval="ms"
   function refresh(region) {
     const every = Number(region.dataset.interval || 3000);
-    const tick = async () => {
-      if (!document.hidden && !region.contains(document.activeElement)) {
+    const load = async (forced) => {
+      if (forced || (!document.hidden && !region.contains(document.activeElement))) {
         try {
           const response = await fetch(region.dataset.refresh, { credentials: 'same-origin', headers: { 'Accept': 'text/html' } });
           if (response.ok) {
@@ -269,8 +291,9 @@
           }
         } catch (e) { /* node unreachable for a moment: keep what is shown */ }
       }
-      setTimeout(tick, every);
     };
+    const tick = async () => { await load(false); setTimeout(tick, every); };
+    region.refreshNow = () => load(true);
     setTimeout(tick, every);
   }
 
