@@ -300,8 +300,18 @@ def unusable_text_reason(text: str) -> str | None:
     bad = visible.count("\ufffd")
     if bad >= 3 or bad > 0.02 * len("".join(words)):
         return "replacement characters"
+    return "repetition loop" if has_repetition_loop(visible) else None
+
+
+def has_repetition_loop(text: str) -> bool:
+    """Whether the text repeats itself: a run of 8 copies of up to 24 non-blank characters, one word
+    6 times in a row, or a phrase of 2-12 words 4 times in a row (special tokens count as blanks).
+
+    The rule of :func:`unusable_text_reason`; the engine stops decoding a sequence by it."""
+    visible = SPECIAL_TOKEN.sub(" ", text or "")
     if re.search(r"(\S{1,24}?)\1{7,}", visible):  # "abababab...", "!!!!!!!!" without spaces
-        return "repetition loop"
+        return True
+    words = visible.split()
     for n in range(1, 13):
         needed = 6 if n == 1 else 4  # "no no no no no no", or a phrase four times in a row
         for offset in range(n):
@@ -309,5 +319,5 @@ def unusable_text_reason(text: str) -> str | None:
             for i in range(offset + n, len(words) - n + 1, n):
                 run = run + 1 if words[i : i + n] == words[i - n : i] else 1
                 if run >= needed:
-                    return "repetition loop"
-    return None
+                    return True
+    return False

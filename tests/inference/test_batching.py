@@ -50,6 +50,7 @@ def test_images_joining_mid_decode_get_the_results_they_get_alone(engine, images
     results.update(batcher.drain())
     assert batcher.idle and batcher._cache is cache  # one static cache for every batch composition
     assert batcher.peak_rows == 4  # rows were shared, and a finished sequence's row was reused
+    assert batcher.loops_stopped > 0  # looping answers left early, where they leave when analysed alone
     assert sorted(results) == sorted(("study", image.sop_instance_uid) for image in images)
     for (_, uid), result in results.items():
         assert result.sop_instance_uid == uid
