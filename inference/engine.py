@@ -418,14 +418,18 @@ class DecodeProgress:
 
     def __init__(self, task: str, images: int, interval_s: float = PROGRESS_INTERVAL_S) -> None:
         self.task, self.images, self.interval_s = task, images, interval_s
-        self.started = self.last = time.perf_counter()
+        self.started: tuple[float, int] | None = None  # (time, tokens) at the first call, after prefill
+        self.last = 0.0
 
     def __call__(self, tokens: int, active: int) -> None:
         now = time.perf_counter()
+        if self.started is None:
+            self.started, self.last = (now, tokens), now
+            return
         if now - self.last < self.interval_s:
             return
         self.last = now
-        rate = tokens / max(now - self.started, 1e-9)
+        rate = (tokens - self.started[1]) / max(now - self.started[0], 1e-9)
         log.info("%s: %d tokens so far for %d image(s), %d still decoding, %.1f tokens/s", self.task, tokens, self.images, active, rate)
 
     def finished(self, tokens: int, decode_s: float, loops: int) -> None:

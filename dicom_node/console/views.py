@@ -207,9 +207,12 @@ def install(app: FastAPI) -> None:
             report = report or _report_text(result)
             findings += _findings(result)
         deliveries = ctx.store.list_deliveries(uid)
-        has_preview = any(o.kind == "sc" and o.study_version == study.version for o in objects)
+        from dicom_node.ops.preview import demo_source_and_result
+
+        demo_preview = demo_source_and_result(ctx.store, ctx.settings.storage.spool_dir, study) is not None
+        has_preview = demo_preview or any(o.kind == "sc" and o.study_version == study.version for o in objects)
         return {"study": summary, "record": study, "uid": uid, "objects": objects, "deliveries": deliveries, "findings": findings,
-                "report": report, "analyses": analyses, "has_preview": has_preview,
+                "report": report, "analyses": analyses, "has_preview": has_preview, "demo_preview": demo_preview,
                 "instances": ctx.store.list_instances(uid, study.version)}  # fmt: skip
 
     @app.get("/console/studies/{uid}", include_in_schema=False)
@@ -227,10 +230,15 @@ def install(app: FastAPI) -> None:
     @app.get("/console/studies/{uid}/preview.png", include_in_schema=False)
     def study_preview(request: Request, uid: str) -> Response:
         need(request, "viewer", "see a study")
+        from dicom_node.ops.preview import demo_preview_png
+
         ctx = ctx_of(request)
         study = ctx.store.get_study(uid[:64])
         if study is None:
             return Response("no such study", 404, media_type="text/plain")
+        demo = demo_preview_png(ctx.store, ctx.settings.storage.spool_dir, study)  # demo weights: the anatomy prior, labelled
+        if demo is not None:
+            return Response(demo, media_type="image/png", headers={"Cache-Control": "private, max-age=60"})
         sc = [o for o in ctx.store.list_produced_objects(study.study_instance_uid, study.version) if o.kind == "sc"]
         if not sc:
             return Response("no burned-in result (SC) for this study version", 404, media_type="text/plain")
