@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/demo.py                 # both parts
     .venv/bin/python benchmarks/demo.py --skip-demo     # the engine part only
+    .venv/bin/python benchmarks/demo.py --skip-engine   # the demo part only
 
 1. ``anatomix-node demo`` with an empty cache (``XDG_CACHE_HOME`` in a new temporary folder), so the
    tiny demo weights are generated as on a fresh clone (the virtual environment that ``make demo``
@@ -75,11 +76,13 @@ def time_engine(images: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--skip-demo", action="store_true", help="only the engine part")
+    parser.add_argument("--skip-engine", action="store_true", help="only the demo part")
     parser.add_argument("--images", type=int, default=3, help="RG1 plus this many minus one synthetic chests")
     args = parser.parse_args()
     if not args.skip_demo:
         time_demo()
-    time_engine(args.images)
+    if not args.skip_engine:
+        time_engine(args.images)
 
 
 if __name__ == "__main__":
