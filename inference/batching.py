@@ -8,8 +8,9 @@ rebuild the cache or recompile the step as the batch changes. :class:`Continuous
 * ``submit(key, image)`` queues an image; the APM runs over up to ``slots`` waiting images at a time
   (batched on a GPU), then each image's tasks run in order, one sequence per (image, task).
 * ``step()`` admits ready sequences into free cache rows (prefill writes that row), runs one decode
-  step over the fixed ``[slots]`` batch, and retires sequences that hit a stop token or
-  ``max_new_tokens``. An image whose last task finished comes back from ``step()`` as
+  step over the fixed ``[slots]`` batch, and retires sequences that hit a stop token,
+  ``max_new_tokens`` or a repetition loop (the engine's loop check, at the same lengths as in
+  ``generate_greedy``, so a sequence ends where it ends when analysed alone). An image whose last task finished comes back from ``step()`` as
   ``(key, AnalysisResult)``.
 
 The cache has ``slots`` rows and a fixed length; idle rows decode a pad token at position 0 (their
@@ -21,17 +22,20 @@ alone; batched or compiled (GPU) over every row, which agrees with them up to ro
 
 from __future__ import annotations
 
+import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from inference.engine import Engine, _ImageState, _Perception
-from inference.lm.decoding import DecodeStrategy, KVCache, TokenInjection, decode_rows_one_by_one, prefill, round_up
+from inference.lm.decoding import DecodeStrategy, KVCache, TokenInjection, decode_rows_one_by_one, loop_check_due, prefill, round_up
 from inference.preprocess import PreparedImage, images_to_tensor
 from inference.tasks import TaskRequest
+
+log = logging.getLogger(__name__)
 
 #: Cache length is rounded up to this (and grows only when a longer prompt arrives with no row busy).
 CACHE_MULTIPLE = 512
@@ -71,6 +75,7 @@ class ContinuousBatcher:
         self.device = engine.device
         self.max_new_tokens = engine.options.max_new_tokens
         self.stop_ids = frozenset(engine.token_ids.stop_ids if engine.options.stop_at_end_of_turn else ())
+        self.loop_check = engine.loop_check
         self._waiting: deque[tuple[Hashable, PreparedImage, float]] = deque()
         self._ready: deque[_Sequence] = deque()
         self._rows: list[_Sequence | None] = [None] * slots
@@ -84,6 +89,10 @@ class ContinuousBatcher:
         #: Largest number of rows decoded together so far (for tests and benchmarks).
         self.peak_rows = 0
         self.steps = 0
+        #: Sequences retired because they looped (for tests and benchmarks).
+        self.loops_stopped = 0
+        self._progress_at = time.perf_counter()
+        self._progress_tokens = 0
 
     # ---- intake ----------------------------------------------------------------------------------
     def submit(self, key: Hashable, image: PreparedImage) -> None:
@@ -112,6 +121,7 @@ class ContinuousBatcher:
         self._admit(finished)
         active = [index for index, row in enumerate(self._rows) if row is not None]
         if not active:
+            self._progress_at, self._progress_tokens = time.perf_counter(), 0  # the rate counts decoding time only
             return finished
         self.peak_rows = max(self.peak_rows, len(active))
         clock = time.perf_counter()
@@ -141,7 +151,24 @@ class ContinuousBatcher:
         idle = torch.tensor([row is None for row in self._rows], device=self.device)
         self._tokens.copy_(next_tokens.masked_fill(idle, self.engine.token_ids.pad))
         self._positions.add_(1).masked_fill_(idle, 0)  # idle rows decode a pad at position 0
+        self._progress_tokens += len(active)
+        self._log_progress()
         return finished
+
+    def _log_progress(self) -> None:
+        """An INFO line at most every ``engine.progress_interval_s`` seconds while sequences decode."""
+        now = time.perf_counter()
+        elapsed = now - self._progress_at
+        if elapsed < self.engine.progress_interval_s:
+            return
+        tasks = Counter(row.request.task for row in self._rows if row is not None)
+        if tasks:
+            in_flight = ", ".join(f"{task} x{count}" for task, count in sorted(tasks.items()))
+            log.info(
+                "decoding %d sequence(s) (%s), %d image(s) waiting: %d tokens in the last %.1f s (%.1f tokens/s)",
+                sum(tasks.values()), in_flight, len(self._waiting), self._progress_tokens, elapsed, self._progress_tokens / elapsed,
+            )  # fmt: skip
+        self._progress_at, self._progress_tokens = now, 0
 
     def drain(self) -> list[tuple[Hashable, object]]:
         """Run until every submitted image has its result."""
@@ -206,12 +233,15 @@ class ContinuousBatcher:
 
     def _advance(self, slot: int, sequence: _Sequence, token: int, finished: list) -> None:
         """Record ``token`` for the sequence in ``slot``; retire it when it stops."""
-        stop = token in self.stop_ids
+        stop, looped = token in self.stop_ids, False
         if not stop:
             sequence.tokens.append(token)
-        if stop or len(sequence.tokens) >= self.max_new_tokens:
+            looped = self.loop_check is not None and loop_check_due(len(sequence.tokens)) and self.loop_check(sequence.tokens)
+            self.loops_stopped += looped
+        if stop or looped or len(sequence.tokens) >= self.max_new_tokens:
             self._rows[slot] = None
             image = sequence.image
+            log.debug("%s: %d tokens%s", sequence.request.task, len(sequence.tokens), ", stopped in a repetition loop" if looped else "")
             image.timings["decode_tokens"] = image.timings.get("decode_tokens", 0.0) + len(sequence.tokens)
             self.engine._take_answer(sequence.request, sequence.instruction, sequence.tokens, image.image.letterbox, image.state)
             self._next_sequence(image, finished)

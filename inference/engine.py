@@ -20,19 +20,33 @@ import torch
 from inference.apm.checkpoint import APMLoadReport, CheckpointError, load_apm
 from inference.apm.model import boxes_to_xyxy_model
 from inference.lm.config import LMConfigError
-from inference.lm.decoding import DecodeStep, DecodeStrategy, Generation, TokenInjection, generate_greedy, synchronize
+from inference.lm.decoding import DecodeStep, DecodeStrategy, Generation, LoopCheck, TokenInjection, generate_greedy, synchronize
 from inference.lm.loader import LMCheckpointError, LMLoadReport, load_lm
 from inference.lm.model import AnatomixLM
 from inference.model_dir import ModelDir, ModelDirError, device_uid_from_digest
 from inference.parsing import parse_grounded_answer, postprocess_answer, split_report, strip_tags
 from inference.preprocess import Letterbox, PreparedImage, images_to_tensor, prepare_dataset
 from inference.prompt import EMPTY_SYSTEM_PROMPT, PromptError, build_prompt_text, encode_prompt
-from inference.result import CHEXPERT_LABELS, REGION_NAMES, AnalysisResult, Box, Finding, ModelIdentity, Region, Report, TaskAnswer
+from inference.result import (
+    CHEXPERT_LABELS,
+    REGION_NAMES,
+    AnalysisResult,
+    Box,
+    Finding,
+    ModelIdentity,
+    Region,
+    Report,
+    TaskAnswer,
+    has_repetition_loop,
+)
 from inference.retrieval import RetrievalDB, RetrievalDBError
 from inference.tasks import DEFAULT_LM_REGION, LM_TASKS, NO_ABNORMALITY_ANSWER, TaskRequest, boxes_for, instruction_for, region_name
 from inference.tokens import TokenIds, TokenizerError, load_tokenizer
 
 log = logging.getLogger(__name__)
+
+#: Seconds between two progress lines while a task decodes (a task that ends sooner logs only its end).
+PROGRESS_INTERVAL_S = 5.0
 
 
 class ModelLoadError(RuntimeError):
@@ -48,6 +62,10 @@ class EngineOptions:
     stop_at_end_of_turn: bool = True
     #: System prompt text: empty as in the paper's evaluation (``model.system_prompt`` picks it).
     system_prompt: str = EMPTY_SYSTEM_PROMPT
+    #: Stop decoding a sequence once its answer falls into a repetition loop (the rule of
+    #: ``inference.result.has_repetition_loop``, checked every ``LOOP_CHECK_TOKENS`` tokens); False
+    #: decodes on to a stop token or max_new_tokens.
+    stop_on_loop: bool = True
     #: How decode steps run; None picks by device: row by row on the CPU (each image's result
     #: independent of its batch), batched on CUDA. ``COMPILED``: CUDA graphs (torch.compile).
     decode: DecodeStrategy | None = None
@@ -119,6 +137,8 @@ class Engine:
         self._cache = None
         #: Built once: a compiled step keeps its graphs as long as the engine lives.
         self.decode_step = DecodeStep.build(options.decode_strategy())
+        #: Seconds between progress lines while a task decodes.
+        self.progress_interval_s = PROGRESS_INTERVAL_S
 
     # ---- loading -------------------------------------------------------------------------------
     @classmethod
@@ -237,8 +257,13 @@ class Engine:
         prompt = self.lm.embed_prompt(ids, perception.memory[index : index + 1], perception.anatomy_tokens[index : index + 1])
         return instruction, prompt[0], self.lm.injected_vectors(ids, prompt)[0]
 
+    @property
+    def loop_check(self) -> LoopCheck | None:
+        """What decoding stops a looping sequence by (None when ``stop_on_loop`` is off)."""
+        return loop_check_for(self.tokenizer) if self.options.stop_on_loop else None
+
     def _take_answer(self, request: TaskRequest, instruction: str, tokens: list[int], letterbox: Letterbox, state: _ImageState) -> None:
-        text = postprocess_answer(self.tokenizer.decode(tokens, skip_special_tokens=True))
+        text = answer_text(self.tokenizer, tokens)
         state.answers.append(TaskAnswer(request.task, instruction, text, len(tokens)))
         self._read_answer(request, text, letterbox, state)
 
@@ -283,6 +308,7 @@ class Engine:
             return
         stop_ids = self.token_ids.stop_ids if self.options.stop_at_end_of_turn else ()
         on_gpu = self.device.type == "cuda"
+        progress = DecodeProgress(request.task, len(rows), self.progress_interval_s)
         generation: Generation = generate_greedy(
             self.lm.decoder,
             embeds,
@@ -292,7 +318,10 @@ class Engine:
             cache_multiple=512 if on_gpu else 256,
             cache=self._cache if on_gpu else None,
             injection=TokenInjection(self.lm.injection_slots(), torch.stack(injected)),
+            loop_check=self.loop_check,
+            progress=progress,
         )
+        progress.finished(generation.new_tokens, generation.decode_s, generation.loops_stopped)
         if on_gpu:
             self._cache = generation.cache
         timings["prefill"] += generation.prefill_s
@@ -366,6 +395,47 @@ class Engine:
         synchronize(self.device)  # queued GPU work counts in its stage; nothing to wait for on the CPU
         timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
         return value
+
+
+def answer_text(tokenizer, tokens: Sequence[int]) -> str:
+    """An answer as the result records it: the tokens decoded without special tokens, cleaned up."""
+    return postprocess_answer(tokenizer.decode(list(tokens), skip_special_tokens=True))
+
+
+def loop_check_for(tokenizer) -> LoopCheck:
+    """Whether an answer so far is a repetition loop, by the rule that flags model text unusable
+    (:func:`inference.result.has_repetition_loop`), applied to the text the result would record."""
+
+    def loops(tokens: Sequence[int]) -> bool:
+        return has_repetition_loop(answer_text(tokenizer, tokens))
+
+    return loops
+
+
+class DecodeProgress:
+    """INFO lines while one task decodes over a batch of images: at most one every ``interval_s``
+    seconds (tokens so far, images still decoding, rate), then one when the task ends."""
+
+    def __init__(self, task: str, images: int, interval_s: float = PROGRESS_INTERVAL_S) -> None:
+        self.task, self.images, self.interval_s = task, images, interval_s
+        self.started: tuple[float, int] | None = None  # (time, tokens) at the first call, after prefill
+        self.last = 0.0
+
+    def __call__(self, tokens: int, active: int) -> None:
+        now = time.perf_counter()
+        if self.started is None:
+            self.started, self.last = (now, tokens), now
+            return
+        if now - self.last < self.interval_s:
+            return
+        self.last = now
+        rate = (tokens - self.started[1]) / max(now - self.started[0], 1e-9)
+        log.info("%s: %d tokens so far for %d image(s), %d still decoding, %.1f tokens/s", self.task, tokens, self.images, active, rate)
+
+    def finished(self, tokens: int, decode_s: float, loops: int) -> None:
+        rate = tokens / decode_s if decode_s > 0 else 0.0
+        stopped = f", {loops} stopped in a repetition loop" if loops else ""
+        log.info("%s: %d tokens for %d image(s) in %.1f s (%.1f tokens/s)%s", self.task, tokens, self.images, decode_s, rate, stopped)
 
 
 def _source_box(letterbox: Letterbox, box_model) -> Box | None:

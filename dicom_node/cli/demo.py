@@ -4,8 +4,14 @@ Embedded defaults (SQLite, filesystem broker), tiny demo weights (generated once
 data folder), a real chest CR (NEMA WG04 ``RG1_UNCR`` from pydicom-data). The demo plays the PACS:
 an in-process pynetdicom AE ``DEMO_PACS`` pushes the image to the node by C-STORE and receives the
 results on its own Storage SCP; the node runs as ``anatomix-node serve`` (which starts its worker).
-It then writes what came back, a PNG preview of the burned-in overlay (the Secondary Capture), and
-prints what was found, where the files are and how long each stage took.
+It then writes what came back and a PNG preview, and prints what was found, where the files are and
+how long each stage took; while the worker analyses, its progress lines are echoed from the node's log.
+
+The preview: demo weights find nothing (their language model is random, and a looping answer is cut
+short), so the burned-in Secondary Capture, which draws findings and the anatomy they are grounded to,
+holds no box. ``preview.png`` is drawn instead from the source and the result
+(:func:`dicom_node.ops.preview.render_demo_preview`): the 36 anatomy regions where the demo model's
+built-in prior puts them, each labelled, under a banner that says they are a prior, not a detection.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from dicom_node.cli.pipeline import node_command
 from dicom_node.ops.errors import UserError
 from dicom_node.settings import Settings, load_settings
 from dicom_node.store.base import RemoteNode
+from inference.result import AnalysisResult
 from sr_writer.identity import DEMO_MARK
 
 DEMO_PACS_AE = "DEMO_PACS"
@@ -152,14 +159,43 @@ def register_demo_pacs(settings: Settings, pacs_port: int) -> None:
         store.close()
 
 
+#: Lines of the node's log echoed while the demo waits: the worker's model loading and decode progress.
+ECHOED_LOGGERS = (" inference.engine: ", " dicom_node.pipeline.worker_report: ")
+
+
+class LogEcho:
+    """Prints the new lines of the node's log that come from :data:`ECHOED_LOGGERS`, without their prefix."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.offset, self.partial = path, 0, ""
+
+    def poll(self, started: float) -> None:
+        try:
+            with open(self.path, "rb") as log:
+                log.seek(self.offset)
+                chunk = log.read()
+        except OSError:
+            return
+        self.offset += len(chunk)
+        text = self.partial + chunk.decode("utf-8", errors="replace")
+        *lines, self.partial = text.split("\n")
+        for line in lines:
+            for logger in ECHOED_LOGGERS:
+                if logger in line:
+                    print(f"  [{time.monotonic() - started:6.1f} s]     {line.split(logger, 1)[1]}", flush=True)
+
+
 def wait_for_study(settings: Settings, study_uid: str, pacs: DemoPacs, node: subprocess.Popen, deadline: float, started: float):
-    """Poll the state store, print each stage as it is reached; return the final StudyRecord."""
+    """Poll the state store, print each stage as it is reached (and the worker's progress lines from
+    the node's log); return the final StudyRecord."""
     from dicom_node.store import open_store
 
     store = open_store(settings.database_url)
     seen: set[str] = set()
+    echo = LogEcho(settings.storage.data_dir.parent / "node.log")
     try:
         while time.monotonic() < deadline:
+            echo.poll(started)
             study = store.get_study(study_uid)
             if study is not None:
                 for stage in STAGES + ("failed",):
@@ -167,6 +203,7 @@ def wait_for_study(settings: Settings, study_uid: str, pacs: DemoPacs, node: sub
                         seen.add(stage)
                         print(f"  [{time.monotonic() - started:6.1f} s] {stage}", flush=True)
                 if study.state in ("done", "failed"):
+                    echo.poll(started)
                     return study
             if node.poll() is not None:
                 raise UserError(f"the node stopped unexpectedly (status {node.returncode}); see {settings.storage.data_dir.parent / 'node.log'}")
@@ -176,16 +213,23 @@ def wait_for_study(settings: Settings, study_uid: str, pacs: DemoPacs, node: sub
     raise UserError(f"the demo did not finish within its time limit; see {settings.storage.data_dir.parent / 'node.log'}")
 
 
-def write_preview(received: list[Path], out: Path) -> Path | None:
-    """PNG of the burned-in Secondary Capture (the overlay as any viewer would show it)."""
+def write_preview(received: list[Path], out: Path, source: Path, result: AnalysisResult | None) -> Path | None:
+    """``preview.png``: for a demo result, the anatomy boxes of the demo prior drawn on the source
+    (:func:`dicom_node.ops.preview.render_demo_preview`); otherwise the burned-in Secondary Capture
+    as any viewer would show it."""
     from PIL import Image
 
+    from dicom_node.ops.preview import render_demo_preview
+
+    target = out / "preview.png"
+    if result is not None and result.model.demo:
+        render_demo_preview(pydicom.dcmread(source), result).save(target)
+        return target
     for path in received:
         ds = pydicom.dcmread(path)
         if ds.SOPClassUID == SecondaryCaptureImageStorage:
             image = Image.fromarray(ds.pixel_array)
             image.thumbnail((1024, 1024))
-            target = out / "preview.png"
             image.save(target)
             return target
     return None
@@ -200,26 +244,35 @@ def stage_seconds(study) -> list[tuple[str, float]]:
     return rows
 
 
-def print_summary(settings: Settings, study, out: Path, received: list[Path], preview: Path | None, started: float) -> None:
+def load_results(settings: Settings, study) -> list[tuple[str, AnalysisResult | None, str | None]]:
+    """(SOP Instance UID, result or None, error) per analysed image of the study's version."""
     from dicom_node.store import open_store
-    from inference.result import AnalysisResult
 
     store = open_store(settings.database_url)
     try:
         analyses = store.list_analyses(study.study_instance_uid, study.version)
     finally:
         store.close()
+    return [(r.sop_instance_uid, AnalysisResult.from_json(r.result_json) if r.result_json else None, r.error) for r in analyses]
+
+
+def print_summary(study, out: Path, received: list[Path], results, preview: Path | None, started: float) -> None:
     print(f"\nStudy {study.study_instance_uid}: {study.state}" + (f" ({study.error})" if study.error else ""))
-    for record in analyses:
-        if record.result_json is None:
-            print(f"  image {record.sop_instance_uid}: failed: {record.error}")
+    for sop_instance_uid, result, error in results:
+        if result is None:
+            print(f"  image {sop_instance_uid}: failed: {error}")
             continue
-        result = AnalysisResult.from_json(record.result_json)
         (out / "result.json").write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
         print(f"  model: {result.model.name} {result.model.version}" + (f"  [{DEMO_MARK}]" if result.model.demo else ""))
-        print(f"  {len(result.regions)} anatomical regions located, {len(result.findings)} grounded findings")
+        prior = " (where the demo model's built-in prior puts them: not a detection)" if result.model.demo else ""
+        print(f"  {len(result.regions)} anatomical regions located{prior}, {len(result.findings)} grounded findings")
         for finding in result.findings[:8]:
-            print(f"    - {finding.label}: {finding.text[:90]} ({len(finding.boxes)} box(es))")
+            print(f"    - {'DEMO: ' if result.model.demo else ''}{finding.label}: {finding.text[:90]} ({len(finding.boxes)} box(es))")
+        if result.answers:
+            meaningless = " (random demo weights: meaningless)" if result.model.demo else ""
+            print(f"  language model answers{meaningless}: " + ", ".join(f"{a.task} {a.generated_tokens} tokens" for a in result.answers))
+        for warning in result.warnings:
+            print(f"    ! {warning}")
         if result.report is not None:
             print(f"  impression: {result.report.impression[:160] or '(empty)'}")
         stages = [k for k in ("preprocess", "apm", "retrieval", "prompt", "prefill", "decode", "total") if k in result.timings]
@@ -231,7 +284,11 @@ def print_summary(settings: Settings, study, out: Path, received: list[Path], pr
     print(f"\nFiles in {out}:")
     for path in sorted(received):
         print(f"  {path.relative_to(out)}")
-    if preview:
+    demo = any(result is not None and result.model.demo for _, result, _ in results)
+    if preview and demo:
+        print(f"  {preview.relative_to(out)}  <- open this to see the boxes: the anatomy regions of the demo prior, labelled")
+        print("      (the burned-in SC sent to the PACS draws findings and their anatomy only; demo weights find none)")
+    elif preview:
         print(f"  {preview.relative_to(out)}  <- open this to see the boxes")
     print(f"  result.json, node.log\nTotal {time.monotonic() - started:.1f} s")
 
@@ -264,8 +321,10 @@ def run_demo(out: Path | None, max_new_tokens: int = 48, timeout_s: float = 170.
         study = wait_for_study(settings, study_uid, pacs, node, started + timeout_s, started)
         if study.state == "done":
             _wait_for_files(pacs, len(settings.output.profile("full")), started + timeout_s)
-        preview = write_preview(pacs.received, out)
-        print_summary(settings, study, out, pacs.received, preview, started)
+        results = load_results(settings, study)
+        result = next((r for _, r, _ in results if r is not None), None)
+        preview = write_preview(pacs.received, out, source, result)
+        print_summary(study, out, pacs.received, results, preview, started)
         return 0 if study.state == "done" and preview is not None else 1
     finally:
         _stop(node)
@@ -293,17 +352,33 @@ def _tidy(out: Path, node_data: Path, temporary: bool) -> None:
 
 
 def _wait_for_node(port: int, node: subprocess.Popen, deadline: float) -> None:
-    import socket
+    """Until the node answers a C-ECHO from the demo PACS (a registered source). A bare TCP probe
+    would be logged by the node as a connection closed before association (a WARNING: a port
+    scan looks the same); connection refusals while the node starts are not worth a log line here."""
+    import logging
 
-    while time.monotonic() < deadline:
-        if node.poll() is not None:
-            raise UserError(f"the node exited at start (status {node.returncode}); see node.log")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
+    ae = AE(ae_title=DEMO_PACS_AE)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = 5
+    pynetdicom_log = logging.getLogger("pynetdicom")
+    level = pynetdicom_log.level
+    pynetdicom_log.setLevel(logging.CRITICAL)
+    try:
+        while time.monotonic() < deadline:
+            if node.poll() is not None:
+                raise UserError(f"the node exited at start (status {node.returncode}); see node.log")
+            assoc = ae.associate("127.0.0.1", port, ae_title=NODE_AE)
+            if assoc.is_established:
+                try:
+                    status = assoc.send_c_echo()
+                finally:
+                    assoc.release()
+                if status and status.get("Status") == 0x0000:
+                    return
             time.sleep(0.2)
-    raise UserError("the node did not start listening within 60 s; see node.log")
+    finally:
+        pynetdicom_log.setLevel(level)
+    raise UserError("the node did not answer a C-ECHO within 60 s; see node.log")
 
 
 def _wait_for_files(pacs: DemoPacs, count: int, deadline: float) -> None:

@@ -21,6 +21,7 @@ from dicom_node.api import auth
 from dicom_node.api.auth import Principal
 from dicom_node.api.deps import Problem, authenticate, ctx_of
 from dicom_node.ops.node_status import last_model_identity, readiness, spool_disk
+from dicom_node.ops.preview import demo_preview_png, demo_source_and_result
 from dicom_node.store.base import STUDY_STATES, ApiAccountStore
 
 HERE = Path(__file__).resolve().parent
@@ -263,10 +264,11 @@ def install(app: FastAPI) -> None:
             report = report or _report_text(result)
             findings += _findings(result)
         deliveries = ctx.store.list_deliveries(uid)
-        has_preview = any(o.kind == "sc" and o.study_version == study.version for o in objects)
+        demo_preview = demo_source_and_result(ctx.store, ctx.settings.storage.spool_dir, study) is not None
+        has_preview = demo_preview or any(o.kind == "sc" and o.study_version == study.version for o in objects)
         kinds = {o.sop_instance_uid: _KIND_TITLES.get(o.kind, o.kind) for o in objects}
         return {"study": summary, "record": study, "uid": uid, "objects": objects, "deliveries": deliveries, "findings": findings,
-                "report": report, "analyses": analyses, "has_preview": has_preview, "kinds": kinds,
+                "report": report, "analyses": analyses, "has_preview": has_preview, "demo_preview": demo_preview, "kinds": kinds,
                 "instances": ctx.store.list_instances(uid, study.version)}  # fmt: skip
 
     @app.get("/console/studies/{uid}", include_in_schema=False)
@@ -284,10 +286,14 @@ def install(app: FastAPI) -> None:
     @app.get("/console/studies/{uid}/preview.png", include_in_schema=False)
     def study_preview(request: Request, uid: str) -> Response:
         need(request, "viewer", "see a study")
+
         ctx = ctx_of(request)
         study = ctx.store.get_study(uid[:64])
         if study is None:
             return Response("no such study", 404, media_type="text/plain")
+        demo = demo_preview_png(ctx.store, ctx.settings.storage.spool_dir, study)  # demo weights: the anatomy prior, labelled
+        if demo is not None:
+            return Response(demo, media_type="image/png", headers={"Cache-Control": "private, max-age=60"})
         sc = [o for o in ctx.store.list_produced_objects(study.study_instance_uid, study.version) if o.kind == "sc"]
         if not sc:
             return Response("no burned-in result (SC) for this study version", 404, media_type="text/plain")

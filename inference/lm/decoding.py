@@ -32,6 +32,8 @@ from transformers.models.gemma3.modeling_gemma3 import apply_rotary_pos_emb
 
 #: Decode steps between checks whether every row has stopped.
 STOP_CHECK_INTERVAL = 8
+#: A sequence is checked for a repetition loop each time it has generated a multiple of this many tokens.
+LOOP_CHECK_TOKENS = 8
 #: Row-by-row (CPU) steps attend over the row's positions rounded up to this many slots.
 ROW_KV_MULTIPLE = 256
 
@@ -280,6 +282,8 @@ class Generation:
     #: Decode steps run for the whole batch (tokens per row <= steps + 1).
     decode_steps: int
     cache: KVCache | None = None
+    #: Rows whose decoding the loop check stopped.
+    loops_stopped: int = 0
 
     @property
     def new_tokens(self) -> int:
@@ -296,6 +300,55 @@ def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
+#: Tells whether a sequence's tokens so far (prompt excluded) have fallen into a repetition loop.
+LoopCheck = Callable[[Sequence[int]], bool]
+#: Told the tokens generated so far over all rows and the rows still decoding, at every check.
+ProgressReport = Callable[[int, int], None]
+
+
+def loop_check_due(generated: int) -> bool:
+    """Whether a sequence is checked for a loop once it holds ``generated`` tokens: every
+    :data:`LOOP_CHECK_TOKENS` tokens, counted per sequence, so where it stops never depends on which
+    other sequences share its batch or when it joined it."""
+    return generated > 0 and generated % LOOP_CHECK_TOKENS == 0
+
+
+class _Rows:
+    """The rows' tokens on the host, read from the device at each check, cut where each row stops:
+    before its first stop id, or at the first due loop check that says it loops."""
+
+    def __init__(self, batch: int, stop_ids: Sequence[int], loop_check: LoopCheck | None) -> None:
+        self.tokens: list[list[int]] = [[] for _ in range(batch)]
+        self.stopped = [False] * batch
+        self.loops = 0
+        self._stop_set = set(stop_ids)
+        self._loop_check = loop_check
+        self._read = 0
+
+    def read(self, columns: list[torch.Tensor]) -> None:
+        """Take the columns (one ``[B]`` token tensor per step) not read yet (one device sync)."""
+        if self._read == len(columns):
+            return
+        new = torch.stack(columns[self._read :], dim=1).tolist()
+        self._read = len(columns)
+        for row, values in enumerate(new):
+            kept = self.tokens[row]
+            for value in values:
+                if self.stopped[row]:
+                    break
+                if value in self._stop_set:
+                    self.stopped[row] = True
+                    break
+                kept.append(value)
+                if self._loop_check is not None and loop_check_due(len(kept)) and self._loop_check(kept):
+                    self.stopped[row] = True
+                    self.loops += 1
+
+    @property
+    def active(self) -> int:
+        return self.stopped.count(False)
+
+
 @torch.inference_mode()
 def generate_greedy(
     decoder: Gemma3ForCausalLM,
@@ -306,16 +359,20 @@ def generate_greedy(
     cache_multiple: int = 256,
     cache: KVCache | None = None,
     injection: TokenInjection | None = None,
+    loop_check: LoopCheck | None = None,
+    progress: ProgressReport | None = None,
 ) -> Generation:
     """Greedy decoding for a batch of prompt embeddings (each ``[L_b, H]``, lengths may differ).
 
-    Rows stop at the first id in ``stop_ids`` (empty: always ``max_new_tokens``, like the reference).
-    ``decode_step`` (default: :attr:`DecodeStrategy.BATCHED`, eager) says how each step runs: compiled,
-    or row by row for batch-independent results on CPU; the cache length is rounded
-    up to ``cache_multiple`` so compiled graphs are reused across calls. A ``cache`` of exactly that
-    shape is reused (zeroed) instead of allocating one: a compiled step keeps its CUDA graph only
-    while the cache tensors keep their addresses. ``Generation.cache`` returns the one used.
+    Rows stop at the first id in ``stop_ids`` (empty: always ``max_new_tokens``, like the reference),
+    and, given a ``loop_check``, at the first :func:`loop_check_due` length where it says the row
+    loops (its tokens end there). ``decode_step`` (default: :attr:`DecodeStrategy.BATCHED`, eager) says
+    how each step runs: compiled, or row by row for batch-independent results on CPU; the cache length
+    is rounded up to ``cache_multiple`` so compiled graphs are reused across calls. A ``cache`` of
+    exactly that shape is reused (zeroed) instead of allocating one: a compiled step keeps its CUDA
+    graph only while the cache tensors keep their addresses. ``Generation.cache`` returns the one used.
     ``injection`` (one row per prompt) embeds generated ``<obj_i>``/``<image>`` as the reference does.
+    ``progress`` is called at every check with the tokens kept so far and the rows still decoding.
     """
     device = decoder.lm_head.weight.device
     batch = len(prompts)
@@ -338,39 +395,31 @@ def generate_greedy(
     synchronize(device)
     prefill_s = time.perf_counter() - start
 
-    stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+    rows = _Rows(batch, stop_ids, loop_check)
+    checks = bool(stop_ids) or loop_check is not None or progress is not None
     out = [first]
-    finished = torch.isin(first, stops) if len(stops) else torch.zeros(batch, dtype=torch.bool, device=device)
     tokens = first
     positions = torch.tensor(lengths, dtype=torch.long, device=device)
     steps = 0
     start = time.perf_counter()
     while steps < max_new_tokens - 1:
-        # checking for the end costs a device->host sync: do it every few steps (rows that finished
+        # reading the tokens costs a device->host sync: do it every few steps (rows that stopped
         # meanwhile decode a few ignored tokens, which is cheaper than stalling the GPU every step)
-        if len(stops) and steps % STOP_CHECK_INTERVAL == 0 and bool(finished.all()):
-            break
+        if checks and steps % STOP_CHECK_INTERVAL == 0:
+            rows.read(out)
+            if progress is not None:
+                progress(sum(map(len, rows.tokens)), rows.active)
+            if not rows.active:
+                break
         logits = step(decoder, tokens.clone(), positions.clone(), cache, injection)
         tokens = logits.argmax(dim=-1)
         out.append(tokens)
-        if len(stops):
-            finished = finished | torch.isin(tokens, stops)
         positions = positions + 1
         steps += 1
     synchronize(device)
     decode_s = time.perf_counter() - start
-
-    matrix = torch.stack(out, dim=1).tolist()
-    stop_set = set(stop_ids)
-    rows = []
-    for values in matrix:
-        kept = []
-        for value in values:
-            if value in stop_set:
-                break
-            kept.append(value)
-        rows.append(kept)
-    return Generation(tokens=rows, prefill_s=prefill_s, decode_s=decode_s, decode_steps=steps, cache=cache)
+    rows.read(out)
+    return Generation(tokens=rows.tokens, prefill_s=prefill_s, decode_s=decode_s, decode_steps=steps, cache=cache, loops_stopped=rows.loops)
 
 
 def compile_decode_step() -> Callable[..., torch.Tensor]:

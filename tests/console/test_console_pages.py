@@ -158,3 +158,39 @@ def test_study_page_shows_a_degenerate_model_text_as_not_usable_never_as_itself(
     assert "Findings: model output not usable (repetition loop)" in page.text
     assert "Impression: No acute cardiopulmonary process." in page.text
     assert page.text.count("model output not usable (repetition loop)") == 2
+
+
+def test_a_demo_study_previews_the_labelled_anatomy_prior_and_a_real_one_the_sc(app_and_store, tmp_path, output_dir) -> None:
+    """Demo weights find nothing, so the SC has no box: the console draws the demo's anatomy prior,
+    each region labelled, under a banner that says what the boxes are (never as findings)."""
+    import io
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from sr_writer.colours import REGION_COLOURS
+    from tests.support.results import make_result, rg1_source
+
+    app, store, passwords, db = app_and_store
+    demo_uid, real_uid = seed(store, db, 2)
+    source = rg1_source()
+    for i, uid in enumerate((demo_uid, real_uid)):
+        (tmp_path / "spool" / "x").mkdir(parents=True, exist_ok=True)
+        shutil.copy(source.filename, tmp_path / "spool" / "x" / f"{i}.dcm")
+        result = make_result(source, n_findings=0, demo=uid == demo_uid)
+        store.save_analysis(AnalysisRecord(uid, 1, f"{uid}.1", "analyzed", result.to_json(), None, T0))
+    client = logged_in(app, "viewer", passwords)
+    page = client.get(f"/console/studies/{demo_uid}").text
+    assert "data-demo-preview" in page and "built-in prior" in page and 'class="preview"' in page
+    answer = client.get(f"/console/studies/{demo_uid}/preview.png")
+    assert answer.status_code == 200 and answer.headers["content-type"] == "image/png"
+    (output_dir / "console-demo-preview.png").write_bytes(answer.content)
+    pixels = np.asarray(Image.open(io.BytesIO(answer.content)).convert("RGB"))
+    colours = {tuple(c) for c in np.unique(pixels.reshape(-1, 3), axis=0)}
+    drawn = [index for index, colour in REGION_COLOURS.items() if colour in colours]
+    assert len(drawn) == 36, f"regions without a box on the preview: {sorted(set(REGION_COLOURS) - set(drawn))}"
+    assert max(pixels.shape[:2]) <= 1200  # scaled down to about 1024 px, plus the banner rows
+    # real weights: the preview is the SC the node delivered (none produced here), never the prior
+    assert "data-demo-preview" not in client.get(f"/console/studies/{real_uid}").text
+    assert client.get(f"/console/studies/{real_uid}/preview.png").status_code == 404

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,7 @@ def test_images_joining_mid_decode_get_the_results_they_get_alone(engine, images
     results.update(batcher.drain())
     assert batcher.idle and batcher._cache is cache  # one static cache for every batch composition
     assert batcher.peak_rows == 4  # rows were shared, and a finished sequence's row was reused
+    assert batcher.loops_stopped > 0  # looping answers left early, where they leave when analysed alone
     assert sorted(results) == sorted(("study", image.sop_instance_uid) for image in images)
     for (_, uid), result in results.items():
         assert result.sop_instance_uid == uid
@@ -59,10 +61,14 @@ def test_images_joining_mid_decode_get_the_results_they_get_alone(engine, images
     )
 
 
-def test_one_slot_is_the_plain_engine(engine, images):
+def test_one_slot_is_the_plain_engine(engine, images, caplog, monkeypatch):
     batcher = ContinuousBatcher(engine, ["report"], slots=1)
     batcher.submit("a", images[0])
-    ((key, result),) = batcher.drain()
+    monkeypatch.setattr(engine, "progress_interval_s", 0.0)  # a progress line at every step
+    with caplog.at_level(logging.INFO, logger="inference.batching"):
+        ((key, result),) = batcher.drain()
+    progress = [r.getMessage() for r in caplog.records if r.name == "inference.batching" and r.levelno == logging.INFO]
+    assert progress and progress[0].startswith("decoding 1 sequence(s) (report x1), 0 image(s) waiting: "), progress
     assert key == "a" and batcher.peak_rows == 1
     assert without_timings(result) == without_timings(engine.analyze([images[0]], ["report"])[0])
     with pytest.raises(ValueError, match="slots"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pydicom
@@ -207,3 +208,16 @@ def test_load_takes_the_options_object(model_dir) -> None:
     options = EngineOptions(max_new_tokens=3, stop_at_end_of_turn=False)
     loaded = Engine.load(model_dir, options)
     assert loaded.options is options
+
+
+def test_decoding_logs_progress_and_one_line_per_task(engine, images, caplog, monkeypatch) -> None:
+    with caplog.at_level(logging.INFO, logger="inference.engine"):
+        engine.analyze(images[:2], ["report"])  # a short task with the default interval: only its end
+        ended = [r.getMessage() for r in caplog.records if r.name == "inference.engine"]
+        assert len(ended) == 1 and ended[0].startswith("report: ") and " tokens for 2 image(s) in " in ended[0], ended
+        caplog.clear()
+        monkeypatch.setattr(engine, "progress_interval_s", 0.0)  # a line at every check (every 8 steps)
+        engine.analyze(images[:2], ["report"])
+    lines = [r.getMessage() for r in caplog.records if r.name == "inference.engine" and r.levelno == logging.INFO]
+    assert lines[0].startswith("report: ") and "tokens so far for 2 image(s)" in lines[0] and "tokens/s" in lines[0], lines
+    assert lines[-1].split(" in ")[0] == ended[0].split(" in ")[0]  # then the same end line: "report: N tokens for 2 image(s)"

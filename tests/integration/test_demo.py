@@ -1,14 +1,18 @@
-"""`anatomix-node demo` (what `make demo` runs): the whole loop in under 3 minutes, a preview PNG left behind."""
+"""`anatomix-node demo` (what `make demo` runs): the whole loop in under 3 minutes, a preview PNG with
+the demo's labelled anatomy boxes left behind, the worker's progress echoed, looping answers cut short."""
 
 from __future__ import annotations
 
 import subprocess
 import time
 
+import numpy as np
 import pydicom
 from PIL import Image
 
 from dicom_node.cli.pipeline import node_command
+from inference.result import AnalysisResult
+from sr_writer.colours import REGION_COLOURS
 from tests.support.workers import REPO
 
 
@@ -22,6 +26,8 @@ def test_demo_runs_the_whole_loop_and_leaves_the_preview(tmp_path):
     assert elapsed < 180, f"demo took {elapsed:.0f} s"
     preview = Image.open(out / "preview.png")
     assert preview.mode == "RGB" and min(preview.size) > 200
+    colours = {tuple(c) for c in np.unique(np.asarray(preview).reshape(-1, 3), axis=0)}
+    assert all(colour in colours for colour in REGION_COLOURS.values()), "a demo region has no box on the preview"
     received = sorted((out / "received").glob("*.dcm"))
     classes = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID) for p in received}
     assert classes == {
@@ -30,4 +36,11 @@ def test_demo_runs_the_whole_loop_and_leaves_the_preview(tmp_path):
     }  # fmt: skip
     assert "DEMO WEIGHTS" in done.stdout and "preview.png" in done.stdout
     assert "done" in done.stdout and "stages:" in done.stdout
-    assert (out / "result.json").is_file()
+    assert "regions of the demo prior, labelled" in done.stdout
+    result = AnalysisResult.from_json((out / "result.json").read_text())
+    assert result.model.demo and result.answers
+    for answer in result.answers:  # the random LM loops: each answer stopped at the first loop check
+        assert answer.generated_tokens < 48, answer
+        assert f"{answer.task}: {answer.generated_tokens} tokens for 1 image(s) in " in done.stdout  # progress echoed
+    assert "stopped in a repetition loop" in done.stdout
+    assert "closed before association" not in (out / "node.log").read_text()  # the demo's own port probe is a C-ECHO
