@@ -125,6 +125,8 @@ class StoreScp:
     ae_title: str = "STORESCP"
     port: int = field(default_factory=free_port)
     extra: tuple[str, ...] = ()
+    #: Transfer syntax options: "+xa" accepts all; () keeps storescp's defaults (uncompressed only).
+    syntaxes: tuple[str, ...] = ("+xa",)
     process: subprocess.Popen | None = None
 
     def start(self, attempts: int = 3) -> StoreScp:
@@ -133,7 +135,8 @@ class StoreScp:
         for attempt in range(attempts):
             with open(log, "wb") as log_handle:  # storescp logs its bind failure on stderr
                 self.process = subprocess.Popen(
-                    [dcmtk("storescp"), "--aetitle", self.ae_title, "--max-pdu", "131072", "+xa", "-od", str(self.output_dir), *self.extra, str(self.port)],
+                    [dcmtk("storescp"), "--aetitle", self.ae_title, "--max-pdu", "131072", *self.syntaxes, "-od", str(self.output_dir),
+                     *self.extra, str(self.port)],
                     env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=log_handle,
                 )  # fmt: skip
             try:
