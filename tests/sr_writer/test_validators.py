@@ -146,10 +146,10 @@ def test_sr_of_image_labels_alone_validates_and_text_sr_keeps_unlocated_regions_
             pixelmed = run_pixelmed_sr_validator(path)
             assert not split_model_output_problems(pixelmed)[0], pixelmed.describe()
     output = run_dsrdump(tmp_path / "sr.dcm").output
-    # No located box: no measurement group at all (OHIF cannot draw a group without SCOORD), the 14
-    # labels are TEXT items of the Qualitative Evaluations container.
-    assert output.count('"Measurement Group"') == 0 and "POLYLINE" not in output
-    assert '"Qualitative Evaluations"' in output and '"Imaging Measurements"' not in output
+    # No located box: one whole-image group stating "No abnormality" (OHIF 3.13 crashes on a report
+    # without a group); the 14 labels are TEXT items of the Qualitative Evaluations container.
+    assert output.count('"Measurement Group"') == 1 and output.count("POLYLINE") == 1 and '"No abnormality"' in output
+    assert '"Qualitative Evaluations"' in output and '"Imaging Measurements"' in output
     sr = next(o.dataset for o in bundle.objects if o.kind == "sr")
     texts = [i.TextValue for i in sr.ContentSequence[-1].ContentSequence]
     assert sum(": image-level probability " in t for t in texts) == len(result.image_labels) == 14
