@@ -6,6 +6,9 @@ SEG's deflate happens), the bytes of each object and the total, plus the SEG aga
 build (boolean (1, rows, columns, segments) masks) as the reference point.
 
     .venv/bin/python benchmarks/writer.py [--runs 7] [--findings 10]
+
+Then, per receiver kind (JPEG-LS, Deflate only, uncompressed only), the bytes of the default ``full``
+profile as delivery sends it, for 0, 1 and 10 findings, and the time to encode it for that receiver.
 """
 
 from __future__ import annotations
@@ -20,13 +23,18 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import highdicom as hd
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, JPEGBaseline8Bit, JPEGLSLossless
+from pynetdicom.presentation import build_context
 
+from dicom_node.pipeline.delivery import _in_an_accepted_syntax
+from dicom_node.settings import DEFAULT_PROFILES
 from sr_writer import bundle as bundle_module
 from sr_writer.bundle import SEND_ORDER, build_bundle
 from sr_writer.context import make_context
@@ -103,7 +111,7 @@ def main() -> None:
     for kind, (wall, cpu) in rows:
         print(f"| {kind:<28} | {wall:>8.3f} | {cpu:>8.3f} | {sizes[kind]:>10,} |")
     print(f"| {'sum of objects (one thread)':<28} | {sequential[0]:>8.3f} | {sequential[1]:>8.3f} | {sum(sizes.values()):>10,} |")
-    print(f"| {'build_bundle (all 6 kinds)':<28} | {total[0]:>8.3f} | {total[1]:>8.3f} | {'':>10} |")
+    print(f"| {'build_bundle (all kinds)':<28} | {total[0]:>8.3f} | {total[1]:>8.3f} | {'':>10} |")
     print(f"| {'build_bundle + write bytes':<28} | {written[0]:>8.3f} | {written[1]:>8.3f} | {sum(sizes.values()):>10,} |")
     print()
     print(
@@ -116,6 +124,36 @@ def main() -> None:
     )
     total_bytes = sum(sizes.values())
     print(f"target: all objects < 2 MB -> {total_bytes:,} bytes ({'met' if total_bytes < 2_000_000 else 'NOT met'})")
+    print()
+    receiver_table(source, args.runs)
+
+
+#: Receiver kinds: the transfer syntaxes a destination accepts for SEG and SC (uncompressed always).
+RECEIVER_KINDS = {
+    "JPEG-LS + JPEG (e.g. Orthanc, dcm4chee)": (JPEGLSLossless, JPEGBaseline8Bit, DeflatedExplicitVRLittleEndian),
+    "Deflate only (storescp +xd)": (DeflatedExplicitVRLittleEndian,),
+    "uncompressed only (storescp defaults)": (),
+}
+
+
+def receiver_table(source, runs: int) -> None:
+    """Bytes and encode time of the default ``full`` profile per receiver kind, as delivery sends it
+    (``delivery._in_an_accepted_syntax``: own syntax, else Deflate, else uncompressed with a BINARY SEG)."""
+    print(f"Default profile {DEFAULT_PROFILES['full']} per receiver kind (bytes on the wire = Part 10 bytes the receiver writes):")
+    print()
+    print(f"| {'findings':>8} | {'receiver kind':<40} | {'SEG bytes':>11} | {'SC bytes':>11} | {'bundle bytes':>12} | {'encode s':>8} |")
+    print(f"|{'-' * 10}|{'-' * 42}|{'-' * 13}|{'-' * 13}|{'-' * 14}|{'-' * 10}|")
+    for findings in (0, 1, 10):
+        objects = build_bundle(source, make_result(source, n_findings=findings), DEFAULT_PROFILES["full"], uid_root=UID_ROOT, analysis_version=1)
+        for name, accepted in RECEIVER_KINDS.items():
+            assoc = SimpleNamespace(accepted_contexts=[build_context(o.sop_class_uid, [uid]) for o in objects for uid in (*accepted, ExplicitVRLittleEndian)])
+
+            def encode(objects=objects, assoc=assoc) -> dict[str, int]:
+                return {o.kind: len(part10(_in_an_accepted_syntax(assoc, o.dataset, o.sop_class_uid))) for o in objects}  # type: ignore[arg-type]
+
+            seconds = median_seconds(encode, max(1, runs // 3))[0]
+            sent = encode()
+            print(f"| {findings:>8} | {name:<40} | {sent.get('seg', 0):>11,} | {sent['sc']:>11,} | {sum(sent.values()):>12,} | {seconds:>8.3f} |")
 
 
 def part10(dataset) -> bytes:

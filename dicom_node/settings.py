@@ -174,9 +174,9 @@ class OutputSettings:
     default_profile: str = "full"
     #: Institution Name written into every result object (empty: none).
     institution_name: str = ""
-    #: Regions in the TID 1500 SR besides the findings: "grounded" (only those a finding is grounded
-    #: to, what a viewer should draw) or "all" (every located region, for machine readers).
-    sr_anatomy: str = "grounded"
+    #: Regions in the TID 1500 SR besides the findings: "findings" (none: a viewer draws the findings
+    #: only), "grounded" (those a finding is grounded to) or "all" (every located region).
+    sr_anatomy: str = "findings"
     #: Named profiles: name -> object kinds, merged over the built-in ones
     #: (e.g. profiles = { my-pacs = ["gsps", "text_sr"] }).
     profiles: dict[str, tuple[str, ...]] = field(default_factory=dict)

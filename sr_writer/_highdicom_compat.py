@@ -94,15 +94,32 @@ def install_frame_encoder(use: Callable[[np.ndarray, dict], bool], encode: Calla
 # ---- 3.-5. construct, then patch --------------------------------------------------------------
 
 
-def set_projection_geometry(seg: Dataset, source: Dataset, pixel_spacing: list[float]) -> None:
-    """PatientOrientation from the source, and the shared Plane Orientation and Pixel Measures."""
-    if "PatientOrientation" in source:
-        seg.PatientOrientation = source.PatientOrientation
+def set_projection_geometry(seg: Dataset, source: Dataset, pixel_spacing: list[float] | None) -> None:
+    """Patient Orientation (empty), the shared Plane Orientation, Pixel Measures and Frame Anatomy.
+
+    * Patient Orientation (General Image, Type 2C, required without Image Position/Orientation): empty,
+      meaning "not stated here"; the referenced source image states it. pixelmed's 2022 tables give it
+      VM 1, so the source's two values (VM 2, as the standard says) were an error there.
+    * Plane Orientation and Pixel Measures: OHIF 3.12/3.13 cannot load a projection SEG without them.
+      Pixel Spacing from the source (``pixel_spacing``); where the source states none, a nominal 1\\1:
+      a SEG without it is drawn by OHIF 3.13 but cannot be read by highdicom (``segread`` requires Pixel
+      Spacing in Pixel Measures), so the nominal value stays (docs/results.md).
+    * Frame Anatomy (Frame Laterality U, unpaired, region chest): pixelmed requires General Series
+      Laterality unless some Frame/Image Laterality is present, and the chest is unpaired, so
+      Laterality itself must be absent (dciodvfy: "present when condition unsatisfied").
+    """
+    if "PatientOrientation" in seg:
+        del seg.PatientOrientation
+    seg.PatientOrientation = None
     shared = seg.SharedFunctionalGroupsSequence[0]
     shared.PlaneOrientationSequence = hd.PlaneOrientationSequence(coordinate_system="PATIENT", image_orientation=[1, 0, 0, 0, 1, 0])
     # Always replace: highdicom copies the source's PixelSpacing even when it is 0\0 (RG1).
-    # SliceThickness: projection images have no slab; a nominal positive value.
-    shared.PixelMeasuresSequence = hd.PixelMeasuresSequence(pixel_spacing=pixel_spacing, slice_thickness=1)
+    shared.PixelMeasuresSequence = hd.PixelMeasuresSequence(pixel_spacing=pixel_spacing or [1.0, 1.0], slice_thickness=1)
+    anatomy, region = Dataset(), Dataset()
+    region.CodeValue, region.CodingSchemeDesignator, region.CodeMeaning = "816094009", "SCT", "Chest"
+    anatomy.AnatomicRegionSequence = [region]
+    anatomy.FrameLaterality = "U"
+    shared.FrameAnatomySequence = [anatomy]
 
 
 def as_basic_text_sr(sr: Dataset) -> Dataset:

@@ -76,7 +76,7 @@ def assemble_bundle(
     uid_root: str,
     analysis_version: int,
     institution_name: str = "",
-    sr_anatomy: str = "grounded",
+    sr_anatomy: str = "findings",
 ) -> Bundle:
     """Build the requested objects and return them with the warnings (nothing is logged here)."""
     ordered = check_kinds(kinds)
@@ -90,6 +90,8 @@ def assemble_bundle(
             warnings.append(f"{kind} skipped: the result has no report")
         elif needs == "boxes" and not ctx.boxed:
             warnings.append(f"{kind} skipped: the result has no box inside the image")
+        elif needs == "finding_boxes" and not ctx.finding_boxes:
+            pass  # no finding located: nothing to segment (a normal study); not a problem worth a warning
         elif needs == "results":
             referencing.append(kind)
         else:
@@ -119,7 +121,7 @@ def build_bundle(
     uid_root: str,
     analysis_version: int,
     institution_name: str = "",
-    sr_anatomy: str = "grounded",
+    sr_anatomy: str = "findings",
 ) -> list[BuiltObject]:
     """The result objects for one source image, in send order; warnings are logged (no patient data)."""
     bundle = assemble_bundle(

@@ -52,7 +52,13 @@ MODEL_OUTPUTS_SECTION = Code("MODELOUTPUTS", PRIVATE_SCHEME, "AI image classific
 #: Algorithm family (CID 7162) for SEG/GSPS algorithm identification.
 ARTIFICIAL_INTELLIGENCE = Code("123110", "DCM", "Artificial Intelligence")  # pydicom
 #: Procedure Reported when the study carries no Procedure Code Sequence (IHE AIR).
-XR_CHEST_SINGLE_VIEW = Code("36554-4", "LN", "XR Chest Single view")
+#: Procedure reported when the study names none: the CID 100 member for projection radiography (TID 1500
+#: row 4 is DCID 100; LOINC 36554-4 "XR Chest Single view" is not in it, and pixelmed reports that as an
+#: error). The chest is stated by every group's finding site. docs/results.md.
+XR_UNSPECIFIED_BODY_REGION = Code("43468-8", "LN", "XR unspecified body region")  # pydicom, CID 100
+#: The whole-image group of a report without finding (tid1500.whole_image_group).
+NO_ABNORMALITY = Code("111286", "DCM", "No abnormality")  # pydicom, CID 6030/6031
+CHEST = Code("816094009", "SCT", "Chest")  # pydicom
 OF_INTEREST = Code("113000", "DCM", "Of Interest")  # KOS document title, pydicom
 #: Contributing Equipment purpose (IHE AIR): highdicom accepts only CID 7005, so set after construction.
 PROCESSING_ALGORITHM = Code("Newcode1", IHE_SCHEME, "Processing Algorithm")

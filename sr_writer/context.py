@@ -41,6 +41,8 @@ class Annotation:
     sites: tuple[codes.AnatomicSite, ...]
     probability: float | None = None
     text: str = ""
+    #: What it is, without probability ("Cardiomegaly", "Heart"): the SEG segment label.
+    name: str = ""
 
     @property
     def is_region(self) -> bool:
@@ -86,7 +88,7 @@ class BundleContext:
     report_findings: str = ""
     report_impression: str = ""
     #: Which regions the TID 1500 SR's measurement groups hold: one of ``kinds.SR_ANATOMY_MODES``.
-    sr_anatomy: str = "grounded"
+    sr_anatomy: str = "findings"
 
     # ---- identity ------------------------------------------------------------------------------
     @property
@@ -126,12 +128,14 @@ class BundleContext:
             "manufacturer": MANUFACTURER,
         }
 
-    def series_description(self, kind: str) -> str:
-        """LO (64): "AnatomiX: AI findings (TID 1500 SR) v2", or the demo warning first when demo."""
+    def series_description(self, kind: str, detail: str = "") -> str:
+        """LO (64), the kind first so that OHIF's narrow study browser tells the series apart, then
+        ``detail`` (e.g. "none"), then the AI mark: "Findings SEG - AI, DEMO WEIGHTS - NOT FOR CLINICAL
+        USE" or "Findings SR: none - AnatomiX AI v2, unverified" (at most 60 characters)."""
         version = f" v{self.analysis_version}" if self.analysis_version > 1 else ""
-        if self.demo:
-            return truncate(f"{DEMO_MARK} {KINDS[kind].title}", "LO")
-        return truncate(f"AnatomiX: {KINDS[kind].title}{version}", "LO")
+        head = KINDS[kind].title + (f": {detail}" if detail else "")
+        mark = f"AI{version}, {DEMO_MARK}" if self.demo else f"AnatomiX AI{version}, unverified"
+        return truncate(f"{head} - {mark}", "LO")
 
     def content_description(self, what: str) -> str:
         text = f"{DEMO_MARK}: {what}" if self.demo else f"AnatomiX {what}, AI generated, not verified"
@@ -150,10 +154,17 @@ class BundleContext:
         return tuple(a for a in self.annotations if a.box is not None)
 
     @property
+    def finding_boxes(self) -> tuple[Annotation, ...]:
+        """The findings' boxes (what a viewer should draw at first opening), in ``boxed`` order."""
+        return tuple(a for a in self.boxed if not a.is_region)
+
+    @property
     def sr_boxed(self) -> tuple[Annotation, ...]:
         """The boxes the TID 1500 SR's measurement groups hold (``sr_anatomy``), in ``boxed`` order."""
         if self.sr_anatomy == "all":
             return self.boxed
+        if self.sr_anatomy == "findings":
+            return self.finding_boxes
         grounded = self.grounded_regions
         return tuple(a for a in self.boxed if not a.is_region or a in grounded)
 
@@ -168,13 +179,14 @@ class BundleContext:
         return tuple(a for a in self.annotations if a.box is None and not a.is_region)
 
     def procedure_reported(self) -> list[Code]:
-        """IHE AIR: the imaging procedure (study's Procedure Code Sequence), else LOINC XR chest 1 view."""
+        """IHE AIR: the imaging procedure (study's Procedure Code Sequence), else LOINC "XR unspecified
+        body region" (in CID 100, which TID 1500 row 4 names; "XR Chest Single view" is not)."""
         procedures = [
             Code(str(item.CodeValue), str(item.CodingSchemeDesignator), truncate(str(item.get("CodeMeaning", item.CodeValue)), "LO"))
             for item in self.source.get("ProcedureCodeSequence", [])
             if item.get("CodeValue") and item.get("CodingSchemeDesignator")
         ]
-        return procedures or [codes.XR_CHEST_SINGLE_VIEW]
+        return procedures or [codes.XR_UNSPECIFIED_BODY_REGION]
 
 
 def make_context(
@@ -184,7 +196,7 @@ def make_context(
     uid_root: str,
     analysis_version: int,
     institution_name: str = "",
-    sr_anatomy: str = "grounded",
+    sr_anatomy: str = "findings",
 ) -> BundleContext:
     """Check the inputs and build the shared annotations; ValueError names what is wrong."""
     if sr_anatomy not in SR_ANATOMY_MODES:
@@ -320,6 +332,7 @@ def build_annotations(result: AnalysisResult, uid_root: str, analysis_version: i
                 tracking_id=truncate(f"{region.id} {name}", "LO"),
                 tracking_uid=track(region.id),
                 label=truncate(display_region_name(region.index), "LO"),
+                name=truncate(display_region_name(region.index), "LO"),
                 box=box,
                 finding_type=codes.region_site(region.index).structure,
                 sites=(codes.region_site(region.index),),
@@ -375,6 +388,7 @@ def _finding_annotation(
         tracking_id=truncate(f"{key} {label_text}", "LO"),
         tracking_uid=tracking_uid,
         label=truncate(shown, "LO"),
+        name=truncate(label_text, "LO"),
         box=box,
         finding_type=finding_type,
         sites=sites,

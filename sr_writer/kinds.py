@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 #: What a kind needs from the result besides the source image: nothing more, the report text, at
-#: least one box inside the image, or the other objects of the bundle (which it references).
-Needs = Literal["nothing", "report", "boxes", "results"]
+#: least one box inside the image, at least one finding box inside the image, or the other objects of
+#: the bundle (which it references).
+Needs = Literal["nothing", "report", "boxes", "finding_boxes", "results"]
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class ObjectKind:
     builder_path: str
     #: Series Number of its series in the source study (fixed per kind, so viewers sort them stably).
     series_number: int
-    #: Series Description, after "AnatomiX: " (or after the demo banner).
+    #: Series Description, first (the kind, so OHIF's narrow study browser tells series apart), then the mark.
     title: str
     needs: Needs
     #: Position in the send order (lower goes first).
@@ -45,12 +46,13 @@ class ObjectKind:
 
 
 _KINDS = (
-    ObjectKind("sr", "sr_writer.tid1500:build_tid1500_sr", 9901, "AI findings (TID 1500 SR)", "nothing", 0),
-    ObjectKind("text_sr", "sr_writer.text_sr:build_text_sr", 9902, "AI draft report", "report", 2),
-    ObjectKind("seg", "sr_writer.seg:build_seg", 9903, "AI regions (SEG)", "boxes", 1),
-    ObjectKind("gsps", "sr_writer.gsps:build_gsps", 9904, "AI overlay (GSPS)", "boxes", 3),
-    ObjectKind("sc", "sr_writer.sc:build_sc", 9905, "AI overlay image", "boxes", 4),
-    ObjectKind("kos", "sr_writer.kos:build_kos", 9906, "AI key objects", "results", 5),
+    ObjectKind("sr", "sr_writer.tid1500:build_tid1500_sr", 9901, "Findings SR", "nothing", 0),
+    ObjectKind("text_sr", "sr_writer.text_sr:build_text_sr", 9902, "Report text SR", "report", 3),
+    ObjectKind("seg", "sr_writer.seg:build_seg", 9903, "Findings SEG", "finding_boxes", 1),
+    ObjectKind("anatomy_seg", "sr_writer.seg:build_anatomy_seg", 9907, "Anatomy SEG", "boxes", 2),
+    ObjectKind("gsps", "sr_writer.gsps:build_gsps", 9904, "Overlay GSPS", "boxes", 4),
+    ObjectKind("sc", "sr_writer.sc:build_sc", 9905, "Overlay image SC", "boxes", 5),
+    ObjectKind("kos", "sr_writer.kos:build_kos", 9906, "Key objects KOS", "results", 6),
 )
 
 #: Kind name -> its entry, in send order.
@@ -59,11 +61,12 @@ KINDS: dict[str, ObjectKind] = {kind.name: kind for kind in sorted(_KINDS, key=l
 SEND_ORDER: tuple[str, ...] = tuple(KINDS)
 
 
-#: What the TID 1500 SR's measurement groups hold besides the findings' boxes. "grounded": only the
-#: regions a located finding is grounded to (what a viewer such as OHIF should draw: it draws every
-#: group, so 36 region boxes bury the findings); "all": every located region. The full anatomy is in
-#: the SEG and in the GSPS's ANATOMY layer either way, and every region sentence in the text SR.
-SR_ANATOMY_MODES: tuple[str, ...] = ("grounded", "all")
+#: What the TID 1500 SR's measurement groups hold besides the findings' boxes. "findings" (the default):
+#: nothing more: OHIF draws every group with its label, so a first opening shows the findings only;
+#: "grounded": also the regions a located finding is grounded to; "all": every located region. The full
+#: anatomy is in the anatomy SEG (kind ``anatomy_seg``) and the GSPS's ANATOMY layer either way, and
+#: every region sentence in the text SR.
+SR_ANATOMY_MODES: tuple[str, ...] = ("findings", "grounded", "all")
 
 
 def send_rank(name: str) -> int:

@@ -34,13 +34,15 @@ pixel-exactly.
 from __future__ import annotations
 
 import contextvars
+import copy
 from concurrent.futures import ThreadPoolExecutor
 from itertools import combinations
 
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.uid import JPEGLSLossless, RLELossless
+from pydicom.pixels import pack_bits
+from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, RLELossless
 
 from inference.result import Box
 from sr_writer import codes
@@ -156,7 +158,7 @@ def segment_description(number: int, annotation: Annotation, algorithm: hd.Algor
         category, property_type = codes.MORPHOLOGICALLY_ABNORMAL_STRUCTURE, annotation.finding_type
     description = hd.seg.SegmentDescription(
         segment_number=number,
-        segment_label=annotation.label,
+        segment_label=annotation.name or annotation.label,
         segmented_property_category=category,
         segmented_property_type=property_type,
         algorithm_type="AUTOMATIC",
@@ -176,27 +178,39 @@ def segment_description(number: int, annotation: Annotation, algorithm: hd.Algor
     return description
 
 
-def pixel_spacing_for(source: Dataset) -> list[float]:
-    """(row, column) spacing for the SEG: calibrated PixelSpacing if non-zero, else ImagerPixelSpacing, else 1\\1."""
+def pixel_spacing_for(source: Dataset) -> list[float] | None:
+    """(row, column) spacing for the SEG: calibrated PixelSpacing if non-zero, else ImagerPixelSpacing,
+    else None (the SEG states no spacing the source lacks)."""
     for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
         value = source.get(keyword)
         if value is not None and len(value) == 2 and all(float(v) > 0 for v in value):
             return [float(value[0]), float(value[1])]
-    return [1.0, 1.0]
+    return None
 
 
 def build_seg(ctx: BundleContext, kind: str = "seg") -> Dataset:
-    """The SEG of all boxes (regions first, then findings)."""
-    annotations = ctx.boxed
+    """The findings' SEG: one segment per finding box, what a viewer should draw at first opening.
+
+    OHIF draws every segment of a SEG at once, filled; the anatomy (36 overlapping region boxes) buried
+    the findings, so it has its own object (:func:`build_anatomy_seg`, kind ``anatomy_seg``)."""
+    return _build_box_seg(ctx, kind, ctx.finding_boxes, "finding boxes", "AI_FINDINGS")
+
+
+def build_anatomy_seg(ctx: BundleContext, kind: str = "anatomy_seg") -> Dataset:
+    """The anatomy SEG: one segment per located region (for a profile that asks for it)."""
+    return _build_box_seg(ctx, kind, tuple(a for a in ctx.boxed if a.is_region), "anatomical region boxes", "AI_ANATOMY")
+
+
+def _build_box_seg(ctx: BundleContext, kind: str, annotations: tuple[Annotation, ...], what: str, label: str) -> Dataset:
     if not annotations:
-        raise ValueError("result has no box inside the image: nothing to segment")
+        raise ValueError(f"result has no {what} inside the image: nothing to segment")
     algorithm = hd.AlgorithmIdentificationSequence(name=ctx.algorithm_name, family=codes.ARTIFICIAL_INTELLIGENCE, version=ctx.algorithm_version)
     descriptions = [segment_description(n, a, algorithm) for n, a in enumerate(annotations, start=1)]
     slices = [box_pixel_slice(a.box, ctx.rows, ctx.columns) for a in annotations]
     token = BOX_OVERLAP.set("YES" if boxes_overlap(slices) else "NO")
     rle = _FAST_RLE.set(True)
     try:
-        seg = _construct(ctx, kind, annotations, descriptions)
+        seg = _construct(ctx, kind, annotations, descriptions, what, label)
     finally:
         _FAST_RLE.reset(rle)
         BOX_OVERLAP.reset(token)
@@ -212,14 +226,14 @@ SEG_TRANSFER_SYNTAX = JPEGLSLossless
 ENCODE_THREADS = 2
 
 
-def _construct(ctx: BundleContext, kind: str, annotations: tuple[Annotation, ...], descriptions: list) -> Dataset:
+def _construct(ctx: BundleContext, kind: str, annotations: tuple[Annotation, ...], descriptions: list, what: str, label: str) -> Dataset:
     if SEG_TRANSFER_SYNTAX == RLELossless:
-        return _construct_with(ctx, kind, annotations, descriptions, 0)
+        return _construct_with(ctx, kind, annotations, descriptions, 0, what, label)
     with ThreadPoolExecutor(ENCODE_THREADS) as pool:
-        return _construct_with(ctx, kind, annotations, descriptions, pool)
+        return _construct_with(ctx, kind, annotations, descriptions, pool, what, label)
 
 
-def _construct_with(ctx: BundleContext, kind: str, annotations: tuple[Annotation, ...], descriptions: list, workers) -> Dataset:
+def _construct_with(ctx: BundleContext, kind: str, annotations: tuple[Annotation, ...], descriptions: list, workers, what: str, label: str) -> Dataset:
     return BoxSegmentation(
         source_images=[ctx.source],
         pixel_array=box_masks(annotations, ctx.rows, ctx.columns),
@@ -233,7 +247,40 @@ def _construct_with(ctx: BundleContext, kind: str, annotations: tuple[Annotation
         manufacturer_model_name=ctx.algorithm_name,
         software_versions=ctx.algorithm_version,
         device_serial_number=DEVICE_SERIAL_NUMBER,
-        content_label=code_string("DEMO_WEIGHTS" if ctx.demo else "AI_REGIONS"),
-        content_description=ctx.content_description("region boxes"),
+        content_label=code_string("DEMO_WEIGHTS" if ctx.demo else label),
+        content_description=ctx.content_description(what),
         omit_empty_frames=False,
     )
+
+
+def as_binary_seg(seg: Dataset) -> Dataset:
+    """Our pseudo-binary SEG (FRACTIONAL OCCUPANCY, 0/255) as a BINARY SEG (1 bit per pixel, Explicit VR
+    Little Endian): the same masks, segments, tracking UIDs and references, an eighth of the bytes.
+
+    For a destination that takes no compressed transfer syntax (and not Deflated) for SEG: uncompressed,
+    our 8-bit frames are rows x columns bytes each (RG1: 3.6 MB per finding box); bit-packed, 0.45 MB.
+    A SEG of a projection image without a Frame of Reference must keep the source's pixel grid, so this
+    is the smallest standard form. It keeps the SOP Instance UID, as every decompressed copy the node
+    sends does (tests/dicom_node/test_delivery_keeps_uids.py): the same masks in another encoding, so a
+    re-send is recognised as the same instance and the PACS holds one copy; one destination only ever
+    gets one of the two forms (its negotiation decides).
+    """
+    if seg.get("SegmentationType") != "FRACTIONAL" or int(seg.get("MaximumFractionalValue", 0)) != 255:
+        raise ValueError("as_binary_seg expects our pseudo-binary SEG (FRACTIONAL, maximum fractional value 255)")
+    frames = seg.pixel_array.reshape(-1, int(seg.Rows), int(seg.Columns))
+    if not set(np.unique(frames).tolist()) <= {0, 255}:
+        raise ValueError("the SEG holds fractional values other than 0 and 255: it is not a box mask")
+    binary = copy.deepcopy(seg)
+    del binary.PixelData  # the decoded copy is not needed; the packed bits replace it
+    packed = pack_bits(frames > 0, pad=True)
+    binary.SegmentationType = "BINARY"
+    for keyword in ("SegmentationFractionalType", "MaximumFractionalValue"):
+        if keyword in binary:
+            delattr(binary, keyword)
+    binary.BitsAllocated, binary.BitsStored, binary.HighBit = 1, 1, 0
+    binary.LossyImageCompression = seg.get("LossyImageCompression", "00")
+    binary.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    binary.PixelData = packed
+    binary["PixelData"].VR = "OB"
+    binary["PixelData"].is_undefined_length = False
+    return binary

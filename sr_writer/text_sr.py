@@ -14,6 +14,8 @@ allows: CONTAINER, TEXT, CODE, UIDREF; no NUM, no SCOORD)::
         TEXT Comment (DCM 121106): what follows (demo warning first for demo weights)
         TEXT Finding per image-level label, highest probability first: "Cardiomegaly: probability 0.91"
         TEXT Finding per region with a retrieved sentence, region order: "Heart: <sentence>"
+        (Continuity of Content SEPARATE: a list, one item per line; the two report sections stay
+        CONTINUOUS sentences)
 
 The third section's heading is ours because CID 7001 (extensible) has no heading for raw model outputs;
 its items use the CID 7002 concept "Finding" like the Findings section, so TID 2000 readers show them
@@ -61,7 +63,9 @@ def model_outputs_section(ctx: BundleContext) -> ContainerContentItem | None:
         parts.append("the sentence the model retrieved for each anatomical region")
     listed = "; then ".join(parts)
     note = f"{prefix}{AI_NOTE} {listed[:1].upper()}{listed[1:]}."
-    container = ContainerContentItem(name=codes.MODEL_OUTPUTS_SECTION, relationship_type="CONTAINS")
+    # SEPARATE: each item is its own statement, one per line (OHIF and dsr2html run CONTINUOUS items
+    # together into one paragraph: 14 probabilities and 36 sentences read as one run-on line).
+    container = ContainerContentItem(name=codes.MODEL_OUTPUTS_SECTION, relationship_type="CONTAINS", is_content_continuous=False)
     items = [TextContentItem(name=codes.COMMENT, value=note, relationship_type="CONTAINS")]
     items += [TextContentItem(name=codes.FINDING, value=line, relationship_type="CONTAINS") for line in lines]
     container.ContentSequence = ContentSequence(items)

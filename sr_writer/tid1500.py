@@ -3,7 +3,7 @@
 Content tree::
 
     TID 1500 Imaging Measurement Report
-      Procedure Reported: the study's procedure, else LOINC 36554-4
+      Procedure Reported: the study's procedure, else LOINC 43468-8 "XR unspecified body region" (CID 100)
       Observer: device (the model, UID = model Device UID)
       Imaging Measurements
         TID 1410 Planar ROI group per finding box and per region box the SR shows (``sr_anatomy``:
@@ -70,7 +70,6 @@ from highdicom.sr import (
     ImageRegion,
     Measurement,
     MeasurementReport,
-    MeasurementsAndQualitativeEvaluations,
     ObservationContext,
     PlanarROIMeasurementsAndQualitativeEvaluations,
     QualitativeEvaluation,
@@ -83,7 +82,7 @@ from pydicom.dataset import Dataset
 from inference.result import Box
 from sr_writer import codes
 from sr_writer._highdicom_compat import attach_content
-from sr_writer.context import Annotation, BundleContext, ImageLabel
+from sr_writer.context import Annotation, BundleContext, ImageLabel, tracking_uid
 from sr_writer.equipment import apply_common_attributes, device_observer
 from sr_writer.identity import DEMO_MARK
 
@@ -119,30 +118,26 @@ def build_tid1500_sr(ctx: BundleContext, kind: str = "sr", sr_class: type = hd.s
         if annotation.is_region and annotation.text:
             group[0].ContentSequence.append(retrieved_sentence_item(annotation.text))
         groups.append(group)
+    if not groups:
+        # OHIF 3.13 opens every TID 1500 document in its measurement viewport, which reads the first
+        # measurement without a guard: a report with no group crashes it. A normal study therefore gets
+        # one group that states the result for the whole analysed image (see whole_image_group).
+        groups.append(whole_image_group(ctx, algorithm, source_image))
     observer = device_observer(ctx)
     evaluations = qualitative_evaluations_container(ctx)
-    if not groups and evaluations is None:
-        raise ValueError("result has no located region, no finding and no image label: a TID 1500 report would be empty")
     observation_context = ObservationContext(observer_device_context=observer)
-    # highdicom insists on at least one measurement group; TID 1500 needs Imaging Measurements or
-    # Qualitative Evaluations. With no box at all, build around a placeholder group and drop its container.
-    placeholder = [] if groups else [placeholder_group(algorithm)]
     report = MeasurementReport(
         observation_context=observation_context,
         procedure_reported=ctx.procedure_reported(),
-        imaging_measurements=groups or placeholder,
+        imaging_measurements=groups,
     )
-    if placeholder:
-        report[0].ContentSequence = ContentSequence([i for i in report[0].ContentSequence if i.ConceptNameCodeSequence[0].CodeValue != IMAGING_MEASUREMENTS])
     if evaluations is not None:
         report[0].ContentSequence.append(evaluations)
     # highdicom's SR constructor deep-copies and re-parses the whole tree and searches it for
     # evidence (~1 s for 46 ROI groups). The templates above already validated every item, and the
     # only referenced instance is the source, which is the evidence; so construct the document around
     # the small header-only report and then attach the full content tree.
-    skeleton = MeasurementReport(
-        observation_context=observation_context, procedure_reported=ctx.procedure_reported(), imaging_measurements=groups[:1] or placeholder
-    )
+    skeleton = MeasurementReport(observation_context=observation_context, procedure_reported=ctx.procedure_reported(), imaging_measurements=groups[:1])
     sr = sr_class(
         evidence=[ctx.source],
         content=skeleton[0],
@@ -153,19 +148,40 @@ def build_tid1500_sr(ctx: BundleContext, kind: str = "sr", sr_class: type = hd.s
         is_verified=False,  # UNVERIFIED
     )
     attach_content(sr, report[0])
-    sr.SeriesDescription = ctx.series_description(kind)
+    nothing_found = not ctx.finding_boxes and not ctx.unboxed_findings
+    sr.SeriesDescription = ctx.series_description(kind, "none" if nothing_found else "")
     return apply_common_attributes(sr, ctx)
 
 
 IMAGING_MEASUREMENTS = "126010"
+#: Tracking identifier of the whole-image group (OHIF lists it in its measurement panel).
+NO_FINDING_TRACKING_ID = "No finding detected by AI"
+NOT_LOCALISED_TRACKING_ID = "Findings not localised by AI (whole image)"
 
 
-def placeholder_group(algorithm: AlgorithmIdentification) -> MeasurementsAndQualitativeEvaluations:
-    """A throwaway group, only so highdicom builds the report; its container is removed again."""
-    return MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=TrackingIdentifier(uid="1.2.3", identifier="placeholder"),
-        finding_type=codes.CLINICAL_FINDING,
+def whole_image_group(
+    ctx: BundleContext, algorithm: AlgorithmIdentification, source_image: SourceImageForRegion
+) -> PlanarROIMeasurementsAndQualitativeEvaluations:
+    """The TID 1410 group of a report that has no box: the analysed region (the whole image, a closed
+    POLYLINE along its border) with finding DCM 111286 "No abnormality" when the model stated no finding,
+    else SCT 404684003 "Finding" (the unlocalised findings are listed in Qualitative Evaluations).
+
+    Valid TID 1500 (a planar ROI group whose region is the image) and what OHIF 3.13 needs to open
+    the report: one drawable measurement referencing the source image. Its finding site is the chest,
+    the body part analysed, so OHIF's label reads "Chest"."""
+    columns, rows = float(ctx.columns), float(ctx.rows)
+    polyline = box_polyline(Box(0.0, 0.0, columns, rows))
+    nothing = not ctx.unboxed_findings
+    key = "whole-image"
+    return PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(
+            uid=tracking_uid(ctx.result, ctx.uid_root, ctx.analysis_version, key),
+            identifier=NO_FINDING_TRACKING_ID if nothing else NOT_LOCALISED_TRACKING_ID,
+        ),
+        referenced_region=ImageRegion(graphic_type="POLYLINE", graphic_data=polyline, source_image=source_image),
+        finding_type=codes.NO_ABNORMALITY if nothing else codes.CLINICAL_FINDING,
         algorithm_id=algorithm,
+        finding_sites=[FindingSite(anatomic_location=codes.CHEST)],
     )
 
 
@@ -202,7 +218,7 @@ def qualitative_evaluations_container(ctx: BundleContext) -> ContainerContentIte
         return None
     parts = []
     if left_out:
-        parts.append(left_out_regions_text(left_out, ctx.grounded_regions))
+        parts.append(left_out_regions_text(left_out, sum(1 for a in ctx.sr_boxed if a.is_region)))
     if labels:
         parts.append("image-level probabilities from the model's image classifier (a probability, not a statement that the finding is present)")
     if unboxed:
@@ -217,12 +233,12 @@ def qualitative_evaluations_container(ctx: BundleContext) -> ContainerContentIte
     return container
 
 
-def left_out_regions_text(left_out: int, grounded: tuple[Annotation, ...]) -> str:
+def left_out_regions_text(left_out: int, shown: int) -> str:
     """Why the SR draws fewer regions than the model located, and where they are."""
-    shown = f"the {len(grounded)} a finding is grounded to are" if grounded else "no finding is grounded to any, so none is"
+    which = f"the {shown} a finding is grounded to are" if shown else "none is"
     return (
-        f"{left_out} located anatomical regions are not measurement groups here ({shown} shown); "
-        "the AnatomiX segmentation (SEG) and presentation state (GSPS ANATOMY layer), where produced, "
+        f"{left_out} located anatomical regions are not measurement groups here ({which} shown); "
+        "the AnatomiX anatomy segmentation (SEG) and presentation state (GSPS ANATOMY layer), where produced, "
         "hold every region's box, and the AnatomiX draft report (text SR) every region's description"
     )
 

@@ -31,7 +31,8 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import Comprehensive3DSRStorage as COMPREHENSIVE_3D_SR
 from pydicom.uid import ComprehensiveSRStorage as COMPREHENSIVE_SR
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import SegmentationStorage as SEGMENTATION_STORAGE
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext, build_context
@@ -119,9 +120,10 @@ def sort_for_sending(objects: Sequence[OutgoingObject]) -> list[OutgoingObject]:
 def _contexts_for(datasets: Sequence[Dataset]) -> list[PresentationContext]:
     """One presentation context per SOP class (plus 88.33 whenever 88.34 is sent, for the fallback).
 
-    A compressed object (our SC is JPEG baseline, our SEG RLE) gets its own context proposing just its
-    syntax: an acceptor picks one syntax per context, so listed together with the uncompressed ones it
-    may pick those, and the object would be sent decompressed although the destination takes it as is.
+    A compressed object (our SC is JPEG baseline, our SEG JPEG-LS Lossless) gets a context proposing
+    just its syntax, then one proposing Deflated Explicit VR Little Endian (lossless, and box masks
+    deflate to almost nothing), then the uncompressed ones: an acceptor picks one syntax per context,
+    so listed together it may pick an uncompressed syntax although it takes a smaller one.
     """
     syntaxes: dict[str, list[str]] = {}
     compressed: dict[str, list[str]] = {}
@@ -129,15 +131,19 @@ def _contexts_for(datasets: Sequence[Dataset]) -> list[PresentationContext]:
         own = str(ds.file_meta.TransferSyntaxUID) if "TransferSyntaxUID" in getattr(ds, "file_meta", Dataset()) else None
         wanted = syntaxes.setdefault(str(ds.SOPClassUID), [])
         if own and pydicom.uid.UID(own).is_compressed:
-            if own not in compressed.setdefault(str(ds.SOPClassUID), []):
-                compressed[str(ds.SOPClassUID)].append(own)
+            alternatives = compressed.setdefault(str(ds.SOPClassUID), [])
+            for lossless in (own, DeflatedExplicitVRLittleEndian):
+                if lossless not in alternatives:
+                    alternatives.append(lossless)
             own = None
-        for uid in (own, ExplicitVRLittleEndian, ImplicitVRLittleEndian):
-            if uid and uid not in wanted:
-                wanted.append(uid)
+        for plain in (own, ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+            if plain and plain not in wanted:
+                wanted.append(plain)
     if COMPREHENSIVE_3D_SR in syntaxes:
         syntaxes.setdefault(COMPREHENSIVE_SR, list(syntaxes[COMPREHENSIVE_3D_SR]))
-    contexts = [build_context(sop_class, [uid]) for sop_class, uids in compressed.items() for uid in uids]
+    contexts = [
+        build_context(sop_class, [uid]) for sop_class, uids in compressed.items() for uid in sorted(uids, key=lambda u: u == DeflatedExplicitVRLittleEndian)
+    ]
     return contexts + [build_context(sop_class, transfer_syntaxes) for sop_class, transfer_syntaxes in syntaxes.items()]
 
 
@@ -181,10 +187,12 @@ def _tls_args(destination: RemoteNode) -> Any:
 
 
 def _in_an_accepted_syntax(assoc: Association, ds: Dataset, sop_class: str) -> Dataset:
-    """``ds``, or a decompressed copy when the destination accepted none of its compressed syntax.
+    """``ds`` in the smallest form the destination accepted for its SOP class.
 
-    Our SC is JPEG baseline and our SEG RLE Lossless (compact in the PACS); a destination that accepts
-    only uncompressed syntaxes for that class gets the pixels decompressed (Explicit VR LE).
+    Our SC is JPEG baseline and our SEG JPEG-LS Lossless (compact in the PACS). Where the destination
+    accepted neither that syntax nor Deflated Explicit VR Little Endian, it gets the pixels decompressed
+    (Explicit VR LE), and our pseudo-binary SEG as a BINARY SEG (1 bit per pixel, an eighth of the
+    bytes: :func:`sr_writer.seg.as_binary_seg`).
     """
     syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
     if not syntax or not pydicom.uid.UID(syntax).is_compressed:
@@ -192,10 +200,16 @@ def _in_an_accepted_syntax(assoc: Association, ds: Dataset, sop_class: str) -> D
     offered = {str(cx.transfer_syntax[0]) for cx in assoc.accepted_contexts if str(cx.abstract_syntax) == sop_class and cx.transfer_syntax}
     if syntax in offered:
         return ds
+    if sop_class == SEGMENTATION_STORAGE and ds.get("SegmentationType") == "FRACTIONAL" and DeflatedExplicitVRLittleEndian not in offered:
+        from sr_writer.seg import as_binary_seg
+
+        return as_binary_seg(ds)
     plain = copy.deepcopy(ds)  # the caller's dataset (and its file) stay compressed
     # Updates Transfer Syntax, Photometric Interpretation (YBR -> RGB) and lengths. Same SOP Instance UID:
     # pydicom would otherwise make a new one, and each delivery would leave another copy in the PACS.
     plain.decompress(generate_instance_uid=False)
+    if DeflatedExplicitVRLittleEndian in offered:
+        plain.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
     return plain
 
 

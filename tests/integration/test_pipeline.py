@@ -72,7 +72,8 @@ def referenced_uids(ds: pydicom.Dataset) -> set[str]:
 def check_results_in_pacs(orthanc: Orthanc, study_uid: str) -> None:
     source = pydicom.dcmread(RG1, stop_before_pixels=True)
     results = result_instances(orthanc, study_uid)
-    assert set(results) == {"sr", "text_sr", "seg", "gsps", "sc"}, {k: len(v) for k, v in results.items()}
+    # The findings SEG exists only when the model located a finding (tiny demo weights may locate none).
+    assert set(results) - {"seg"} == {"sr", "text_sr", "gsps", "sc"}, {k: len(v) for k, v in results.items()}
     assert all(len(v) == 1 for v in results.values()), {k: len(v) for k, v in results.items()}  # exactly one copy each
     for kind, [ds] in results.items():
         assert source.SOPInstanceUID in referenced_uids(ds), f"{kind} does not reference the source image"

@@ -37,8 +37,9 @@ def test_seg_is_jpeg_ls_pseudo_binary_and_sc_is_jpeg_baseline_and_both_read_back
     boxed = [o for o in case.bundle.objects if o.kind == "seg"][0].dataset
     assert seg.number_of_segments == len(boxed.SegmentSequence)
     first = seg.get_pixels_by_source_instance([case.source.SOPInstanceUID], segment_numbers=[1])[0, :, :, 0]
-    region = case.result.regions[0].box
-    rows, columns = box_pixel_slice(region, case.source.Rows, case.source.Columns)
+    # The SEG holds the findings' boxes only; segment 1 is the first finding's first box.
+    box = next(f.boxes[0] for f in case.result.findings if f.boxes)
+    rows, columns = box_pixel_slice(box, case.source.Rows, case.source.Columns)
     assert first[rows, columns].all() and (first > 0).sum() == (rows.stop - rows.start) * (columns.stop - columns.start)
     sc = pydicom.dcmread(case.paths["sc"])
     assert sc.file_meta.TransferSyntaxUID == JPEGBaseline8Bit and sc.PhotometricInterpretation == "YBR_FULL_422"

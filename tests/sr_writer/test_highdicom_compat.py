@@ -97,11 +97,11 @@ def test_the_fast_rle_path_runs_and_reads_back_exactly(ctx, monkeypatch: pytest.
         ours = seg_module.build_seg(ctx)
     finally:
         compat.install_frame_encoder(seg_module._use_fast_rle, encode)
-    assert len(used) == len(ctx.boxed), "the fast RLE encoder did not run for every frame"
+    assert len(used) == len(ctx.finding_boxes), "the fast RLE encoder did not run for every frame"
     assert ours.file_meta.TransferSyntaxUID == pydicom.uid.RLELossless
     read = hd.seg.segread(_written(ours, tmp_path))
-    expected = seg_module.box_masks(ctx.boxed, ctx.rows, ctx.columns)[0]
-    numbers = list(range(1, len(ctx.boxed) + 1))
+    expected = seg_module.box_masks(ctx.finding_boxes, ctx.rows, ctx.columns)[0]
+    numbers = list(range(1, len(ctx.finding_boxes) + 1))
     decoded = read.get_pixels_by_source_instance([str(ctx.source.SOPInstanceUID)], segment_numbers=numbers)[0]
     assert np.array_equal(decoded > 0, expected.astype(bool))
 

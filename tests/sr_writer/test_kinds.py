@@ -70,7 +70,7 @@ def test_no_second_table_of_kinds() -> None:
 
 
 @pytest.mark.parametrize("text", [
-    'ORDER = ("sr", "seg", "text_sr", "gsps", "sc", "kos")\n',
+    'ORDER = ("sr", "seg", "anatomy_seg", "text_sr", "gsps", "sc", "kos")\n',
     'NUMBERS = {"sr": 1, "seg": 2, "kos": 3}\n',
 ])  # fmt: skip
 def test_the_scan_sees_a_copy(tmp_path: Path, text: str) -> None:

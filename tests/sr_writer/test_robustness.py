@@ -279,7 +279,7 @@ def test_missing_sentences_and_labels_add_nothing_and_blank_ones_count_as_missin
     regions[4] = dataclasses.replace(regions[4], retrieved_sentence="  The cardiac   silhouette is normal.\n")
     regions[11] = dataclasses.replace(regions[11], retrieved_sentence="   ")
     regions[20] = dataclasses.replace(regions[20], box=None, retrieved_sentence="The right lung is clear.")  # not located
-    sr, text_sr = (o.dataset for o in build(rg1, dataclasses.replace(result, regions=tuple(regions)), ("sr", "text_sr")).objects)
+    sr, text_sr = (o.dataset for o in build(rg1, dataclasses.replace(result, regions=tuple(regions)), ("sr", "text_sr"), sr_anatomy="grounded").objects)
     assert sr_comments(sr) == ["The cardiac silhouette is normal."]  # the unlocated region has no group to carry it
     assert image_label_identifiers(sr) == []
     assert model_output_texts(text_sr)[1:] == ["Heart: The cardiac silhouette is normal.", "Right lung: The right lung is clear."]
@@ -318,7 +318,7 @@ def test_non_latin_sentences_and_labels_switch_the_objects_to_utf8(rg1: pydicom.
     result = make_result(rg1, n_findings=1, image_labels={"Καρδιομεγαλία": 0.4})
     regions = list(result.regions)
     regions[4] = dataclasses.replace(regions[4], retrieved_sentence=greek)
-    bundle = build(rg1, dataclasses.replace(result, regions=tuple(regions)), ("sr", "text_sr"))
+    bundle = build(rg1, dataclasses.replace(result, regions=tuple(regions)), ("sr", "text_sr"), sr_anatomy="grounded")
     for built in bundle.objects:
         assert built.dataset.SpecificCharacterSet == "ISO_IR 192", built.kind
         path = tmp_path / f"{built.kind}.dcm"

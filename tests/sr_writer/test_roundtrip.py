@@ -43,11 +43,19 @@ def finding_sites(annotations) -> set:
     return {site for a in annotations if not a.is_region for site in a.sites}
 
 
-def test_sr_holds_every_finding_box_and_only_the_regions_a_finding_is_grounded_to(case: BuiltCase) -> None:
-    """OHIF draws every measurement group: 36 region boxes would bury the findings. The default SR
-    holds each located finding and each located region whose site a finding names; its Qualitative
-    Evaluations comment counts the regions left out and says where they are."""
+def test_default_sr_holds_only_the_finding_boxes(case: BuiltCase) -> None:
+    """OHIF draws every measurement group: the default SR ("findings") holds the located findings only."""
     sr = hd.sr.srread(case.paths["sr"])
+    uids = {str(g.tracking_uid) for g in sr.content.get_planar_roi_measurement_groups()}
+    assert uids == {a.tracking_uid for a in expected_annotations(case) if not a.is_region and a.box is not None}
+    [comment] = [text for value, _, text in qualitative_evaluation_texts(sr) if value == codes.COMMENT.value]
+    assert "36 located anatomical regions are not measurement groups here (none is shown)" in comment
+
+
+def test_grounded_sr_holds_every_finding_box_and_only_the_regions_a_finding_is_grounded_to(case: BuiltCase, tmp_path) -> None:
+    """``sr_anatomy = "grounded"``: each located finding and each located region whose site a finding
+    names; its Qualitative Evaluations comment counts the regions left out and says where they are."""
+    sr = sr_with_anatomy(case, tmp_path, "grounded")
     uids = {str(g.tracking_uid) for g in sr.content.get_planar_roi_measurement_groups()}
     annotations = expected_annotations(case)
     findings = [a for a in annotations if not a.is_region and a.box is not None]
@@ -60,15 +68,22 @@ def test_sr_holds_every_finding_box_and_only_the_regions_a_finding_is_grounded_t
     assert uids == {a.tracking_uid for a in findings + grounded}
     [comment] = [text for value, _, text in qualitative_evaluation_texts(sr) if value == codes.COMMENT.value]
     assert f"{36 - len(grounded)} located anatomical regions are not measurement groups here (the {len(grounded)} a finding" in comment
-    assert "segmentation (SEG)" in comment
+    assert "anatomy segmentation (SEG)" in comment
     seg_uids = {str(s.TrackingUID) for s in pydicom.dcmread(case.paths["seg"]).SegmentSequence}
-    assert {a.tracking_uid for a in regions} <= seg_uids, "the SEG keeps the full anatomy"
+    assert seg_uids == {a.tracking_uid for a in findings}, "the SEG holds the findings only (what is seen at once)"
+    anatomy = assemble_bundle(case.source, case.result, ["anatomy_seg"], uid_root=UID_ROOT, analysis_version=1).objects[0].dataset
+    assert {str(s.TrackingUID) for s in anatomy.SegmentSequence} == {a.tracking_uid for a in regions}, "the anatomy SEG keeps it"
 
 
 def sr_with_all_anatomy(case: BuiltCase, directory) -> hd.sr.Comprehensive3DSR:
     """The case's SR built with ``sr_anatomy = "all"``, read back."""
-    bundle = assemble_bundle(case.source, case.result, ["sr"], uid_root=UID_ROOT, analysis_version=1, sr_anatomy="all")
-    path = directory / "sr-all.dcm"
+    return sr_with_anatomy(case, directory, "all")
+
+
+def sr_with_anatomy(case: BuiltCase, directory, mode: str) -> hd.sr.Comprehensive3DSR:
+    """The case's SR built with ``sr_anatomy = mode``, read back."""
+    bundle = assemble_bundle(case.source, case.result, ["sr"], uid_root=UID_ROOT, analysis_version=1, sr_anatomy=mode)
+    path = directory / f"sr-{mode}.dcm"
     bundle.objects[0].dataset.save_as(path, enforce_file_format=True)
     return hd.sr.srread(path)
 
@@ -81,14 +96,20 @@ def test_sr_anatomy_all_keeps_every_region(case: BuiltCase, tmp_path) -> None:
 
 
 def test_sr_of_a_result_without_findings_says_where_the_anatomy_is(case: BuiltCase, tmp_path) -> None:
-    """No finding: nothing for a viewer to draw, and the report still builds (its comment is the content)."""
+    """No finding: one whole-image group says so (OHIF 3.13 crashes on a report without any group), and
+    the comment says where the anatomy is."""
     result = replace(case.result, findings=(), image_labels={})
     [built] = assemble_bundle(case.source, result, ["sr"], uid_root=UID_ROOT, analysis_version=1).objects
-    assert not [i for i in built.dataset.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010"]
+    [measurements] = [i for i in built.dataset.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010"]
+    [group] = measurements.ContentSequence
+    names = {i.ConceptNameCodeSequence[0].CodeValue: i for i in group.ContentSequence}
+    assert names["121071"].ConceptCodeSequence[0].CodeValue == codes.NO_ABNORMALITY.value
+    assert names["112039"].TextValue == "No finding detected by AI"
+    assert built.dataset.SeriesDescription.startswith("Findings SR: none - AI, DEMO WEIGHTS")
     [(value, _, text)] = qualitative_evaluation_texts(built.dataset)
     assert value == codes.COMMENT.value
-    assert "36 located anatomical regions are not measurement groups here (no finding is grounded to any, so none is shown)" in text
-    with pytest.raises(ValueError, match="sr_anatomy 'none' must be one of grounded, all"):
+    assert "36 located anatomical regions are not measurement groups here (none is shown)" in text
+    with pytest.raises(ValueError, match="sr_anatomy 'none' must be one of findings, grounded, all"):
         assemble_bundle(case.source, result, ["sr"], uid_root=UID_ROOT, analysis_version=1, sr_anatomy="none")
 
 
@@ -164,11 +185,11 @@ def test_sr_finding_site_meaning_names_the_side_and_keeps_the_laterality_modifie
     assert meanings["Heart"] is None
 
 
-def test_sr_roundtrip_finds_each_region_sentence_in_its_region_group(case: BuiltCase) -> None:
-    sr = hd.sr.srread(case.paths["sr"])
+def test_sr_roundtrip_finds_each_region_sentence_in_its_region_group(case: BuiltCase, tmp_path) -> None:
+    sr = sr_with_anatomy(case, tmp_path, "grounded")
     sentences = {case.result.regions[i].index: case.result.regions[i].retrieved_sentence for i in range(len(case.result.regions))}
     assert all(sentences.values()) and len(sentences) == 36
-    regions = {a.tracking_uid: a for a in expected_context(case).sr_boxed if a.is_region}
+    regions = {a.tracking_uid: a for a in expected_context(case).grounded_regions}
     sentences = {index: s for index, s in sentences.items() if any(a.key == f"region-{index:02d}" for a in regions.values())}
     assert sentences, "some region is grounded"
     found = {}
@@ -192,14 +213,14 @@ def test_sr_header_follows_ihe_air(case: BuiltCase) -> None:
     assert equipment.DeviceUID == case.result.model.device_uid
     assert equipment.ManufacturerModelName == case.result.model.name and equipment.SoftwareVersions == case.result.model.version
     procedure = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "121058"][0]
-    assert procedure.ConceptCodeSequence[0].CodeValue == "36554-4"  # RG1 has no Procedure Code Sequence
+    assert procedure.ConceptCodeSequence[0].CodeValue == "43468-8"  # RG1 has no Procedure Code Sequence: CID 100's XR
     designators = {i.CodingSchemeDesignator for i in sr.CodingSchemeIdentificationSequence}
     assert {"99ANATOMIX", "99IHE"} <= designators
 
 
 def test_seg_roundtrip_masks_and_tracking_uids(case: BuiltCase) -> None:
     seg = hd.seg.segread(case.paths["seg"])
-    boxed = [a for a in expected_annotations(case) if a.box is not None]
+    boxed = [a for a in expected_annotations(case) if a.box is not None and not a.is_region]
     numbers = list(seg.segment_numbers)
     assert len(numbers) == len(boxed)
     assert seg.SegmentationType == "FRACTIONAL" and seg.SegmentationFractionalType == "OCCUPANCY"  # 0/255: see sr_writer/seg.py
@@ -229,7 +250,8 @@ def test_seg_carries_the_geometry_ohif_needs_and_never_zero_spacing(case: BuiltC
         assert spacing == [0.143, 0.143]  # from ImagerPixelSpacing
     else:
         assert spacing == [1.0, 1.0]  # RG1's PixelSpacing is 0\0
-    assert list(seg.PatientOrientation) == list(case.source.PatientOrientation)
+    assert seg.PatientOrientation in (None, "")  # Type 2C, empty: the source image states it (pixelmed VM)
+    assert "Laterality" not in seg and shared.FrameAnatomySequence[0].FrameLaterality == "U"
 
 
 def test_gsps_has_same_tracking_uids_layers_and_display_pipeline(case: BuiltCase) -> None:

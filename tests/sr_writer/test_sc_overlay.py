@@ -120,9 +120,8 @@ def test_one_colour_per_region_and_finding_across_seg_gsps_and_sc(case: BuiltCas
     ctx = make_context(case.source, case.result, uid_root=UID_ROOT, analysis_version=1)
     by_uid = {a.tracking_uid: a for a in ctx.boxed}
     if kind == "seg":
-        seg = case.dataset("seg")
         colours = {}
-        for item in seg.SegmentSequence:
+        for item in [*case.dataset("seg").SegmentSequence, *case.dataset("anatomy_seg").SegmentSequence]:
             annotation = by_uid[item.TrackingUID]
             expected = hd.color.CIELabColor.from_rgb(*colour_for_key(annotation.key)).value
             assert tuple(item.RecommendedDisplayCIELabValue) == tuple(expected), annotation.key

@@ -29,11 +29,15 @@ def modifiers(item: pydicom.Dataset, keyword: str) -> list[tuple[str, str]]:
     return [coded(m) for m in item.get(keyword, [])]
 
 
+def segments(case: BuiltCase) -> list:
+    """The segments of the findings SEG and of the anatomy SEG, read from the files as sent."""
+    return [s for kind in ("seg", "anatomy_seg") for s in pydicom.dcmread(case.paths[kind]).SegmentSequence]
+
+
 def test_seg_segments_keep_their_laterality_modifiers(case: BuiltCase) -> None:
-    seg = pydicom.dcmread(case.paths["seg"])  # the file as sent, not the object in memory
     annotations = {a.tracking_uid: a for a in make_context(case.source, case.result, uid_root=UID_ROOT, analysis_version=1).annotations}
     sided = {"region": {"L": 0, "R": 0}, "finding": {"L": 0, "R": 0}}
-    for segment in seg.SegmentSequence:
+    for segment in segments(case):
         annotation = annotations[str(segment.TrackingUID)]
         site = annotation.sites[0] if annotation.sites else None
         expected = [code_of(site.laterality)] if site is not None and site.laterality is not None else []
@@ -62,9 +66,8 @@ def test_seg_segments_keep_their_laterality_modifiers(case: BuiltCase) -> None:
 
 def test_seg_and_sr_agree_on_the_side_of_every_box(case: BuiltCase) -> None:
     """The same tracking UID names the same side in the SEG and in the SR's finding sites."""
-    seg = pydicom.dcmread(case.paths["seg"])
     seg_sides = {}
-    for segment in seg.SegmentSequence:
+    for segment in segments(case):
         property_type = segment.SegmentedPropertyTypeCodeSequence[0]
         side = modifiers(property_type, "SegmentedPropertyTypeModifierCodeSequence")
         if "AnatomicRegionSequence" in segment:
@@ -76,6 +79,6 @@ def test_seg_and_sr_agree_on_the_side_of_every_box(case: BuiltCase) -> None:
         sites = group.finding_sites
         laterality = sites[0].laterality if sites else None
         sr_sides[str(group.tracking_uid)] = [code_of(laterality)] if laterality is not None else []
-    assert sr_sides and sr_sides.keys() <= seg_sides.keys()  # the SR holds the grounded anatomy, the SEG all of it
+    assert sr_sides and sr_sides.keys() <= seg_sides.keys()  # the SR holds the grounded anatomy, the SEGs all of it
     assert {uid: seg_sides[uid] for uid in sr_sides} == sr_sides
     assert sum(1 for side in seg_sides.values() if side) >= 20

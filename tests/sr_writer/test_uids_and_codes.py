@@ -26,7 +26,6 @@ EXTERNALLY_VERIFIED = {
     ("SCT", "95436008"): "Lung consolidation",
     ("SCT", "125605004"): "Fracture of bone",
     ("SCT", "233604007"): "Pneumonia",
-    ("LN", "36554-4"): "XR Chest Single view",  # named by IHE AIR guidance in shared/dicom-results.md
     ("DCM", "126000"): "Imaging Measurement Report",
     ("UCUM", "1"): "no units",
     ("UMLS", "C0034375"): "Qualitative Evaluations",  # TID 1500 row "Qualitative Evaluations" (PS3.16)

@@ -41,9 +41,10 @@ def server_command(tool: str, *args: str) -> list[str]:
     return [dcmtk(tool), NO_HOST_LOOKUP[tool], *args]
 
 
-def storescp_command(port: int, output_dir: Path, ae_title: str, *extra: str) -> list[str]:
-    """DCMTK storescp as the tests and benchmarks start it: 128 KiB PDUs, any transfer syntax, no DNS."""
-    return server_command("storescp", "--aetitle", ae_title, "--max-pdu", "131072", "+xa", "-od", str(output_dir), *extra, str(port))
+def storescp_command(port: int, output_dir: Path, ae_title: str, *extra: str, syntaxes: tuple[str, ...] = ("+xa",)) -> list[str]:
+    """DCMTK storescp as the tests and benchmarks start it: 128 KiB PDUs, no DNS; any transfer syntax unless
+    ``syntaxes`` says otherwise (``()``: storescp's defaults, the uncompressed ones only)."""
+    return server_command("storescp", "--aetitle", ae_title, "--max-pdu", "131072", *syntaxes, "-od", str(output_dir), *extra, str(port))
 
 
 def dcmtk_env() -> dict[str, str]:
@@ -145,6 +146,8 @@ class StoreScp:
     ae_title: str = "STORESCP"
     port: int = field(default_factory=free_port)
     extra: tuple[str, ...] = ()
+    #: Transfer syntax options: "+xa" accepts all; () keeps storescp's defaults (uncompressed only).
+    syntaxes: tuple[str, ...] = ("+xa",)
     process: subprocess.Popen | None = None
 
     def start(self, attempts: int = 3) -> StoreScp:
@@ -153,7 +156,7 @@ class StoreScp:
         for attempt in range(attempts):
             with open(log, "wb") as log_handle:  # storescp logs its bind failure on stderr
                 self.process = subprocess.Popen(
-                    storescp_command(self.port, self.output_dir, self.ae_title, *self.extra),
+                    storescp_command(self.port, self.output_dir, self.ae_title, *self.extra, syntaxes=self.syntaxes),
                     env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=log_handle,
                 )  # fmt: skip
             try:

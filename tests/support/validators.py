@@ -34,11 +34,22 @@ PIXELMED_FALSE_POSITIVES = (
         r"^Warning: .*/CONTAINER \(18748-4,LN,\"Diagnostic Imaging Report\"\)/CONTAINER \((59776-5|19005-8),LN,\"(Findings|Impressions)\"\)"
         r"(/TEXT \((121071|121073),DCM,\"(Finding|Impression)\"\))?: Content Item not in template$"
     ),
-    # TID 1500 row 4 "Procedure reported" is a DCID (extensible) of CID 100; IHE AIR requires the imaging
-    # procedure (the study's code, else LOINC 36554-4), which CID 100 does not list. Only that code.
+    # TID 1500 row 4 "Procedure reported" is DCID 100; LOINC 43468-8 "XR unspecified body region" is in
+    # CID 100 today (pydicom's tables), not in this build's 2019 copy of it. Only that code.
     re.compile(
         r"^Error: Template 1500 MeasurementReport/.*\(121058,DCM,\"Procedure reported\"\).*"
-        r"Code \(36554-4,LN,\"XR Chest Single view\"\) not found in context group 100$"
+        r"Code \(43468-8,LN,\"XR unspecified body region\"\) not found in context group 100$"
+    ),
+)
+
+
+#: pixelmed DicomInstanceValidator (Debian 2022 build) on a SEG of a projection image (no Plane Position):
+#: it checks the Derivation Image macro in the Shared AND in every Per-frame item and also forbids the
+#: sequence in both, so no SEG can pass; ours has it per frame (each frame names its source), as highdicom
+#: and the standard put it. Only the shared-item line is allowed.
+PIXELMED_INSTANCE_FALSE_POSITIVES = (
+    re.compile(
+        r"^Error: DerivationImageMacro/DerivationImageSequence/: SharedFunctionalGroupsSequence/Item\[1\]/: Missing required sequence attribute \(Type 2\)$"
     ),
 )
 
@@ -131,3 +142,46 @@ def run_pixelmed_sr_validator(path: Path) -> Report:
     if "Found Root Template" not in output:
         problems.append("pixelmed did not recognise the root template")
     return Report("pixelmed DicomSRValidator", done.returncode, output, problems, allowed)
+
+
+def run_pixelmed_instance_validator(path: Path) -> Report:
+    """pixelmed's DicomInstanceValidator (IOD and module rules): every Error line is a problem unless a
+    documented false positive."""
+    require("java")
+    if not Path(PIXELMED_JAR).exists():
+        raise RuntimeError(f"{PIXELMED_JAR} is missing: install the Debian package libpixelmed-java")
+    done = _run(["java", *JAVA_XPATH_LIMITS_OFF, "-cp", PIXELMED_JAR, "com.pixelmed.validate.DicomInstanceValidator", str(path)])
+    output = done.stdout + done.stderr
+    problems, allowed = _split([line for line in output.splitlines() if line.startswith("Error")], PIXELMED_INSTANCE_FALSE_POSITIVES)
+    if "IOD validation complete" not in output:
+        problems.append("pixelmed did not complete the IOD validation")
+    return Report("pixelmed DicomInstanceValidator", done.returncode, output, problems, allowed)
+
+
+PIXELMED_BATCH = Path(__file__).with_name("PixelmedBatch.java")
+
+
+def run_pixelmed_batch(mode: str, paths: list[Path]) -> dict[Path, Report]:
+    """pixelmed's DicomInstanceValidator (``mode`` "iod") or DicomSRValidator ("sr") on many files in one
+    JVM (tests/support/PixelmedBatch.java); the same problem rules as the one-file runners."""
+    require("java")
+    if not paths:
+        return {}
+    done = _run(["java", *JAVA_XPATH_LIMITS_OFF, "-cp", PIXELMED_JAR, str(PIXELMED_BATCH), mode, *map(str, paths)], timeout=900)
+    if done.returncode != 0:
+        raise RuntimeError(f"pixelmed batch failed: {done.stderr[-3000:]}")
+    reports: dict[Path, Report] = {}
+    for chunk in done.stdout.split("=== ")[1:]:
+        name, _, output = chunk.partition("\n")
+        if mode == "sr":
+            lines = [re.sub(r": (\d+\.)*\d+: /", ": /", line) for line in output.splitlines() if line.startswith(("Error", "Warning"))]
+            problems, allowed = _split(lines, PIXELMED_FALSE_POSITIVES)
+            if "Root Template Validation Complete" not in output:
+                problems.append("pixelmed did not complete the root template validation")
+        else:
+            problems, allowed = _split([line for line in output.splitlines() if line.startswith("Error")], PIXELMED_INSTANCE_FALSE_POSITIVES)
+        reports[Path(name)] = Report(f"pixelmed {mode}", 0, output, problems, allowed)
+    missing = set(paths) - set(reports)
+    if missing:
+        raise RuntimeError(f"pixelmed batch reported nothing for {sorted(map(str, missing))}")
+    return reports

@@ -1,12 +1,13 @@
 """Our objects in the viewer radiologists use: OHIF 3.13 (npm dist) reading Orthanc through DICOMweb,
 same origin, in Debian's headless chromium driven by playwright-core.
 
-For a CR (MONOCHROME1, RG1's real pixels) and a DX (MONOCHROME2), each with a valid PixelSpacing
-(RG1's own 0\\0 makes OHIF draw the image at zero size: the source's fault), the whole bundle goes into
-Orthanc; OHIF then opens the image, the TID 1500 SR and the SEG. Judged from the screenshot pixels
-(the overlay adds coloured pixels to the grey image; SEG segments in several distinct colours) and from
-the browser console at every level (OHIF logs its SR crash at debug level) and the page text (no
-"Something went wrong", labels that name the region with its side). Screenshots: test-output/.
+Every result shape of ``tests/sr_writer/shapes.py`` (0, 1, many findings, a finding grounded to no
+region; CR MONOCHROME1 and DX MONOCHROME2; calibrated, imager-only and no pixel spacing) goes into ONE
+Orthanc with the default ``full`` profile's objects, and ONE browser opens every result series OHIF can
+show (the findings SR, the findings SEG, the text SR; the image and the burned-in SC for one shape;
+OHIF's basic mode does not display GSPS). 15 opens; each open fails on OHIF's error page, a page error or a
+console TypeError at any level (OHIF logs its SR crash at debug level); the overlay's label texts are
+counted. Screenshots: test-output/ohif-<shape>-<series>.png.
 """
 
 from __future__ import annotations
@@ -19,84 +20,70 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import pytest
 from PIL import Image
 
-from sr_writer.bundle import SEND_ORDER, assemble_bundle
+from dicom_node.settings import DEFAULT_PROFILES
+from tests.sr_writer.shapes import BuiltShape, build_shapes
 from tests.support.ohif_server import CACHE, OhifServer, install_viewer
 from tests.support.orthanc import DICOMWEB_PLUGIN, Orthanc
-from tests.support.results import dx_source, make_result, rg1_source
 
-UID_ROOT = "1.2.826.0.1.3680043.10.1431."
 SCRIPT = Path(__file__).with_name("ohif_check.mjs")
-#: OHIF labels an SR box "<Finding Site concept code>: <site meaning>".
-FINDING_SITE = "363698007"
-CRASH_MARKERS = ("Something went wrong", "Cannot read properties of undefined", "TypeError")
+#: OHIF labels an SR box "<Finding Site concept code>: <site meaning>" and a NUM "<name>: <value> <unit>".
+FINDING_SITE = "363698007: "
+PROBABILITY = "Probability: "
+CRASH_MARKERS = ("Something went wrong", "Cannot read properties of undefined", "TypeError", "Cannot destructure")
+#: The shape whose source image and burned-in SC are opened too.
+WITH_IMAGE = ("cr-none-many",)
 
 
 @pytest.fixture(scope="module")
-def viewer(tmp_path_factory: pytest.TempPathFactory):
+def opened(tmp_path_factory: pytest.TempPathFactory, output_dir: Path) -> list[tuple[BuiltShape, str, np.ndarray, dict]]:
+    """Every shape into one Orthanc, every series opened in one browser: (shape, series, viewport, report)."""
     if shutil.which("node") is None:
         pytest.fail("node is not installed (Debian nodejs): the OHIF test drives chromium from a node script")
     dist = install_viewer()
+    shapes = build_shapes(tmp_path_factory.mktemp("ohif-shapes"), DEFAULT_PROFILES["full"])
     # Without the GDCM plugin: Orthanc core (DCMTK) decodes the SEG's JPEG-LS frames for OHIF's per-frame
-    # requests. With it, the Debian GDCM plugin (1.5, gdcm 3.0.21) now and then overflows the stack of
-    # Orthanc's HTTP worker thread while decoding them in parallel (a segfault in libgdcmMSFF, seen in CI).
+    # requests (the Debian GDCM plugin segfaulted decoding them in parallel, seen in CI).
     pacs = Orthanc(workdir=tmp_path_factory.mktemp("ohif-orthanc"), plugins=(DICOMWEB_PLUGIN,)).start()
     server = OhifServer(dist, pacs.http_port).start()
     try:
-        yield pacs, server
+        jobs, keys = [], []
+        for built in shapes:
+            for path in [built.source_path, *built.paths.values()]:
+                assert pacs.upload(path)["Status"] in ("Success", "AlreadyStored"), path
+            series = ["sr", "seg", "text_sr"] + (["image", "sc"] if built.shape.name in WITH_IMAGE else [])
+            for kind in series:
+                if kind != "image" and kind not in built.paths:
+                    continue
+                uid = str(built.source.SeriesInstanceUID) if kind == "image" else str(built.dataset(kind).SeriesInstanceUID)
+                url = f"{server.url}/viewer?StudyInstanceUIDs={built.source.StudyInstanceUID}&initialSeriesInstanceUID={uid}"
+                png = output_dir / f"ohif-{built.shape.name}-{kind}.png"
+                # A SEG whose pixel data needs a pad byte is fetched frame by frame (OHIF rejects the padded
+                # whole instance): give it longer.
+                jobs.append({"url": url, "png": str(png), "settle": 10000 if kind == "seg" else 6000})
+                keys.append((built, kind))
+        jobs_path, report_path = output_dir / "ohif-jobs.json", output_dir / "ohif-report.json"
+        jobs_path.write_text(json.dumps(jobs))
+        env = {**os.environ, "PLAYWRIGHT_CORE_DIR": str(CACHE / "node_modules" / "playwright-core")}
+        done = subprocess.run(["node", str(SCRIPT), str(jobs_path), str(report_path)], capture_output=True, text=True, timeout=900, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert pacs.process is not None and pacs.process.poll() is None, f"Orthanc died (exit {pacs.process.returncode}) while OHIF loaded"
+        reports = json.loads(report_path.read_text())
     finally:
         server.stop()
         pacs.stop()
-
-
-def cr_source() -> pydicom.Dataset:
-    """RG1 (CR, MONOCHROME1) with a calibrated PixelSpacing instead of its 0\\0."""
-    ds = rg1_source()
-    ds.PixelSpacing = [0.171, 0.171]
-    return ds
-
-
-def dx_with_spacing() -> pydicom.Dataset:
-    ds = dx_source()
-    ds.PixelSpacing = [0.143, 0.143]
-    return ds
-
-
-def load_study(pacs: Orthanc, source: pydicom.Dataset, directory: Path) -> tuple[dict[str, str], int]:
-    """Upload the source and its bundle; return series UID per kind ("image" for the source) and
-    how many measurement groups (boxes) the TID 1500 SR holds."""
-    result = make_result(source, n_findings=8)
-    bundle = assemble_bundle(source, result, SEND_ORDER, uid_root=UID_ROOT, analysis_version=1)
-    directory.mkdir(parents=True, exist_ok=True)
-    source_path = directory / "source.dcm"
-    source.save_as(source_path, enforce_file_format=True)
-    assert pacs.upload(source_path)["Status"] in ("Success", "AlreadyStored")
-    series = {"image": str(source.SeriesInstanceUID)}
-    for built in bundle.objects:
-        path = directory / f"{built.kind}.dcm"
-        built.dataset.save_as(path, enforce_file_format=True)
-        assert pacs.upload(path)["Status"] in ("Success", "AlreadyStored"), built.kind
-        series[built.kind] = str(built.dataset.SeriesInstanceUID)
-    sr = next(o.dataset for o in bundle.objects if o.kind == "sr")
-    [measurements] = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010"]
-    return series, len(measurements.ContentSequence)
-
-
-def open_in_ohif(server: OhifServer, study: str, series: str, name: str, output_dir: Path, settle_ms: int = 9000) -> tuple[np.ndarray, dict]:
-    png, report = output_dir / f"ohif-{name}.png", output_dir / f"ohif-{name}.json"
-    url = f"{server.url}/viewer?StudyInstanceUIDs={study}&initialSeriesInstanceUID={series}"
-    env = {**os.environ, "PLAYWRIGHT_CORE_DIR": str(CACHE / "node_modules" / "playwright-core")}
-    done = subprocess.run(["node", str(SCRIPT), url, str(png), str(report), str(settle_ms)], capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
     # The viewport only (right of the study browser, below the toolbar): thumbnails are not the overlay.
-    return np.asarray(Image.open(png).convert("RGB"))[60:990, 300:1350], json.loads(report.read_text())
+    return [
+        (built, kind, np.asarray(Image.open(job["png"]).convert("RGB"))[60:990, 300:1350], report) for (built, kind), job, report in zip(keys, jobs, reports)
+    ]
 
 
 def crash_lines(report: dict) -> list[str]:
     lines = [*report["pageErrors"], *(line for line in report["console"] if any(m in line for m in CRASH_MARKERS))]
+    if report["gotoError"]:
+        lines.append(report["gotoError"])
     if "Something went wrong" in report["bodyText"]:
         lines.append("page shows 'Something went wrong'")
     return lines
@@ -118,33 +105,77 @@ def hue_clusters(rgb: np.ndarray, mask: np.ndarray) -> int:
     return int((counts > 0.005 * counts.sum()).sum())
 
 
-@pytest.mark.parametrize("name", ["cr", "dx"])
-def test_ohif_shows_the_image_sr_boxes_and_seg_segments_without_crashing(viewer, name: str, tmp_path: Path, output_dir: Path) -> None:
-    pacs, server = viewer
-    source = cr_source() if name == "cr" else dx_with_spacing()
-    series, sr_groups = load_study(pacs, source, tmp_path / name)
-    study = str(source.StudyInstanceUID)
+def measurement_groups(built: BuiltShape) -> list:
+    sr = built.dataset("sr")
+    [measurements] = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010"]
+    return list(measurements.ContentSequence)
 
-    image, report = open_in_ohif(server, study, series["image"], f"{name}-image", output_dir)
-    assert not crash_lines(report), crash_lines(report)
-    grey = image[100:-100, 100:-100].astype(int)
-    assert grey.std() > 20, "the radiograph is not shown (blank viewport)"
-    base_colour = coloured_pixels(image).mean()
 
-    sr, report = open_in_ohif(server, study, series["sr"], f"{name}-sr", output_dir)
-    assert not crash_lines(report), crash_lines(report)
-    assert coloured_pixels(sr).mean() > base_colour + 0.002, "no SR box was drawn"
-    text = report["bodyText"]
-    assert "Right costophrenic angle" in text or "Right lung" in text or "Left lung" in text, text[:2000]
-    # One site label per box, and only the findings and the anatomy they are grounded to: 36 region
-    # boxes and their labels stacked over each other buried the findings.
-    assert sr_groups < 36 and text.count(f"{FINDING_SITE}: ") == sr_groups, text[-2500:]
+def group_has(group, code_value: str) -> bool:
+    return any(i.ConceptNameCodeSequence[0].CodeValue == code_value for i in group.ContentSequence)
 
-    # OHIF 3.13's whole-instance SEG fetch rejects a pixel data length padded to even (43 frames of
-    # 1955 x 1841 is odd) and falls back to one request per frame, which takes longer: wait for it.
-    seg, report = open_in_ohif(server, study, series["seg"], f"{name}-seg", output_dir, settle_ms=30000)
-    assert pacs.process is not None and pacs.process.poll() is None, f"Orthanc died (exit {pacs.process.returncode}) while OHIF loaded the SEG"
-    assert not crash_lines(report), crash_lines(report)
-    mask = coloured_pixels(seg)
-    assert mask.mean() > base_colour + 0.01, "no SEG segment was drawn"
-    assert hue_clusters(seg, mask) >= 5, "SEG segments are not in distinct colours"
+
+def test_every_result_series_of_every_shape_opens_without_an_error(opened) -> None:
+    failures = {f"{built.shape.name}/{kind}": crash_lines(report) for built, kind, _, report in opened if crash_lines(report)}
+    assert not failures, failures
+    opened_kinds = {(built.shape.name, kind) for built, kind, _, _ in opened}
+    assert len({name for name, _ in opened_kinds}) == 5 and len(opened_kinds) == 15, sorted(opened_kinds)
+
+
+def test_the_sr_draws_each_box_with_one_label_and_a_normal_study_says_so(opened) -> None:
+    for built, kind, viewport, report in opened:
+        if kind != "sr":
+            continue
+        name, groups = built.shape.name, measurement_groups(built)
+        labels = report["svgTexts"]
+        # One text box per group: its finding site line, its probability line (findings only).
+        assert sum(FINDING_SITE in t for t in labels) == sum(group_has(g, "363698007") for g in groups), (name, labels)
+        assert sum(PROBABILITY in t for t in labels) == sum(group_has(g, "122157") for g in groups), (name, labels)
+        assert coloured_pixels(viewport).mean() > 0.0005, f"{name}: no SR box drawn"
+        assert len(groups) < 36, f"{name}: the anatomy buries the findings"
+        if built.shape.findings == "0":
+            # A normal study: one whole-image group labelled with the chest, and the series says "none".
+            assert [t for t in labels if FINDING_SITE in t] == [f"{FINDING_SITE}Chest"], (name, labels)
+            assert "Findings SR: none" in report["bodyText"], (name, report["bodyText"][:1500])
+        else:
+            assert len(groups) >= 1 + (built.shape.findings == "many") * 5, name
+
+
+def test_the_seg_shows_the_findings_in_distinct_colours(opened) -> None:
+    seen = 0
+    for built, kind, viewport, _ in opened:
+        if kind != "seg":
+            continue
+        seen += 1
+        segments = len(built.dataset("seg").SegmentSequence)
+        labels = [str(s.SegmentLabel) for s in built.dataset("seg").SegmentSequence]
+        assert all(not label.startswith("region") and "0." not in label for label in labels), labels  # named for what they are
+        mask = coloured_pixels(viewport)
+        assert mask.mean() > 0.001, f"{built.shape.name}: no SEG segment drawn"
+        assert hue_clusters(viewport, mask) >= min(segments, 4), f"{built.shape.name}: SEG segments are not in distinct colours"
+        assert segments == sum(len(f.boxes) for f in built.result.findings)  # the findings only, no anatomy
+    assert seen == 3  # the shapes with a located finding
+
+
+def test_the_text_report_lists_one_item_per_line(opened) -> None:
+    for built, kind, _, report in opened:
+        if kind != "text_sr":
+            continue
+        lines = report["bodyText"].splitlines()
+        probability_lines = [line for line in lines if ": probability " in line]
+        assert len(probability_lines) == len(built.result.image_labels), (built.shape.name, probability_lines)
+        sentence_lines = [line for line in lines if line.rstrip().endswith("is healthy.")]
+        assert len(sentence_lines) == 36, (built.shape.name, len(sentence_lines))
+        assert "DEMO WEIGHTS" in report["bodyText"] and "Impression" in report["bodyText"]
+
+
+def test_image_and_burned_in_sc_are_shown(opened) -> None:
+    shown = 0
+    for built, kind, viewport, _ in opened:
+        if kind == "image":
+            shown += 1
+            assert viewport[100:-100, 100:-100].astype(int).std() > 20, f"{built.shape.name}: blank viewport"
+        elif kind == "sc":
+            shown += 1
+            assert coloured_pixels(viewport).mean() > 0.001, f"{built.shape.name}: the SC shows no coloured box"
+    assert shown == 2 * len(WITH_IMAGE)
