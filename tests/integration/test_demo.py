@@ -8,7 +8,7 @@ import time
 import pydicom
 from PIL import Image
 
-from dicom_node.cli.pipeline import node_command
+from dicom_node.cli.processes import node_command
 from tests.support.workers import REPO
 
 
