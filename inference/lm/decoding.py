@@ -305,7 +305,8 @@ def generate_greedy(
     decode_step: DecodeStep | None = None,
     cache_multiple: int = 256,
     cache: KVCache | None = None,
-    injection: TokenInjection | None = None,
+    *,
+    injection: TokenInjection | None,
 ) -> Generation:
     """Greedy decoding for a batch of prompt embeddings (each ``[L_b, H]``, lengths may differ).
 
@@ -316,6 +317,9 @@ def generate_greedy(
     shape is reused (zeroed) instead of allocating one: a compiled step keeps its CUDA graph only
     while the cache tensors keep their addresses. ``Generation.cache`` returns the one used.
     ``injection`` (one row per prompt) embeds generated ``<obj_i>``/``<image>`` as the reference does.
+    It has no default: an AnatomiX prompt needs its injection (without it a generated ``<obj_i>`` or
+    ``<image>`` is fed back as a plain token embedding and the text drifts from the reference's);
+    ``injection=None`` says on purpose that the decoder runs alone (tests and benchmarks of decoding).
     """
     device = decoder.lm_head.weight.device
     batch = len(prompts)
