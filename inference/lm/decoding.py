@@ -126,15 +126,18 @@ def forward_hidden(decoder: Gemma3ForCausalLM, hidden: torch.Tensor, positions: 
     kv_len = kv_len or cache.max_len
     config = decoder.config
     model = decoder.model
+    layer_types = config.layer_types
+    if layer_types is None:  # Gemma 3 configs always list them (sliding or full attention per layer)
+        raise ValueError("the decoder's config has no layer_types")
     batch, steps, _ = hidden.shape
     rows = torch.arange(batch, device=hidden.device)[:, None].expand(batch, steps)
     masks = {
         layer_type: attention_mask(positions, kv_len, config.sliding_window if layer_type == "sliding_attention" else None, hidden.dtype)
-        for layer_type in set(config.layer_types)
+        for layer_type in set(layer_types)
     }
-    rope = {layer_type: model.rotary_emb(hidden, positions, layer_type) for layer_type in set(config.layer_types)}
+    rope = {layer_type: model.rotary_emb(hidden, positions, layer_type) for layer_type in set(layer_types)}
     for index, layer in enumerate(model.layers[: config.num_hidden_layers]):
-        layer_type = config.layer_types[index]
+        layer_type = layer_types[index]
         residual = hidden
         normed = layer.input_layernorm(hidden)
         attn = layer.self_attn
