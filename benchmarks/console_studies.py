@@ -89,10 +89,10 @@ def main() -> None:
     from fastapi.testclient import TestClient
 
     from dicom_node.api import auth
-    from dicom_node.api.app import create_app
     from dicom_node.console import views
     from dicom_node.settings import DatabaseSettings, Settings, StorageSettings
     from dicom_node.store import open_store
+    from dicom_node.web.app import create_app
     from tests.support.postgres import server_from_url, start_private_server
 
     admin_url = os.environ.get("ANATOMIX_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")

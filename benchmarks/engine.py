@@ -125,8 +125,8 @@ def main() -> None:
     for batch in (int(b) for b in args.batch_sizes.split(",")):
         prompts = [embeds] * batch
         for name, step in steps.items():
-            generate_greedy(decoder, prompts, 4, decode_step=step)  # warm-up / compile
-            generation = generate_greedy(decoder, prompts, args.decode_tokens, decode_step=step)
+            generate_greedy(decoder, prompts, 4, decode_step=step, injection=None)  # warm-up / compile
+            generation = generate_greedy(decoder, prompts, args.decode_tokens, decode_step=step, injection=None)
             step_s = generation.decode_s / max(generation.decode_steps, 1)
             decode_table.append((batch, name, step_s))
         with torch.inference_mode():

@@ -57,7 +57,7 @@ class ThirdPartyFilter(logging.Filter):
         if is_node_logger(record.name):
             return True
         if record.name == "py.warnings":  # captured warnings.warn(): a library's are chatter (and may quote data values)
-            return not _from_library(str(record.args[0]) if record.args else record.getMessage())
+            return not _from_library(str(record.args[0]) if isinstance(record.args, tuple) and record.args else record.getMessage())
         if any(record.name == p or record.name.startswith(p + ".") for p in EXPECTED_EVENT_LOGGERS):
             return record.levelno >= logging.CRITICAL
         return record.levelno >= logging.WARNING
@@ -106,7 +106,8 @@ def quiet_worker_console(level: str) -> None:
         return
     from celery.signals import worker_shutting_down
 
-    sys.__stdout__ = open(os.devnull, "w")  # only Celery writes there; print() uses sys.stdout
+    # typeshed marks sys.__stdout__ Final; replacing it is the point (only Celery writes there; print() uses sys.stdout)
+    sys.__stdout__ = open(os.devnull, "w")  # type: ignore[misc]
 
     def say_shutdown(sender: object = None, how: str = "", **_: object) -> None:
         logging.getLogger("dicom_node.worker").info("worker %s: %s shutdown, finishing the running task", sender, how.lower() or "warm")

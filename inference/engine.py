@@ -15,12 +15,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from inference.apm.checkpoint import APMLoadReport, CheckpointError, load_apm
 from inference.apm.model import boxes_to_xyxy_model
 from inference.lm.config import LMConfigError
-from inference.lm.decoding import DecodeStep, DecodeStrategy, Generation, LoopCheck, TokenInjection, generate_greedy, synchronize
+from inference.lm.decoding import DecodeStep, DecodeStrategy, Generation, KVCache, LoopCheck, TokenInjection, generate_greedy, synchronize
 from inference.lm.loader import LMCheckpointError, LMLoadReport, load_lm
 from inference.lm.model import AnatomixLM
 from inference.model_dir import ModelDir, ModelDirError, device_uid_from_digest
@@ -99,7 +100,7 @@ class _Batch:
 class _Perception:
     """The APM's view of a batch of images, per image (index = row)."""
 
-    boxes_model: torch.Tensor  # [B, 36, 4] int, model frame
+    boxes_model: np.ndarray  # [B, 36, 4] int, model frame
     sentences: list[list[str]]
     memory: torch.Tensor  # [B, 1024, d_model]
     anatomy_tokens: torch.Tensor  # [B, 36, token_dim]
@@ -134,7 +135,7 @@ class Engine:
         self.options = options
         self.device = torch.device(options.device)
         #: The last KV cache, reused on CUDA when the next batch has the same shape (keeps CUDA graphs).
-        self._cache = None
+        self._cache: KVCache | None = None
         #: Built once: a compiled step keeps its graphs as long as the engine lives.
         self.decode_step = DecodeStep.build(options.decode_strategy())
         #: Seconds between progress lines while a task decodes.

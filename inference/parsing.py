@@ -93,7 +93,8 @@ def split_report(text: str) -> tuple[str, str]:
 
     Without section headers everything is findings; a header that appears twice keeps the first.
     """
-    findings, impression = [], []
+    findings: list[str] = []
+    impression: list[str] = []
     current = findings
     position = 0
     for match in _SECTION.finditer(text):

@@ -1,9 +1,15 @@
 """Image preprocessing: DICOM pixels -> the APM's 1024x1024 letterboxed uint8 input.
 
-The rules follow the AnatomiX reference exactly (see shared/anatomix-model.md, "Preprocessing"):
+The rules follow the AnatomiX reference (see shared/anatomix-model.md, "Preprocessing"), with one
+deliberate difference in step 1:
 
 1. DICOM only: Modality LUT, then VOI (window incl. SIGMOID, or VOI LUT sequence), then
-   MONOCHROME1 inversion (``max - x``).
+   MONOCHROME1 inversion (``max - x``). The reference's DICOM reader windows the *stored* values
+   (no Modality LUT); we apply the Modality LUT first, as DICOM defines the window on its output
+   (PS3.3 C.11.2.1.2) and pydicom requires. Both give the same image when there is no rescale
+   (slope 1, intercept 0: chest CR/DX as sent, bit for bit); with a rescale and a window the
+   reference windows the wrong value range (docs/architecture.md, "Preprocessing: the Modality LUT
+   before the window").
 2. Per-image min-max stretch to [0, 1], ``(x * 255)`` truncated to uint8 (not rounded: the reference
    casts with ``astype(np.uint8)``).
 3. Zero-pad the short side by ``(long - short) // 2`` on *each* side. When ``long - short`` is odd the
@@ -144,6 +150,8 @@ def display_values_from_dataset(ds: pydicom.Dataset) -> np.ndarray:
     stored = ds.pixel_array
     if stored.ndim != 2:
         raise PreprocessError(f"expected one 2-D frame, got pixel array of shape {stored.shape}")
+    # Modality LUT first (the window is defined on its output), unlike the reference's reader, which
+    # windows stored values: identical without a rescale, see the module docstring.
     values = apply_modality_lut(stored, ds)
     # VOI LUT sequence is preferred over the window, as the reference (pydicom's default) does.
     values = np.asarray(apply_voi_lut(values, ds), dtype=np.float64)

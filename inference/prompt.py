@@ -67,9 +67,14 @@ def build_prompt_text(
     instruction: str,
     boxes_xyxy_model: Sequence[Sequence[float]],
     sentences: Sequence[str],
-    system_prompt: str = TRAINING_SYSTEM_PROMPT,
+    system_prompt: str = EMPTY_SYSTEM_PROMPT,
 ) -> str:
-    """The full prompt string (with the template's own ``<bos>``; the tokenizer adds the second)."""
+    """The full prompt string (with the template's own ``<bos>``; the tokenizer adds the second).
+
+    ``system_prompt`` defaults to the engine's default (``model.system_prompt = "empty"``, as the
+    paper's evaluation ran), so a direct caller gets the prompt the node sends; pass
+    :data:`TRAINING_SYSTEM_PROMPT` for the training one.
+    """
     user = (
         "Image: \n\n<image_start>"
         + "<image>" * IMAGE_TOKENS

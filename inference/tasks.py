@@ -185,13 +185,14 @@ def instruction_for(
 
 def _parse_box_argument(argument: str) -> list[tuple[int, int, int, int]]:
     """``x1,y1,x2,y2;x1,y1,x2,y2`` (model-frame pixels) -> boxes."""
-    boxes = []
+    boxes: list[tuple[int, int, int, int]] = []
     for part in argument.split(";"):
         values = [v for v in part.replace("(", " ").replace(")", " ").replace(",", " ").split() if v]
         if len(values) != 4:
             raise TaskError(f"box {part!r} needs 4 numbers x1,y1,x2,y2 (model-frame pixels)")
         try:
-            boxes.append(tuple(int(float(v)) for v in values))
+            x1, y1, x2, y2 = (int(float(v)) for v in values)
+            boxes.append((x1, y1, x2, y2))
         except ValueError:
             raise TaskError(f"box {part!r} needs 4 numbers x1,y1,x2,y2 (model-frame pixels)") from None
     return boxes

@@ -180,7 +180,7 @@ def build_demo_tokenizer(size: Literal["tiny", "full"], bpe_vocab: int = 700) ->
     trainer = trainers.BpeTrainer(vocab_size=bpe_vocab, show_progress=False, special_tokens=[])
     scratch.train_from_iterator(_demo_corpus(), trainer=trainer)
     learned = scratch.model.get_vocab() if hasattr(scratch.model, "get_vocab") else scratch.get_vocab()
-    merges = [tuple(pair) for pair in _read_merges(scratch)]
+    merges = _read_merges(scratch)
 
     # 2. lay out the final vocabulary: Gemma specials at their ids, fillers, bytes, learned pieces
     vocab: dict[str, int] = {}
@@ -227,5 +227,8 @@ def _read_merges(tok) -> list[tuple[str, str]]:
     """The merges of a trained BPE, read from its JSON (the Python API does not expose them)."""
     import json
 
-    merges = json.loads(tok.to_str())["model"]["merges"]
-    return [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in merges]
+    pairs: list[tuple[str, str]] = []
+    for merge in json.loads(tok.to_str())["model"]["merges"]:  # "a b" (older tokenizers) or ["a", "b"]
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        pairs.append((left, right))
+    return pairs

@@ -26,8 +26,8 @@ from dicom_node.store.base import Store
 ROUTERS = (health, auth, accounts, nodes, studies, audit, node_status, rules, profiles)
 
 
-def create_app(settings: Settings, store: Store) -> FastAPI:
-    """The operations API over ``store``, with the console mounted under ``/console``."""
+def create_api(settings: Settings, store: Store) -> FastAPI:
+    """The operations API over ``store`` (the HTTP process adds the console: :func:`dicom_node.web.app.create_app`)."""
     app = FastAPI(
         title="AnatomiX Node operations API",
         version="1",
@@ -40,9 +40,6 @@ def create_app(settings: Settings, store: Store) -> FastAPI:
     install_error_handlers(app)
     for module in ROUTERS:
         app.include_router(module.router)
-    from dicom_node.console import mount  # the web console (/console), built on this API
-
-    mount(app)
     original = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -50,5 +47,5 @@ def create_app(settings: Settings, store: Store) -> FastAPI:
             app.openapi_schema = problem_responses_in_schema(original())
         return app.openapi_schema
 
-    app.openapi = openapi  # type: ignore[method-assign]
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to extend the generated schema
     return app

@@ -193,8 +193,8 @@ class StoreCollector:
 
         up = GaugeMetricFamily("anatomix_store_up", "1 when the state store answered this scrape")
         try:
-            by_state_counts = self.store.count_studies_by_state()  # type: ignore[attr-defined]
-            deliveries = self.store.count_current_deliveries()  # type: ignore[attr-defined]
+            by_state_counts = self.store.count_studies_by_state()
+            deliveries = self.store.count_current_deliveries()
             studies = self.store.list_studies(limit=RECENT_STUDIES)
         except StoreError as exc:
             log.warning("metrics: state store unavailable: %s", exc)
@@ -286,7 +286,7 @@ class StoreCollector:
         from prometheus_client.core import GaugeMetricFamily
 
         try:
-            reports = self.store.list_worker_reports()  # type: ignore[attr-defined]
+            reports = self.store.list_worker_reports()
         except StoreError:
             return
         now = datetime.now(UTC)

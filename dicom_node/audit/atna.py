@@ -19,7 +19,7 @@ import json
 import socket
 import xml.etree.ElementTree as ET
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -157,7 +157,7 @@ class _Message:
         self._objects: list[ET.Element] = []
         self._source: ET.Element | None = None
 
-    def participant(self, user_id: str, requestor: bool, roles: list[Code] = (), alt: str | None = None,
+    def participant(self, user_id: str, requestor: bool, roles: Sequence[Code] = (), alt: str | None = None,
                     name: str | None = None, host: str | None = None) -> None:  # fmt: skip
         attrs = {"UserID": _text(user_id or "unknown", 256), "UserIsRequestor": "true" if requestor else "false"}
         if alt:
@@ -225,12 +225,12 @@ def _peer_ae(event: AuditEvent) -> str | None:
     return event.calling_ae or None
 
 
-def _node(message: _Message, info: SourceInfo, requestor: bool, roles: list[Code] = ()) -> None:
+def _node(message: _Message, info: SourceInfo, requestor: bool, roles: Sequence[Code] = ()) -> None:
     """This node as a participant: its process (UserID), its AE title (AlternativeUserID)."""
     message.participant(info.app_name, requestor, list(roles), alt=f"AETITLES={info.ae_title}", host=info.hostname)
 
 
-def _remote(message: _Message, event: AuditEvent, requestor: bool, roles: list[Code] = ()) -> None:
+def _remote(message: _Message, event: AuditEvent, requestor: bool, roles: Sequence[Code] = ()) -> None:
     ae = _peer_ae(event)
     message.participant(ae or event.peer_host or "unknown", requestor, list(roles),
                         alt=f"AETITLES={ae}" if ae else None, host=event.peer_host)  # fmt: skip

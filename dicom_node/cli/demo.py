@@ -33,7 +33,7 @@ from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage, 
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
-from dicom_node.cli.pipeline import node_command
+from dicom_node.cli.processes import node_command
 from dicom_node.ops.errors import UserError
 from dicom_node.settings import Settings, load_settings
 from dicom_node.store.base import RemoteNode

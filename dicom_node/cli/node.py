@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, replace
 from datetime import UTC, datetime
@@ -462,7 +462,7 @@ def run_ae_remove(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_table(rows: list[tuple[str, ...]], max_width: int | None = None, shrinkable: tuple[int, ...] = (), keep_tail: tuple[int, ...] = ()) -> str:
+def format_table(rows: Sequence[tuple[str, ...]], max_width: int | None = None, shrinkable: tuple[int, ...] = (), keep_tail: tuple[int, ...] = ()) -> str:
     """Aligned columns. With ``max_width``, the ``shrinkable`` columns (in that order) are clipped
     with an ellipsis until a line fits (``keep_tail`` ones keep their end: a UID's distinct part);
     the others keep their width."""

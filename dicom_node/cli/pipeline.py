@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from dicom_node.cli.processes import node_command
 from dicom_node.ops.errors import UserError
 from dicom_node.ops.studies import ACTIONABLE_STATES
 from dicom_node.settings import Settings, load_settings
@@ -244,15 +245,6 @@ class NodePipeline:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-
-
-def node_command(*args: str) -> list[str]:
-    """``anatomix-node ARGS`` with this interpreter (works in a venv that is not on PATH).
-
-    Not ``python -m dicom_node.cli.main``: that would load the CLI module twice (as ``__main__`` too), and
-    its error class would not catch the other copy's errors.
-    """
-    return [sys.executable, "-c", "import sys; from dicom_node.cli.main import main; sys.exit(main(sys.argv[1:]))", *args]
 
 
 def worker_command(settings: Settings, queues: str, config_path: str | None, demo_weights: bool) -> list[str]:

@@ -277,7 +277,7 @@ def run_serve(args: argparse.Namespace) -> int:
     # DICOM service runs without the API then (receiving must not depend on it). The metrics
     # directory is wiped and shared with every child before any of them starts.
     from dicom_node.api.metrics import prepare_multiprocess
-    from dicom_node.api.server import HttpPortInUse, open_http_socket, run_http_service
+    from dicom_node.web.server import HttpPortInUse, open_http_socket, run_http_service
 
     prepare_multiprocess(settings)
     try:

@@ -175,7 +175,7 @@ def install(app: FastAPI) -> None:
     def dashboard(request: Request) -> HTMLResponse:
         who = need(request, "viewer", "see the dashboard")
         ctx = ctx_of(request)
-        counts = {**{s: 0 for s in STUDY_STATES}, **ctx.store.count_studies_by_state()}  # type: ignore[attr-defined]
+        counts = {**{s: 0 for s in STUDY_STATES}, **ctx.store.count_studies_by_state()}
         checks = readiness(ctx.settings, ctx.store, ctx.celery)
         disk = checks.get("spool_disk", {})
         usage = spool_disk(ctx.settings)

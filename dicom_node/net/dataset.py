@@ -224,7 +224,7 @@ _HEADER_TAGS = [
     "NumberOfFrames",
 ]
 
-_HEADER_TAG_NUMBERS = [Tag(keyword) for keyword in _HEADER_TAGS]
+_HEADER_TAG_NUMBERS: list[BaseTag | int] = [Tag(keyword) for keyword in _HEADER_TAGS]
 
 
 def check_pixel_data(dataset: pydicom.Dataset, pixel_data: tuple[str, int] | None) -> str | None:

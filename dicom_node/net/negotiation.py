@@ -70,7 +70,7 @@ def accept_unlisted_storage_classes(transfer_syntaxes: Sequence[str]) -> bool:
     if newly:
         _original = (pynetdicom.acse.negotiate_unrestricted, _config.UNRESTRICTED_STORAGE_SERVICE)
     _installed_syntaxes = syntaxes
-    pynetdicom.acse.negotiate_unrestricted = negotiate  # type: ignore[assignment]
+    pynetdicom.acse.negotiate_unrestricted = negotiate
     _config.UNRESTRICTED_STORAGE_SERVICE = True
     return newly
 

@@ -102,14 +102,15 @@ class InheritedSocketServer(ThreadedAssociationServer):
             kwargs.setdefault("request_handler", GuardedRequestHandler)
         super().__init__(*args, **kwargs)
 
-    def verify_request(self, request, client_address) -> bool:  # type: ignore[override]
+    def verify_request(self, request, client_address) -> bool:
         """Admit the connection under the connection limits; a refused one is closed at once."""
         if self.guard is None:
             return True
         return self.guard.admit(request, str(client_address[0]), tls=self.tls_context is not None)
 
     def server_bind(self) -> None:
-        self.socket.close()  # the fresh socket socketserver made; we use the inherited one
+        if self.socket is not None:
+            self.socket.close()  # the fresh socket socketserver made; we use the inherited one
         self.socket = self._listen_socket
         self.server_address = self.socket.getsockname()
 
@@ -118,7 +119,8 @@ class InheritedSocketServer(ThreadedAssociationServer):
 
     def server_close(self) -> None:
         # Never shutdown() the shared listening socket: that would stop every sibling process too.
-        self.socket.close()
+        if self.socket is not None:
+            self.socket.close()
 
     def shutdown(self) -> None:
         """Stop the accept loop and close our copy of the socket.
@@ -222,13 +224,15 @@ def make_scp_servers(settings: Settings, scp: StorageScp, listen_sockets: list[t
     ae = build_ae(settings)
     guard = PortGuard(settings.limits, scp.aggregate)
     housekeeping = PortHousekeeping(guard, scp)
-    servers = [
-        ae.make_server(
+    servers: list[InheritedSocketServer] = []
+    for listen_socket, tls_context in listen_sockets:
+        server = ae.make_server(
             scp_address(settings), evt_handlers=scp.event_handlers(), server_class=InheritedSocketServer,
             listen_socket=listen_socket, guard=guard, housekeeping=housekeeping, tls_context=tls_context,
-        )
-        for listen_socket, tls_context in listen_sockets
-    ]  # fmt: skip
+        )  # fmt: skip
+        if not isinstance(server, InheritedSocketServer):  # make_server builds the server_class it is given
+            raise TypeError(f"pynetdicom made a {type(server).__name__}, not an InheritedSocketServer")
+        servers.append(server)
     housekeeping.start()
     return servers
 

@@ -148,7 +148,7 @@ def handshake(sock: socket.socket, context: ssl.SSLContext, deadline: float) -> 
                 tls_sock.do_handshake()
                 break
             except ssl.SSLWantReadError:
-                waits = ([tls_sock], [])
+                waits: tuple[list[ssl.SSLSocket], list[ssl.SSLSocket]] = ([tls_sock], [])
             except ssl.SSLWantWriteError:
                 waits = ([], [tls_sock])
             remaining = deadline - time.monotonic()
@@ -174,7 +174,10 @@ def peer_subject(tls_sock: ssl.SSLSocket) -> str | None:
     cert = tls_sock.getpeercert()
     if not cert:
         return None
-    return ",".join(f"{key}={value}" for rdn in cert.get("subject", ()) for key, value in rdn)
+    subject = cert.get("subject", ())
+    if isinstance(subject, str):
+        return subject
+    return ",".join(f"{pair[0]}={pair[1]}" for rdn in subject for pair in rdn)
 
 
 def association_client_certificate(assoc) -> str | None:

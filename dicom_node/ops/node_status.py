@@ -32,7 +32,7 @@ def workers(settings: Settings, store: Store) -> list[dict[str, Any]]:
     """Workers seen (their reports, most recent first; ``live`` within http.worker_report_max_age_s)."""
     now = datetime.now(UTC)
     max_age = settings.http.worker_report_max_age_s
-    return [worker_out(r, now, max_age) for r in store.list_worker_reports()]  # type: ignore[attr-defined]
+    return [worker_out(r, now, max_age) for r in store.list_worker_reports()]
 
 
 def certificates(settings: Settings, store: Store) -> list[dict[str, Any]]:
@@ -106,7 +106,7 @@ def model_readiness(settings: Settings, store: Store) -> dict[str, Any]:
         return {"ok": True, "detail": "no model configured: studies are received and not analysed"}
     max_age = settings.http.worker_report_max_age_s
     try:
-        reports = [r for r in store.list_worker_reports() if "analyze" in r.queues]  # type: ignore[attr-defined]
+        reports = [r for r in store.list_worker_reports() if "analyze" in r.queues]
     except StoreError as exc:
         return {"ok": False, "detail": f"worker reports unreadable: {exc}"}
     now = datetime.now(UTC)

@@ -219,7 +219,7 @@ def resend_study(
             retrying=summary.retrying, failed=summary.failed, dead=summary.dead, bulk=bulk)  # fmt: skip
     lines = [state.describe() for state in summary.destinations]
     if not summary.finished:
-        send_deliver(app, uid, study.version, countdown=summary.next_attempt_in)  # type: ignore[arg-type]
+        send_deliver(app, uid, study.version, countdown=summary.next_attempt_in)
         lines.append(f"{summary.retrying} instance(s) will be retried by the deliver workers")
         return ActionResult(uid, True, "; ".join(lines), study.version, tuple(lines))
     final = finish_delivery(store, study, summary)

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from celery import Celery
 from pydicom.dataset import Dataset
@@ -44,9 +44,19 @@ from dicom_node.settings import Settings
 from dicom_node.store.base import InstanceRecord, ProducedObject, Store, StoreUnavailable, StudyRecord
 
 if TYPE_CHECKING:
-    from dicom_node.pipeline.tasks import WorkerContext
+    from inference.engine import Engine
 
 LOG = logging.getLogger(__name__)
+
+
+class AnalyzeContext(Protocol):
+    """What a batch needs of its worker (:class:`dicom_node.pipeline.tasks.WorkerContext` is one)."""
+
+    settings: Settings
+
+    def store(self) -> Store: ...
+
+    def engine(self) -> Engine: ...
 
 
 class LeaseKeeper:
@@ -101,7 +111,7 @@ class _StudyWork:
 class BatchRun:
     """One analyze task's batch: claims studies, runs the batcher, records and finishes each study."""
 
-    def __init__(self, ctx: WorkerContext, app: Celery, finish) -> None:
+    def __init__(self, ctx: AnalyzeContext, app: Celery, finish) -> None:
         self.ctx, self.app, self.finish = ctx, app, finish
         self.settings = ctx.settings
         self.store: Store = ctx.store()

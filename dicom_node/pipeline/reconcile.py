@@ -64,11 +64,8 @@ def _recover(spool_dir: Path, path: Path, store: Store, trail: AuditTrail | None
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         study_uid, sop_uid = str(ds.StudyInstanceUID), str(ds.SOPInstanceUID)
-        record_fields = dict(
-            sop_class_uid=str(ds.SOPClassUID),
-            series_instance_uid=str(ds.SeriesInstanceUID),
-            transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
-        )
+        sop_class_uid, series_uid = str(ds.SOPClassUID), str(ds.SeriesInstanceUID)
+        transfer_syntax_uid = str(ds.file_meta.TransferSyntaxUID)
     except Exception as exc:
         _quarantine(spool_dir, path, f"header unreadable: {exc}", report)
         return
@@ -84,7 +81,9 @@ def _recover(spool_dir: Path, path: Path, store: Store, trail: AuditTrail | None
         sha256=sha256,
         calling_ae="",  # unknown: the association that sent it ended without a Success
         received_at=datetime.fromtimestamp(path.stat().st_mtime, UTC),
-        **record_fields,
+        sop_class_uid=sop_class_uid,
+        series_instance_uid=series_uid,
+        transfer_syntax_uid=transfer_syntax_uid,
     )
     outcome = store.record_instance(record)
     report.recovered.append(relative)

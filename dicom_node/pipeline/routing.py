@@ -317,7 +317,8 @@ def audit_rule_change(
     rule as it was and as it is (the CLI passes the OS user, the API its account)."""
     from dicom_node.audit.trail import Peer, open_audit_trail
 
-    name = (after or before).name if (after or before) else None
+    changed = after or before
+    name = changed.name if changed else None
     open_audit_trail(store, settings.logging.audit_file).record(
         RULE_CHANGE_EVENT, Peer(None, None, host), change=change, rule=name, user=user,
         before=before.as_dict() if before else None, after=after.as_dict() if after else None,
@@ -526,11 +527,11 @@ def evaluate_rules(rules: Sequence[RoutingRule], facts: StudyFacts, nodes: Seque
         by_name = {n.name: n for n in destinations}
         profile = _usable_profile(rule, output, decision.warnings)
         for name in rule.action.destinations:
-            node = by_name.get(name)
-            if node is None:
+            target = by_name.get(name)
+            if target is None:
                 decision.warnings.append(f"rule {rule.name}: destination {name!r} is no longer configured as a destination; skipped")
                 continue
-            chosen.setdefault(name, Route(replace(node, profile=profile or node.profile), f"rule {rule.name}"))
+            chosen.setdefault(name, Route(replace(target, profile=profile or target.profile), f"rule {rule.name}"))
         if rule.action.send_to_sender:
             for node in sender_destinations(facts, destinations):
                 chosen.setdefault(node.name, Route(replace(node, profile=profile or node.profile), f"rule {rule.name}, sender"))

@@ -108,11 +108,15 @@ def run_analyze(ctx: WorkerContext, app: Celery, study_instance_uid: str, versio
         from dicom_node.pipeline.batch_analysis import BatchRun
 
         study = store.get_study(study_instance_uid)
+        if study is None:  # purged between the claim and now
+            return "skipped"
         finish = lambda uid, v, report, t0: finish_analysis(store, settings, app, uid, v, report, t0)  # noqa: E731
         outcomes = BatchRun(ctx, app, finish).run(study)
         return outcomes.get(study_instance_uid, "failed")
     with Heartbeat(settings, "analyze", study_instance_uid, version):
         study = store.get_study(study_instance_uid)
+        if study is None:  # purged between the claim and now
+            return "skipped"
         try:
             report = analyze_study_version(store, settings, ctx.engine(), study)
         except StoreUnavailable:

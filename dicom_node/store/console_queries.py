@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from dicom_node.store.base import AuditEvent, StudyRecord
+from dicom_node.store.sql_common import AUDIT_COLUMNS
 
 
 class ConsoleSql:
@@ -83,8 +84,6 @@ class ConsoleSql:
     ) -> list[AuditEvent]:
         """Audit events newest first (by id), at most ``limit``, with ids below ``before_id`` (the
         previous page's last); the filters are ``query_audit_events``'s."""
-        from dicom_node.store.sql_store import _AUDIT_COLUMNS
-
         clauses: list[str] = []
         params: list[Any] = []
         for column, op, value in (("at", ">=", since), ("at", "<", until)):
@@ -108,5 +107,5 @@ class ConsoleSql:
             params.append(int(before_id))
         where = ("WHERE " + " AND ".join(clauses) + " ") if clauses else ""
         with self._transaction(write=False) as tx:  # type: ignore[attr-defined]
-            rows = tx.all(f"SELECT {_AUDIT_COLUMNS} FROM audit_events {where}ORDER BY id DESC LIMIT {int(limit)}", params)
+            rows = tx.all(f"SELECT {AUDIT_COLUMNS} FROM audit_events {where}ORDER BY id DESC LIMIT {int(limit)}", params)
         return [self._audit_row(row) for row in rows]  # type: ignore[attr-defined]

@@ -19,3 +19,7 @@ def require_aware(name: str, value: datetime) -> datetime:
 def placeholders(count: int) -> str:
     """``?, ?, ...``: ``count`` positional parameters."""
     return ", ".join("?" * count)
+
+
+#: The audit_events columns in the order AuditEvent rows are read (the store and the console's queries).
+AUDIT_COLUMNS = "id, at, event, calling_ae, called_ae, peer_host, study_instance_uid, sop_instance_uid, detail, user_name"

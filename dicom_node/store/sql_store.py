@@ -43,7 +43,7 @@ from dicom_node.store.console_queries import ConsoleSql
 from dicom_node.store.destination_health import DestinationHealthSql
 from dicom_node.store.hosts import is_ip_literal
 from dicom_node.store.schema import load_migrations
-from dicom_node.store.sql_common import placeholders, require_aware, utc_now
+from dicom_node.store.sql_common import AUDIT_COLUMNS, placeholders, require_aware, utc_now
 from dicom_node.store.workers import WorkerReportSql
 
 #: A late instance reopens a study in these states as a new analysis version.
@@ -65,7 +65,6 @@ _DELIVERY_COLUMNS = (
 )
 _IN_CHUNK = 500
 _RULE_COLUMNS = "name, position, match_json, action_json, description, enabled, updated_at"
-_AUDIT_COLUMNS = "id, at, event, calling_ae, called_ae, peer_host, study_instance_uid, sop_instance_uid, detail, user_name"
 
 
 class Tx:
@@ -641,7 +640,7 @@ class SqlStore(ConsoleSql, ApiAccountSql, WorkerReportSql, DestinationHealthSql,
 
     def _insert_audit(self, tx: Tx, event: AuditEvent) -> None:
         row = tx.one(
-            f"INSERT INTO audit_events ({_AUDIT_COLUMNS.removeprefix('id, ')}) VALUES ({placeholders(9)}) RETURNING id",
+            f"INSERT INTO audit_events ({AUDIT_COLUMNS.removeprefix('id, ')}) VALUES ({placeholders(9)}) RETURNING id",
             (
                 self._db_time(require_aware("at", event.at)), event.event, event.calling_ae, event.called_ae,
                 event.peer_host, event.study_instance_uid, event.sop_instance_uid, json.dumps(event.detail), event.user,
@@ -662,7 +661,7 @@ class SqlStore(ConsoleSql, ApiAccountSql, WorkerReportSql, DestinationHealthSql,
     def list_audit_events(self, event: str | None = None, limit: int = 1000) -> list[AuditEvent]:
         where, params = ("WHERE event = ? ", [event]) if event is not None else ("", [])
         with self._transaction(write=False) as tx:
-            rows = tx.all(f"SELECT {_AUDIT_COLUMNS} FROM audit_events {where}ORDER BY id DESC LIMIT {int(limit)}", params)
+            rows = tx.all(f"SELECT {AUDIT_COLUMNS} FROM audit_events {where}ORDER BY id DESC LIMIT {int(limit)}", params)
         return [self._audit_row(row) for row in rows]
 
     def _audit_row(self, row: tuple) -> AuditEvent:
@@ -703,7 +702,7 @@ class SqlStore(ConsoleSql, ApiAccountSql, WorkerReportSql, DestinationHealthSql,
             clauses.append("study_instance_uid = ?")
             params.append(study_instance_uid)
         with self._transaction(write=False) as tx:
-            rows = tx.all(f"SELECT {_AUDIT_COLUMNS} FROM audit_events WHERE {' AND '.join(clauses)} ORDER BY id LIMIT {int(limit)}", params)
+            rows = tx.all(f"SELECT {AUDIT_COLUMNS} FROM audit_events WHERE {' AND '.join(clauses)} ORDER BY id LIMIT {int(limit)}", params)
         return [self._audit_row(row) for row in rows]
 
     def set_audit_forwarding(self, target: str | None) -> None:
@@ -718,7 +717,7 @@ class SqlStore(ConsoleSql, ApiAccountSql, WorkerReportSql, DestinationHealthSql,
                 )
 
     def audit_outbox(self, limit: int = 100) -> list[AuditEvent]:
-        columns = ", ".join(f"e.{c.strip()}" for c in _AUDIT_COLUMNS.split(","))
+        columns = ", ".join(f"e.{c.strip()}" for c in AUDIT_COLUMNS.split(","))
         with self._transaction(write=False) as tx:
             rows = tx.all(f"SELECT {columns} FROM audit_outbox o JOIN audit_events e ON e.id = o.event_id ORDER BY o.event_id LIMIT {int(limit)}")
         return [self._audit_row(row) for row in rows]

@@ -14,7 +14,7 @@ import random
 import sqlite3
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -91,7 +91,7 @@ class SqliteStore(SqlStore):
                 raise
             conn.execute("COMMIT")
 
-    def _migration_transaction(self) -> Iterator[Tx]:
+    def _migration_transaction(self) -> AbstractContextManager[Tx]:
         return self._transaction(write=True)  # the write lock serialises concurrent starters
 
     @contextmanager

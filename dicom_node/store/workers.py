@@ -57,7 +57,7 @@ class WorkerReportSql(WorkerReportStore):
         (name, hostname, pid, queues, ok, model_name, model_version, digest, demo, device, load_s, error, started, seen) = row
         return WorkerReport(
             name=name, hostname=hostname, pid=int(pid), queues=tuple(q for q in queues.split(",") if q), model_ok=bool(ok),
-            started_at=self._py_time(started), last_seen_at=self._py_time(seen),  # type: ignore[attr-defined]
+            started_at=self._py_time(started), last_seen_at=self._py_time(seen),
             model_name=model_name, model_version=model_version, model_digest=digest,
             demo_weights=None if demo is None else bool(demo), device=device,
             load_seconds=None if load_s is None else float(load_s), error=error,

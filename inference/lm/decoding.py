@@ -128,15 +128,18 @@ def forward_hidden(decoder: Gemma3ForCausalLM, hidden: torch.Tensor, positions: 
     kv_len = kv_len or cache.max_len
     config = decoder.config
     model = decoder.model
+    layer_types = config.layer_types
+    if layer_types is None:  # Gemma 3 configs always list them (sliding or full attention per layer)
+        raise ValueError("the decoder's config has no layer_types")
     batch, steps, _ = hidden.shape
     rows = torch.arange(batch, device=hidden.device)[:, None].expand(batch, steps)
     masks = {
         layer_type: attention_mask(positions, kv_len, config.sliding_window if layer_type == "sliding_attention" else None, hidden.dtype)
-        for layer_type in set(config.layer_types)
+        for layer_type in set(layer_types)
     }
-    rope = {layer_type: model.rotary_emb(hidden, positions, layer_type) for layer_type in set(config.layer_types)}
+    rope = {layer_type: model.rotary_emb(hidden, positions, layer_type) for layer_type in set(layer_types)}
     for index, layer in enumerate(model.layers[: config.num_hidden_layers]):
-        layer_type = config.layer_types[index]
+        layer_type = layer_types[index]
         residual = hidden
         normed = layer.input_layernorm(hidden)
         attn = layer.self_attn
@@ -358,7 +361,8 @@ def generate_greedy(
     decode_step: DecodeStep | None = None,
     cache_multiple: int = 256,
     cache: KVCache | None = None,
-    injection: TokenInjection | None = None,
+    *,
+    injection: TokenInjection | None,
     loop_check: LoopCheck | None = None,
     progress: ProgressReport | None = None,
 ) -> Generation:
@@ -372,6 +376,9 @@ def generate_greedy(
     exactly that shape is reused (zeroed) instead of allocating one: a compiled step keeps its CUDA
     graph only while the cache tensors keep their addresses. ``Generation.cache`` returns the one used.
     ``injection`` (one row per prompt) embeds generated ``<obj_i>``/``<image>`` as the reference does.
+    It has no default: an AnatomiX prompt needs its injection (without it a generated ``<obj_i>`` or
+    ``<image>`` is fed back as a plain token embedding and the text drifts from the reference's);
+    ``injection=None`` says on purpose that the decoder runs alone (tests and benchmarks of decoding).
     ``progress`` is called at every check with the tokens kept so far and the rows still decoding.
     """
     device = decoder.lm_head.weight.device

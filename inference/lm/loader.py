@@ -255,7 +255,7 @@ def load_lm(
     if report.unexpected:
         log.warning("LM checkpoint: %d unexpected key(s) ignored: %s", len(report.unexpected), ", ".join(report.unexpected[:8]))
 
-    handles: dict[Path, object] = {}
+    handles: dict[Path, safe_open] = {}
     state: dict[str, torch.Tensor] = {}
     try:
         for target, source in report.sources.items():

@@ -32,7 +32,7 @@ class ProjectionHead(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """``[..., in_dim]`` -> ``[..., out_dim]`` in the head's dtype (fp32)."""
-        return self.proj(features.to(self.proj[0].weight.dtype))
+        return self.proj(features.to(next(self.proj.parameters()).dtype))
 
 
 @dataclass(frozen=True)

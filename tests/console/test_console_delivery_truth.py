@@ -23,7 +23,7 @@ import pydicom
 import pytest
 
 from dicom_node.api import auth
-from dicom_node.cli.pipeline import node_command
+from dicom_node.cli.processes import node_command
 from dicom_node.store.base import RemoteNode
 from tests.console.test_console_scenario import Pages, login, wait_http
 from tests.support.console_browser import install_axe, launch

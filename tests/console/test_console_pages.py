@@ -15,11 +15,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from dicom_node.api import auth
-from dicom_node.api.app import create_app
 from dicom_node.console.views import short_uid
 from dicom_node.settings import HttpSettings, Settings, SettingsError, StorageSettings, load_settings
 from dicom_node.store import open_store
 from dicom_node.store.base import AnalysisRecord, InstanceRecord, RemoteNode
+from dicom_node.web.app import create_app
 
 T0 = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 

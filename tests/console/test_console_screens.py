@@ -25,11 +25,11 @@ import pydicom
 import pytest
 
 from dicom_node.api import auth
-from dicom_node.api.app import create_app
 from dicom_node.audit.trail import AuditTrail, Peer, text_diff, text_digest
 from dicom_node.settings import HttpSettings, Settings, StorageSettings
 from dicom_node.store import open_store
 from dicom_node.store.base import DeliveryRecord, InstanceRecord, ProducedObject, RemoteNode
+from dicom_node.web.app import create_app
 from tests.support.console_browser import axe_violations, install_axe, launch
 from tests.support.net import free_port
 from tests.support.workers import make_chest_studies

@@ -11,7 +11,7 @@ import subprocess
 import pydicom
 import pytest
 
-from dicom_node.cli.pipeline import node_command
+from dicom_node.cli.processes import node_command
 from dicom_node.store.base import RemoteNode
 from tests.support.net import free_port
 from tests.support.receivers import StorageReceiver

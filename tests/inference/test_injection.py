@@ -144,5 +144,14 @@ def test_greedy_output_after_a_generated_obj_token_follows_the_reference(setup):
     for step in (None, DecodeStep.build(DecodeStrategy.ROW_BY_ROW)):
         ours = generate_greedy(decoder, [embeds], steps, decode_step=step, injection=injection)
         assert ours.tokens[0] == reference, step
-    assert generate_greedy(decoder, [embeds], steps).tokens[0] == plain_reference
+    assert generate_greedy(decoder, [embeds], steps, injection=None).tokens[0] == plain_reference
     assert plain_reference != reference  # what the plain embedding did: greedy outputs diverge
+
+
+def test_greedy_decoding_without_a_word_on_injection_is_refused(setup):
+    """Leaving ``injection`` out would decode an AnatomiX prompt without its <obj_i>/<image> vectors:
+    the caller has to pass one, or ``injection=None`` on purpose."""
+    lm, _, prompts = setup
+    _, embeds, _ = prompts[0]
+    with pytest.raises(TypeError, match="injection"):
+        generate_greedy(lm.decoder, [embeds], 2)

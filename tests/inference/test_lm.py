@@ -124,7 +124,7 @@ def test_prefill_and_greedy_match_transformers(loaded, tokenizer, token_ids) -> 
         ours = prefill(lm.decoder, embeds[None], KVCache.allocate(lm.decoder, 1, embeds.shape[0] + 8))
         reference = lm.decoder(inputs_embeds=embeds[None]).logits[:, -1]
         torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
-        generated = generate_greedy(lm.decoder, [embeds], max_new_tokens=12)
+        generated = generate_greedy(lm.decoder, [embeds], max_new_tokens=12, injection=None)
         hf = lm.decoder.generate(
             inputs_embeds=embeds[None],
             attention_mask=torch.ones(1, embeds.shape[0], dtype=torch.long),
@@ -141,10 +141,10 @@ def test_batch_of_n_is_bit_identical_to_n_single_calls(loaded, tokenizer, token_
     lm, _ = loaded
     prompts = prompt_embeds(lm, tokenizer, token_ids, 3, seed=5)
     assert len({p.shape[0] for p in prompts}) > 1  # different lengths, no padding involved
-    singles = [generate_greedy(lm.decoder, [p], max_new_tokens=10).tokens[0] for p in prompts]
+    singles = [generate_greedy(lm.decoder, [p], max_new_tokens=10, injection=None).tokens[0] for p in prompts]
     # the CPU schedule (rows stepped one by one on a shared cache) and the batched GPU schedule
-    assert generate_greedy(lm.decoder, prompts, max_new_tokens=10, decode_step=DecodeStep.build(DecodeStrategy.ROW_BY_ROW)).tokens == singles
-    assert generate_greedy(lm.decoder, prompts, max_new_tokens=10).tokens == singles
+    assert generate_greedy(lm.decoder, prompts, max_new_tokens=10, decode_step=DecodeStep.build(DecodeStrategy.ROW_BY_ROW), injection=None).tokens == singles
+    assert generate_greedy(lm.decoder, prompts, max_new_tokens=10, injection=None).tokens == singles
     with torch.inference_mode():
         cache = KVCache.allocate(lm.decoder, 3, 4096)
         for row, p in enumerate(prompts):
@@ -166,11 +166,11 @@ def test_batch_of_n_is_bit_identical_to_n_single_calls(loaded, tokenizer, token_
 def test_a_reused_cache_gives_the_same_tokens(loaded, tokenizer, token_ids) -> None:
     lm, _ = loaded
     prompts = prompt_embeds(lm, tokenizer, token_ids, 2, seed=11)
-    first = generate_greedy(lm.decoder, prompts, max_new_tokens=6)
+    first = generate_greedy(lm.decoder, prompts, max_new_tokens=6, injection=None)
     with torch.inference_mode():
         for tensor in first.cache.keys + first.cache.values:
             tensor.fill_(float("nan"))  # whatever the last batch left behind
-    again = generate_greedy(lm.decoder, prompts[::-1], max_new_tokens=6, cache=first.cache)
+    again = generate_greedy(lm.decoder, prompts[::-1], max_new_tokens=6, cache=first.cache, injection=None)
     assert again.cache is first.cache
     assert again.tokens == first.tokens[::-1]
 
@@ -178,9 +178,9 @@ def test_a_reused_cache_gives_the_same_tokens(loaded, tokenizer, token_ids) -> N
 def test_stop_tokens_end_a_row_early(loaded, tokenizer, token_ids) -> None:
     lm, _ = loaded
     prompts = prompt_embeds(lm, tokenizer, token_ids, 2, seed=9)
-    free = generate_greedy(lm.decoder, prompts, max_new_tokens=8)
+    free = generate_greedy(lm.decoder, prompts, max_new_tokens=8, injection=None)
     stop = free.tokens[0][3]
-    stopped = generate_greedy(lm.decoder, prompts, max_new_tokens=8, stop_ids=(stop,))
+    stopped = generate_greedy(lm.decoder, prompts, max_new_tokens=8, stop_ids=(stop,), injection=None)
     assert stopped.tokens[0] == free.tokens[0][: free.tokens[0].index(stop)]
     row1 = free.tokens[1]
     assert stopped.tokens[1] == (row1[: row1.index(stop)] if stop in row1 else row1)
@@ -190,8 +190,8 @@ def test_same_seed_gives_the_same_tokens(tmp_path, loaded, tokenizer, token_ids)
     lm, _ = loaded
     other_dir = write_demo_model_dir(tmp_path / "again", "tiny", seed=3)
     other, _ = load_lm(other_dir / "medgemma", other_dir / "lm.pt", token_ids)
-    a = generate_greedy(lm.decoder, prompt_embeds(lm, tokenizer, token_ids, 1), 6).tokens
-    b = generate_greedy(other.decoder, prompt_embeds(other, tokenizer, token_ids, 1), 6).tokens
+    a = generate_greedy(lm.decoder, prompt_embeds(lm, tokenizer, token_ids, 1), 6, injection=None).tokens
+    b = generate_greedy(other.decoder, prompt_embeds(other, tokenizer, token_ids, 1), 6, injection=None).tokens
     assert a == b
 
 
@@ -259,8 +259,8 @@ def test_cuda_bf16_path_with_compiled_decode(model_dir, token_ids, tokenizer) ->
         pytest.skip("no CUDA device on this machine: the bf16 / compiled decode path is tested only on a GPU host")
     lm, _ = load_lm(model_dir / "medgemma", model_dir / "lm.pt", token_ids, device="cuda", dtype=torch.bfloat16)
     prompts = prompt_embeds(lm, tokenizer, token_ids, 2)
-    eager = generate_greedy(lm.decoder, prompts, max_new_tokens=8)
-    compiled = generate_greedy(lm.decoder, prompts, max_new_tokens=8, decode_step=DecodeStep.build(DecodeStrategy.COMPILED))
+    eager = generate_greedy(lm.decoder, prompts, max_new_tokens=8, injection=None)
+    compiled = generate_greedy(lm.decoder, prompts, max_new_tokens=8, decode_step=DecodeStep.build(DecodeStrategy.COMPILED), injection=None)
     assert eager.tokens == compiled.tokens
 
 

@@ -59,10 +59,10 @@ def test_a_looping_row_stops_and_its_neighbour_decodes_on_untouched(scripted, to
     decoder, counting, heart = scripted
     step = DecodeStep.build(strategy)
     batch = prompts(decoder, [counting, heart])
-    free = generate_greedy(decoder, batch, MAX_NEW, decode_step=step)
+    free = generate_greedy(decoder, batch, MAX_NEW, decode_step=step, injection=None)
     assert free.tokens[0] == list(range(counting + 1, counting + 1 + MAX_NEW)) and free.tokens[1] == [heart] * MAX_NEW
     assert unusable_text_reason(answer_text(tokenizer, free.tokens[0])) is None  # counting never loops
-    checked = generate_greedy(decoder, batch, MAX_NEW, decode_step=step, loop_check=loop_check_for(tokenizer))
+    checked = generate_greedy(decoder, batch, MAX_NEW, decode_step=step, injection=None, loop_check=loop_check_for(tokenizer))
     assert checked.tokens[0] == free.tokens[0]  # a text that does not loop is decoded to the end, unchanged
     assert checked.tokens[1] == [heart] * LOOP_CHECK_TOKENS  # stopped at the first check that saw the loop
     assert unusable_text_reason(answer_text(tokenizer, checked.tokens[1])) == "repetition loop"
@@ -72,8 +72,8 @@ def test_a_looping_row_stops_and_its_neighbour_decodes_on_untouched(scripted, to
 def test_a_batch_that_only_loops_ends_early(scripted, tokenizer) -> None:
     decoder, _, heart = scripted
     batch = prompts(decoder, [heart, heart])
-    free = generate_greedy(decoder, batch, MAX_NEW)
-    checked = generate_greedy(decoder, batch, MAX_NEW, loop_check=loop_check_for(tokenizer))
+    free = generate_greedy(decoder, batch, MAX_NEW, injection=None)
+    checked = generate_greedy(decoder, batch, MAX_NEW, injection=None, loop_check=loop_check_for(tokenizer))
     assert free.decode_steps == MAX_NEW - 1
     assert checked.decode_steps == LOOP_CHECK_TOKENS  # 8 steps instead of 31
     assert checked.tokens == [[heart] * LOOP_CHECK_TOKENS] * 2 and checked.loops_stopped == 2

@@ -314,6 +314,43 @@ def test_modality_lut_applies_when_no_voi():
     assert prepared.pixels[512, 50] > prepared.pixels[512, 900]  # negative slope: brighter on the left
 
 
+@pytest.mark.parametrize(
+    ("modality", "slope", "intercept", "center", "width"),
+    [
+        ("CT", 1.0, -1024.0, 40.0, 400.0),  # stored = HU + 1024, a soft-tissue window in HU
+        ("MR", 2.5, -100.0, 1500.0, 2000.0),  # a scaled modality with its window in rescaled units
+    ],
+)
+def test_window_applies_to_the_rescaled_values_not_the_stored_ones(modality, slope, intercept, center, width):
+    """The chosen order: Modality LUT, then the window (PS3.3 C.11.2.1.2). The reference's reader
+    windows the stored values, which puts the window somewhere else: most pixels differ."""
+    stored = np.tile(np.arange(0, 1400, 4, dtype=np.uint16), (300, 1))  # 300 x 350 ramp
+    ds = make_dataset(stored)
+    ds.Modality = modality
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    ds.WindowCenter, ds.WindowWidth = center, width
+    rescaled = stored.astype(np.float64) * slope + intercept
+    prepared = prepare_dataset(ds)
+    assert_close_uint8(prepared.pixels, reference_prepare(dicom_linear_window(rescaled, center, width)))
+    stored_windowed = reference_prepare(dicom_linear_window(stored.astype(np.float64), center, width))
+    pad = int(prepared.letterbox.pad_y * prepared.letterbox.scale_y) + 2
+    image = slice(pad, 1024 - pad)  # the rows of the image, not of the letterbox padding
+    differ = np.abs(prepared.pixels[image].astype(int) - stored_windowed[image].astype(int))
+    assert (differ > 0).mean() > 0.5 and differ.max() >= 100  # most pixels, by many gray levels
+
+
+def test_an_identity_rescale_with_a_window_matches_the_stored_value_window_exactly():
+    """Chest CR/DX as sent (slope 1, intercept 0, a window): both orders give the same image."""
+    stored = np.tile(np.arange(0, 4000, 10, dtype=np.uint16), (300, 1))
+    ds = make_dataset(stored)
+    ds.RescaleSlope, ds.RescaleIntercept = 1, 0
+    ds.WindowCenter, ds.WindowWidth = 2000, 1000
+    without = make_dataset(stored)
+    without.WindowCenter, without.WindowWidth = 2000, 1000
+    np.testing.assert_array_equal(prepare_dataset(ds).pixels, prepare_dataset(without).pixels)
+    assert_close_uint8(prepare_dataset(ds).pixels, reference_prepare(dicom_linear_window(stored.astype(np.float64), 2000, 1000)))
+
+
 def test_bits_stored_12_in_16_bit_container_ignores_high_bits():
     rng = np.random.default_rng(4)
     clean = rng.integers(0, 4096, (500, 400), dtype=np.uint16)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from inference.engine import EngineOptions
 from inference.prompt import (
     EMPTY_SYSTEM_PROMPT,
     TRAINING_SYSTEM_PROMPT,
@@ -26,7 +27,7 @@ def tokenizer():
 
 
 def test_prompt_string_follows_the_training_layout() -> None:
-    text = build_prompt_text("Generate findings and impressions:\n", BOXES, SENTENCES)
+    text = build_prompt_text("Generate findings and impressions:\n", BOXES, SENTENCES, system_prompt=TRAINING_SYSTEM_PROMPT)
     assert text.startswith(f"<bos><start_of_turn>user\n{TRAINING_SYSTEM_PROMPT}\n\nImage: \n\n<image_start><image>")
     assert (
         "<image>" * 1024 + "<image_end>\n\n\nLikely findings:\nemb:<emb><obj_0></emb> box:<box>(-3,20),(300,400)</box> Abdominal cavity is healthy.\n" in text
@@ -38,6 +39,15 @@ def test_prompt_string_follows_the_training_layout() -> None:
 def test_empty_system_prompt_matches_the_reference_entry_point() -> None:
     text = build_prompt_text("Detect abnormalities in the given image.", BOXES, SENTENCES, system_prompt=EMPTY_SYSTEM_PROMPT)
     assert text.startswith("<bos><start_of_turn>user\n\n\nImage: \n\n<image_start>")
+
+
+def test_without_a_system_prompt_the_text_is_what_the_engine_sends_by_default() -> None:
+    """A direct caller who names no system prompt gets the engine's default (empty, the paper's
+    evaluation), not the training one."""
+    default = build_prompt_text("Detect abnormalities in the given image.", BOXES, SENTENCES)
+    assert default == build_prompt_text("Detect abnormalities in the given image.", BOXES, SENTENCES, EngineOptions().system_prompt)
+    assert default.startswith("<bos><start_of_turn>user\n\n\nImage: ")
+    assert TRAINING_SYSTEM_PROMPT not in default
 
 
 def test_token_ids_have_two_bos_1024_images_and_each_object_once(tokenizer) -> None:

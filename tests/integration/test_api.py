@@ -14,7 +14,7 @@ import httpx
 import pytest
 from pydicom.uid import generate_uid
 
-from dicom_node.cli.pipeline import node_command
+from dicom_node.cli.processes import node_command
 from dicom_node.settings import load_settings
 from dicom_node.store.base import DeliveryRecord, RemoteNode
 from tests.integration.test_delivery import seed_study

@@ -10,7 +10,7 @@ import numpy as np
 import pydicom
 from PIL import Image
 
-from dicom_node.cli.pipeline import node_command
+from dicom_node.cli.processes import node_command
 from inference.result import AnalysisResult
 from sr_writer.colours import REGION_COLOURS
 from tests.support.workers import REPO

@@ -9,7 +9,7 @@ import subprocess
 import pydicom
 from pydicom.data import get_testdata_file
 
-from dicom_node.cli.pipeline import node_command
+from dicom_node.cli.processes import node_command
 from tests.support.workers import REPO
 
 

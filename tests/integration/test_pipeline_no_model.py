@@ -6,7 +6,7 @@ import subprocess
 
 from pydicom.data import get_testdata_file
 
-from dicom_node.cli.pipeline import node_command
+from dicom_node.cli.processes import node_command
 from dicom_node.pipeline.dispatch import NO_MODEL_ERROR
 from dicom_node.store.base import RemoteNode
 from tests.support.workers import REPO, NodeSite

@@ -8,7 +8,7 @@ import subprocess
 import pydicom
 from pydicom.data import get_testdata_file
 
-from dicom_node.cli.pipeline import node_command
+from dicom_node.cli.processes import node_command
 from tests.support.workers import DEMO_WEIGHTS_CACHE, REPO, make_chest_studies
 
 

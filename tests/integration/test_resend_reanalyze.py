@@ -13,7 +13,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from dicom_node.cli.pipeline import node_command
+from dicom_node.cli.processes import node_command
 from dicom_node.pipeline.delivery import deliver_study_version
 from dicom_node.store.base import RemoteNode
 from tests.integration.test_delivery import seed_study, to_comprehensive

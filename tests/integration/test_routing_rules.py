@@ -13,7 +13,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from dicom_node.cli.pipeline import node_command
+from dicom_node.cli.processes import node_command
 from dicom_node.store.base import RemoteNode
 from tests.integration.test_delivery_routing import APM_ONLY, send_from
 from tests.support.receivers import StorageReceiver

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dicom_node.cli.pipeline import node_command
+from dicom_node.cli.processes import node_command
 from dicom_node.settings import Settings, load_settings
 from dicom_node.store import open_store
 from dicom_node.store.base import RemoteNode, Store, StudyRecord

@@ -34,7 +34,7 @@ def model(request: Request, who: Viewer) -> dict[str, Any]:
 def status(request: Request, who: Viewer) -> dict[str, Any]:
     ctx = ctx_of(request)
     s = ctx.settings
-    counts = {**{state: 0 for state in STUDY_STATES}, **ctx.store.count_studies_by_state()}  # type: ignore[attr-defined]
+    counts = {**{state: 0 for state in STUDY_STATES}, **ctx.store.count_studies_by_state()}
     return {
         "ae_title": s.node.ae_title, "dicom_port": s.node.port, "scp_processes": s.node.scp_processes,
         "store": "postgresql" if s.database_url.startswith("postgres") else "sqlite", "embedded": s.embedded,

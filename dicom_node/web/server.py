@@ -48,9 +48,9 @@ def http_main(settings: Settings, sock: socket.socket) -> None:
     """Body of the HTTP process."""
     import uvicorn
 
-    from dicom_node.api.app import create_app
     from dicom_node.logging_setup import configure_logging
     from dicom_node.store import open_store
+    from dicom_node.web.app import create_app
 
     configure_logging(settings.logging.level)
     store = open_store(settings.database_url, migrate=False)
