@@ -17,7 +17,7 @@ Loopback only. Attackers are raw sockets bound to other 127.x addresses; the kno
 - idle: ``--idle`` open, silent associations held ``--idle-seconds``: CPU seconds per second the
   server spends (node default ``idle_poll_s`` 0.05, and 0.001 which is pynetdicom's own 1 ms polling).
 
-Prints one Markdown table; the README's "Limits on the DICOM port" quotes a run.
+Prints one Markdown table; docs/measured-figures.md, "Hostile clients on the DICOM port", quotes a run.
 """
 
 from __future__ import annotations
