@@ -35,8 +35,13 @@ lint: install-test
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
+# Two passes (tests/conftest.py): the suite on $(TEST_WORKERS) xdist workers, one test file (or group of files)
+# per worker at a time, then the `solo` tests alone. Both always run; the target fails if either failed.
+TEST_WORKERS ?= 3
 test: install-test peers lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not solo"; parallel=$$?; \
+	$(BIN)/pytest -m solo; solo=$$?; \
+	test $$parallel -eq 0 -a $$solo -eq 0
 
 bench: install-test peers
 	$(BIN)/python benchmarks/writer.py

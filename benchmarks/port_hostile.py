@@ -21,7 +21,7 @@ Loopback only. Attackers are raw sockets bound to other 127.x addresses; the kno
   a C-ECHO and a one-instance C-STORE, each its own association, every 0.25 s: requests answered,
   the slowest and the median, re-opens per second, and the server's CPU meanwhile.
 
-Prints one Markdown table; the README's "Limits on the DICOM port" quotes a run.
+Prints one Markdown table; docs/measured-figures.md, "Hostile clients on the DICOM port", quotes a run.
 """
 
 from __future__ import annotations

@@ -166,7 +166,7 @@ class ModelSettings:
 
 @dataclass(frozen=True)
 class OutputSettings:
-    """What the node produces: object kinds per destination profile (README: "Output profiles")."""
+    """What the node produces: object kinds per destination profile (docs/configuration.md: "Output profiles")."""
 
     #: UID root for everything we create (digits and dots, ending in a dot; deterministic UIDs hang under it).
     uid_root: str = "1.2.826.0.1.3680043.10.1431."
@@ -221,7 +221,7 @@ class LoggingSettings:
 class LimitsSettings:
     """What a client may cost the DICOM port before and after it is identified (per SCP process).
 
-    See the README section "Limits on the DICOM port" for how they interact.
+    See docs/security.md, "Limits on the DICOM port", for how they interact.
     """
 
     #: Seconds from TCP accept until a complete A-ASSOCIATE-RQ must have arrived; else the socket is closed.
@@ -320,7 +320,7 @@ class AuditSettings:
 class TlsSettings:
     """DICOM TLS for the SCP (PS3.15 Annex B, BCP 195): a TLS port beside (or instead of) ``node.port``.
 
-    See the README section "DICOM TLS". Per remote node TLS (as SCU) is set with ``ae add --tls``.
+    See docs/security.md, "DICOM TLS". Per remote node TLS (as SCU) is set with ``ae add --tls``.
     """
 
     #: Listen for DICOM over TLS.

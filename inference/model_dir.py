@@ -73,7 +73,7 @@ class ModelDir:
         if problems:
             raise ModelDirError(
                 f"model directory {root} is incomplete, missing: {', '.join(problems)}."
-                " Put the authors' files there (see README, 'Model directory') or run"
+                " Put the authors' files there (see docs/architecture.md, 'Model directory') or run"
                 " `anatomix-node model demo-weights --out DIR` for demo weights"
             )
         return cls(

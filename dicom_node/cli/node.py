@@ -130,7 +130,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_tls_options(parser: argparse.ArgumentParser, update: bool) -> None:
-    """DICOM TLS when we connect to it (README "DICOM TLS"); ``ae update`` keeps what is not given."""
+    """DICOM TLS when we connect to it (docs/security.md, "DICOM TLS"); ``ae update`` keeps what is not given."""
     switch: dict[str, Any] = {"action": argparse.BooleanOptionalAction} if update else {"action": "store_const", "const": True}
     parser.add_argument("--tls", default=None, help="connect to it with DICOM TLS", **switch)
     parser.add_argument("--tls-ca", default=None, metavar="PEM", help="CAs trusted for its certificate (default: the system's)")

@@ -16,7 +16,7 @@ One dispatch loop runs in the node (``serve``); every ``queue.dispatch_interval_
    expired (a deliver worker that died while a retry was pending).
 
 Leases are small JSON files under ``<data_dir>/leases`` renewed by a heartbeat thread in the worker.
-Remote workers share ``data_dir`` (see the README), so the node sees their leases; clocks must be in
+Remote workers share ``data_dir`` (see docs/architecture.md), so the node sees their leases; clocks must be in
 step (NTP) to within a fraction of ``queue.lease_s``.
 """
 

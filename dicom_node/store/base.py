@@ -67,7 +67,7 @@ class RemoteNode:
     default_destination: bool = False
     tls: bool = False
     #: DICOM TLS as SCU (with ``tls``): PEM CAs for its certificate (None: the system's), our client
-    #: certificate and key (None: none), verify its certificate and host name (README "DICOM TLS").
+    #: certificate and key (None: none), verify its certificate and host name (docs/security.md, "DICOM TLS").
     tls_ca_file: str | None = None
     tls_cert_file: str | None = None
     tls_key_file: str | None = None

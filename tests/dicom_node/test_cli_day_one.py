@@ -389,7 +389,7 @@ def test_library_wording_does_not_reach_the_admin(site: Path) -> None:
     assert "force" not in result.stdout + result.stderr
 
 
-# ---- the README's command table is --help ---------------------------------------------------------------
+# ---- the command tables of the docs are --help ------------------------------------------------------------
 
 
 def help_commands() -> dict[str, set[str]]:
@@ -411,28 +411,36 @@ def help_commands() -> dict[str, set[str]]:
     return found
 
 
-def readme_commands() -> dict[str, set[str]]:
-    """The commands of the README's command table, with the options each row shows."""
-    text = (REPO_ROOT / "README.md").read_text()
-    table = text.split("| command | what it does |", 1)[1].split("\n\n", 1)[0]
+def documented_commands() -> dict[str, set[str]]:
+    """The commands of every command table (``| command | what it does |``) in README.md and docs/*.md,
+    with the options each row shows. A command listed in two tables must show the same options in both."""
     found: dict[str, set[str]] = {}
-    for row in table.splitlines()[2:]:
-        for span in re.findall(r"`([^`]+)`", row.split(" | ")[0]):
-            words = []
-            for token in span.split():
-                if not re.fullmatch(r"[a-z][a-z-]*", token):
-                    break
-                words.append(token)
-            options = set()
-            for negatable in re.findall(r"--\[no-\]([a-z0-9-]+)", span):
-                options |= {f"--{negatable}", f"--no-{negatable}"}
-            options |= set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", span))
-            found[" ".join(words)] = options
+    tables = 0
+    for path in [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]:
+        in_file: dict[str, set[str]] = {}  # a command's forms in one file (``resend UID``, ``resend --state``) together
+        for table in path.read_text().split("| command | what it does |")[1:]:
+            tables += 1
+            for row in table.split("\n\n", 1)[0].splitlines()[2:]:
+                for span in re.findall(r"`([^`]+)`", row.split(" | ")[0]):
+                    words = []
+                    for token in span.split():
+                        if not re.fullmatch(r"[a-z][a-z-]*", token):
+                            break
+                        words.append(token)
+                    options = set()
+                    for negatable in re.findall(r"--\[no-\]([a-z0-9-]+)", span):
+                        options |= {f"--{negatable}", f"--no-{negatable}"}
+                    options |= set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", span))
+                    in_file.setdefault(" ".join(words), set()).update(options)
+        for command, options in in_file.items():
+            assert found.get(command, options) == options, f"{path.name}: {command} differs from another file's table"
+            found[command] = options
+    assert tables, "no command table in README.md or docs/"
     return found
 
 
-def test_readme_command_table_matches_help() -> None:
-    from_help, from_readme = help_commands(), readme_commands()
+def test_command_tables_match_help() -> None:
+    from_help, from_readme = help_commands(), documented_commands()
     assert sorted(from_readme) == sorted(from_help)
     for command, options in from_help.items():
         assert from_readme[command] == options, command

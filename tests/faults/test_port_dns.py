@@ -27,6 +27,8 @@ from dicom_node.store.hosts import HostAddresses
 from tests.support.dcmtk import run_dcmtk
 from tests.support.net import free_port
 
+pytestmark = pytest.mark.solo
+
 SLOW_S = 4.0
 #: An echo (echoscu start-up included) on a busy 2-core box; far below SLOW_S.
 FAST_S = 2.0

@@ -23,6 +23,8 @@ from tests.support.corpus import write_synthetic_set
 from tests.support.node import NodeProcess
 from tests.support.raw_pdu import Refresher, associate_rq, child_pids, connect_from, pdu_header, read_pdu, vm_rss_bytes, wait_closed
 
+pytestmark = pytest.mark.solo
+
 A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ABORT = 0x02, 0x03, 0x07
 ESTABLISH_TIMEOUT_S = 4.0
 #: How late after the deadline a stalled socket may be seen closed (thread scheduling on a busy 2-core box).

@@ -9,7 +9,6 @@ import pytest
 
 from inference.batching import ContinuousBatcher
 from inference.demo_apm import synthetic_chest_radiograph
-from inference.demo_weights import write_demo_model_dir
 from inference.engine import Engine, EngineOptions
 from inference.preprocess import prepare_array
 
@@ -19,8 +18,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory) -> Engine:
-    model_dir: Path = write_demo_model_dir(tmp_path_factory.mktemp("batching") / "model", "tiny", seed=1)
+def engine(tiny_model_dir) -> Engine:
+    model_dir: Path = tiny_model_dir(1)
     return Engine.load(model_dir, EngineOptions(max_new_tokens=12))
 
 

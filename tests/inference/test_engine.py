@@ -12,7 +12,6 @@ import torch
 from pydicom.data import get_testdata_file
 
 from inference.demo_apm import synthetic_chest_radiograph
-from inference.demo_weights import write_demo_model_dir
 from inference.engine import Engine, EngineOptions, ModelLoadError
 from inference.preprocess import prepare_array
 from inference.result import REGION_NAMES, AnalysisResult
@@ -24,8 +23,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return write_demo_model_dir(tmp_path_factory.mktemp("engine") / "model", "tiny", seed=1)
+def model_dir(tiny_model_dir) -> Path:
+    return tiny_model_dir(1)
 
 
 @pytest.fixture(scope="module")

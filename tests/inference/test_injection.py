@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from inference.demo_weights import write_demo_model_dir
 from inference.lm.decoding import (
     DecodeStep,
     DecodeStrategy,
@@ -37,8 +36,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    model_dir: Path = write_demo_model_dir(tmp_path_factory.mktemp("inject") / "model", "tiny", seed=3)
+def setup(tiny_model_dir):
+    model_dir: Path = tiny_model_dir(3)
     tokenizer = load_tokenizer(model_dir / "medgemma")
     token_ids = TokenIds.from_tokenizer(tokenizer)
     lm, _ = load_lm(model_dir / "medgemma", model_dir / "lm.pt", token_ids)

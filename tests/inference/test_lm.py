@@ -22,8 +22,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return write_demo_model_dir(tmp_path_factory.mktemp("lm") / "model", "tiny", seed=3)
+def model_dir(tiny_model_dir) -> Path:
+    return tiny_model_dir(3)
 
 
 @pytest.fixture(scope="module")

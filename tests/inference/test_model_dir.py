@@ -9,13 +9,12 @@ import shutil
 
 import pytest
 
-from inference.demo_weights import write_demo_model_dir
 from inference.model_dir import DIGEST_CACHE, ModelDir, ModelDirError, device_uid_from_digest
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    return write_demo_model_dir(tmp_path_factory.mktemp("md") / "model", "tiny", seed=0)
+def demo(tiny_model_dir):
+    return tiny_model_dir(0)
 
 
 def test_demo_directory_resolves_with_manifest(demo) -> None:
