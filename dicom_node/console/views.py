@@ -23,6 +23,7 @@ from dicom_node.api.deps import Problem, authenticate, ctx_of
 from dicom_node.ops.node_status import last_model_identity, readiness, spool_disk
 from dicom_node.ops.preview import demo_preview_png, demo_source_and_result
 from dicom_node.store.base import STUDY_STATES, ApiAccountStore
+from sr_writer.kinds import KINDS
 
 HERE = Path(__file__).resolve().parent
 PAGE_SIZE = 50
@@ -266,7 +267,7 @@ def install(app: FastAPI) -> None:
         deliveries = ctx.store.list_deliveries(uid)
         demo_preview = demo_source_and_result(ctx.store, ctx.settings.storage.spool_dir, study) is not None
         has_preview = demo_preview or any(o.kind == "sc" and o.study_version == study.version for o in objects)
-        kinds = {o.sop_instance_uid: _KIND_TITLES.get(o.kind, o.kind) for o in objects}
+        kinds = {o.sop_instance_uid: KINDS[o.kind].title if o.kind in KINDS else o.kind for o in objects}
         return {"study": summary, "record": study, "uid": uid, "objects": objects, "deliveries": deliveries, "findings": findings,
                 "report": report, "analyses": analyses, "has_preview": has_preview, "demo_preview": demo_preview, "kinds": kinds,
                 "instances": ctx.store.list_instances(uid, study.version)}  # fmt: skip
@@ -427,10 +428,6 @@ def install(app: FastAPI) -> None:
                       since=q.get("since") or "", until=q.get("until") or "", error=error, export=export, next_url=next_url,
                       first_url="/console/audit?" + urlencode(filters) if before else None)  # fmt: skip
 
-
-#: Result object kinds in words (sr_writer.kinds' titles, with the DICOM object named).
-_KIND_TITLES = {"sr": "findings (SR)", "text_sr": "draft report (SR)", "seg": "regions (SEG)", "gsps": "overlay (GSPS)",
-                "sc": "overlay image (SC)", "kos": "key objects (KOS)"}  # fmt: skip
 
 #: The rule conditions the console shows: (field, label, hint); dicom_node.pipeline.routing.CONDITION_FIELDS in its order.
 _RULE_CONDITIONS = (

@@ -118,7 +118,7 @@ def test_readable_dates_delivery_kinds_and_statuses_sources_and_the_favicon(app_
     operator = logged_in(app, "operator", passwords)
     study = operator.get(f"/console/studies/{uid}").text
     deliveries = re.search(r"<h2 id=\"h-deliveries\">.*?</section>", study, re.S).group(0)
-    assert "findings (SR)" in deliveries and "overlay image (SC)" in deliveries
+    assert "Findings SR" in deliveries and "Overlay image SC" in deliveries
     assert "success (0x0000)" in deliveries and "refused: out of resources (0xA700); refused" in deliveries
     nodes = operator.get("/console/nodes").text
     source_row = re.search(r'<tr data-node="modality">(.*?)</tr>', nodes, re.S).group(1)

@@ -154,7 +154,7 @@ def test_admin_pages_in_chromium_at_desktop_and_phone_width(tmp_path: Path, outp
             look(page, "studies")
             page.goto(base + f"/console/studies/{uid}")
             expect(page.locator("#h-deliveries + ul + .table-wrap")).to_contain_text("refused: out of resources (0xA700)")
-            expect(page.locator("#h-deliveries + ul + .table-wrap")).to_contain_text("overlay image (SC)")
+            expect(page.locator("#h-deliveries + ul + .table-wrap")).to_contain_text("Overlay image SC")
             look(page, "study")
 
             # ---- dashboard, audit (one event opened), accounts ------------------------------------------------
