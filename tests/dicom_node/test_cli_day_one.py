@@ -123,8 +123,15 @@ def test_worker_with_an_incomplete_model_directory_exits_with_one_line(site: Pat
     # the deliver queue needs no model: that worker is not refused (it runs until stopped)
     deliver = subprocess.Popen([*NODE_COMMAND, "worker", "--queues", "deliver"], cwd=site, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    try:
-        time.sleep(3)
+    try:  # up when Celery says it is ready (the worker reports itself then), not after a guessed sleep
+        store = open_store(load_settings(site / CONFIG_FILE_NAME).database_url)
+        try:
+            deadline = time.monotonic() + 90
+            while not store.list_worker_reports() and deliver.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert store.list_worker_reports(), "the deliver worker never reported itself ready"
+        finally:
+            store.close()
         assert deliver.poll() is None
     finally:
         deliver.send_signal(signal.SIGTERM)
