@@ -9,11 +9,14 @@ import io
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pydicom
 import pytest
 
-from dicom_node.audit.trail import open_audit_trail
+from dicom_node.audit.atna import SourceInfo, audit_message
+from dicom_node.audit.describe import sentence
+from dicom_node.audit.trail import Peer, open_audit_trail
 from dicom_node.dicomweb.multipart import Part
 from dicom_node.dicomweb.stow import StowReceiver
 from dicom_node.ops.source_tokens import SourceTokenRefused, create_source_token, source_for_token
@@ -21,6 +24,7 @@ from dicom_node.settings import Settings
 from dicom_node.store.base import RemoteNode, Store
 from dicom_node.store.spool import prepare_spool, temp_dir
 from tests.dicom_node.test_spool import OsCallRecorder, assert_durably_written
+from tests.support.atna_schema import audit_message_errors
 from tests.support.corpus import synthetic_cr
 from tests.support.postgres import postgres_server, postgres_url  # noqa: F401 (fixtures)
 from tests.support.stores import store, store_url  # noqa: F401 (fixtures)
@@ -123,3 +127,21 @@ def test_a_part_in_a_syntax_the_node_does_not_accept_or_of_another_media_type_is
     assert "transfer syntax '1.2.3.4.5.6.7.8.9.1' is not one the node accepts" in result.outcomes[0].reason
     assert "not application/dicom" in result.outcomes[1].reason
     assert list(temp_dir(stow.spool_dir).iterdir()) == []
+
+
+def test_stow_requests_read_as_words_and_as_valid_dicom_audit_messages(tmp_path: Path, store: Store) -> None:
+    store.add_remote_node(SOURCE)
+    stow = receiver(tmp_path, store)
+    datasets = study(2)
+    stow.store_parts(SOURCE, "10.0.0.7", [as_part(stow, part10(datasets[0])), as_part(stow, b"not dicom")], None)
+    stow.audit.record("stow_request", Peer("MODALITY", None, "10.0.0.7"), source="modality", received=0, refused_request=413, reason="over the cap")
+    stored, refused = sorted(store.list_audit_events(event="stow_request"), key=lambda e: bool(e.detail.get("refused_request")))
+    assert sentence(stored) == "STOW-RS request from MODALITY@10.0.0.7 (source modality): 1 image, 1 refused."
+    assert sentence(refused) == "STOW-RS request from MODALITY@10.0.0.7 (source modality) refused with HTTP 413: over the cap."
+    info = SourceInfo(audit_source_id="ANATOMIX", ae_title="ANATOMIX", hostname="node.example", enterprise_site_id="SITE-1")
+    for event, code, outcome in ((stored, "110104", "0"), (refused, "110113", "4")):  # Instances Transferred; Security Alert
+        xml, _ = audit_message(event, info, lambda uid: None)
+        assert audit_message_errors(xml) == [], xml.decode()
+        root = ElementTree.fromstring(xml)
+        assert root.find("EventIdentification/EventID").get("csd-code") == code
+        assert root.find("EventIdentification").get("EventOutcomeIndicator") == outcome
