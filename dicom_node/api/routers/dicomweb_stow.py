@@ -132,6 +132,14 @@ async def _stow(request: Request, source: RemoteNode, study: str | None) -> Resp
     except ClientDisconnect:
         log.warning("STOW-RS from %s (%s): the client went away after %d bytes; nothing kept", source.name, host, reader.total_bytes)
         return Response(status_code=400)
+    except OSError as exc:  # the spool's disk filled up (or failed) while the body was written: nothing kept
+        log.error("STOW-RS from %s answered 503: writing the body to %s failed: %s", source.name, temp_dir(spool), exc)
+        raise Problem(
+            503,
+            "Service Unavailable",
+            f"the node could not write the request to its spool ({exc.strerror or exc}): retry later",
+            {"Retry-After": "60", "Connection": "close"},
+        ) from None
     result = await run_in_threadpool(_receiver(request).store_parts, source, host, parts, study)
     base = str(request.base_url).rstrip("/") + "/dicomweb"
     failures = [o for o in result.outcomes if not o.stored]
