@@ -34,8 +34,9 @@ BOUNDARY = "test-stow-boundary"
 
 
 class Site:
-    def __init__(self, node: NodeProcess, token: str, admin_token: str, destination_token: str) -> None:
+    def __init__(self, node: NodeProcess, token: str, admin_token: str, destination_token: str, release_token: str) -> None:
         self.node, self.token, self.admin_token, self.destination_token = node, token, admin_token, destination_token
+        self.release_token = release_token
         self.url = http_url(node)
 
     def dicomweb(self, token: str | None = None) -> DICOMwebClient:
@@ -68,13 +69,15 @@ def site(tmp_path_factory: pytest.TempPathFactory, postgres_server: PostgresServ
         store.add_remote_node(RemoteNode("former-source", "FORMER", "*", 104, role="source"))
         destination_token, _ = create_source_token(store, "former-source", "tests")
         store.update_remote_node(RemoteNode("former-source", "FORMER", "*", 104, role="destination"))
+        store.add_remote_node(RemoteNode("gateway", "GATEWAY", "*", 104, role="source", complete_on_release=True))
+        release_token, _ = create_source_token(store, "gateway", "tests")
     finally:
         store.close()
     accounts = make_accounts(node, ("admin",))
     node.start()
     try:
         wait_for_http(node)
-        yield Site(node, token, accounts.tokens["admin"], destination_token)
+        yield Site(node, token, accounts.tokens["admin"], destination_token, release_token)
     finally:
         node.stop()
         postgres_server.drop_database(database)
@@ -140,6 +143,18 @@ def test_dicomweb_client_stores_a_study_as_the_source_its_token_is_bound_to(site
     again = site.dicomweb().store_instances(datasets, study_instance_uid=study)
     assert len(again.ReferencedSOPSequence) == 3 and len(site.instance_rows(study)) == 3
     nothing_left_in_tmp(site.node)
+
+
+def test_a_complete_on_release_source_has_its_study_complete_when_its_request_ends(site: Site) -> None:
+    datasets = instances(2)
+    site.dicomweb(site.release_token).store_instances(datasets)
+    store = site.node.open_store()
+    try:
+        study = store.get_study(datasets[0].StudyInstanceUID)
+    finally:
+        store.close()
+    # Closed before the answer (the node's quiet period is 2 s): as a C-STORE association's release does.
+    assert study is not None and study.state != "receiving" and study.source_node == "gateway"
 
 
 def test_the_metrics_count_stow_under_the_sources_ae_title(site: Site) -> None:
@@ -215,8 +230,9 @@ def test_a_token_that_is_not_a_sources_is_refused(site: Site, which: str, words:
     headers = {"Content-Type": f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'}
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    body = assert_problem(httpx.post(site.url + "/dicomweb/studies", content=multipart([part10(ds)]), headers=headers), 401, words)
-    assert body["title"] == "Unauthorized"
+    response = httpx.post(site.url + "/dicomweb/studies", content=multipart([part10(ds)]), headers=headers)
+    body = assert_problem(response, 401, words)
+    assert body["title"] == "Unauthorized" and response.headers["connection"] == "close"  # the body is not read
     assert site.instance_rows(ds.StudyInstanceUID) == []
 
 

@@ -46,7 +46,8 @@ def stow_source(request: Request, bearer: Annotated[HTTPAuthorizationCredentials
         if node is not None:
             return node
     log.warning("STOW-RS from %s refused: %s", client_host(request), why)
-    raise Problem(401, "Unauthorized", why, {"WWW-Authenticate": "Bearer"})
+    # Connection: close on every refusal before the body is read, so the body is not read (and drained) at all.
+    raise Problem(401, "Unauthorized", why, {"WWW-Authenticate": "Bearer", "Connection": "close"})
 
 
 Source = Annotated[RemoteNode, Depends(stow_source)]
@@ -74,7 +75,7 @@ async def store_instances(request: Request, source: Source) -> Response:
 @router.post("/dicomweb/studies/{study}", summary="STOW-RS: store instances of one study (source token)", responses=_STOW_RESPONSES)
 async def store_study_instances(request: Request, source: Source, study: StudyUid) -> Response:
     if not is_valid_uid(study):
-        raise Problem(400, "Bad Request", "the study in the URL is not a valid UID (digits and dots, at most 64 characters)")
+        raise Problem(400, "Bad Request", "the study in the URL is not a valid UID (digits and dots, at most 64 characters)", {"Connection": "close"})
     return await _stow(request, source, study)
 
 
@@ -100,7 +101,7 @@ async def _stow(request: Request, source: RemoteNode, study: str | None) -> Resp
     settings = ctx.settings
     host = client_host(request)
     if not _accepts_dicom_json(request.headers.get("accept", "")):
-        raise Problem(406, "Not Acceptable", f"the node answers STOW-RS in {DICOM_JSON}; the Accept header allows none")
+        raise Problem(406, "Not Acceptable", f"the node answers STOW-RS in {DICOM_JSON}; the Accept header allows none", {"Connection": "close"})
     try:
         related = parse_related_content_type(request.headers.get("content-type"))
         if related.type not in ("", DICOM_MEDIA_TYPE):
@@ -121,7 +122,9 @@ async def _stow(request: Request, source: RemoteNode, study: str | None) -> Resp
         check_free_space(spool, settings.storage.min_free_bytes, declared)
     except SpoolFull as exc:
         log.error("STOW-RS from %s answered 503: %s", source.name, exc)
-        raise Problem(503, "Service Unavailable", "the node's spool is below its free-space watermark: retry later", {"Retry-After": "60"}) from None
+        raise Problem(
+            503, "Service Unavailable", "the node's spool is below its free-space watermark: retry later", {"Retry-After": "60", "Connection": "close"}
+        ) from None
     reader = MultipartReader(related.boundary, temp_dir(spool), max_part_bytes=settings.limits.max_message_bytes,
                              max_total_bytes=settings.http.stow_max_request_bytes)  # fmt: skip
     try:
