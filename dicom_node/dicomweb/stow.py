@@ -64,6 +64,9 @@ class InstanceOutcome:
     sop_instance_uid: str
     status: int
     reason: str = ""
+    #: Where a stored instance is retrieved (WADO-RS): its study and series.
+    study_instance_uid: str = ""
+    series_instance_uid: str = ""
 
     @property
     def stored(self) -> bool:
@@ -103,6 +106,7 @@ class StowResult:
             item.ReferencedSOPClassUID = outcome.sop_class_uid
             item.ReferencedSOPInstanceUID = outcome.sop_instance_uid
             if outcome.stored:
+                item.RetrieveURL = f"{base_url}/studies/{outcome.study_instance_uid}/series/{outcome.series_instance_uid}/instances/{outcome.sop_instance_uid}"
                 referenced.append(item)
             else:
                 item.FailureReason = outcome.status
@@ -163,7 +167,8 @@ class StowReceiver:
             result.refused += 1
         else:
             result.out_of_resources += 1
-        return InstanceOutcome(sop_class, sop_instance, admission.status, admission.reason)
+        return InstanceOutcome(sop_class, sop_instance, admission.status, admission.reason,
+                               header.study_instance_uid if header else "", header.series_instance_uid if header else "")  # fmt: skip
 
     def _admit(self, sender: Sender, part: Part, number: int, study_uid: str | None) -> tuple[Admission, InstanceHeader | None]:
         if part.content_type not in ("", DICOM_MEDIA_TYPE):

@@ -124,6 +124,8 @@ def test_dicomweb_client_stores_a_study_as_the_source_its_token_is_bound_to(site
     answer = site.dicomweb().store_instances(datasets)
     assert [item.ReferencedSOPInstanceUID for item in answer.ReferencedSOPSequence] == [ds.SOPInstanceUID for ds in datasets]
     assert "FailedSOPSequence" not in answer and answer.RetrieveURL.endswith(f"/dicomweb/studies/{study}")
+    first = answer.ReferencedSOPSequence[0]
+    assert first.RetrieveURL.endswith(f"/dicomweb/studies/{study}/series/{datasets[0].SeriesInstanceUID}/instances/{datasets[0].SOPInstanceUID}")
     rows = site.instance_rows(study)
     assert sorted(r.sop_instance_uid for r in rows) == sorted(ds.SOPInstanceUID for ds in datasets)
     assert {r.calling_ae for r in rows} == {"MODALITY"}
