@@ -12,6 +12,7 @@ own (``storage.data_dir/dicomweb/``, mode 0600), so that an API account can neve
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,10 @@ def dicomweb_fields(
         if parts.scheme.lower() != "https":
             raise UserError(f"{label['ca_file']}: only for an https URL")
         fields["tls_ca_file"] = _existing(ca_file, label["ca_file"])
+        try:
+            ssl.create_default_context(cafile=fields["tls_ca_file"])
+        except (ssl.SSLError, OSError, ValueError):
+            raise UserError(f"{label['ca_file']} {ca_file}: holds no PEM CA certificate") from None
     return fields
 
 

@@ -57,8 +57,8 @@ FAILURE_REASONS = {
 }
 #: What to check, by HTTP status, after a refusal.
 HTTP_HINTS = {
-    401: "the credentials were refused: check its auth token or basic auth file",
-    403: "the credentials were refused: check its auth token or basic auth file",
+    401: "the credentials were refused: check its bearer token or basic user:password",
+    403: "the credentials were refused: check its bearer token or basic user:password",
     404: "no DICOMweb service at that path: check its base URL",
     413: "the request is too large for it",
     415: "it refused the media type",

@@ -245,6 +245,10 @@ def test_api_keeps_the_secret_in_a_file_of_its_own_and_echoes_by_qido(tmp_path, 
         assert not refused["success"] and "HTTP 401" in refused["error"]
         bad = client.post("/api/nodes", json={"name": "bad-url", "url": "ftp://pacs.example/dicom-web"})
         assert bad.status_code == 422 and bad.json()["errors"][0]["where"] == "body.url"
+        bad_ca = client.post("/api/nodes", json={"name": "bad-ca", "url": "https://pacs.example/dicom-web", "ca_pem": "not a certificate"})
+        assert bad_ca.status_code == 422 and "holds no PEM CA certificate" in bad_ca.json()["detail"]
+        no_url = client.post("/api/nodes", json={"name": "no-url", "ae_title": "X", "host": "h", "port": 104, "auth_token": "t"})
+        assert no_url.status_code == 422 and no_url.json()["errors"][0]["where"] == "body.auth_token"
         traversal = client.post("/api/nodes", json={"name": "../escape", "url": url, "auth_token": "t"})
         assert traversal.status_code == 422 and not (settings.storage.data_dir / "escape.token").exists()
         audit = client.get("/api/audit?limit=50").text

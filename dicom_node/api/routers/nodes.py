@@ -181,6 +181,7 @@ def _unreached(store: Store, node: RemoteNode) -> list[str]:
 def add_node(request: Request, who: Admin, body: NodeIn) -> NodeOut:
     ctx = ctx_of(request)
     values = body.model_dump()
+    _no_secrets_without_url(body.url, values)
     if body.url is not None:
         _validated_node(ctx.settings, values)  # the name and the URL first: the name names the credential files
         values.update(_credentials(ctx.settings, body.name, values))
@@ -205,6 +206,7 @@ def update_node(request: Request, who: Admin, name: Name, body: NodePatch) -> No
         merged.update(url=changes["url"] or None, host=changes.get("host"), port=changes.get("port"))
         if not changes["url"]:
             merged.update(auth_token_file=None, basic_auth_file=None, ca_file=None)
+    _no_secrets_without_url(merged.get("url"), changes)
     if merged.get("url"):
         _validated_node(ctx.settings, {**merged, "auth_token_file": None, "basic_auth_file": None, "ca_file": None})
         merged.update(_credentials(ctx.settings, name, changes))
@@ -252,6 +254,13 @@ def _require_node(store: Store, name: str) -> RemoteNode:
     if node is None:
         raise Problem(404, "No such node", f"no remote node named {name!r} (GET /api/nodes lists them)")
     return node
+
+
+def _no_secrets_without_url(url: str | None, values: dict[str, Any]) -> None:
+    given = [k for k in ("auth_token", "basic_auth", "ca_pem") if values.get(k)]
+    if given and not url:
+        message = f"{given[0]}: only for a DICOMweb node; give its base URL in url"
+        raise Problem(422, "Invalid request", message, errors=[{"where": f"body.{given[0]}", "message": message}])
 
 
 def _credentials(settings: Settings, name: str, values: dict[str, Any]) -> dict[str, Any]:
