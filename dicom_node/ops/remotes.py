@@ -45,7 +45,7 @@ def validated_remote_node(
     (the field name itself when not given). A source without a port gets :data:`SOURCE_DEFAULT_PORT`.
 
     With ``url`` it is a DICOMweb destination (:func:`dicomweb_fields`): host and port come from the
-    URL, the AE title is optional (needed only for ``both``: it also sends to us by DIMSE).
+    URL, the AE title is optional (role ``both`` with an AE title: it also sends to us by C-STORE).
     """
     label = {"name": "name", "ae_title": "ae_title", "host": "host", "port": "port", "quiet_period_s": "quiet_period_s", **DICOMWEB_LABELS,
              **(labels or {})}  # fmt: skip
@@ -59,11 +59,11 @@ def validated_remote_node(
             raise UserError(f"{label['host']} {host!r}: a DICOMweb node's host is its URL's ({web['host']}); leave it out")
         if port is not None and str(port).strip() and validated_port(port, label["port"]) != web["port"]:
             raise UserError(f"{label['port']} {port!r}: a DICOMweb node's port is its URL's ({web['port']}); leave it out")
-        if ae_title or role == "both":
+        if ae_title:  # only a node that also sends to us by C-STORE needs one (a STOW-RS sender is known by its token)
             try:
                 validate_ae_title(label["ae_title"], ae_title)
             except SettingsError as exc:
-                raise UserError(str(exc) + (" (a DICOMweb node that also sends to us by DIMSE needs its AE title)" if role == "both" else "")) from None
+                raise UserError(str(exc)) from None
         host, port = web.pop("host"), web.pop("port")
         profile = _checked_profile(settings, profile)
         if quiet_period_s is not None and quiet_period_s < 0:
