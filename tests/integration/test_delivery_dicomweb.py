@@ -124,7 +124,7 @@ def test_cli_basic_auth_echo_deliver_then_a_refused_password_is_permanent(tmp_pa
 
         secret.write_text(f"{BASIC_USER}:not-the-password\n")  # read at each attempt: no restart needed
         refused_uid = generate_uid()
-        seed_study(store, settings, refused_uid, 2)
+        refused_objects = seed_study(store, settings, refused_uid, 2)
         refused = deliver_study_version(store, settings, store.get_study(refused_uid), fallback=to_comprehensive)
         assert (refused.sent, refused.failed, refused.retrying, refused.finished) == (0, 2, 0, True)  # permanent: no retry
         rows = store.list_deliveries(refused_uid)
@@ -136,6 +136,10 @@ def test_cli_basic_auth_echo_deliver_then_a_refused_password_is_permanent(tmp_pa
         store.close()
     code, _, err = cli(capsys, config, "echo", "pacs-web")
     assert code == 2 and "QIDO-RS answered HTTP 401" in err and "credentials were refused" in err
+    secret.write_text(f"{BASIC_USER}:{BASIC_PASSWORD}\n")  # the admin fixes the password and re-sends by hand
+    code, out, err = cli(capsys, config, "resend", refused_uid, "--to", "pacs-web")
+    assert code == 0, out + err
+    assert instances_in(pacs_basic, refused_uid) == {o.sop_instance_uid for o in refused_objects}
     with pytest.raises(SystemExit):  # argparse: one kind of credentials
         cli(capsys, config, "ae", "add", "bad", "--url", url, "--auth-token-file", str(secret), "--basic-auth-file", str(secret))
     assert "not allowed with argument" in capsys.readouterr().err
