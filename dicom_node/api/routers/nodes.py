@@ -256,6 +256,10 @@ def _require_node(store: Store, name: str) -> RemoteNode:
     return node
 
 
+#: The validation names the credential files by the body fields that carried their contents.
+SECRET_LABELS = {"auth_token_file": "auth_token", "basic_auth_file": "basic_auth", "ca_file": "ca_pem"}
+
+
 def _no_secrets_without_url(url: str | None, values: dict[str, Any]) -> None:
     given = [k for k in ("auth_token", "basic_auth", "ca_pem") if values.get(k)]
     if given and not url:
@@ -293,7 +297,7 @@ def _validated_node(settings: Settings, values: dict[str, Any]) -> RemoteNode:
             role=values["role"], profile=values.get("profile"), quiet_period_s=values.get("quiet_period_s"),
             complete_on_release=bool(values.get("complete_on_release")), default_destination=bool(values.get("default_destination")),
             url=values.get("url"), auth_token_file=values.get("auth_token_file"), basic_auth_file=values.get("basic_auth_file"),
-            ca_file=values.get("ca_file"),
+            ca_file=values.get("ca_file"), labels=SECRET_LABELS,
         )  # fmt: skip
     except UserError as exc:
         message = str(exc)
