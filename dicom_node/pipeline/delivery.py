@@ -207,11 +207,14 @@ def send_objects(
     calling_ae: str,
     timeout_s: float,
     fallback: Callable[[Dataset], Dataset],
+    study_instance_uid: str | None = None,
 ) -> list[StoreOutcome]:
     """Send ``objects`` to ``destination`` on one association; one outcome per object, in send order.
 
     ``fallback`` turns a Comprehensive 3D SR dataset into a Comprehensive SR one (sr_writer's
     ``comprehensive_sr_fallback``); it is passed in so this module stays free of writer details.
+    ``study_instance_uid``: the study they belong to (a DICOMweb destination's STOW-RS goes to that
+    study's URL and refuses an object of another study; None: the study most of them name).
     """
     ordered = sort_for_sending(objects)
     if not ordered:
@@ -219,7 +222,7 @@ def send_objects(
     if destination.url:  # a DICOMweb destination: STOW-RS, the same outcomes (issue 23)
         from dicom_node.pipeline.delivery_dicomweb import store_over_http
 
-        return store_over_http(destination, ordered, timeout_s=timeout_s, fallback=fallback)
+        return store_over_http(destination, ordered, timeout_s=timeout_s, fallback=fallback, study_instance_uid=study_instance_uid)
     datasets = [pydicom.dcmread(obj.path) for obj in ordered]
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
@@ -408,7 +411,8 @@ def deliver_study_version(
                 summary.next_attempt_in = _earliest(summary.next_attempt_in, (hold_until - now).total_seconds())
                 continue
         audit.record_objects_sent(store, settings, uid, version, destination, None, {o.sop_instance_uid: o.sop_class_uid for o in owed})
-        outcomes = send_objects(destination, owed, calling_ae=settings.node.ae_title, timeout_s=policy.timeout_s, fallback=fallback)
+        outcomes = send_objects(destination, owed, calling_ae=settings.node.ae_title, timeout_s=policy.timeout_s, fallback=fallback,
+                                study_instance_uid=uid)  # fmt: skip
         audit.record_objects_sent(store, settings, uid, version, destination, outcomes, {o.sop_instance_uid: o.sop_class_uid for o in owed})
         if outcomes:  # destination health: this attempt stored something, failed for something, or both
             failure = next((o.error or "not stored" for o in outcomes if o.outcome != "sent"), None)

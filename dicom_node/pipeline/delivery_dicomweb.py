@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -158,21 +159,23 @@ def store_over_http(
     *,
     timeout_s: float,
     fallback: Callable[[Dataset], Dataset],
+    study_instance_uid: str | None = None,
 ) -> list[StoreOutcome]:
-    """STOW-RS ``ordered`` (already in send order) to ``destination``: one outcome per object, in that order."""
+    """STOW-RS ``ordered`` (already in send order) to ``destination``, to the URL of ``study_instance_uid``
+    (None: the study most of them name): one outcome per object, in that order."""
     datasets = [pydicom.dcmread(obj.path) for obj in ordered]
-    outcomes = _stow(destination, ordered, datasets, timeout_s)
+    study = study_instance_uid or Counter(str(ds.StudyInstanceUID) for ds in datasets).most_common(1)[0][0]
+    outcomes = _stow(destination, ordered, datasets, timeout_s, study)
     refused_3d = [i for i, o in enumerate(outcomes) if o.status == SOP_CLASS_NOT_SUPPORTED and str(datasets[i].SOPClassUID) == COMPREHENSIVE_3D_SR]
     if refused_3d:  # the same content and UID as Comprehensive SR (88.33), as over DIMSE
-        again = _stow(destination, [ordered[i] for i in refused_3d], [fallback(datasets[i]) for i in refused_3d], timeout_s)
+        again = _stow(destination, [ordered[i] for i in refused_3d], [fallback(datasets[i]) for i in refused_3d], timeout_s, study)
         for index, outcome in zip(refused_3d, again):
             outcomes[index] = outcome
     return outcomes
 
 
-def _stow(destination: RemoteNode, objects: Sequence[OutgoingObject], datasets: Sequence[Dataset], timeout_s: float) -> list[StoreOutcome]:
+def _stow(destination: RemoteNode, objects: Sequence[OutgoingObject], datasets: Sequence[Dataset], timeout_s: float, study: str) -> list[StoreOutcome]:
     answers: list[requests.Response] = []
-    study = str(datasets[0].StudyInstanceUID)
     try:
         dicomweb_client(destination, timeout_s, answers).store_instances(datasets, study_instance_uid=study)
     except DicomwebError as exc:
