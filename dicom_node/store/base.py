@@ -77,6 +77,14 @@ class RemoteNode:
     #: As a source: ``required`` = its associations are refused unless it presented a trusted client
     #: certificate (on the TLS port); ``optional`` = the TLS port's own rule (``tls.require_client_certificate``).
     tls_client_certificate: str = "optional"
+    #: A DICOMweb destination (issue 23): the base URL of its DICOMweb service (e.g.
+    #: ``https://pacs.example.org/dicom-web``); results go by STOW-RS, echo is a QIDO-RS query, and
+    #: ``host``/``port`` repeat the URL's. None: a DIMSE node (C-STORE, C-ECHO).
+    url: str | None = None
+    #: With ``url``: a file holding the bearer token sent as ``Authorization: Bearer`` (read at each attempt).
+    auth_token_file: str | None = None
+    #: With ``url``: a file holding one line ``user:password`` for HTTP basic authentication (read at each attempt).
+    basic_auth_file: str | None = None
 
     @property
     def is_source(self) -> bool:
