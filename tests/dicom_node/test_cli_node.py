@@ -139,7 +139,7 @@ def test_ae_update_changes_only_what_is_given(site: Path) -> None:
         (("ae", "remove", "nobody"), ("no remote node named 'nobody'",)),
         (("echo", "nobody"), ("no remote node named 'nobody'",)),
         (("studies", "--config", "missing.toml"), ("missing.toml", "does not exist")),
-        (("ae",), ("`ae` needs an action", "add, update, list or remove")),
+        (("ae",), ("`ae` needs an action", "add, update, list, remove or token")),
     ],
 )
 def test_human_errors_are_one_line_without_traceback(site: Path, args: tuple[str, ...], fragments: tuple[str, ...]) -> None:
