@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import highdicom as hd
 import numpy as np
 import pydicom
 from pydicom.uid import JPEGBaseline8Bit, JPEGLSLossless
@@ -10,7 +9,7 @@ from pydicom.uid import JPEGBaseline8Bit, JPEGLSLossless
 from dicom_node.settings import DEFAULT_PROFILES
 from sr_writer.bundle import assemble_bundle
 from sr_writer.seg import box_pixel_slice
-from tests.sr_writer.conftest import UID_ROOT, BuiltCase
+from tests.sr_writer.conftest import UID_ROOT, BuiltCase, read_seg
 from tests.support.results import make_result, rg1_source
 
 
@@ -33,7 +32,7 @@ def test_seg_is_jpeg_ls_pseudo_binary_and_sc_is_jpeg_baseline_and_both_read_back
     assert seg_file.file_meta.TransferSyntaxUID == JPEGLSLossless
     assert (seg_file.SegmentationType, seg_file.SegmentationFractionalType, seg_file.MaximumFractionalValue) == ("FRACTIONAL", "OCCUPANCY", 255)
     assert set(np.unique(seg_file.pixel_array).tolist()) == {0, 255}  # pseudo-binary: what OHIF reads
-    seg = hd.seg.segread(case.paths["seg"])
+    seg = read_seg(case.paths["seg"])
     boxed = [o for o in case.bundle.objects if o.kind == "seg"][0].dataset
     assert seg.number_of_segments == len(boxed.SegmentSequence)
     first = seg.get_pixels_by_source_instance([case.source.SOPInstanceUID], segment_numbers=[1])[0, :, :, 0]
