@@ -6,8 +6,8 @@ Additions after construction, for viewers and validators (see shared/dicom-resul
 rely on highdicom's behaviour live in :mod:`sr_writer._highdicom_compat`):
 ``PatientOrientation`` empty; ``PlaneOrientationSequence`` in the Shared Functional Groups (OHIF
 3.12/3.13 crashes without it on projection images) and ``PixelMeasuresSequence`` with spacing from
-PixelSpacing when it is calibrated and non-zero, else ImagerPixelSpacing, else none at all: a SEG of
-ours never carries zero or invented spacing, even when the source (RG1: 0\\0) does.
+PixelSpacing when it is calibrated and non-zero, else ImagerPixelSpacing, else none: a SEG of ours
+never carries zero or invented spacing, even when the source (RG1: 0\\0) does.
 
 Size for every receiver: :func:`finding_segments` bounds the number of segments so that the SEG as a
 BINARY SEG (what a receiver without compression gets) stays within :data:`SEG_UNCOMPRESSED_BUDGET`.

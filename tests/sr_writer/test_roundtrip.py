@@ -247,7 +247,7 @@ def test_seg_carries_the_geometry_ohif_needs_and_no_invented_spacing(case: Built
     if case.name == "dx":
         assert [float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing] == [0.143, 0.143]  # from ImagerPixelSpacing
     else:
-        # RG1's PixelSpacing is 0\\0: an empty Pixel Measures item (OHIF needs it), no spacing invented.
+        # RG1's PixelSpacing is 0\\0: a Pixel Measures item (OHIF needs it) with no spacing invented.
         assert "PixelSpacing" not in shared.PixelMeasuresSequence[0] and "PixelSpacing" not in seg
     read_seg(case.paths["seg"])
     assert seg.PatientOrientation in (None, "")  # Type 2C, empty: the source image states it (pixelmed VM)

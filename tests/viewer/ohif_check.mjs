@@ -42,7 +42,7 @@ for (const job of jobs) {
     }
   }
   await page.waitForTimeout(1000);
-  await page.screenshot({ path: job.png });
+  await page.screenshot({ path: job.png, timeout: 120000 }); // a loaded CI machine needs more than the default 30 s
   const bodyText = await page.evaluate(() => document.body.innerText).catch(() => '');
   const svgTexts = await page.evaluate(() => [...document.querySelectorAll('svg text')].map((t) => t.textContent)).catch(() => []);
   // Where each overlay label and the viewport's largest canvas are on the page (CSS px): clipping and overlap.
