@@ -136,6 +136,10 @@ def test_the_sr_labels_each_box_with_its_finding_and_a_normal_study_says_so(open
         assert coloured_pixels(viewport).mean() > 0.0005, f"{name}: no SR box drawn"
         assert len(groups) < 36, f"{name}: the anatomy buries the findings"
         assert not clipped_labels(report), (name, clipped_labels(report))
+        # OHIF puts each label right of its box at mid-height; an SR cannot move it. In the many-findings
+        # shape two boxes (Atelectasis, Consolidation, right lower zone) share their right edge and
+        # mid-height within a few pixels, so their labels meet: the one overlap no SR can avoid.
+        assert len(overlapping_labels(report)) <= (1 if built.shape.findings == "many" else 0), (name, overlapping_labels(report))
         if built.shape.findings == "0":
             # A normal study: one group over the lung fields, the classifier's "No finding" probability.
             assert labels == ["No finding: 93.00 %"], (name, labels)
