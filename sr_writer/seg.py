@@ -50,7 +50,7 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, RLELossless
 from inference.result import Box
 from sr_writer import codes
 from sr_writer._highdicom_compat import BOX_OVERLAP, BoxSegmentation, install_frame_encoder, set_projection_geometry
-from sr_writer.colours import colour_for_key
+from sr_writer.colours import OTHER_FINDINGS_RGB, colour_for_key
 from sr_writer.context import Annotation, BundleContext, tracking_uid
 from sr_writer.equipment import DEVICE_SERIAL_NUMBER, apply_common_attributes, apply_lossy_history
 from sr_writer.text import code_string, truncate
@@ -159,8 +159,6 @@ def box_masks(segments: list[tuple[Annotation, ...]], rows: int, columns: int) -
 #: bit-packed full-size frame per segment, so at most this // frame bytes segments (RG1: 8 of 0.45 MB).
 #: With the palette SC (~0.9 MB) and the SRs and GSPS (~0.1 MB) a bundle stays under 5 MB per image.
 SEG_UNCOMPRESSED_BUDGET = 3_600_000
-#: The SEG's colour for the segment that holds the least probable findings when they do not all fit.
-OTHER_FINDINGS_RGB = (225, 225, 225)
 
 
 def finding_segments(ctx: BundleContext, budget: int = SEG_UNCOMPRESSED_BUDGET) -> list[tuple[Annotation, ...]]:
