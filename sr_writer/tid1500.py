@@ -9,8 +9,9 @@ Content tree::
         TID 1410 Planar ROI group per finding box and per region box the SR shows (``sr_anatomy``:
         by default only the regions a finding is grounded to; "all": every located region):
           Tracking Identifier / Tracking UID, Finding Type, TID 4019 Algorithm Identification,
-          Finding Site (+ Laterality), Image Region = closed 5-point POLYLINE SCOORD (column, row),
-          Presence = Present, Probability (finding, when known),
+          Image Region = closed 5-point POLYLINE SCOORD (column, row), Presence = Present,
+          a finding with a probability: NUM "<finding>" (private code, %) with HAS CONCEPT MOD Finding
+          Site (+ Laterality); otherwise Finding Site (+ Laterality) at group level,
           TEXT Comment (DCM 121106) = the region's retrieved sentence (region groups, when it has one)
       Qualitative Evaluations (UMLS C0034375, TID 1500 row "Qualitative Evaluations"), when the result
         has image-level labels or findings without a box, or regions were left out:
@@ -37,10 +38,14 @@ only where a finding is grounded to it"; the SR now does too, and says in its Qu
 comment how many regions it left out and where the full anatomy is. ``output.sr_anatomy = "all"``
 keeps every region for machine readers that want the whole anatomy from the SR alone.
 
-Finding Site labels for OHIF: OHIF labels an SR box with the Code Meaning of its first Finding Site and
-ignores the nested laterality modifier. The code value and the laterality modifier stay as they are (the
-machine-readable, post-coordinated statement); for a paired structure the Code Meaning carries the
-laterality too ("Right costophrenic angle"), so the label a radiologist reads says which side.
+Labels in OHIF: OHIF 3.13 writes beside an SR box one line per NUM of the group ("<concept Code
+Meaning>: <value> <unit>") and one for the group's first Finding Site ("363698007: <Code Meaning>"),
+nothing else. A finding box's probability NUM is therefore named by the finding (private code per
+finding type, :func:`sr_writer.codes.finding_probability_concept`) and carries the finding site as its
+own modifier, so the one line reads "Cardiomegaly: 91.00 %" (with DCM 122157 "Probability" and a
+group-level site it read "Probability: 0.91 1 / 363698007: Heart"). Groups without a probability (the
+regions of ``sr_anatomy`` grounded/all) keep the site at group level; for a paired structure its Code
+Meaning carries the side too ("Right costophrenic angle"), code value and laterality modifier unchanged.
 
 The retrieved sentence is a free-text description of the region, so it cannot be a CODE (a code value
 is at most 16 characters and must come from a scheme). The qualitative evaluation rows of TID 1410 /
