@@ -279,6 +279,9 @@ class HttpSettings:
     metrics_token_file: Path | None = None
     #: /readyz needs a worker report of a loaded model at most this old; workers report every third of it.
     worker_report_max_age_s: float = 90.0
+    #: Largest STOW-RS request body, in bytes (a larger study is sent in several requests); one
+    #: instance is capped by ``limits.max_message_bytes`` as on the DICOM port. Refused with 413.
+    stow_max_request_bytes: int = 1024**3
 
 
 @dataclass(frozen=True)
@@ -551,6 +554,8 @@ def validate(settings: Settings) -> None:
     if settings.http.max_failed_logins < 1 or settings.http.login_window_s <= 0 or settings.http.session_ttl_s <= 0:
         raise SettingsError("http.max_failed_logins must be >= 1, http.login_window_s and http.session_ttl_s > 0")
     _validate_time_zone(settings.http.time_zone)
+    if settings.http.stow_max_request_bytes < 65536:
+        raise SettingsError(f"http.stow_max_request_bytes = {settings.http.stow_max_request_bytes}: must be >= 65536")
     if not 3 <= settings.http.worker_report_max_age_s <= 86400:
         raise SettingsError(f"http.worker_report_max_age_s = {settings.http.worker_report_max_age_s}: must be 3-86400 seconds")
     if not 1 <= node.port <= 65535:

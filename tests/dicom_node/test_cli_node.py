@@ -84,6 +84,7 @@ def test_ae_add_list_remove(site: Path) -> None:
         "quiet_period_s": 5.0, "complete_on_release": True, "default_destination": False, "tls": False,
         "tls_ca_file": None, "tls_cert_file": None, "tls_key_file": None, "tls_verify_peer": True,
         "tls_check_hostname": True, "tls_client_certificate": "optional",
+        "url": None, "auth_token_file": None, "basic_auth_file": None,
     }  # fmt: skip
     assert (nodes["pacs"]["profile"], nodes["pacs"]["default_destination"]) == ("ohif", True)
     table = node(site, "ae", "list").stdout
@@ -113,6 +114,7 @@ def test_ae_update_changes_only_what_is_given(site: Path) -> None:
         "quiet_period_s": None, "complete_on_release": False, "default_destination": False, "tls": False,
         "tls_ca_file": None, "tls_cert_file": None, "tls_key_file": None, "tls_verify_peer": True,
         "tls_check_hostname": True, "tls_client_certificate": "optional",
+        "url": None, "auth_token_file": None, "basic_auth_file": None,
     }  # fmt: skip
     assert "nothing to change" in node(site, "ae", "update", "pacs", "--port", "4343").stdout
     assert_one_line_error(node(site, "ae", "update", "nobody", "--port", "1"), "no remote node named 'nobody'")
