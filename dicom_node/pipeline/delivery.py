@@ -35,6 +35,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import Comprehensive3DSRStorage as COMPREHENSIVE_3D_SR
 from pydicom.uid import ComprehensiveSRStorage as COMPREHENSIVE_SR
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import SecondaryCaptureImageStorage as SECONDARY_CAPTURE
 from pydicom.uid import SegmentationStorage as SEGMENTATION_STORAGE
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
@@ -156,7 +157,9 @@ def _in_an_accepted_syntax(assoc: Association, ds: Dataset, sop_class: str) -> D
     Our SC is JPEG baseline and our SEG JPEG-LS Lossless (compact in the PACS). Where the destination
     accepted neither that syntax nor Deflated Explicit VR Little Endian, it gets the pixels decompressed
     (Explicit VR LE), and our pseudo-binary SEG as a BINARY SEG (1 bit per pixel, an eighth of the
-    bytes: :func:`sr_writer.seg.as_binary_seg`).
+    bytes: :func:`sr_writer.seg.as_binary_seg`). Our colour SC goes to any destination without JPEG as
+    PALETTE COLOR (a byte per pixel instead of three: :func:`sr_writer.sc.as_palette_sc`), deflated
+    where Deflate was accepted.
     """
     syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
     if not syntax or not pydicom.uid.UID(syntax).is_compressed:
@@ -168,6 +171,13 @@ def _in_an_accepted_syntax(assoc: Association, ds: Dataset, sop_class: str) -> D
         from sr_writer.seg import as_binary_seg
 
         return as_binary_seg(ds)
+    if sop_class == SECONDARY_CAPTURE and ds.get("SamplesPerPixel") == 3:
+        from sr_writer.sc import as_palette_sc
+
+        palette = as_palette_sc(ds)
+        if DeflatedExplicitVRLittleEndian in offered:
+            palette.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+        return palette
     plain = copy.deepcopy(ds)  # the caller's dataset (and its file) stay compressed
     # Updates Transfer Syntax, Photometric Interpretation (YBR -> RGB) and lengths. Same SOP Instance UID:
     # pydicom would otherwise make a new one, and each delivery would leave another copy in the PACS.
