@@ -176,7 +176,7 @@ def fail(request: Request, study_instance_uid: str, version: int, body: Failure,
     return Response(status_code=204)
 
 
-@router.put("/api/worker/reports/{name}", status_code=204, summary="a remote worker process reports itself and its model (/readyz, /api/status)")
+@router.put("/api/worker/reports/{name:path}", status_code=204, summary="a remote worker process reports itself and its model (/readyz, /api/status)")
 def report(request: Request, name: str, body: WorkerReportBody, who: Worker) -> Response:
     store = ctx_of(request).store
     now = datetime.now(UTC)
@@ -186,7 +186,7 @@ def report(request: Request, name: str, body: WorkerReportBody, who: Worker) -> 
     return Response(status_code=204)
 
 
-@router.delete("/api/worker/reports/{name}", status_code=204, summary="a remote worker process stopped cleanly")
+@router.delete("/api/worker/reports/{name:path}", status_code=204, summary="a remote worker process stopped cleanly")
 def remove_report(request: Request, name: str, who: Worker) -> Response:
     ctx_of(request).store.remove_worker_report(name)
     return Response(status_code=204)
