@@ -92,7 +92,7 @@ def main() -> int:
             local = site.worker("analyze", name=f"worker-local-{round_}")
             local_figures = measure(site, root, f"local-{round_}", args.studies, args.timeout)
             site.kill(local, sig=15)
-            remote = RemoteWorker(root / f"remote-{round_}", f"http://127.0.0.1:{http_port}", token_file, redis.url,
+            remote = RemoteWorker(root / f"worker-host-{round_}", f"http://127.0.0.1:{http_port}", token_file, redis.url,
                                   model={"max_new_tokens": args.max_new_tokens}).start(name=f"remote-{round_}")  # fmt: skip
             try:
                 remote_figures = measure(site, root, f"remote-{round_}", args.studies, args.timeout)

@@ -24,7 +24,7 @@ from typing import Literal
 from dicom_node.store.base import API_ROLES, ApiSession, ApiUser
 
 TOKEN_PREFIX = "axn_"
-#: Worker tokens (analyze workers on other hosts, issue 23): read studies over DICOMweb, report analyses.
+#: Worker tokens (analyze workers on other hosts, issue 23): read the study they claimed over DICOMweb, report analyses.
 WORKER_TOKEN_PREFIX = "axw_"
 #: The role of a worker token's principal: outside the account roles, it passes only the worker
 #: endpoints and the DICOMweb reads (see :func:`dicom_node.api.deps.role`).

@@ -220,16 +220,30 @@ def authenticate(
 PASSWORD_CHANGE_HINT = "change your one-time password first: POST /api/auth/password (the console opens its password page)"
 
 
-#: What a worker token may read besides the worker endpoints: the DICOMweb routes (WADO-RS of its study).
-WORKER_READABLE_PREFIX = "/dicomweb/"
+#: What a worker token may read besides the worker endpoints: the DICOMweb routes of a study it has claimed.
+WORKER_READABLE_PREFIX = "/dicomweb/studies/"
+
+
+def worker_may_read(request: Request, principal: Principal) -> bool:
+    """A worker token reads only ``/dicomweb/studies/{uid}/...`` of a study whose live claim it holds
+    (no search over the node's studies, no other study)."""
+    from dicom_node.pipeline.remote_work import worker_holds
+
+    path = request.url.path
+    if not path.startswith(WORKER_READABLE_PREFIX):
+        return False
+    study_instance_uid = path[len(WORKER_READABLE_PREFIX) :].split("/", 1)[0]
+    ctx = ctx_of(request)
+    return bool(study_instance_uid) and worker_holds(ctx.store, ctx.settings, study_instance_uid, principal.user)
 
 
 def role(needed: str) -> Any:
     def check(request: Request, principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
         if principal.role == auth.WORKER_ROLE:
-            if needed == "viewer" and request.method in SAFE_METHODS and request.url.path.startswith(WORKER_READABLE_PREFIX):
+            if needed == "viewer" and request.method in SAFE_METHODS and worker_may_read(request, principal):
                 return principal
-            raise Problem(403, "Forbidden", f"a worker token ({principal.user}) may only read over DICOMweb and report analyses")
+            raise Problem(403, "Forbidden", f"a worker token ({principal.user}) may only read over DICOMweb the study it has claimed, "
+                                            "and report analyses")  # fmt: skip
         if principal.must_change_password:
             raise Problem(403, "Password change required", f"{principal.user} logged in with a one-time password: {PASSWORD_CHANGE_HINT}")
         if not auth.role_at_least(principal.role, needed):
@@ -241,7 +255,7 @@ def role(needed: str) -> Any:
 
 def any_account(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
     if principal.role == auth.WORKER_ROLE:
-        raise Problem(403, "Forbidden", f"a worker token ({principal.user}) may only read over DICOMweb and report analyses")
+        raise Problem(403, "Forbidden", f"a worker token ({principal.user}) may only read over DICOMweb the study it has claimed, and report analyses")
     return principal
 
 

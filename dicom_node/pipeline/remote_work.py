@@ -44,7 +44,7 @@ from pydicom.errors import InvalidDicomError
 
 from dicom_node.audit import trail as audit
 from dicom_node.pipeline.analysis import StudyAnalysis, instances_to_analyse, kinds_for_study, record_analysis
-from dicom_node.pipeline.dispatch import clear_lease, lease_owner, write_lease
+from dicom_node.pipeline.dispatch import clear_lease, lease_is_live, lease_owner, write_lease
 from dicom_node.settings import Settings
 from dicom_node.store.base import ProducedObject, Store, StudyRecord
 
@@ -116,6 +116,15 @@ def held_study(store: Store, settings: Settings, study_instance_uid: str, versio
     if lease_owner(settings, "analyze", study_instance_uid, version) != lease_owner_name(worker, claim_id):
         raise ClaimLost(f"study {study_instance_uid} v{version} is held by another claim (this one's lease ran out)")
     return study
+
+
+def worker_holds(store: Store, settings: Settings, study_instance_uid: str, worker: str) -> bool:
+    """Whether the worker token ``worker`` holds a live claim on the study now (what it may read over DICOMweb)."""
+    study = store.get_study(study_instance_uid)
+    if study is None or study.state != "analyzing":
+        return False
+    owner = lease_owner(settings, "analyze", study_instance_uid, study.version) or ""
+    return owner.startswith(lease_owner_name(worker, "")) and lease_is_live(settings, "analyze", study_instance_uid, study.version)
 
 
 def renew_lease(store: Store, settings: Settings, study_instance_uid: str, version: int, worker: str, claim_id: str) -> None:

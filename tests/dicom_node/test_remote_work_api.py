@@ -57,8 +57,15 @@ def test_a_claim_runs_from_queued_to_analyzed_and_every_wrong_step_is_refused_cl
     assert store.get_study(STUDY).state == "queued"
 
     worker = NodeClient(base, secret)
+    wado = f"{base}/dicomweb/studies/{STUDY}/series/{source.SeriesInstanceUID}/instances/{source.SOPInstanceUID}"
+    as_worker = {"Authorization": f"Bearer {secret}"}
+    assert httpx.get(wado, headers=as_worker).status_code == 403  # not claimed: not readable
     order = worker.claim(STUDY, 1)
     assert order is not None and store.get_study(STUDY).state == "analyzing"
+    # Claimed: the worker reads its study (WADO-RS, the stored bytes), but searches nothing.
+    assert worker.retrieve_instance(STUDY, str(source.SeriesInstanceUID), str(source.SOPInstanceUID)).SOPInstanceUID == source.SOPInstanceUID
+    assert httpx.get(f"{base}/dicomweb/studies", headers=as_worker).status_code == 403
+    assert httpx.get(f"{base}/api/studies", headers=as_worker).status_code == 403
     assert [i["sop_instance_uid"] for i in order.images] == [str(source.SOPInstanceUID)] and order.images[0]["result"] is None
     assert order.output["uid_root"] == settings.output.uid_root and "sr" in order.kinds
     assert worker.claim(STUDY, 1) is None  # a second claim finds it taken
@@ -108,6 +115,7 @@ def test_a_claim_runs_from_queued_to_analyzed_and_every_wrong_step_is_refused_cl
     assert store.get_study(STUDY).state == "analyzed"
     with pytest.raises(ClaimLost, match="analyzed"):
         worker.renew(order)  # the claim is over
+    assert httpx.get(wado, headers=as_worker).status_code == 403  # and its study is no longer readable
 
 
 def _multipart(boundary: str, parts: list[bytes]) -> bytes:
