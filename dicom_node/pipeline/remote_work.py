@@ -28,6 +28,7 @@ dispatch loop re-queues when the lease runs out, and no second copy in any PACS.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import secrets
@@ -212,14 +213,9 @@ def accept_result_object(settings: Settings, store: Store, study: StudyRecord, p
     out_dir = settings.storage.results_dir / study.study_instance_uid / f"v{study.version}"
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{kind}-{sop_uid}.dcm"
-    temp = path.with_suffix(f".{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        shutil.copyfile(part, temp)
-        with open(temp, "rb") as handle:
-            os.fdatasync(handle.fileno())
-        os.replace(temp, path)
+        adopt_file(part, path)
     except OSError as exc:
-        temp.unlink(missing_ok=True)
         LOG.error("study %s v%d: result object %s not stored: %s", study.study_instance_uid, study.version, sop_uid, exc)
         into.failed.append((sop_class, sop_uid, PROCESSING_FAILURE))
         return
@@ -228,6 +224,27 @@ def accept_result_object(settings: Settings, store: Store, study: StudyRecord, p
                        str(path.relative_to(settings.storage.results_dir)), datetime.now(UTC))
     )  # fmt: skip
     into.referenced.append((sop_class, sop_uid))
+
+
+def adopt_file(part: Path, path: Path) -> None:
+    """Make the received part file the result file ``path``, durably: fdatasync, then an atomic
+    rename (the part lies in the spool's ``.tmp``, normally the same file system), else a copy."""
+    with open(part, "rb") as handle:
+        os.fdatasync(handle.fileno())
+    try:
+        os.replace(part, path)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    temp = path.with_suffix(f".{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        shutil.copyfile(part, temp)
+        with open(temp, "rb") as handle:
+            os.fdatasync(handle.fileno())
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
 
 
 # ---- the end of a claim --------------------------------------------------------------------------
