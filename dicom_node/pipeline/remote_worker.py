@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +40,12 @@ CLAIM_HEADER = "X-AnatomiX-Claim"
 
 
 class NodeRefused(RuntimeError):
-    """The node answered a 4xx other than "claim lost": a bug or a misconfiguration; logged with its problem detail."""
+    """The node answered an error other than "claim lost" (``status``; 0 when it kept only some
+    result objects): a 4xx fails the study with the reason, a 5xx leaves it to the lease."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class ClaimLost(RuntimeError):
@@ -93,7 +98,7 @@ class NodeClient:
         if response.status_code == 409:
             raise ClaimLost(_detail(response))
         if response.status_code >= 400:
-            raise NodeRefused(f"{method} {url}: {response.status_code} {_detail(response)}")
+            raise NodeRefused(f"{method} {url}: {response.status_code} {_detail(response)}", response.status_code)
         return response
 
     def whoami(self) -> str:
@@ -142,7 +147,8 @@ class NodeClient:
         except requests.HTTPError as exc:
             if exc.response is not None and exc.response.status_code == 409 and "00081198" not in exc.response.text:
                 raise ClaimLost(_detail(exc.response)) from None
-            raise NodeRefused(f"STOW-RS of {len(datasets)} result object(s): {exc} {_detail(exc.response)}") from None
+            status = exc.response.status_code if exc.response is not None else 0
+            raise NodeRefused(f"STOW-RS of {len(datasets)} result object(s): {exc} {_detail(exc.response)}", status) from None
         failed = [f"{item.ReferencedSOPInstanceUID} (0x{int(item.FailureReason):04X})" for item in answer.get("FailedSOPSequence", [])]
         if failed:
             raise NodeRefused(f"the node did not keep result object(s) {', '.join(failed)}")
@@ -150,7 +156,7 @@ class NodeClient:
     # ---- worker reports ------------------------------------------------------------------------
     def record_worker_report(self, report: WorkerReport) -> None:
         """Like the store's method (:class:`dicom_node.pipeline.worker_report.WorkerReporter` calls it)."""
-        body = {k: v for k, v in report.__dict__.items() if k not in ("started_at", "last_seen_at", "name")}
+        body = {k: v for k, v in asdict(report).items() if k not in ("started_at", "last_seen_at", "name")}
         body["queues"] = list(report.queues)
         try:
             self._call("PUT", f"{self.api_url}/api/worker/reports/{report.name}", json=body)
@@ -257,14 +263,30 @@ def analyze_remote_study(node: NodeClient, engine_of: Any, uid: str, version: in
     except ClaimLost as exc:
         LOG.warning("analyze %s v%d: stopped, the claim is lost (%s)", uid, version, exc)
         return "lost"
-    except (requests.RequestException, NodeRefused):
-        # The node is unreachable or refused: no answer; the lease runs out and dispatch re-queues it.
-        LOG.exception("analyze %s v%d: the node could not be reached or refused; the study will be queued again", uid, version)
+    except NodeRefused as exc:
+        if exc.status >= 500:  # the node's own trouble: the lease runs out and dispatch queues the study again
+            LOG.error("analyze %s v%d: the node failed (%s); the study will be queued again", uid, version, exc)
+            raise
+        # The node refused what this worker sent (a bug or a mismatch): retrying would refuse it again.
+        LOG.error("analyze %s v%d: the node refused this worker's results: %s", uid, version, exc)
+        return _fail_at_node(node, order, f"the node refused the remote worker's results: {exc}")
+    except requests.RequestException as exc:
+        # The node is unreachable: no answer; the lease runs out and dispatch queues the study again.
+        LOG.error("analyze %s v%d: the node could not be reached (%s); the study will be queued again", uid, version, exc)
         raise
     except Exception as exc:  # task boundary: a model or writer error fails this study at the node, recorded
         LOG.exception("analyze %s v%d failed", uid, version)
-        node.fail(order, f"{type(exc).__name__}: {exc}"[:500])
-        return "failed"
+        return _fail_at_node(node, order, f"{type(exc).__name__}: {exc}")
     LOG.info("analyze %s v%d: %s on this remote worker in %.1f s (%d object(s) sent)", uid, version, outcome_text,
              time.monotonic() - started, sum(map(len, objects.values())))  # fmt: skip
     return outcome_text
+
+
+def _fail_at_node(node: NodeClient, order: WorkOrder, reason: str) -> str:
+    """Record the study failed at the node; if the node cannot be told, its lease runs out and it is queued again."""
+    try:
+        node.fail(order, reason[:500])
+    except (ClaimLost, NodeRefused, requests.RequestException) as exc:
+        LOG.error("analyze %s v%d: the failure could not be recorded at the node (%s)", order.study_instance_uid, order.version, exc)
+        return "lost"
+    return "failed"

@@ -121,3 +121,17 @@ def test_a_claim_runs_from_queued_to_analyzed_and_every_wrong_step_is_refused_cl
 def _multipart(boundary: str, parts: list[bytes]) -> bytes:
     body = b"".join(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + part + b"\r\n" for part in parts)
     return body + f"--{boundary}--\r\n".encode()
+
+
+def test_a_model_that_fails_on_the_remote_worker_fails_the_study_at_the_node_with_the_reason(node) -> None:
+    from dicom_node.pipeline.remote_worker import analyze_remote_study
+
+    base, settings, store, source, secret, viewer = node
+
+    def broken_engine():
+        raise RuntimeError("checkpoint does not load")
+
+    assert analyze_remote_study(NodeClient(base, secret), broken_engine, STUDY, 1) == "failed"
+    study = store.get_study(STUDY)
+    assert study.state == "failed" and study.error == "analysis failed: RuntimeError: checkpoint does not load"
+    assert analyze_remote_study(NodeClient(base, secret), broken_engine, STUDY, 1) == "skipped"  # a redelivered message: nothing to do
