@@ -169,7 +169,7 @@ def _frames(request: Request, obj: StoredObject, numbers: list[int]) -> Response
         raise Problem(404, "No such frame", str(exc)) from None
     boundary = wado.new_boundary()
     parts = ((wado.frame_part_type(syntax), [frame]) for frame in frames)
-    return Response(b"".join(wado.multipart_body(parts, boundary)), media_type=wado.multipart_type(wado.OCTET_STREAM, boundary))
+    return Response(b"".join(wado.multipart_body(parts, boundary)), media_type=wado.multipart_type(wado.frame_part_type(syntax), boundary))
 
 
 # ---- shared ------------------------------------------------------------------------------------------------
