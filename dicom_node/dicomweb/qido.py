@@ -221,7 +221,8 @@ def search_studies(store: Store, settings: Settings, query: Query, base: str) ->
     uid_filter = next((value for tag, _, value in query.matches if tag == 0x0020000D and value), None)
     if uid_filter:
         wanted = [u.strip() for u in re.split(r"[,\\]", uid_filter) if u.strip()]
-        candidates = [s for s in (servable_study(store, uid) for uid in wanted) if s is not None]
+        found = [s for s in (servable_study(store, uid) for uid in dict.fromkeys(wanted)) if s is not None]
+        candidates = sorted(found, key=lambda s: s.created_at, reverse=True)  # newest first, as without the list
     else:
         candidates = [s for s in store.list_studies(limit=100_000) if s.state != "purged"]
     end = None if query.limit is None else query.offset + query.limit

@@ -52,7 +52,7 @@ def _sources() -> tuple[list[pydicom.Dataset], list[pydicom.Dataset]]:
     compressed.PatientName, compressed.PatientID, compressed.StudyDate = "Doe^Jane", "PID-A", "20261130"
     compressed.compress(JPEGLSLossless, generate_instance_uid=False)
     other = synthetic_cr(STUDY_B, STUDY_B + ".2.1", rows=64, columns=64, seed=3, sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1")
-    other.PatientName, other.PatientID, other.StudyDate = "Roe^Richard", "PID-B", "20250615"
+    other.PatientName, other.PatientID, other.StudyDate, other.Modality = "Roe^Richard", "PID-B", "20250615", "DX"
     return [native, compressed], [other]
 
 
@@ -196,3 +196,89 @@ def test_retrieves_are_audited_with_the_account(site: Site) -> None:
     events = [e for e in site.store.list_audit_events("dicomweb_retrieved") if e.study_instance_uid == STUDY_B]
     assert events and events[0].user == "viewer" and events[0].detail["what"] == "retrieve" and events[0].detail["objects"] == 1
     assert "PID-B" not in json.dumps(events[0].detail)
+
+
+# ---- QIDO-RS ----------------------------------------------------------------------------------------------------
+
+
+def values(answer, tag: str) -> list:
+    return [item.get(tag, {}).get("Value", [None])[0] for item in answer.json()]
+
+
+@pytest.mark.parametrize("query, expected", [
+    ("", [STUDY_B, STUDY_A]),  # newest first
+    ("PatientName=doe*", [STUDY_A]),  # wildcard, case-insensitive for names
+    ("PatientName=D?e^Jane", [STUDY_A]),
+    ("00100020=PID-B", [STUDY_B]),
+    ("StudyDate=20260101-", [STUDY_A]),
+    ("StudyDate=-20251231", [STUDY_B]),
+    ("StudyDate=20250615", [STUDY_B]),
+    (f"StudyInstanceUID={STUDY_A},{STUDY_B}&limit=1", [STUDY_B]),
+    (f"StudyInstanceUID={STUDY_A},{STUDY_B}&limit=1&offset=1", [STUDY_A]),
+    ("ModalitiesInStudy=SEG", [STUDY_A]),
+    ("ModalitiesInStudy=DX", [STUDY_B]),
+    ("AccessionNumber=ACC-A&fuzzymatching=false", [STUDY_A]),
+    ("PatientName=Nobody", []),
+])  # fmt: skip
+def test_study_search_matches_as_ps3_4_says(site: Site, query: str, expected: list[str]) -> None:
+    answer = site.client().get(f"{ROOT}/studies?{query}")
+    assert answer.status_code == 200 and answer.headers["content-type"] == "application/dicom+json", answer.text
+    assert values(answer, "0020000D") == expected
+
+
+def test_a_study_answer_counts_series_and_instances_and_names_its_modalities(site: Site) -> None:
+    [study] = site.client().get(f"{ROOT}/studies?StudyInstanceUID={STUDY_A}&includefield=00081030,SOPClassesInStudy").json()
+    series = {site.a.sources[0].SeriesInstanceUID} | {r.SeriesInstanceUID for r in site.a.results.values()}
+    assert study["00201206"]["Value"] == [len(series)] and study["00201208"]["Value"] == [2 + len(site.a.results)]
+    assert set(study["00080061"]["Value"]) >= {"CR", "SR", "SEG", "PR"} and study["00100010"]["Value"] == [{"Alphabetic": "Doe^Jane"}]
+    assert study["00081030"]["Value"] == ["Chest PA"] and "1.2.840.10008.5.1.4.1.1.66.4" in study["00080062"]["Value"]
+    assert study["00081190"]["Value"] == [f"{ROOT}/studies/{STUDY_A}"]
+
+
+def test_series_and_instance_search_within_a_study(site: Site) -> None:
+    client = site.client()
+    series = client.get(f"{ROOT}/studies/{STUDY_A}/series").json()
+    assert {s["0020000E"]["Value"][0] for s in series} == {str(site.a.sources[0].SeriesInstanceUID)} | {site.a.series_of(k) for k in site.a.results}
+    [seg] = client.get(f"{ROOT}/studies/{STUDY_A}/series?Modality=SEG&SeriesDescription=Findings*").json()
+    assert seg["0020000E"]["Value"] == [site.a.series_of("seg")] and seg["00201209"]["Value"] == [1]
+    instances = client.get(f"{ROOT}/studies/{STUDY_A}/series/{site.a.sources[0].SeriesInstanceUID}/instances").json()
+    assert sorted(i["00080018"]["Value"][0] for i in instances) == sorted(str(s.SOPInstanceUID) for s in site.a.sources)
+    [sr] = client.get(f"{ROOT}/studies/{STUDY_A}/instances?SOPClassUID=1.2.840.10008.5.1.4.1.1.88.34").json()
+    assert sr["00080018"]["Value"] == [str(site.a.results["sr"].SOPInstanceUID)] and sr["00080056"]["Value"] == ["ONLINE"]
+
+
+# ---- metadata, frames, bulk data ------------------------------------------------------------------------------------
+
+
+def test_series_metadata_is_each_header_with_the_pixel_data_as_a_bulk_data_uri(site: Site) -> None:
+    native, compressed = site.a.sources
+    client = site.client()
+    metadata = client.get(f"{ROOT}/studies/{STUDY_A}/series/{native.SeriesInstanceUID}/metadata").json()
+    by_uid = {m["00080018"]["Value"][0]: m for m in metadata}
+    for source in (native, compressed):
+        item = by_uid[str(source.SOPInstanceUID)]
+        assert item["00280010"]["Value"] == [96] and item["00083002"]["Value"] == [str(source.file_meta.TransferSyntaxUID)]
+        uri = item["7FE00010"]["BulkDataURI"]
+        assert uri == f"{ROOT}/studies/{STUDY_A}/series/{source.SeriesInstanceUID}/instances/{source.SOPInstanceUID}/bulkdata/7FE00010"
+        bulk = client.get(uri, headers={"Accept": "multipart/related; type=application/octet-stream"})
+        [(_, pixels)] = multipart_parts(bulk.headers["content-type"], bulk.content)
+        assert np.array_equal(np.frombuffer(pixels, "<u2").reshape(96, 80), source.pixel_array)
+    [sr] = client.get(f"{ROOT}/studies/{STUDY_A}/series/{site.a.series_of('sr')}/metadata").json()
+    assert "7FE00010" not in sr and sr["0040A730"]["vr"] == "SQ"  # the SR's content tree, as OHIF reads it
+
+
+def test_frames_are_sent_as_stored_or_decoded_as_asked(site: Site) -> None:
+    _, compressed = site.a.sources
+    url = f"{ROOT}/studies/{STUDY_A}/series/{compressed.SeriesInstanceUID}/instances/{compressed.SOPInstanceUID}/frames/1"
+    client = site.client()
+    stored = client.get(url, headers={"Accept": "multipart/related; type=application/octet-stream; transfer-syntax=*"})
+    assert stored.status_code == 200 and f"transfer-syntax={JPEGLSLossless}" in stored.headers["content-type"]
+    [(ctype, jls)] = multipart_parts(stored.headers["content-type"], stored.content)
+    assert ctype == f"application/octet-stream; transfer-syntax={JPEGLSLossless}" and jls[:2] == b"\xff\xd8"  # a JPEG-LS codestream
+    decoded = client.get(url, headers={"Accept": "multipart/related; type=application/octet-stream"})
+    [(ctype, raw)] = multipart_parts(decoded.headers["content-type"], decoded.content)
+    assert ctype.endswith(ExplicitVRLittleEndian) and np.array_equal(np.frombuffer(raw, "<u2").reshape(96, 80), compressed.pixel_array)
+    sc = site.a.results["sc"]
+    frames = client.get(f"{ROOT}/studies/{STUDY_A}/series/{sc.SeriesInstanceUID}/instances/{sc.SOPInstanceUID}/frames/1,1",
+                        headers={"Accept": "multipart/related; type=application/octet-stream; transfer-syntax=*"})  # fmt: skip
+    assert len(multipart_parts(frames.headers["content-type"], frames.content)) == 2
