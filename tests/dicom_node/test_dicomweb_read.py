@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from dicom_node.settings import Settings, StorageSettings
 from dicom_node.store import open_store
 from dicom_node.web.app import create_app
 from tests.support.corpus import synthetic_cr
-from tests.support.held_studies import HeldStudy, ServedApp, hold_study, multipart_parts, part10
+from tests.support.held_studies import HeldStudy, ServedApp, hold_study, multipart_parts, part10, receive
 from tests.support.net import free_port
 
 STUDY_A = "1.2.826.0.1.3680043.10.1431.77.1"
@@ -70,15 +71,13 @@ def site(tmp_path_factory: pytest.TempPathFactory):
     a_sources, b_sources = _sources()
     a = hold_study(store, settings, a_sources)
     b = HeldStudy(STUDY_B, b_sources, {})
-    from tests.support.held_studies import receive
-
     receive(store, settings, b_sources[0])
     yield Site(create_app(settings, store), store, settings, a, b, tokens, passwords)
     store.close()
 
 
-def spooled_bytes(site: Site, sop_instance_uid: str) -> bytes:
-    [row] = [i for s in (STUDY_A, STUDY_B) for i in site.store.list_instances(s) if i.sop_instance_uid == sop_instance_uid]
+def spooled_bytes(site: Site, sop_instance_uid: str, *more_studies: str) -> bytes:
+    [row] = [i for s in (STUDY_A, STUDY_B, *more_studies) for i in site.store.list_instances(s) if i.sop_instance_uid == sop_instance_uid]
     return (site.settings.storage.spool_dir / row.path).read_bytes()
 
 
@@ -282,3 +281,21 @@ def test_frames_are_sent_as_stored_or_decoded_as_asked(site: Site) -> None:
     frames = client.get(f"{ROOT}/studies/{STUDY_A}/series/{sc.SeriesInstanceUID}/instances/{sc.SOPInstanceUID}/frames/1,1",
                         headers={"Accept": "multipart/related; type=application/octet-stream; transfer-syntax=*"})  # fmt: skip
     assert len(multipart_parts(frames.headers["content-type"], frames.content)) == 2
+
+
+def test_a_big_endian_instance_is_sent_as_stored_and_its_frames_decoded(site: Site) -> None:
+    study = "1.2.826.0.1.3680043.10.1431.77.3"
+    ds = synthetic_cr(study, study + ".2.1", rows=32, columns=24, seed=4)
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.2"
+    buffer = BytesIO()
+    ds.save_as(buffer, implicit_vr=False, little_endian=False, enforce_file_format=True)
+    receive(site.store, site.settings, pydicom.dcmread(BytesIO(buffer.getvalue())))
+    url = f"{ROOT}/studies/{study}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+    client = site.client()
+    stored = client.get(url)
+    [(ctype, body)] = multipart_parts(stored.headers["content-type"], stored.content)
+    assert ctype.endswith("1.2.840.10008.1.2.2") and body == spooled_bytes(site, str(ds.SOPInstanceUID), study)
+    assert client.get(url, headers={"Accept": f"multipart/related; type=application/dicom; transfer-syntax={ExplicitVRLittleEndian}"}).status_code == 406
+    frames = client.get(f"{url}/frames/1", headers={"Accept": "multipart/related; type=application/octet-stream; transfer-syntax=*"})
+    [(ctype, raw)] = multipart_parts(frames.headers["content-type"], frames.content)
+    assert ctype.endswith(ExplicitVRLittleEndian) and np.array_equal(np.frombuffer(raw, "<u2").reshape(32, 24), ds.pixel_array)
