@@ -152,6 +152,7 @@ def test_dicomweb_client_reads_a_series_over_real_http(site: Site) -> None:
     (f"{ROOT}/studies/{STUDY_A}/series/{STUDY_A}.1/instances/{STUDY_A}.2.1/frames/0", 400, "positive integers"),
     (f"{ROOT}/studies/{STUDY_A}/series/{STUDY_A}.1/instances/{STUDY_A}.2.1/bulkdata/00100010", 404, "only its pixel data"),
     (f"{ROOT}/studies/1.2.abc", 400, "not a DICOM UID"),
+    (f"{ROOT}/studies/{'1.2' * 30}", 400, "at most 64 characters"),
     (f"{ROOT}/studies/{STUDY_A}/series/1.2..3/metadata", 400, "not a DICOM UID"),
     (f"{ROOT}/studies?limit=-1", 400, "limit must be a non-negative integer"),
     (f"{ROOT}/studies?NoSuchKeyword=1", 400, "'NoSuchKeyword' is neither a DICOM keyword"),

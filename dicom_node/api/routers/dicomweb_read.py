@@ -30,7 +30,7 @@ ROOT = "/dicomweb"
 #: Audit event of a WADO-RS retrieve or metadata read (who read which study over DICOMweb).
 DICOMWEB_RETRIEVED = "dicomweb_retrieved"
 
-Uid = Annotated[str, Path(max_length=64)]
+Uid = Annotated[str, Path(description="a DICOM UID (malformed: 400)")]
 DICOM_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"content": {'multipart/related; type="application/dicom"': {}}, "description": "the objects, one part each"},
     400: {"description": "a malformed UID or parameter"},
