@@ -34,12 +34,16 @@ Uid = Annotated[str, Path(description="a DICOM UID (malformed: 400)")]
 DICOM_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"content": {'multipart/related; type="application/dicom"': {}}, "description": "the objects, one part each"},
     400: {"description": "a malformed UID or parameter"},
+    401: {"description": "no or bad credentials"},
+    403: {"description": "a session that must first change its one-time password"},
     404: {"description": "the node holds no such study, series, instance or frame"},
     406: {"description": "the Accept header asks for a media type or transfer syntax the node cannot send"},
 }
 JSON_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"content": {wado.DICOM_JSON: {}}, "description": "DICOM JSON (PS3.18 F.2)"},
     400: DICOM_RESPONSES[400],
+    401: DICOM_RESPONSES[401],
+    403: DICOM_RESPONSES[403],
     404: DICOM_RESPONSES[404],
 }
 
