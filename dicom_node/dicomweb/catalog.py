@@ -123,6 +123,16 @@ def study_objects(store: Store, settings: Settings, study_instance_uid: str) -> 
     return objects
 
 
+def first_received(store: Store, settings: Settings, study_instance_uid: str) -> StoredObject | None:
+    """The study's first received instance whose file is there (what a study search reads patient and study attributes from)."""
+    for row in store.list_instances(study_instance_uid):
+        path = settings.storage.spool_dir / row.path
+        if path.is_file():
+            return StoredObject(row.study_instance_uid, row.series_instance_uid, row.sop_instance_uid, row.sop_class_uid,
+                                row.transfer_syntax_uid, path)  # fmt: skip
+    return None
+
+
 def series_of(objects: list[StoredObject]) -> dict[str, list[StoredObject]]:
     """The objects grouped by series, series in order of their first object."""
     grouped: dict[str, list[StoredObject]] = {}

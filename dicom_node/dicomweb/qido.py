@@ -22,7 +22,7 @@ from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
-from dicom_node.dicomweb.catalog import StoredObject, series_of, servable_study, study_objects
+from dicom_node.dicomweb.catalog import StoredObject, first_received, series_of, servable_study, study_objects
 from dicom_node.settings import Settings
 from dicom_node.store.base import Store
 
@@ -41,6 +41,8 @@ STUDY_KEYS = ("StudyInstanceUID", "PatientID", "PatientName", "StudyDate")
 FIELDS = {"study": STUDY_FIELDS, "series": SERIES_FIELDS + ("StudyInstanceUID",), "instance": INSTANCE_FIELDS + ("StudyInstanceUID", "SeriesInstanceUID")}
 #: Keyword -> tag of every field above.
 _FIELD_TAGS = {k: int(Tag(k)) for k in {*STUDY_FIELDS, *SERIES_FIELDS, *INSTANCE_FIELDS, *STUDY_KEYS, "SeriesInstanceUID"}}
+#: Study attributes computed over the study's objects, not read from a header.
+COMPUTED_STUDY_TAGS = frozenset({0x00080061, 0x00080062, 0x00201206, 0x00201208, 0x00081190})
 CONTROL = ("includefield", "limit", "offset", "fuzzymatching")
 MAX_LIMIT = 10_000
 _NUMBER = re.compile(r"^[0-9]+$")
@@ -221,12 +223,19 @@ def search_studies(store: Store, settings: Settings, query: Query, base: str) ->
     uid_filter = next((value for tag, _, value in query.matches if tag == 0x0020000D and value), None)
     if uid_filter:
         wanted = [u.strip() for u in re.split(r"[,\\]", uid_filter) if u.strip()]
-        candidates = [s for s in (servable_study(store, uid) for uid in wanted) if s is not None]
+        found = [s for s in (servable_study(store, uid) for uid in dict.fromkeys(wanted)) if s is not None]
+        candidates = sorted(found, key=lambda s: s.created_at, reverse=True)  # newest first, as without the list
     else:
         candidates = [s for s in store.list_studies(limit=100_000) if s.state != "purged"]
     end = None if query.limit is None else query.offset + query.limit
     records: list[Dataset] = []
+    from_header = [(tag, value) for tag, _, value in query.matches if tag not in COMPUTED_STUDY_TAGS]
     for study in candidates:
+        # First the attributes the first received instance's header holds (one query, a cached header):
+        # most studies fail here, before their results and series are read.
+        first = first_received(store, settings, study.study_instance_uid)
+        if first is not None and not all(matches(first.header(), tag, dictionary_VR(tag), value) for tag, value in from_header):
+            continue
         objects = study_objects(store, settings, study.study_instance_uid)
         if not objects:
             continue

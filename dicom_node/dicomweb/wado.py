@@ -37,6 +37,8 @@ MULTIPART = "multipart/related"
 CHUNK = 1 << 20
 #: Syntaxes whose pixel data is native (the pixel bytes are the same little-endian values).
 NATIVE_SYNTAXES = frozenset({ImplicitVRLittleEndian, ExplicitVRLittleEndian, "1.2.840.10008.1.2.1.99"})
+#: Explicit VR Big Endian (retired): its native frames are decoded to little endian, never sent as stored.
+BIG_ENDIAN = "1.2.840.10008.1.2.2"
 PIXEL_DATA_TAG = "7FE00010"
 
 
@@ -136,6 +138,9 @@ def check_transcodable(objects: Iterable[StoredObject], transfer_syntax: str | N
     if transfer_syntax is None:
         return
     for obj in objects:
+        if obj.transfer_syntax_uid == BIG_ENDIAN and transfer_syntax != BIG_ENDIAN:
+            raise NotAcceptable(f"instance {obj.sop_instance_uid} is stored as Explicit VR Big Endian (retired), which the node sends "
+                                "only as stored (transfer-syntax=* or 1.2.840.10008.1.2.2)")  # fmt: skip
         if obj.transfer_syntax_uid != transfer_syntax and transfer_syntax != ExplicitVRLittleEndian:
             raise NotAcceptable(
                 f"instance {obj.sop_instance_uid} is stored as {obj.transfer_syntax_uid} and can be sent in that syntax "
@@ -227,6 +232,8 @@ def parse_frame_list(text: str) -> list[int]:
 def choose_frame_syntax(accept: list[MediaRange], stored: str) -> str:
     """The transfer syntax to send frames in: the stored one, or Explicit VR Little Endian (decoded); else NotAcceptable."""
     native = stored in NATIVE_SYNTAXES
+    if stored == BIG_ENDIAN:
+        stored = ExplicitVRLittleEndian  # decoded: pydicom swaps the bytes
     for media in accept:
         if media.matches(MULTIPART):
             part = media.params.get("type", OCTET_STREAM).lower()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from dicom_node.settings import Settings, StorageSettings
 from dicom_node.store import open_store
 from dicom_node.web.app import create_app
 from tests.support.corpus import synthetic_cr
-from tests.support.held_studies import HeldStudy, ServedApp, hold_study, multipart_parts, part10
+from tests.support.held_studies import HeldStudy, ServedApp, hold_study, multipart_parts, part10, receive
 from tests.support.net import free_port
 
 STUDY_A = "1.2.826.0.1.3680043.10.1431.77.1"
@@ -52,7 +53,7 @@ def _sources() -> tuple[list[pydicom.Dataset], list[pydicom.Dataset]]:
     compressed.PatientName, compressed.PatientID, compressed.StudyDate = "Doe^Jane", "PID-A", "20261130"
     compressed.compress(JPEGLSLossless, generate_instance_uid=False)
     other = synthetic_cr(STUDY_B, STUDY_B + ".2.1", rows=64, columns=64, seed=3, sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1")
-    other.PatientName, other.PatientID, other.StudyDate = "Roe^Richard", "PID-B", "20250615"
+    other.PatientName, other.PatientID, other.StudyDate, other.Modality = "Roe^Richard", "PID-B", "20250615", "DX"
     return [native, compressed], [other]
 
 
@@ -70,15 +71,13 @@ def site(tmp_path_factory: pytest.TempPathFactory):
     a_sources, b_sources = _sources()
     a = hold_study(store, settings, a_sources)
     b = HeldStudy(STUDY_B, b_sources, {})
-    from tests.support.held_studies import receive
-
     receive(store, settings, b_sources[0])
     yield Site(create_app(settings, store), store, settings, a, b, tokens, passwords)
     store.close()
 
 
-def spooled_bytes(site: Site, sop_instance_uid: str) -> bytes:
-    [row] = [i for s in (STUDY_A, STUDY_B) for i in site.store.list_instances(s) if i.sop_instance_uid == sop_instance_uid]
+def spooled_bytes(site: Site, sop_instance_uid: str, *more_studies: str) -> bytes:
+    [row] = [i for s in (STUDY_A, STUDY_B, *more_studies) for i in site.store.list_instances(s) if i.sop_instance_uid == sop_instance_uid]
     return (site.settings.storage.spool_dir / row.path).read_bytes()
 
 
@@ -153,6 +152,7 @@ def test_dicomweb_client_reads_a_series_over_real_http(site: Site) -> None:
     (f"{ROOT}/studies/{STUDY_A}/series/{STUDY_A}.1/instances/{STUDY_A}.2.1/frames/0", 400, "positive integers"),
     (f"{ROOT}/studies/{STUDY_A}/series/{STUDY_A}.1/instances/{STUDY_A}.2.1/bulkdata/00100010", 404, "only its pixel data"),
     (f"{ROOT}/studies/1.2.abc", 400, "not a DICOM UID"),
+    (f"{ROOT}/studies/{'1.2' * 30}", 400, "at most 64 characters"),
     (f"{ROOT}/studies/{STUDY_A}/series/1.2..3/metadata", 400, "not a DICOM UID"),
     (f"{ROOT}/studies?limit=-1", 400, "limit must be a non-negative integer"),
     (f"{ROOT}/studies?NoSuchKeyword=1", 400, "'NoSuchKeyword' is neither a DICOM keyword"),
@@ -196,3 +196,107 @@ def test_retrieves_are_audited_with_the_account(site: Site) -> None:
     events = [e for e in site.store.list_audit_events("dicomweb_retrieved") if e.study_instance_uid == STUDY_B]
     assert events and events[0].user == "viewer" and events[0].detail["what"] == "retrieve" and events[0].detail["objects"] == 1
     assert "PID-B" not in json.dumps(events[0].detail)
+
+
+# ---- QIDO-RS ----------------------------------------------------------------------------------------------------
+
+
+def values(answer, tag: str) -> list:
+    return [item.get(tag, {}).get("Value", [None])[0] for item in answer.json()]
+
+
+@pytest.mark.parametrize("query, expected", [
+    ("", [STUDY_B, STUDY_A]),  # newest first
+    ("PatientName=doe*", [STUDY_A]),  # wildcard, case-insensitive for names
+    ("PatientName=D?e^Jane", [STUDY_A]),
+    ("00100020=PID-B", [STUDY_B]),
+    ("StudyDate=20260101-", [STUDY_A]),
+    ("StudyDate=-20251231", [STUDY_B]),
+    ("StudyDate=20250615", [STUDY_B]),
+    (f"StudyInstanceUID={STUDY_A},{STUDY_B}&limit=1", [STUDY_B]),
+    (f"StudyInstanceUID={STUDY_A},{STUDY_B}&limit=1&offset=1", [STUDY_A]),
+    ("ModalitiesInStudy=SEG", [STUDY_A]),
+    ("ModalitiesInStudy=DX", [STUDY_B]),
+    ("AccessionNumber=ACC-A&fuzzymatching=false", [STUDY_A]),
+    ("PatientName=Nobody", []),
+])  # fmt: skip
+def test_study_search_matches_as_ps3_4_says(site: Site, query: str, expected: list[str]) -> None:
+    answer = site.client().get(f"{ROOT}/studies?{query}")
+    assert answer.status_code == 200 and answer.headers["content-type"] == "application/dicom+json", answer.text
+    assert values(answer, "0020000D") == expected
+
+
+def test_a_study_answer_counts_series_and_instances_and_names_its_modalities(site: Site) -> None:
+    [study] = site.client().get(f"{ROOT}/studies?StudyInstanceUID={STUDY_A}&includefield=00081030,SOPClassesInStudy").json()
+    series = {site.a.sources[0].SeriesInstanceUID} | {r.SeriesInstanceUID for r in site.a.results.values()}
+    assert study["00201206"]["Value"] == [len(series)] and study["00201208"]["Value"] == [2 + len(site.a.results)]
+    assert set(study["00080061"]["Value"]) >= {"CR", "SR", "SEG", "PR"} and study["00100010"]["Value"] == [{"Alphabetic": "Doe^Jane"}]
+    assert study["00081030"]["Value"] == ["Chest PA"] and "1.2.840.10008.5.1.4.1.1.66.4" in study["00080062"]["Value"]
+    assert study["00081190"]["Value"] == [f"{ROOT}/studies/{STUDY_A}"]
+
+
+def test_series_and_instance_search_within_a_study(site: Site) -> None:
+    client = site.client()
+    series = client.get(f"{ROOT}/studies/{STUDY_A}/series").json()
+    assert {s["0020000E"]["Value"][0] for s in series} == {str(site.a.sources[0].SeriesInstanceUID)} | {site.a.series_of(k) for k in site.a.results}
+    [seg] = client.get(f"{ROOT}/studies/{STUDY_A}/series?Modality=SEG&SeriesDescription=Findings*").json()
+    assert seg["0020000E"]["Value"] == [site.a.series_of("seg")] and seg["00201209"]["Value"] == [1]
+    instances = client.get(f"{ROOT}/studies/{STUDY_A}/series/{site.a.sources[0].SeriesInstanceUID}/instances").json()
+    assert sorted(i["00080018"]["Value"][0] for i in instances) == sorted(str(s.SOPInstanceUID) for s in site.a.sources)
+    [sr] = client.get(f"{ROOT}/studies/{STUDY_A}/instances?SOPClassUID=1.2.840.10008.5.1.4.1.1.88.34").json()
+    assert sr["00080018"]["Value"] == [str(site.a.results["sr"].SOPInstanceUID)] and sr["00080056"]["Value"] == ["ONLINE"]
+
+
+# ---- metadata, frames, bulk data ------------------------------------------------------------------------------------
+
+
+def test_series_metadata_is_each_header_with_the_pixel_data_as_a_bulk_data_uri(site: Site) -> None:
+    native, compressed = site.a.sources
+    client = site.client()
+    metadata = client.get(f"{ROOT}/studies/{STUDY_A}/series/{native.SeriesInstanceUID}/metadata").json()
+    by_uid = {m["00080018"]["Value"][0]: m for m in metadata}
+    for source in (native, compressed):
+        item = by_uid[str(source.SOPInstanceUID)]
+        assert item["00280010"]["Value"] == [96] and item["00083002"]["Value"] == [str(source.file_meta.TransferSyntaxUID)]
+        uri = item["7FE00010"]["BulkDataURI"]
+        assert uri == f"{ROOT}/studies/{STUDY_A}/series/{source.SeriesInstanceUID}/instances/{source.SOPInstanceUID}/bulkdata/7FE00010"
+        bulk = client.get(uri, headers={"Accept": "multipart/related; type=application/octet-stream"})
+        [(_, pixels)] = multipart_parts(bulk.headers["content-type"], bulk.content)
+        assert np.array_equal(np.frombuffer(pixels, "<u2").reshape(96, 80), source.pixel_array)
+    [sr] = client.get(f"{ROOT}/studies/{STUDY_A}/series/{site.a.series_of('sr')}/metadata").json()
+    assert "7FE00010" not in sr and sr["0040A730"]["vr"] == "SQ"  # the SR's content tree, as OHIF reads it
+
+
+def test_frames_are_sent_as_stored_or_decoded_as_asked(site: Site) -> None:
+    _, compressed = site.a.sources
+    url = f"{ROOT}/studies/{STUDY_A}/series/{compressed.SeriesInstanceUID}/instances/{compressed.SOPInstanceUID}/frames/1"
+    client = site.client()
+    stored = client.get(url, headers={"Accept": "multipart/related; type=application/octet-stream; transfer-syntax=*"})
+    assert stored.status_code == 200 and f"transfer-syntax={JPEGLSLossless}" in stored.headers["content-type"]
+    [(ctype, jls)] = multipart_parts(stored.headers["content-type"], stored.content)
+    assert ctype == f"application/octet-stream; transfer-syntax={JPEGLSLossless}" and jls[:2] == b"\xff\xd8"  # a JPEG-LS codestream
+    decoded = client.get(url, headers={"Accept": "multipart/related; type=application/octet-stream"})
+    [(ctype, raw)] = multipart_parts(decoded.headers["content-type"], decoded.content)
+    assert ctype.endswith(ExplicitVRLittleEndian) and np.array_equal(np.frombuffer(raw, "<u2").reshape(96, 80), compressed.pixel_array)
+    sc = site.a.results["sc"]
+    frames = client.get(f"{ROOT}/studies/{STUDY_A}/series/{sc.SeriesInstanceUID}/instances/{sc.SOPInstanceUID}/frames/1,1",
+                        headers={"Accept": "multipart/related; type=application/octet-stream; transfer-syntax=*"})  # fmt: skip
+    assert len(multipart_parts(frames.headers["content-type"], frames.content)) == 2
+
+
+def test_a_big_endian_instance_is_sent_as_stored_and_its_frames_decoded(site: Site) -> None:
+    study = "1.2.826.0.1.3680043.10.1431.77.3"
+    ds = synthetic_cr(study, study + ".2.1", rows=32, columns=24, seed=4)
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.2"
+    buffer = BytesIO()
+    ds.save_as(buffer, implicit_vr=False, little_endian=False, enforce_file_format=True)
+    receive(site.store, site.settings, pydicom.dcmread(BytesIO(buffer.getvalue())))
+    url = f"{ROOT}/studies/{study}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+    client = site.client()
+    stored = client.get(url)
+    [(ctype, body)] = multipart_parts(stored.headers["content-type"], stored.content)
+    assert ctype.endswith("1.2.840.10008.1.2.2") and body == spooled_bytes(site, str(ds.SOPInstanceUID), study)
+    assert client.get(url, headers={"Accept": f"multipart/related; type=application/dicom; transfer-syntax={ExplicitVRLittleEndian}"}).status_code == 406
+    frames = client.get(f"{url}/frames/1", headers={"Accept": "multipart/related; type=application/octet-stream; transfer-syntax=*"})
+    [(ctype, raw)] = multipart_parts(frames.headers["content-type"], frames.content)
+    assert ctype.endswith(ExplicitVRLittleEndian) and np.array_equal(np.frombuffer(raw, "<u2").reshape(32, 24), ds.pixel_array)

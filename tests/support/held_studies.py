@@ -72,6 +72,10 @@ def hold_study(store: Store, settings: Settings, sources: list[pydicom.Dataset],
                                                     str(obj.dataset.SOPClassUID), str(path.relative_to(settings.storage.results_dir)),
                                                     datetime.now(UTC)))  # fmt: skip
         results[obj.kind] = obj.dataset
+    previous = "receiving"
+    for state in ("stable", "queued", "analyzing", "analyzed", "delivering", "done"):  # as the pipeline would
+        assert store.transition_study(study, 1, (previous,), state)
+        previous = state
     return HeldStudy(study, sources, results)
 
 

@@ -30,16 +30,20 @@ ROOT = "/dicomweb"
 #: Audit event of a WADO-RS retrieve or metadata read (who read which study over DICOMweb).
 DICOMWEB_RETRIEVED = "dicomweb_retrieved"
 
-Uid = Annotated[str, Path(max_length=64)]
+Uid = Annotated[str, Path(description="a DICOM UID (malformed: 400)")]
 DICOM_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"content": {'multipart/related; type="application/dicom"': {}}, "description": "the objects, one part each"},
     400: {"description": "a malformed UID or parameter"},
+    401: {"description": "no or bad credentials"},
+    403: {"description": "a session that must first change its one-time password"},
     404: {"description": "the node holds no such study, series, instance or frame"},
     406: {"description": "the Accept header asks for a media type or transfer syntax the node cannot send"},
 }
 JSON_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"content": {wado.DICOM_JSON: {}}, "description": "DICOM JSON (PS3.18 F.2)"},
     400: DICOM_RESPONSES[400],
+    401: DICOM_RESPONSES[401],
+    403: DICOM_RESPONSES[403],
     404: DICOM_RESPONSES[404],
 }
 
@@ -169,7 +173,7 @@ def _frames(request: Request, obj: StoredObject, numbers: list[int]) -> Response
         raise Problem(404, "No such frame", str(exc)) from None
     boundary = wado.new_boundary()
     parts = ((wado.frame_part_type(syntax), [frame]) for frame in frames)
-    return Response(b"".join(wado.multipart_body(parts, boundary)), media_type=wado.multipart_type(wado.OCTET_STREAM, boundary))
+    return Response(b"".join(wado.multipart_body(parts, boundary)), media_type=wado.multipart_type(wado.frame_part_type(syntax), boundary))
 
 
 # ---- shared ------------------------------------------------------------------------------------------------
