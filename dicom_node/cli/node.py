@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.audit import trail as audit
+from dicom_node.cli.source_token import register_ae_token
 from dicom_node.ops.errors import UserError
 from dicom_node.ops.remotes import (
     SOURCE_DEFAULT_PORT,
@@ -69,8 +70,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     show.set_defaults(func=run_config_show)
 
     ae = subparsers.add_parser("ae", help="remote DICOM nodes: sources that send to us, destinations for results")
-    ae.set_defaults(func=_missing_action("ae", "add, update, list or remove"))
+    ae.set_defaults(func=_missing_action("ae", "add, update, list, remove or token"))
     ae_actions = ae.add_subparsers(dest="ae_command", metavar="ACTION")
+    register_ae_token(ae_actions)
     add = ae_actions.add_parser("add", help="add a remote node")
     _add_config_option(add)
     add.add_argument("name", help="a short name for the node (letters, digits, . _ -)")

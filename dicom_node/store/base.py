@@ -267,6 +267,19 @@ class ApiToken:
 
 
 @dataclass(frozen=True)
+class SourceToken:
+    """A token bound to a source node (STOW-RS, issue 23): it stores only as that node. The secret
+    is shown once; only its SHA-256 is kept. Removing the node removes its tokens."""
+
+    id: int
+    node_name: str
+    label: str
+    created_at: datetime
+    last_used_at: datetime | None = None
+    revoked_at: datetime | None = None
+
+
+@dataclass(frozen=True)
 class ApiSession:
     """A console login: the cookie's SHA-256 and the CSRF token that state-changing requests must echo."""
 
@@ -451,6 +464,25 @@ class DestinationHealth:
         return "ok" if self.last_success_at is not None else "unused"
 
 
+class SourceTokenStore(abc.ABC):
+    """Tokens bound to source nodes (mixed into :class:`SqlStore`; table of migration 0011)."""
+
+    @abc.abstractmethod
+    def add_source_token(self, node_name: str, label: str, token_hash: str, at: datetime) -> SourceToken:
+        """Raises KeyError when no remote node ``node_name`` exists."""
+
+    @abc.abstractmethod
+    def find_source_token(self, token_hash: str, now: datetime) -> SourceToken | None:
+        """The unrevoked token with this hash (its last use set to ``now``), or None."""
+
+    @abc.abstractmethod
+    def list_source_tokens(self, node_name: str | None = None) -> list[SourceToken]: ...
+
+    @abc.abstractmethod
+    def revoke_source_token(self, token_id: int, at: datetime) -> bool:
+        """Whether a token that was not yet revoked is revoked now."""
+
+
 class DestinationHealthStore(abc.ABC):
     """Destination health (mixed into :class:`SqlStore`)."""
 
@@ -468,7 +500,7 @@ class DestinationHealthStore(abc.ABC):
         """Studies ``done`` whose results went to no destination (:data:`NO_DESTINATION` in their note)."""
 
 
-class Store(ApiAccountStore, WorkerReportStore, WorkerTokenStore, DestinationHealthStore, abc.ABC):
+class Store(ApiAccountStore, SourceTokenStore, WorkerReportStore, WorkerTokenStore, DestinationHealthStore, abc.ABC):
     """State store. Implementations: :class:`SqliteStore`, :class:`PostgresStore`."""
 
     @property
