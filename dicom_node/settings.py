@@ -279,6 +279,11 @@ class HttpSettings:
     metrics_token_file: Path | None = None
     #: /readyz needs a worker report of a loaded model at most this old; workers report every third of it.
     worker_report_max_age_s: float = 90.0
+    #: OHIF's address as a browser reaches it (e.g. "https://pacs-node.example.org/ohif" or "/ohif"): the console then
+    #: links each study to OHIF's viewer. OHIF's DICOMweb data source is this node's /dicomweb, on the same origin (a
+    #: reverse proxy), so the console session is OHIF's credential (docs/admin-guide.md, "Viewing studies in OHIF").
+    #: Empty: no links.
+    ohif_url: str = ""
     #: Largest STOW-RS request body, in bytes (a larger study is sent in several requests); one
     #: instance is capped by ``limits.max_message_bytes`` as on the DICOM port. Refused with 413.
     stow_max_request_bytes: int = 1024**3
@@ -554,6 +559,9 @@ def validate(settings: Settings) -> None:
     if settings.http.max_failed_logins < 1 or settings.http.login_window_s <= 0 or settings.http.session_ttl_s <= 0:
         raise SettingsError("http.max_failed_logins must be >= 1, http.login_window_s and http.session_ttl_s > 0")
     _validate_time_zone(settings.http.time_zone)
+    ohif = settings.http.ohif_url
+    if ohif and (not re.fullmatch(r"(https?://[^\s/?#]+|)(/[^\s?#]*)?", ohif) or ohif.startswith("//")):
+        raise SettingsError(f"http.ohif_url = {ohif!r}: use OHIF's address without a query, e.g. https://node.example.org/ohif or /ohif")
     if settings.http.stow_max_request_bytes < 65536:
         raise SettingsError(f"http.stow_max_request_bytes = {settings.http.stow_max_request_bytes}: must be >= 65536")
     if not 3 <= settings.http.worker_report_max_age_s <= 86400:

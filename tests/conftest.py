@@ -36,6 +36,7 @@ GROUPS = {
     "tests/console/test_console_scenario.py": "browser",
     "tests/console/test_console_dicomweb.py": "browser",
     "tests/viewer/test_ohif.py": "browser",
+    "tests/viewer/test_ohif_on_node.py": "browser",
 }
 #: Units handed out first (the longest; xdist hands out units in collection order with --no-loadscope-reorder),
 #: so that none of them starts near the end while the other workers are idle.

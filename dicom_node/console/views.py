@@ -22,7 +22,8 @@ from dicom_node.api.auth import Principal
 from dicom_node.api.deps import Problem, authenticate, ctx_of
 from dicom_node.ops.node_status import last_model_identity, readiness, spool_disk
 from dicom_node.ops.preview import demo_preview_png, demo_source_and_result
-from dicom_node.store.base import STUDY_STATES, ApiAccountStore
+from dicom_node.settings import Settings
+from dicom_node.store.base import STUDY_STATES, ApiAccountStore, StudyRecord
 from sr_writer.kinds import KINDS
 
 HERE = Path(__file__).resolve().parent
@@ -83,6 +84,13 @@ def dimse_status(value: int | None) -> str:
     words = _DIMSE_STATUS.get(value) or ("refused: out of resources" if 0xA700 <= value <= 0xA7FF else
                                          "error: cannot understand" if 0xC000 <= value <= 0xCFFF else "status")  # fmt: skip
     return f"{words} (0x{value:04X})"
+
+
+def ohif_link(settings: Settings, study: StudyRecord) -> str | None:
+    """The study in OHIF (``http.ohif_url``), whose data source is this node's /dicomweb; None when unset or purged."""
+    if not settings.http.ohif_url or study.state == "purged":
+        return None
+    return f"{settings.http.ohif_url.rstrip('/')}/viewer?{urlencode({'StudyInstanceUIDs': study.study_instance_uid})}"
 
 
 def short_uid(value: str | None, keep: int = 10) -> str:
@@ -270,7 +278,7 @@ def install(app: FastAPI) -> None:
         kinds = {o.sop_instance_uid: KINDS[o.kind].title if o.kind in KINDS else o.kind for o in objects}
         return {"study": summary, "record": study, "uid": uid, "objects": objects, "deliveries": deliveries, "findings": findings,
                 "report": report, "analyses": analyses, "has_preview": has_preview, "demo_preview": demo_preview, "kinds": kinds,
-                "instances": ctx.store.list_instances(uid, study.version)}  # fmt: skip
+                "instances": ctx.store.list_instances(uid, study.version), "ohif_link": ohif_link(ctx.settings, study)}  # fmt: skip
 
     @app.get("/console/studies/{uid}", include_in_schema=False)
     def study_page(request: Request, uid: str) -> HTMLResponse:

@@ -346,6 +346,37 @@ class WorkerReportStore(abc.ABC):
         """Forget the worker ``name`` (it stopped cleanly); whether it had a report."""
 
 
+@dataclass(frozen=True)
+class WorkerToken:
+    """A worker token (an analyze worker on another host); the secret is shown once, only its SHA-256 is kept."""
+
+    id: int
+    name: str
+    created_at: datetime
+    last_used_at: datetime | None = None
+    revoked_at: datetime | None = None
+
+
+class WorkerTokenStore(abc.ABC):
+    """Worker tokens (mixed into :class:`SqlStore`)."""
+
+    @abc.abstractmethod
+    def add_worker_token(self, name: str, token_hash: str, at: datetime) -> WorkerToken:
+        """Store a new token; StoreConflict when a live token already has ``name``."""
+
+    @abc.abstractmethod
+    def find_worker_token(self, token_hash: str, now: datetime) -> WorkerToken | None:
+        """The live token with this hash (its last use set to ``now``), or None."""
+
+    @abc.abstractmethod
+    def list_worker_tokens(self) -> list[WorkerToken]:
+        """Every token, revoked ones included, by name."""
+
+    @abc.abstractmethod
+    def revoke_worker_token(self, name: str, at: datetime) -> bool:
+        """Revoke the live token ``name``; whether there was one."""
+
+
 class ApiAccountStore(abc.ABC):
     """Account methods of the store (mixed into :class:`SqlStore`)."""
 
@@ -477,7 +508,7 @@ class DestinationHealthStore(abc.ABC):
         """Studies ``done`` whose results went to no destination (:data:`NO_DESTINATION` in their note)."""
 
 
-class Store(ApiAccountStore, SourceTokenStore, WorkerReportStore, DestinationHealthStore, abc.ABC):
+class Store(ApiAccountStore, SourceTokenStore, WorkerReportStore, WorkerTokenStore, DestinationHealthStore, abc.ABC):
     """State store. Implementations: :class:`SqliteStore`, :class:`PostgresStore`."""
 
     @property

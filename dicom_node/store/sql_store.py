@@ -45,6 +45,7 @@ from dicom_node.store.hosts import is_ip_literal
 from dicom_node.store.schema import load_migrations
 from dicom_node.store.source_tokens import SourceTokenSql
 from dicom_node.store.sql_common import AUDIT_COLUMNS, placeholders, require_aware, utc_now
+from dicom_node.store.worker_tokens import WorkerTokenSql
 from dicom_node.store.workers import WorkerReportSql
 
 #: A late instance reopens a study in these states as a new analysis version.
@@ -104,7 +105,7 @@ class _DuplicateFound(Exception):
         self.row = row
 
 
-class SqlStore(ConsoleSql, ApiAccountSql, SourceTokenSql, WorkerReportSql, DestinationHealthSql, Store):
+class SqlStore(ConsoleSql, ApiAccountSql, SourceTokenSql, WorkerReportSql, WorkerTokenSql, DestinationHealthSql, Store):
     """Everything but connections, transactions and value conversions. See the module docstring."""
 
     #: ``sqlite`` or ``postgres``: picks the migration folder.

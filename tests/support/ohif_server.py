@@ -1,8 +1,11 @@
-"""OHIF served same-origin with Orthanc's DICOMweb: a tiny static server and reverse proxy (test only).
+"""OHIF served same-origin with a DICOMweb server: a tiny static server and reverse proxy (test only).
 
-``/dicom-web/...`` is forwarded to Orthanc's HTTP port; everything else is the OHIF dist, with
-``app-config.js`` replaced by a configuration whose only data source is that same-origin DICOMweb, and
-unknown paths answered with ``index.html`` (OHIF is a single-page app: ``/viewer?...``).
+Paths under the proxied prefixes (``/dicom-web/`` for Orthanc; ``/dicomweb/``, ``/api/`` and
+``/console/`` for the node, as a site's reverse proxy would put the node and OHIF on one origin) are
+forwarded to the upstream HTTP port with the request's credentials (Authorization, cookies, the CSRF
+header); everything else is the OHIF dist, with ``app-config.js`` replaced by a configuration whose
+only data source is the same-origin DICOMweb root, and unknown paths answered with ``index.html``
+(OHIF is a single-page app: ``/viewer?...``).
 The OHIF dist, playwright-core and chromium are installed by ``deploy/install-viewer.sh`` into
 ``.cache/viewer`` (ignored), once.
 """
@@ -13,6 +16,7 @@ import http.client
 import mimetypes
 import subprocess
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -20,7 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / ".cache" / "viewer"
 OHIF_VERSION = "3.13.2"
 
-APP_CONFIG = """
+APP_CONFIG_TEMPLATE = """
 window.config = {
   routerBasename: '/',
   extensions: [],
@@ -32,17 +36,17 @@ window.config = {
   showLoadingIndicator: true,
   strictZSpacingForVolumeViewport: false,
   showErrorDetails: 'always',
-  defaultDataSourceName: 'orthanc',
+  defaultDataSourceName: '@NAME@',
   dataSources: [
     {
       namespace: '@ohif/extension-default.dataSourcesModule.dicomweb',
-      sourceName: 'orthanc',
+      sourceName: '@NAME@',
       configuration: {
-        friendlyName: 'Orthanc (test)',
-        name: 'orthanc',
-        wadoUriRoot: '/dicom-web',
-        qidoRoot: '/dicom-web',
-        wadoRoot: '/dicom-web',
+        friendlyName: '@NAME@ (test)',
+        name: '@NAME@',
+        wadoUriRoot: '@ROOT@',
+        qidoRoot: '@ROOT@',
+        wadoRoot: '@ROOT@',
         qidoSupportsIncludeField: false,
         imageRendering: 'wadors',
         thumbnailRendering: 'wadors',
@@ -58,6 +62,18 @@ window.config = {
 """
 
 
+def app_config(root: str, name: str) -> str:
+    """OHIF's configuration with one DICOMweb data source at the same-origin ``root``."""
+    return APP_CONFIG_TEMPLATE.replace("@ROOT@", root).replace("@NAME@", name)
+
+
+#: Orthanc's DICOMweb plugin as the data source (tests/viewer/test_ohif.py).
+APP_CONFIG = app_config("/dicom-web", "orthanc")
+#: Request and response headers the proxy passes on.
+REQUEST_HEADERS = ("accept", "content-type", "range", "authorization", "cookie", "x-csrf-token")
+RESPONSE_HEADERS = ("content-type", "set-cookie", "location", "www-authenticate")
+
+
 def install_viewer() -> Path:
     """Run the project's installer (idempotent, cached) and return the OHIF dist folder."""
     done = subprocess.run(["bash", str(REPO / "deploy" / "install-viewer.sh"), str(CACHE)], capture_output=True, text=True, timeout=900)
@@ -66,14 +82,31 @@ def install_viewer() -> Path:
     return CACHE / f"ohif-{OHIF_VERSION}" / "dist"
 
 
-class OhifServer:
-    """Serves ``dist`` on 127.0.0.1 (a free port) and proxies /dicom-web to ``orthanc_port``."""
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
 
-    def __init__(self, dist: Path, orthanc_port: int) -> None:
+    def handle_error(self, request: object, client_address: object) -> None:
+        """A browser closing a page drops its connections mid-request: not an error of the test."""
+        import sys
+
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)  # type: ignore[arg-type]
+
+
+class OhifServer:
+    """Serves ``dist`` on 127.0.0.1 (a free port) and proxies ``prefixes`` to ``upstream_port``;
+    OHIF's data source is ``root`` (default: Orthanc's /dicom-web)."""
+
+    def __init__(self, dist: Path, upstream_port: int, prefixes: tuple[str, ...] = ("/dicom-web/",), root: str = "/dicom-web",
+                 name: str = "orthanc") -> None:  # fmt: skip
         self.dist = dist
-        self.orthanc_port = orthanc_port
+        self.upstream_port = upstream_port
+        self.prefixes = prefixes
+        self.config = app_config(root, name)
+        #: (method, path, status, Accept header, seconds) of every proxied request, in order.
+        self.proxied: list[tuple[str, str, int, str, float]] = []
         handler = self._handler()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.httpd = _QuietServer(("127.0.0.1", 0), handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     @property
@@ -97,13 +130,19 @@ class OhifServer:
             def log_message(self, *args: object) -> None:  # quiet
                 return
 
+            def do_POST(self) -> None:
+                if self.path.startswith(server.prefixes):
+                    self._proxy()
+                else:
+                    self._send(405, b"", "text/plain")
+
             def do_GET(self) -> None:
-                if self.path.startswith("/dicom-web/"):
+                if self.path.startswith(server.prefixes):
                     self._proxy()
                     return
                 path = self.path.split("?", 1)[0]
                 if path == "/app-config.js":
-                    self._send(200, APP_CONFIG.encode(), "application/javascript")
+                    self._send(200, server.config.encode(), "application/javascript")
                     return
                 target = (server.dist / path.lstrip("/")).resolve()
                 if not str(target).startswith(str(server.dist.resolve())) or not target.is_file():
@@ -115,14 +154,17 @@ class OhifServer:
                 self._send(200, body, ctype)
 
             def _proxy(self) -> None:
-                connection = http.client.HTTPConnection("127.0.0.1", server.orthanc_port, timeout=120)
-                headers = {k: v for k, v in self.headers.items() if k.lower() in ("accept", "content-type", "range")}
-                connection.request("GET", self.path, headers=headers)
+                started = time.monotonic()
+                connection = http.client.HTTPConnection("127.0.0.1", server.upstream_port, timeout=120)
+                headers = {k: v for k, v in self.headers.items() if k.lower() in REQUEST_HEADERS}
+                length = int(self.headers.get("Content-Length") or 0)
+                connection.request(self.command, self.path, body=self.rfile.read(length) if length else None, headers=headers)
                 response = connection.getresponse()
                 body = response.read()
+                server.proxied.append((self.command, self.path, response.status, self.headers.get("Accept", ""), time.monotonic() - started))
                 self.send_response(response.status)
                 for key, value in response.getheaders():
-                    if key.lower() in ("content-type",):
+                    if key.lower() in RESPONSE_HEADERS:
                         self.send_header(key, value)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
