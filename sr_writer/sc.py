@@ -165,6 +165,8 @@ def as_palette_sc(sc: Dataset) -> Dataset:
     plain.BitsAllocated, plain.BitsStored, plain.HighBit, plain.PixelRepresentation = 8, 8, 7, 0
     for colour, channel in (("Red", 0), ("Green", 1), ("Blue", 2)):
         setattr(plain, f"{colour}PaletteColorLookupTableDescriptor", [256, 0, 16])
+        # US, not the dictionary's "US or SS": a deflated encoding does not resolve ambiguous VRs.
+        plain[f"{colour}PaletteColorLookupTableDescriptor"].VR = "US"
         setattr(plain, f"{colour}PaletteColorLookupTableData", (palette[:, channel].astype("<u2") * 257).tobytes())
         plain[f"{colour}PaletteColorLookupTableData"].VR = "OW"
     plain.DerivationDescription = truncate(

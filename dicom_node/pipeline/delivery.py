@@ -197,7 +197,11 @@ def _send_one(assoc: Association, ds: Dataset, fallback: Callable[[Dataset], Dat
     if sop_class not in accepted:
         return StoreOutcome(uid, "permanent", None, f"destination does not accept SOP class {sop_class}")
     ds = _in_an_accepted_syntax(assoc, ds, sop_class)
-    response = assoc.send_c_store(ds)
+    try:
+        response = assoc.send_c_store(ds)
+    except ValueError as exc:  # pynetdicom could not encode it: a fault of this object, not of the destination
+        LOG.error("could not encode %s (SOP class %s) for the destination: %s", uid, sop_class, exc)
+        return StoreOutcome(uid, "permanent", None, f"could not encode the object for this destination: {exc}")
     if not response or "Status" not in response:
         return StoreOutcome(uid, "transient", None, "no C-STORE response (timeout or association aborted)")
     status = int(response.Status)
