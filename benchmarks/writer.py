@@ -7,8 +7,9 @@ build (boolean (1, rows, columns, segments) masks) as the reference point.
 
     .venv/bin/python benchmarks/writer.py [--runs 7] [--findings 10]
 
-Then, per receiver kind (JPEG-LS, Deflate only, uncompressed only), the bytes of the default ``full``
-profile as delivery sends it, for 0, 1 and 10 findings, and the time to encode it for that receiver.
+Then, per receiver kind (JPEG-LS, Deflate only, RLE only, uncompressed only), the bytes of the default
+``full`` profile as delivery sends it, for 0, 1 and 10 findings, and the time to encode it for that
+receiver (decompress, BINARY SEG, palette SC, deflate).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import highdicom as hd
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, JPEGBaseline8Bit, JPEGLSLossless
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, JPEGBaseline8Bit, JPEGLSLossless, RLELossless
 from pynetdicom.presentation import build_context
 
 from dicom_node.pipeline.delivery import _in_an_accepted_syntax
@@ -132,13 +133,17 @@ def main() -> None:
 RECEIVER_KINDS = {
     "JPEG-LS + JPEG (e.g. Orthanc, dcm4chee)": (JPEGLSLossless, JPEGBaseline8Bit, DeflatedExplicitVRLittleEndian),
     "Deflate only (storescp +xd)": (DeflatedExplicitVRLittleEndian,),
+    # The node proposes no RLE context (the SEG and SC fit uncompressed): such a receiver is sent what
+    # an uncompressed-only one gets.
+    "RLE only (storescp +xr)": (RLELossless,),
     "uncompressed only (storescp defaults)": (),
 }
 
 
 def receiver_table(source, runs: int) -> None:
     """Bytes and encode time of the default ``full`` profile per receiver kind, as delivery sends it
-    (``delivery._in_an_accepted_syntax``: own syntax, else Deflate, else uncompressed with a BINARY SEG)."""
+    (``delivery._in_an_accepted_syntax``: own syntax, else Deflate, else uncompressed; the SEG as a BINARY
+    SEG where neither JPEG-LS nor Deflate was accepted, the SC as PALETTE COLOR wherever JPEG was not)."""
     print(f"Default profile {DEFAULT_PROFILES['full']} per receiver kind (bytes on the wire = Part 10 bytes the receiver writes):")
     print()
     print(f"| {'findings':>8} | {'receiver kind':<40} | {'SEG bytes':>11} | {'SC bytes':>11} | {'bundle bytes':>12} | {'encode s':>8} |")

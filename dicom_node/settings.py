@@ -284,6 +284,9 @@ class HttpSettings:
     #: reverse proxy), so the console session is OHIF's credential (docs/admin-guide.md, "Viewing studies in OHIF").
     #: Empty: no links.
     ohif_url: str = ""
+    #: Largest STOW-RS request body, in bytes (a larger study is sent in several requests); one
+    #: instance is capped by ``limits.max_message_bytes`` as on the DICOM port. Refused with 413.
+    stow_max_request_bytes: int = 1024**3
 
 
 @dataclass(frozen=True)
@@ -559,6 +562,8 @@ def validate(settings: Settings) -> None:
     ohif = settings.http.ohif_url
     if ohif and (not re.fullmatch(r"(https?://[^\s/?#]+|)(/[^\s?#]*)?", ohif) or ohif.startswith("//")):
         raise SettingsError(f"http.ohif_url = {ohif!r}: use OHIF's address without a query, e.g. https://node.example.org/ohif or /ohif")
+    if settings.http.stow_max_request_bytes < 65536:
+        raise SettingsError(f"http.stow_max_request_bytes = {settings.http.stow_max_request_bytes}: must be >= 65536")
     if not 3 <= settings.http.worker_report_max_age_s <= 86400:
         raise SettingsError(f"http.worker_report_max_age_s = {settings.http.worker_report_max_age_s}: must be 3-86400 seconds")
     if not 1 <= node.port <= 65535:

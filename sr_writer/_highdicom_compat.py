@@ -101,9 +101,13 @@ def set_projection_geometry(seg: Dataset, source: Dataset, pixel_spacing: list[f
       meaning "not stated here"; the referenced source image states it. pixelmed's 2022 tables give it
       VM 1, so the source's two values (VM 2, as the standard says) were an error there.
     * Plane Orientation and Pixel Measures: OHIF 3.12/3.13 cannot load a projection SEG without them.
-      Pixel Spacing from the source (``pixel_spacing``); where the source states none, a nominal 1\\1:
-      a SEG without it is drawn by OHIF 3.13 but cannot be read by highdicom (``segread`` requires Pixel
-      Spacing in Pixel Measures), so the nominal value stays (docs/results.md).
+      Pixel Spacing from the source (``pixel_spacing``); where the source states none, a Pixel Measures
+      item with no Pixel Spacing (a nominal 1\\1 stated a calibration the image lacks), holding only the
+      Slice Thickness 1 every SEG of ours has (Type 1C, may be present; a projection has no slice, and
+      nothing measures with it): OHIF 3.13 reads the item's Slice Thickness without a guard, and an
+      empty item reaches it as undefined (crash, seen in tests/viewer). dciodvfy and pixelmed accept
+      it; highdicom 0.28's ``segread`` cannot read an item without Pixel Spacing (the tests read such a
+      SEG without the item: ``tests/sr_writer/conftest.py:read_seg``).
     * Frame Anatomy (Frame Laterality U, unpaired, region chest): pixelmed requires General Series
       Laterality unless some Frame/Image Laterality is present, and the chest is unpaired, so
       Laterality itself must be absent (dciodvfy: "present when condition unsatisfied").
@@ -114,7 +118,13 @@ def set_projection_geometry(seg: Dataset, source: Dataset, pixel_spacing: list[f
     shared = seg.SharedFunctionalGroupsSequence[0]
     shared.PlaneOrientationSequence = hd.PlaneOrientationSequence(coordinate_system="PATIENT", image_orientation=[1, 0, 0, 0, 1, 0])
     # Always replace: highdicom copies the source's PixelSpacing even when it is 0\0 (RG1).
-    shared.PixelMeasuresSequence = hd.PixelMeasuresSequence(pixel_spacing=pixel_spacing or [1.0, 1.0], slice_thickness=1)
+    if pixel_spacing is not None:
+        shared.PixelMeasuresSequence = hd.PixelMeasuresSequence(pixel_spacing=pixel_spacing, slice_thickness=1)
+    else:
+        # OHIF reads the item's Slice Thickness without a guard (an empty item reaches it as undefined).
+        measures = Dataset()
+        measures.SliceThickness = 1
+        shared.PixelMeasuresSequence = [measures]
     anatomy, region = Dataset(), Dataset()
     region.CodeValue, region.CodingSchemeDesignator, region.CodeMeaning = "816094009", "SCT", "Chest"
     anatomy.AnatomicRegionSequence = [region]

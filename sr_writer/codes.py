@@ -18,6 +18,7 @@ style, as in CID 4 / TID 1410 Finding Site), e.g. "Lung" + "Right" for the right
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 
@@ -69,6 +70,7 @@ PRESENT = Code("52101004", "SCT", "Present")  # pydicom
 ABSENT = Code("272519000", "SCT", "Absent")  # pydicom
 PROBABILITY = Code("122157", "DCM", "Probability")  # pydicom
 NO_UNITS = Code("1", "UCUM", "no units")
+PERCENT = Code("%", "UCUM", "percent")
 
 # ---- segmentation categories ---------------------------------------------------------------------
 ANATOMICAL_STRUCTURE = Code("91723000", "SCT", "Anatomical Structure")  # pydicom
@@ -201,6 +203,9 @@ CHEXPERT_FINDING_TYPES: dict[str, Code] = {
     "support devices": SUPPORT_DEVICES,
 }
 
+#: (code value, scheme) of a CheXpert finding type -> its CheXpert name ("Edema"), the short label.
+SHORT_FINDING_NAMES: dict[tuple[str, str], str] = {(code.value, code.scheme_designator): name.capitalize() for name, code in CHEXPERT_FINDING_TYPES.items()}
+
 #: Free-text model labels: the first keyword found in the label decides (order matters: specific first).
 KEYWORD_FINDING_TYPES: tuple[tuple[str, Code], ...] = (
     ("pneumothorax", PNEUMOTHORAX),
@@ -233,6 +238,25 @@ def finding_type_for_label(label: str) -> Code:
         if keyword in normalised:
             return code
     return CLINICAL_FINDING
+
+
+def finding_probability_concept(finding_type: Code, label: str) -> Code:
+    """The name of a finding box's probability NUM: "AI probability (in %) that this finding is present
+    in the region", one private code per finding type, whose Code Meaning is the finding's short name.
+
+    OHIF labels an SR box "<NUM Code Meaning>: <value> <unit>" (and nothing else, once the finding
+    site is a modifier of the NUM): "Cardiomegaly: 91.00 %". DCM 122157 "Probability" named every box
+    "Probability". Code value "P" + the finding type's code value; Code Meaning the CheXpert name of
+    the finding type where it has one ("Edema", shorter than "Pulmonary edema": OHIF writes the label
+    right of the box, where a long one runs past the viewport), else the finding type's meaning; for a
+    model label with no finding type of its own ("Finding"), "PX" + 12 hex digits of the label's
+    SHA-256 and the label, so a code value never has two meanings."""
+    if finding_type.value == CLINICAL_FINDING.value and finding_type.scheme_designator == CLINICAL_FINDING.scheme_designator:
+        normalised = re.sub(r"\s+", " ", label.strip())[:64] or CLINICAL_FINDING.meaning
+        return Code("PX" + hashlib.sha256(normalised.lower().encode()).hexdigest()[:12].upper(), PRIVATE_SCHEME, normalised)
+    return Code(
+        ("P" + finding_type.value)[:16], PRIVATE_SCHEME, SHORT_FINDING_NAMES.get((finding_type.value, finding_type.scheme_designator), finding_type.meaning)
+    )
 
 
 def region_site(index: int) -> AnatomicSite:

@@ -50,6 +50,9 @@ FINDING_COLOURS: tuple[RGB, ...] = (
 WHOLE_IMAGE_FINDINGS_RGB: RGB = (255, 64, 64)
 #: The GSPS layer of the regions no finding is grounded to (switchable context): muted grey-green.
 ANATOMY_RGB: RGB = (150, 170, 150)
+#: The findings SEG's last segment when the least probable boxes share one (``sr_writer.seg.finding_segments``):
+#: light grey, "the rest", unlike every finding colour.
+OTHER_FINDINGS_RGB: RGB = (225, 225, 225)
 #: The burned-in SC only: banner text, and the outline around label text.
 BANNER_TEXT_RGB: RGB = (255, 220, 0)
 OUTLINE_RGB: RGB = (0, 0, 0)

@@ -4,10 +4,13 @@ Regions overlap (the lung contains its zones), so each segment has its own frame
 
 Additions after construction, for viewers and validators (see shared/dicom-results.md; the steps that
 rely on highdicom's behaviour live in :mod:`sr_writer._highdicom_compat`):
-``PatientOrientation`` copied from the source; ``PlaneOrientationSequence`` and ``PixelMeasuresSequence``
-in the Shared Functional Groups (OHIF 3.12/3.13 crashes without them on projection images), with spacing
-from PixelSpacing when it is calibrated and non-zero, else ImagerPixelSpacing, else 1\\1: a SEG of ours
-never carries zero spacing, even when the source (RG1: 0\\0) does.
+``PatientOrientation`` empty; ``PlaneOrientationSequence`` in the Shared Functional Groups (OHIF
+3.12/3.13 crashes without it on projection images) and ``PixelMeasuresSequence`` with spacing from
+PixelSpacing when it is calibrated and non-zero, else ImagerPixelSpacing, else none: a SEG of ours
+never carries zero or invented spacing, even when the source (RG1: 0\\0) does.
+
+Size for every receiver: :func:`finding_segments` bounds the number of segments so that the SEG as a
+BINARY SEG (what a receiver without compression gets) stays within :data:`SEG_UNCOMPRESSED_BUDGET`.
 
 Size and viewers: the masks are written as a FRACTIONAL (OCCUPANCY) SEG holding only 0 and 255 (a box
 occupies its pixels fully; the "pseudo-binary" form OHIF itself writes and reads), JPEG-LS Lossless:
@@ -47,10 +50,10 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, RLELossless
 from inference.result import Box
 from sr_writer import codes
 from sr_writer._highdicom_compat import BOX_OVERLAP, BoxSegmentation, install_frame_encoder, set_projection_geometry
-from sr_writer.colours import colour_for_key
-from sr_writer.context import Annotation, BundleContext
+from sr_writer.colours import OTHER_FINDINGS_RGB, colour_for_key
+from sr_writer.context import Annotation, BundleContext, tracking_uid
 from sr_writer.equipment import DEVICE_SERIAL_NUMBER, apply_common_attributes, apply_lossy_history
-from sr_writer.text import code_string
+from sr_writer.text import code_string, truncate
 
 #: Set while one of our SEGs is built: highdicom's frame encoder then uses :func:`rle_encode_frame`.
 _FAST_RLE: contextvars.ContextVar[bool] = contextvars.ContextVar("box_fast_rle", default=False)
@@ -138,19 +141,61 @@ def box_pixel_slice(box: Box, rows: int, columns: int) -> tuple[slice, slice]:
     return slice(r1, r2), slice(c1, c2)
 
 
-def box_masks(annotations: tuple[Annotation, ...], rows: int, columns: int) -> np.ndarray:
-    """0/1 masks, shape (1, rows, columns, segments): segment s is the filled box of annotation s."""
+def box_masks(segments: list[tuple[Annotation, ...]], rows: int, columns: int) -> np.ndarray:
+    """0/1 masks, shape (1, rows, columns, segments): segment s is the union of the boxes of ``segments[s]``."""
     # Segment-major storage, exposed as a (1, rows, columns, segments) view: highdicom reads one segment
     # at a time (pixel_array[..., s]), which is then a contiguous uint8 frame it can bit-pack directly,
     # with no per-segment strided copy or dtype conversion (that cost ~0.5 s for 46 full-size segments).
-    planes = np.zeros((len(annotations), rows, columns), dtype=np.uint8)
-    for s, annotation in enumerate(annotations):
-        row_slice, column_slice = box_pixel_slice(annotation.box, rows, columns)
-        planes[s, row_slice, column_slice] = 1
+    planes = np.zeros((len(segments), rows, columns), dtype=np.uint8)
+    for s, members in enumerate(segments):
+        for annotation in members:
+            assert annotation.box is not None
+            row_slice, column_slice = box_pixel_slice(annotation.box, rows, columns)
+            planes[s, row_slice, column_slice] = 1
     return np.moveaxis(planes, 0, -1)[np.newaxis]
 
 
-def segment_description(number: int, annotation: Annotation, algorithm: hd.AlgorithmIdentificationSequence) -> hd.seg.SegmentDescription:
+#: Bytes the findings SEG may take as a BINARY SEG (what a receiver without compression gets): one
+#: bit-packed full-size frame per segment, so at most this // frame bytes segments (RG1: 8 of 0.45 MB).
+#: With the palette SC (~0.9 MB) and the SRs and GSPS (~0.1 MB) a bundle stays under 5 MB per image.
+SEG_UNCOMPRESSED_BUDGET = 3_600_000
+
+
+def finding_segments(ctx: BundleContext, budget: int = SEG_UNCOMPRESSED_BUDGET) -> list[tuple[Annotation, ...]]:
+    """The findings SEG's segments: one per finding box while their BINARY frames fit ``budget``; else
+    the most probable boxes each their own segment and the rest together in one last segment.
+
+    A projection SEG without a Frame of Reference keeps the source's pixel grid, so each segment costs
+    rows x columns / 8 bytes uncompressed whatever its box; the number of segments is what bounds it."""
+    boxes = ctx.finding_boxes
+    frame_bytes = -(-ctx.rows * ctx.columns // 8)
+    most = max(1, budget // frame_bytes)
+    if len(boxes) <= most:
+        return [(a,) for a in boxes]
+    ranked = sorted(boxes, key=lambda a: -(a.probability if a.probability is not None else -1.0))
+    own = set(id(a) for a in ranked[: most - 1])
+    return [(a,) for a in boxes if id(a) in own] + [tuple(a for a in boxes if id(a) not in own)]
+
+
+def other_findings_annotation(ctx: BundleContext, members: tuple[Annotation, ...]) -> Annotation:
+    """The description of the segment that holds several findings' boxes (see :func:`finding_segments`)."""
+    names = ", ".join(dict.fromkeys(a.name or a.label for a in members))
+    return Annotation(
+        kind="finding",
+        key="finding-other",
+        tracking_id=truncate(f"Other findings: {names}", "LO"),
+        tracking_uid=tracking_uid(ctx.result, ctx.uid_root, ctx.analysis_version, "seg/other-findings"),
+        label=truncate(f"Other findings ({len(members)})", "LO"),
+        box=None,
+        finding_type=codes.CLINICAL_FINDING,
+        sites=(),
+        name=truncate(f"Other findings ({len(members)})", "LO"),
+    )
+
+
+def segment_description(
+    number: int, annotation: Annotation, algorithm: hd.AlgorithmIdentificationSequence, colour: tuple[int, int, int] | None = None
+) -> hd.seg.SegmentDescription:
     site = annotation.sites[0] if annotation.sites else None
     if annotation.is_region:
         category, property_type = codes.ANATOMICAL_STRUCTURE, annotation.finding_type
@@ -166,7 +211,7 @@ def segment_description(number: int, annotation: Annotation, algorithm: hd.Algor
         tracking_uid=annotation.tracking_uid,
         tracking_id=annotation.tracking_id,
         anatomic_regions=[site.structure] if site is not None and not annotation.is_region else None,
-        display_color=hd.color.CIELabColor.from_rgb(*colour_for_key(annotation.key)),  # one table for SEG, GSPS, SC
+        display_color=hd.color.CIELabColor.from_rgb(*(colour or colour_for_key(annotation.key))),  # one table for SEG, GSPS, SC
     )
     if site is not None and site.laterality is not None:
         # Laterality of a paired structure: a modifier of the property type (regions) or anatomic region (findings).
@@ -193,24 +238,30 @@ def build_seg(ctx: BundleContext, kind: str = "seg") -> Dataset:
 
     OHIF draws every segment of a SEG at once, filled; the anatomy (36 overlapping region boxes) buried
     the findings, so it has its own object (:func:`build_anatomy_seg`, kind ``anatomy_seg``)."""
-    return _build_box_seg(ctx, kind, ctx.finding_boxes, "finding boxes", "AI_FINDINGS")
+    return _build_box_seg(ctx, kind, finding_segments(ctx), "finding boxes", "AI_FINDINGS")
 
 
 def build_anatomy_seg(ctx: BundleContext, kind: str = "anatomy_seg") -> Dataset:
     """The anatomy SEG: one segment per located region (for a profile that asks for it)."""
-    return _build_box_seg(ctx, kind, tuple(a for a in ctx.boxed if a.is_region), "anatomical region boxes", "AI_ANATOMY")
+    return _build_box_seg(ctx, kind, [(a,) for a in ctx.boxed if a.is_region], "anatomical region boxes", "AI_ANATOMY")
 
 
-def _build_box_seg(ctx: BundleContext, kind: str, annotations: tuple[Annotation, ...], what: str, label: str) -> Dataset:
-    if not annotations:
+def _build_box_seg(ctx: BundleContext, kind: str, segments: list[tuple[Annotation, ...]], what: str, label: str) -> Dataset:
+    if not segments:
         raise ValueError(f"result has no {what} inside the image: nothing to segment")
     algorithm = hd.AlgorithmIdentificationSequence(name=ctx.algorithm_name, family=codes.ARTIFICIAL_INTELLIGENCE, version=ctx.algorithm_version)
-    descriptions = [segment_description(n, a, algorithm) for n, a in enumerate(annotations, start=1)]
-    slices = [box_pixel_slice(a.box, ctx.rows, ctx.columns) for a in annotations]
-    token = BOX_OVERLAP.set("YES" if boxes_overlap(slices) else "NO")
+    descriptions = [
+        segment_description(n, members[0], algorithm)
+        if len(members) == 1
+        else segment_description(n, other_findings_annotation(ctx, members), algorithm, OTHER_FINDINGS_RGB)
+        for n, members in enumerate(segments, start=1)
+    ]
+    slices = [[box_pixel_slice(a.box, ctx.rows, ctx.columns) for a in members if a.box is not None] for members in segments]
+    overlap = any(boxes_overlap([a, b]) for one, other in combinations(slices, 2) for a in one for b in other)
+    token = BOX_OVERLAP.set("YES" if overlap else "NO")
     rle = _FAST_RLE.set(True)
     try:
-        seg = _construct(ctx, kind, annotations, descriptions, what, label)
+        seg = _construct(ctx, kind, segments, descriptions, what, label)
     finally:
         _FAST_RLE.reset(rle)
         BOX_OVERLAP.reset(token)
@@ -226,17 +277,17 @@ SEG_TRANSFER_SYNTAX = JPEGLSLossless
 ENCODE_THREADS = 2
 
 
-def _construct(ctx: BundleContext, kind: str, annotations: tuple[Annotation, ...], descriptions: list, what: str, label: str) -> Dataset:
+def _construct(ctx: BundleContext, kind: str, segments: list[tuple[Annotation, ...]], descriptions: list, what: str, label: str) -> Dataset:
     if SEG_TRANSFER_SYNTAX == RLELossless:
-        return _construct_with(ctx, kind, annotations, descriptions, 0, what, label)
+        return _construct_with(ctx, kind, segments, descriptions, 0, what, label)
     with ThreadPoolExecutor(ENCODE_THREADS) as pool:
-        return _construct_with(ctx, kind, annotations, descriptions, pool, what, label)
+        return _construct_with(ctx, kind, segments, descriptions, pool, what, label)
 
 
-def _construct_with(ctx: BundleContext, kind: str, annotations: tuple[Annotation, ...], descriptions: list, workers, what: str, label: str) -> Dataset:
+def _construct_with(ctx: BundleContext, kind: str, segments: list[tuple[Annotation, ...]], descriptions: list, workers, what: str, label: str) -> Dataset:
     return BoxSegmentation(
         source_images=[ctx.source],
-        pixel_array=box_masks(annotations, ctx.rows, ctx.columns),
+        pixel_array=box_masks(segments, ctx.rows, ctx.columns),
         segmentation_type="FRACTIONAL",  # 0 or 255 only ("pseudo-binary"): see the module docstring
         fractional_type="OCCUPANCY",
         max_fractional_value=255,

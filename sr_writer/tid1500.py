@@ -9,8 +9,9 @@ Content tree::
         TID 1410 Planar ROI group per finding box and per region box the SR shows (``sr_anatomy``:
         by default only the regions a finding is grounded to; "all": every located region):
           Tracking Identifier / Tracking UID, Finding Type, TID 4019 Algorithm Identification,
-          Finding Site (+ Laterality), Image Region = closed 5-point POLYLINE SCOORD (column, row),
-          Presence = Present, Probability (finding, when known),
+          Image Region = closed 5-point POLYLINE SCOORD (column, row), Presence = Present,
+          a finding with a probability: NUM "<finding>" (private code, %) with HAS CONCEPT MOD Finding
+          Site (+ Laterality); otherwise Finding Site (+ Laterality) at group level,
           TEXT Comment (DCM 121106) = the region's retrieved sentence (region groups, when it has one)
       Qualitative Evaluations (UMLS C0034375, TID 1500 row "Qualitative Evaluations"), when the result
         has image-level labels or findings without a box, or regions were left out:
@@ -37,10 +38,14 @@ only where a finding is grounded to it"; the SR now does too, and says in its Qu
 comment how many regions it left out and where the full anatomy is. ``output.sr_anatomy = "all"``
 keeps every region for machine readers that want the whole anatomy from the SR alone.
 
-Finding Site labels for OHIF: OHIF labels an SR box with the Code Meaning of its first Finding Site and
-ignores the nested laterality modifier. The code value and the laterality modifier stay as they are (the
-machine-readable, post-coordinated statement); for a paired structure the Code Meaning carries the
-laterality too ("Right costophrenic angle"), so the label a radiologist reads says which side.
+Labels in OHIF: OHIF 3.13 writes beside an SR box one line per NUM of the group ("<concept Code
+Meaning>: <value> <unit>") and one for the group's first Finding Site ("363698007: <Code Meaning>"),
+nothing else. A finding box's probability NUM is therefore named by the finding (private code per
+finding type, :func:`sr_writer.codes.finding_probability_concept`) and carries the finding site as its
+own modifier, so the one line reads "Cardiomegaly: 91.00 %" (with DCM 122157 "Probability" and a
+group-level site it read "Probability: 0.91 1 / 363698007: Heart"). Groups without a probability (the
+regions of ``sr_anatomy`` grounded/all) keep the site at group level; for a paired structure its Code
+Meaning carries the side too ("Right costophrenic angle"), code value and laterality modifier unchanged.
 
 The retrieved sentence is a free-text description of the region, so it cannot be a CODE (a code value
 is at most 16 characters and must come from a scheme). The qualitative evaluation rows of TID 1410 /
@@ -110,7 +115,8 @@ def build_tid1500_sr(ctx: BundleContext, kind: str = "sr", sr_class: type = hd.s
             referenced_region=ImageRegion(graphic_type="POLYLINE", graphic_data=box_polyline(annotation.box), source_image=source_image),
             finding_type=annotation.finding_type,
             algorithm_id=algorithm,
-            finding_sites=finding_sites(annotation),
+            # The sites go with the probability when there is one (see probability_measurements).
+            finding_sites=None if annotation.probability is not None else finding_sites(annotation),
             measurements=probability_measurements(annotation),
             qualitative_evaluations=[QualitativeEvaluation(codes.PRESENCE, codes.PRESENT)],
             finding_category=codes.ANATOMICAL_STRUCTURE if annotation.is_region else codes.MORPHOLOGICALLY_ABNORMAL_STRUCTURE,
@@ -162,27 +168,47 @@ NOT_LOCALISED_TRACKING_ID = "Findings not localised by AI (whole image)"
 def whole_image_group(
     ctx: BundleContext, algorithm: AlgorithmIdentification, source_image: SourceImageForRegion
 ) -> PlanarROIMeasurementsAndQualitativeEvaluations:
-    """The TID 1410 group of a report that has no box: the analysed region (the whole image, a closed
-    POLYLINE along its border) with finding DCM 111286 "No abnormality" when the model stated no finding,
-    else SCT 404684003 "Finding" (the unlocalised findings are listed in Qualitative Evaluations).
+    """The TID 1410 group of a report that has no box: finding DCM 111286 "No abnormality" when the model
+    stated no finding, else SCT 404684003 "Finding" (the unlocalised findings are listed in Qualitative
+    Evaluations), finding site the chest, over the region the statement is about (:func:`analysed_region`).
 
-    Valid TID 1500 (a planar ROI group whose region is the image) and what OHIF 3.13 needs to open
-    the report: one drawable measurement referencing the source image. Its finding site is the chest,
-    the body part analysed, so OHIF's label reads "Chest"."""
-    columns, rows = float(ctx.columns), float(ctx.rows)
-    polyline = box_polyline(Box(0.0, 0.0, columns, rows))
+    Valid TID 1500 (a planar ROI group) and what OHIF 3.13 needs to open the report: one drawable
+    measurement referencing the source image. A normal study whose image classifier gave a "No finding"
+    probability states it as the group's NUM, so OHIF's label reads "No finding: 93.00 %"; without
+    one the label is the site, "Chest"."""
     nothing = not ctx.unboxed_findings
+    finding_type = codes.NO_ABNORMALITY if nothing else codes.CLINICAL_FINDING
+    sites = [FindingSite(anatomic_location=codes.CHEST)]
+    no_finding = [label for label in ctx.image_labels if label.finding_type == codes.NO_FINDING] if nothing else []
+    measurements = None
+    if no_finding:
+        name = codes.finding_probability_concept(codes.NO_FINDING, no_finding[0].label)
+        measurements = [Measurement(name=name, value=round(100.0 * no_finding[0].probability, 1), unit=codes.PERCENT, finding_sites=sites)]
     key = "whole-image"
     return PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(
             uid=tracking_uid(ctx.result, ctx.uid_root, ctx.analysis_version, key),
             identifier=NO_FINDING_TRACKING_ID if nothing else NOT_LOCALISED_TRACKING_ID,
         ),
-        referenced_region=ImageRegion(graphic_type="POLYLINE", graphic_data=polyline, source_image=source_image),
-        finding_type=codes.NO_ABNORMALITY if nothing else codes.CLINICAL_FINDING,
+        referenced_region=ImageRegion(graphic_type="POLYLINE", graphic_data=box_polyline(analysed_region(ctx)), source_image=source_image),
+        finding_type=finding_type,
         algorithm_id=algorithm,
-        finding_sites=[FindingSite(anatomic_location=codes.CHEST)],
+        finding_sites=None if measurements else sites,
+        measurements=measurements,
     )
+
+
+def analysed_region(ctx: BundleContext) -> Box:
+    """Where a whole-image statement is drawn: the lung fields the model located (the box around both
+    lungs), else around every located region, else the whole image.
+
+    OHIF puts an SR label to the right of its box, at mid-height: for a box along the image border that
+    is past the image's right edge, where the viewport clipped it; the lung fields leave it room."""
+    lungs = [a.box for a in ctx.boxed if a.is_region and a.box is not None and a.sites and a.sites[0].structure == codes.LUNG]
+    boxes = lungs or [a.box for a in ctx.boxed if a.is_region and a.box is not None]
+    if not boxes:
+        return Box(0.0, 0.0, float(ctx.columns), float(ctx.rows))
+    return Box(min(b.x1 for b in boxes), min(b.y1 for b in boxes), max(b.x2 for b in boxes), max(b.y2 for b in boxes))
 
 
 def finding_sites(annotation: Annotation) -> list[FindingSite]:
@@ -203,10 +229,14 @@ def lateral_meaning(site: codes.AnatomicSite) -> str:
 
 
 def probability_measurements(annotation: Annotation) -> list[Measurement] | None:
-    """TID 300 "Probability" in [0, 1] (unit "1"), only when the model gave one."""
+    """TID 300 NUM: the probability (%) that the finding is present in the box, named by the finding
+    (:func:`sr_writer.codes.finding_probability_concept`), with the finding sites as its HAS CONCEPT MOD
+    Finding Site (TID 300 rows 8-9); only when the model gave a probability."""
     if annotation.probability is None:
         return None
-    return [Measurement(name=codes.PROBABILITY, value=annotation.probability, unit=codes.NO_UNITS)]
+    name = codes.finding_probability_concept(annotation.finding_type, annotation.name or annotation.label)
+    value = round(100.0 * annotation.probability, 1)
+    return [Measurement(name=name, value=value, unit=codes.PERCENT, finding_sites=finding_sites(annotation) or None)]
 
 
 def qualitative_evaluations_container(ctx: BundleContext) -> ContainerContentItem | None:

@@ -34,6 +34,7 @@ def output_dir() -> Path:
 GROUPS = {
     "tests/console/test_console_rules.py": "browser",
     "tests/console/test_console_scenario.py": "browser",
+    "tests/console/test_console_dicomweb.py": "browser",
     "tests/viewer/test_ohif.py": "browser",
     "tests/viewer/test_ohif_on_node.py": "browser",
 }

@@ -18,12 +18,12 @@ from typing import Any
 from fastapi import FastAPI
 
 from dicom_node.api.deps import ApiContext, install_error_handlers, problem_responses_in_schema
-from dicom_node.api.routers import accounts, audit, auth, dicomweb_read, health, node_status, nodes, profiles, rules, studies
+from dicom_node.api.routers import accounts, audit, auth, dicomweb_read, dicomweb_stow, health, node_status, nodes, profiles, remote_workers, rules, studies
 from dicom_node.settings import Settings
 from dicom_node.store.base import Store
 
 #: The routers in the order their routes are matched and listed in the schema.
-ROUTERS = (health, auth, accounts, nodes, studies, audit, node_status, rules, profiles, dicomweb_read)
+ROUTERS = (health, auth, accounts, nodes, studies, audit, node_status, rules, profiles, dicomweb_read, dicomweb_stow, remote_workers)
 
 
 def create_api(settings: Settings, store: Store) -> FastAPI:

@@ -24,6 +24,11 @@ from typing import Literal
 from dicom_node.store.base import API_ROLES, ApiSession, ApiUser
 
 TOKEN_PREFIX = "axn_"
+#: Worker tokens (analyze workers on other hosts, issue 23): read the study they claimed over DICOMweb, report analyses.
+WORKER_TOKEN_PREFIX = "axw_"
+#: The role of a worker token's principal: outside the account roles, it passes only the worker
+#: endpoints and the DICOMweb reads (see :func:`dicom_node.api.deps.role`).
+WORKER_ROLE = "worker"
 SESSION_COOKIE = "anatomix_session"
 CSRF_HEADER = "X-CSRF-Token"
 #: A password we generate: 20 characters from letters and digits (about 119 bits).
@@ -88,6 +93,8 @@ def secret_hash(secret: str) -> str:
 
 
 def role_at_least(role: str, needed: str) -> bool:
+    if role not in API_ROLES:  # a worker token's principal holds no account role
+        return False
     return API_ROLES.index(role) >= API_ROLES.index(needed)
 
 

@@ -186,6 +186,12 @@ def authenticate(
     ctx = ctx_of(request)
     now = datetime.now(UTC)
     unauthorized = Problem(401, "Unauthorized", "", {"WWW-Authenticate": "Bearer"})
+    if bearer is not None and bearer.credentials.startswith(auth.WORKER_TOKEN_PREFIX):
+        worker = ctx.store.find_worker_token(auth.secret_hash(bearer.credentials), now)
+        if worker is None:
+            unauthorized.detail = "the worker token is unknown or revoked"
+            raise unauthorized
+        return Principal(worker.name, auth.WORKER_ROLE, "token", token_id=worker.id)
     if bearer is not None:
         token = ctx.store.find_api_token(auth.secret_hash(bearer.credentials), now) if bearer.credentials.startswith(auth.TOKEN_PREFIX) else None
         user = ctx.store.get_api_user(token.user_name) if token else None
@@ -214,8 +220,30 @@ def authenticate(
 PASSWORD_CHANGE_HINT = "change your one-time password first: POST /api/auth/password (the console opens its password page)"
 
 
+#: What a worker token may read besides the worker endpoints: the DICOMweb routes of a study it has claimed.
+WORKER_READABLE_PREFIX = "/dicomweb/studies/"
+
+
+def worker_may_read(request: Request, principal: Principal) -> bool:
+    """A worker token reads only ``/dicomweb/studies/{uid}/...`` of a study whose live claim it holds
+    (no search over the node's studies, no other study)."""
+    from dicom_node.pipeline.remote_work import worker_holds
+
+    path = request.url.path
+    if not path.startswith(WORKER_READABLE_PREFIX):
+        return False
+    study_instance_uid = path[len(WORKER_READABLE_PREFIX) :].split("/", 1)[0]
+    ctx = ctx_of(request)
+    return bool(study_instance_uid) and worker_holds(ctx.store, ctx.settings, study_instance_uid, principal.user)
+
+
 def role(needed: str) -> Any:
-    def check(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
+    def check(request: Request, principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
+        if principal.role == auth.WORKER_ROLE:
+            if needed == "viewer" and request.method in SAFE_METHODS and worker_may_read(request, principal):
+                return principal
+            raise Problem(403, "Forbidden", f"a worker token ({principal.user}) may only read over DICOMweb the study it has claimed, "
+                                            "and report analyses")  # fmt: skip
         if principal.must_change_password:
             raise Problem(403, "Password change required", f"{principal.user} logged in with a one-time password: {PASSWORD_CHANGE_HINT}")
         if not auth.role_at_least(principal.role, needed):
@@ -225,11 +253,28 @@ def role(needed: str) -> Any:
     return Depends(check)
 
 
+def any_account(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
+    if principal.role == auth.WORKER_ROLE:
+        raise Problem(403, "Forbidden", f"a worker token ({principal.user}) may only read over DICOMweb the study it has claimed, and report analyses")
+    return principal
+
+
 #: Any account, also one that must still change its one-time password (its own password, who am I, log out).
-Account = Annotated[Principal, Depends(authenticate)]
+Account = Annotated[Principal, Depends(any_account)]
 Viewer = Annotated[Principal, role("viewer")]
 Operator = Annotated[Principal, role("operator")]
 Admin = Annotated[Principal, role("admin")]
+
+
+def worker_only(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
+    """The worker endpoints (``/api/worker``) take worker tokens only, never an account."""
+    if principal.role != auth.WORKER_ROLE:
+        raise Problem(403, "Forbidden", f"this needs a worker token (anatomix-node worker-token add NAME); {principal.user} is an account")
+    return principal
+
+
+#: An analyze worker on another host, authenticated by its worker token.
+Worker = Annotated[Principal, Depends(worker_only)]
 
 
 def audit_change(request: Request, who: Principal, action: str, target: str, before: Any = None, after: Any = None, **extra: Any) -> None:

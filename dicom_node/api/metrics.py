@@ -105,6 +105,14 @@ def count_audit_event(row: AuditEvent) -> None:
         _metric("bytes").labels(ae).inc(int(detail.get("bytes", 0)))
         if detail.get("out_of_resources"):
             _metric("rejected").labels(ae, "out_of_resources").inc(int(detail["out_of_resources"]))
+    elif row.event == "stow_request":  # one STOW-RS request: counted as an association's summary is
+        if detail.get("refused_request"):
+            _metric("rejected").labels(ae, f"stow_http_{int(detail['refused_request'])}").inc()
+        _metric("received").labels(ae).inc(int(detail.get("received", 0)))
+        _metric("duplicates").labels(ae).inc(int(detail.get("duplicates", 0)))
+        _metric("bytes").labels(ae).inc(int(detail.get("bytes", 0)))
+        if detail.get("out_of_resources"):
+            _metric("rejected").labels(ae, "out_of_resources").inc(int(detail["out_of_resources"]))
     elif row.event == "instance_rejected":
         status = detail.get("status")
         reason = REJECT_REASONS.get(status, f"status_0x{status:04X}") if isinstance(status, int) else "unknown"

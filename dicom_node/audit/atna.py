@@ -281,9 +281,18 @@ def audit_message(event: AuditEvent, info: SourceInfo, patients: Callable[[str],
         _node(m, info, False)
         m.source(info)
         m.participant_object(event.peer_host or "unknown", ID_NODE, TYPE_SYSTEM, ROLE_RESOURCE, name=_peer_ae(event), description=text)
-    elif name == "instance_rejected" and not event.study_instance_uid:
-        # Refused before its header was read: no study to name; the sender is the alert's subject.
-        text = f"instance {event.sop_instance_uid or ''} refused" + (f": {reason}" if reason else "")
+    elif (name == "instance_rejected" and not event.study_instance_uid) or (name == "stow_request" and not d.get("studies")):
+        # Refused before its header was read (or a STOW-RS request that stored nothing): no study to
+        # name; the sender is the alert's subject.
+        if name == "stow_request":
+            text = (
+                f"STOW-RS request stored nothing ({d.get('refused', 0)} refused)"
+                if not d.get("refused_request")
+                else f"STOW-RS request refused with HTTP {d['refused_request']}"
+            )
+        else:
+            text = f"instance {event.sop_instance_uid or ''} refused"
+        text += f": {reason}" if reason else ""
         m = _Message("C", event.at, MINOR_FAILURE, SECURITY_ALERT, [RESTRICTED_FUNCTION], text)
         severity = SEVERITY_WARNING
         _remote(m, event, True)
@@ -291,9 +300,9 @@ def audit_message(event: AuditEvent, info: SourceInfo, patients: Callable[[str],
         m.source(info)
         m.participant_object(event.peer_host or "unknown", ID_NODE, TYPE_SYSTEM, ROLE_RESOURCE, name=_peer_ae(event), description=text)
     elif name in ("association_released", "association_aborted", "instance_rejected", "instance_new_version",
-                  "instance_flagged", "instance_recovered"):  # fmt: skip
+                  "instance_flagged", "instance_recovered", "stow_request"):  # fmt: skip
         # Received by us: DICOM Instances Transferred (we are the destination).
-        failed = name in ("association_aborted", "instance_rejected")
+        failed = name in ("association_aborted", "instance_rejected") or bool(d.get("refused_request"))
         text = f"{name.replace('_', ' ')}: {d.get('received', 1 if not failed else 0)} received" + (f": {reason}" if reason else "")
         m = _Message("C", event.at, MINOR_FAILURE if failed else SUCCESS, INSTANCES_TRANSFERRED, [], text)
         _remote(m, event, True, [ROLE_SOURCE])

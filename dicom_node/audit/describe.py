@@ -20,6 +20,7 @@ EVENT_LABELS: dict[str, str] = {
     "association_rejected": "association rejected",
     "association_rejected_summary": "associations rejected (summary)",
     "connections_summary": "connections refused (summary)",
+    "stow_request": "STOW-RS request",
     "instance_rejected": "instance refused",
     "instance_new_version": "instance received again, changed",
     "instance_flagged": "instance flagged",
@@ -94,6 +95,15 @@ def sentence(event: AuditEvent) -> str:
             + (f" in {_n(len(studies), 'study', 'studies')}" if studies else "")
             + "."
         )
+    if name == "stow_request":
+        source = f" (source {d['source']})" if d.get("source") else ""
+        if d.get("refused_request"):
+            return f"STOW-RS request from {_peer(event)}{source} refused with HTTP {d['refused_request']}{reason}."
+        parts = [_n(d.get("received", 0), "image")]
+        for key, label in (("duplicates", "duplicate"), ("refused", "refused"), ("out_of_resources", "out of resources")):
+            if d.get(key):
+                parts.append(f"{d[key]} {label}")
+        return f"STOW-RS request from {_peer(event)}{source}: {', '.join(parts)}."
     if name == "association_rejected":
         return f"Association from {_peer(event)} to {event.called_ae or '?'} refused{reason}."
     if name == "association_rejected_summary":

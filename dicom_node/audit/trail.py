@@ -481,7 +481,7 @@ def record_objects_sent(
 ) -> None:
     """One delivery attempt to one destination: ``outcomes`` None when it begins (Begin Transferring),
     else the per-object outcomes (``sop_instance_uid``, ``outcome``, ``status``)."""
-    peer = Peer(destination.ae_title, None, destination.host)
+    peer = Peer(destination.ae_title or None, None, destination.host)  # a DICOMweb destination may have no AE title
     base = {"destination": destination.name, "version": version, "port": destination.port}
     try:
         trail = trail_for(store, settings)

@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "dicom_node.cli.pipeline",  # worker, analyze, resend, demo
     "dicom_node.cli.model",  # model demo-weights
     "dicom_node.cli.user",  # user add|list|remove|password|token (operations API accounts)
+    "dicom_node.cli.worker_tokens",  # worker-token add|list|revoke (workers on other hosts)
     "dicom_node.cli.route",  # route add|list|update|remove|move|dry-run
     "dicom_node.cli.audit",  # audit
     "dicom_node.cli.tls",  # tls status

@@ -22,6 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.audit import trail as audit
+from dicom_node.cli.dicomweb_options import CLI_LABELS as DICOMWEB_CLI_LABELS
+from dicom_node.cli.dicomweb_options import add_dicomweb_options, dicomweb_values
+from dicom_node.cli.source_token import register_ae_token
 from dicom_node.ops.errors import UserError
 from dicom_node.ops.remotes import (
     SOURCE_DEFAULT_PORT,
@@ -48,7 +51,7 @@ from dicom_node.store import open_store
 from dicom_node.store.base import CLIENT_CERTIFICATE_RULES, STUDY_STATES, RemoteNode, Store, StoreConflict
 
 #: How the shared validation's messages name each field: by its ``ae add`` option.
-CLI_LABELS = {"name": "name", "ae_title": "--ae-title", "host": "--host", "port": "--port", "quiet_period_s": "--quiet-period"}
+CLI_LABELS = {"name": "name", "ae_title": "--ae-title", "host": "--host", "port": "--port", "quiet_period_s": "--quiet-period", **DICOMWEB_CLI_LABELS}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -69,22 +72,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     show.set_defaults(func=run_config_show)
 
     ae = subparsers.add_parser("ae", help="remote DICOM nodes: sources that send to us, destinations for results")
-    ae.set_defaults(func=_missing_action("ae", "add, update, list or remove"))
+    ae.set_defaults(func=_missing_action("ae", "add, update, list, remove or token"))
     ae_actions = ae.add_subparsers(dest="ae_command", metavar="ACTION")
+    register_ae_token(ae_actions)
     add = ae_actions.add_parser("add", help="add a remote node")
     _add_config_option(add)
     add.add_argument("name", help="a short name for the node (letters, digits, . _ -)")
-    add.add_argument("--ae-title", required=True, help="its AE title (1-16 characters)")
-    add.add_argument("--host", required=True, help="its host name or IP address ('*' = any host, sources only)")
+    add.add_argument("--ae-title", default=None, help="its AE title (1-16 characters; a DICOMweb destination needs none)")
+    add.add_argument("--host", default=None, help="its host name or IP address ('*' = any host, sources only; with --url: the URL's)")
     add.add_argument(
         "--port", default=None, help=f"its DICOM port, 1-65535 (needed for a destination; a source's is used only by `echo`, default {SOURCE_DEFAULT_PORT})"
     )
-    add.add_argument("--role", required=True, choices=("source", "destination", "both"))
+    add.add_argument("--role", default=None, choices=("source", "destination", "both"), help="(with --url: default destination)")
     add.add_argument("--profile", default=None, help="output profile for results sent to it (default: output.default_profile)")
     add.add_argument("--quiet-period", type=float, default=None, metavar="S", help="seconds of silence that end a study from this source")
     add.add_argument("--complete-on-release", action="store_true", help="a study is complete when this source releases its association")
     add.add_argument("--default-destination", action="store_true", help="send results of every study here")
     _add_tls_options(add, update=False)
+    add_dicomweb_options(add, update=False)
     add.set_defaults(func=run_ae_add)
     update = ae_actions.add_parser("update", help="change some settings of a remote node (the others are kept)")
     _add_config_option(update)
@@ -98,6 +103,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     update.add_argument("--complete-on-release", action=argparse.BooleanOptionalAction, default=None)
     update.add_argument("--default-destination", action=argparse.BooleanOptionalAction, default=None)
     _add_tls_options(update, update=True)
+    add_dicomweb_options(update, update=True)
     update.set_defaults(func=run_ae_update)
     listing = ae_actions.add_parser("list", help="list remote nodes")
     _add_config_option(listing)
@@ -108,7 +114,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     remove.add_argument("name")
     remove.set_defaults(func=run_ae_remove)
 
-    echo = subparsers.add_parser("echo", help="C-ECHO a configured remote node and print the round-trip time")
+    echo = subparsers.add_parser("echo", help="C-ECHO a configured remote node (QIDO-RS for a DICOMweb one) and print the round-trip time")
     _add_config_option(echo)
     echo.add_argument("name", help="the remote node's name (see `ae list`)")
     echo.add_argument("--timeout", type=float, default=None, metavar="S", help="seconds to wait (default: delivery.timeout_s)")
@@ -346,7 +352,9 @@ def render_toml(sections: dict[str, dict[str, Any]]) -> str:
 
 def run_ae_add(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
-    node = replace(remote_node_from_args(args, settings), **_tls_fields(args, None))
+    node = remote_node_from_args(args, settings)
+    if not node.url:
+        node = replace(node, **_tls_fields(args, None))
     with opened_store(settings) as store:
         if store.get_remote_node(node.name) is not None:
             raise UserError(f"a remote node named {node.name!r} already exists; change it with "
@@ -378,7 +386,12 @@ def run_ae_update(args: argparse.Namespace) -> int:
                  "quiet_period_s": args.quiet_period, "complete_on_release": args.complete_on_release,
                  "default_destination": args.default_destination}  # fmt: skip
         fields = {key: getattr(current, key) if value is None else value for key, value in given.items()}
-        node = replace(validated_remote_node(settings, name=current.name, labels=CLI_LABELS, **fields), **_tls_fields(args, current))
+        web = dicomweb_values(args, current)
+        if web["url"]:  # a DICOMweb node's host and port are its URL's: only those given are checked against it
+            fields.update(host=args.host, port=args.port)
+        node = validated_remote_node(settings, name=current.name, labels=CLI_LABELS, **fields, **web)
+        if not node.url:
+            node = replace(node, **_tls_fields(args, current if not current.url else None))
         if node == current:
             print(f"{node.name}: nothing to change")
             return 0
@@ -393,13 +406,19 @@ def run_ae_update(args: argparse.Namespace) -> int:
 
 def remote_node_from_args(args: argparse.Namespace, settings: Settings) -> RemoteNode:
     """The ``ae add`` arguments as a checked RemoteNode; UserError naming the bad option."""
+    web = dicomweb_values(args, None)
+    if not web["url"]:
+        missing = [option for option, value in (("--ae-title", args.ae_title), ("--host", args.host), ("--role", args.role)) if value is None]
+        if missing:
+            raise UserError(f"ae add needs {', '.join(missing)} (or --url BASE_URL for a DICOMweb destination)")
     return validated_remote_node(
         settings,
+        **web,
         name=args.name,
-        ae_title=args.ae_title,
-        host=args.host,
+        ae_title=args.ae_title or "",
+        host=args.host or "",
         port=args.port,
-        role=args.role,
+        role=args.role or "destination",
         profile=args.profile,
         quiet_period_s=args.quiet_period,
         complete_on_release=args.complete_on_release,
@@ -426,7 +445,8 @@ def run_ae_list(args: argparse.Namespace) -> int:
         options = [f"quiet {n.quiet_period_s:g}s"] if n.quiet_period_s is not None else []
         options += ["complete-on-release"] * n.complete_on_release + ["default-destination"] * n.default_destination
         options += ["tls" + ("" if n.tls_verify_peer else " (unverified)")] * n.tls
-        rows.append((n.name, n.ae_title, n.host, str(n.port), n.role, n.profile, ", ".join(options)))
+        options += [describe_remote(n)] * bool(n.url)
+        rows.append((n.name, n.ae_title or "-", n.host, str(n.port), n.role, n.profile, ", ".join(options)))
     print(format_table(rows))
     print_destination_health(list(health.values()))
     if nowhere:
@@ -498,7 +518,10 @@ def run_echo(args: argparse.Namespace) -> int:
         node = require_remote_node(store, args.name)
     timeout = args.timeout if args.timeout is not None else settings.delivery.timeout_s
     elapsed_ms = echo_remote(settings.node.ae_title, node, timeout)
-    print(f"{node.name} ({node.ae_title}@{node.host}:{node.port}): C-ECHO success, {elapsed_ms:.1f} ms round trip")
+    if node.url:
+        print(f"{node.name} ({node.url}): QIDO-RS success, {elapsed_ms:.1f} ms round trip")
+    else:
+        print(f"{node.name} ({node.ae_title}@{node.host}:{node.port}): C-ECHO success, {elapsed_ms:.1f} ms round trip")
     return 0
 
 

@@ -38,6 +38,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     worker.add_argument("--concurrency", type=int, default=1, help="deliver-only workers: parallel deliveries (default 1)")
     worker.add_argument("--name", help="worker name (default: a unique one from host and pid)")
     worker.add_argument("--embedded", action="store_true", help=argparse.SUPPRESS)  # started by serve, which speaks for it
+    remote = worker.add_argument_group("a worker on another host, over HTTP (no shared data_dir, no database)")
+    remote.add_argument("--api-url", metavar="URL", help="the node's HTTP service, e.g. https://node.example.org:8080 (analyze only)")
+    remote.add_argument("--token-file", metavar="FILE", help="file holding a worker token (anatomix-node worker-token add NAME)")
+    remote.add_argument("--ca-file", metavar="FILE", help="CA certificates to verify the node's HTTPS certificate (default: the system's)")
+    remote.add_argument("--broker-url", metavar="URL", help="the node's broker, e.g. redis://node.example.org:6379/0 (default: queue.broker_url)")
     worker.set_defaults(func=cmd_worker)
 
     analyze = subparsers.add_parser("analyze", help="analyse DICOM files offline and write the result objects")
@@ -167,13 +172,17 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from dicom_node.store import open_store
 
     settings = _settings_with(args, demo_weights=args.demo_weights, device=args.device)
+    if args.broker_url:
+        settings = settings.with_overrides(queue={"broker_url": args.broker_url})
     level = args.log_level or settings.logging.level
     configure_logging(level)
     queues = parse_queues(args.queues)
+    node = connect_to_node(args, settings, queues) if args.api_url or args.token_file else None
     model = check_model_usable(settings, args.device or settings.model.device) if ANALYZE_QUEUE in queues else None
-    open_store(settings.database_url).close()  # fail fast on a bad database, and migrate it once
+    if node is None:
+        open_store(settings.database_url).close()  # fail fast on a bad database, and migrate it once
     app = create_app(settings)
-    context = WorkerContext(settings, args.device)
+    context = WorkerContext(settings, args.device, node=node)
     unusable = _stop_when_the_model_is_unusable(context) if ANALYZE_QUEUE in queues else None
     register_tasks(app, context, warm_up=ANALYZE_QUEUE in queues)
     # analyze: a prefork pool of one process per worker (one per GPU): the model loads in the child,
@@ -194,8 +203,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
             f"--loglevel={level.upper()}", "--without-mingle", "--without-gossip", "--without-heartbeat"]  # fmt: skip
     quiet_root_warning(announce=not args.embedded)
     quiet_worker_console(level)
-    LOG.info("worker %s for %s on %s%s", name, ",".join(queues), settings.queue.broker_url or "the embedded broker",
-             f"; model {model}" if model else "")  # fmt: skip
+    LOG.info("worker %s for %s on %s%s%s", name, ",".join(queues), settings.queue.broker_url or "the embedded broker",
+             f"; model {model}" if model else "", f"; node {args.api_url} over HTTP" if node else "")  # fmt: skip
     reason = ""
     try:
         app.worker_main(argv)
@@ -211,6 +220,30 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if reason:
         raise UserError(f"model unusable, this worker stopped without taking a task: {reason}", code=1)
     return 0
+
+
+def connect_to_node(args: argparse.Namespace, settings: Settings, queues: list[str]) -> Any:
+    """A worker on another host: check its options and reach the node with its token, or one line saying why not."""
+    import requests
+
+    from dicom_node.pipeline.remote_worker import NodeClient
+
+    if not (args.api_url and args.token_file):
+        raise UserError("a worker on another host needs both --api-url and --token-file")
+    if queues != ["analyze"]:
+        raise UserError("a worker over HTTP takes only the analyze queue (--queues analyze); delivery runs beside the node")
+    if settings.embedded or settings.queue.broker_url.startswith("filesystem://"):
+        raise UserError("a worker over HTTP needs the node's broker: --broker-url redis://NODE:6379/0 (or queue.broker_url)")
+    try:
+        node = NodeClient.from_token_file(args.api_url, Path(args.token_file), Path(args.ca_file) if args.ca_file else None)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--token-file: {exc}") from None
+    try:
+        name = node.whoami()
+    except (requests.RequestException, RuntimeError) as exc:
+        raise UserError(f"the node at {args.api_url} cannot be used: {exc}", code=1) from None
+    LOG.info("reaching the node at %s as worker token %s", args.api_url, name)
+    return node
 
 
 # ---- the node's side: dispatch loop and embedded workers ---------------------------------------------

@@ -72,13 +72,15 @@ class InstanceHeader:
 class _Walker:
     """Walks element headers of an encoded data set without decoding values."""
 
-    def __init__(self, data: bytes, implicit_vr: bool, little_endian: bool) -> None:
+    def __init__(self, data: bytes | memoryview, implicit_vr: bool, little_endian: bool) -> None:
         self.data = data
         self.implicit_vr = implicit_vr
         self.endian = "<" if little_endian else ">"
         #: Top-level (7FE0,0010): byte length of native pixel data, or number of fragments when encapsulated.
         self.pixel_data: tuple[str, int] | None = None
         self.fragments = 0
+        #: Offset of the first top-level element from (7FE0,0008) on (bulk data), or None.
+        self.bulk_at: int | None = None
 
     def fail(self, offset: int, message: str) -> MalformedDataset:
         return MalformedDataset(f"data set damaged at byte {offset}: {message}")
@@ -101,6 +103,8 @@ class _Walker:
                 raise self.fail(offset, f"unexpected delimiter ({tag[0]:04X},{tag[1]:04X}) among elements")
             if depth == 0 and tag <= previous:
                 raise self.fail(offset, f"element ({tag[0]:04X},{tag[1]:04X}) out of ascending tag order")
+            if depth == 0 and self.bulk_at is None and tag >= (0x7FE0, 0x0008):
+                self.bulk_at = offset
             previous = tag
             offset = self.walk_element(offset, tag, end, depth)
         if stop_at is not None:
@@ -116,7 +120,7 @@ class _Walker:
         else:
             if offset + 8 > end:
                 raise self.fail(offset, f"element ({tag[0]:04X},{tag[1]:04X}) header cut off")
-            vr = self.data[offset + 4 : offset + 6]
+            vr = bytes(self.data[offset + 4 : offset + 6])
             if not (vr.isalpha() and vr.isupper()):
                 raise self.fail(offset, f"element ({tag[0]:04X},{tag[1]:04X}) has no valid VR (bytes {vr.hex()})")
             if vr in _LONG_VRS:
@@ -182,7 +186,11 @@ class _Walker:
         return offset
 
 
-def inflate_dataset(dataset_bytes: bytes, transfer_syntax: UID) -> bytes:
+#: An encoded data set: bytes as received, or a view of a file (a STOW-RS part, memory-mapped).
+Encoded = bytes | memoryview
+
+
+def inflate_dataset(dataset_bytes: Encoded, transfer_syntax: UID) -> Encoded:
     """The data set as plain explicit VR little endian bytes when it was deflated, else unchanged."""
     if not transfer_syntax.is_deflated:
         return dataset_bytes
@@ -196,7 +204,7 @@ def inflate_dataset(dataset_bytes: bytes, transfer_syntax: UID) -> bytes:
     return inflated
 
 
-def check_structure(dataset_bytes: bytes, transfer_syntax: UID) -> tuple[str, int] | None:
+def check_structure(dataset_bytes: Encoded, transfer_syntax: UID) -> tuple[str, int] | None:
     """Raise MalformedDataset unless every element of the encoded data set fits in the bytes received.
 
     ``dataset_bytes`` are already inflated (:func:`inflate_dataset`). Returns what the top-level
@@ -205,9 +213,15 @@ def check_structure(dataset_bytes: bytes, transfer_syntax: UID) -> tuple[str, in
     """
     if not dataset_bytes:
         raise MalformedDataset("the data set is empty")
+    return _walk(dataset_bytes, transfer_syntax).pixel_data
+
+
+def _walk(dataset_bytes: Encoded, transfer_syntax: UID) -> _Walker:
+    if not dataset_bytes:
+        raise MalformedDataset("the data set is empty")
     walker = _Walker(dataset_bytes, transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian)
     walker.walk_elements(0, len(dataset_bytes), depth=0, stop_at=None)
-    return walker.pixel_data
+    return walker
 
 
 # ---- pass 2: identifying attributes -------------------------------------------------------------
@@ -267,10 +281,15 @@ def _is_bulk_data(tag: BaseTag, vr: str | None, length: int) -> bool:
     return tag >= 0x7FE00008  # Float/Double Float/Pixel Data and anything after: not needed here
 
 
-def parse_instance_header(dataset_bytes: bytes, transfer_syntax: UID, affected_sop_class_uid: str, affected_sop_instance_uid: str) -> InstanceHeader:
-    """Read the identifying UIDs (no pixel data) and check them against the C-STORE request."""
+def parse_instance_header(dataset_bytes: Encoded, transfer_syntax: UID, affected_sop_class_uid: str, affected_sop_instance_uid: str) -> InstanceHeader:
+    """Read the identifying UIDs (no pixel data) and check them against the C-STORE request
+    (for STOW-RS: against the part's File Meta Information)."""
     plain = inflate_dataset(dataset_bytes, transfer_syntax)
-    pixel_data = check_structure(plain, transfer_syntax)
+    walker = _walk(plain, transfer_syntax)
+    pixel_data = walker.pixel_data
+    if not isinstance(plain, bytes):
+        # A view of a file: copy only the elements before the bulk data (BytesIO copies what it gets).
+        plain = bytes(plain[: walker.bulk_at if walker.bulk_at is not None else len(plain)])
     deflated = transfer_syntax.is_deflated
     try:
         with warnings.catch_warnings():

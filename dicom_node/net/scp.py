@@ -25,7 +25,8 @@ AE titles are escaped before they reach a row or a log line. What happens before
 is complete is :mod:`dicom_node.net.guard`'s.
 
 C-STORE: parse the header only, write the bytes as received (File Meta + data set) durably into
-the spool, record the instance, and only then answer Success. See :meth:`StorageScp.handle_store`.
+the spool, record the instance, and only then answer Success. See :meth:`StorageScp.handle_store`;
+the rules after the header check are :mod:`dicom_node.net.intake`'s, shared with STOW-RS.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
 from pydicom.dataset import Dataset
@@ -46,20 +46,15 @@ from pynetdicom.sop_class import Verification
 
 from dicom_node.audit import trail as audit
 from dicom_node.audit.trail import AggregatedAudit, AuditTrail, Peer, printable
-from dicom_node.net.dataset import (
-    STATUS_OUT_OF_RESOURCES,
-    STATUS_PROCESSING_FAILURE,
-    STATUS_SUCCESS,
-    MalformedDataset,
-    parse_instance_header,
-)
+from dicom_node.net.dataset import STATUS_PROCESSING_FAILURE, STATUS_SUCCESS, InstanceHeader, MalformedDataset, parse_instance_header
+from dicom_node.net.intake import InstanceIntake, Sender
 from dicom_node.net.negotiation import accept_unlisted_storage_classes
 from dicom_node.net.part10 import part10_header
 from dicom_node.net.tls import client_certificate_refusal
 from dicom_node.net.transfer_syntaxes import accepted_transfer_syntaxes
 from dicom_node.settings import Settings
-from dicom_node.store.base import InstanceRecord, RemoteNode, SourceHostPending, Store, StoreError, StoreUnavailable
-from dicom_node.store.spool import SpoolFull, check_free_space, ensure_spooled, remove_instance, write_instance
+from dicom_node.store.base import RemoteNode, SourceHostPending, Store, StoreError
+from dicom_node.store.spool import SpooledFile, ensure_spooled, write_instance
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +96,21 @@ def failure_status(status: int, comment: str) -> Dataset:
     return response
 
 
+@dataclass(frozen=True)
+class _BytesWriter:
+    """A C-STORE data set (in memory, with the Part 10 header we made) into the spool."""
+
+    spool_dir: Path
+    header: InstanceHeader
+    parts: list[bytes]
+
+    def write(self) -> SpooledFile:
+        return write_instance(self.spool_dir, self.header.study_instance_uid, self.header.sop_instance_uid, self.parts)
+
+    def rewrite(self, spooled: SpooledFile) -> None:
+        ensure_spooled(self.spool_dir, spooled, self.header.study_instance_uid, self.header.sop_instance_uid, self.parts)
+
+
 class StorageScp:
     """Event handlers of the node's SCP (one instance per process)."""
 
@@ -110,6 +120,7 @@ class StorageScp:
         self.audit = audit_trail
         self.on_release = on_release
         self.spool_dir: Path = settings.storage.spool_dir
+        self.intake = InstanceIntake(settings, store, audit_trail)
         self._sessions: dict[int, AssociationSession] = {}
         self._sessions_lock = threading.Lock()
         limits = settings.limits
@@ -242,105 +253,32 @@ class StorageScp:
         request = event.request
         transfer_syntax = UID(event.context.transfer_syntax)
         dataset_bytes = event.encoded_dataset(include_meta=False)
+        sender = Sender(peer, session.source if session else None, "C-STORE")
         try:
             header = parse_instance_header(dataset_bytes, transfer_syntax, str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID))
         except MalformedDataset as exc:
             if session:
                 session.rejected += 1
-            log.warning(
-                "C-STORE of %s from %s refused with 0x%04X: %s",
-                str(request.AffectedSOPInstanceUID)[:64],
-                peer.calling_ae,
-                exc.status,
-                exc.reason,
-            )
-            self.audit.record(
-                audit.INSTANCE_REJECTED,
-                peer,
-                sop_instance_uid=str(request.AffectedSOPInstanceUID)[:64],
-                status=exc.status,
-                reason=exc.reason,
-            )
+            self.intake.refuse(sender, str(request.AffectedSOPInstanceUID), exc.status, exc.reason)
             return failure_status(exc.status, exc.reason)
 
         file_meta = part10_header(header.sop_class_uid, header.sop_instance_uid, str(transfer_syntax))
-        size = len(file_meta) + len(dataset_bytes)
-        try:
-            check_free_space(self.spool_dir, self.settings.storage.min_free_bytes, size)
-            spooled = write_instance(self.spool_dir, header.study_instance_uid, header.sop_instance_uid, [file_meta, dataset_bytes])
-        except SpoolFull as exc:
-            return self._out_of_resources(session, header.sop_instance_uid, peer, str(exc), "spool below free-space watermark")
-        except OSError as exc:
-            return self._out_of_resources(session, header.sop_instance_uid, peer, f"writing to the spool failed: {exc}", "spool write failed")
-
-        record = InstanceRecord(
-            sop_instance_uid=header.sop_instance_uid,
-            sop_class_uid=header.sop_class_uid,
-            study_instance_uid=header.study_instance_uid,
-            series_instance_uid=header.series_instance_uid,
-            transfer_syntax_uid=str(transfer_syntax),
-            path=spooled.relative_path,
-            size=spooled.size,
-            sha256=spooled.sha256,
-            calling_ae=peer.calling_ae or "",
-            received_at=datetime.now(UTC),
-        )
-        try:
-            # The node matched at acceptance (AE title and host): results go back to it, not to a namesake.
-            outcome = self.store.record_instance(record, source_node=session.source.name if session and session.source else None, source_host=peer.host)
-        except StoreUnavailable as exc:
-            if spooled.created:
-                # Not acknowledged, so not kept: the sender retries and we write it again.
-                remove_instance(self.spool_dir, spooled.relative_path)
-            return self._out_of_resources(session, header.sop_instance_uid, peer, f"state store unavailable: {exc}", "state store unavailable")
-        if outcome.kind != "duplicate":
-            try:
-                ensure_spooled(self.spool_dir, spooled, header.study_instance_uid, header.sop_instance_uid, [file_meta, dataset_bytes])
-            except OSError as exc:
-                return self._out_of_resources(session, header.sop_instance_uid, peer, f"re-writing to the spool failed: {exc}", "spool write failed")
-
+        writer = _BytesWriter(self.spool_dir, header, [file_meta, dataset_bytes])
+        admission = self.intake.admit(sender, header, str(transfer_syntax), len(file_meta) + len(dataset_bytes), writer)
+        if not admission.stored:
+            if session:
+                session.failed_resources += 1
+            return failure_status(admission.status, admission.reason)
         if session:
-            session.bytes_received += spooled.size
+            session.bytes_received += admission.size
             session.study_uids.add(header.study_instance_uid)
-            if outcome.kind == "duplicate":
+            if admission.outcome == "duplicate":
                 session.duplicates += 1
             else:
                 session.received += 1
-            if outcome.kind == "new_version":
+            if admission.outcome == "new_version":
                 session.new_versions += 1
-        if header.pixel_problem and outcome.kind != "duplicate" and outcome.instance.id is not None:
-            # Valid DICOM whose pixels cannot be decoded as described: kept (acknowledged, nothing
-            # lost) but marked failed, so selection and analysis leave it alone.
-            try:
-                self.store.set_instance_state(outcome.instance.id, "failed", f"pixel data unusable: {header.pixel_problem}")
-            except StoreError as exc:  # the instance itself is durable and recorded: still a success
-                log.error("could not flag instance %s: %s", header.sop_instance_uid, exc)
-            log.warning("instance %s from %s stored but flagged: %s", header.sop_instance_uid, peer.calling_ae, header.pixel_problem)
-            self.audit.record(
-                audit.INSTANCE_FLAGGED,
-                peer,
-                study_instance_uid=header.study_instance_uid,
-                sop_instance_uid=header.sop_instance_uid,
-                reason=header.pixel_problem,
-            )
-        if outcome.kind == "new_version":
-            log.info("instance %s received again with different content: kept as a new version", header.sop_instance_uid)
-            self.audit.record(
-                audit.INSTANCE_NEW_VERSION,
-                peer,
-                study_instance_uid=header.study_instance_uid,
-                sop_instance_uid=header.sop_instance_uid,
-                sha256=spooled.sha256,
-                path=spooled.relative_path,
-            )
-        log.debug("stored %s (%s, %d bytes, %s)", header.sop_instance_uid, transfer_syntax.name, spooled.size, outcome.kind)
         return STATUS_SUCCESS
-
-    def _out_of_resources(self, session: AssociationSession | None, sop_instance_uid: str, peer: Peer, detail: str, comment: str) -> Dataset:
-        if session:
-            session.failed_resources += 1
-        log.error("C-STORE of %s from %s answered 0xA700 (out of resources): %s", sop_instance_uid, peer.calling_ae, detail)
-        return failure_status(STATUS_OUT_OF_RESOURCES, comment)
 
     # ---- association end ----------------------------------------------------------------------
     def handle_released(self, event: evt.Event) -> None:

@@ -1,4 +1,4 @@
-"""Remote nodes: validation of a node's fields, warnings about likely mistakes, C-ECHO.
+"""Remote nodes: validation of a node's fields, warnings about likely mistakes, C-ECHO (QIDO-RS for a DICOMweb node).
 
 Shared by ``anatomix-node ae ...``/``echo`` and the API's ``/api/nodes``. Errors are
 :class:`~dicom_node.ops.errors.UserError` naming the field by the caller's label for it (the CLI's
@@ -13,6 +13,7 @@ import time
 from collections.abc import Mapping
 from typing import Any, get_args
 
+from dicom_node.ops.dicomweb_nodes import DICOMWEB_LABELS, describe_auth, dicomweb_fields, echo_dicomweb
 from dicom_node.ops.errors import UserError
 from dicom_node.settings import Settings, SettingsError, validate_ae_title
 from dicom_node.store.base import RemoteNode, Role, RoutingRuleRecord, Store
@@ -35,20 +36,46 @@ def validated_remote_node(
     complete_on_release: bool = False,
     default_destination: bool = False,
     labels: Mapping[str, str] | None = None,
+    url: str | None = None,
+    auth_token_file: str | None = None,
+    basic_auth_file: str | None = None,
+    ca_file: str | None = None,
 ) -> RemoteNode:
     """A :class:`RemoteNode` from its fields, checked; UserError naming the bad one by ``labels[field]``
-    (the field name itself when not given). A source without a port gets :data:`SOURCE_DEFAULT_PORT`."""
-    label = {"name": "name", "ae_title": "ae_title", "host": "host", "port": "port", "quiet_period_s": "quiet_period_s", **(labels or {})}
+    (the field name itself when not given). A source without a port gets :data:`SOURCE_DEFAULT_PORT`.
+
+    With ``url`` it is a DICOMweb destination (:func:`dicomweb_fields`): host and port come from the
+    URL, the AE title is optional (role ``both`` with an AE title: it also sends to us by C-STORE).
+    """
+    label = {"name": "name", "ae_title": "ae_title", "host": "host", "port": "port", "quiet_period_s": "quiet_period_s", **DICOMWEB_LABELS,
+             **(labels or {})}  # fmt: skip
     if role not in get_args(Role):
         raise UserError(f"role {role!r}: use one of {', '.join(get_args(Role))}")
     if not _NODE_NAME.match(name):
         raise UserError(f"{label['name']} {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    if url is not None or auth_token_file or basic_auth_file or ca_file:
+        web = dicomweb_fields(url, auth_token_file, basic_auth_file, ca_file, role, label)
+        if host and host.strip() and host.strip().lower() != web["host"].lower():
+            raise UserError(f"{label['host']} {host!r}: a DICOMweb node's host is its URL's ({web['host']}); leave it out")
+        if port is not None and str(port).strip() and validated_port(port, label["port"]) != web["port"]:
+            raise UserError(f"{label['port']} {port!r}: a DICOMweb node's port is its URL's ({web['port']}); leave it out")
+        if ae_title:  # only a node that also sends to us by C-STORE needs one (a STOW-RS sender is known by its token)
+            try:
+                validate_ae_title(label["ae_title"], ae_title)
+            except SettingsError as exc:
+                raise UserError(str(exc)) from None
+        host, port = web.pop("host"), web.pop("port")
+        profile = _checked_profile(settings, profile)
+        if quiet_period_s is not None and quiet_period_s < 0:
+            raise UserError(f"{label['quiet_period_s']} {quiet_period_s}: must be >= 0 seconds")
+        return RemoteNode(name=name, ae_title=ae_title or "", host=host, port=port, role=role, profile=profile,  # type: ignore[arg-type]
+                          quiet_period_s=quiet_period_s, complete_on_release=complete_on_release,
+                          default_destination=default_destination, **web)  # fmt: skip
     try:
         validate_ae_title(label["ae_title"], ae_title)
-        profile = profile or settings.output.default_profile
-        settings.output.profile(profile)
     except SettingsError as exc:
         raise UserError(str(exc)) from None
+    profile = _checked_profile(settings, profile)
     if port is None:
         if role != "source":
             raise UserError(f"{label['port']}: a {role} needs the DICOM port we send to (1-65535)")
@@ -74,6 +101,15 @@ def validated_remote_node(
     )
 
 
+def _checked_profile(settings: Settings, profile: str | None) -> str:
+    profile = profile or settings.output.default_profile
+    try:
+        settings.output.profile(profile)
+    except SettingsError as exc:
+        raise UserError(str(exc)) from None
+    return profile
+
+
 def validated_port(value: int | str, label: str = "port") -> int:
     """A TCP port (1-65535) from a number or its text; UserError naming ``label`` if bad."""
     try:
@@ -86,15 +122,20 @@ def validated_port(value: int | str, label: str = "port") -> int:
 
 
 def describe_remote(node: RemoteNode) -> str:
-    """``AE@host:port``; a source-only node without a port of its own shows none."""
+    """``AE@host:port``; a source-only node without a port of its own shows none; a DICOMweb node its URL."""
+    if node.url:
+        return f"DICOMweb {node.url}" + (f", {describe_auth(node)}" if node.auth_token_file or node.basic_auth_file else "")
     return f"{node.ae_title}@{node.host}" + ("" if node.role == "source" and node.port == SOURCE_DEFAULT_PORT else f":{node.port}")
 
 
 def remote_node_warnings(node: RemoteNode, others: list[RemoteNode]) -> list[str]:
-    """Accepted but probably wrong: the same AE title and host under another name, a host that does not resolve."""
+    """Accepted but probably wrong: the same AE title and host under another name, a host that does not resolve,
+    credentials sent over plain http."""
     warnings = []
+    if node.url and node.url.lower().startswith("http:") and (node.auth_token_file or node.basic_auth_file):
+        warnings.append(f"{node.name}: its credentials go over plain http to {node.host}; use an https URL unless the network is trusted")
     for other in others:
-        if other.name == node.name or other.ae_title != node.ae_title:
+        if other.name == node.name or not node.ae_title or other.ae_title != node.ae_title:
             continue
         if other.host == node.host or "*" in (other.host, node.host):
             warnings.append(f"{other.name!r} has the same AE title {node.ae_title} and host {other.host}: associations from it "
@@ -197,10 +238,13 @@ def require_remote_node(store: Store, name: str) -> RemoteNode:
 
 def echo_remote(calling_ae: str, node: RemoteNode, timeout: float) -> float:
     """Associate, C-ECHO, release; return milliseconds from association request to response.
+    A DICOMweb node gets a QIDO-RS query instead (:func:`~dicom_node.ops.dicomweb_nodes.echo_dicomweb`).
 
     Raises UserError with one line saying what failed (connection, rejection with the peer's
     reason, abort, or a non-success status).
     """
+    if node.url:
+        return echo_dicomweb(node, timeout)
     from pynetdicom import AE, evt
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # the module sets its classes at import
 

@@ -14,6 +14,10 @@ the objects that reference them. Each instance's outcome is one of:
 
 Comprehensive 3D SR (88.34) the destination does not support (no accepted presentation context, or
 status 0x0122) is sent again as Comprehensive SR (88.33) with the same content and UID.
+
+A DICOMweb destination (a remote node with a ``url``) gets the same objects in the same order by
+STOW-RS instead (:mod:`dicom_node.pipeline.delivery_dicomweb`); its answers map onto the same
+outcomes, so retries, dead letters and destination health are the same for both.
 """
 
 from __future__ import annotations
@@ -24,21 +28,21 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import Comprehensive3DSRStorage as COMPREHENSIVE_3D_SR
 from pydicom.uid import ComprehensiveSRStorage as COMPREHENSIVE_SR
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import SecondaryCaptureImageStorage as SECONDARY_CAPTURE
 from pydicom.uid import SegmentationStorage as SEGMENTATION_STORAGE
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext, build_context
-from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
 from dicom_node.audit import trail as audit
+from dicom_node.pipeline.delivery_outcomes import Outcome, OutgoingObject, StoreOutcome, classify_status
 from dicom_node.settings import DeliverySettings, Settings
 from dicom_node.store.base import DeliveryRecord, RemoteNode, Store, StudyRecord
 from sr_writer.kinds import send_rank
@@ -46,32 +50,6 @@ from sr_writer.kinds import send_rank
 LOG = logging.getLogger(__name__)
 
 SOP_CLASS_NOT_SUPPORTED = 0x0122
-
-
-Outcome = Literal["sent", "transient", "permanent"]
-
-
-@dataclass(frozen=True)
-class OutgoingObject:
-    """One produced result instance waiting to go to a destination."""
-
-    sop_instance_uid: str
-    sop_class_uid: str
-    kind: str
-    path: Path
-
-
-@dataclass(frozen=True)
-class StoreOutcome:
-    """What happened to one instance in one delivery attempt."""
-
-    sop_instance_uid: str
-    outcome: Outcome
-    #: DIMSE status of the C-STORE response, None when none came (no association, abort, timeout).
-    status: int | None
-    error: str | None = None
-    #: The SOP class actually sent (differs from the produced one after the 88.34 -> 88.33 fallback).
-    sent_sop_class_uid: str | None = None
 
 
 class AssociationFailure(Exception):
@@ -83,19 +61,6 @@ class AssociationFailure(Exception):
 
 
 # ---- status taxonomy ---------------------------------------------------------------------------
-
-
-def classify_status(status: int) -> Outcome:
-    """Map a C-STORE response status to sent / transient / permanent (PS3.4 B.2.3, PS3.7 C).
-
-    Success and warning come from pynetdicom's own categories (every Storage warning means the peer
-    stored the object); on top of them our one rule: 0xA7xx (out of resources) may clear later.
-    """
-    if code_to_category(status) in (STATUS_SUCCESS, STATUS_WARNING):
-        return "sent"
-    if 0xA700 <= status <= 0xA7FF:  # out of resources: the peer may have room later
-        return "transient"
-    return "permanent"  # 0xA9xx, 0xCxxx, 0x0122, 0x0211, cancel and anything unknown
 
 
 def backoff_delay(attempt: int, policy: DeliverySettings, rng: random.Random | None = None) -> float:
@@ -192,7 +157,9 @@ def _in_an_accepted_syntax(assoc: Association, ds: Dataset, sop_class: str) -> D
     Our SC is JPEG baseline and our SEG JPEG-LS Lossless (compact in the PACS). Where the destination
     accepted neither that syntax nor Deflated Explicit VR Little Endian, it gets the pixels decompressed
     (Explicit VR LE), and our pseudo-binary SEG as a BINARY SEG (1 bit per pixel, an eighth of the
-    bytes: :func:`sr_writer.seg.as_binary_seg`).
+    bytes: :func:`sr_writer.seg.as_binary_seg`). Our colour SC goes to any destination without JPEG as
+    PALETTE COLOR (a byte per pixel instead of three: :func:`sr_writer.sc.as_palette_sc`), deflated
+    where Deflate was accepted.
     """
     syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
     if not syntax or not pydicom.uid.UID(syntax).is_compressed:
@@ -204,6 +171,13 @@ def _in_an_accepted_syntax(assoc: Association, ds: Dataset, sop_class: str) -> D
         from sr_writer.seg import as_binary_seg
 
         return as_binary_seg(ds)
+    if sop_class == SECONDARY_CAPTURE and ds.get("SamplesPerPixel") == 3:
+        from sr_writer.sc import as_palette_sc
+
+        palette = as_palette_sc(ds)
+        if DeflatedExplicitVRLittleEndian in offered:
+            palette.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+        return palette
     plain = copy.deepcopy(ds)  # the caller's dataset (and its file) stay compressed
     # Updates Transfer Syntax, Photometric Interpretation (YBR -> RGB) and lengths. Same SOP Instance UID:
     # pydicom would otherwise make a new one, and each delivery would leave another copy in the PACS.
@@ -243,15 +217,22 @@ def send_objects(
     calling_ae: str,
     timeout_s: float,
     fallback: Callable[[Dataset], Dataset],
+    study_instance_uid: str | None = None,
 ) -> list[StoreOutcome]:
     """Send ``objects`` to ``destination`` on one association; one outcome per object, in send order.
 
     ``fallback`` turns a Comprehensive 3D SR dataset into a Comprehensive SR one (sr_writer's
     ``comprehensive_sr_fallback``); it is passed in so this module stays free of writer details.
+    ``study_instance_uid``: the study they belong to (a DICOMweb destination's STOW-RS goes to that
+    study's URL and refuses an object of another study; None: the study most of them name).
     """
     ordered = sort_for_sending(objects)
     if not ordered:
         return []
+    if destination.url:  # a DICOMweb destination: STOW-RS, the same outcomes (issue 23)
+        from dicom_node.pipeline.delivery_dicomweb import store_over_http
+
+        return store_over_http(destination, ordered, timeout_s=timeout_s, fallback=fallback, study_instance_uid=study_instance_uid)
     datasets = [pydicom.dcmread(obj.path) for obj in ordered]
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
@@ -440,7 +421,8 @@ def deliver_study_version(
                 summary.next_attempt_in = _earliest(summary.next_attempt_in, (hold_until - now).total_seconds())
                 continue
         audit.record_objects_sent(store, settings, uid, version, destination, None, {o.sop_instance_uid: o.sop_class_uid for o in owed})
-        outcomes = send_objects(destination, owed, calling_ae=settings.node.ae_title, timeout_s=policy.timeout_s, fallback=fallback)
+        outcomes = send_objects(destination, owed, calling_ae=settings.node.ae_title, timeout_s=policy.timeout_s, fallback=fallback,
+                                study_instance_uid=uid)  # fmt: skip
         audit.record_objects_sent(store, settings, uid, version, destination, outcomes, {o.sop_instance_uid: o.sop_class_uid for o in owed})
         if outcomes:  # destination health: this attempt stored something, failed for something, or both
             failure = next((o.error or "not stored" for o in outcomes if o.outcome != "sent"), None)

@@ -16,8 +16,9 @@ One dispatch loop runs in the node (``serve``); every ``queue.dispatch_interval_
    expired (a deliver worker that died while a retry was pending).
 
 Leases are small JSON files under ``<data_dir>/leases`` renewed by a heartbeat thread in the worker.
-Remote workers share ``data_dir`` (see docs/architecture.md), so the node sees their leases; clocks must be in
-step (NTP) to within a fraction of ``queue.lease_s``.
+Workers on other hosts either share ``data_dir`` (then the node sees their leases; clocks must be in
+step, NTP, to within a fraction of ``queue.lease_s``) or reach the node over HTTP, and the node writes
+their leases for them on each renewal (:mod:`dicom_node.pipeline.remote_work`; the node's clock only).
 """
 
 from __future__ import annotations
@@ -54,11 +55,14 @@ def lease_path(settings: Settings, stage: str, study_instance_uid: str, version:
     return settings.storage.data_dir / "leases" / f"{stage}-{digest}-v{version}.json"
 
 
-def write_lease(settings: Settings, stage: str, study_instance_uid: str, version: int, valid_for_s: float) -> None:
-    """Claim (or renew the claim on) one unit of work until now + ``valid_for_s``; atomic rename."""
+def write_lease(settings: Settings, stage: str, study_instance_uid: str, version: int, valid_for_s: float, owner: str | None = None) -> None:
+    """Claim (or renew the claim on) one unit of work until now + ``valid_for_s``; atomic rename.
+
+    ``owner``: who holds it (default this host and process; the node writes a remote worker's
+    lease for it, naming the worker token and the claim)."""
     path = lease_path(settings, stage, study_instance_uid, version)
     path.parent.mkdir(parents=True, exist_ok=True)
-    owner = f"{socket.gethostname()}:{os.getpid()}"
+    owner = owner or f"{socket.gethostname()}:{os.getpid()}"
     temp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
     temp.write_text(json.dumps({"owner": owner, "expires_at": time.time() + valid_for_s, "study": study_instance_uid}))
     os.replace(temp, path)
@@ -69,6 +73,14 @@ def lease_expires_at(settings: Settings, stage: str, study_instance_uid: str, ve
     try:
         data = json.loads(lease_path(settings, stage, study_instance_uid, version).read_text())
         return float(data["expires_at"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def lease_owner(settings: Settings, stage: str, study_instance_uid: str, version: int) -> str | None:
+    """Who holds the lease (as written by :func:`write_lease`), None when there is none."""
+    try:
+        return str(json.loads(lease_path(settings, stage, study_instance_uid, version).read_text())["owner"])
     except (OSError, ValueError, KeyError):
         return None
 

@@ -27,6 +27,7 @@ from dicom_node.store.base import Store, StoreUnavailable, StudyRecord
 
 if TYPE_CHECKING:
     from dicom_node.pipeline.delivery import DeliveryRound
+    from dicom_node.pipeline.remote_worker import NodeClient
     from inference.engine import Engine
 
 LOG = logging.getLogger(__name__)
@@ -35,9 +36,11 @@ LOG = logging.getLogger(__name__)
 class WorkerContext:
     """Per-process resources of a worker: settings, a store connection, the engine (lazily)."""
 
-    def __init__(self, settings: Settings, device: str | None = None) -> None:
+    def __init__(self, settings: Settings, device: str | None = None, node: NodeClient | None = None) -> None:
         self.settings = settings
         self.device = device
+        #: A remote worker's link to the node (no store, no shared data_dir): analyses go over HTTP.
+        self.node = node
         self._store: Store | None = None
         self._engine: Engine | None = None
         self._engine_lock = threading.Lock()
@@ -92,6 +95,10 @@ def run_analyze(ctx: WorkerContext, app: Celery, study_instance_uid: str, versio
     """Claim the study version (queued -> analyzing), analyse it, hand it to delivery. Returns what happened."""
     from dicom_node.pipeline.analysis import analyze_study_version
 
+    if ctx.node is not None:  # a worker on another host: the same steps over the node's HTTP service
+        from dicom_node.pipeline.remote_worker import analyze_remote_study
+
+        return analyze_remote_study(ctx.node, ctx.engine, study_instance_uid, version)
     store, settings = ctx.store(), ctx.settings
     if settings.model.max_batch > 1:
         try:  # load before claiming: a batch claims studies only once it can run them at once

@@ -123,7 +123,8 @@ def attach_worker_reporter(app: Any, context: Any, node_name: str, queues: tuple
     (analyze workers, ``worker_process_init``); a deliver-only worker reports when it is ready."""
     from celery.signals import worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
 
-    reporter = WorkerReporter(context.settings, context.store, node_name, queues)
+    node = getattr(context, "node", None)  # a worker on another host reports through the node's HTTP service
+    reporter = WorkerReporter(context.settings, (lambda: node) if node is not None else context.store, node_name, queues)
     if analyze:
         context.on_warm_up = reporter.warm_up_done
         worker_process_init.connect(reporter.start, weak=False)

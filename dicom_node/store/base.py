@@ -77,6 +77,14 @@ class RemoteNode:
     #: As a source: ``required`` = its associations are refused unless it presented a trusted client
     #: certificate (on the TLS port); ``optional`` = the TLS port's own rule (``tls.require_client_certificate``).
     tls_client_certificate: str = "optional"
+    #: A DICOMweb destination (issue 23): the base URL of its DICOMweb service (e.g.
+    #: ``https://pacs.example.org/dicom-web``); results go by STOW-RS, echo is a QIDO-RS query, and
+    #: ``host``/``port`` repeat the URL's. None: a DIMSE node (C-STORE, C-ECHO).
+    url: str | None = None
+    #: With ``url``: a file holding the bearer token sent as ``Authorization: Bearer`` (read at each attempt).
+    auth_token_file: str | None = None
+    #: With ``url``: a file holding one line ``user:password`` for HTTP basic authentication (read at each attempt).
+    basic_auth_file: str | None = None
 
     @property
     def is_source(self) -> bool:
@@ -267,6 +275,19 @@ class ApiToken:
 
 
 @dataclass(frozen=True)
+class SourceToken:
+    """A token bound to a source node (STOW-RS, issue 23): it stores only as that node. The secret
+    is shown once; only its SHA-256 is kept. Removing the node removes its tokens."""
+
+    id: int
+    node_name: str
+    label: str
+    created_at: datetime
+    last_used_at: datetime | None = None
+    revoked_at: datetime | None = None
+
+
+@dataclass(frozen=True)
 class ApiSession:
     """A console login: the cookie's SHA-256 and the CSRF token that state-changing requests must echo."""
 
@@ -323,6 +344,37 @@ class WorkerReportStore(abc.ABC):
     @abc.abstractmethod
     def remove_worker_report(self, name: str) -> bool:
         """Forget the worker ``name`` (it stopped cleanly); whether it had a report."""
+
+
+@dataclass(frozen=True)
+class WorkerToken:
+    """A worker token (an analyze worker on another host); the secret is shown once, only its SHA-256 is kept."""
+
+    id: int
+    name: str
+    created_at: datetime
+    last_used_at: datetime | None = None
+    revoked_at: datetime | None = None
+
+
+class WorkerTokenStore(abc.ABC):
+    """Worker tokens (mixed into :class:`SqlStore`)."""
+
+    @abc.abstractmethod
+    def add_worker_token(self, name: str, token_hash: str, at: datetime) -> WorkerToken:
+        """Store a new token; StoreConflict when a live token already has ``name``."""
+
+    @abc.abstractmethod
+    def find_worker_token(self, token_hash: str, now: datetime) -> WorkerToken | None:
+        """The live token with this hash (its last use set to ``now``), or None."""
+
+    @abc.abstractmethod
+    def list_worker_tokens(self) -> list[WorkerToken]:
+        """Every token, revoked ones included, by name."""
+
+    @abc.abstractmethod
+    def revoke_worker_token(self, name: str, at: datetime) -> bool:
+        """Revoke the live token ``name``; whether there was one."""
 
 
 class ApiAccountStore(abc.ABC):
@@ -420,6 +472,25 @@ class DestinationHealth:
         return "ok" if self.last_success_at is not None else "unused"
 
 
+class SourceTokenStore(abc.ABC):
+    """Tokens bound to source nodes (mixed into :class:`SqlStore`; table of migration 0011)."""
+
+    @abc.abstractmethod
+    def add_source_token(self, node_name: str, label: str, token_hash: str, at: datetime) -> SourceToken:
+        """Raises KeyError when no remote node ``node_name`` exists."""
+
+    @abc.abstractmethod
+    def find_source_token(self, token_hash: str, now: datetime) -> SourceToken | None:
+        """The unrevoked token with this hash (its last use set to ``now``), or None."""
+
+    @abc.abstractmethod
+    def list_source_tokens(self, node_name: str | None = None) -> list[SourceToken]: ...
+
+    @abc.abstractmethod
+    def revoke_source_token(self, token_id: int, at: datetime) -> bool:
+        """Whether a token that was not yet revoked is revoked now."""
+
+
 class DestinationHealthStore(abc.ABC):
     """Destination health (mixed into :class:`SqlStore`)."""
 
@@ -437,7 +508,7 @@ class DestinationHealthStore(abc.ABC):
         """Studies ``done`` whose results went to no destination (:data:`NO_DESTINATION` in their note)."""
 
 
-class Store(ApiAccountStore, WorkerReportStore, DestinationHealthStore, abc.ABC):
+class Store(ApiAccountStore, SourceTokenStore, WorkerReportStore, WorkerTokenStore, DestinationHealthStore, abc.ABC):
     """State store. Implementations: :class:`SqliteStore`, :class:`PostgresStore`."""
 
     @property

@@ -143,27 +143,55 @@ def write_instance(
             if fsync:
                 # fdatasync: the data and the size, not the timestamps; enough to read the file back.
                 _sync_data(handle.fileno())
-        study_dir = final.parent
-        new_dir = not study_dir.exists()
-        if new_dir:
-            study_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            os.replace(temp, final)
-        except FileNotFoundError:
-            # The retention pass removed the (empty) study directory in between: make it again.
-            new_dir = True
-            study_dir.mkdir(parents=True, exist_ok=True)
-            os.replace(temp, final)
+        _rename_into_place(spool_dir, temp, final, fsync)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
+    return SpooledFile(relative, size, sha256, created=True)
+
+
+def adopt_instance(spool_dir: Path, study_instance_uid: str, sop_instance_uid: str, temp: Path, sha256: str, size: int) -> SpooledFile:
+    """Move a complete file (a STOW-RS part written to :func:`temp_dir`) durably into place.
+
+    ``sha256`` and ``size`` are the file's, computed while it was received. When a file with this
+    content is already in place, nothing moves (``created=False``) and ``temp`` stays the caller's
+    (to delete, or to adopt again if a purge removes the other meanwhile: :func:`ensure_adopted`).
+    Raises OSError (ENOSPC, EIO, ...) with ``temp`` untouched.
+    """
+    relative = instance_relative_path(study_instance_uid, sop_instance_uid, sha256)
+    final = spool_dir / relative
+    if final.exists():
+        return SpooledFile(relative, size, sha256, created=False)
+    fd = os.open(temp, os.O_RDONLY)
+    try:
+        _sync_data(fd)
+    finally:
+        os.close(fd)
+    _rename_into_place(spool_dir, temp, final, fsync=True)
+    return SpooledFile(relative, size, sha256, created=True)
+
+
+def _rename_into_place(spool_dir: Path, temp: Path, final: Path, fsync: bool) -> None:
+    """Rename a synced temporary file to its final name, then make the rename durable."""
+    study_dir = final.parent
+    new_dir = not study_dir.exists()
+    if new_dir:
+        study_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(temp, final)
+    except FileNotFoundError:
+        if not temp.exists():
+            raise
+        # The retention pass removed the (empty) study directory in between: make it again.
+        new_dir = True
+        study_dir.mkdir(parents=True, exist_ok=True)
+        os.replace(temp, final)
     if fsync:
         # The rename is durable only once the directory entry is; a new study directory's own
         # entry lives in the spool directory.
         _fsync_directory(study_dir)
         if new_dir:
             _fsync_directory(spool_dir)
-    return SpooledFile(relative, size, sha256, created=True)
 
 
 def ensure_spooled(spool_dir: Path, spooled: SpooledFile, study_instance_uid: str, sop_instance_uid: str, parts: list[bytes]) -> None:
@@ -177,6 +205,14 @@ def ensure_spooled(spool_dir: Path, spooled: SpooledFile, study_instance_uid: st
         return
     log.warning("spool: %s was removed by a purge while it was being recorded; writing it again", spooled.relative_path)
     write_instance(spool_dir, study_instance_uid, sop_instance_uid, parts)
+
+
+def ensure_adopted(spool_dir: Path, spooled: SpooledFile, study_instance_uid: str, sop_instance_uid: str, temp: Path) -> None:
+    """:func:`ensure_spooled` for an adopted file: the one found in place was purged since, adopt ``temp``."""
+    if spooled.created or (spool_dir / spooled.relative_path).exists():
+        return
+    log.warning("spool: %s was removed by a purge while it was being recorded; writing it again", spooled.relative_path)
+    adopt_instance(spool_dir, study_instance_uid, sop_instance_uid, temp, spooled.sha256, spooled.size)
 
 
 def remove_instance(spool_dir: Path, relative_path: str) -> None:

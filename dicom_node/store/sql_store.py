@@ -43,7 +43,9 @@ from dicom_node.store.console_queries import ConsoleSql
 from dicom_node.store.destination_health import DestinationHealthSql
 from dicom_node.store.hosts import is_ip_literal
 from dicom_node.store.schema import load_migrations
+from dicom_node.store.source_tokens import SourceTokenSql
 from dicom_node.store.sql_common import AUDIT_COLUMNS, placeholders, require_aware, utc_now
+from dicom_node.store.worker_tokens import WorkerTokenSql
 from dicom_node.store.workers import WorkerReportSql
 
 #: A late instance reopens a study in these states as a new analysis version.
@@ -51,7 +53,8 @@ REOPEN_STATES = ("queued", "analyzing", "analyzed", "delivering", "done", "faile
 
 _NODE_COLUMNS = (
     "name, ae_title, host, port, role, profile, quiet_period_s, complete_on_release, default_destination, "
-    "tls, tls_ca_file, tls_cert_file, tls_key_file, tls_verify_peer, tls_check_hostname, tls_client_certificate"
+    "tls, tls_ca_file, tls_cert_file, tls_key_file, tls_verify_peer, tls_check_hostname, tls_client_certificate, "
+    "url, auth_token_file, basic_auth_file"
 )
 _INSTANCE_COLUMNS = (
     "id, sop_instance_uid, sop_class_uid, study_instance_uid, series_instance_uid, transfer_syntax_uid, "
@@ -102,7 +105,7 @@ class _DuplicateFound(Exception):
         self.row = row
 
 
-class SqlStore(ConsoleSql, ApiAccountSql, WorkerReportSql, DestinationHealthSql, Store):
+class SqlStore(ConsoleSql, ApiAccountSql, SourceTokenSql, WorkerReportSql, WorkerTokenSql, DestinationHealthSql, Store):
     """Everything but connections, transactions and value conversions. See the module docstring."""
 
     #: ``sqlite`` or ``postgres``: picks the migration folder.
@@ -166,13 +169,14 @@ class SqlStore(ConsoleSql, ApiAccountSql, WorkerReportSql, DestinationHealthSql,
 
     # ---- remote nodes ----------------------------------------------------------------------------
     def _node(self, row: tuple) -> RemoteNode:
-        name, ae_title, host, port, role, profile, quiet, on_release, default_dest, tls, ca, cert, key, verify, hostname, client_cert = row
+        name, ae_title, host, port, role, profile, quiet, on_release, default_dest, tls, ca, cert, key, verify, hostname, client_cert, *web = row
         return RemoteNode(
             name=name, ae_title=ae_title, host=host, port=int(port), role=role, profile=profile,
             quiet_period_s=None if quiet is None else float(quiet), complete_on_release=bool(on_release),
             default_destination=bool(default_dest), tls=bool(tls),
             tls_ca_file=ca, tls_cert_file=cert, tls_key_file=key, tls_verify_peer=bool(verify),
             tls_check_hostname=bool(hostname), tls_client_certificate=client_cert,
+            url=web[0], auth_token_file=web[1], basic_auth_file=web[2],
         )  # fmt: skip
 
     def _node_params(self, node: RemoteNode) -> tuple:
@@ -180,7 +184,7 @@ class SqlStore(ConsoleSql, ApiAccountSql, WorkerReportSql, DestinationHealthSql,
             node.ae_title, node.host, node.port, node.role, node.profile, node.quiet_period_s,
             bool(node.complete_on_release), bool(node.default_destination), bool(node.tls),
             node.tls_ca_file, node.tls_cert_file, node.tls_key_file, bool(node.tls_verify_peer),
-            bool(node.tls_check_hostname), node.tls_client_certificate,
+            bool(node.tls_check_hostname), node.tls_client_certificate, node.url, node.auth_token_file, node.basic_auth_file,
         )  # fmt: skip
 
     def add_remote_node(self, node: RemoteNode) -> None:
@@ -189,7 +193,7 @@ class SqlStore(ConsoleSql, ApiAccountSql, WorkerReportSql, DestinationHealthSql,
             if tx.one("SELECT 1 FROM remote_nodes WHERE name = ?", (node.name,)):
                 raise StoreConflict(f"a remote node named {node.name!r} already exists")
             tx.execute(
-                f"INSERT INTO remote_nodes ({_NODE_COLUMNS}, created_at, updated_at) VALUES ({placeholders(18)})",
+                f"INSERT INTO remote_nodes ({_NODE_COLUMNS}, created_at, updated_at) VALUES ({placeholders(21)})",
                 (node.name, *self._node_params(node), now, now),
             )
 
@@ -198,7 +202,8 @@ class SqlStore(ConsoleSql, ApiAccountSql, WorkerReportSql, DestinationHealthSql,
             changed = tx.execute(
                 "UPDATE remote_nodes SET ae_title = ?, host = ?, port = ?, role = ?, profile = ?, quiet_period_s = ?, "
                 "complete_on_release = ?, default_destination = ?, tls = ?, tls_ca_file = ?, tls_cert_file = ?, tls_key_file = ?, "
-                "tls_verify_peer = ?, tls_check_hostname = ?, tls_client_certificate = ?, updated_at = ? WHERE name = ?",
+                "tls_verify_peer = ?, tls_check_hostname = ?, tls_client_certificate = ?, url = ?, auth_token_file = ?, basic_auth_file = ?, "
+                "updated_at = ? WHERE name = ?",
                 (*self._node_params(node), self._db_time(utc_now()), node.name),
             )
         if changed == 0:

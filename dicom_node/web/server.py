@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import socket
 import threading
 
@@ -48,11 +49,16 @@ def http_main(settings: Settings, sock: socket.socket) -> None:
     """Body of the HTTP process."""
     import uvicorn
 
+    from dicom_node.api.metrics import ENV, count_audit_event
+    from dicom_node.audit.trail import LISTENERS
     from dicom_node.logging_setup import configure_logging
     from dicom_node.store import open_store
     from dicom_node.web.app import create_app
 
     configure_logging(settings.logging.level)
+    if os.environ.get(ENV) and count_audit_event not in LISTENERS:
+        # A spawned process inherits serve's metrics directory but not its audit listener: STOW-RS counts here.
+        LISTENERS.append(count_audit_event)
     store = open_store(settings.database_url, migrate=False)
     app = create_app(settings, store)
     # No access log: request lines carry study UIDs; errors are logged by the app itself.

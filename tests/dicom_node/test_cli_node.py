@@ -84,6 +84,7 @@ def test_ae_add_list_remove(site: Path) -> None:
         "quiet_period_s": 5.0, "complete_on_release": True, "default_destination": False, "tls": False,
         "tls_ca_file": None, "tls_cert_file": None, "tls_key_file": None, "tls_verify_peer": True,
         "tls_check_hostname": True, "tls_client_certificate": "optional",
+        "url": None, "auth_token_file": None, "basic_auth_file": None,
     }  # fmt: skip
     assert (nodes["pacs"]["profile"], nodes["pacs"]["default_destination"]) == ("ohif", True)
     table = node(site, "ae", "list").stdout
@@ -113,6 +114,7 @@ def test_ae_update_changes_only_what_is_given(site: Path) -> None:
         "quiet_period_s": None, "complete_on_release": False, "default_destination": False, "tls": False,
         "tls_ca_file": None, "tls_cert_file": None, "tls_key_file": None, "tls_verify_peer": True,
         "tls_check_hostname": True, "tls_client_certificate": "optional",
+        "url": None, "auth_token_file": None, "basic_auth_file": None,
     }  # fmt: skip
     assert "nothing to change" in node(site, "ae", "update", "pacs", "--port", "4343").stdout
     assert_one_line_error(node(site, "ae", "update", "nobody", "--port", "1"), "no remote node named 'nobody'")
@@ -137,7 +139,7 @@ def test_ae_update_changes_only_what_is_given(site: Path) -> None:
         (("ae", "remove", "nobody"), ("no remote node named 'nobody'",)),
         (("echo", "nobody"), ("no remote node named 'nobody'",)),
         (("studies", "--config", "missing.toml"), ("missing.toml", "does not exist")),
-        (("ae",), ("`ae` needs an action", "add, update, list or remove")),
+        (("ae",), ("`ae` needs an action", "add, update, list, remove or token")),
     ],
 )
 def test_human_errors_are_one_line_without_traceback(site: Path, args: tuple[str, ...], fragments: tuple[str, ...]) -> None:

@@ -59,6 +59,9 @@ ROLE_TABLE = [
     ("PUT", "/api/routing-rules/nobody", {"name": "nobody", "match": {"modality": ["ZZ"]}, "action": {"destinations": ["pacs"]}}, "admin"),
     ("POST", "/api/routing-rules/nobody/move", {"position": 1}, "admin"),
     ("DELETE", "/api/routing-rules/nobody", None, "admin"),
+    ("GET", "/api/nodes/modality/tokens", None, "admin"),
+    ("POST", "/api/nodes/modality/tokens", {"label": "role table"}, "admin"),
+    ("DELETE", "/api/nodes/modality/tokens/999", None, "admin"),
 ]
 ROLES = ("viewer", "operator", "admin")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import highdicom as hd
 import pydicom
 import pytest
 
@@ -46,3 +47,19 @@ def build_case(name: str, source: pydicom.Dataset, directory: Path, n_findings: 
 def case(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> BuiltCase:
     source = rg1_source() if request.param == "rg1" else dx_source()
     return build_case(request.param, source, tmp_path_factory.mktemp(f"bundle-{request.param}"))
+
+
+def group_sites(group) -> list:
+    """A measurement group's finding sites: the group's own (regions, whole-image statements), else its
+    probability NUM's (a finding box with a probability: OHIF then labels the box with the finding)."""
+    return list(group.finding_sites) or [site for measurement in group.get_measurements() for site in measurement.finding_sites]
+
+
+def read_seg(path) -> hd.seg.Segmentation:
+    """highdicom's ``segread``, also for our SEG of a source without pixel spacing: its Pixel Measures
+    item is empty (OHIF needs the item; no spacing is invented), which highdicom 0.28 cannot parse."""
+    ds = pydicom.dcmread(path)
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    if "PixelMeasuresSequence" in shared and "PixelSpacing" not in shared.PixelMeasuresSequence[0]:
+        del shared.PixelMeasuresSequence
+    return hd.seg.Segmentation.from_dataset(ds)

@@ -20,7 +20,7 @@ from packaging.version import Version
 from sr_writer import _highdicom_compat as compat
 from sr_writer import seg as seg_module
 from sr_writer.context import make_context
-from tests.sr_writer.conftest import UID_ROOT
+from tests.sr_writer.conftest import UID_ROOT, read_seg
 from tests.support.results import dx_source, make_result
 
 REPO = Path(__file__).resolve().parents[2]
@@ -81,7 +81,7 @@ def test_the_override_runs_and_answers_what_highdicom_would(ctx, monkeypatch: py
     calls = spy(monkeypatch)
     ours = seg_module.build_seg(ctx)
     assert calls == [], "highdicom's pixel scan ran: the BoxSegmentation override was not used"
-    masks = seg_module.box_masks(ctx.boxed, ctx.rows, ctx.columns)
+    masks = seg_module.box_masks([(a,) for a in ctx.boxed], ctx.rows, ctx.columns)
     numbers = np.arange(1, masks.shape[-1] + 1)
     _, overlap = hd.seg.Segmentation._check_and_cast_pixel_array(masks, numbers, hd.seg.SegmentationTypeValues.FRACTIONAL, np.uint8)
     assert calls == ["Segmentation"]
@@ -99,8 +99,8 @@ def test_the_fast_rle_path_runs_and_reads_back_exactly(ctx, monkeypatch: pytest.
         compat.install_frame_encoder(seg_module._use_fast_rle, encode)
     assert len(used) == len(ctx.finding_boxes), "the fast RLE encoder did not run for every frame"
     assert ours.file_meta.TransferSyntaxUID == pydicom.uid.RLELossless
-    read = hd.seg.segread(_written(ours, tmp_path))
-    expected = seg_module.box_masks(ctx.finding_boxes, ctx.rows, ctx.columns)[0]
+    read = read_seg(_written(ours, tmp_path))
+    expected = seg_module.box_masks(seg_module.finding_segments(ctx), ctx.rows, ctx.columns)[0]
     numbers = list(range(1, len(ctx.finding_boxes) + 1))
     decoded = read.get_pixels_by_source_instance([str(ctx.source.SOPInstanceUID)], segment_numbers=numbers)[0]
     assert np.array_equal(decoded > 0, expected.astype(bool))

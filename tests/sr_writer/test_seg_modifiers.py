@@ -14,7 +14,7 @@ import pydicom
 
 from sr_writer import codes
 from sr_writer.context import make_context
-from tests.sr_writer.conftest import UID_ROOT, BuiltCase
+from tests.sr_writer.conftest import UID_ROOT, BuiltCase, group_sites
 
 
 def coded(item: pydicom.Dataset) -> tuple[str, str]:
@@ -76,7 +76,7 @@ def test_seg_and_sr_agree_on_the_side_of_every_box(case: BuiltCase) -> None:
     sr = hd.sr.srread(case.paths["sr"])
     sr_sides = {}
     for group in sr.content.get_planar_roi_measurement_groups():
-        sites = group.finding_sites
+        sites = group_sites(group)
         laterality = sites[0].laterality if sites else None
         sr_sides[str(group.tracking_uid)] = [code_of(laterality)] if laterality is not None else []
     assert sr_sides and sr_sides.keys() <= seg_sides.keys()  # the SR holds the grounded anatomy, the SEGs all of it

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import subprocess
@@ -31,6 +32,10 @@ class Orthanc:
     http_port: int = field(default_factory=free_port)
     dicom_port: int = field(default_factory=free_port)
     plugins: tuple[str, ...] = PLUGINS
+    #: Authentication on: HTTP basic for these users (RegisteredUsers); the REST helpers log in as the first.
+    users: dict[str, str] = field(default_factory=dict)
+    #: Authentication on: only requests carrying ``Authorization: Bearer <token>`` (a Lua IncomingHttpRequestFilter; 403 otherwise).
+    bearer_token: str | None = None
     process: subprocess.Popen | None = None
 
     @property
@@ -54,6 +59,13 @@ class Orthanc:
             "Plugins": [p for p in self.plugins if Path(p).exists()],
             "DicomModalities": {name: {"AET": aet, "Host": "127.0.0.1", "Port": port} for name, (aet, port) in self.modalities.items()},
         }
+        if self.users:
+            config.update(AuthenticationEnabled=True, RegisteredUsers=self.users)
+        if self.bearer_token:
+            lua = self.workdir / "bearer.lua"
+            lua.write_text('function IncomingHttpRequestFilter(method, uri, ip, username, httpHeaders)\n'
+                           f'  return httpHeaders["authorization"] == "Bearer {self.bearer_token}"\nend\n')  # fmt: skip
+            config["LuaScripts"] = [str(lua)]
         path = self.workdir / "orthanc.json"
         path.write_text(json.dumps(config, indent=2))
         return path
@@ -82,11 +94,19 @@ class Orthanc:
     # ---- REST --------------------------------------------------------------------------------
     def request(self, method: str, path: str, body: bytes | dict[str, Any] | None = None, timeout: float = 120) -> Any:
         data = json.dumps(body).encode() if isinstance(body, dict) else body
-        req = urllib.request.Request(self.url + path, data=data, method=method)
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers=self.auth_headers())
         with urllib.request.urlopen(req, timeout=timeout) as response:
             payload = response.read()
         ctype = response.headers.get("Content-Type", "")
         return json.loads(payload) if "json" in ctype and payload else payload
+
+    def auth_headers(self) -> dict[str, str]:
+        if self.bearer_token:
+            return {"Authorization": f"Bearer {self.bearer_token}"}
+        if self.users:
+            user, password = next(iter(self.users.items()))
+            return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+        return {}
 
     def get(self, path: str) -> Any:
         return self.request("GET", path)

@@ -42,10 +42,18 @@ for (const job of jobs) {
     }
   }
   await page.waitForTimeout(1000);
-  await page.screenshot({ path: job.png });
+  await page.screenshot({ path: job.png, timeout: 120000 }); // a loaded CI machine needs more than the default 30 s
   const bodyText = await page.evaluate(() => document.body.innerText).catch(() => '');
   const svgTexts = await page.evaluate(() => [...document.querySelectorAll('svg text')].map((t) => t.textContent)).catch(() => []);
-  reports.push({ url: job.url, console: consoleLines, pageErrors, gotoError, bodyText, svgTexts, seconds: (Date.now() - started) / 1000 });
+  // Where each overlay label and the viewport's largest canvas are on the page (CSS px): clipping and overlap.
+  const boxes = await page
+    .evaluate(() => {
+      const rect = (r) => ({ x: r.left, y: r.top, w: r.width, h: r.height });
+      const canvases = [...document.querySelectorAll('canvas')].map((c) => c.getBoundingClientRect()).sort((a, b) => b.width * b.height - a.width * a.height);
+      return { canvas: canvases.length ? rect(canvases[0]) : null, labels: [...document.querySelectorAll('svg text')].map((t) => ({ text: t.textContent, ...rect(t.getBoundingClientRect()) })) };
+    })
+    .catch(() => ({ canvas: null, labels: [] }));
+  reports.push({ url: job.url, console: consoleLines, pageErrors, gotoError, bodyText, svgTexts, boxes, seconds: (Date.now() - started) / 1000 });
   await page.close();
 }
 writeFileSync(outJson, JSON.stringify(reports, null, 1));
