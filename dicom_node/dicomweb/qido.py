@@ -36,11 +36,8 @@ SERIES_FIELDS = ("SpecificCharacterSet", "Modality", "SeriesInstanceUID", "Serie
 INSTANCE_FIELDS = ("SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID", "InstanceAvailability", "TimezoneOffsetFromUTC",
                    "RetrieveURL", "InstanceNumber", "Rows", "Columns", "BitsAllocated", "NumberOfFrames", "ContentDate",
                    "ContentTime")  # fmt: skip
-#: Study attributes a series or instance answer repeats (what a client needs to place it).
-STUDY_KEYS = ("StudyInstanceUID", "PatientID", "PatientName", "StudyDate")
-FIELDS = {"study": STUDY_FIELDS, "series": SERIES_FIELDS + ("StudyInstanceUID",), "instance": INSTANCE_FIELDS + ("StudyInstanceUID", "SeriesInstanceUID")}
 #: Keyword -> tag of every field above.
-_FIELD_TAGS = {k: int(Tag(k)) for k in {*STUDY_FIELDS, *SERIES_FIELDS, *INSTANCE_FIELDS, *STUDY_KEYS, "SeriesInstanceUID"}}
+_FIELD_TAGS = {k: int(Tag(k)) for k in {*STUDY_FIELDS, *SERIES_FIELDS, *INSTANCE_FIELDS}}
 #: Study attributes computed over the study's objects, not read from a header.
 COMPUTED_STUDY_TAGS = frozenset({0x00080061, 0x00080062, 0x00201206, 0x00201208, 0x00081190})
 CONTROL = ("includefield", "limit", "offset", "fuzzymatching")
@@ -60,7 +57,6 @@ class Query:
     include_all: bool = False
     limit: int | None = None
     offset: int = 0
-    level: str = "study"
 
 
 def _tag_of(name: str) -> tuple[int, str]:
@@ -78,8 +74,8 @@ def _tag_of(name: str) -> tuple[int, str]:
     return int(found), name
 
 
-def parse_query(items: list[tuple[str, str]], level: str) -> Query:
-    """The query parameters of a search at ``level`` (study, series, instance)."""
+def parse_query(items: list[tuple[str, str]]) -> Query:
+    """The query parameters of a search (any level: the answer's fields are chosen by the search)."""
     matches: list[tuple[int, str, str]] = []
     include: set[int] = set()
     include_all, limit, offset = False, None, 0
@@ -104,7 +100,7 @@ def parse_query(items: list[tuple[str, str]], level: str) -> Query:
             tag, keyword = _tag_of(name)
             _check_value(keyword, dictionary_VR(tag), value)
             matches.append((tag, keyword, value))
-    return Query(tuple(matches), frozenset(include), include_all, limit, offset, level)
+    return Query(tuple(matches), frozenset(include), include_all, limit, offset)
 
 
 def _check_value(keyword: str, vr: str, value: str) -> None:

@@ -22,7 +22,7 @@ from fastapi.testclient import TestClient
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless
 
 from dicom_node.api import auth
-from dicom_node.settings import Settings, StorageSettings
+from dicom_node.settings import HttpSettings, Settings, StorageSettings
 from dicom_node.store import open_store
 from dicom_node.web.app import create_app
 from tests.support.corpus import synthetic_cr
@@ -300,3 +300,14 @@ def test_a_big_endian_instance_is_sent_as_stored_and_its_frames_decoded(site: Si
     frames = client.get(f"{url}/frames/1", headers={"Accept": "multipart/related; type=application/octet-stream; transfer-syntax=*"})
     [(ctype, raw)] = multipart_parts(frames.headers["content-type"], frames.content)
     assert ctype.endswith(ExplicitVRLittleEndian) and np.array_equal(np.frombuffer(raw, "<u2").reshape(32, 24), ds.pixel_array)
+
+
+def test_the_console_links_a_study_to_ohif_only_when_ohif_url_is_set(site: Site) -> None:
+    def study_page(settings: Settings) -> str:
+        client = TestClient(create_app(settings, site.store))
+        assert client.post("/api/auth/login", json={"username": "viewer", "password": site.passwords["viewer"]}).status_code == 200
+        return client.get(f"/console/studies/{STUDY_A}").text
+
+    assert "data-ohif" not in study_page(site.settings)
+    page = study_page(replace(site.settings, http=replace(HttpSettings(), ohif_url="https://node.example.org/ohif/")))
+    assert f'href="https://node.example.org/ohif/viewer?StudyInstanceUIDs={STUDY_A}"' in page and "Open in OHIF" in page

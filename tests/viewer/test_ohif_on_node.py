@@ -11,7 +11,8 @@ In Debian's headless chromium: a viewer logs in to the console, opens the study 
 the result series; the findings SR and SEG open with their boxes drawn. A second browser context with no
 session opens the study with an API token in OHIF's ``token`` URL parameter, which OHIF sends as a Bearer
 token (without either, the node answers 401: tests/dicom_node/test_dicomweb_read.py).
-Screenshots: test-output/ohif-node-*.png (the console's study page, the study, the SR, the SEG); the
+Screenshots: test-output/ohif-node-*.png (the console's study page, the study, the SR, the SEG, OHIF's
+study list); the
 stages' seconds are in the fixture's ``stages`` (shown when a test fails).
 """
 
@@ -36,7 +37,7 @@ from tests.support.console_browser import CHROMIUM
 from tests.support.held_studies import ServedApp, hold_study
 from tests.support.net import free_port
 from tests.support.ohif_server import OhifServer, install_viewer
-from tests.viewer.test_ohif import CRASH_MARKERS, FINDING_SITE, PROBABILITY, coloured_pixels, hue_clusters
+from tests.viewer.test_ohif import CRASH_MARKERS, coloured_pixels, group_label, hue_clusters
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -82,8 +83,14 @@ def svg_texts(page: Any) -> list[str]:
     return page.evaluate("[...document.querySelectorAll('svg text')].map(t => t.textContent)")
 
 
+def sr_labels(sr: Any) -> list[str]:
+    """What OHIF writes beside each box of the findings SR (tests/viewer/test_ohif.py's rule), sorted."""
+    [measurements] = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010"]
+    return sorted(group_label(g) for g in measurements.ContentSequence)
+
+
 def sr_ready(page: Any, rgb: np.ndarray) -> bool:
-    return sum(FINDING_SITE in t for t in svg_texts(page)) >= FINDINGS
+    return len(svg_texts(page)) >= FINDINGS
 
 
 def seg_ready(page: Any, rgb: np.ndarray) -> bool:
@@ -135,6 +142,11 @@ def opened(tmp_path_factory: pytest.TempPathFactory, output_dir: Path) -> dict[s
                 viewer.get_by_text(title).first.dblclick()
                 out[kind] = settle(viewer, ready, output_dir / f"ohif-node-{kind}.png")
                 mark(kind)
+            # OHIF's study list (its start page): a QIDO-RS search of the node's studies.
+            worklist = session.new_page()
+            worklist.goto(f"{proxy.url}/")
+            out["list"] = settle(worklist, lambda page, rgb: "SHAPE31" in page.evaluate("document.body.innerText"), output_dir / "ohif-node-study-list.png")
+            mark("list")
             # An API token in OHIF's URL instead of a session: a context without cookies.
             before = len(proxy.proxied)
             with_token = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
@@ -169,9 +181,16 @@ def test_ohif_opens_the_study_from_the_node_with_its_result_series(opened) -> No
     assert any("/metadata" in p for p in paths) and any("/frames/1" in p for p in paths) and any(p.startswith("/dicomweb/studies?") for p in paths)
 
 
+def test_ohifs_study_list_is_a_search_of_the_node(opened) -> None:
+    body = opened["list"]["body"]
+    # The study the node holds: its patient, accession, modalities (the CR and the results') and instance count.
+    assert "Shape, cr-pixel-0" in body and "SHAPE31" in body and "CR\\KO\\OT" in body and "1-1 of 1" in body, body[:1500]
+
+
 def test_the_findings_sr_draws_a_labelled_box_per_finding(opened) -> None:
     sr = opened["sr"]
-    assert sum(FINDING_SITE in t for t in sr["svg"]) >= FINDINGS and sum(PROBABILITY in t for t in sr["svg"]) >= FINDINGS, sr["svg"]
+    expected = sr_labels(opened["held"].results["sr"])
+    assert sorted(sr["svg"]) == expected and len(expected) >= FINDINGS, (sr["svg"], expected)
     assert coloured_pixels(sr["viewport"]).mean() > 0.0005, "no SR box drawn"
 
 

@@ -54,27 +54,27 @@ JSON_RESPONSES: dict[int | str, dict[str, Any]] = {
 @router.get(f"{ROOT}/studies", summary="QIDO-RS: search for studies", responses=JSON_RESPONSES)
 def search_studies(request: Request, who: Viewer) -> Response:
     ctx = ctx_of(request)
-    query = _query(request, "study")
+    query = _query(request)
     return _json(qido.search_studies(ctx.store, ctx.settings, query, _base(request)))
 
 
 @router.get(f"{ROOT}/studies/{{study}}/series", summary="QIDO-RS: search for the series of a study", responses=JSON_RESPONSES)
 def search_series(request: Request, who: Viewer, study: Uid) -> Response:
     objects = _study(request, study)
-    return _json(qido.search_series(objects, _query(request, "series"), _base(request)))
+    return _json(qido.search_series(objects, _query(request), _base(request)))
 
 
 @router.get(f"{ROOT}/studies/{{study}}/instances", summary="QIDO-RS: search for the instances of a study", responses=JSON_RESPONSES)
 def search_study_instances(request: Request, who: Viewer, study: Uid) -> Response:
     objects = _study(request, study)
-    return _json(qido.search_instances(objects, _query(request, "instance"), _base(request)))
+    return _json(qido.search_instances(objects, _query(request), _base(request)))
 
 
 @router.get(f"{ROOT}/studies/{{study}}/series/{{series}}/instances", summary="QIDO-RS: search for the instances of a series",
             responses=JSON_RESPONSES)  # fmt: skip
 def search_series_instances(request: Request, who: Viewer, study: Uid, series: Uid) -> Response:
     objects = _series(request, study, series)
-    return _json(qido.search_instances(objects, _query(request, "instance"), _base(request)))
+    return _json(qido.search_instances(objects, _query(request), _base(request)))
 
 
 # ---- WADO-RS: instances ------------------------------------------------------------------------------------
@@ -209,9 +209,9 @@ def _instance(request: Request, study: str, series: str, instance: str) -> Store
     raise Problem(404, "No such instance", f"series {series} of study {study} has no instance {instance} on the node")
 
 
-def _query(request: Request, level: str) -> qido.Query:
+def _query(request: Request) -> qido.Query:
     try:
-        return qido.parse_query(list(request.query_params.multi_items()), level)
+        return qido.parse_query(list(request.query_params.multi_items()))
     except qido.BadQuery as exc:
         raise Problem(400, "Bad query", str(exc)) from None
 
