@@ -168,7 +168,7 @@ def run_cpu(args) -> None:
         del engine, trace, outputs
         gc.collect()
 
-    generate_rate = plain_generate_rate(model_dir, embeds, args.generate_prompt, max(steps // 2, 4)) if "bf16" in precisions else None
+    generate_rate = plain_generate_rate(model_dir, embeds, args.generate_prompt, max(steps // 2, 4))
     if generate_rate:
         plain = f"plain Gemma3ForCausalLM, bf16 nn.Linear, same weights mapped, {args.generate_prompt}-token prompt"
         note(f"- transformers generate ({plain}): {generate_rate:.2f} tokens/s ({load_average()})")
