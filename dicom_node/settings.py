@@ -168,6 +168,9 @@ class ModelSettings:
     #: How the language model's weights are held on a CPU: ``fp32`` (exact), ``bf16`` or ``int8``
     #: (weight-only; the fastest decode). Ignored on CUDA, which always runs bf16.
     cpu_precision: str = "fp32"
+    #: Torch threads of a CPU worker with bf16/int8: 0 = the cores its affinity mask allows. On a
+    #: shared, oversubscribed VM 1 decodes several times faster (OpenMP threads wait for each other).
+    cpu_threads: int = 0
 
 
 @dataclass(frozen=True)
@@ -602,6 +605,8 @@ def validate(settings: Settings) -> None:
         raise SettingsError(f"model.system_prompt = {model.system_prompt!r}: use empty (the paper's evaluation) or training")
     if model.cpu_precision not in CPU_PRECISIONS:
         raise SettingsError(f"model.cpu_precision = {model.cpu_precision!r}: use {', '.join(CPU_PRECISIONS[:-1])} or {CPU_PRECISIONS[-1]}")
+    if not 0 <= model.cpu_threads <= 1024:
+        raise SettingsError(f"model.cpu_threads = {model.cpu_threads}: use 0 (the cores the worker may use) or a thread count")
     if not 1 <= model.max_batch <= 256:
         raise SettingsError(f"model.max_batch = {model.max_batch}: must be between 1 and 256")
     if not 0 <= model.batch_wait_ms <= 60_000:

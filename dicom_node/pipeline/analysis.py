@@ -69,9 +69,9 @@ def load_engine(settings: Settings, device: str | None = None) -> Engine:
         stop_at_end_of_turn=settings.model.stop_at_end_of_turn,
         system_prompt=system_prompt_text(settings.model.system_prompt),
         cpu_precision=settings.model.cpu_precision,
-        # bf16/int8 (full-size weights): every core this worker may use (its affinity mask, not the
-        # machine's count). fp32 (tiny/demo weights) keeps torch's setting: tiny matrices gain nothing.
-        cpu_threads=cpu_threads() if settings.model.cpu_precision != "fp32" else None,
+        # bf16/int8 (full-size weights): model.cpu_threads, 0 = every core this worker may use (its
+        # affinity mask, not the machine's count). fp32 (tiny/demo weights) keeps torch's setting.
+        cpu_threads=(settings.model.cpu_threads or cpu_threads()) if settings.model.cpu_precision != "fp32" else None,
     )
     engine = Engine.load(model_dir, options)
     LOG.info("model loaded from %s on %s (demo=%s)", model_dir, device or settings.model.device, engine.identity.demo)

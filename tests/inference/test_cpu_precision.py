@@ -71,6 +71,8 @@ def test_an_unknown_precision_is_refused_by_settings_and_engine(model_dir) -> No
     validate(replace(Settings(), model=ModelSettings(cpu_precision="int8")))
     with pytest.raises(SettingsError, match="cpu_precision = 'int4'"):
         validate(replace(Settings(), model=ModelSettings(cpu_precision="int4")))
+    with pytest.raises(SettingsError, match="cpu_threads = -1"):
+        validate(replace(Settings(), model=ModelSettings(cpu_threads=-1)))
     with pytest.raises(ModelLoadError, match="int4"):
         Engine.load(model_dir, EngineOptions(cpu_precision="int4"))
 
