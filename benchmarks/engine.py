@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/engine.py                       # CPU, tiny demo weights
     .venv/bin/python benchmarks/engine.py --device cuda --size full --batch-sizes 1,8,16 --compile
+    .venv/bin/python benchmarks/engine.py --device cpu --size full   # the CPU run: benchmarks/engine_cpu.py
 
 Stages: preprocess (DICOM-free synthetic radiographs through ``prepare_array``), APM, retrieval,
 prefill (one prompt), decode tokens/s at each batch size (a fixed number of steps, no early stop)
@@ -15,11 +16,14 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from inference.demo_apm import synthetic_chest_radiograph
 from inference.demo_weights import ensure_demo_weights
@@ -73,14 +77,30 @@ def main() -> None:
     parser.add_argument("--output-tokens", type=int, default=300, help="answer length assumed for images/hour")
     parser.add_argument("--compile", action="store_true", help="CUDA: also measure the torch.compile'd decode step")
     parser.add_argument("--bandwidth-gbps", type=float, help="HBM bandwidth for the bound (default: by GPU name)")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (tiny matrices: 1 is fastest on a shared CPU)")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: 1 for the tiny batch table, the affinity mask for the CPU run)")
+    parser.add_argument("--cpu-precisions", help="CPU run (engine_cpu.py) with these precisions, e.g. bf16,int8 (the default with --size full)")
+    parser.add_argument("--apm-repeats", type=int, default=2, help="CPU run: APM timings (median, after one warm-up)")
+    parser.add_argument("--onnx", action="store_true", help="CPU run at tiny size: also time the onnxruntime APM")
+    parser.add_argument(
+        "--generate-prompt", type=int, default=1, help="CPU run: prompt tokens given to plain generate (1: its slow bf16 prefill does not blur the step time)"
+    )
+    parser.add_argument("--quality-images", type=int, default=0, help="CPU run, small weights: quality of bf16/int8 against fp32 over N images")
+    parser.add_argument("--server-cores", type=int, default=32, help="CPU run: cores of the projected server")
+    parser.add_argument("--server-bandwidth-gbps", type=float, default=100.0, help="CPU run: copy bandwidth assumed for the projected server")
     parser.add_argument("--continuous", type=int, default=0, metavar="N", help="also run the continuous batcher over N images at each --batch-sizes slot count")
     parser.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "anatomix-bench")
     args = parser.parse_args()
 
     device = torch.device(args.device)
+    if device.type == "cpu" and (args.size == "full" or args.cpu_precisions):
+        from benchmarks.engine_cpu import run_cpu
+
+        if args.decode_tokens == 64 and args.size == "full":
+            args.decode_tokens = 16  # a full-size step takes a second or more on a small CPU
+        run_cpu(args)
+        return
     if device.type == "cpu":
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(args.threads or 1)
     model_dir = args.model_dir or ensure_demo_weights(args.cache_dir, args.size)
     engine = Engine.load(model_dir, EngineOptions(device=args.device, max_new_tokens=args.decode_tokens, stop_at_end_of_turn=False))
     lm, decoder = engine.lm, engine.lm.decoder

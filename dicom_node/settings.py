@@ -31,6 +31,9 @@ SYSTEM_DATA_DIR = Path("/var/lib/anatomix")
 
 #: Result object kinds that sr_writer can build (its kinds table, in send order); profiles are subsets.
 OBJECT_KINDS = SEND_ORDER
+#: ``model.cpu_precision`` values: inference.lm.cpu_precision.CPU_PRECISIONS (not imported: it loads
+#: torch; tests/inference/test_cpu_precision.py checks the two agree).
+CPU_PRECISIONS = ("fp32", "bf16", "int8")
 #: Study states a retention policy may purge: the final ones (work in progress never is).
 RETENTION_STATES = tuple(state for state in FINAL_STUDY_STATES if state != "purged")
 
@@ -162,6 +165,12 @@ class ModelSettings:
     max_batch: int = 1
     #: How long an idle worker waits for more queued studies to fill a batch before it starts.
     batch_wait_ms: int = 50
+    #: How the language model's weights are held on a CPU: ``fp32`` (exact), ``bf16`` or ``int8``
+    #: (weight-only; the fastest decode). Ignored on CUDA, which always runs bf16.
+    cpu_precision: str = "fp32"
+    #: Torch threads of a CPU worker with bf16/int8: 0 = the cores its affinity mask allows. On a
+    #: shared, oversubscribed VM 1 decodes several times faster (OpenMP threads wait for each other).
+    cpu_threads: int = 0
 
 
 @dataclass(frozen=True)
@@ -607,6 +616,10 @@ def validate(settings: Settings) -> None:
         raise SettingsError(f"model.max_new_tokens = {model.max_new_tokens}: must be >= 1")
     if model.system_prompt not in ("empty", "training"):
         raise SettingsError(f"model.system_prompt = {model.system_prompt!r}: use empty (the paper's evaluation) or training")
+    if model.cpu_precision not in CPU_PRECISIONS:
+        raise SettingsError(f"model.cpu_precision = {model.cpu_precision!r}: use {', '.join(CPU_PRECISIONS[:-1])} or {CPU_PRECISIONS[-1]}")
+    if not 0 <= model.cpu_threads <= 1024:
+        raise SettingsError(f"model.cpu_threads = {model.cpu_threads}: use 0 (the cores the worker may use) or a thread count")
     if not 1 <= model.max_batch <= 256:
         raise SettingsError(f"model.max_batch = {model.max_batch}: must be between 1 and 256")
     if not 0 <= model.batch_wait_ms <= 60_000:

@@ -257,7 +257,7 @@ class ContinuousBatcher:
         if self._step.static_cache:
             self._cache.mark_static()
         hidden = decoder.config.hidden_size
-        vectors = torch.zeros(self.slots, 37, hidden, dtype=decoder.lm_head.weight.dtype, device=self.device)
+        vectors = torch.zeros(self.slots, 37, hidden, dtype=decoder.model.embed_tokens.weight.dtype, device=self.device)
         self._injection = TokenInjection(self.engine.lm.injection_slots(), vectors)
         return True
 

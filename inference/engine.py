@@ -21,9 +21,11 @@ import torch
 from inference.apm.checkpoint import APMLoadReport, CheckpointError, load_apm
 from inference.apm.model import boxes_to_xyxy_model
 from inference.lm.config import LMConfigError
+from inference.lm.cpu_precision import check_precision
 from inference.lm.decoding import DecodeStep, DecodeStrategy, Generation, KVCache, LoopCheck, TokenInjection, generate_greedy, synchronize
 from inference.lm.loader import LMCheckpointError, LMLoadReport, load_lm
 from inference.lm.model import AnatomixLM
+from inference.lm.prepared import load_cpu_lm
 from inference.model_dir import ModelDir, ModelDirError, device_uid_from_digest
 from inference.parsing import parse_grounded_answer, postprocess_answer, split_report, strip_tags
 from inference.preprocess import Letterbox, PreparedImage, images_to_tensor, prepare_dataset
@@ -70,6 +72,12 @@ class EngineOptions:
     #: How decode steps run; None picks by device: row by row on the CPU (each image's result
     #: independent of its batch), batched on CUDA. ``COMPILED``: CUDA graphs (torch.compile).
     decode: DecodeStrategy | None = None
+    #: How the decoder's weights are held on a CPU (:mod:`inference.lm.cpu_precision`): ``fp32``
+    #: (exact), ``bf16`` or ``int8`` (weight-only). Never applies on CUDA (bf16 there, always).
+    cpu_precision: str = "fp32"
+    #: CPU threads for torch (and the onnxruntime APM, which follows torch): None leaves torch's
+    #: setting alone; a worker passes :func:`inference.lm.cpu_precision.cpu_threads` (its affinity).
+    cpu_threads: int | None = None
 
     def decode_strategy(self) -> DecodeStrategy:
         return self.decode or DecodeStrategy.for_device(torch.device(self.device))
@@ -151,9 +159,15 @@ class Engine:
 
         options = options or EngineOptions()
         backend, device = options.backend, options.device
+        try:
+            check_precision(options.cpu_precision)
+        except ValueError as exc:
+            raise ModelLoadError(str(exc)) from exc
         torch_device = torch.device(device)
         if torch_device.type == "cuda" and not torch.cuda.is_available():
             raise ModelLoadError(f"device {device!r} requested but CUDA is not available here: use device cpu")
+        if torch_device.type == "cpu" and options.cpu_threads:
+            torch.set_num_threads(options.cpu_threads)  # before the APM runner: onnxruntime follows it
         try:
             directory = ModelDir.open(Path(model_dir))
             tokenizer = load_tokenizer(directory.base)
@@ -164,8 +178,17 @@ class Engine:
             except (ValueError, ImportError, RuntimeError) as exc:  # unknown backend, TensorRT not installed
                 raise ModelLoadError(f"APM backend {backend!r} cannot be used: {exc}") from exc
             retrieval = RetrievalDB.load(directory.retrieval_db)
-            dtype = torch.bfloat16 if torch_device.type == "cuda" else torch.float32
-            lm, lm_report = load_lm(directory.base, directory.lm, token_ids, device=torch_device, dtype=dtype)
+            if torch_device.type == "cuda":
+                lm, lm_report = load_lm(directory.base, directory.lm, token_ids, device=torch_device, dtype=torch.bfloat16)
+            else:
+                lm, lm_report = load_cpu_lm(
+                    directory.base,
+                    directory.lm,
+                    token_ids,
+                    options.cpu_precision,
+                    cache_dir or directory.root / ".engine-cache",
+                    directory.weights_digest(),
+                )
         except (ModelDirError, TokenizerError, CheckpointError, LMCheckpointError, LMConfigError, RetrievalDBError) as exc:
             raise ModelLoadError(f"cannot load the model from {model_dir}: {exc}") from exc
         _check_dimensions(apm_report, retrieval, lm)

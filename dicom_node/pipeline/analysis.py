@@ -58,6 +58,7 @@ def resolve_model_dir(settings: Settings) -> Path:
 def load_engine(settings: Settings, device: str | None = None) -> Engine:
     """Load the engine once (per worker process, after fork)."""
     from inference.engine import Engine, EngineOptions
+    from inference.lm.cpu_precision import cpu_threads
     from inference.prompt import system_prompt_text
 
     model_dir = resolve_model_dir(settings)
@@ -67,6 +68,10 @@ def load_engine(settings: Settings, device: str | None = None) -> Engine:
         max_new_tokens=settings.model.max_new_tokens,
         stop_at_end_of_turn=settings.model.stop_at_end_of_turn,
         system_prompt=system_prompt_text(settings.model.system_prompt),
+        cpu_precision=settings.model.cpu_precision,
+        # bf16/int8 (full-size weights): model.cpu_threads, 0 = every core this worker may use (its
+        # affinity mask, not the machine's count). fp32 (tiny/demo weights) keeps torch's setting.
+        cpu_threads=(settings.model.cpu_threads or cpu_threads()) if settings.model.cpu_precision != "fp32" else None,
     )
     engine = Engine.load(model_dir, options)
     LOG.info("model loaded from %s on %s (demo=%s)", model_dir, device or settings.model.device, engine.identity.demo)

@@ -76,7 +76,7 @@ class KVCache:
     @classmethod
     def allocate(cls, decoder: Gemma3ForCausalLM, batch: int, max_len: int) -> KVCache:
         config = decoder.config
-        weight = decoder.lm_head.weight
+        weight = decoder.model.embed_tokens.weight  # the activation dtype (an int8 lm_head holds int8)
         shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
         keys = [torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in range(config.num_hidden_layers)]
         values = [torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in range(config.num_hidden_layers)]
@@ -381,7 +381,7 @@ def generate_greedy(
     ``injection=None`` says on purpose that the decoder runs alone (tests and benchmarks of decoding).
     ``progress`` is called at every check with the tokens kept so far and the rows still decoding.
     """
-    device = decoder.lm_head.weight.device
+    device = decoder.model.embed_tokens.weight.device
     batch = len(prompts)
     lengths = [int(p.shape[0]) for p in prompts]
     max_len = round_up(max(lengths) + max_new_tokens, cache_multiple)

@@ -66,16 +66,17 @@ class AnatomixLM(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.decoder.lm_head.weight.dtype
+        """The activation dtype (the embedding's; an int8 ``lm_head`` holds int8 weights)."""
+        return self.decoder.model.embed_tokens.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.decoder.lm_head.weight.device
+        return self.decoder.model.embed_tokens.weight.device
 
     def info(self) -> LMInfo:
         config = self.decoder.config
-        embed = self.decoder.model.embed_tokens.weight
-        weight_bytes = sum(p.numel() * p.element_size() for p in self.decoder.parameters()) - embed.numel() * embed.element_size()
+        # every stored tensor but the embedding (gathered, not read whole): weights, int8 scales, norms
+        weight_bytes = sum(t.numel() * t.element_size() for name, t in self.decoder.state_dict().items() if name != "model.embed_tokens.weight")
         return LMInfo(
             hidden_size=config.hidden_size,
             num_layers=config.num_hidden_layers,
