@@ -39,7 +39,7 @@ lint: install-test
 # per worker at a time, then the `solo` tests alone. Both always run; the target fails if either failed.
 TEST_WORKERS ?= 3
 test: install-test peers lint
-	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not solo"; parallel=$$?; \
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25 -m "not solo"; parallel=$$?; \
 	$(BIN)/pytest -m solo; solo=$$?; \
 	test $$parallel -eq 0 -a $$solo -eq 0
 
