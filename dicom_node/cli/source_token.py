@@ -7,14 +7,11 @@ The secret is printed once; only its SHA-256 is stored. Every change is audited 
 from __future__ import annotations
 
 import argparse
-import getpass
-import os
-import socket
 from datetime import UTC, datetime
 
+from dicom_node.cli.user import _audit, _open
 from dicom_node.ops.errors import UserError
 from dicom_node.ops.source_tokens import SourceTokenRefused, create_source_token
-from dicom_node.settings import load_settings
 
 
 def register_ae_token(ae_actions: argparse._SubParsersAction) -> None:
@@ -38,26 +35,6 @@ def register_ae_token(ae_actions: argparse._SubParsersAction) -> None:
 
 def _missing(args: argparse.Namespace) -> int:
     raise UserError("`ae token` needs an action: add, list or revoke (see anatomix-node ae token --help)")
-
-
-def _open(args: argparse.Namespace):
-    from dicom_node.audit.trail import open_audit_trail
-    from dicom_node.store import open_store
-
-    settings = load_settings(args.config)
-    store = open_store(settings.database_url)
-    return store, open_audit_trail(store, settings.logging.audit_file)
-
-
-def _audit(trail, action: str, name: str, **detail: object) -> None:
-    from dicom_node.api.deps import API_CHANGE
-    from dicom_node.audit.trail import Peer
-
-    try:
-        who = getpass.getuser()
-    except (KeyError, OSError):
-        who = f"uid {os.getuid()}"
-    trail.record(API_CHANGE, Peer(None, None, socket.gethostname()), user=who, via="cli", action=action, target=name, **detail)
 
 
 def cmd_add(args: argparse.Namespace) -> int:
