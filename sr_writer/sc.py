@@ -26,11 +26,12 @@ from pydicom.encaps import generate_fragments
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
 
-from sr_writer.context import BundleContext
+from sr_writer.context import BundleContext, grounded_annotations
 from sr_writer.equipment import apply_common_attributes, apply_lossy_history
 from sr_writer.identity import DEMO_MARK
 from sr_writer.overlay import render_overlay
 from sr_writer.text import code_string, truncate
+from sr_writer.tid1500 import NO_FINDING_TRACKING_ID
 
 NOT_FOR_DIAGNOSIS = "NOT FOR DIAGNOSIS - AI overlay, unverified"
 _BIPED = set("LRAPHF")
@@ -43,7 +44,10 @@ def banner_text(ctx: BundleContext) -> str:
 
 
 def footer_lines(ctx: BundleContext) -> tuple[str, ...]:
-    """Findings the model did not localise, listed at the bottom of the image."""
+    """Findings the model did not localise, listed at the bottom of the image; with nothing to draw at all,
+    the statement that the AI found nothing (else a normal study's SC would show only its banner)."""
+    if not grounded_annotations(ctx.annotations) and not ctx.unboxed_findings:
+        return (NO_FINDING_TRACKING_ID,)
     return tuple(f"{a.label} (whole image)" for a in ctx.unboxed_findings)
 
 

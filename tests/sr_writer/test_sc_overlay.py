@@ -148,3 +148,18 @@ def test_monochrome1_is_shown_with_bright_bone(case: BuiltCase) -> None:
     spine = rendered[int(rows * 0.4) : int(rows * 0.6), int(columns * 0.48) : int(columns * 0.52)].mean()
     lung = rendered[int(rows * 0.3) : int(rows * 0.5), int(columns * 0.2) : int(columns * 0.3)].mean()
     assert spine > lung + 30, (spine, lung)
+
+
+def test_a_normal_study_sc_says_the_ai_found_nothing(tmp_path: Path, output_dir: Path) -> None:
+    """A study with no finding: the SC states it under the image, in the legend's colour (not only the banner)."""
+    from tests.sr_writer.shapes import build_shapes
+
+    [shape] = [s for s in build_shapes(tmp_path, kinds=("sc",)) if s.shape.findings == "0"][:1]
+    ctx = make_context(shape.source, shape.result, uid_root=UID_ROOT, analysis_version=1)
+    assert not grounded_annotations(ctx.annotations) and not ctx.unboxed_findings
+    assert footer_lines(ctx) == ("No finding detected by AI",)
+    sc = pydicom.dcmread(shape.paths["sc"])
+    Image.fromarray(sc.pixel_array).save(output_dir / "sr_writer-sc-overlay-normal-study.png")
+    rgb, _ = render_overlay(ctx.source, ctx.annotations, banner_text(ctx), footer_lines(ctx))
+    without, _ = render_overlay(ctx.source, ctx.annotations, banner_text(ctx), ())
+    assert rgb.shape[0] > without.shape[0]  # the statement has its own line below the image
